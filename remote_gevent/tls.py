@@ -1,0 +1,70 @@
+"""TLS contexts: one place decides how every connection is secured.
+
+Client contexts always verify the certificate chain *and* the host name; there is
+deliberately no switch to turn either off. Minimum protocol is TLS 1.2.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Optional
+
+
+class TLSConfigError(Exception):
+    """A CA, certificate or key file could not be used (message names the file)."""
+
+
+def client_context(ca_file: Optional[str] = None, cert_file: Optional[str] = None,
+                   key_file: Optional[str] = None) -> ssl.SSLContext:
+    """Context for dialing out to the broker or a relay.
+
+    ``ca_file`` None means the system trust store. ``cert_file``/``key_file`` add a
+    client certificate for brokers that require mutual TLS.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname + CERT_REQUIRED
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if ca_file:
+            ctx.load_verify_locations(cafile=ca_file)
+        else:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError("cannot load CA file %s: %s" % (ca_file, exc)) from exc
+    if cert_file:
+        _load_chain(ctx, cert_file, key_file)
+    assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
+    return ctx
+
+
+def server_context(cert_file: str, key_file: str, client_ca_file: Optional[str] = None
+                   ) -> ssl.SSLContext:
+    """Context for the relay's listener; ``client_ca_file`` makes client certs mandatory."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(ctx, cert_file, key_file)
+    if client_ca_file:
+        try:
+            ctx.load_verify_locations(cafile=client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError("cannot load CA file %s: %s" % (client_ca_file, exc)) from exc
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, cert_file: str, key_file: Optional[str]) -> None:
+    try:
+        ctx.load_cert_chain(certfile=cert_file, keyfile=key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(
+            "cannot load certificate %s / key %s: %s" % (cert_file, key_file, exc)
+        ) from exc
+
+
+def describe_verify_error(exc: BaseException) -> str:
+    """One line saying *why* verification failed: wrong CA or wrong host name."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = exc.verify_message or str(exc)
+        if "hostname" in message.lower() or "ip address mismatch" in message.lower():
+            return "TLS host name mismatch: %s" % message
+        return "TLS certificate not trusted (wrong CA?): %s" % message
+    return "TLS error: %s" % exc

@@ -1,0 +1,82 @@
+"""TLS contexts verify chain and host name against a real loopback TLS server."""
+
+import socket
+import ssl
+import threading
+
+import pytest
+
+from remote_gevent import tls
+from remote_gevent.demo.pki import CertificateAuthority
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pki")
+    ca = CertificateAuthority(str(base / "ca"))
+    other = CertificateAuthority(str(base / "other"))
+    return ca, ca.issue("server", hosts=["localhost", "127.0.0.1"]), other
+
+
+def _serve_once(ctx):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def accept():
+        conn, _ = listener.accept()
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls_conn:
+                tls_conn.sendall(b"hi")
+        except (ssl.SSLError, OSError):
+            pass
+        finally:
+            listener.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
+def _connect(ctx, port, host):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as conn:
+            return conn.recv(2)
+
+
+def test_verified_connection(pki):
+    ca, server, _ = pki
+    port, thread = _serve_once(tls.server_context(server.cert_file, server.key_file))
+    assert _connect(tls.client_context(ca.cert_file), port, "localhost") == b"hi"
+    thread.join(5)
+
+
+def test_wrong_ca_is_refused_and_described(pki):
+    _, server, other = pki
+    port, thread = _serve_once(tls.server_context(server.cert_file, server.key_file))
+    with pytest.raises(ssl.SSLCertVerificationError) as info:
+        _connect(tls.client_context(other.cert_file), port, "localhost")
+    assert "wrong CA" in tls.describe_verify_error(info.value)
+    thread.join(5)
+
+
+def test_wrong_host_name_is_refused_and_described(pki):
+    ca, server, _ = pki
+    port, thread = _serve_once(tls.server_context(server.cert_file, server.key_file))
+    with pytest.raises(ssl.SSLCertVerificationError) as info:
+        _connect(tls.client_context(ca.cert_file), port, "broker.example.net")
+    assert "host name mismatch" in tls.describe_verify_error(info.value)
+    thread.join(5)
+
+
+def test_unreadable_ca_names_the_file(tmp_path):
+    missing = str(tmp_path / "nope.pem")
+    with pytest.raises(tls.TLSConfigError, match="nope.pem"):
+        tls.client_context(missing)
+
+
+def test_issued_key_is_private(pki):
+    import os
+    import stat
+    _, server, _ = pki
+    assert stat.S_IMODE(os.stat(server.key_file).st_mode) == 0o600
