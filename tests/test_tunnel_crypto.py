@@ -1,0 +1,255 @@
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from remote_gevent import tunnel_crypto as tc
+
+SID = "0123456789abcdef0123456789abcdef"
+
+
+def _pair(sid: str = SID):
+    cpk, csk = tc.kx_keypair()
+    apk, ask = tc.kx_keypair()
+    console = tc.derive_keys("console", cpk, csk, apk, sid)
+    agent = tc.derive_keys("agent", apk, ask, cpk, sid)
+    return console, agent, (cpk, csk, apk, ask)
+
+
+def test_keys_match_crosswise():
+    (ctx, crx), (atx, arx), _ = _pair()
+    assert ctx == arx
+    assert crx == atx
+    assert ctx != crx  # the two directions never share a key
+    assert len(ctx) == len(crx) == 32
+
+
+def test_different_session_ids_give_different_keys():
+    cpk, csk = tc.kx_keypair()
+    apk, ask = tc.kx_keypair()
+    k1 = tc.derive_keys("console", cpk, csk, apk, SID)
+    k2 = tc.derive_keys("console", cpk, csk, apk, "f" * 32)
+    assert k1[0] != k2[0] and k1[1] != k2[1]
+
+
+def test_keys_are_bound_not_raw_kx():
+    cpk, csk = tc.kx_keypair()
+    apk, _ = tc.kx_keypair()
+    import nacl.bindings
+
+    rx, tx = nacl.bindings.crypto_kx_client_session_keys(cpk, csk, apk)
+    mytx, myrx = tc.derive_keys("console", cpk, csk, apk, SID)
+    assert mytx != tx and myrx != rx
+
+
+def test_derive_keys_rejects_bad_input():
+    cpk, csk = tc.kx_keypair()
+    apk, _ = tc.kx_keypair()
+    with pytest.raises(ValueError):
+        tc.derive_keys("relay", cpk, csk, apk, SID)
+    with pytest.raises(ValueError):
+        tc.derive_keys("console", cpk, csk, apk[:31], SID)
+
+
+def _ciphers():
+    out = [tc.XCHACHA20POLY1305]
+    if tc.aes256gcm_available():
+        out.append(tc.AES256GCM)
+    return out
+
+
+def _split(frame):
+    frame = bytes(frame)
+    return frame[:4], frame[4:]
+
+
+@pytest.fixture(params=_ciphers())
+def channel(request):
+    (ctx, _), (_, arx), _ = _pair()
+    return tc.FrameSealer(ctx, request.param), tc.FrameOpener(arx, request.param)
+
+
+def test_round_trip_both_ciphers(channel):
+    sealer, opener = channel
+    for pt in (b"", b"\x05\x00\x00\x00\x01hello", os.urandom(tc.MAX_PLAINTEXT)):
+        frame = sealer.seal(pt)
+        (n,) = struct.unpack(">I", bytes(frame[:4]))
+        assert n == len(pt) + tc.TAG_BYTES == len(frame) - 4
+        assert pt not in bytes(frame) or pt == b""
+        assert opener.open(*_split(frame)) == pt
+    assert sealer.counter == opener.counter == 3
+
+
+def test_open_accepts_memoryview(channel):
+    sealer, opener = channel
+    frame = sealer.seal(bytearray(b"abc"))
+    mv = memoryview(frame)
+    assert opener.open(mv[:4], mv[4:]) == b"abc"
+
+
+def test_tampered_byte_fails_and_kills_opener(channel):
+    sealer, opener = channel
+    frame = bytearray(sealer.seal(b"payload" * 100))
+    frame[20] ^= 1
+    with pytest.raises(tc.FrameAuthError):
+        opener.open(*_split(frame))
+    assert opener.dead
+    # even a genuine frame is refused afterwards
+    with pytest.raises(tc.FrameAuthError):
+        opener.open(*_split(sealer.seal(b"fine")))
+
+
+def test_tampered_length_prefix_fails(channel):
+    sealer, opener = channel
+    prefix, body = _split(sealer.seal(b"abcdef"))
+    with pytest.raises(tc.FrameAuthError):
+        opener.open(struct.pack(">I", len(body) - 1), body[:-1])
+
+
+def test_replayed_frame_fails(channel):
+    sealer, opener = channel
+    frame = sealer.seal(b"once")
+    assert opener.open(*_split(frame)) == b"once"
+    with pytest.raises(tc.FrameAuthError):
+        opener.open(*_split(frame))
+
+
+def test_reordered_frames_fail(channel):
+    sealer, opener = channel
+    f1 = sealer.seal(b"first")
+    f2 = sealer.seal(b"second")
+    with pytest.raises(tc.FrameAuthError):
+        opener.open(*_split(f2))
+    with pytest.raises(tc.FrameAuthError):
+        opener.open(*_split(f1))  # dead now
+
+
+def test_dropped_frame_fails(channel):
+    sealer, opener = channel
+    sealer.seal(b"lost")
+    with pytest.raises(tc.FrameAuthError):
+        opener.open(*_split(sealer.seal(b"next")))
+
+
+def test_truncated_frame_fails(channel):
+    sealer, opener = channel
+    prefix, body = _split(sealer.seal(b"x" * 50))
+    with pytest.raises(tc.FrameAuthError):
+        opener.open(prefix, body[:-1])
+    _, opener2 = channel
+    with pytest.raises(tc.FrameAuthError):
+        opener2.open(prefix[:3], body)
+
+
+def test_reflected_frame_fails():
+    # A frame sent by the console, bounced back to the console by a hostile relay.
+    (ctx, crx), _, _ = _pair()
+    cipher = tc.XCHACHA20POLY1305
+    frame = tc.FrameSealer(ctx, cipher).seal(b"hello")
+    with pytest.raises(tc.FrameAuthError):
+        tc.FrameOpener(crx, cipher).open(*_split(frame))
+
+
+def test_other_session_key_fails():
+    (ctx, _), _, _ = _pair()
+    _, (_, arx_other), _ = _pair()
+    frame = tc.FrameSealer(ctx, tc.XCHACHA20POLY1305).seal(b"hello")
+    with pytest.raises(tc.FrameAuthError):
+        tc.FrameOpener(arx_other, tc.XCHACHA20POLY1305).open(*_split(frame))
+
+
+def test_cipher_mismatch_fails():
+    if not tc.aes256gcm_available():
+        pytest.skip("no AES-256-GCM here")
+    (ctx, _), (_, arx), _ = _pair()
+    frame = tc.FrameSealer(ctx, tc.AES256GCM).seal(b"hello")
+    with pytest.raises(tc.FrameAuthError):
+        tc.FrameOpener(arx, tc.XCHACHA20POLY1305).open(*_split(frame))
+
+
+def test_too_large(channel):
+    sealer, opener = channel
+    with pytest.raises(tc.FrameTooLarge):
+        sealer.seal(bytes(tc.MAX_PLAINTEXT + 1))
+    assert sealer.counter == 0  # nothing consumed
+    big = tc.MAX_CIPHERTEXT + 1
+    with pytest.raises(tc.FrameTooLarge):
+        opener.frame_length(struct.pack(">I", big))
+    assert opener.dead
+    # the design bound: len <= 65536 + 64
+    assert tc.MAX_CIPHERTEXT <= 65536 + 64
+
+
+def test_short_frame_refused(channel):
+    _, opener = channel
+    with pytest.raises(tc.FrameAuthError):
+        opener.open(struct.pack(">I", 3), b"abc")
+
+
+def test_counter_overflow_refused():
+    (ctx, _), (_, arx), _ = _pair()
+    sealer = tc.FrameSealer(ctx, tc.XCHACHA20POLY1305)
+    opener = tc.FrameOpener(arx, tc.XCHACHA20POLY1305)
+    sealer._counter = tc.MAX_COUNTER
+    opener._counter = tc.MAX_COUNTER
+    frame = sealer.seal(b"last")
+    assert opener.open(*_split(frame)) == b"last"
+    with pytest.raises(tc.CounterExhausted):
+        sealer.seal(b"one too many")
+    with pytest.raises(tc.FrameAuthError):
+        opener.open(*_split(frame))
+
+
+def test_nonce_is_little_endian_counter():
+    # Frame n must open with an independent implementation using nonce = LE(n) | zeros.
+    import nacl.bindings
+
+    key = os.urandom(32)
+    sealer = tc.FrameSealer(key, tc.XCHACHA20POLY1305)
+    sealer.seal(b"zero")
+    prefix, body = _split(sealer.seal(b"one"))
+    nonce = struct.pack("<Q", 1) + bytes(16)
+    opened = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(body, prefix, nonce, key)
+    assert opened == b"one"
+
+
+def test_choose_cipher():
+    assert tc.choose_cipher(tc.XCHACHA20POLY1305) == tc.XCHACHA20POLY1305
+    assert tc.choose_cipher("rot13") == tc.XCHACHA20POLY1305
+    expected = tc.AES256GCM if tc.aes256gcm_available() else tc.XCHACHA20POLY1305
+    assert tc.choose_cipher(tc.AES256GCM) == expected
+
+
+def test_choose_cipher_falls_back_when_aes_raises(monkeypatch):
+    import nacl.bindings
+    from nacl.exceptions import UnavailableError
+
+    def broken(*args):
+        raise UnavailableError("Construction requires hardware acceleration")
+
+    monkeypatch.setattr(tc, "_aes_available", None)
+    monkeypatch.setattr(nacl.bindings, "crypto_aead_aes256gcm_encrypt", broken)
+    assert tc.choose_cipher(tc.AES256GCM) == tc.XCHACHA20POLY1305
+    with pytest.raises(ValueError):
+        tc.FrameSealer(bytes(32), tc.AES256GCM)
+    monkeypatch.setattr(tc, "_aes_available", None)  # re-probe for later tests
+
+
+def test_unknown_cipher_and_bad_key():
+    with pytest.raises(ValueError):
+        tc.FrameSealer(bytes(32), "none")
+    with pytest.raises(ValueError):
+        tc.FrameOpener(bytes(31), tc.XCHACHA20POLY1305)
+
+
+def test_plain_variants_are_explicit():
+    sealer, opener = tc.make_sealer_opener(bytes(32), bytes(32), tc.XCHACHA20POLY1305)
+    assert isinstance(sealer, tc.FrameSealer) and isinstance(opener, tc.FrameOpener)
+    ps, po = tc.make_sealer_opener(b"", b"", "", insecure_plaintext=True)
+    frame = ps.seal(b"clear")
+    assert bytes(frame) == struct.pack(">I", 5) + b"clear"
+    assert po.open(*_split(frame)) == b"clear"
+    with pytest.raises(tc.FrameTooLarge):
+        ps.seal(bytes(tc.MAX_PLAINTEXT + 1))
