@@ -1,0 +1,95 @@
+"""History CSV: header once, one row per session, never corrupted by a kill -9."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gevent
+
+from remote_gevent import history
+
+
+def _append(h, sid, **kw):
+    h.append(start=1700000000.0, session_id=sid, remote_ip="127.0.0.1", duration=1.5,
+             close_code="normal", **kw)
+
+
+def test_header_and_rows(tmp_path):
+    path = str(tmp_path / "sub" / "history.csv")
+    h = history.History(path)
+    _append(h, "a" * 32, operator="SHA256:x", targets=["127.0.0.1:22", "@sftp"],
+            bytes_in=10, bytes_out=20, streams=2, reason='said "bye", then left')
+    _append(h, "b" * 32)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == history.COLUMNS
+    assert rows[1][:5] == ["2023-11-14T22:13:20.000+00:00", "a" * 32, "127.0.0.1", "1.500",
+                           "normal"]
+    assert rows[1][6] == "127.0.0.1:22 @sftp"
+    assert rows[1][-1] == 'said "bye", then left'
+    assert [r["session_id"] for r in history.read(path)] == ["a" * 32, "b" * 32]
+    assert oct(os.stat(path).st_mode & 0o777) == oct(history.FILE_MODE)
+
+
+def test_partial_last_line_does_not_swallow_next_row(tmp_path):
+    path = str(tmp_path / "history.csv")
+    h = history.History(path)
+    _append(h, "a" * 32)
+    with open(path, "a") as f:
+        f.write("2023-11-14T22:13:20,cut-short")  # what a crash mid-row could leave
+    _append(h, "c" * 32)
+    ids = [r["session_id"] for r in history.read(path)]
+    assert ids[0] == "a" * 32 and ids[-1] == "c" * 32
+
+
+def test_concurrent_greenlets_never_interleave(tmp_path):
+    path = str(tmp_path / "history.csv")
+    h = history.History(path)
+    jobs = [gevent.spawn(_append, h, "%032x" % i, reason="x" * 150) for i in range(200)]
+    gevent.joinall(jobs, timeout=30, raise_error=True)
+    rows = history.read(path)
+    assert sorted(r["session_id"] for r in rows) == ["%032x" % i for i in range(200)]
+    assert all(r["close_code"] == "normal" and r["reason"] == "x" * 150 for r in rows)
+
+
+WRITER = r"""
+import sys
+from remote_gevent.history import History
+h = History(sys.argv[1])
+i = 0
+while True:
+    h.append(start=1.0, session_id="%032x" % i, remote_ip="10.0.0.1", duration=0.1,
+             close_code="normal", reason="r" * 100)
+    i += 1
+"""
+
+
+def test_kill_9_never_corrupts_earlier_rows(tmp_path):
+    path = str(tmp_path / "history.csv")
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, path])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not os.path.exists(path)
+                                           or os.path.getsize(path) < 20000):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    history.History(path).append(start=2.0, session_id="f" * 32, remote_ip="::1",
+                                 duration=0.0, close_code="shutdown")
+    rows = history.read(path)
+    assert len(rows) > 50
+    for i, row in enumerate(rows[:-1]):
+        assert row["session_id"] == "%032x" % i
+        assert row["reason"] == "r" * 100
+    assert rows[-1]["session_id"] == "f" * 32 and rows[-1]["close_code"] == "shutdown"
+
+
+def test_record_safely_logs_instead_of_raising(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    h = history.History(str(blocker / "history.csv"))
+    history.record_safely(h, start=1.0, session_id="d" * 32, remote_ip="", duration=0.0,
+                          close_code="error")
+    assert "d" * 32 in caplog.text and "cannot append" in caplog.text
