@@ -1,0 +1,274 @@
+"""The agent's long-term ED25519 identity key.
+
+The key file is an OpenSSH private key (``ssh-keygen -y -f`` reads it), created with
+mode 0600 from the first byte and put in place atomically (temp file, fsync,
+rename, fsync of the directory), so a crash never leaves a half-written or
+world-readable key.  A PKCS#8 PEM key is accepted as well.  Like OpenSSH, a key
+file that group or others can read is refused.
+
+Module functions about ssh-wire public keys (``ssh_pubkey_blob``, ``fingerprint_of``,
+``parse_ssh_ed25519_line``) are shared with the authorized_keys and protocol code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+import socket
+import stat
+import struct
+import tempfile
+from typing import Optional, Tuple
+
+import nacl.exceptions
+import nacl.signing
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+log = logging.getLogger(__name__)
+
+KEY_TYPE = "ssh-ed25519"
+SIGNATURE_SIZE = 64
+PUBLIC_KEY_SIZE = 32
+
+
+class IdentityError(Exception):
+    """The identity key cannot be loaded, created or replaced."""
+
+
+# --------------------------------------------------------------------------- ssh wire
+
+
+def _ssh_string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def ssh_pubkey_blob(raw32: bytes) -> bytes:
+    """The ssh-wire public key blob: string "ssh-ed25519" + string key."""
+    if len(raw32) != PUBLIC_KEY_SIZE:
+        raise ValueError("an ed25519 public key is 32 bytes")
+    return _ssh_string(KEY_TYPE.encode()) + _ssh_string(bytes(raw32))
+
+
+def fingerprint_of(raw32: bytes) -> str:
+    """``SHA256:…`` fingerprint, byte for byte what ``ssh-keygen -lf`` prints."""
+    digest = hashlib.sha256(ssh_pubkey_blob(raw32)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def public_line_of(raw32: bytes, comment: str = "") -> str:
+    """``ssh-ed25519 AAAA… comment`` (no trailing newline)."""
+    line = "%s %s" % (KEY_TYPE, base64.b64encode(ssh_pubkey_blob(raw32)).decode("ascii"))
+    return "%s %s" % (line, comment) if comment else line
+
+
+def parse_ssh_ed25519_line(line: str) -> Tuple[bytes, str]:
+    """Parse ``ssh-ed25519 AAAA… [comment]`` → (raw 32-byte key, comment).
+
+    Raises ValueError if the line is not a well-formed ssh-ed25519 public key
+    (the type inside the blob must match, the blob must have no trailing bytes).
+    """
+    parts = line.strip().split(None, 2)
+    if len(parts) < 2 or parts[0] != KEY_TYPE:
+        raise ValueError("not an ssh-ed25519 public key line")
+    try:
+        blob = base64.b64decode(parts[1].encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ValueError("public key is not valid base64") from None
+    try:
+        (n,) = struct.unpack(">I", blob[:4])
+        ktype = blob[4:4 + n]
+        (m,) = struct.unpack(">I", blob[4 + n:8 + n])
+        raw = blob[8 + n:8 + n + m]
+    except struct.error:
+        raise ValueError("truncated public key blob") from None
+    if ktype != KEY_TYPE.encode() or m != PUBLIC_KEY_SIZE or len(raw) != PUBLIC_KEY_SIZE \
+            or len(blob) != 8 + n + m:
+        raise ValueError("malformed ssh-ed25519 public key blob")
+    return raw, parts[2] if len(parts) > 2 else ""
+
+
+def verify(public_raw32: bytes, data: bytes, signature: bytes) -> bool:
+    """True if ``signature`` (raw 64 bytes) is ``public_raw32``'s signature of ``data``."""
+    if len(signature) != SIGNATURE_SIZE or len(public_raw32) != PUBLIC_KEY_SIZE:
+        return False
+    try:
+        nacl.signing.VerifyKey(bytes(public_raw32)).verify(bytes(data), bytes(signature))
+    except nacl.exceptions.BadSignatureError:
+        return False
+    return True
+
+
+def default_comment(ident: Optional[str]) -> str:
+    """``<ident>@<hostname>`` as in the published key line."""
+    return "%s@%s" % (ident or "remote-gevent", socket.gethostname())
+
+
+# --------------------------------------------------------------------------- the key
+
+
+class IdentityKey:
+    """An ED25519 key pair (nacl ``SigningKey`` inside)."""
+
+    def __init__(self, signing_key: nacl.signing.SigningKey, path: Optional[str] = None) -> None:
+        self.signing_key = signing_key
+        self.path = path
+
+    @classmethod
+    def generate(cls) -> "IdentityKey":
+        return cls(nacl.signing.SigningKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes, path: Optional[str] = None) -> "IdentityKey":
+        return cls(nacl.signing.SigningKey(bytes(seed)), path)
+
+    @property
+    def public_bytes(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.public_bytes)
+
+    def public_line(self, comment: str = "") -> str:
+        return public_line_of(self.public_bytes, comment)
+
+    def sign(self, data: bytes) -> bytes:
+        """Raw 64-byte ED25519 signature of ``data``."""
+        return self.signing_key.sign(bytes(data)).signature
+
+    def verify(self, data: bytes, signature: bytes) -> bool:
+        return verify(self.public_bytes, data, signature)
+
+    def openssh_private_bytes(self) -> bytes:
+        """The key as an unencrypted OpenSSH private-key file."""
+        priv = Ed25519PrivateKey.from_private_bytes(bytes(self.signing_key))
+        return priv.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.OpenSSH,
+                                  serialization.NoEncryption())
+
+    def __repr__(self) -> str:  # never show key material
+        return "IdentityKey(%s)" % self.fingerprint
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _check_permissions(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise IdentityError("identity key %s is not a regular file" % path)
+    if st.st_mode & 0o077:
+        raise IdentityError(
+            "Permissions 0%03o for '%s' are too open. It is required that your private "
+            "key files are NOT accessible by others. This private key will be refused; "
+            "run: chmod 600 %s" % (stat.S_IMODE(st.st_mode), path, path))
+
+
+def load(path: str) -> IdentityKey:
+    """Load an ED25519 private key (OpenSSH or PKCS#8 PEM, unencrypted)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise IdentityError("cannot open identity key %s: %s" % (path, exc.strerror)) from None
+    try:
+        _check_permissions(path, os.fstat(fd))
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1
+            data = fh.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    try:
+        if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
+            priv = serialization.load_ssh_private_key(data, password=None)
+        else:
+            priv = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        # TypeError: encrypted key without password; ValueError: unreadable.
+        raise IdentityError("cannot read identity key %s: %s (an unencrypted OpenSSH or "
+                            "PKCS#8 PEM ed25519 key is expected)"
+                            % (path, str(exc).split("\n")[0])) from None
+    except Exception as exc:  # cryptography raises UnsupportedAlgorithm etc.
+        raise IdentityError("cannot read identity key %s: %s" % (path, exc)) from None
+    if not isinstance(priv, Ed25519PrivateKey):
+        raise IdentityError("identity key %s is not an ed25519 key (%s)"
+                            % (path, type(priv).__name__))
+    seed = priv.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                              serialization.NoEncryption())
+    return IdentityKey.from_seed(seed, path)
+
+
+def _ensure_parent(path: str) -> str:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, mode=0o700)
+            os.chmod(parent, 0o700)  # makedirs' mode is subject to the umask
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise IdentityError("cannot create directory %s for the identity key: %s"
+                                % (parent, exc.strerror)) from None
+    return parent
+
+
+def write(key: IdentityKey, path: str) -> None:
+    """Atomically write ``key`` to ``path`` (0600 from creation, fsynced, renamed)."""
+    parent = _ensure_parent(path)
+    data = key.openssh_private_bytes()
+    try:
+        # mkstemp creates the file with mode 0600 (O_EXCL), never readable by others.
+        fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".tmp",
+                                   dir=parent)
+    except OSError as exc:
+        raise IdentityError("cannot write identity key in %s: %s" % (parent, exc.strerror)) \
+            from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise IdentityError("cannot write identity key %s: %s" % (path, exc.strerror)) from None
+    try:
+        dfd = os.open(parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+    key.path = path
+
+
+def load_or_create(path: str) -> IdentityKey:
+    """Load the key at ``path``; generate and store a new one if the file is missing."""
+    if not os.path.lexists(path):
+        key = IdentityKey.generate()
+        write(key, path)
+        log.info("generated new identity key %s (%s)", path, key.fingerprint)
+        return key
+    return load(path)
+
+
+def rotate(path: str) -> Tuple[IdentityKey, IdentityKey]:
+    """Replace the key at ``path`` with a new one; return (old, new).
+
+    The old key is kept in memory so the caller can sign the rotation statement.
+    """
+    old = load(path)
+    new = IdentityKey.generate()
+    write(new, path)
+    log.info("identity key %s rotated: %s -> %s", path, old.fingerprint, new.fingerprint)
+    return old, new
