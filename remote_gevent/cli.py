@@ -1,0 +1,191 @@
+from gevent import monkey
+
+monkey.patch_all()  # before any other import: socket, ssl, amqp, paramiko must be patched
+
+# ``remote-gevent``: the agent's command line.
+#
+# Without a subcommand it runs the agent (``--foreground``, or daemonized with a
+# pidfile).  Subcommands: ``check-config``, ``pubkey [--fingerprint]``, ``rotate-key``.
+# Exit status: 0 ok, 1 bad config / cannot start, 2 forced stop, 3 a service kept failing.
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import click  # noqa: E402
+
+from . import __version__  # noqa: E402
+from . import config as config_mod  # noqa: E402
+from . import daemon, identity, logs  # noqa: E402
+
+log = logging.getLogger("remote_gevent.cli")
+
+DEFAULT_PIDFILE = "/var/run/remote-gevent.pid"
+
+
+def _config_path(ctx: click.Context, local: Optional[str]) -> str:
+    if local:
+        return local
+    parent = ctx.find_root().params.get("config_path")
+    return parent or config_mod.default_path()
+
+
+def _load_or_exit(path: str) -> config_mod.AgentConfig:
+    try:
+        cfg = config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        click.echo("remote-gevent: invalid config %s (%d problem%s):" % (
+            path, len(exc.problems), "" if len(exc.problems) == 1 else "s"), err=True)
+        for problem in exc.problems:
+            click.echo("  - %s" % problem, err=True)
+        sys.exit(1)
+    for warning in cfg.warnings:
+        click.echo("remote-gevent: warning: %s" % warning, err=True)
+    return cfg
+
+
+config_option = click.option(
+    "--config", "local_config", metavar="PATH", default=None,
+    help="Config file (default: $REMOTE_GEVENT_CONFIG or %s)." % config_mod.DEFAULT_PATH)
+
+
+@click.group(invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH", envvar=config_mod.ENV_CONFIG,
+              default=None,
+              help="Config file (default: $REMOTE_GEVENT_CONFIG or %s)."
+              % config_mod.DEFAULT_PATH)
+@click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
+@click.option("--pidfile", metavar="PATH", default=None,
+              help="Pidfile (default %s when daemonized; none in the foreground "
+                   "unless given)." % DEFAULT_PIDFILE)
+@click.option("--log-file", metavar="PATH", default=None,
+              help="Log to this file instead of stderr/syslog.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(logs.LEVELS, case_sensitive=False))
+@click.version_option(__version__, "--version", prog_name="remote-gevent")
+@click.pass_context
+def main(ctx: click.Context, config_path: Optional[str], foreground: bool,
+         pidfile: Optional[str], log_file: Optional[str], log_level: str) -> None:
+    """remote-gevent agent: end-to-end encrypted tunnels to this device, on request."""
+    if ctx.invoked_subcommand is not None:
+        return
+    path = config_path or config_mod.default_path()
+    sys.exit(run_agent(path, foreground, pidfile, log_file, log_level))
+
+
+def run_agent(path: str, foreground: bool, pidfile: Optional[str], log_file: Optional[str],
+              log_level: str) -> int:
+    """Run the agent until stopped; return the exit status."""
+    path = os.path.abspath(path)  # the daemon chdirs to / and re-reads it on SIGHUP
+    cfg = _load_or_exit(path)
+    if not cfg.remote.enabled:
+        logs.setup(log_level, log_file, foreground=foreground)
+        log.info("remote plugin disabled in %s", path)
+        if not foreground and not log_file:
+            click.echo("remote-gevent: remote plugin disabled in %s" % path, err=True)
+        return 0
+    if not foreground and pidfile is None:
+        pidfile = DEFAULT_PIDFILE
+    if pidfile:
+        pidfile = os.path.abspath(pidfile)
+    if log_file:
+        log_file = os.path.abspath(log_file)
+    # Everything that can fail is checked while stderr still reaches the user.
+    try:
+        if pidfile:
+            daemon.check_pidfile(pidfile)
+        identity.load_or_create(cfg.remote.key_path)
+    except (daemon.PidfileError, identity.IdentityError) as exc:
+        click.echo("remote-gevent: %s" % exc, err=True)
+        return 1
+    if log_file:
+        try:
+            open(log_file, "a").close()
+        except OSError as exc:
+            click.echo("remote-gevent: cannot open log file %s: %s" % (log_file, exc.strerror),
+                       err=True)
+            return 1
+
+    readiness = None
+    if not foreground:
+        readiness = daemon.daemonize()
+    logs.setup(log_level, log_file, foreground=foreground)
+    from .agent import Agent  # after the fork: nothing gevent-bound is created before
+
+    try:
+        if pidfile:
+            daemon.write_pidfile(pidfile)
+    except daemon.PidfileError as exc:
+        log.error("%s", exc)
+        if readiness is not None:
+            readiness.fail(str(exc))
+        return 1
+    try:
+        try:
+            agent = Agent(cfg, path)
+        except identity.IdentityError as exc:
+            log.error("%s", exc)
+            if readiness is not None:
+                readiness.fail(str(exc))
+            return 1
+        if readiness is not None:
+            readiness.ok()
+        try:
+            return agent.run()
+        except Exception:  # log it where a daemon's traceback can be seen
+            log.critical("agent crashed", exc_info=True)
+            return 1
+    finally:
+        if pidfile:
+            daemon.remove_pidfile(pidfile)
+
+
+@main.command("check-config")
+@config_option
+@click.pass_context
+def check_config(ctx: click.Context, local_config: Optional[str]) -> None:
+    """Validate the config: exit 0 with a summary, or 1 listing every problem."""
+    cfg = _load_or_exit(_config_path(ctx, local_config))
+    click.echo(config_mod.summary(cfg))
+
+
+@main.command("pubkey")
+@config_option
+@click.option("--fingerprint", is_flag=True, help="Print the SHA256 fingerprint instead.")
+@click.pass_context
+def pubkey(ctx: click.Context, local_config: Optional[str], fingerprint: bool) -> None:
+    """Print the identity public key (generating the key if it does not exist yet)."""
+    cfg = _load_or_exit(_config_path(ctx, local_config))
+    try:
+        key = identity.load_or_create(cfg.remote.key_path)
+    except identity.IdentityError as exc:
+        click.echo("remote-gevent: %s" % exc, err=True)
+        sys.exit(1)
+    if fingerprint:
+        click.echo(key.fingerprint)
+    else:
+        click.echo(key.public_line(identity.default_comment(cfg.ident)))
+
+
+@main.command("rotate-key")
+@click.pass_context
+def rotate_key(ctx: click.Context) -> None:
+    """Ask the running agent (via --pidfile) to rotate its identity key (SIGUSR1)."""
+    pidfile = ctx.find_root().params.get("pidfile") or DEFAULT_PIDFILE
+    pid = daemon.running_pid(pidfile)
+    if pid is None:
+        click.echo("remote-gevent: no running agent found in pidfile %s" % pidfile, err=True)
+        sys.exit(1)
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError as exc:
+        click.echo("remote-gevent: cannot signal pid %d: %s" % (pid, exc.strerror), err=True)
+        sys.exit(1)
+    click.echo("asked agent pid %d to rotate its identity key (see its log)" % pid)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
