@@ -1,0 +1,753 @@
+"""Tests for remote_gevent.mux: streams, flow control, half-close, keepalive, close codes.
+
+Everything runs in-process on socketpairs / 127.0.0.1 with bounded waits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import time
+
+import gevent
+import gevent.event
+import gevent.server
+import pytest
+
+from remote_gevent import mux, tunnel_crypto
+
+SID = "0123456789abcdef0123456789abcdef"
+T = 10  # generous bound for every wait (seconds)
+
+
+# ---------------------------------------------------------------- sealers
+
+
+class _MacSealer:
+    """Test stand-in with the FrameSealer interface: plaintext + keyed counter MAC.
+
+    Cheap, but still detects tampering, replay, reordering and wrong keys, so the
+    crypto_error paths are testable independently of tunnel_crypto.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.counter = 0
+
+    def seal(self, plaintext) -> bytes:
+        body = bytes(plaintext)
+        n = len(body) + 16
+        prefix = struct.pack(">I", n)
+        tag = hashlib.blake2b(struct.pack(">Q", self.counter) + prefix + body,
+                              key=self.key, digest_size=16).digest()
+        self.counter += 1
+        return prefix + body + tag
+
+
+class _MacOpener:
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.counter = 0
+
+    def open(self, len_prefix, ciphertext) -> bytes:
+        data = bytes(ciphertext)
+        body, tag = data[:-16], data[-16:]
+        want = hashlib.blake2b(struct.pack(">Q", self.counter) + bytes(len_prefix) + body,
+                               key=self.key, digest_size=16).digest()
+        if len(data) < 16 or tag != want:
+            raise ValueError("bad tag")
+        self.counter += 1
+        return body
+
+
+def _pairs(kind):
+    """(console_sealer, console_opener, agent_sealer, agent_opener) for ``kind``."""
+    if kind == "mac":
+        k1, k2 = os.urandom(32), os.urandom(32)
+        return _MacSealer(k1), _MacOpener(k2), _MacSealer(k2), _MacOpener(k1)
+    if kind == "plain":
+        return (tunnel_crypto.PlainSealer(), tunnel_crypto.PlainOpener(),
+                tunnel_crypto.PlainSealer(), tunnel_crypto.PlainOpener())
+    cpk, csk = tunnel_crypto.kx_keypair()
+    apk, ask = tunnel_crypto.kx_keypair()
+    ctx, crx = tunnel_crypto.derive_keys("console", cpk, csk, apk, SID)
+    atx, arx = tunnel_crypto.derive_keys("agent", apk, ask, cpk, SID)
+    return (tunnel_crypto.FrameSealer(ctx, kind), tunnel_crypto.FrameOpener(crx, kind),
+            tunnel_crypto.FrameSealer(atx, kind), tunnel_crypto.FrameOpener(arx, kind))
+
+
+KINDS = ["mac", "plain", tunnel_crypto.XCHACHA20POLY1305]
+if tunnel_crypto.aes256gcm_available():
+    KINDS.append(tunnel_crypto.AES256GCM)
+AUTH_KINDS = [k for k in KINDS if k != "plain"]  # the plain sealer authenticates nothing
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _connect_local(target: str):
+    host, port = target.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=T)
+
+
+class Pair:
+    """A console and an agent Tunnel over a socketpair (or a loopback TCP pair)."""
+
+    def __init__(self, kind="mac", on_open=_connect_local, tcp=False, keepalive=0,
+                 agent_sock=None, console_sock=None):
+        if console_sock is None:
+            if tcp:
+                console_sock, agent_sock = _tcp_pair()
+            else:
+                console_sock, agent_sock = socket.socketpair()
+        cs, co, as_, ao = _pairs(kind)
+        self.csock, self.asock = console_sock, agent_sock
+        self.console = mux.Tunnel(console_sock, cs, co, "console", name="c-" + SID[:8],
+                                  keepalive_interval=keepalive)
+        self.agent = mux.Tunnel(agent_sock, as_, ao, "agent", on_open=on_open,
+                                name="a-" + SID[:8], keepalive_interval=keepalive)
+        self.cg = gevent.spawn(self.console.run)
+        self.ag = gevent.spawn(self.agent.run)
+        assert self.console.wait_up(T) and self.agent.wait_up(T)
+
+    def results(self):
+        return self.cg.get(timeout=T), self.ag.get(timeout=T)
+
+    def close(self):
+        self.console.close("normal", "test over")
+        self.agent.close("normal", "test over")
+        gevent.joinall([self.cg, self.ag], timeout=T)
+
+
+@pytest.fixture
+def pair_factory():
+    made = []
+
+    def make(*args, **kwargs):
+        p = Pair(*args, **kwargs)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def _tcp_pair():
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    a = socket.create_connection(lsock.getsockname(), timeout=T)
+    b, _ = lsock.accept()
+    lsock.close()
+    a.settimeout(None)
+    b.settimeout(None)
+    return a, b
+
+
+@pytest.fixture
+def echo_server():
+    """A real TCP echo server on 127.0.0.1 (half-close aware)."""
+
+    def handle(sock, _addr):
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    sock.shutdown(socket.SHUT_WR)
+                    break
+                sock.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    yield "127.0.0.1:%d" % server.server_port
+    server.stop(timeout=1)
+
+
+def _recv_all(stream_or_sock, limit=None):
+    chunks = []
+    total = 0
+    while True:
+        data = stream_or_sock.recv() if isinstance(stream_or_sock, mux.Stream) \
+            else stream_or_sock.recv(1 << 16)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+        total += len(data)
+        if limit is not None and total >= limit:
+            return b"".join(chunks)
+
+
+def _spliced_client(pair, target):
+    """A local socket whose other end is spliced into a new stream to ``target``."""
+    stream = pair.console.open_stream(target, timeout=T)
+    mine, theirs = socket.socketpair()
+    g = gevent.spawn(pair.console.splice, stream, theirs)
+    return stream, mine, g
+
+
+class RawPeer:
+    """Hand-crafted peer speaking the framing directly (for protocol-error tests)."""
+
+    def __init__(self, sock, role, sealer, opener):
+        self.sock, self.role = sock, role
+        self.sealer, self.opener = sealer, opener
+
+    def send(self, ftype, sid, payload=b""):
+        self.sock.sendall(self.sealer.seal(struct.pack(">BI", ftype, sid) + payload))
+
+    def send_json(self, ftype, sid, obj):
+        self.send(ftype, sid, json.dumps(obj).encode())
+
+    def hello(self):
+        self.send_json(mux.HELLO, 0, {"role": self.role, "version": 1})
+
+    def recv(self):
+        hdr = self._exact(4)
+        body = self._exact(struct.unpack(">I", hdr)[0])
+        pt = bytes(self.opener.open(hdr, body))
+        ftype, sid = struct.unpack_from(">BI", pt)
+        return ftype, sid, pt[5:]
+
+    def recv_until(self, ftype):
+        while True:
+            frame = self.recv()
+            if frame[0] == ftype:
+                return frame
+
+    def _exact(self, n):
+        buf = b""
+        while len(buf) < n:
+            d = self.sock.recv(n - len(buf))
+            if not d:
+                raise EOFError
+            buf += d
+        return buf
+
+
+def _raw_against(role_under_test, on_open=None, kind="mac", **kw):
+    """A Tunnel under test on one end of a socketpair, a RawPeer on the other."""
+    a, b = socket.socketpair()
+    cs, co, as_, ao = _pairs(kind)
+    if role_under_test == "agent":
+        tun = mux.Tunnel(a, as_, ao, "agent", on_open=on_open, name="t", **kw)
+        peer = RawPeer(b, "console", cs, co)
+    else:
+        tun = mux.Tunnel(a, cs, co, "console", name="t", **kw)
+        peer = RawPeer(b, "agent", as_, ao)
+    g = gevent.spawn(tun.run)
+    return tun, peer, g
+
+
+# ---------------------------------------------------------------- basic streams
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_echo_through_tcp_echo_server(pair_factory, echo_server, kind):
+    p = pair_factory(kind)
+    stream, client, g = _spliced_client(p, echo_server)
+    client.sendall(b"hello tunnel")
+    assert client.recv(100) == b"hello tunnel"
+    client.shutdown(socket.SHUT_WR)
+    assert _recv_all(client) == b""
+    g.get(timeout=T)
+    client.close()
+    assert p.console.streams_opened == 1 and p.agent.streams_opened == 1
+    assert p.console.bytes_out == 12 and p.console.bytes_in == 12
+    assert p.agent.bytes_in == 12 and p.agent.bytes_out == 12
+    assert p.console.active_streams == 0
+    with gevent.Timeout(T):
+        while p.agent.active_streams:
+            gevent.sleep(0.01)
+
+
+def test_programmatic_stream_api(pair_factory, echo_server):
+    p = pair_factory()
+    s = p.console.open_stream(echo_server, timeout=T)
+    s.send(b"x" * 200000)
+    got = _recv_all(s, limit=200000)
+    assert got == b"x" * 200000
+    s.shutdown_write()
+    assert s.recv() == b""
+    assert s.finished
+    s.close()  # no-op on a finished stream
+
+
+def test_many_concurrent_streams(pair_factory, echo_server):
+    p = pair_factory(tcp=True)
+
+    def one(i):
+        s = p.console.open_stream(echo_server, timeout=T)
+        msg = (b"%05d" % i) * 2000
+        sender = gevent.spawn(lambda: (s.send(msg), s.shutdown_write()))
+        got = _recv_all(s)
+        sender.get(timeout=T)
+        return got == msg
+
+    jobs = [gevent.spawn(one, i) for i in range(60)]
+    gevent.joinall(jobs, timeout=30, raise_error=True)
+    assert all(j.value for j in jobs)
+    assert p.console.streams_opened == 60
+    assert p.agent.streams_opened == 60
+
+
+@pytest.mark.parametrize("kind", ["mac", tunnel_crypto.XCHACHA20POLY1305])
+def test_large_transfer_sha256_both_ways(pair_factory, kind):
+    size = 64 << 20
+    up_hash = hashlib.sha256()
+    received = {}
+
+    def sink_then_send(sock, _addr):
+        h = hashlib.sha256()
+        n = 0
+        while True:
+            d = sock.recv(1 << 16)
+            if not d:
+                break
+            h.update(d)
+            n += len(d)
+        received["n"], received["digest"] = n, h.hexdigest()
+        # then send the same amount back (after the client's EOF: half-close)
+        block = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            sock.sendall(block)
+            up_hash.update(block)
+        sock.close()
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), sink_then_send)
+    server.start()
+    try:
+        p = pair_factory(kind, tcp=True)
+        stream, client, g = _spliced_client(p, "127.0.0.1:%d" % server.server_port)
+        send_hash = hashlib.sha256()
+
+        def push():
+            block = os.urandom(1 << 20)
+            for _ in range(size >> 20):
+                client.sendall(block)
+                send_hash.update(block)
+            client.shutdown(socket.SHUT_WR)
+
+        pusher = gevent.spawn(push)
+        h = hashlib.sha256()
+        n = 0
+        with gevent.Timeout(120):
+            while True:
+                d = client.recv(1 << 16)
+                if not d:
+                    break
+                h.update(d)
+                n += len(d)
+            pusher.get()
+            g.get()
+        assert received["n"] == size and received["digest"] == send_hash.hexdigest()
+        assert n == size and h.hexdigest() == up_hash.hexdigest()
+        assert p.console.bytes_out == size and p.console.bytes_in == size
+        client.close()
+    finally:
+        server.stop(timeout=1)
+
+
+def test_half_close_reply_after_eof(pair_factory):
+    """The client shuts down writing; the server answers after seeing EOF."""
+
+    def answer_after_eof(sock, _addr):
+        data = b""
+        while True:
+            d = sock.recv(1000)
+            if not d:
+                break
+            data += d
+        sock.sendall(b"got %d bytes" % len(data))
+        sock.close()
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), answer_after_eof)
+    server.start()
+    try:
+        p = pair_factory()
+        stream, client, g = _spliced_client(p, "127.0.0.1:%d" % server.server_port)
+        client.sendall(b"a" * 5000)
+        client.shutdown(socket.SHUT_WR)
+        with gevent.Timeout(T):
+            assert _recv_all(client) == b"got 5000 bytes"
+        g.get(timeout=T)
+        client.close()
+    finally:
+        server.stop(timeout=1)
+
+
+def test_slow_reader_does_not_stall_other_stream(pair_factory):
+    """A stream whose local reader stopped reading fills its window and blocks;
+    another stream in the same tunnel keeps flowing."""
+    stalled = gevent.event.Event()
+
+    def firehose(sock, _addr):
+        block = b"z" * 65536
+        try:
+            while True:
+                sock.sendall(block)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), firehose)
+    server.start()
+    try:
+        p = pair_factory(tcp=True)
+        target = "127.0.0.1:%d" % server.server_port
+        slow = p.console.open_stream(target, timeout=T)   # never read: window fills up
+        fast = p.console.open_stream(target, timeout=T)
+        # wait until the slow stream's window is exhausted (agent side blocked)
+        with gevent.Timeout(T):
+            while len(slow._rx_chunks) == 0 or slow._rx_allowed > 0:
+                gevent.sleep(0.01)
+        stalled.set()
+        buffered = sum(len(c) for c in slow._rx_chunks)
+        assert buffered <= mux.INITIAL_WINDOW
+        # the fast stream still moves 32 MiB while the slow one is stalled
+        got = 0
+        with gevent.Timeout(30):
+            while got < (32 << 20):
+                got += len(fast.recv())
+        assert sum(len(c) for c in slow._rx_chunks) == buffered  # bounded, unchanged
+        slow.close()
+        fast.close()
+        assert p.console.is_up and p.agent.is_up
+    finally:
+        server.stop(timeout=1)
+
+
+# ---------------------------------------------------------------- refusals, resets
+
+
+def test_open_refused_with_code(pair_factory):
+    def on_open(target):
+        if target == "nope:1":
+            raise mux.StreamRefused("target_not_permitted", "not in allow-list")
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    p = pair_factory(on_open=on_open)
+    with pytest.raises(mux.StreamRefused) as ei:
+        p.console.open_stream("nope:1", timeout=T)
+    assert ei.value.code == "target_not_permitted"
+    assert "allow-list" in ei.value.reason
+    with pytest.raises(mux.StreamRefused) as ei:
+        p.console.open_stream("127.0.0.1:1", timeout=T)
+    assert ei.value.code == "target_refused"
+    assert p.console.is_up and p.agent.is_up
+    assert p.console.active_streams == 0
+
+
+def test_real_connection_refused(pair_factory):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    p = pair_factory()
+    with pytest.raises(mux.StreamRefused) as ei:
+        p.console.open_stream("127.0.0.1:%d" % port, timeout=T)
+    assert ei.value.code == "target_refused"
+
+
+def test_local_error_resets_only_that_stream(pair_factory, echo_server):
+    p = pair_factory()
+    s1, c1, g1 = _spliced_client(p, echo_server)
+    s2, c2, g2 = _spliced_client(p, echo_server)
+    # abort c1 with RST
+    c1.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c1.sendall(b"data")
+    c1.close()
+    g1.get(timeout=T)
+    # stream 2 still works
+    c2.sendall(b"ping")
+    assert c2.recv(10) == b"ping"
+    c2.close()
+    g2.get(timeout=T)
+    assert p.console.is_up and p.agent.is_up
+
+
+def test_peer_reset_reaches_programmatic_stream(pair_factory, echo_server):
+    p = pair_factory()
+    s = p.console.open_stream(echo_server, timeout=T)
+    s.send(b"abc")
+    assert s.recv() == b"abc"
+    # the agent resets its side of the stream
+    agent_stream = p.agent._streams[s.id]
+    p.agent._reset_stream(agent_stream, "test abort", send=True)
+    with gevent.Timeout(T):
+        with pytest.raises(mux.StreamReset):
+            while True:
+                s.recv()
+    assert p.console.is_up
+
+
+# ---------------------------------------------------------------- close codes
+
+
+def test_peer_close_code_propagates(pair_factory):
+    p = pair_factory()
+    p.agent.close("idle_timeout", "idle for 1800s")
+    (ccode, creason), (acode, _) = p.results()
+    assert ccode == "idle_timeout" and "1800" in creason
+    assert acode == "idle_timeout"
+
+
+def test_close_wakes_streams(pair_factory, echo_server):
+    p = pair_factory()
+    s = p.console.open_stream(echo_server, timeout=T)
+    waiter = gevent.spawn(s.recv)
+    gevent.sleep(0.05)
+    p.console.close("closed_by_operator", "bye")
+    with pytest.raises((mux.StreamReset, mux.TunnelClosed)):
+        waiter.get(timeout=T)
+    assert p.results()[1][0] == "closed_by_operator"
+    with pytest.raises(mux.TunnelClosed):
+        p.console.open_stream(echo_server, timeout=T)
+
+
+def test_socket_drop_is_relay_lost(pair_factory):
+    p = pair_factory()
+    p.csock.shutdown(socket.SHUT_RDWR)  # the relay went away under both
+    (ccode, _), (acode, areason) = p.results()
+    assert acode == "relay_lost"
+    assert ccode == "relay_lost"
+
+
+@pytest.mark.parametrize("kind", AUTH_KINDS)
+def test_tampered_frame_is_crypto_error(kind):
+    a, relay_a = socket.socketpair()
+    relay_b, b = socket.socketpair()
+    cs, co, as_, ao = _pairs(kind)
+    console = mux.Tunnel(a, cs, co, "console", name="c", keepalive_interval=0)
+    agent = mux.Tunnel(b, as_, ao, "agent", on_open=_connect_local, name="a",
+                       keepalive_interval=0)
+    flip = {"on": False}
+
+    def relay(src, dst):
+        try:
+            while True:
+                d = src.recv(65536)
+                if not d:
+                    break
+                if flip["on"]:
+                    d = bytearray(d)
+                    d[-1] ^= 1
+                    d = bytes(d)
+                dst.sendall(d)
+        except OSError:
+            pass
+        dst.close()
+
+    r1 = gevent.spawn(relay, relay_a, relay_b)
+    r2 = gevent.spawn(relay, relay_b, relay_a)
+    cg, ag = gevent.spawn(console.run), gevent.spawn(agent.run)
+    assert console.wait_up(T) and agent.wait_up(T)
+    flip["on"] = True
+    console.ping()
+    code, reason = ag.get(timeout=T)
+    assert code == "crypto_error"
+    console.close()
+    cg.get(timeout=T)
+    gevent.killall([r1, r2])
+
+
+@pytest.mark.parametrize("kind", AUTH_KINDS)
+def test_wrong_keys_fail_at_hello(kind):
+    a, b = socket.socketpair()
+    cs, co, _, _ = _pairs(kind)
+    _, _, as_, ao = _pairs(kind)  # keys of another session
+    console = mux.Tunnel(a, cs, co, "console", name="c", keepalive_interval=0)
+    agent = mux.Tunnel(b, as_, ao, "agent", on_open=_connect_local, name="a",
+                       keepalive_interval=0)
+    cg, ag = gevent.spawn(console.run), gevent.spawn(agent.run)
+    assert cg.get(timeout=T)[0] == "crypto_error"
+    assert ag.get(timeout=T)[0] == "crypto_error"
+    assert not console.is_up and not agent.is_up
+
+
+def test_replayed_frame_is_crypto_error():
+    tun, peer, g = _raw_against("agent")
+    peer.hello()
+    frame = peer.sealer.seal(struct.pack(">BI", mux.PING, 0) + struct.pack(">Q", 1))
+    peer.sock.sendall(frame)
+    peer.sock.sendall(frame)  # replay
+    assert g.get(timeout=T)[0] == "crypto_error"
+
+
+def test_handshake_timeout():
+    tun, peer, g = _raw_against("agent", handshake_timeout=0.2)
+    code, reason = g.get(timeout=T)
+    assert code == "protocol_error" and "HELLO" in reason
+
+
+# ---------------------------------------------------------------- protocol errors
+
+
+class _StuckSocket:
+    """Socket-like local end that never reads nor writes: no credit is ever granted."""
+
+    def __init__(self):
+        self._never = gevent.event.Event()
+
+    def recv_into(self, buf, n=0):
+        self._never.wait()
+        return 0
+
+    def sendall(self, data):
+        self._never.wait()
+
+    def shutdown(self, how):
+        pass
+
+    def close(self):
+        self._never.set()
+
+
+def test_window_violation_is_protocol_error():
+    tun, peer, g = _raw_against("agent", on_open=lambda target: _StuckSocket())
+    peer.hello()
+    peer.send_json(mux.OPEN, 1, {"target": "stuck:1"})
+    assert peer.recv_until(mux.OPEN_OK)[1] == 1
+    chunk = b"w" * mux.MAX_DATA
+    for _ in range(mux.INITIAL_WINDOW // mux.MAX_DATA):  # exactly the window: fine
+        peer.send(mux.DATA, 1, chunk)
+    gevent.sleep(0.05)
+    assert not tun.closed
+    peer.send(mux.DATA, 1, b"!")  # one byte beyond the window
+    code, reason = g.get(timeout=T)
+    assert code == "protocol_error", reason
+    assert "window" in reason
+
+
+def test_oversized_data_frame_is_protocol_error():
+    tun, peer, g = _raw_against("agent", on_open=_connect_local, kind="plain")
+    peer.hello()
+    peer.sock.sendall(struct.pack(">I", mux.MAX_FRAME_LEN + 1))
+    code, reason = g.get(timeout=T)
+    assert code == "protocol_error" and "length" in reason
+
+
+@pytest.mark.parametrize("frame,needle", [
+    ((99, 0, b""), "unknown frame type"),
+    ((mux.OPEN, 1, b"not json"), "JSON"),
+    ((mux.OPEN, 1, b'{"target": 5}'), "target"),
+    ((mux.WINDOW, 0, b"\0\0\0\1"), "unknown stream"),
+    ((mux.DATA, 7, b"x"), "unknown stream"),
+    ((mux.PING, 0, b"short"), "PING"),
+    ((mux.HELLO, 0, b'{"role":"console","version":1}'), "second HELLO"),
+    ((mux.OPEN_OK, 1, b""), "received by the agent"),
+])
+def test_malformed_frames_are_protocol_errors(frame, needle):
+    tun, peer, g = _raw_against("agent", on_open=_connect_local)
+    peer.hello()
+    peer.send(*frame)
+    code, reason = g.get(timeout=T)
+    assert code == "protocol_error"
+    assert needle in reason
+
+
+def test_duplicate_stream_id_is_protocol_error(echo_server):
+    tun, peer, g = _raw_against("agent", on_open=_connect_local)
+    peer.hello()
+    peer.send_json(mux.OPEN, 1, {"target": echo_server})
+    peer.recv_until(mux.OPEN_OK)
+    peer.send_json(mux.OPEN, 1, {"target": echo_server})
+    code, reason = g.get(timeout=T)
+    assert code == "protocol_error" and "stream id" in reason
+
+
+def test_wrong_peer_role_is_protocol_error():
+    tun, peer, g = _raw_against("agent")
+    peer.send_json(mux.HELLO, 0, {"role": "agent", "version": 1})
+    code, reason = g.get(timeout=T)
+    assert code == "protocol_error" and "role" in reason
+
+
+def test_first_frame_not_hello():
+    tun, peer, g = _raw_against("console")
+    peer.send(mux.PING, 0, struct.pack(">Q", 1))
+    assert g.get(timeout=T)[0] == "protocol_error"
+
+
+def test_window_credit_overflow_is_protocol_error(echo_server):
+    tun, peer, g = _raw_against("console")
+    peer.hello()
+    opener = gevent.spawn(tun.open_stream, "x:1", T)
+    ftype, sid, _ = peer.recv_until(mux.OPEN)
+    peer.send(mux.OPEN_OK, sid)
+    opener.get(timeout=T)
+    peer.send(mux.WINDOW, sid, struct.pack(">I", 1))  # window already full
+    code, reason = g.get(timeout=T)
+    assert code == "protocol_error" and "window" in reason
+
+
+# ---------------------------------------------------------------- keepalive, timeouts
+
+
+def test_keepalive_pong_updates_last_ack(pair_factory):
+    p = pair_factory(keepalive=0.05)
+    t0 = time.monotonic()
+    with gevent.Timeout(T):
+        while p.console.last_pong is None or p.console.last_pong < t0:
+            gevent.sleep(0.01)
+    assert p.console.last_ack >= t0
+    assert p.agent.last_pong is not None
+
+
+def test_ping_answered_by_pong():
+    tun, peer, g = _raw_against("agent", keepalive_interval=0)
+    peer.hello()
+    peer.recv_until(mux.HELLO)
+    peer.send(mux.PING, 0, struct.pack(">Q", 42))
+    ftype, sid, payload = peer.recv_until(mux.PONG)
+    assert struct.unpack(">Q", payload)[0] == 42
+    tun.close()
+    g.get(timeout=T)
+
+
+def test_last_activity_tracks_data_only(pair_factory, echo_server):
+    p = pair_factory()
+    before = p.console.last_activity
+    p.console.ping()
+    gevent.sleep(0.05)
+    assert p.console.last_activity == before
+    s = p.console.open_stream(echo_server, timeout=T)
+    s.send(b"x")
+    assert s.recv() == b"x"
+    assert p.console.last_activity > before
+
+
+def test_check_timeouts(pair_factory):
+    p = pair_factory()
+    t = p.agent
+    now = time.monotonic()
+    assert t.check_timeouts(1800, 60, now) is None
+    t.last_activity = now - 1801
+    assert t.check_timeouts(1800, 60, now) == "idle_timeout"
+    assert t.check_timeouts(0, 60, now) is None          # idle GC off
+    t.last_ack = now - 61
+    assert t.check_timeouts(1800, 60, now) == "ack_lost"  # ack_lost wins
+    assert t.check_timeouts(1800, None, now) == "idle_timeout"
+    t.last_activity = now
+    t.last_ack = now
+    assert t.check_timeouts(1800, 60, now + 30) is None
+    t.close("normal")
+    assert t.check_timeouts(1, 1, now + 1e6) is None      # nothing to collect
+
+
+def test_constructor_validation():
+    a, b = socket.socketpair()
+    with pytest.raises(ValueError):
+        mux.Tunnel(a, None, None, "relay")
+    with pytest.raises(ValueError):
+        mux.Tunnel(a, None, None, "console", on_open=_connect_local)
+    a.close()
+    b.close()
