@@ -1,0 +1,526 @@
+"""Trusted operator keys (``authorized_keys`` syntax) and target allow-lists.
+
+The agent trusts an operator only through ``remote.authorized_keys``: a file
+of ``ssh-ed25519`` lines in OpenSSH ``authorized_keys`` syntax. The option
+``permitopen="host:port"`` (repeatable) limits the targets that operator may
+open; without it the operator is limited by the device allow-list alone
+(``remote.allow``).
+
+Targets and patterns
+--------------------
+A *target* is what one stream connects to: ``host:port`` (IPv6 in brackets:
+``[::1]:22``) or a virtual service, ``@sftp`` or ``@transfer``. A *pattern*
+may also use ``*`` for the whole host and/or the whole port
+(``127.0.0.1:*``, ``*:22``, ``*:*``).
+
+Matching is textual on a normalized form (host names lowercased, IP
+addresses in their canonical form): no DNS resolution ever happens here, so
+``localhost:22`` and ``127.0.0.1:22`` are different targets. Virtual
+targets are matched only by the identical pattern: ``*:*`` never permits
+``@sftp`` or ``@transfer``; the device allow-list must name them.
+
+A stream is permitted iff its target matches the device allow-list AND the
+operator's permitopen (when the operator has one) AND the targets the
+session request asked for (see :func:`is_target_allowed`).
+
+Options
+-------
+Accepted silently (no meaning for us, or implied): ``restrict``,
+``port-forwarding``, ``[no-]pty``, ``[no-]agent-forwarding``,
+``[no-]x11-forwarding``, ``[no-]user-rc``, ``no-touch-required``,
+``verify-required``, ``permitlisten``.
+Fail closed (the line is skipped with a warning, because ignoring the option
+would grant more than the administrator wrote): ``no-port-forwarding`` (all
+we do is forwarding), ``from``, ``expiry-time``, ``command``, ``principals``,
+``cert-authority``.
+Anything else: warned about and ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+log = logging.getLogger(__name__)
+
+SSH_ED25519 = "ssh-ed25519"
+VIRTUAL_TARGETS = frozenset({"@sftp", "@transfer"})
+WILDCARD = "*"
+MAX_TARGET_CHARS = 262  # "[" + 45-char IPv6 + "]:" ... or a 253-char name + ":65535"
+MAX_LINE_CHARS = 16384
+
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+    r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$"
+)
+_PORT_RE = re.compile(r"^[0-9]{1,5}$")
+
+_SILENT_OPTIONS = frozenset({
+    "restrict", "port-forwarding", "pty", "no-pty", "agent-forwarding",
+    "no-agent-forwarding", "x11-forwarding", "no-x11-forwarding", "user-rc",
+    "no-user-rc", "no-touch-required", "verify-required", "permitlisten",
+})
+_FAIL_CLOSED_OPTIONS = frozenset({
+    "no-port-forwarding", "from", "expiry-time", "command", "principals", "cert-authority",
+})
+_KEY_TYPE_RE = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ssh-dss|ecdsa-sha2-nistp\d+|sk-[a-z0-9@.-]+|"
+    r"[a-z0-9.-]+-cert-v01@openssh\.com|rsa-sha2-\d+)$"
+)
+
+
+class AuthorizedKeysError(Exception):
+    """The authorized_keys file cannot be used at all (missing, unsafe, unreadable)."""
+
+
+class TargetError(ValueError):
+    """A target or pattern string is not valid."""
+
+
+# ---------------------------------------------------------------- ssh key helpers
+# NOTE: identity.py provides the same helpers for the agent's own key; these
+# are kept here (private use by authkeys/protocol) until the two are deduplicated.
+
+
+def ssh_pubkey_blob(raw32: bytes) -> bytes:
+    """OpenSSH wire blob of an ED25519 public key: string "ssh-ed25519" | string key."""
+    if len(raw32) != 32:
+        raise ValueError("ed25519 public key must be 32 bytes")
+    name = SSH_ED25519.encode()
+    return struct.pack(">I", len(name)) + name + struct.pack(">I", 32) + raw32
+
+
+def fingerprint_of(raw32: bytes) -> str:
+    """``SHA256:<base64, no padding>`` fingerprint, identical to ``ssh-keygen -lf``."""
+    digest = hashlib.sha256(ssh_pubkey_blob(raw32)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def ssh_pubkey_line(raw32: bytes, comment: str = "") -> str:
+    line = SSH_ED25519 + " " + base64.b64encode(ssh_pubkey_blob(raw32)).decode("ascii")
+    return line + (" " + comment if comment else "")
+
+
+def parse_ssh_ed25519_blob(b64: str) -> bytes:
+    """Return the raw 32-byte key from the base64 blob of an ``ssh-ed25519`` key.
+
+    Raises ValueError unless the blob is exactly string "ssh-ed25519" + 32-byte key.
+    """
+    try:
+        blob = base64.b64decode(b64.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError("key is not valid base64") from exc
+    name = SSH_ED25519.encode()
+    expected_len = 4 + len(name) + 4 + 32
+    if len(blob) != expected_len:
+        raise ValueError("ssh-ed25519 blob has %d bytes, expected %d" % (len(blob), expected_len))
+    (n,) = struct.unpack_from(">I", blob, 0)
+    if n != len(name) or blob[4:4 + n] != name:
+        raise ValueError("blob is not an ssh-ed25519 key")
+    (klen,) = struct.unpack_from(">I", blob, 4 + n)
+    if klen != 32:
+        raise ValueError("ssh-ed25519 key is not 32 bytes")
+    return blob[8 + n:]
+
+
+def parse_ssh_ed25519_line(line: str) -> Tuple[bytes, str]:
+    """Parse ``ssh-ed25519 AAAA... [comment]`` → ``(raw32, comment)``; ValueError if not."""
+    parts = line.strip().split(None, 2)
+    if len(parts) < 2 or parts[0] != SSH_ED25519:
+        raise ValueError("not an ssh-ed25519 public key line")
+    return parse_ssh_ed25519_blob(parts[1]), (parts[2] if len(parts) > 2 else "")
+
+
+# ---------------------------------------------------------------- targets
+
+
+def _norm_host(host: str, pattern: bool) -> str:
+    if pattern and host == WILDCARD:
+        return WILDCARD
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return "[" + str(ipaddress.IPv6Address(host[1:-1])) + "]"
+        except ValueError:
+            raise TargetError("bad IPv6 address %s" % _short(host)) from None
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    h = host.lower()
+    if not _HOSTNAME_RE.match(h) or h.replace(".", "").isdigit():
+        raise TargetError("bad host %s" % _short(host))
+    return h.rstrip(".")
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(%d chars)" % len(text)
+
+
+@dataclass(frozen=True)
+class TargetPattern:
+    """``host:port`` where host and/or port may be ``*``; or a virtual target.
+
+    ``host`` is normalized (IPv6 kept in brackets); ``port`` is an int or None
+    meaning ``*``; for virtual targets ``host`` is ``@sftp``/``@transfer``
+    and ``port`` is None.
+    """
+
+    host: str
+    port: Optional[int]
+
+    @property
+    def virtual(self) -> bool:
+        return self.host in VIRTUAL_TARGETS
+
+    @property
+    def concrete(self) -> bool:
+        return self.virtual or (self.host != WILDCARD and self.port is not None)
+
+    @classmethod
+    def parse(cls, text: str, pattern: bool = True) -> "TargetPattern":
+        if not isinstance(text, str) or not text or len(text) > MAX_TARGET_CHARS:
+            raise TargetError("bad target %s" % _short(text))
+        if text in VIRTUAL_TARGETS:
+            return cls(text, None)
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise TargetError("target %s is not host:port" % _short(text))
+        if ":" in host and not host.startswith("["):
+            raise TargetError("IPv6 target %s must be written [addr]:port" % _short(text))
+        if pattern and port == WILDCARD:
+            port_v = None  # type: Optional[int]
+        else:
+            if not _PORT_RE.match(port) or not 1 <= int(port) <= 65535:
+                raise TargetError("bad port in %s" % _short(text))
+            port_v = int(port)
+        return cls(_norm_host(host, pattern), port_v)
+
+    def __str__(self) -> str:
+        if self.virtual:
+            return self.host
+        return "%s:%s" % (self.host, WILDCARD if self.port is None else self.port)
+
+    def matches(self, target: "TargetPattern") -> bool:
+        """True if this pattern permits the concrete ``target``."""
+        if self.virtual or target.virtual:
+            return self.host == target.host
+        if self.host != WILDCARD and self.host != target.host:
+            return False
+        return self.port is None or self.port == target.port
+
+    def intersect(self, other: "TargetPattern") -> Optional["TargetPattern"]:
+        """The pattern matching exactly what both match, or None if they are disjoint."""
+        if self.virtual or other.virtual:
+            return TargetPattern(self.host, None) if self.host == other.host else None
+        if self.host == WILDCARD:
+            host = other.host
+        elif other.host == WILDCARD or other.host == self.host:
+            host = self.host
+        else:
+            return None
+        if self.port is None:
+            port = other.port
+        elif other.port is None or other.port == self.port:
+            port = self.port
+        else:
+            return None
+        return TargetPattern(host, port)
+
+
+class Target(TargetPattern):
+    """A concrete target (no wildcard): what one stream opens."""
+
+    @classmethod
+    def parse(cls, text: str, pattern: bool = False) -> "TargetPattern":
+        return super().parse(text, pattern=False)
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """``(host, port)`` for ``socket.create_connection`` (IPv6 without brackets)."""
+        if self.virtual or self.port is None:
+            raise TargetError("%s has no network address" % self.host)
+        return self.host.strip("[]"), self.port
+
+
+def parse_patterns(texts: Iterable[str]) -> List[TargetPattern]:
+    return [TargetPattern.parse(t) for t in texts]
+
+
+def _as_patterns(items: Iterable) -> List[TargetPattern]:
+    return [i if isinstance(i, TargetPattern) else TargetPattern.parse(i) for i in items]
+
+
+def permits(patterns: Iterable, target) -> bool:
+    """True if any of ``patterns`` permits the concrete ``target`` (str or TargetPattern).
+
+    A malformed target is never permitted.
+    """
+    if not isinstance(target, TargetPattern):
+        try:
+            target = TargetPattern.parse(target, pattern=False)
+        except TargetError:
+            return False
+    if not target.concrete:
+        return False
+    return any(p.matches(target) for p in _as_patterns(patterns))
+
+
+def is_target_allowed(
+    target,
+    device_allow: Sequence,
+    operator_permitopen: Sequence,
+    requested: Optional[Sequence] = None,
+) -> bool:
+    """Decide one stream at open time.
+
+    Permitted iff the target is concrete and valid, matches ``device_allow``,
+    matches ``operator_permitopen`` unless that list is empty (= no
+    restriction from the operator's key), and matches ``requested`` when
+    given (the targets of the signed session request, e.g. ``*:*`` for SOCKS).
+    """
+    if not permits(device_allow, target):
+        return False
+    if operator_permitopen and not permits(operator_permitopen, target):
+        return False
+    if requested is not None and not permits(requested, target):
+        return False
+    return True
+
+
+def effective_targets(
+    requested: Sequence, device_allow: Sequence, operator_permitopen: Sequence
+) -> Tuple[List[TargetPattern], List[TargetPattern]]:
+    """Intersect a request's targets with what the device and the operator permit.
+
+    Returns ``(effective, refused)``: ``effective`` is the de-duplicated list
+    of patterns reachable in this session (each requested pattern ∩ a device
+    pattern ∩ an operator pattern; with an empty permitopen the operator adds
+    no restriction); ``refused`` lists the requested targets that permit
+    nothing at all. The agent refuses a request whose ``refused`` is not empty
+    (``target_not_permitted``): a request for ``*:*`` is fine as long as some
+    target is reachable, and then every stream is checked with
+    :func:`is_target_allowed` / :func:`permits` against ``effective``.
+    """
+    req = _as_patterns(requested)
+    dev = _as_patterns(device_allow)
+    ops = _as_patterns(operator_permitopen) if operator_permitopen else [TargetPattern("*", None)]
+    effective = []  # type: List[TargetPattern]
+    refused = []  # type: List[TargetPattern]
+    for r in req:
+        found = False
+        for d in dev:
+            rd = r.intersect(d)
+            if rd is None:
+                continue
+            for o in ops:
+                rdo = rd.intersect(o)
+                if rdo is not None:
+                    found = True
+                    if rdo not in effective:
+                        effective.append(rdo)
+        if not found:
+            refused.append(r)
+    return effective, refused
+
+
+# ---------------------------------------------------------------- authorized_keys
+
+
+@dataclass(frozen=True)
+class OperatorKey:
+    """One trusted operator key. ``permitopen`` empty = no restriction from the key."""
+
+    public_raw32: bytes
+    fingerprint: str
+    comment: str = ""
+    permitopen: Tuple[TargetPattern, ...] = ()
+    line_no: int = 0
+
+
+def _split_options(text: str) -> Tuple[List[Tuple[str, Optional[str]]], str]:
+    """Split a leading OpenSSH option list off ``text``.
+
+    Returns ``([(name, value_or_None), ...], rest)``. Values are double-quoted
+    and may contain commas, spaces and ``\\"``. Raises ValueError when the
+    list is malformed (unterminated quote, empty option, junk after a value).
+    """
+    opts = []  # type: List[Tuple[str, Optional[str]]]
+    i, n = 0, len(text)
+    while True:
+        start = i
+        while i < n and text[i] not in ',= \t"':
+            i += 1
+        name = text[start:i]
+        if not name:
+            raise ValueError("empty option")
+        value = None  # type: Optional[str]
+        if i < n and text[i] == "=":
+            i += 1
+            if i >= n or text[i] != '"':
+                raise ValueError("option %s: value must be double-quoted" % _short(name))
+            i += 1
+            buf = []
+            while True:
+                if i >= n:
+                    raise ValueError("option %s: unterminated quote" % _short(name))
+                c = text[i]
+                if c == "\\" and i + 1 < n and text[i + 1] == '"':
+                    buf.append('"')
+                    i += 2
+                    continue
+                if c == '"':
+                    i += 1
+                    break
+                buf.append(c)
+                i += 1
+            value = "".join(buf)
+        elif i < n and text[i] == '"':
+            raise ValueError("stray quote after option %s" % _short(name))
+        opts.append((name.lower(), value))
+        if i < n and text[i] == ",":
+            i += 1
+            continue
+        if i >= n or text[i] in " \t":
+            return opts, text[i:].strip()
+        raise ValueError("unexpected character after option %s" % _short(name))
+
+
+class AuthorizedKeys:
+    """The set of trusted operator keys, looked up by fingerprint.
+
+    Built with :meth:`load` (a file) or :meth:`parse` (text). Lines that
+    cannot be used are skipped and described in :attr:`warnings` (also
+    logged), each naming the source and line number; a broken line never
+    makes the other keys unusable.
+    """
+
+    def __init__(self, keys: Iterable[OperatorKey] = (), source: str = "<memory>",
+                 warnings: Optional[List[str]] = None) -> None:
+        self.source = source
+        self.warnings = list(warnings or [])  # type: List[str]
+        self._by_fp = {}  # type: Dict[str, OperatorKey]
+        for key in keys:
+            self._by_fp.setdefault(key.fingerprint, key)
+
+    def __len__(self) -> int:
+        return len(self._by_fp)
+
+    def __iter__(self) -> Iterator[OperatorKey]:
+        return iter(self._by_fp.values())
+
+    def __contains__(self, fingerprint: object) -> bool:
+        return fingerprint in self._by_fp
+
+    def get(self, fingerprint: str) -> Optional[OperatorKey]:
+        return self._by_fp.get(fingerprint)
+
+    @classmethod
+    def load(cls, path: str) -> "AuthorizedKeys":
+        """Read and parse ``path``. Raises AuthorizedKeysError if missing,
+        unreadable, not a regular file, or writable by others (anyone who can
+        write the file can grant themselves access to the device)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise AuthorizedKeysError("%s: cannot open: %s" % (path, exc.strerror)) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise AuthorizedKeysError("%s: not a regular file" % path)
+            if st.st_mode & stat.S_IWOTH:
+                raise AuthorizedKeysError(
+                    "%s: refusing a world-writable file (mode %04o); chmod o-w it"
+                    % (path, stat.S_IMODE(st.st_mode)))
+            if st.st_size > 4 * 1024 * 1024:
+                raise AuthorizedKeysError("%s: file too large (%d bytes)" % (path, st.st_size))
+            with os.fdopen(fd, "rb") as f:
+                fd = -1
+                data = f.read()
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise AuthorizedKeysError("%s: not UTF-8 text" % path) from None
+        return cls.parse(text, source=path)
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<string>") -> "AuthorizedKeys":
+        keys = []  # type: List[OperatorKey]
+        warnings = []  # type: List[str]
+        seen = set()
+
+        def warn(line_no: int, message: str) -> None:
+            msg = "%s:%d: %s" % (source, line_no, message)
+            warnings.append(msg)
+            log.warning("authorized_keys: %s", msg)
+
+        for line_no, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if len(line) > MAX_LINE_CHARS:
+                warn(line_no, "line too long, skipped")
+                continue
+            try:
+                key = _parse_line(line, line_no, lambda m, n=line_no: warn(n, m))
+            except ValueError as exc:
+                warn(line_no, "%s, line skipped" % exc)
+                continue
+            if key is None:
+                continue
+            if key.fingerprint in seen:
+                warn(line_no, "duplicate key %s, first occurrence kept" % key.fingerprint)
+                continue
+            seen.add(key.fingerprint)
+            keys.append(key)
+        return cls(keys, source=source, warnings=warnings)
+
+
+def _parse_line(line: str, line_no: int, warn) -> Optional[OperatorKey]:
+    first = line.split(None, 1)[0]
+    options = []  # type: List[Tuple[str, Optional[str]]]
+    if _KEY_TYPE_RE.match(first):
+        rest = line
+    else:
+        options, rest = _split_options(line)
+    parts = rest.split(None, 2)
+    if not parts:
+        raise ValueError("no key after options")
+    ktype = parts[0]
+    if ktype != SSH_ED25519:
+        if _KEY_TYPE_RE.match(ktype):
+            warn("key type %s not supported (only ssh-ed25519), line skipped" % _short(ktype))
+            return None
+        raise ValueError("not a key line")
+    if len(parts) < 2:
+        raise ValueError("ssh-ed25519 without key data")
+    raw = parse_ssh_ed25519_blob(parts[1])
+    comment = parts[2] if len(parts) > 2 else ""
+    permitopen = []  # type: List[TargetPattern]
+    for name, value in options:
+        if name == "permitopen":
+            if value is None:
+                raise ValueError("permitopen needs a value")
+            # OpenSSH allows several comma-separated targets in one value.
+            for item in value.split(","):
+                try:
+                    permitopen.append(TargetPattern.parse(item.strip()))
+                except TargetError as exc:
+                    raise ValueError("permitopen: %s" % exc) from None
+        elif name in _FAIL_CLOSED_OPTIONS:
+            raise ValueError("option %s cannot be honoured by remote-gevent" % name)
+        elif name not in _SILENT_OPTIONS:
+            warn("unknown option %s ignored" % _short(name))
+    return OperatorKey(raw, fingerprint_of(raw), comment, tuple(permitopen), line_no)
