@@ -85,6 +85,7 @@ DEFAULT_OPEN_TIMEOUT = 30.0
 CLOSE_SEND_TIMEOUT = 1.0               # best-effort CLOSE must not hang on a full socket
 CLOSE_JOIN_TIMEOUT = 5.0
 LOCAL_SOCKET_BUFFER = 4 * MAX_DATA     # SO_SNDBUF/SO_RCVBUF hint for spliced sockets
+RECV_BUFFER = 4 * MAX_FRAME_LEN        # tunnel receive buffer: several frames per recv
 
 ROLES = ("console", "agent")
 
@@ -377,6 +378,10 @@ class Tunnel:
         self._close_reason = ""
         self._ping_seq = 0
         self._closing_by_peer = False
+        self._rbuf = bytearray(RECV_BUFFER)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = 0                 # unparsed bytes are _rbuf[_rstart:_rend]
+        self._rend = 0
 
         self.started: Optional[float] = None
         now = time.monotonic()
@@ -702,39 +707,56 @@ class Tunnel:
 
     # -- reading ----------------------------------------------------------------
 
-    def _read_exact(self, view: memoryview, n: int) -> None:
+    def _fill(self, need: int) -> None:
+        """Make ``need`` bytes available at ``_rstart`` in the receive buffer.
+
+        One ``recv_into`` takes whatever the kernel has (up to RECV_BUFFER), so
+        several frames are usually parsed per system call.
+        """
+        view = self._rview
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+        elif self._rstart + need > RECV_BUFFER:
+            # compact: move the partial frame to the front (at most one frame)
+            left = self._rend - self._rstart
+            view[:left] = view[self._rstart:self._rend]
+            self._rstart, self._rend = 0, left
         recv_into = self._sock.recv_into
-        got = 0
-        while got < n:
-            k = recv_into(view[got:n], n - got)
+        while self._rend - self._rstart < need:
+            k = recv_into(view[self._rend:], RECV_BUFFER - self._rend)
             if not k:
                 if self._close_code is None:
                     raise _TunnelFailure(CODE_RELAY_LOST,
                                          "tunnel socket closed without CLOSE")
                 raise TunnelClosed("closed")
-            got += k
+            self._rend += k
 
-    def _read_frame(self, hdr: bytearray, hview: memoryview, bview: memoryview) -> bytes:
-        self._read_exact(hview, 4)
-        n = _U32.unpack(hdr)[0]
+    def _read_frame(self) -> Any:
+        """Next authenticated plaintext frame (a fresh object from the opener)."""
+        if self._rend - self._rstart < 4:
+            self._fill(4)
+        start = self._rstart
+        n = _U32.unpack_from(self._rbuf, start)[0]
         if n > MAX_FRAME_LEN or n < HEADER_LEN:
             raise _protocol_error("frame length %d out of bounds" % n)
-        self._read_exact(bview, n)
+        if self._rend - start < 4 + n:
+            self._fill(4 + n)
+            start = self._rstart
+        view = self._rview
+        self._rstart = start + 4 + n
         try:
             # The opener gets views of the reused receive buffer (no copy) and
             # returns a fresh plaintext object (tunnel_crypto: a bytearray).
-            return self._opener.open(hdr, bview[:n])
+            return self._opener.open(view[start:start + 4], view[start + 4:start + 4 + n])
         except Exception as e:  # noqa: BLE001 - mux treats any opener failure as crypto
             raise _TunnelFailure(CODE_CRYPTO_ERROR,
                                  "frame failed authentication (%s)" % type(e).__name__) from None
 
     def _handshake(self) -> None:
-        hdr = bytearray(4)
-        body = bytearray(MAX_FRAME_LEN)
         timer = gevent.Timeout(self.handshake_timeout)
         timer.start()
         try:
-            pt = self._read_frame(hdr, memoryview(hdr), memoryview(body))
+            pt = self._read_frame()
         except gevent.Timeout as t:
             if t is not timer:
                 raise
@@ -761,13 +783,10 @@ class Tunnel:
         log.debug("%s: tunnel up (%s)", self.name, self.role)
 
     def _read_loop(self) -> None:
-        hdr = bytearray(4)
-        hview = memoryview(hdr)
-        bview = memoryview(bytearray(MAX_FRAME_LEN))
         streams = self._streams
         monotonic = time.monotonic
         while True:
-            pt = self._read_frame(hdr, hview, bview)
+            pt = self._read_frame()
             if len(pt) < HEADER_LEN:
                 raise _protocol_error("short frame")
             ftype, sid = _HDR.unpack_from(pt)

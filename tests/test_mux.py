@@ -751,3 +751,42 @@ def test_constructor_validation():
         mux.Tunnel(a, None, None, "console", on_open=_connect_local)
     a.close()
     b.close()
+
+
+def test_fragmented_wire_stream(echo_server):
+    """Frames split at every odd boundary by a trickling relay still parse."""
+    a, relay_a = socket.socketpair()
+    relay_b, b = socket.socketpair()
+    cs, co, as_, ao = _pairs(tunnel_crypto.XCHACHA20POLY1305)
+    console = mux.Tunnel(a, cs, co, "console", name="c", keepalive_interval=0)
+    agent = mux.Tunnel(b, as_, ao, "agent", on_open=_connect_local, name="a",
+                       keepalive_interval=0)
+
+    def relay(src, dst, sizes):
+        i = 0
+        try:
+            while True:
+                d = src.recv(sizes[i % len(sizes)])
+                i += 1
+                if not d:
+                    break
+                dst.sendall(d)
+        except OSError:
+            pass
+        dst.close()
+
+    r1 = gevent.spawn(relay, relay_a, relay_b, [1, 3, 7, 4, 65536, 100003, 5])
+    r2 = gevent.spawn(relay, relay_b, relay_a, [2, 9, 70001, 1, 262144])
+    cg, ag = gevent.spawn(console.run), gevent.spawn(agent.run)
+    try:
+        s = console.open_stream(echo_server, timeout=T)
+        payload = os.urandom(3 << 20)
+        sender = gevent.spawn(lambda: (s.send(payload), s.shutdown_write()))
+        with gevent.Timeout(30):
+            assert _recv_all(s) == payload
+        sender.get(timeout=T)
+    finally:
+        console.close()
+        cg.get(timeout=T)
+        ag.get(timeout=T)
+        gevent.killall([r1, r2])
