@@ -38,17 +38,22 @@ Anything else: warned about and ignored.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import ipaddress
 import logging
 import os
 import re
 import stat
-import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from .identity import fingerprint_of, parse_ssh_ed25519_line, public_line_of, ssh_pubkey_blob
+
+__all__ = [
+    "AuthorizedKeys", "AuthorizedKeysError", "OperatorKey", "Target", "TargetError",
+    "TargetPattern", "effective_targets", "fingerprint_of", "is_target_allowed",
+    "parse_patterns", "parse_ssh_ed25519_blob", "parse_ssh_ed25519_line", "permits",
+    "ssh_pubkey_blob", "ssh_pubkey_line",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,57 +92,14 @@ class TargetError(ValueError):
 
 
 # ---------------------------------------------------------------- ssh key helpers
-# NOTE: identity.py provides the same helpers for the agent's own key; these
-# are kept here (private use by authkeys/protocol) until the two are deduplicated.
+# Shared with identity.py (one implementation of the ssh wire format).
 
-
-def ssh_pubkey_blob(raw32: bytes) -> bytes:
-    """OpenSSH wire blob of an ED25519 public key: string "ssh-ed25519" | string key."""
-    if len(raw32) != 32:
-        raise ValueError("ed25519 public key must be 32 bytes")
-    name = SSH_ED25519.encode()
-    return struct.pack(">I", len(name)) + name + struct.pack(">I", 32) + raw32
-
-
-def fingerprint_of(raw32: bytes) -> str:
-    """``SHA256:<base64, no padding>`` fingerprint, identical to ``ssh-keygen -lf``."""
-    digest = hashlib.sha256(ssh_pubkey_blob(raw32)).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-
-def ssh_pubkey_line(raw32: bytes, comment: str = "") -> str:
-    line = SSH_ED25519 + " " + base64.b64encode(ssh_pubkey_blob(raw32)).decode("ascii")
-    return line + (" " + comment if comment else "")
+ssh_pubkey_line = public_line_of
 
 
 def parse_ssh_ed25519_blob(b64: str) -> bytes:
-    """Return the raw 32-byte key from the base64 blob of an ``ssh-ed25519`` key.
-
-    Raises ValueError unless the blob is exactly string "ssh-ed25519" + 32-byte key.
-    """
-    try:
-        blob = base64.b64decode(b64.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError) as exc:
-        raise ValueError("key is not valid base64") from exc
-    name = SSH_ED25519.encode()
-    expected_len = 4 + len(name) + 4 + 32
-    if len(blob) != expected_len:
-        raise ValueError("ssh-ed25519 blob has %d bytes, expected %d" % (len(blob), expected_len))
-    (n,) = struct.unpack_from(">I", blob, 0)
-    if n != len(name) or blob[4:4 + n] != name:
-        raise ValueError("blob is not an ssh-ed25519 key")
-    (klen,) = struct.unpack_from(">I", blob, 4 + n)
-    if klen != 32:
-        raise ValueError("ssh-ed25519 key is not 32 bytes")
-    return blob[8 + n:]
-
-
-def parse_ssh_ed25519_line(line: str) -> Tuple[bytes, str]:
-    """Parse ``ssh-ed25519 AAAA... [comment]`` → ``(raw32, comment)``; ValueError if not."""
-    parts = line.strip().split(None, 2)
-    if len(parts) < 2 or parts[0] != SSH_ED25519:
-        raise ValueError("not an ssh-ed25519 public key line")
-    return parse_ssh_ed25519_blob(parts[1]), (parts[2] if len(parts) > 2 else "")
+    """Raw 32-byte key from the base64 blob of an ``ssh-ed25519`` key; ValueError if not."""
+    return parse_ssh_ed25519_line(SSH_ED25519 + " " + b64)[0]
 
 
 # ---------------------------------------------------------------- targets
@@ -198,7 +160,7 @@ class TargetPattern:
         if ":" in host and not host.startswith("["):
             raise TargetError("IPv6 target %s must be written [addr]:port" % _short(text))
         if pattern and port == WILDCARD:
-            port_v = None  # type: Optional[int]
+            port_v: Optional[int] = None
         else:
             if not _PORT_RE.match(port) or not 1 <= int(port) <= 65535:
                 raise TargetError("bad port in %s" % _short(text))
@@ -313,17 +275,19 @@ def effective_targets(
     """
     req = _as_patterns(requested)
     dev = _as_patterns(device_allow)
-    ops = _as_patterns(operator_permitopen) if operator_permitopen else [TargetPattern("*", None)]
-    effective = []  # type: List[TargetPattern]
-    refused = []  # type: List[TargetPattern]
+    ops: Optional[List[TargetPattern]] = (
+        _as_patterns(operator_permitopen) if operator_permitopen else None)
+    effective: List[TargetPattern] = []
+    refused: List[TargetPattern] = []
     for r in req:
         found = False
         for d in dev:
             rd = r.intersect(d)
             if rd is None:
                 continue
-            for o in ops:
-                rdo = rd.intersect(o)
+            # No permitopen: the operator adds no restriction (not even "*:*",
+            # which would exclude the virtual targets).
+            for rdo in ([rd] if ops is None else [rd.intersect(o) for o in ops]):
                 if rdo is not None:
                     found = True
                     if rdo not in effective:
@@ -354,7 +318,7 @@ def _split_options(text: str) -> Tuple[List[Tuple[str, Optional[str]]], str]:
     and may contain commas, spaces and ``\\"``. Raises ValueError when the
     list is malformed (unterminated quote, empty option, junk after a value).
     """
-    opts = []  # type: List[Tuple[str, Optional[str]]]
+    opts: List[Tuple[str, Optional[str]]] = []
     i, n = 0, len(text)
     while True:
         start = i
@@ -363,7 +327,7 @@ def _split_options(text: str) -> Tuple[List[Tuple[str, Optional[str]]], str]:
         name = text[start:i]
         if not name:
             raise ValueError("empty option")
-        value = None  # type: Optional[str]
+        value: Optional[str] = None
         if i < n and text[i] == "=":
             i += 1
             if i >= n or text[i] != '"':
@@ -407,8 +371,8 @@ class AuthorizedKeys:
     def __init__(self, keys: Iterable[OperatorKey] = (), source: str = "<memory>",
                  warnings: Optional[List[str]] = None) -> None:
         self.source = source
-        self.warnings = list(warnings or [])  # type: List[str]
-        self._by_fp = {}  # type: Dict[str, OperatorKey]
+        self.warnings: List[str] = list(warnings or [])
+        self._by_fp: Dict[str, OperatorKey] = {}
         for key in keys:
             self._by_fp.setdefault(key.fingerprint, key)
 
@@ -457,8 +421,8 @@ class AuthorizedKeys:
 
     @classmethod
     def parse(cls, text: str, source: str = "<string>") -> "AuthorizedKeys":
-        keys = []  # type: List[OperatorKey]
-        warnings = []  # type: List[str]
+        keys: List[OperatorKey] = []
+        warnings: List[str] = []
         seen = set()
 
         def warn(line_no: int, message: str) -> None:
@@ -490,7 +454,7 @@ class AuthorizedKeys:
 
 def _parse_line(line: str, line_no: int, warn) -> Optional[OperatorKey]:
     first = line.split(None, 1)[0]
-    options = []  # type: List[Tuple[str, Optional[str]]]
+    options: List[Tuple[str, Optional[str]]] = []
     if _KEY_TYPE_RE.match(first):
         rest = line
     else:
@@ -508,7 +472,7 @@ def _parse_line(line: str, line_no: int, warn) -> Optional[OperatorKey]:
         raise ValueError("ssh-ed25519 without key data")
     raw = parse_ssh_ed25519_blob(parts[1])
     comment = parts[2] if len(parts) > 2 else ""
-    permitopen = []  # type: List[TargetPattern]
+    permitopen: List[TargetPattern] = []
     for name, value in options:
         if name == "permitopen":
             if value is None:

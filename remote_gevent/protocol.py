@@ -188,7 +188,7 @@ def _verify_raw(public_raw32: bytes, data: bytes, sig: bytes) -> bool:
 
 def public_raw_of(key: Any) -> bytes:
     """The 32-byte ED25519 public key of a signer object (several spellings accepted)."""
-    for attr in ("public_raw", "public_raw32", "public_key", "verify_key"):
+    for attr in ("public_bytes", "public_raw", "public_raw32", "public_key", "verify_key"):
         value = getattr(key, attr, None)
         if value is None:
             continue
@@ -232,7 +232,7 @@ def encode(msg_type: str, body: Dict[str, Any], signer: Any = None) -> bytes:
     if msg_type not in MsgType.ALL:
         raise ProtocolError(Reason.MALFORMED, "unknown type %s" % short(msg_type))
     _check_body(msg_type, body)
-    env = {"v": PROTOCOL_VERSION, "type": msg_type, "body": body}  # type: Dict[str, Any]
+    env: Dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg_type, "body": body}
     if signer is not None:
         env["sig"] = b64e(_sign(signer, signing_input(msg_type, body)))
         env["signer"] = signer.fingerprint
@@ -245,7 +245,7 @@ def encode(msg_type: str, body: Dict[str, Any], signer: Any = None) -> bytes:
 
 def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     # A duplicate key would let two parsers disagree on what was signed.
-    out = {}  # type: Dict[str, Any]
+    out: Dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
             raise ValueError("duplicate key %s" % short(k))
@@ -433,7 +433,7 @@ _cipher = _one_of(_CIPHERS)
 _reason_text = _text(MAX_REASON_CHARS)
 
 # type -> (required fields, optional fields)
-SCHEMAS = {
+SCHEMAS: Dict[str, Tuple[Dict[str, Validator], Dict[str, Validator]]] = {
     MsgType.SESSION_REQUEST: ({
         "session_id": _session_id, "device": _ident, "server_id": _server_id,
         "operator": _fingerprint, "epk": _epk, "targets": _targets, "relay": _relay,
@@ -462,7 +462,7 @@ SCHEMAS = {
         "ident": _ident, "server_id": _server_id, "pubkey": _pubkey_line,
         "fingerprint": _fingerprint, "ts": _number,
     }, {"previous": _fingerprint, "rotation_sig": _b64(64)}),
-}  # type: Dict[str, Tuple[Dict[str, Validator], Dict[str, Validator]]]
+}
 
 
 def _check_body(msg_type: str, body: Dict[str, Any]) -> None:
@@ -511,8 +511,8 @@ class ReplayCache:
             raise ValueError("max_entries must be >= 1")
         self.max_entries = max_entries
         self.skew = skew
-        self._expiry = {}  # type: Dict[str, float]
-        self._heap = []  # type: List[Tuple[float, str]]
+        self._expiry: Dict[str, float] = {}
+        self._heap: List[Tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._expiry)
@@ -766,8 +766,9 @@ def make_key_announcement(new_key: Any, ident: str, server_id: str, previous_key
     the old key can follow the chain."""
     raw = public_raw_of(new_key)
     ts = int(time.time()) if ts is None else ts
-    body = {"ident": ident, "server_id": server_id, "pubkey": ssh_pubkey_line(raw),
-            "fingerprint": fingerprint_of(raw), "ts": ts}  # type: Dict[str, Any]
+    body: Dict[str, Any] = {"ident": ident, "server_id": server_id,
+                            "pubkey": ssh_pubkey_line(raw), "fingerprint": fingerprint_of(raw),
+                            "ts": ts}
     if new_key.fingerprint != body["fingerprint"]:
         raise ValueError("new_key.fingerprint does not match its public key")
     if previous_key is not None:

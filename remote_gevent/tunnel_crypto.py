@@ -28,7 +28,7 @@ copy it into ``bytes``: about 30% slower for AES-256-GCM on 64 KiB frames.
 from __future__ import annotations
 
 import struct
-from typing import Tuple
+from typing import Optional, Tuple
 
 import nacl.bindings
 import nacl.encoding
@@ -134,7 +134,7 @@ def derive_keys(
 
 # ---------------------------------------------------------------- ciphers
 
-_aes_available = None  # type: bool | None
+_aes_available: Optional[bool] = None
 
 
 def aes256gcm_available() -> bool:
