@@ -854,3 +854,11 @@ def best_effort_session_id(raw: Any) -> Optional[str]:
     except (ValueError, TypeError, KeyError, RecursionError):
         return None
     return sid if isinstance(sid, str) and _SID_RE.match(sid) else None
+
+
+_REPLY_TO_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+
+
+def is_valid_reply_to(name: Any) -> bool:
+    """True if an AMQP ``reply_to`` looks like a queue name we may publish a reply to."""
+    return isinstance(name, str) and bool(_REPLY_TO_RE.match(name))

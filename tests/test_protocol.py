@@ -542,3 +542,9 @@ def test_key_message_consistency():
     stolen = resign(raw, other, lambda b: None)
     with pytest.raises(p.ProtocolError):
         p.verify_key_announcement(stolen)
+
+
+def test_reply_to_validation():
+    assert p.is_valid_reply_to("amq.gen-JzTY20BRgKO-HjmUJj0wLg")
+    for bad in ("", "a b", "x" * 201, None, "q\n", "ä"):
+        assert not p.is_valid_reply_to(bad)
