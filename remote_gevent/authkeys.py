@@ -64,10 +64,10 @@ MAX_TARGET_CHARS = 262  # "[" + 45-char IPv6 + "]:" ... or a 253-char name + ":6
 MAX_LINE_CHARS = 16384
 
 _HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-    r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$"
+    r"^(?=.{1,253}\Z)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+    r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?\Z"
 )
-_PORT_RE = re.compile(r"^[0-9]{1,5}$")
+_PORT_RE = re.compile(r"^[0-9]{1,5}\Z")
 
 _SILENT_OPTIONS = frozenset({
     "restrict", "port-forwarding", "pty", "no-pty", "agent-forwarding",
@@ -79,7 +79,7 @@ _FAIL_CLOSED_OPTIONS = frozenset({
 })
 _KEY_TYPE_RE = re.compile(
     r"^(ssh-ed25519|ssh-rsa|ssh-dss|ecdsa-sha2-nistp\d+|sk-[a-z0-9@.-]+|"
-    r"[a-z0-9.-]+-cert-v01@openssh\.com|rsa-sha2-\d+)$"
+    r"[a-z0-9.-]+-cert-v01@openssh\.com|rsa-sha2-\d+)\Z"
 )
 
 
@@ -117,6 +117,8 @@ def _norm_host(host: str, pattern: bool) -> str:
         return str(ipaddress.IPv4Address(host))
     except ValueError:
         pass
+    if not host.isascii():  # before lower(): e.g. U+212A KELVIN SIGN lowers to "k"
+        raise TargetError("bad host %s" % _short(host))
     h = host.lower()
     if not _HOSTNAME_RE.match(h) or h.replace(".", "").isdigit():
         raise TargetError("bad host %s" % _short(host))

@@ -325,10 +325,10 @@ def verify_with_authorized(message: Message, trusted: AuthorizedKeys) -> Operato
 
 # ---------------------------------------------------------------- schema
 
-_SID_RE = re.compile(r"^[0-9a-f]{32}$")
-_IDENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_SERVER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-_FP_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+_SID_RE = re.compile(r"^[0-9a-f]{32}\Z")
+_IDENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+_SERVER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}\Z")
+_FP_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}\Z")
 _MAX_INT = 2 ** 53  # stays exact in every JSON implementation
 _CIPHERS = ("aes256gcm", "xchacha20poly1305")
 
@@ -856,7 +856,7 @@ def best_effort_session_id(raw: Any) -> Optional[str]:
     return sid if isinstance(sid, str) and _SID_RE.match(sid) else None
 
 
-_REPLY_TO_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+_REPLY_TO_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}\Z")
 
 
 def is_valid_reply_to(name: Any) -> bool:

@@ -47,7 +47,8 @@ def test_target_address_strips_ipv6_brackets():
 @pytest.mark.parametrize("text", [
     "", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:-1", "::1:22",
     "[::1:22", "[nothex]:22", "host name:22", "a" * 300 + ":22", "127.0.0.1:*", "*:22",
-    "@ssh", "bad_host!:22", "1.2.3:22", 22, None,
+    "@ssh", "bad_host!:22", "1.2.3:22", 22, None, "127.0.0.1:22\n", "host\n:22",
+    "\u212aey:22", "@sftp\n", "127.0.0.1:\uff12\uff12",
 ])
 def test_bad_concrete_targets(text):
     with pytest.raises(ak.TargetError):

@@ -280,6 +280,9 @@ FIELD_CASES = [
     ("session_id", "ABCDEF0123456789ABCDEF0123456789"),  # upper case
     ("session_id", "0" * 31),
     ("session_id", 12),
+    ("session_id", "a" * 32 + "\n"),
+    ("device", "demo\n"),
+    ("operator", "SHA256:" + "A" * 43 + "\n"),
     ("device", "a/b"),
     ("device", "x" * 65),
     ("server_id", ""),
