@@ -1,7 +1,8 @@
 """Throughput of one mux stream over a loopback TCP tunnel, with real sealers.
 
-    python benchmarks/bench_mux.py [--size-mib 1024] [--cipher all|aes256gcm|xchacha20poly1305|plain]
-                                   [--direction up|down|both] [--writer lock|queue]
+    python benchmarks/bench_mux.py [--size-mib 1024] [--direction up|down|both]
+                                   [--cipher all|aes256gcm|xchacha20poly1305|plain]
+                                   [--writer lock|queue]
                                    [--inproc] [--repeat 3] [--json FILE]
 
 Two Tunnels (console and agent) talk over one loopback TCP connection.  By
