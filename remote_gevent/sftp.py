@@ -1,0 +1,654 @@
+"""``@sftp``: an SFTP server for stock clients, on one tunnel stream, confined to the roots.
+
+The mux hands the agent one end of a ``socketpair`` per ``@sftp`` stream; we run a
+paramiko ``Transport`` in server mode on the other end.  No SSH server ever listens
+on a network port: this code is only reachable through an operator-authenticated,
+end-to-end encrypted tunnel whose session request was signed by a trusted operator
+key and checked against the device allow-list.
+
+Why ``none`` authentication is accepted: the operator is already authenticated end
+to end (signed session request, ``permitopen`` for ``@sftp``), and the OpenSSH client
+has no credential for this inner SSH layer.  Password and publickey attempts are
+accepted for the same reason (a client configured to try them must not fail).  The
+host key is the agent's ED25519 identity key, so ``ssh`` can pin it like the console
+pins the device key.
+
+What is refused: every channel type but ``session``, every channel request but the
+``sftp`` subsystem (no shell, exec, pty, env, X11, agent or port forwarding), global
+requests (``tcpip-forward``), symlink creation.
+
+Writes follow the same discipline as ``@transfer`` (``transfer.py``): data goes to a
+unique ``.<name>.<random>.rgpart`` in the target directory (SFTP writes are random
+access, so the file is assembled there), which is fsynced and renamed into place
+when the client closes the handle; the overwrite rule applies (no clobbering unless
+``remote.transfer.overwrite``); if the session ends before the client closed the
+handle, the temp file is removed and nothing is renamed.  Paths as seen by the
+client are the real absolute device paths; ``/`` and the other ancestors of the
+roots are virtual read-only directories leading to them.
+"""
+
+from __future__ import annotations
+
+import binascii
+import errno
+import io
+import logging
+import os
+import posixpath
+import stat
+import time
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import paramiko
+from paramiko import (
+    AUTH_SUCCESSFUL,
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_SUCCEEDED,
+    SFTP_EOF,
+    SFTP_FAILURE,
+    SFTP_NO_SUCH_FILE,
+    SFTP_OK,
+    SFTP_OP_UNSUPPORTED,
+    SFTP_PERMISSION_DENIED,
+    SFTPAttributes,
+    SFTPHandle,
+    SFTPServer,
+    SFTPServerInterface,
+)
+
+from remote_gevent import transfer as tr
+
+log = logging.getLogger(__name__)
+
+AUTH_TIMEOUT = 30.0          # client must open its session channel within this
+MAX_CHANNELS = 4             # session channels per SSH connection
+COPY_CHUNK = tr.CHUNK
+
+# TransferError code -> SFTP status (SFTP v3 has only a handful of codes).
+STATUS_OF = {
+    tr.NOT_FOUND: SFTP_NO_SUCH_FILE,
+    tr.OUTSIDE_ROOT: SFTP_PERMISSION_DENIED,
+    tr.NOT_ABSOLUTE: SFTP_PERMISSION_DENIED,
+    tr.SYMLINK_ESCAPE: SFTP_PERMISSION_DENIED,
+    tr.READ_ONLY: SFTP_PERMISSION_DENIED,
+    tr.NOT_REGULAR_FILE: SFTP_PERMISSION_DENIED,
+    tr.EXISTS: SFTP_FAILURE,
+    tr.TOO_LARGE: SFTP_FAILURE,
+    tr.NO_SPACE: SFTP_FAILURE,
+    tr.INTEGRITY: SFTP_FAILURE,
+    tr.IO_ERROR: SFTP_FAILURE,
+    tr.BAD_REQUEST: SFTP_FAILURE,
+    tr.BUSY: SFTP_FAILURE,
+}
+
+OnResult = Optional[Callable[[Dict[str, Any]], None]]
+
+
+def status_of(e: tr.TransferError) -> int:
+    return STATUS_OF.get(e.code, SFTP_FAILURE)
+
+
+def host_key_of(identity: Any) -> paramiko.PKey:
+    """The SSH host key from the agent identity (``IdentityKey``, a paramiko key, or a
+    path to the OpenSSH private key file)."""
+    if isinstance(identity, paramiko.PKey):
+        return identity
+    if hasattr(identity, "openssh_private_bytes"):
+        text = identity.openssh_private_bytes().decode("ascii")
+        return paramiko.Ed25519Key(file_obj=io.StringIO(text))
+    if isinstance(identity, str):
+        return paramiko.Ed25519Key(filename=identity)
+    raise TypeError("no usable SFTP host key in %r" % (identity,))
+
+
+class _Server(paramiko.ServerInterface):
+    """SSH policy: anyone who reached this stream may run the sftp subsystem only."""
+
+    def __init__(self, log_ctx: str) -> None:
+        self.log_ctx = log_ctx
+        self.channels = 0
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "none,publickey,password"
+
+    def check_auth_none(self, username: str) -> int:
+        return AUTH_SUCCESSFUL
+
+    def check_auth_password(self, username: str, password: str) -> int:
+        return AUTH_SUCCESSFUL
+
+    def check_auth_publickey(self, username: str, key: Any) -> int:
+        return AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        if kind != "session" or self.channels >= MAX_CHANNELS:
+            log.info("%s: sftp: channel %r refused", self.log_ctx, kind)
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        self.channels += 1
+        return OPEN_SUCCEEDED
+
+    def check_channel_subsystem_request(self, channel: Any, name: str) -> bool:
+        if name != "sftp":
+            log.info("%s: sftp: subsystem %r refused", self.log_ctx, name)
+            return False
+        return bool(super().check_channel_subsystem_request(channel, name))
+
+    # Everything else keeps paramiko's refusing defaults; spelled out for the reader.
+    def check_channel_exec_request(self, channel: Any, command: bytes) -> bool:
+        return False
+
+    def check_channel_shell_request(self, channel: Any) -> bool:
+        return False
+
+    def check_channel_pty_request(self, *args: Any) -> bool:
+        return False
+
+    def check_channel_env_request(self, channel: Any, name: bytes, value: bytes) -> bool:
+        return False
+
+    def check_channel_forward_agent_request(self, channel: Any) -> bool:
+        return False
+
+    def check_channel_x11_request(self, *args: Any) -> bool:
+        return False
+
+    def check_port_forward_request(self, address: str, port: int) -> bool:
+        return False
+
+    def check_global_request(self, kind: str, msg: Any) -> bool:
+        return False
+
+    def check_channel_direct_tcpip_request(self, chanid: int, origin: Any,
+                                           destination: Any) -> int:
+        return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+
+def _attrs(st: os.stat_result, name: str) -> SFTPAttributes:
+    return SFTPAttributes.from_stat(st, name)
+
+
+def _virtual_dir(name: str) -> SFTPAttributes:
+    a = SFTPAttributes()
+    a.filename = name
+    a.st_mode = stat.S_IFDIR | 0o555
+    a.st_size = 0
+    a.st_uid = a.st_gid = 0
+    a.st_atime = a.st_mtime = 0
+    return a
+
+
+class _Entry:
+    """A directory entry addressed *without* following its last component (for
+    lstat, remove, rename, mkdir, rmdir): the parent resolved inside a root."""
+
+    def __init__(self, parent: tr.Resolved, name: str) -> None:
+        self.parent = parent
+        self.name = name
+        self.path = parent.path.rstrip("/") + "/" + name
+
+
+class RootsSFTPServer(SFTPServerInterface):
+    """paramiko SFTP server interface confined to ``transfer.Roots``."""
+
+    def __init__(self, server: Any, roots: tr.Roots, log_ctx: str = "",
+                 on_result: OnResult = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(server, *args, **kwargs)
+        self.roots = roots
+        self.log_ctx = log_ctx or "sftp"
+        self.on_result = on_result
+        self.ended = False
+
+    def session_ended(self) -> None:
+        # paramiko calls this *before* closing the handles still open: the writes
+        # of a client that vanished must not be renamed into place.
+        self.ended = True
+
+    def report(self, result: Dict[str, Any]) -> None:
+        if self.on_result is not None:
+            try:
+                self.on_result(result)
+            except Exception:  # noqa: BLE001 - reporting must not break the session
+                log.exception("%s: on_result failed", self.log_ctx)
+
+    # -- path helpers ---------------------------------------------------------
+
+    def canonicalize(self, path: str) -> str:
+        if not path.startswith("/"):
+            path = "/" + path
+        return "/" + posixpath.normpath(path).lstrip("/")
+
+    def _entry(self, path: str, want_write: bool) -> _Entry:
+        norm = self.roots.check_path(self.canonicalize(path))
+        parent_path, name = posixpath.split(norm)
+        if not name:
+            raise tr.TransferError(tr.READ_ONLY, "/ is virtual")
+        if self.roots.root_of(norm) is None or self.roots.root_of(parent_path) is None:
+            # A root itself or a virtual ancestor: not removable/renamable.
+            if self.roots.root_of(norm) is None:
+                raise tr.TransferError(tr.OUTSIDE_ROOT, "%s is outside the roots" % norm)
+            raise tr.TransferError(tr.READ_ONLY, "%s is a transfer root" % norm)
+        parent = self.roots.resolve(parent_path, want_write=want_write)
+        return _Entry(parent, name)
+
+    # -- reading the tree -------------------------------------------------------
+
+    def list_folder(self, path: str) -> Union[List[SFTPAttributes], int]:
+        try:
+            norm = self.roots.check_path(self.canonicalize(path))
+            virtual = self.roots.virtual_children(norm)
+            if virtual is not None:
+                return [_virtual_dir(n) for n in virtual]
+            res = self.roots.resolve(norm)
+            dfd = res.open_self_dir()
+            try:
+                out = []
+                for name in sorted(os.listdir(dfd))[:tr.MAX_LIST_ENTRIES]:
+                    st = tr.lstat_in(dfd, name)
+                    if st is not None:
+                        out.append(_attrs(st, name))
+                return out
+            finally:
+                os.close(dfd)
+        except tr.TransferError as e:
+            return status_of(e)
+        except OSError as e:
+            return SFTPServer.convert_errno(e.errno)
+
+    def stat(self, path: str) -> Union[SFTPAttributes, int]:
+        try:
+            norm = self.roots.check_path(self.canonicalize(path))
+            if self.roots.virtual_children(norm) is not None:
+                return _virtual_dir(posixpath.basename(norm))
+            res = self.roots.resolve(norm)
+            if res.name is None:
+                return _attrs(os.stat(res.root.real), posixpath.basename(norm))
+            dfd = res.open_parent()
+            try:
+                st = tr.lstat_in(dfd, res.name)
+            finally:
+                os.close(dfd)
+            if st is None:
+                return SFTP_NO_SUCH_FILE
+            return _attrs(st, res.name)
+        except tr.TransferError as e:
+            return status_of(e)
+        except OSError as e:
+            return SFTPServer.convert_errno(e.errno)
+
+    def lstat(self, path: str) -> Union[SFTPAttributes, int]:
+        norm = self.canonicalize(path)
+        try:
+            if self.roots.virtual_children(norm) is not None \
+                    or self.roots.root_of(posixpath.dirname(norm)) is None:
+                return self.stat(norm)
+            ent = self._entry(norm, want_write=False)
+            dfd = ent.parent.open_self_dir()
+            try:
+                st = tr.lstat_in(dfd, ent.name)
+            finally:
+                os.close(dfd)
+            return SFTP_NO_SUCH_FILE if st is None else _attrs(st, ent.name)
+        except tr.TransferError as e:
+            return status_of(e)
+        except OSError as e:
+            return SFTPServer.convert_errno(e.errno)
+
+    def readlink(self, path: str) -> int:
+        return SFTP_OP_UNSUPPORTED
+
+    def symlink(self, target_path: str, path: str) -> int:
+        return SFTP_PERMISSION_DENIED
+
+    # -- files ------------------------------------------------------------------
+
+    def open(self, path: str, flags: int, attr: SFTPAttributes) -> Union[SFTPHandle, int]:
+        try:
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                return self._open_write(path, flags, attr)
+            res = self.roots.resolve(self.canonicalize(path))
+            if res.name is None:
+                return SFTP_PERMISSION_DENIED
+            dfd = res.open_parent()
+            try:
+                fd, st = tr.open_regular(res, dfd)
+            finally:
+                os.close(dfd)
+            if st.st_size > res.root.max_size:
+                os.close(fd)
+                raise tr.TransferError(tr.TOO_LARGE, "%s is larger than the limit" % res.path)
+            return _ReadHandle(self, fd, res.path, flags)
+        except tr.TransferError as e:
+            log.info("%s: sftp open %s refused: %s", self.log_ctx, path, e)
+            return status_of(e)
+        except OSError as e:
+            return SFTPServer.convert_errno(e.errno)
+
+    def _open_write(self, path: str, flags: int, attr: SFTPAttributes) -> SFTPHandle:
+        res = self.roots.resolve(self.canonicalize(path), want_write=True)
+        name = res.name
+        if name is None:
+            raise tr.TransferError(tr.NOT_REGULAR_FILE, "%s is a transfer root" % res.path)
+        if tr.is_part_name(name):
+            raise tr.TransferError(tr.BAD_REQUEST, "reserved name %s" % name)
+        dfd = res.open_parent()
+        try:
+            st = tr.lstat_in(dfd, name)
+            if st is not None:
+                if not stat.S_ISREG(st.st_mode):
+                    raise tr.TransferError(tr.NOT_REGULAR_FILE, "%s is not a regular file"
+                                           % res.path)
+                if flags & os.O_EXCL or not self.roots.overwrite:
+                    raise tr.TransferError(tr.EXISTS, "%s already exists" % res.path)
+            elif not flags & os.O_CREAT:
+                raise tr.TransferError(tr.NOT_FOUND, "%s does not exist" % res.path)
+            tmp = ".%s.%s%s" % (name, binascii.hexlify(os.urandom(4)).decode(), tr.PART_SUFFIX)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | tr._O_NOFOLLOW
+                         | tr._O_CLOEXEC, tr.PART_MODE, dir_fd=dfd)
+        except BaseException:
+            os.close(dfd)
+            raise
+        handle = _WriteHandle(self, dfd, fd, tmp, name, res, flags, attr)
+        if st is not None and not flags & os.O_TRUNC:
+            handle.copy_existing()       # random-access update of an existing file
+        return handle
+
+    # -- namespace changes ----------------------------------------------------
+
+    def _namespace_op(self, what: str, fn: Callable[[], None]) -> int:
+        try:
+            fn()
+            return SFTP_OK
+        except tr.TransferError as e:
+            log.info("%s: sftp %s refused: %s", self.log_ctx, what, e)
+            return status_of(e)
+        except OSError as e:
+            log.info("%s: sftp %s failed: %s", self.log_ctx, what, e)
+            if e.errno == errno.EEXIST:
+                return SFTP_FAILURE
+            return SFTPServer.convert_errno(e.errno)
+
+    def _with_parent(self, ent: _Entry, fn: Callable[[int], None]) -> None:
+        dfd = ent.parent.open_self_dir()
+        try:
+            fn(dfd)
+            tr._fsync_dir(dfd)
+        finally:
+            os.close(dfd)
+
+    def remove(self, path: str) -> int:
+        def do() -> None:
+            ent = self._entry(path, want_write=True)
+
+            def rm(dfd: int) -> None:
+                st = tr.lstat_in(dfd, ent.name)
+                if st is None:
+                    raise tr.TransferError(tr.NOT_FOUND, "%s: no such file" % ent.path)
+                if stat.S_ISDIR(st.st_mode):
+                    raise tr.TransferError(tr.NOT_REGULAR_FILE, "%s is a directory" % ent.path)
+                os.unlink(ent.name, dir_fd=dfd)
+            self._with_parent(ent, rm)
+            self.report({"op": "sftp_remove", "path": ent.path, "bytes": 0,
+                         "code": tr.RESULT_OK})
+        return self._namespace_op("remove %s" % path, do)
+
+    def rename(self, oldpath: str, newpath: str) -> int:
+        return self._rename(oldpath, newpath, replace=False)
+
+    def posix_rename(self, oldpath: str, newpath: str) -> int:
+        return self._rename(oldpath, newpath, replace=self.roots.overwrite)
+
+    def _rename(self, oldpath: str, newpath: str, replace: bool) -> int:
+        def do() -> None:
+            src = self._entry(oldpath, want_write=True)
+            dst = self._entry(newpath, want_write=True)
+            if tr.is_part_name(dst.name):
+                raise tr.TransferError(tr.BAD_REQUEST, "reserved name %s" % dst.name)
+            sfd = src.parent.open_self_dir()
+            try:
+                dfd = dst.parent.open_self_dir()
+                try:
+                    if tr.lstat_in(sfd, src.name) is None:
+                        raise tr.TransferError(tr.NOT_FOUND, "%s: no such file" % src.path)
+                    if replace:
+                        os.rename(src.name, dst.name, src_dir_fd=sfd, dst_dir_fd=dfd)
+                    else:
+                        tr.rename_noreplace(sfd, src.name, dfd, dst.name)
+                    tr._fsync_dir(dfd)
+                    if dfd != sfd:
+                        tr._fsync_dir(sfd)
+                finally:
+                    os.close(dfd)
+            finally:
+                os.close(sfd)
+        return self._namespace_op("rename %s %s" % (oldpath, newpath), do)
+
+    def mkdir(self, path: str, attr: SFTPAttributes) -> int:
+        def do() -> None:
+            ent = self._entry(path, want_write=True)
+            self._with_parent(ent, lambda dfd: os.mkdir(ent.name, tr.DIR_MODE, dir_fd=dfd))
+        return self._namespace_op("mkdir %s" % path, do)
+
+    def rmdir(self, path: str) -> int:
+        def do() -> None:
+            ent = self._entry(path, want_write=True)
+            self._with_parent(ent, lambda dfd: os.rmdir(ent.name, dir_fd=dfd))
+        return self._namespace_op("rmdir %s" % path, do)
+
+    def chattr(self, path: str, attr: SFTPAttributes) -> int:
+        def do() -> None:
+            res = self.roots.resolve(self.canonicalize(path), want_write=True)
+            if res.name is None:
+                raise tr.TransferError(tr.READ_ONLY, "%s is a transfer root" % res.path)
+            dfd = res.open_parent()
+            try:
+                fd, _ = tr.open_regular(res, dfd)
+            finally:
+                os.close(dfd)
+            try:
+                _apply_attrs(fd, attr)
+            finally:
+                os.close(fd)
+        return self._namespace_op("setstat %s" % path, do)
+
+
+def _apply_attrs(fd: int, attr: SFTPAttributes) -> None:
+    """chmod (permission bits only, never setuid/setgid) and times; no chown."""
+    if attr is None:
+        return
+    if attr.st_mode is not None:
+        os.fchmod(fd, stat.S_IMODE(attr.st_mode) & 0o1777)
+    if attr.st_atime is not None and attr.st_mtime is not None:
+        os.utime(fd, (attr.st_atime, attr.st_mtime))
+    if attr.st_size is not None and attr.st_size != os.fstat(fd).st_size:
+        raise tr.TransferError(tr.BAD_REQUEST, "truncate via setstat is not supported")
+
+
+class _ReadHandle(SFTPHandle):
+    def __init__(self, server: RootsSFTPServer, fd: int, path: str, flags: int) -> None:
+        super().__init__(flags)
+        self.server = server
+        self.fd = fd
+        self.path = path
+        self.bytes = 0
+        self.started = time.monotonic()
+
+    def read(self, offset: int, length: int) -> Union[bytes, int]:
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as e:
+            return SFTPServer.convert_errno(e.errno)
+        if not data:
+            return SFTP_EOF
+        self.bytes += len(data)
+        return data
+
+    def write(self, offset: int, data: bytes) -> int:
+        return SFTP_PERMISSION_DENIED
+
+    def stat(self) -> Union[SFTPAttributes, int]:
+        return _attrs(os.fstat(self.fd), posixpath.basename(self.path))
+
+    def chattr(self, attr: SFTPAttributes) -> int:
+        return SFTP_PERMISSION_DENIED
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        os.close(self.fd)
+        self.fd = -1
+        self.server.report({"op": "sftp_get", "path": self.path, "bytes": self.bytes,
+                            "code": tr.RESULT_OK,
+                            "duration": round(time.monotonic() - self.started, 3)})
+
+
+class _WriteHandle(SFTPHandle):
+    """Writes land in a temp file renamed into place on a client CLOSE."""
+
+    def __init__(self, server: RootsSFTPServer, dfd: int, fd: int, tmp: str, name: str,
+                 res: tr.Resolved, flags: int, attr: SFTPAttributes) -> None:
+        super().__init__(flags)
+        self.server = server
+        self.dfd = dfd
+        self.fd = fd
+        self.tmp = tmp
+        self.name = name
+        self.res = res
+        self.append = bool(flags & os.O_APPEND)
+        self.attr = attr
+        self.size = 0
+        self.cap = res.root.max_size
+        self.error: Optional[tr.TransferError] = None
+        self.bytes = 0
+        self.started = time.monotonic()
+
+    def copy_existing(self) -> None:
+        src = os.open(self.name, os.O_RDONLY | tr._O_NOFOLLOW | tr._O_CLOEXEC, dir_fd=self.dfd)
+        try:
+            pos = 0
+            while True:
+                data = os.read(src, COPY_CHUNK)
+                if not data:
+                    break
+                if pos + len(data) > self.cap:
+                    self._fail(tr.TransferError(tr.TOO_LARGE, "%s exceeds the limit"
+                                                % self.res.path))
+                    return
+                os.pwrite(self.fd, data, pos)
+                pos += len(data)
+            self.size = pos
+        finally:
+            os.close(src)
+
+    def _fail(self, e: tr.TransferError) -> int:
+        if self.error is None:
+            self.error = e
+            log.info("%s: sftp write %s failed: %s", self.server.log_ctx, self.res.path, e)
+        return status_of(e)
+
+    def read(self, offset: int, length: int) -> Union[bytes, int]:
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as e:
+            return SFTPServer.convert_errno(e.errno)
+        return data if data else SFTP_EOF
+
+    def write(self, offset: int, data: bytes) -> int:
+        if self.error is not None:
+            return status_of(self.error)
+        if self.append:
+            offset = self.size
+        end = offset + len(data)
+        if end > self.cap:
+            return self._fail(tr.TransferError(tr.TOO_LARGE, "%s: more than %d bytes"
+                                               % (self.res.path, self.cap)))
+        try:
+            view = memoryview(data)
+            pos = offset
+            while view:
+                n = os.pwrite(self.fd, view, pos)
+                view = view[n:]
+                pos += n
+        except OSError as e:
+            return self._fail(tr._os_error(e, self.res.path))
+        self.size = max(self.size, end)
+        self.bytes += len(data)
+        return SFTP_OK
+
+    def stat(self) -> Union[SFTPAttributes, int]:
+        return _attrs(os.fstat(self.fd), self.name)
+
+    def chattr(self, attr: SFTPAttributes) -> int:
+        self.attr = attr
+        return SFTP_OK
+
+    def close(self) -> int:
+        if self.fd < 0:
+            return SFTP_OK
+        code = SFTP_OK
+        keep = False
+        try:
+            if self.server.ended and self.error is None:
+                self.error = tr.TransferError(tr.INCOMPLETE, "session ended before close")
+            if self.error is not None:
+                code = status_of(self.error)
+                return code
+            try:
+                os.fchmod(self.fd, tr.FILE_MODE)
+                if self.attr is not None and self.attr.st_mode is not None:
+                    os.fchmod(self.fd, stat.S_IMODE(self.attr.st_mode) & 0o1777)
+                tr._fsync(self.fd)
+                if self.server.roots.overwrite:
+                    st = tr.lstat_in(self.dfd, self.name)
+                    if st is not None and not stat.S_ISREG(st.st_mode):
+                        raise tr.TransferError(tr.NOT_REGULAR_FILE, "%s is not a regular file"
+                                               % self.res.path)
+                    os.rename(self.tmp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
+                else:
+                    tr.rename_noreplace(self.dfd, self.tmp, self.dfd, self.name)
+                keep = True
+                tr._fsync_dir(self.dfd)
+            except tr.TransferError as e:
+                code = self._fail(e)
+            except OSError as e:
+                code = self._fail(tr._os_error(e, self.res.path))
+            return code
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+            if not keep:
+                tr._unlink_quietly(self.tmp, self.dfd)
+            os.close(self.dfd)
+            self.server.report({
+                "op": "sftp_put", "path": self.res.path, "bytes": self.bytes,
+                "code": tr.result_code(self.error.code if self.error else None),
+                "duration": round(time.monotonic() - self.started, 3)})
+
+
+def serve_sftp(sock: Any, roots: tr.Roots, host_key: Any, log_ctx: str = "",
+               on_result: OnResult = None, auth_timeout: float = AUTH_TIMEOUT) -> None:
+    """Run an SSH server with only the sftp subsystem on ``sock`` until the client
+    leaves; ``on_result`` gets one dict per file read, written or removed."""
+    ctx = log_ctx or "sftp"
+    transport = paramiko.Transport(sock)
+    try:
+        transport.add_server_key(host_key_of(host_key))
+        transport.set_subsystem_handler("sftp", SFTPServer, RootsSFTPServer, roots, ctx,
+                                        on_result)
+        try:
+            transport.start_server(server=_Server(ctx))
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            log.info("%s: sftp: SSH negotiation failed: %s", ctx, e)
+            return
+        chan = transport.accept(auth_timeout)
+        if chan is None:
+            log.info("%s: sftp: no session channel within %ss", ctx, auth_timeout)
+            return
+        log.info("%s: sftp session started", ctx)
+        transport.join()
+        log.info("%s: sftp session ended", ctx)
+    finally:
+        transport.close()
+        try:
+            sock.close()
+        except OSError:
+            pass
