@@ -59,6 +59,7 @@ MAX_PATH = 4096
 YIELD_EVERY = 4 * 1024 * 1024      # gevent.sleep(0) after this many bytes of file I/O
 HEADER_TIMEOUT = 30.0              # waiting for the console's header
 IDLE_TIMEOUT = 300.0               # no byte either way for this long: give up
+BUSY_WAIT = 5.0                    # wait this long for another stream's lock on a partial
 DRAIN_TIMEOUT = 10.0               # after an error reply, wait this long for the console's EOF
 MAX_LIST_ENTRIES = 100000
 DEFAULT_MAX_SIZE = 4 * 1024 ** 3
@@ -68,6 +69,7 @@ DIR_MODE = 0o755
 PART_MODE = 0o600
 
 OPS = ("put", "get", "stat", "list", "mkdir")
+QUIET_OPS = ("stat", "list")       # lookups, not transfers: not passed to on_result
 
 # Refusal / failure codes (TransferError.code); "transfer_<code>" in history rows.
 OUTSIDE_ROOT = "outside_root"
@@ -626,11 +628,7 @@ class _Session:
                 keep = True  # not ours to delete
                 raise TransferError(NOT_REGULAR_FILE, "partial file of %s is not a regular file"
                                     % res.path)
-            try:
-                fcntl.flock(pfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise TransferError(BUSY, "another upload to %s is in progress" % res.path) \
-                    from None
+            _lock_partial(pfd, res)
             offset = st.st_size if resume and st.st_size <= size else 0
             if offset == 0 and st.st_size:
                 os.ftruncate(pfd, 0)
@@ -836,6 +834,21 @@ class _Abort(TransferError):
     """End the stream without a trailer (the promised bytes cannot be sent)."""
 
 
+def _lock_partial(pfd: int, res: Resolved) -> None:
+    """flock the partial file; wait a little, since the holder is often the previous
+    stream of the same upload, going away (a console restarting or resuming)."""
+    deadline = time.monotonic() + BUSY_WAIT
+    while True:
+        try:
+            fcntl.flock(pfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise TransferError(BUSY, "another upload to %s is in progress"
+                                    % res.path) from None
+            gevent.sleep(0.05)
+
+
 def _available(dfd: int) -> Optional[int]:
     try:
         st = os.fstatvfs(dfd)
@@ -977,7 +990,7 @@ def serve_transfer_stream(sock: Any, roots: Roots, log_ctx: str = "",
     finally:
         _finish(sock, abort)
         s.result["duration"] = round(time.monotonic() - started, 3)
-    if on_result is not None:
+    if on_result is not None and s.result["op"] not in QUIET_OPS:
         try:
             on_result(dict(s.result))
         except Exception:  # noqa: BLE001 - a reporting bug must not hide the transfer

@@ -1,0 +1,632 @@
+"""Console side of targeted file transfers: ``push`` and ``pull`` over ``@transfer``.
+
+One mux stream per operation (docs/transfer.md).  ``stream_factory()`` opens a new
+``@transfer`` stream in the operator's session.  Every failure raises
+``TransferError(code, message)``; ``run_push`` / ``run_pull`` turn it into one line
+on stderr and an exit code scripts can rely on (``EXIT_*``).
+
+Local writes on pull are as careful as the agent's: ``.<name>.rgpart`` next to the
+target, fsynced, sha256 checked against the agent's trailer, then renamed.  The
+partial is kept when the stream is lost, so ``resume=True`` continues it after the
+agent confirmed (prefix sha256) that it is a prefix of the same file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import sys
+import time
+from typing import IO, Any, Callable, Dict, Optional
+
+import gevent
+import gevent.event
+
+from remote_gevent.transfer import (
+    BAD_REQUEST,
+    CHUNK,
+    CONNECTION_LOST,
+    EXISTS,
+    INCOMPLETE,
+    INTEGRITY,
+    IO_ERROR,
+    NO_SPACE,
+    NOT_ABSOLUTE,
+    NOT_FOUND,
+    NOT_REGULAR_FILE,
+    OUTSIDE_ROOT,
+    READ_ONLY,
+    SYMLINK_ESCAPE,
+    TARGET_REFUSED,
+    TOO_LARGE,
+    LineChannel,
+    TransferError,
+    dump_line,
+    part_name,
+)
+
+EXIT_OK = 0
+EXIT_OTHER = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_INTEGRITY = 4
+EXIT_CONNECTION = 5
+EXIT_NO_SPACE = 6
+
+EXIT_OF = {
+    NOT_ABSOLUTE: EXIT_USAGE,
+    BAD_REQUEST: EXIT_USAGE,
+    OUTSIDE_ROOT: EXIT_REFUSED,
+    SYMLINK_ESCAPE: EXIT_REFUSED,
+    NOT_REGULAR_FILE: EXIT_REFUSED,
+    READ_ONLY: EXIT_REFUSED,
+    TOO_LARGE: EXIT_REFUSED,
+    EXISTS: EXIT_REFUSED,
+    TARGET_REFUSED: EXIT_REFUSED,
+    INTEGRITY: EXIT_INTEGRITY,
+    CONNECTION_LOST: EXIT_CONNECTION,
+    INCOMPLETE: EXIT_CONNECTION,
+    NO_SPACE: EXIT_NO_SPACE,
+}
+
+TRAILER_TIMEOUT = 600.0    # agent fsync + rename of a large file, after the last byte
+DRAIN_LIMIT = 64 * 1024    # bytes we read after a trailer while waiting for EOF
+PROGRESS_INTERVAL = 0.1    # seconds between redraws
+LOCAL_PART_MODE = 0o600
+LOCAL_FILE_MODE = 0o644
+
+StreamFactory = Callable[[], Any]
+
+
+def exit_code(code: str) -> int:
+    """The process exit status for a TransferError code (docs/transfer.md)."""
+    return EXIT_OF.get(code, EXIT_OTHER)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024.0
+    return "%d" % n
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+    return "%d:%02d" % (seconds // 60, seconds % 60)
+
+
+class Progress:
+    """Progress bar (bytes, rate, ETA) on a terminal; silent when ``out`` is not a TTY.
+
+    ``start(name, total, done)`` begins a file, ``update(n)`` adds bytes,
+    ``finish()`` ends the file's line.  Totals are kept for the summary.
+    """
+
+    def __init__(self, out: Optional[IO[str]] = None, enabled: Optional[bool] = None,
+                 width: int = 24) -> None:
+        self.out = out if out is not None else sys.stderr
+        if enabled is None:
+            isatty = getattr(self.out, "isatty", None)
+            enabled = bool(isatty and isatty())
+        self.enabled = enabled
+        self.width = width
+        self.name = ""
+        self.total = 0
+        self.done = 0
+        self.base = 0
+        self.t0 = time.monotonic()
+        self.last_draw = 0.0
+        self.files = 0
+        self.bytes = 0
+
+    def start(self, name: str, total: int, done: int = 0) -> None:
+        self.name, self.total, self.done, self.base = name, total, done, done
+        self.t0 = time.monotonic()
+        self.last_draw = 0.0
+        self._draw(force=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.bytes += n
+        self._draw()
+
+    def finish(self) -> None:
+        self.files += 1
+        self._draw(force=True)
+        if self.enabled:
+            self.out.write("\n")
+            self.out.flush()
+
+    def abort(self) -> None:
+        if self.enabled and self.last_draw:
+            self.out.write("\n")
+            self.out.flush()
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.t0, 1e-6)
+        rate = (self.done - self.base) / elapsed
+        frac = self.done / self.total if self.total else 1.0
+        filled = int(frac * self.width)
+        bar = "#" * filled + "-" * (self.width - filled)
+        eta = _eta((self.total - self.done) / rate) if rate > 0 and self.done < self.total \
+            else "--:--" if self.done < self.total else _eta(elapsed)
+        name = self.name if len(self.name) <= 30 else "..." + self.name[-27:]
+        return "%-30s [%s] %3d%% %10s/%-10s %10s/s %s" % (
+            name, bar, int(frac * 100), _human(self.done), _human(self.total), _human(rate), eta)
+
+    def _draw(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self.last_draw < PROGRESS_INTERVAL:
+            return
+        self.last_draw = now
+        self.out.write("\r" + self.line())
+        self.out.flush()
+
+
+class _NoProgress(Progress):
+    def __init__(self) -> None:
+        super().__init__(out=sys.stderr, enabled=False)
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def _lost(e: BaseException) -> TransferError:
+    return TransferError(CONNECTION_LOST, "tunnel or stream lost: %s" % (e,))
+
+
+class _Conn:
+    """One ``@transfer`` stream with line framing; mux errors become TransferError."""
+
+    def __init__(self, stream_factory: StreamFactory) -> None:
+        from remote_gevent import mux  # late: mux is heavy and not needed for exit codes
+        self._mux = mux
+        try:
+            self.stream = stream_factory()
+        except mux.StreamRefused as e:
+            raise TransferError(TARGET_REFUSED if e.code == "target_refused" else e.code,
+                                "@transfer refused by the device: %s" % (e.reason or e.code)) \
+                from None
+        except (mux.MuxError, OSError) as e:
+            raise _lost(e) from None
+        self.ch = LineChannel(self._recv, self._send)
+
+    def _recv(self) -> bytes:
+        try:
+            return self.stream.recv()
+        except (self._mux.MuxError, OSError) as e:
+            raise _lost(e) from None
+
+    def _send(self, data: Any) -> None:
+        try:
+            self.stream.send(data)
+        except (self._mux.MuxError, OSError) as e:
+            raise _lost(e) from None
+
+    def request(self, header: Dict[str, Any], half_close: bool) -> Dict[str, Any]:
+        self._send(dump_line(header))
+        if half_close:
+            self.shutdown_write()
+        return self.answer("reply")
+
+    def answer(self, what: str) -> Dict[str, Any]:
+        obj = self.ch.read_json(what)
+        if obj is None:
+            raise TransferError(CONNECTION_LOST, "the device ended the stream before its %s"
+                                % what)
+        if obj.get("ok") is not True:
+            raise TransferError(str(obj.get("code") or "error"),
+                                str(obj.get("message") or "refused by the device"))
+        return obj
+
+    def shutdown_write(self) -> None:
+        try:
+            self.stream.shutdown_write()
+        except (self._mux.MuxError, OSError) as e:
+            raise _lost(e) from None
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except (self._mux.MuxError, OSError):
+            pass
+
+    def finish(self) -> None:
+        """After the final line: wait briefly for the agent's EOF, then close."""
+        try:
+            got = 0
+            while got < DRAIN_LIMIT:
+                data = self.ch.read_some(DRAIN_LIMIT)
+                if not data:
+                    break
+                got += len(data)
+        except TransferError:
+            pass
+        self.close()
+
+
+def remote_stat(stream_factory: StreamFactory, remote: str) -> Dict[str, Any]:
+    """``stat`` a remote path; raises TransferError (``not_found`` if missing)."""
+    conn = _Conn(stream_factory)
+    try:
+        return conn.request({"op": "stat", "path": remote}, half_close=True)
+    finally:
+        conn.finish()
+
+
+def remote_mkdir(stream_factory: StreamFactory, remote: str, parents: bool = True) -> bool:
+    conn = _Conn(stream_factory)
+    try:
+        return bool(conn.request({"op": "mkdir", "path": remote, "parents": parents},
+                                 half_close=True).get("created"))
+    finally:
+        conn.finish()
+
+
+def remote_list(stream_factory: StreamFactory, remote: str) -> list:
+    conn = _Conn(stream_factory)
+    try:
+        conn.request({"op": "list", "path": remote}, half_close=True)
+        entries = []
+        while True:
+            obj = conn.ch.read_json("entry")
+            if obj is None:
+                raise TransferError(CONNECTION_LOST, "listing of %s cut short" % remote)
+            if obj.get("end"):
+                if obj.get("ok") is not True:
+                    raise TransferError(str(obj.get("code")), str(obj.get("message")))
+                return entries
+            entries.append(obj)
+    finally:
+        conn.finish()
+
+
+def _join(remote_dir: str, name: str) -> str:
+    return remote_dir.rstrip("/") + "/" + name
+
+
+def _hash_local_prefix(fh: Any, length: int) -> Any:
+    h = hashlib.sha256()
+    fh.seek(0)
+    left = length
+    while left > 0:
+        data = fh.read(min(CHUNK, left))
+        if not data:
+            raise TransferError(IO_ERROR, "local file shorter than the remote partial")
+        h.update(data)
+        left -= len(data)
+    return h
+
+
+# --------------------------------------------------------------------------- push
+
+
+def push(stream_factory: StreamFactory, local: str, remote: str, overwrite: bool = False,
+         resume: bool = False, recursive: bool = False,
+         progress: Optional[Progress] = None) -> Dict[str, Any]:
+    """Send ``local`` to the device path ``remote``; return ``{"files", "bytes"}``.
+
+    A file pushed onto an existing remote directory lands inside it (like ``scp``).
+    With ``recursive`` and a local directory, ``remote`` *is* the destination
+    directory (created if needed) and receives the local directory's contents.
+    """
+    progress = progress or _NoProgress()
+    if not remote.startswith("/"):
+        raise TransferError(NOT_ABSOLUTE, "%s: remote paths must be absolute" % remote)
+    try:
+        st = os.stat(local)
+    except OSError as e:
+        raise TransferError(BAD_REQUEST, "%s: %s" % (local, e.strerror)) from None
+    summary = {"files": 0, "bytes": 0}
+    if stat.S_ISDIR(st.st_mode):
+        if not recursive:
+            raise TransferError(BAD_REQUEST, "%s is a directory (use -r)" % local)
+        remote_mkdir(stream_factory, remote, parents=True)
+        for dirpath, dirnames, filenames in os.walk(local):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, local)
+            rdir = remote if rel == "." else _join(remote, rel.replace(os.sep, "/"))
+            for d in dirnames:
+                remote_mkdir(stream_factory, _join(rdir, d), parents=False)
+            for f in sorted(filenames):
+                lpath = os.path.join(dirpath, f)
+                if not os.path.isfile(lpath):
+                    continue     # sockets, fifos, dangling symlinks: nothing to send
+                n = put_file(stream_factory, lpath, _join(rdir, f), overwrite, resume,
+                             progress)
+                summary["files"] += 1
+                summary["bytes"] += n
+        return summary
+    if not stat.S_ISREG(st.st_mode):
+        raise TransferError(BAD_REQUEST, "%s is not a regular file" % local)
+    target = remote
+    try:
+        if remote_stat(stream_factory, remote).get("type") == "dir":
+            target = _join(remote, os.path.basename(local))
+    except TransferError as e:
+        if e.code != NOT_FOUND:
+            raise
+    summary["bytes"] = put_file(stream_factory, local, target, overwrite, resume, progress)
+    summary["files"] = 1
+    return summary
+
+
+def put_file(stream_factory: StreamFactory, local: str, remote: str, overwrite: bool = False,
+             resume: bool = False, progress: Optional[Progress] = None) -> int:
+    """Upload one file; return the bytes sent in this run."""
+    progress = progress or _NoProgress()
+    with open(local, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        for attempt in (resume, False):
+            conn = _Conn(stream_factory)
+            try:
+                reply = conn.request({"op": "put", "path": remote, "size": size,
+                                      "overwrite": overwrite, "resume": attempt},
+                                     half_close=False)
+                offset = reply.get("offset", 0)
+                if not isinstance(offset, int) or not 0 <= offset <= size:
+                    raise TransferError(BAD_REQUEST, "device answered a bad offset %r" % offset)
+                h = _hash_local_prefix(fh, offset)
+                if offset and h.hexdigest() != reply.get("prefix_sha256"):
+                    # The device's partial is not a prefix of this file: start over.
+                    conn.close()
+                    continue
+                try:
+                    return _put_data(conn, fh, remote, size, offset, h, progress)
+                except BaseException:
+                    progress.abort()
+                    raise
+            finally:
+                conn.close()
+        raise TransferError(INTEGRITY, "%s: the device's partial upload does not match "
+                            "and could not be restarted" % remote)
+
+
+def _put_data(conn: _Conn, fh: Any, remote: str, size: int, offset: int, h: Any,
+              progress: Progress) -> int:
+    # The agent answers with a trailer after our data, or early with an error
+    # (no space, stream problem): read it concurrently so we stop sending at once.
+    answer = gevent.event.AsyncResult()
+
+    def read_answer() -> None:
+        try:
+            answer.set(conn.answer("trailer"))
+        except TransferError as e:
+            answer.set_exception(e)
+
+    reader = gevent.spawn(read_answer)
+    try:
+        progress.start(remote, size, offset)
+        fh.seek(offset)
+        pos = offset
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while pos < size and not answer.ready():
+            n = fh.readinto(view[:min(CHUNK, size - pos)])
+            if not n:
+                raise TransferError(IO_ERROR, "local file shrank during the upload")
+            chunk = view[:n]
+            h.update(chunk)
+            try:
+                conn._send(chunk)
+            except TransferError:
+                if answer.ready():
+                    break    # the agent's early error explains the reset
+                raise
+            pos += n
+            progress.update(n)
+        if not answer.ready():
+            digest = h.hexdigest()
+            conn._send(dump_line({"sha256": digest}))
+            conn.shutdown_write()
+        else:
+            digest = None
+        result = answer.get(timeout=TRAILER_TIMEOUT)
+    except gevent.Timeout:
+        raise TransferError(CONNECTION_LOST, "no answer from the device for %ss after the "
+                            "data" % TRAILER_TIMEOUT) from None
+    finally:
+        reader.kill(block=False)
+    if digest is None or result.get("sha256") != digest:
+        raise TransferError(INTEGRITY, "%s: sha256 mismatch (local %s, device %s)"
+                            % (remote, digest, result.get("sha256")))
+    progress.finish()
+    conn.finish()
+    return size - offset
+
+
+# --------------------------------------------------------------------------- pull
+
+
+def pull(stream_factory: StreamFactory, remote: str, local: str, resume: bool = False,
+         recursive: bool = False, progress: Optional[Progress] = None) -> Dict[str, Any]:
+    """Fetch the device path ``remote`` into ``local``; return ``{"files", "bytes"}``.
+
+    A file pulled onto an existing local directory lands inside it.  With
+    ``recursive`` and a remote directory, ``local`` *is* the destination directory.
+    An existing local file is replaced atomically (like ``scp``).
+    """
+    progress = progress or _NoProgress()
+    if not remote.startswith("/"):
+        raise TransferError(NOT_ABSOLUTE, "%s: remote paths must be absolute" % remote)
+    summary = {"files": 0, "bytes": 0}
+    if recursive:
+        info = remote_stat(stream_factory, remote)
+        if info.get("type") == "dir":
+            _pull_tree(stream_factory, remote, local, resume, progress, summary)
+            return summary
+    target = local
+    if os.path.isdir(local):
+        target = os.path.join(local, os.path.basename(remote.rstrip("/")))
+    summary["bytes"] = get_file(stream_factory, remote, target, resume, progress)
+    summary["files"] = 1
+    return summary
+
+
+def _pull_tree(stream_factory: StreamFactory, remote: str, local: str, resume: bool,
+               progress: Progress, summary: Dict[str, Any]) -> None:
+    os.makedirs(local, exist_ok=True)
+    for entry in remote_list(stream_factory, remote):
+        name = entry.get("name")
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise TransferError(BAD_REQUEST, "device listed a bad name %r" % (name,))
+        rpath, lpath = _join(remote, name), os.path.join(local, name)
+        if entry.get("type") == "dir":
+            _pull_tree(stream_factory, rpath, lpath, resume, progress, summary)
+        elif entry.get("type") == "file":
+            summary["bytes"] += get_file(stream_factory, rpath, lpath, resume, progress)
+            summary["files"] += 1
+        # symlinks and special files are not followed or copied
+
+
+def get_file(stream_factory: StreamFactory, remote: str, local: str, resume: bool = False,
+             progress: Optional[Progress] = None) -> int:
+    """Download one file atomically to ``local``; return the bytes received this run."""
+    progress = progress or _NoProgress()
+    local = os.path.abspath(local)
+    ldir, name = os.path.split(local)
+    if not name:
+        raise TransferError(BAD_REQUEST, "%s: no file name" % local)
+    part = os.path.join(ldir, part_name(name))
+    existed = os.path.lexists(part)
+    try:
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                     LOCAL_PART_MODE)
+    except OSError as e:
+        raise TransferError(NO_SPACE if e.errno == errno.ENOSPC else IO_ERROR,
+                            "%s: %s" % (part, e.strerror)) from None
+    keep = existed   # a refusal before any byte removes only a partial we created
+    try:
+        with os.fdopen(fd, "r+b") as fh:
+            have = os.fstat(fh.fileno()).st_size if resume else 0
+            for offset in ((have, 0) if have else (0,)):
+                conn = _Conn(stream_factory)
+                try:
+                    reply = conn.request({"op": "get", "path": remote, "offset": offset},
+                                         half_close=True)
+                    size, start = reply.get("size"), reply.get("offset", 0)
+                    if not isinstance(size, int) or not isinstance(start, int) \
+                            or not 0 <= start <= min(offset, size):
+                        raise TransferError(BAD_REQUEST, "device answered a bad size/offset")
+                    h = _hash_local_prefix(fh, start)
+                    if start and h.hexdigest() != reply.get("prefix_sha256"):
+                        conn.close()
+                        continue       # our partial is not a prefix of this file
+                    fh.truncate(start)
+                    keep = False
+                    try:
+                        n = _get_data(conn, fh, remote, size, start, h, progress)
+                    except TransferError as e:
+                        progress.abort()
+                        keep = e.code in (CONNECTION_LOST, INCOMPLETE)
+                        raise
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    os.chmod(part, LOCAL_FILE_MODE)
+                    os.replace(part, local)
+                    keep = True
+                    _fsync_local_dir(ldir)
+                    conn.finish()
+                    return n
+                finally:
+                    conn.close()
+            raise TransferError(INTEGRITY, "%s: could not restart the download" % remote)
+    except OSError as e:
+        keep = False
+        raise TransferError(NO_SPACE if e.errno == errno.ENOSPC else IO_ERROR,
+                            "%s: %s" % (local, e.strerror)) from None
+    finally:
+        if not keep:
+            try:
+                os.unlink(part)
+            except OSError:
+                pass
+
+
+def _get_data(conn: _Conn, fh: Any, remote: str, size: int, offset: int, h: Any,
+              progress: Progress) -> int:
+    progress.start(remote, size, offset)
+    fh.seek(offset)
+    pos = offset
+    while pos < size:
+        data = conn.ch.read_some(min(CHUNK, size - pos))
+        if not data:
+            raise TransferError(INCOMPLETE, "%s: the device ended the stream at %d of %d bytes"
+                                % (remote, pos, size))
+        fh.write(data)
+        h.update(data)
+        pos += len(data)
+        progress.update(len(data))
+    trailer = conn.answer("trailer")
+    digest = h.hexdigest()
+    if trailer.get("sha256") != digest:
+        raise TransferError(INTEGRITY, "%s: sha256 mismatch (device %s, local %s); nothing "
+                            "kept" % (remote, trailer.get("sha256"), digest))
+    progress.finish()
+    return size - offset
+
+
+def _fsync_local_dir(path: str) -> None:
+    try:
+        dfd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+# --------------------------------------------------------------------------- CLI glue
+
+
+def _run(what: str, fn: Callable[[], Dict[str, Any]], progress: Progress,
+         err: IO[str]) -> int:
+    t0 = time.monotonic()
+    try:
+        summary = fn()
+    except TransferError as e:
+        progress.abort()
+        err.write("remote-gevent-console %s: %s: %s\n" % (what, e.code, e.message))
+        err.flush()
+        return exit_code(e.code)
+    if progress.enabled:
+        dt = max(time.monotonic() - t0, 1e-6)
+        err.write("%s: %d file(s), %s in %.1fs (%s/s)\n" % (
+            what, summary["files"], _human(summary["bytes"]), dt, _human(summary["bytes"] / dt)))
+        err.flush()
+    return EXIT_OK
+
+
+def run_push(stream_factory: StreamFactory, local: str, remote: str, overwrite: bool = False,
+             resume: bool = False, recursive: bool = False,
+             progress: Optional[Progress] = None, err: Optional[IO[str]] = None) -> int:
+    """``push`` for the CLI: returns the exit code, prints one line on failure."""
+    err = err if err is not None else sys.stderr
+    progress = progress if progress is not None else Progress(out=err)
+    return _run("push", lambda: push(stream_factory, local, remote, overwrite=overwrite,
+                                     resume=resume, recursive=recursive, progress=progress),
+                progress, err)
+
+
+def run_pull(stream_factory: StreamFactory, remote: str, local: str, resume: bool = False,
+             recursive: bool = False, progress: Optional[Progress] = None,
+             err: Optional[IO[str]] = None) -> int:
+    """``pull`` for the CLI: returns the exit code, prints one line on failure."""
+    err = err if err is not None else sys.stderr
+    progress = progress if progress is not None else Progress(out=err)
+    return _run("pull", lambda: pull(stream_factory, remote, local, resume=resume,
+                                     recursive=recursive, progress=progress),
+                progress, err)

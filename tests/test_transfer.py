@@ -1,0 +1,570 @@
+"""@transfer end to end inside one process: two real mux.Tunnels over a socketpair with
+real tunnel_crypto sealers, the agent side serving @transfer through
+open_virtual_target, the console side using console/transfer.py.
+
+RG_TRANSFER_TEST_MIB sets the round-trip size (default 64; the 1 GiB run goes
+through the real platform in the e2e tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import stat
+import subprocess
+import time
+
+import gevent
+import pytest
+
+from remote_gevent import config, mux, transfer
+from remote_gevent import tunnel_crypto as tc
+from remote_gevent.console import transfer as ct
+from remote_gevent.transfer import TransferError
+
+MIB = 1024 * 1024
+SIZE_MIB = int(os.environ.get("RG_TRANSFER_TEST_MIB", "64"))
+SID = "ab" * 16
+
+
+def sha_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(MIB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_random(path, size):
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, 4 * MIB)
+            fh.write(os.urandom(n))
+            left -= n
+
+
+class Pair:
+    """A console and an agent tunnel joined by a socketpair."""
+
+    def __init__(self, tcfg, results):
+        self.tcfg = tcfg
+        self.results = results
+        a, b = socket.socketpair()
+        self.raw = (a, b)
+        cpk, csk = tc.kx_keypair()
+        apk, ask = tc.kx_keypair()
+        cipher = tc.choose_cipher()
+        ctx, crx = tc.derive_keys("console", cpk, csk, apk, SID)
+        atx, arx = tc.derive_keys("agent", apk, ask, cpk, SID)
+        self.console = mux.Tunnel(a, tc.FrameSealer(ctx, cipher), tc.FrameOpener(crx, cipher),
+                                  "console", name="console", keepalive_interval=0)
+        self.agent = mux.Tunnel(b, tc.FrameSealer(atx, cipher), tc.FrameOpener(arx, cipher),
+                                "agent", on_open=self.on_open, name="agent",
+                                keepalive_interval=0)
+        self.g = [gevent.spawn(self.console.run), gevent.spawn(self.agent.run)]
+        assert self.console.wait_up(5)
+
+    def on_open(self, target):
+        return transfer.open_virtual_target(target, self.tcfg, None,
+                                            on_result=self.results.append, log_ctx=SID)
+
+    def factory(self):
+        return self.console.open_stream("@transfer", timeout=5)
+
+    def kill(self):
+        """Abrupt loss of the relay connection."""
+        for s in self.raw:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.console.close()
+        self.agent.close()
+        gevent.joinall(self.g, timeout=5)
+
+
+@pytest.fixture
+def env(tmp_path):
+    rw = tmp_path / "rw"
+    ro = tmp_path / "ro"
+    outside = tmp_path / "outside"
+    local = tmp_path / "local"
+    for d in (rw, ro, outside, local):
+        d.mkdir()
+    (ro / "readme.txt").write_bytes(b"read only\n")
+    (outside / "secret").write_bytes(b"secret\n")
+    state = {"overwrite": False, "max_size": 1024 * MIB, "extra_roots": []}
+
+    class Env:
+        pass
+
+    e = Env()
+    e.tmp, e.rw, e.ro, e.outside, e.local = tmp_path, rw, ro, outside, local
+    e.results = []
+    e.pairs = []
+    e.state = state
+
+    def tcfg():
+        roots = [config.TransferRoot(path=str(rw), mode="rw"),
+                 config.TransferRoot(path=str(ro), mode="ro")] + state["extra_roots"]
+        return config.TransferConfig(roots=tuple(roots), max_size=state["max_size"],
+                                     overwrite=state["overwrite"])
+
+    def pair():
+        p = Pair(tcfg(), e.results)
+        e.pairs.append(p)
+        return p
+
+    e.pair = pair
+    yield e
+    for p in e.pairs:
+        p.close()
+
+
+def wait_results(e, n, timeout=10):
+    deadline = time.monotonic() + timeout
+    while len(e.results) < n and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    assert len(e.results) >= n, e.results
+
+
+def no_partials(d):
+    return [p for p in os.listdir(str(d)) if p.endswith(transfer.PART_SUFFIX)] == []
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_push_pull_round_trip_sha256(env, capsys):
+    size = SIZE_MIB * MIB
+    src = env.local / "big.bin"
+    write_random(str(src), size)
+    want = sha_file(str(src))
+    p = env.pair()
+    t0 = time.monotonic()
+    out = ct.push(p.factory, str(src), str(env.rw / "big.bin"))
+    t_push = time.monotonic() - t0
+    assert out == {"files": 1, "bytes": size}
+    assert sha_file(str(env.rw / "big.bin")) == want
+    assert no_partials(env.rw)
+    dst = env.local / "back.bin"
+    t0 = time.monotonic()
+    out = ct.pull(p.factory, str(env.rw / "big.bin"), str(dst))
+    t_pull = time.monotonic() - t0
+    assert sha_file(str(dst)) == want
+    assert no_partials(env.local)
+    wait_results(env, 2)
+    assert [r["code"] for r in env.results[-2:]] == ["transfer_ok", "transfer_ok"]
+    assert env.results[-2]["op"] == "put" and env.results[-2]["bytes"] == size
+    with capsys.disabled():
+        print("\n[transfer] %d MiB in-process (console+agent in one process, %s): "
+              "push %.0f MiB/s, pull %.0f MiB/s"
+              % (SIZE_MIB, tc.choose_cipher(), SIZE_MIB / t_push, SIZE_MIB / t_pull))
+
+
+def test_push_into_existing_dir_and_pull_into_dir(env):
+    src = env.local / "a.txt"
+    src.write_bytes(b"hello\n")
+    p = env.pair()
+    ct.push(p.factory, str(src), str(env.rw))
+    assert (env.rw / "a.txt").read_bytes() == b"hello\n"
+    d = env.local / "into"
+    d.mkdir()
+    ct.pull(p.factory, str(env.rw / "a.txt"), str(d))
+    assert (d / "a.txt").read_bytes() == b"hello\n"
+
+
+def test_empty_file(env):
+    src = env.local / "empty"
+    src.write_bytes(b"")
+    p = env.pair()
+    ct.push(p.factory, str(src), str(env.rw / "empty"))
+    assert (env.rw / "empty").read_bytes() == b""
+    ct.pull(p.factory, str(env.rw / "empty"), str(env.local / "empty2"))
+    assert (env.local / "empty2").read_bytes() == b""
+
+
+def test_recursive_tree(env):
+    tree = env.local / "tree"
+    (tree / "sub" / "deeper").mkdir(parents=True)
+    (tree / "empty_dir").mkdir()
+    files = {"top.txt": b"top", "sub/a.bin": os.urandom(300000),
+             "sub/deeper/b.txt": b"b" * 10}
+    for rel, data in files.items():
+        (tree / rel).write_bytes(data)
+    p = env.pair()
+    out = ct.push(p.factory, str(tree), str(env.rw / "copy"), recursive=True)
+    assert out["files"] == 3
+    for rel, data in files.items():
+        assert (env.rw / "copy" / rel).read_bytes() == data
+    assert (env.rw / "copy" / "empty_dir").is_dir()
+    out = ct.pull(p.factory, str(env.rw / "copy"), str(env.local / "back"), recursive=True)
+    assert out["files"] == 3
+    for rel, data in files.items():
+        assert (env.local / "back" / rel).read_bytes() == data
+    assert (env.local / "back" / "empty_dir").is_dir()
+    assert ct.run_push(p.factory, str(tree), str(env.rw / "x"), err=io.StringIO()) \
+        == ct.EXIT_USAGE
+
+
+def test_list_and_stat_virtual_root(env):
+    p = env.pair()
+    entries = ct.remote_list(p.factory, "/")
+    assert [e["type"] for e in entries] == ["dir"]
+    assert ct.remote_stat(p.factory, "/")["type"] == "dir"
+    assert ct.remote_stat(p.factory, str(env.ro / "readme.txt"))["size"] == 10
+    with pytest.raises(TransferError) as ei:
+        ct.remote_stat(p.factory, str(env.rw / "nope"))
+    assert ei.value.code == "not_found"
+
+
+# --------------------------------------------------------------------------- resume
+
+
+class KillAfter(ct.Progress):
+    """Progress hook that cuts the tunnel after ``limit`` bytes and checks, at every
+    update, that the final name never holds a partial file."""
+
+    def __init__(self, pair, limit, final):
+        super().__init__(enabled=False)
+        self.pair, self.limit, self.final = pair, limit, final
+        self.killed = False
+
+    def update(self, n):
+        super().update(n)
+        assert not os.path.exists(self.final)
+        if not self.killed and self.done >= self.limit:
+            self.killed = True
+            self.pair.kill()
+
+
+def test_kill_mid_push_then_resume(env):
+    size = 24 * MIB
+    src = env.local / "r.bin"
+    write_random(str(src), size)
+    final = env.rw / "r.bin"
+    p = env.pair()
+    prog = KillAfter(p, 8 * MIB, str(final))
+    with pytest.raises(TransferError) as ei:
+        ct.push(p.factory, str(src), str(final), progress=prog)
+    assert ei.value.code == "connection_lost"
+    assert ct.exit_code(ei.value.code) == ct.EXIT_CONNECTION
+    wait_results(env, 1)
+    assert env.results[-1]["code"] == "transfer_incomplete"
+    assert not final.exists()
+    part = env.rw / ".r.bin.rgpart"
+    kept = part.stat().st_size
+    assert 0 < kept < size
+    p2 = env.pair()
+    out = ct.push(p2.factory, str(src), str(final), resume=True)
+    assert out["bytes"] == size - kept        # only the rest was sent
+    assert sha_file(str(final)) == sha_file(str(src))
+    assert not part.exists()
+    wait_results(env, 2)
+    assert env.results[-1]["code"] == "transfer_ok"
+
+
+def test_resume_push_with_foreign_partial_restarts(env):
+    src = env.local / "f.bin"
+    write_random(str(src), 3 * MIB)
+    (env.rw / ".f.bin.rgpart").write_bytes(b"not a prefix of the file")
+    p = env.pair()
+    out = ct.push(p.factory, str(src), str(env.rw / "f.bin"), resume=True)
+    assert out["bytes"] == 3 * MIB
+    assert sha_file(str(env.rw / "f.bin")) == sha_file(str(src))
+
+
+def test_kill_mid_pull_then_resume(env):
+    size = 24 * MIB
+    remote = env.rw / "p.bin"
+    write_random(str(remote), size)
+    local = env.local / "p.bin"
+    p = env.pair()
+    prog = KillAfter(p, 8 * MIB, str(local))
+    with pytest.raises(TransferError) as ei:
+        ct.pull(p.factory, str(remote), str(local), progress=prog)
+    assert ei.value.code == "connection_lost"
+    part = env.local / ".p.bin.rgpart"
+    kept = part.stat().st_size
+    assert 0 < kept < size and not local.exists()
+    p2 = env.pair()
+    out = ct.pull(p2.factory, str(remote), str(local), resume=True)
+    assert out["bytes"] == size - kept
+    assert sha_file(str(local)) == sha_file(str(remote))
+    assert not part.exists()
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def push_err(p, local, remote, **kw):
+    with pytest.raises(TransferError) as ei:
+        ct.push(p.factory, str(local), remote, **kw)
+    return ei.value
+
+
+def pull_err(p, remote, local, **kw):
+    with pytest.raises(TransferError) as ei:
+        ct.pull(p.factory, remote, str(local), **kw)
+    return ei.value
+
+
+def tree_snapshot(*dirs):
+    out = {}
+    for d in dirs:
+        for root, dnames, fnames in os.walk(str(d)):
+            for n in dnames + fnames:
+                path = os.path.join(root, n)
+                st = os.lstat(path)
+                out[path] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def raw_request(p, header, data=b""):
+    """Speak the wire protocol directly (what a buggy or hostile console could send)."""
+    s = p.factory()
+    s.send(json.dumps(header).encode() + b"\n")
+    if data:
+        try:
+            s.send(data)
+        except (mux.MuxError, OSError):
+            pass
+    try:
+        s.shutdown_write()
+    except (mux.MuxError, OSError):
+        pass
+    buf = b""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            chunk = s.recv()
+        except (mux.MuxError, OSError):
+            break
+        if not chunk:
+            break
+        buf += chunk
+    return [json.loads(line) for line in buf.split(b"\n") if line.startswith(b"{")]
+
+
+def test_escapes_refused_nothing_written(env):
+    os.symlink(str(env.outside), str(env.rw / "out_link"))
+    os.symlink("/dev/null", str(env.rw / "null_link"))
+    os.symlink(str(env.outside / "secret"), str(env.rw / "secret_link"))
+    os.mkfifo(str(env.rw / "fifo"))
+    src = env.local / "x"
+    src.write_bytes(b"payload")
+    before = tree_snapshot(env.rw, env.outside, env.ro)
+    p = env.pair()
+    rw = str(env.rw)
+    cases = [
+        (rw + "/../outside/x", "outside_root"),
+        (rw + "/a/../../outside/x", "outside_root"),
+        ("/etc/x", "outside_root"),
+        (rw + "/out_link/x", "symlink_escape"),
+        (rw + "/null_link", "symlink_escape"),
+        (rw + "/secret_link", "symlink_escape"),
+        (rw + "/fifo", "not_regular_file"),
+    ]
+    for remote, code in cases:
+        assert push_err(p, src, remote).code == code, remote
+    assert push_err(p, src, "relative/x").code == "not_absolute"
+    # A root itself is a directory, never a file to replace.
+    assert raw_request(p, {"op": "put", "path": rw, "size": 1})[0]["code"] \
+        == "not_regular_file"
+    # The agent refuses a relative path itself too (not only the console).
+    assert raw_request(p, {"op": "put", "path": "rel/x", "size": 1})[0]["code"] \
+        == "not_absolute"
+    for remote, code in [(rw + "/../outside/secret", "outside_root"),
+                         (rw + "/out_link/secret", "symlink_escape"),
+                         (rw + "/secret_link", "symlink_escape"),
+                         (rw + "/null_link", "symlink_escape"),
+                         (rw + "/fifo", "not_regular_file"),
+                         ("/etc/passwd", "outside_root")]:
+        assert pull_err(p, remote, env.local / "got").code == code, remote
+    assert not (env.local / "got").exists() and no_partials(env.local)
+    assert tree_snapshot(env.rw, env.outside, env.ro) == before
+    assert (env.outside / "secret").read_bytes() == b"secret\n"
+    wait_results(env, 1)
+    assert any(r["code"] == "transfer_symlink_escape" for r in env.results)
+
+
+def test_device_file_inside_root_refused(env):
+    try:
+        os.mknod(str(env.rw / "null"), 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    except (OSError, PermissionError) as e:
+        pytest.skip("cannot mknod a device file here: %s" % e)
+    p = env.pair()
+    assert pull_err(p, str(env.rw / "null"), env.local / "n").code == "not_regular_file"
+    src = env.local / "x"
+    src.write_bytes(b"x")
+    assert push_err(p, src, str(env.rw / "null"), overwrite=True).code == "not_regular_file"
+
+
+def test_oversize_declared_and_actual(env):
+    env.state["extra_roots"] = [config.TransferRoot(path=str(env.tmp / "small"), mode="rw",
+                                                    max_size=MIB)]
+    (env.tmp / "small").mkdir()
+    src = env.local / "two.bin"
+    write_random(str(src), 2 * MIB)
+    p = env.pair()
+    err = push_err(p, src, str(env.tmp / "small" / "two.bin"))
+    assert err.code == "too_large" and ct.exit_code(err.code) == ct.EXIT_REFUSED
+    # Actual bytes beyond the declared size: refused, nothing kept.
+    answers = raw_request(p, {"op": "put", "path": str(env.tmp / "small" / "liar"),
+                              "size": 10}, data=os.urandom(2 * MIB))
+    assert answers[0]["ok"] is True
+    assert answers[-1]["ok"] is False and answers[-1]["code"] == "too_large"
+    assert os.listdir(str(env.tmp / "small")) == []
+
+
+def test_integrity_mismatch_keeps_nothing(env):
+    p = env.pair()
+    answers = raw_request(p, {"op": "put", "path": str(env.rw / "bad"), "size": 5},
+                          data=b"hello" + b'{"sha256": "' + b"0" * 64 + b'"}\n')
+    assert answers[-1]["code"] == "integrity"
+    assert os.listdir(str(env.rw)) == []
+    assert ct.exit_code("integrity") == ct.EXIT_INTEGRITY
+
+
+def test_exists_without_overwrite(env):
+    (env.rw / "keep.txt").write_bytes(b"original")
+    src = env.local / "keep.txt"
+    src.write_bytes(b"new content")
+    p = env.pair()
+    assert push_err(p, src, str(env.rw / "keep.txt")).code == "exists"
+    # --overwrite asked but the device does not allow it
+    err = push_err(p, src, str(env.rw / "keep.txt"), overwrite=True)
+    assert err.code == "exists" and "remote.transfer.overwrite" in err.message
+    assert (env.rw / "keep.txt").read_bytes() == b"original"
+    assert no_partials(env.rw)
+    errout = io.StringIO()
+    assert ct.run_push(p.factory, str(src), str(env.rw / "keep.txt"), err=errout) \
+        == ct.EXIT_REFUSED
+    assert errout.getvalue().count("\n") == 1 and "exists" in errout.getvalue()
+    env.state["overwrite"] = True
+    p2 = env.pair()
+    ct.push(p2.factory, str(src), str(env.rw / "keep.txt"), overwrite=True)
+    assert (env.rw / "keep.txt").read_bytes() == b"new content"
+
+
+def test_read_only_root(env):
+    src = env.local / "x"
+    src.write_bytes(b"x")
+    p = env.pair()
+    before = tree_snapshot(env.ro)
+    assert push_err(p, src, str(env.ro / "x")).code == "read_only"
+    with pytest.raises(TransferError) as ei:
+        ct.remote_mkdir(p.factory, str(env.ro / "d"))
+    assert ei.value.code == "read_only"
+    assert tree_snapshot(env.ro) == before
+    ct.pull(p.factory, str(env.ro / "readme.txt"), str(env.local / "readme.txt"))
+    assert (env.local / "readme.txt").read_bytes() == b"read only\n"
+
+
+def test_not_found_and_disabled(env):
+    p = env.pair()
+    err = pull_err(p, str(env.rw / "missing"), env.local / "m")
+    assert err.code == "not_found" and ct.exit_code(err.code) == ct.EXIT_OTHER
+    assert not (env.local / "m").exists() and no_partials(env.local)
+    disabled = Pair(config.TransferConfig(), [])
+    env.pairs.append(disabled)
+    with pytest.raises(TransferError) as ei:
+        ct.pull(disabled.factory, "/x", str(env.local / "y"))
+    assert ei.value.code == "target_refused"
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True, timeout=10)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a 1 MiB tmpfs: %s" % r.stderr.strip())
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], timeout=10)
+
+
+def test_no_space_declared(env, tiny_fs):
+    env.state["extra_roots"] = [config.TransferRoot(path=str(tiny_fs), mode="rw")]
+    src = env.local / "two.bin"
+    write_random(str(src), 2 * MIB)
+    p = env.pair()
+    err = push_err(p, src, str(tiny_fs / "two.bin"))
+    assert err.code == "no_space" and ct.exit_code(err.code) == ct.EXIT_NO_SPACE
+    assert os.listdir(str(tiny_fs)) == []
+
+
+def test_no_space_during_write(env, tiny_fs, monkeypatch):
+    # The up-front free-space check cannot see another writer filling the disk;
+    # switch it off so the real ENOSPC comes from the write itself.
+    monkeypatch.setattr(transfer, "_available", lambda dfd: None)
+    env.state["extra_roots"] = [config.TransferRoot(path=str(tiny_fs), mode="rw")]
+    src = env.local / "two.bin"
+    write_random(str(src), 2 * MIB)
+    p = env.pair()
+    err = push_err(p, src, str(tiny_fs / "two.bin"))
+    assert err.code == "no_space"
+    assert os.listdir(str(tiny_fs)) == []
+    wait_results(env, 1)
+    assert env.results[-1]["code"] == "transfer_no_space"
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_roots_resolve_unit(tmp_path):
+    root = tmp_path / "r"
+    (root / "d").mkdir(parents=True)
+    os.symlink("d", str(root / "inner"))   # symlink inside the root: allowed
+    roots = transfer.Roots([transfer.Root(str(root), writable=False)])
+    assert roots.resolve(str(root / "inner")).path == os.path.realpath(str(root / "d"))
+    assert roots.resolve(str(root) + "//d/./").path == os.path.realpath(str(root / "d"))
+    for path, code in [("", "bad_request"), ("a", "not_absolute"),
+                       (str(root) + "/d\0x", "bad_request"),
+                       (str(root) + "/../x", "outside_root"),
+                       (str(root) + "x/y", "outside_root")]:
+        with pytest.raises(TransferError) as ei:
+            roots.resolve(path)
+        assert ei.value.code == code, path
+    with pytest.raises(TransferError) as ei:
+        roots.resolve(str(root / "d"), want_write=True)
+    assert ei.value.code == "read_only"
+    assert roots.virtual_children("/") == [str(tmp_path).split("/")[1]]
+    assert roots.virtual_children(str(root)) is None
+
+
+def test_rename_noreplace(tmp_path):
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "b").write_bytes(b"b")
+    dfd = os.open(str(tmp_path), os.O_RDONLY)
+    try:
+        with pytest.raises(FileExistsError):
+            transfer.rename_noreplace(dfd, "a", dfd, "b")
+        transfer.rename_noreplace(dfd, "a", dfd, "c")
+    finally:
+        os.close(dfd)
+    assert (tmp_path / "b").read_bytes() == b"b" and (tmp_path / "c").read_bytes() == b"a"
+
+
+def test_progress_quiet_unless_tty():
+    out = io.StringIO()
+    p = ct.Progress(out=out)
+    p.start("f", 100)
+    p.update(50)
+    p.finish()
+    assert out.getvalue() == ""
+    p = ct.Progress(out=out, enabled=True)
+    p.start("f", 100)
+    p.update(100)
+    p.finish()
+    assert "100%" in out.getvalue() and out.getvalue().endswith("\n")
+
