@@ -1,0 +1,212 @@
+"""The stock OpenSSH ``sftp`` client against ``sftp.serve_sftp``.
+
+Harness without the platform: the test listens on 127.0.0.1, ``sftp`` reaches it
+through a tiny ProxyCommand (stdin/stdout <-> TCP, like ``remote-gevent-console
+stdio``), and every accepted connection is served by ``serve_sftp`` directly.  The
+platform e2e test does the same through the real tunnel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import gevent
+import gevent.server
+import pytest
+
+from remote_gevent import identity, sftp, transfer
+
+SFTP = shutil.which("sftp")
+SSH = shutil.which("ssh")
+pytestmark = pytest.mark.skipif(SFTP is None, reason="OpenSSH sftp client not installed")
+
+PROXY = r"""
+import os, socket, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+s.settimeout(None)
+def up():
+    while True:
+        d = os.read(0, 65536)
+        if not d:
+            s.shutdown(socket.SHUT_WR)
+            return
+        s.sendall(d)
+threading.Thread(target=up, daemon=True).start()
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    os.write(1, d)
+"""
+
+TIMEOUT = 60
+
+
+@pytest.fixture
+def server(tmp_path):
+    rw = tmp_path / "rw"
+    ro = tmp_path / "ro"
+    outside = tmp_path / "outside"
+    local = tmp_path / "local"
+    for d in (rw, ro, outside, local):
+        d.mkdir()
+    (ro / "readme.txt").write_bytes(b"read only\n")
+    (outside / "secret").write_bytes(b"secret\n")
+    os.symlink(str(outside), str(rw / "out_link"))
+    roots = transfer.Roots([transfer.Root(str(rw), writable=True),
+                            transfer.Root(str(ro), writable=False)])
+    key = identity.IdentityKey.generate()
+    results = []
+
+    def handle(sock, addr):
+        sftp.serve_sftp(sock, roots, key, log_ctx="test", on_result=results.append)
+
+    srv = gevent.server.StreamServer(("127.0.0.1", 0), handle)
+    srv.start()
+
+    class S:
+        pass
+
+    s = S()
+    s.rw, s.ro, s.outside, s.local, s.tmp = rw, ro, outside, local, tmp_path
+    s.port = srv.server_port
+    s.results = results
+    s.key = key
+    yield s
+    srv.stop(timeout=5)
+
+
+def ssh_opts(port):
+    proxy = "%s -c '%s' %d" % (sys.executable, PROXY.replace("'", "'\\''"), port)
+    return ["-o", "ProxyCommand=" + proxy, "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "LogLevel=ERROR", "-F", "/dev/null"]
+
+
+def run_batch(s, lines):
+    batch = s.tmp / "batch"
+    batch.write_text("\n".join(lines) + "\n")
+    return subprocess.run([SFTP, "-b", str(batch)] + ssh_opts(s.port) + ["x@device"],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def sha(path):
+    with open(str(path), "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def leftovers(d):
+    return [n for n in os.listdir(str(d)) if n.endswith(transfer.PART_SUFFIX)]
+
+
+def test_put_get_ls_rename_rm(server):
+    s = server
+    src = s.local / "up.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    rw = str(s.rw)
+    r = run_batch(s, [
+        "put %s %s/up.bin" % (src, rw),
+        "get %s/up.bin %s/down.bin" % (rw, s.local),
+        "ls -l %s" % rw,
+        "rename %s/up.bin %s/moved.bin" % (rw, rw),
+        "mkdir %s/newdir" % rw,
+        "put %s %s/newdir/inner.bin" % (src, rw),
+        "ls %s/newdir" % rw,
+        "rm %s/newdir/inner.bin" % rw,
+        "rmdir %s/newdir" % rw,
+        "get %s/readme.txt %s/readme.txt" % (s.ro, s.local),
+        "ls /",
+    ])
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert sha(s.local / "down.bin") == sha(src)
+    assert "up.bin" in r.stdout and "inner.bin" in r.stdout
+    assert sha(s.rw / "moved.bin") == sha(src)
+    assert not (s.rw / "up.bin").exists() and not (s.rw / "newdir").exists()
+    assert (s.local / "readme.txt").read_bytes() == b"read only\n"
+    assert str(s.tmp).split("/")[1] in r.stdout      # "/" lists the way to the roots
+    assert leftovers(s.rw) == []
+    r = run_batch(s, ["rm %s/moved.bin" % rw])
+    assert r.returncode == 0, r.stderr
+    assert not (s.rw / "moved.bin").exists()
+    gevent.sleep(0.2)
+    ops = [x["op"] for x in s.results]
+    assert "sftp_put" in ops and "sftp_get" in ops and "sftp_remove" in ops
+    assert all(x["code"] == "transfer_ok" for x in s.results), s.results
+
+
+def test_read_only_root_refuses_writes(server):
+    s = server
+    src = s.local / "x"
+    src.write_bytes(b"x")
+    for line in ["put %s %s/x" % (src, s.ro), "rm %s/readme.txt" % s.ro,
+                 "mkdir %s/d" % s.ro, "rename %s/readme.txt %s/y" % (s.ro, s.ro)]:
+        r = run_batch(s, [line])
+        assert r.returncode != 0, line
+        assert "denied" in (r.stderr + r.stdout).lower(), (line, r.stderr)
+    assert sorted(os.listdir(str(s.ro))) == ["readme.txt"]
+
+
+def test_escapes_refused(server):
+    s = server
+    src = s.local / "x"
+    src.write_bytes(b"x")
+    for line in ["put %s %s/../outside/x" % (src, s.rw),
+                 "put %s %s/out_link/x" % (src, s.rw),
+                 "get %s/out_link/secret %s/got" % (s.rw, s.local),
+                 "get %s/../outside/secret %s/got" % (s.rw, s.local),
+                 "get /etc/passwd %s/got" % s.local,
+                 "rm %s/outside/secret" % s.tmp]:
+        r = run_batch(s, [line])
+        assert r.returncode != 0, line
+    assert sorted(os.listdir(str(s.outside))) == ["secret"]
+    assert not (s.local / "got").exists()
+
+
+def test_exists_not_clobbered(server):
+    s = server
+    (s.rw / "keep").write_bytes(b"original")
+    src = s.local / "keep"
+    src.write_bytes(b"new")
+    r = run_batch(s, ["put %s %s/keep" % (src, s.rw)])
+    assert r.returncode != 0
+    assert (s.rw / "keep").read_bytes() == b"original"
+    (s.rw / "other").write_bytes(b"other")
+    r = run_batch(s, ["rename %s/other %s/keep" % (s.rw, s.rw)])
+    assert r.returncode != 0
+    assert (s.rw / "keep").read_bytes() == b"original"
+    assert leftovers(s.rw) == []
+
+
+@pytest.mark.skipif(SSH is None, reason="OpenSSH ssh client not installed")
+def test_no_shell_no_exec(server):
+    r = subprocess.run([SSH] + ssh_opts(server.port) + ["-T", "x@device", "echo pwned"],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode != 0 and "pwned" not in r.stdout
+
+
+def test_host_key_is_the_identity_key(server):
+    key = sftp.host_key_of(server.key)
+    assert key.get_name() == "ssh-ed25519"
+    assert key.get_base64() == server.key.public_line().split()[1]
+
+
+def test_garbage_ends_quietly(server):
+    c = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    c.settimeout(10)
+    data = b""
+    try:
+        while True:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    c.close()
+    assert data.startswith(b"SSH-2.0-")
