@@ -148,7 +148,7 @@ def operator_permissions(user: str) -> Dict[str, object]:
     }
 
 
-_LIVE_NODES = weakref.WeakSet()  # type: weakref.WeakSet[RabbitNode]
+_LIVE_NODES: weakref.WeakSet[RabbitNode] = weakref.WeakSet()
 
 
 @atexit.register
@@ -188,8 +188,8 @@ class RabbitNode:
         self.key_file = os.path.abspath(key_file)
         self.admin_user = "rg-admin"
         self.admin_password = secrets.token_hex(16)
-        self._proc = None  # type: Optional[subprocess.Popen]
-        self._epmd = None  # type: Optional[subprocess.Popen]
+        self._proc: Optional[subprocess.Popen] = None
+        self._epmd: Optional[subprocess.Popen] = None
         self._write_files()
 
     # ------------------------------------------------------------------ files and env
@@ -490,7 +490,7 @@ class RabbitNode:
     @staticmethod
     def _merge(parts: Sequence[Dict[str, List[Dict[str, object]]]]
                ) -> Dict[str, List[Dict[str, object]]]:
-        merged = {}  # type: Dict[str, List[Dict[str, object]]]
+        merged: Dict[str, List[Dict[str, object]]] = {}
         for part in parts:
             for key, items in part.items():
                 merged.setdefault(key, []).extend(items)
