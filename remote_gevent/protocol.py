@@ -58,6 +58,7 @@ CLOCK_SKEW = 60  # seconds of clock difference tolerated each way
 MAX_TARGETS = 32
 MAX_REASON_CHARS = 256
 MAX_DETAIL_CHARS = 120
+MAX_STATUS_SESSIONS = 200  # entries in one ``status`` reply (fewer if 16 KiB would not fit)
 DEFAULT_REQUEST_TTL = 60
 DEFAULT_REPLAY_ENTRIES = 10000
 
@@ -73,8 +74,11 @@ class MsgType:
     SESSION_CLOSE = "session.close"
     ALIVE = "alive"
     KEY = "key"
+    STATUS_REQUEST = "status.request"
+    STATUS = "status"
     ALL = frozenset({
         SESSION_REQUEST, SESSION_QUEUED, SESSION_ACCEPT, SESSION_REFUSE, SESSION_CLOSE, ALIVE, KEY,
+        STATUS_REQUEST, STATUS,
     })
 
 
@@ -424,6 +428,27 @@ def _pubkey_line(where: str, name: str, value: Any) -> None:
         raise _fail(where, name, str(exc), value) from None
 
 
+def _status_sessions(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, list) or len(value) > MAX_STATUS_SESSIONS:
+        raise _fail(where, name, "expected a list of at most %d sessions" % MAX_STATUS_SESSIONS,
+                    len(value) if isinstance(value, list) else value)
+    for i, entry in enumerate(value):
+        item = "%s.%s[%d]" % (where, name, i)
+        if not isinstance(entry, dict):
+            raise _fail(where, "%s[%d]" % (name, i), "expected an object", entry)
+        _check_fields(item, entry, _STATUS_ENTRY, {})
+
+
+def _short_texts(max_items: int, max_chars: int) -> Validator:
+    def check(where: str, name: str, value: Any) -> None:
+        if not isinstance(value, list) or len(value) > max_items:
+            raise _fail(where, name, "expected a list of at most %d strings" % max_items,
+                        len(value) if isinstance(value, list) else value)
+        for item in value:
+            _text(max_chars, allow_empty=False)(where, name, item)
+    return check
+
+
 _session_id = _regex(_SID_RE, "expected 32 lowercase hex chars")
 _fingerprint = _regex(_FP_RE, "expected an SHA256:... fingerprint")
 _ident = _regex(_IDENT_RE, "expected [A-Za-z0-9_-]{1,64}")
@@ -462,25 +487,48 @@ SCHEMAS: Dict[str, Tuple[Dict[str, Validator], Dict[str, Validator]]] = {
         "ident": _ident, "server_id": _server_id, "pubkey": _pubkey_line,
         "fingerprint": _fingerprint, "ts": _number,
     }, {"previous": _fingerprint, "rotation_sig": _b64(64)}),
+    MsgType.STATUS_REQUEST: ({
+        "request_id": _session_id, "device": _ident, "server_id": _server_id,
+        "operator": _fingerprint, "iat": _int(), "exp": _int(),
+    }, {}),
+    MsgType.STATUS: ({
+        "request_id": _session_id, "ident": _ident, "server_id": _server_id,
+        "fingerprint": _fingerprint, "version": _text(64, allow_empty=False),
+        "uptime": _number, "sessions_active": _int(0, 1000000),
+        "sessions_waiting": _int(0, 1000000), "max_session": _int(0, 1000000),
+        "sessions_total": _int(0, 1000000), "sessions": _status_sessions, "ts": _number,
+    }, {}),
 }
+
+# One entry of ``status.sessions`` (what an operator needs to find and close a session).
+_STATUS_ENTRY: Dict[str, Validator] = {
+    "session_id": _session_id, "state": _text(16, allow_empty=False), "since": _number,
+    "operator": _text(64), "targets": _short_texts(MAX_TARGETS, 300),
+    "remote_ip": _text(64), "bytes_in": _int(), "bytes_out": _int(),
+}
+
+
+def _check_fields(where: str, body: Dict[str, Any], required: Dict[str, Validator],
+                  optional: Dict[str, Validator]) -> None:
+    missing = [k for k in required if k not in body]
+    if missing:
+        raise ProtocolError(Reason.MALFORMED, "%s: missing %s" % (where, ", ".join(missing)))
+    unknown = [k for k in body if k not in required and k not in optional]
+    if unknown:
+        raise ProtocolError(Reason.MALFORMED, "%s: unknown fields %s"
+                            % (where, short(sorted(unknown))))
+    for name, check in required.items():
+        check(where, name, body[name])
+    for name, check in optional.items():
+        if name in body:
+            check(where, name, body[name])
 
 
 def _check_body(msg_type: str, body: Dict[str, Any]) -> None:
     required, optional = SCHEMAS[msg_type]
     if not isinstance(body, dict):
         raise ProtocolError(Reason.MALFORMED, "%s: body is not an object" % msg_type)
-    missing = [k for k in required if k not in body]
-    if missing:
-        raise ProtocolError(Reason.MALFORMED, "%s: missing %s" % (msg_type, ", ".join(missing)))
-    unknown = [k for k in body if k not in required and k not in optional]
-    if unknown:
-        raise ProtocolError(Reason.MALFORMED, "%s: unknown fields %s"
-                            % (msg_type, short(sorted(unknown))))
-    for name, check in required.items():
-        check(msg_type, name, body[name])
-    for name, check in optional.items():
-        if name in body:
-            check(msg_type, name, body[name])
+    _check_fields(msg_type, body, required, optional)
     if msg_type == MsgType.KEY and (("previous" in body) != ("rotation_sig" in body)):
         raise ProtocolError(Reason.MALFORMED, "key: previous and rotation_sig go together")
 
@@ -833,6 +881,141 @@ def verify_key_rotation(msg: Any, pinned_raw32: bytes) -> bytes:
         raise ProtocolError(Reason.BAD_SIGNATURE, "%s: rotation signature does not verify"
                             % ann.ident)
     return ann.public_raw32
+
+
+# ---------------------------------------------------------------- status
+
+
+def make_status_request(operator_key: Any, device: str, server_id: str,
+                        ttl: int = DEFAULT_REQUEST_TTL, request_id: Optional[str] = None,
+                        now: Optional[float] = None) -> Tuple[str, bytes]:
+    """Signed ``status.request`` (console side); returns ``(request_id, raw)``.
+
+    Sent on ``remote.down`` ``<topic>.status`` with ``reply_to`` and
+    ``correlation_id`` = ``request_id``, like a session request.
+    """
+    if not 1 <= ttl <= MAX_SESSION_LIFETIME:
+        raise ValueError("ttl must be in [1, %d]" % MAX_SESSION_LIFETIME)
+    iat = int(time.time() if now is None else now)
+    rid = request_id or new_session_id()
+    body = {"request_id": rid, "device": device, "server_id": server_id,
+            "operator": operator_key.fingerprint, "iat": iat, "exp": iat + int(ttl)}
+    return rid, encode(MsgType.STATUS_REQUEST, body, operator_key)
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    request_id: str
+    operator: OperatorKey
+    iat: int
+    exp: int
+    message: Message = field(repr=False, compare=False)
+
+
+def check_status_request(msg: Any, device: str, server_id: str, trusted: AuthorizedKeys,
+                         replay_cache: ReplayCache, now: Optional[float] = None
+                         ) -> StatusRequest:
+    """Decide whether the agent answers a ``status.request``; raise Refused if not.
+
+    Same rules and order as :func:`check_session_request` (schema, signer =
+    operator, device, operator trusted, signature, time window, replay): the
+    session list names operators and targets, so only a trusted operator may
+    read it, and a captured request cannot be replayed to keep polling.
+    """
+    if now is None:
+        now = time.time()
+    try:
+        if not isinstance(msg, Message):
+            msg = decode(msg)
+        if msg.type != MsgType.STATUS_REQUEST:
+            raise ProtocolError(Reason.MALFORMED, "expected status.request, got %s" % msg.type)
+        if msg.signer != msg.body["operator"]:
+            raise ProtocolError(Reason.MALFORMED, "envelope signer differs from body.operator")
+    except Refused:
+        raise
+    except ProtocolError as exc:
+        raise Refused(exc.reason, exc.detail) from None
+    b = msg.body
+    rid = b["request_id"]
+    if b["device"] != device or b["server_id"] != server_id:
+        raise Refused(Reason.WRONG_DEVICE, "status %s is for %s/%s, we are %s/%s"
+                      % (rid, b["server_id"], b["device"], server_id, device))
+    op = trusted.get(b["operator"])
+    if op is None:
+        raise Refused(Reason.UNKNOWN_OPERATOR, "status %s: operator %s not trusted"
+                      % (rid, b["operator"]))
+    if not _verify_raw(op.public_raw32, msg.signed_bytes(), msg.sig or b""):
+        raise Refused(Reason.BAD_SIGNATURE, "status %s: signature by %s does not verify"
+                      % (rid, op.fingerprint))
+    iat, exp = b["iat"], b["exp"]
+    if iat > now + CLOCK_SKEW:
+        raise Refused(Reason.EXPIRED, "status %s: issued %ds in the future" % (rid, iat - now))
+    if exp < iat or exp - iat > MAX_SESSION_LIFETIME:
+        raise Refused(Reason.EXPIRED, "status %s: lifetime %ds outside [0, %d]"
+                      % (rid, exp - iat, MAX_SESSION_LIFETIME))
+    if exp + CLOCK_SKEW < now:
+        raise Refused(Reason.EXPIRED, "status %s: expired %ds ago" % (rid, now - exp))
+    replay_cache.check_and_add(rid, exp, now)
+    return StatusRequest(rid, op, iat, exp, msg)
+
+
+def make_status(identity: Any, request_id: str, ident: str, server_id: str, version: str,
+                uptime: float, sessions_active: int, sessions_waiting: int, max_session: int,
+                sessions: Sequence[Dict[str, Any]], ts: Optional[float] = None) -> bytes:
+    """Signed ``status`` reply. ``sessions`` entries follow the ``status`` schema
+    (session_id, state, since, operator, targets, remote_ip, bytes_in, bytes_out).
+
+    At most :data:`MAX_STATUS_SESSIONS` entries are sent, fewer when the message
+    would exceed 16 KiB; ``sessions_total`` always says how many there were.
+    """
+    entries = list(sessions)
+    body = {
+        "request_id": request_id, "ident": ident, "server_id": server_id,
+        "fingerprint": identity.fingerprint, "version": version,
+        "uptime": round(float(uptime), 3), "sessions_active": sessions_active,
+        "sessions_waiting": sessions_waiting, "max_session": max_session,
+        "sessions_total": len(entries), "sessions": entries[:MAX_STATUS_SESSIONS],
+        "ts": int(time.time()) if ts is None else ts,
+    }
+    entries = body["sessions"]
+
+    def attempt(count: int) -> Optional[bytes]:
+        try:
+            return encode(MsgType.STATUS, dict(body, sessions=entries[:count]), identity)
+        except ProtocolError as exc:
+            if exc.reason != Reason.TOO_LARGE:
+                raise
+            return None
+
+    raw = attempt(len(entries))
+    if raw is not None:
+        return raw
+    lo, hi = 0, len(entries)  # attempt(lo) fits, attempt(hi) does not
+    best = attempt(0)
+    if best is None:
+        raise ProtocolError(Reason.TOO_LARGE, "status without sessions does not fit")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        raw = attempt(mid)
+        if raw is None:
+            hi = mid
+        else:
+            lo, best = mid, raw
+    return best
+
+
+def verify_status(msg: Any, pinned_device_raw32: bytes, request_id: str) -> Dict[str, Any]:
+    """Console side: the body of a ``status`` reply signed by the pinned device key for
+    *this* request; ProtocolError (``bad_signature``, ``replayed``, ``malformed``) if not."""
+    if not isinstance(msg, Message):
+        msg = decode(msg)
+    if msg.type != MsgType.STATUS:
+        raise ProtocolError(Reason.MALFORMED, "expected status, got %s" % msg.type)
+    verify(msg, pinned_device_raw32)
+    if msg.body["request_id"] != request_id:
+        raise ProtocolError(Reason.REPLAYED, "status answers request %s, not %s"
+                            % (msg.body["request_id"], request_id))
+    return msg.body
 
 
 def request_digest(raw: bytes) -> str:

@@ -551,3 +551,109 @@ def test_reply_to_validation():
     assert p.is_valid_reply_to("amq.gen-JzTY20BRgKO-HjmUJj0wLg")
     for bad in ("", "a b", "x" * 201, None, "q\n", "ä"):
         assert not p.is_valid_reply_to(bad)
+
+
+# ---------------------------------------------------------------- status
+
+
+def status_request(signer, now=NOW, **kw):
+    return p.make_status_request(signer, kw.pop("device", DEVICE),
+                                 kw.pop("server_id", SERVER), now=now, **kw)
+
+
+def check_status(raw, trusted, cache=None, now=NOW):
+    return p.check_status_request(raw, DEVICE, SERVER, trusted,
+                                  cache if cache is not None else p.ReplayCache(), now=now)
+
+
+def test_status_request_accepted_and_refusals(op, trusted):
+    rid, raw = status_request(op)
+    cache = p.ReplayCache()
+    req = check_status(raw, trusted, cache)
+    assert req.request_id == rid and req.operator.fingerprint == op.fingerprint
+    cases = [
+        (raw, Reason.REPLAYED),  # same cache
+        (status_request(op, device="other")[1], Reason.WRONG_DEVICE),
+        (status_request(op, server_id="xx01")[1], Reason.WRONG_DEVICE),
+        (status_request(Signer())[1], Reason.UNKNOWN_OPERATOR),
+        (tamper(status_request(op)[1], lambda b: b.__setitem__("iat", NOW - 1)),
+         Reason.BAD_SIGNATURE),
+        (status_request(op, now=NOW - 1000)[1], Reason.EXPIRED),
+        (status_request(op, now=NOW + 1000)[1], Reason.EXPIRED),
+        (resign(status_request(op)[1], op, lambda b: b.__setitem__("exp", NOW + 10000)),
+         Reason.EXPIRED),
+        (b'{"v": 1, "type": "status.request", "body": {}}', Reason.MALFORMED),
+        (b"x" * (p.MAX_MESSAGE_BYTES + 1), Reason.TOO_LARGE),
+    ]
+    for raw_case, reason in cases:
+        with pytest.raises(p.Refused) as ei:
+            check_status(raw_case, trusted, cache)
+        assert ei.value.reason == reason, (reason, ei.value)
+    # a session.request is not a status request, and vice versa
+    with pytest.raises(p.Refused) as ei:
+        check_status(request(op)[1], trusted)
+    assert ei.value.reason == Reason.MALFORMED
+    with pytest.raises(p.Refused) as ei:
+        check(status_request(op)[1], trusted)
+    assert ei.value.reason == Reason.MALFORMED
+
+
+def test_status_request_signer_must_be_operator(op, trusted):
+    other = Signer()
+    raw = resign(status_request(op)[1], other, lambda b: None)  # body names op, signed by other
+    with pytest.raises(p.Refused) as ei:
+        check_status(raw, trusted)
+    assert ei.value.reason == Reason.MALFORMED
+
+
+def _entry(i, targets=("127.0.0.1:22",)):
+    return {"session_id": "%032x" % i, "state": "active", "since": NOW + 0.5,
+            "operator": "SHA256:" + "A" * 43, "targets": list(targets),
+            "remote_ip": "192.0.2.%d" % (i % 250), "bytes_in": i, "bytes_out": 2 * i}
+
+
+def test_status_reply_round_trip_and_binding():
+    device = Signer()
+    rid = p.new_session_id()
+    raw = p.make_status(device, rid, "demo", "fr04", "0.1.0", 12.5, 2, 1, 10,
+                        [_entry(1), _entry(2)])
+    body = p.verify_status(raw, device.public_raw, rid)
+    assert body["sessions_total"] == 2 and [e["bytes_in"] for e in body["sessions"]] == [1, 2]
+    with pytest.raises(p.ProtocolError) as ei:
+        p.verify_status(raw, device.public_raw, p.new_session_id())
+    assert ei.value.reason == Reason.REPLAYED
+    with pytest.raises(p.ProtocolError) as ei:
+        p.verify_status(raw, Signer().public_raw, rid)
+    assert ei.value.reason == Reason.BAD_SIGNATURE
+
+
+def test_status_reply_capped_to_200_and_16k():
+    device = Signer()
+    rid = p.new_session_id()
+    raw = p.make_status(device, rid, "demo", "fr04", "0.1.0", 1, 500, 0, 1000,
+                        [_entry(i) for i in range(500)])
+    assert len(raw) <= p.MAX_MESSAGE_BYTES
+    body = p.verify_status(raw, device.public_raw, rid)
+    assert body["sessions_total"] == 500
+    assert 0 < len(body["sessions"]) <= p.MAX_STATUS_SESSIONS
+    # bigger entries: fewer fit, but as many as possible
+    fat = [_entry(i, ["10.0.%d.%d:22" % (i, j) for j in range(32)]) for i in range(50)]
+    raw = p.make_status(device, rid, "demo", "fr04", "0.1.0", 1, 50, 0, 100, fat)
+    n = len(p.decode(raw).body["sessions"])
+    assert len(raw) <= p.MAX_MESSAGE_BYTES and 0 < n < 50
+    with pytest.raises(p.ProtocolError) as ei:  # n + 1 entries would not have fit
+        p.encode(p.MsgType.STATUS, dict(p.decode(raw).body, sessions=fat[:n + 1]), device)
+    assert ei.value.reason == Reason.TOO_LARGE
+
+
+def test_status_entry_schema_is_strict():
+    device = Signer()
+    rid = p.new_session_id()
+    for mutate in (lambda e: e.update(extra=1), lambda e: e.pop("state"),
+                   lambda e: e.update(bytes_in=-1), lambda e: e.update(remote_ip="a\nb"),
+                   lambda e: e.update(session_id="nothex")):
+        e = _entry(1)
+        mutate(e)
+        with pytest.raises(p.ProtocolError) as ei:
+            p.make_status(device, rid, "demo", "fr04", "0.1.0", 1, 1, 0, 10, [e])
+        assert ei.value.reason == Reason.MALFORMED
