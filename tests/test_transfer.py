@@ -20,7 +20,7 @@ import time
 import gevent
 import pytest
 
-from remote_gevent import config, mux, transfer
+from remote_gevent import config, identity, mux, transfer
 from remote_gevent import tunnel_crypto as tc
 from remote_gevent.console import transfer as ct
 from remote_gevent.transfer import TransferError
@@ -68,8 +68,10 @@ class Pair:
         self.g = [gevent.spawn(self.console.run), gevent.spawn(self.agent.run)]
         assert self.console.wait_up(5)
 
+    host_identity = identity.IdentityKey.generate()  # the @sftp host key
+
     def on_open(self, target):
-        return transfer.open_virtual_target(target, self.tcfg, None,
+        return transfer.open_virtual_target(target, self.tcfg, self.host_identity,
                                             on_result=self.results.append, log_ctx=SID)
 
     def factory(self):
@@ -211,6 +213,31 @@ def test_recursive_tree(env):
     assert (env.local / "back" / "empty_dir").is_dir()
     assert ct.run_push(p.factory, str(tree), str(env.rw / "x"), err=io.StringIO()) \
         == ct.EXIT_USAGE
+
+
+def test_sftp_through_the_tunnel(env):
+    import paramiko
+    (env.rw / "hello.txt").write_bytes(b"hi\n")
+    p = env.pair()
+    ours, theirs = socket.socketpair()
+    stream = p.console.open_stream("@sftp", timeout=5)
+    g = gevent.spawn(p.console.splice, stream, ours)
+    t = paramiko.Transport(theirs)
+    try:
+        t.start_client(timeout=10)
+        assert t.get_remote_server_key().get_base64() == p.host_identity.public_line().split()[1]
+        t.auth_none("x")
+        client = paramiko.SFTPClient.from_transport(t)
+        assert "hello.txt" in client.listdir(str(env.rw))
+        with client.open(str(env.rw / "new.txt"), "wb") as fh:
+            fh.write(b"via the tunnel")
+        assert (env.rw / "new.txt").read_bytes() == b"via the tunnel"
+        with pytest.raises(PermissionError):
+            client.open(str(env.ro / "nope"), "wb")
+        client.close()
+    finally:
+        t.close()
+        g.join(timeout=5)
 
 
 def test_list_and_stat_virtual_root(env):
