@@ -15,15 +15,26 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import sys
 import tempfile
 import time
 from typing import Optional
 
 import gevent
+from gevent import monkey
 
 READY_TIMEOUT = 30.0  # seconds the launching process waits for the daemon
+
+
+def _original(module: str, name: str):  # type: ignore[no-untyped-def]
+    """The unpatched function: the launcher must not depend on gevent's child watcher.
+
+    gevent's cooperative ``fork``/``waitpid`` track children through a SIGCHLD
+    watcher; a short-lived intermediate child can exit before it is armed and the
+    cooperative ``waitpid`` then never returns.  Daemonizing uses the plain calls
+    and re-initialises the hub itself (``gevent.reinit()``) in each child.
+    """
+    return monkey.get_original(module, name)
 
 
 class PidfileError(Exception):
@@ -151,7 +162,7 @@ def _wait_ready(fd: int, timeout: float) -> int:
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+        ready, _, _ = _original("select", "select")([fd], [], [], min(left, 1.0))
         if ready:
             chunk = os.read(fd, 4096)
             if not chunk:
@@ -181,20 +192,21 @@ def daemonize(ready_timeout: float = READY_TIMEOUT) -> Readiness:
     """
     sys.stdout.flush()
     sys.stderr.flush()
+    fork = _original("os", "fork")
     rfd, wfd = os.pipe()
-    pid = os.fork()
+    pid = fork()
     if pid > 0:  # launcher
         os.close(wfd)
         code = _wait_ready(rfd, ready_timeout)
         try:
-            os.waitpid(pid, 0)  # the intermediate child exits right away
+            _original("os", "waitpid")(pid, 0)  # the intermediate child exits at once
         except ChildProcessError:
             pass
         os._exit(code)
     gevent.reinit()
     os.close(rfd)
     os.setsid()
-    pid = os.fork()
+    pid = fork()
     if pid > 0:  # intermediate session leader: let the grandchild be reparented
         os._exit(0)
     gevent.reinit()
