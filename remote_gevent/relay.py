@@ -1,0 +1,795 @@
+"""Relay ("exit node"): pairs an agent and a console by session id + ticket, then splices.
+
+Wire protocol (docs/design.md, "Relay wire protocol"): after TLS the client sends one line
+``RG1 <role> <session_id> <ticket_b64>\\n`` (at most 512 bytes). The relay pairs the two
+roles that present the same session id *and* the same ticket, answers each side
+``OK <peer_ip>\\n`` and from then on only forwards bytes, both ways, half-close aware.
+Errors are ``ERR <code>\\n`` then close: ``bad_hello``, ``timeout``, ``busy``,
+``ticket_mismatch``, ``duplicate``.
+
+The relay never parses or logs payload (it is end-to-end encrypted anyway) and never logs a
+ticket. It is stateless apart from the in-memory pairing table, so any number of relays can
+run behind DNS or a load balancer.
+
+Why things are the way they are:
+
+* **Pairing policy.** The first arrival for a session id waits (``pairing_timeout``). A
+  newcomer whose ticket does not match the waiter's gets ``ERR ticket_mismatch`` and is
+  closed; the waiter keeps waiting, so a stranger can neither be paired nor kick a legitimate
+  waiter out. Same role + same ticket is ``ERR duplicate`` (again the waiter stays). A party
+  that knows a session id but not its ticket could still *squat* on it by arriving first: the
+  legitimate party then gets ``ticket_mismatch`` until the squatter's pairing timeout. We
+  accept that: the session id is as secret as the ticket (both travel only in the signed
+  session request), squatting is bounded by the pairing timeout and the per-IP pending
+  limit, and the alternative (several candidate waiters per id) would let a stranger hold
+  more relay state per guessed id.
+* **Half-close over TLS.** CPython cannot send a TLS ``close_notify`` while keeping the
+  connection readable (``unwrap()``/``shutdown()`` drop the TLS state, and the second
+  ``SSL_shutdown`` it issues discards incoming records). So an EOF is forwarded as a TCP
+  ``FIN`` (:func:`half_close`): the TLS state stays intact, the other direction keeps
+  flowing, and the peer's ``recv()`` returns ``b""`` (both contexts carry
+  ``OP_IGNORE_UNEXPECTED_EOF`` so OpenSSL 3 does not treat that EOF as fatal for writing). Truncation is detected end to end by the tunnel's own
+  authenticated EOF/CLOSE frames, not by TLS.
+* **Memory.** 5000 idle paired sessions must fit in 1 GiB (issue 6), so an idle direction
+  holds no buffer: it waits for readability with a 1-byte read, and only then borrows a
+  large buffer from a shared :class:`BufferPool`, drains every TLS record already
+  available into it, forwards it with ``sendall(memoryview)`` and gives it back.
+* **TCP_NODELAY** is set on both legs (and by :func:`dial_relay`): the tunnel carries
+  small interactive frames (keystrokes, pings) that Nagle + delayed ACK would hold for
+  40 ms; bulk transfers lose nothing because we always write large chunks.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import re
+import socket
+import ssl
+import time
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+
+import gevent
+import gevent.event
+import gevent.pool
+from gevent.server import StreamServer
+
+from remote_gevent import tls
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = "RG1"
+ROLES = ("agent", "console")
+MAX_HELLO = 512
+TICKET_BYTES = 32
+ERROR_CODES = ("bad_hello", "timeout", "busy", "ticket_mismatch", "duplicate")
+
+DEFAULT_PORT = 8443
+DEFAULT_PAIRING_TIMEOUT = 30.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_PENDING = 1000
+DEFAULT_MAX_PAIRED = 10000
+DEFAULT_MAX_PENDING_PER_IP = 50
+DEFAULT_IDLE_TIMEOUT = 7200.0
+DEFAULT_GRACE = 30.0
+DEFAULT_BUFFER_SIZE = 256 * 1024
+
+#: Connections that are only being told ``ERR busy`` (TLS handshake + one line); beyond this
+#: many at once, an over-limit connection is closed without TLS.
+REJECT_SLOTS = 64
+#: Longest time spent telling an over-limit client ``ERR busy``.
+REJECT_TIMEOUT = 5.0
+#: After ``ERR <code>`` we read and discard what the client still sends (bounded), so that
+#: closing does not turn into a TCP RST that would destroy the error line in flight.
+LINGER_TIMEOUT = 1.0
+LINGER_MAX_BYTES = 64 * 1024
+#: How many spare forwarding buffers the pool keeps (the rest are freed).
+SPARE_BUFFERS = 32
+
+_SESSION_ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
+
+#: OpenSSL 3 treats an EOF without close_notify as a fatal error that also kills *writing*;
+#: this option makes it an ordinary EOF (see "Half-close over TLS" above). Python < 3.10
+#: lacks the constant; with OpenSSL 1.1.1 the behaviour is already the lenient one.
+OP_IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0) or (
+    0x80 if ssl.OPENSSL_VERSION_INFO >= (3, 0) else 0)
+
+
+def allow_half_close(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Make ``ctx`` accept a TCP FIN as end of stream while still allowing writes."""
+    if OP_IGNORE_UNEXPECTED_EOF and not ctx.options & OP_IGNORE_UNEXPECTED_EOF:
+        ctx.options |= OP_IGNORE_UNEXPECTED_EOF
+    return ctx
+
+
+class RelayError(Exception):
+    """Dialing the relay failed; ``code`` says why.
+
+    Codes sent by the relay (``remote`` True): ``bad_hello``, ``timeout``, ``busy``,
+    ``ticket_mismatch``, ``duplicate``. Local codes (``remote`` False): ``unreachable``
+    (TCP connect failed), ``timeout`` (no answer in time), ``tls`` (handshake or
+    certificate verification failed), ``protocol`` (the relay answered nonsense or hung up).
+    """
+
+    def __init__(self, code: str, message: str, remote: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.remote = remote
+
+
+class RelaySettings(NamedTuple):
+    """Everything the relay needs; ``relay_cli`` builds it from flags and YAML."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    pairing_timeout: float = DEFAULT_PAIRING_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_pending: int = DEFAULT_MAX_PENDING
+    max_paired: int = DEFAULT_MAX_PAIRED
+    max_pending_per_ip: int = DEFAULT_MAX_PENDING_PER_IP
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    grace: float = DEFAULT_GRACE
+    buffer_size: int = DEFAULT_BUFFER_SIZE
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class BufferPool:
+    """Large forwarding buffers lent to whichever direction is moving data right now.
+
+    Idle directions hold none, so memory follows the number of *active* transfers, not the
+    number of sessions. At most ``spare`` buffers are kept when returned.
+    """
+
+    def __init__(self, size: int, spare: int = SPARE_BUFFERS) -> None:
+        self.size = size
+        self.spare = spare
+        self._free: List[bytearray] = []
+        self.allocated = 0
+
+    def acquire(self) -> bytearray:
+        if self._free:
+            return self._free.pop()
+        self.allocated += 1
+        return bytearray(self.size)
+
+    def release(self, buf: bytearray) -> None:
+        if len(self._free) < self.spare:
+            self._free.append(buf)
+        else:
+            self.allocated -= 1
+
+
+def half_close(sock: socket.socket) -> None:
+    """Shut down writing at the TCP level (FIN) and keep the socket readable.
+
+    For a TLS socket this deliberately bypasses ``SSLSocket.shutdown`` (which would drop the
+    TLS state and make the socket unreadable): the peer sees a ragged EOF, ``recv() == b""``.
+    Used by the relay and by relay clients that want to half-close.
+    """
+    for klass in type(sock).__mro__:
+        if "SSLSocket" in klass.__name__:
+            continue
+        if "shutdown" in klass.__dict__:
+            klass.shutdown(sock, socket.SHUT_WR)  # type: ignore[attr-defined]
+            return
+    sock.shutdown(socket.SHUT_WR)
+
+
+def _tcp_abort(sock: socket.socket) -> None:
+    """Shut down both ways at the TCP level; wakes every greenlet blocked on ``sock``."""
+    for klass in type(sock).__mro__:
+        if "SSLSocket" in klass.__name__:
+            continue
+        if "shutdown" in klass.__dict__:
+            try:
+                klass.shutdown(sock, socket.SHUT_RDWR)  # type: ignore[attr-defined]
+            except OSError:
+                pass
+            return
+
+
+def _close_quietly(sock: Optional[socket.socket]) -> None:
+    if sock is None:
+        return
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _set_nodelay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port`` with IPv6 literals bracketed."""
+    if ":" in host and not host.startswith("["):
+        return "[%s]:%d" % (host, port)
+    return "%s:%d" % (host, port)
+
+
+class Hello(NamedTuple):
+    role: str
+    session_id: str
+    ticket: bytes
+
+
+class _BadHello(Exception):
+    pass
+
+
+def parse_hello(line: bytes) -> Hello:
+    """Parse one hello line (without the newline); raises ``_BadHello``."""
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise _BadHello("not ascii") from None
+    parts = text.split(" ")
+    if len(parts) != 4 or parts[0] != PROTOCOL_VERSION:
+        raise _BadHello("not an %s hello" % PROTOCOL_VERSION)
+    _, role, session_id, ticket_b64 = parts
+    if role not in ROLES:
+        raise _BadHello("unknown role")
+    if not _SESSION_ID_RE.match(session_id):
+        raise _BadHello("bad session id")
+    try:
+        ticket = base64.b64decode(ticket_b64.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError):
+        raise _BadHello("ticket is not base64") from None
+    if len(ticket) != TICKET_BYTES:
+        raise _BadHello("ticket is not %d bytes" % TICKET_BYTES)
+    return Hello(role, session_id, ticket)
+
+
+def build_hello(role: str, session_id: str, ticket: Union[bytes, str]) -> bytes:
+    """The hello line a client sends; validates its inputs (``ValueError``)."""
+    if role not in ROLES:
+        raise ValueError("relay role must be one of %s, not %r" % (", ".join(ROLES), role))
+    if not _SESSION_ID_RE.match(session_id or ""):
+        raise ValueError("session id must be 32 lowercase hex digits")
+    if isinstance(ticket, str):
+        ticket_b64 = ticket
+    else:
+        ticket_b64 = base64.b64encode(ticket).decode("ascii")
+    line = ("%s %s %s %s\n" % (PROTOCOL_VERSION, role, session_id, ticket_b64)).encode("ascii")
+    parse_hello(line[:-1])  # the relay would refuse it: refuse it here, naming nothing secret
+    return line
+
+
+# --------------------------------------------------------------------------- relay
+
+
+class _Conn:
+    """One accepted connection from handshake to close."""
+
+    __slots__ = ("sock", "ip", "hello", "leftover", "event", "peer", "failed", "pending",
+                 "claimed")
+
+    def __init__(self, sock: socket.socket, ip: str) -> None:
+        self.sock = sock
+        self.ip = ip
+        self.hello: Optional[Hello] = None
+        self.leftover = b""
+        self.event: Optional[gevent.event.Event] = None
+        self.peer: Optional[_Session] = None  # set when paired
+        self.failed = ""  # set when the waiter must give up (shutdown)
+        self.pending = False
+        self.claimed = False  # a newcomer took us out of the table and is sending our OK
+
+
+class _Session:
+    __slots__ = ("session_id", "agent", "console", "started", "last_activity", "bytes",
+                 "outcome", "running", "done", "eofs")
+
+    def __init__(self, session_id: str, agent: _Conn, console: _Conn) -> None:
+        self.session_id = session_id
+        self.agent = agent
+        self.console = console
+        self.started = time.monotonic()
+        self.last_activity = self.started
+        self.bytes = {"agent": 0, "console": 0}  # bytes read from that role's side
+        self.outcome = ""
+        self.running = 2
+        self.done = gevent.event.Event()
+        self.eofs = 0
+
+
+class Relay:
+    """The relay server. ``start()``, then ``stop()``; ``pending``/``paired`` for tests.
+
+    ``ssl_context`` defaults to ``tls.server_context(cert_file, key_file)``.
+    """
+
+    def __init__(self, settings: RelaySettings,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+        self.settings = settings
+        if ssl_context is None:
+            if not settings.cert_file or not settings.key_file:
+                raise ValueError("the relay needs a certificate and a key (TLS is mandatory)")
+            ssl_context = tls.server_context(settings.cert_file, settings.key_file)
+        self.ssl_context = allow_half_close(ssl_context)
+        self.buffers = BufferPool(settings.buffer_size)
+        self._waiting: Dict[str, _Conn] = {}
+        self._sessions: Dict[str, _Session] = {}
+        self._per_ip: Dict[str, int] = {}
+        self._pending = 0
+        self._rejecting = 0
+        self._stopping = False
+        self._drained = gevent.event.Event()
+        self.counters: Dict[str, int] = {"accepted": 0, "sessions": 0}
+        size = settings.max_pending + 2 * settings.max_paired + REJECT_SLOTS
+        self._pool = gevent.pool.Pool(size)
+        self._server = StreamServer((settings.host, settings.port), self._handle,
+                                    spawn=self._pool, backlog=1024)
+
+    # ---- public
+    @property
+    def address(self) -> Tuple[str, int]:
+        return self._server.address[:2]
+
+    @property
+    def pending(self) -> int:
+        """Connections accepted but not paired yet (TLS handshake, hello, waiting)."""
+        return self._pending
+
+    @property
+    def paired(self) -> int:
+        """Paired sessions currently forwarding."""
+        return len(self._sessions)
+
+    def start(self) -> None:
+        self._server.start()
+        log.info("relay listening on %s", format_address(*self.address))
+
+    def stop(self, grace: Optional[float] = None) -> None:
+        """Stop accepting, refuse waiters, let paired sessions drain for ``grace``, close."""
+        if grace is None:
+            grace = self.settings.grace
+        self._stopping = True
+        self._server.close()
+        for conn in list(self._waiting.values()):
+            conn.failed = "busy"
+            if conn.event is not None:
+                conn.event.set()
+        if self._sessions:
+            log.info("relay stopping: waiting up to %.0fs for %d session(s) to finish",
+                     grace, len(self._sessions))
+            self._drained.clear()
+            self._drained.wait(timeout=grace)
+        for session in list(self._sessions.values()):
+            self._abort(session, "shutdown")
+        self._pool.join(timeout=max(self.settings.handshake_timeout, 1.0))
+        self._pool.kill(block=True, timeout=1)
+        log.info("relay stopped")
+
+    def stats(self) -> Dict[str, int]:
+        out = dict(self.counters)
+        out.update(pending=self._pending, paired=len(self._sessions),
+                   buffers=self.buffers.allocated)
+        return out
+
+    # ---- connection handling
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    def _handle(self, raw: socket.socket, address: tuple) -> None:
+        ip = address[0]
+        self._count("accepted")
+        s = self.settings
+        if (self._stopping or self._pending >= s.max_pending
+                or self._per_ip.get(ip, 0) >= s.max_pending_per_ip
+                or len(self._sessions) >= s.max_paired):
+            self._reject_busy(raw, ip)
+            return
+        conn = _Conn(raw, ip)
+        self._enter_pending(conn)
+        try:
+            self._serve(conn)
+        finally:
+            self._leave_pending(conn)
+            _close_quietly(conn.sock)
+
+    def _enter_pending(self, conn: _Conn) -> None:
+        conn.pending = True
+        self._pending += 1
+        self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
+
+    def _leave_pending(self, conn: _Conn) -> None:
+        if not conn.pending:
+            return
+        conn.pending = False
+        self._pending -= 1
+        left = self._per_ip[conn.ip] - 1
+        if left:
+            self._per_ip[conn.ip] = left
+        else:
+            del self._per_ip[conn.ip]
+
+    def _reject_busy(self, raw: socket.socket, ip: str) -> None:
+        self._count("refused_busy")
+        if self._rejecting >= REJECT_SLOTS:
+            log.debug("refused %s: busy (no TLS, too many refusals in progress)", ip)
+            return
+        self._rejecting += 1
+        try:
+            sock = self._tls_accept(raw, time.monotonic() + REJECT_TIMEOUT)
+            if sock is not None:
+                self._refuse(sock, "busy", ip, None)
+                _close_quietly(sock)
+        finally:
+            self._rejecting -= 1
+
+    def _tls_accept(self, raw: socket.socket, deadline: float) -> Optional[ssl.SSLSocket]:
+        """TLS handshake in this connection's greenlet, bounded by ``deadline``."""
+        _set_nodelay(raw)
+        try:
+            sock = self.ssl_context.wrap_socket(raw, server_side=True,
+                                                do_handshake_on_connect=False)
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            sock.do_handshake()
+            return sock
+        except (ssl.SSLError, OSError) as exc:  # socket.timeout is an OSError
+            log.debug("TLS handshake with %s failed: %s", raw_peer(raw), exc)
+            return None
+
+    def _read_hello(self, sock: ssl.SSLSocket, deadline: float) -> Tuple[bytes, bytes]:
+        data = b""
+        while b"\n" not in data:
+            if len(data) >= MAX_HELLO:
+                raise _BadHello("longer than %d bytes" % MAX_HELLO)
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            chunk = sock.recv(MAX_HELLO - len(data))
+            if not chunk:
+                raise _BadHello("closed before the end of the hello")
+            data += chunk
+        line, _, rest = data.partition(b"\n")
+        return line, rest
+
+    def _serve(self, conn: _Conn) -> None:
+        s = self.settings
+        deadline = time.monotonic() + s.handshake_timeout
+        sock = self._tls_accept(conn.sock, deadline)
+        if sock is None:
+            return
+        conn.sock = sock
+        try:
+            line, conn.leftover = self._read_hello(sock, deadline)
+            conn.hello = parse_hello(line)
+        except _BadHello as exc:
+            self._refuse(sock, "bad_hello", conn.ip, None, str(exc))
+            return
+        except socket.timeout:
+            self._refuse(sock, "timeout", conn.ip, None, "no hello within %.0fs"
+                         % s.handshake_timeout)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("connection from %s lost before its hello: %s", conn.ip, exc)
+            return
+        self._pair(conn)
+
+    def _pair(self, conn: _Conn) -> None:
+        hello = conn.hello
+        assert hello is not None
+        sid = hello.session_id
+        while True:
+            waiter = self._waiting.get(sid)
+            if waiter is None:
+                if self._stopping:
+                    self._refuse(conn.sock, "busy", conn.ip, sid, "relay stopping")
+                    return
+                self._wait_for_peer(conn)
+                return
+            assert waiter.hello is not None
+            if not hmac.compare_digest(waiter.hello.ticket, hello.ticket):
+                log.warning("session %s: %s from %s presented a wrong ticket; the waiting %s "
+                            "stays", sid, hello.role, conn.ip, waiter.hello.role)
+                self._refuse(conn.sock, "ticket_mismatch", conn.ip, sid)
+                return
+            if waiter.hello.role == hello.role:
+                self._refuse(conn.sock, "duplicate", conn.ip, sid,
+                             "a %s is already waiting" % hello.role)
+                return
+            if len(self._sessions) >= self.settings.max_paired:
+                self._refuse(conn.sock, "busy", conn.ip, sid, "max_paired reached")
+                return
+            del self._waiting[sid]
+            waiter.claimed = True
+            if self._send_ok(waiter, conn.ip) and self._send_ok(conn, waiter.ip):
+                break
+            # The waiter vanished while waiting (or we did): release it, try again.
+            waiter.failed = "gone"
+            if waiter.event is not None:
+                waiter.event.set()
+            if conn.failed:
+                return
+        agent, console = (conn, waiter) if hello.role == "agent" else (waiter, conn)
+        session = _Session(sid, agent, console)
+        self._sessions[sid] = session
+        self._count("sessions")
+        for c in (agent, console):
+            c.peer = session
+            self._leave_pending(c)
+        assert waiter.event is not None
+        waiter.event.set()
+        self._run_leg(session, conn)
+
+    def _send_ok(self, conn: _Conn, peer_ip: str) -> bool:
+        try:
+            conn.sock.settimeout(self.settings.handshake_timeout)
+            conn.sock.sendall(("OK %s\n" % peer_ip).encode("ascii"))
+            return True
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("session %s: %s from %s lost before pairing: %s",
+                      conn.hello.session_id if conn.hello else "-", conn.hello.role
+                      if conn.hello else "-", conn.ip, exc)
+            conn.failed = "gone"
+            return False
+
+    def _wait_for_peer(self, conn: _Conn) -> None:
+        hello = conn.hello
+        assert hello is not None
+        conn.event = gevent.event.Event()
+        self._waiting[hello.session_id] = conn
+        try:
+            conn.event.wait(timeout=self.settings.pairing_timeout)
+        finally:
+            if self._waiting.get(hello.session_id) is conn:
+                del self._waiting[hello.session_id]
+        if conn.peer is None and not conn.event.is_set():
+            # Timed out; but a newcomer may have claimed us and be sending our OK.
+            if conn.claimed and not conn.failed:
+                conn.event.wait(timeout=self.settings.handshake_timeout)
+        if conn.peer is not None:
+            self._run_leg(conn.peer, conn)
+            return
+        if conn.failed == "gone":
+            return
+        if conn.failed:
+            self._refuse(conn.sock, conn.failed, conn.ip, hello.session_id, "relay stopping")
+            return
+        self._refuse(conn.sock, "timeout", conn.ip, hello.session_id,
+                     "no peer within %.0fs" % self.settings.pairing_timeout)
+
+    def _refuse(self, sock: ssl.SSLSocket, code: str, ip: str, sid: Optional[str],
+                why: str = "") -> None:
+        self._count("refused_" + code)
+        log.info("refused %s from %s (session %s)%s", code, ip, sid or "-",
+                 ": " + why if why else "")
+        try:
+            sock.settimeout(LINGER_TIMEOUT)
+            sock.sendall(("ERR %s\n" % code).encode("ascii"))
+            half_close(sock)
+            deadline = time.monotonic() + LINGER_TIMEOUT
+            drained = 0
+            while drained < LINGER_MAX_BYTES and time.monotonic() < deadline:
+                sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                chunk = sock.recv(16384)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except (ssl.SSLError, OSError):
+            pass
+
+    # ---- splice
+    def _run_leg(self, session: _Session, conn: _Conn) -> None:
+        """Forward ``conn``'s bytes to its peer; the last leg to finish ends the session."""
+        src_role = conn.hello.role if conn.hello else "?"
+        dst = session.console if conn is session.agent else session.agent
+        try:
+            self._pump(session, conn, dst, src_role)
+        except socket.timeout:
+            self._abort(session, "timeout (peer stopped reading)")
+        except (ssl.SSLError, OSError) as exc:
+            if not session.outcome:
+                self._abort(session, "error (%s side: %s)" % (src_role, _describe(exc)))
+        except _IdleTimeout:
+            self._abort(session, "timeout (idle %.0fs)" % self.settings.idle_timeout)
+        finally:
+            session.running -= 1
+            if session.running == 0:
+                self._finish(session)
+            else:
+                # Keep our socket open for the other direction until it is done too.
+                session.done.wait()
+
+    def _pump(self, session: _Session, src: _Conn, dst: _Conn, src_role: str) -> None:
+        idle = self.settings.idle_timeout
+        s_sock = src.sock
+        d_sock = dst.sock
+        s_sock.settimeout(idle)
+        if src.leftover:
+            d_sock.sendall(src.leftover)
+            session.bytes[src_role] += len(src.leftover)
+            src.leftover = b""
+        sslobj = getattr(s_sock, "_sslobj", None)
+        scratch = bytearray(1)
+        pool = self.buffers
+        size = pool.size
+        while True:
+            try:
+                got = s_sock.recv_into(scratch, 1)  # idle: wait holding 1 byte, not 256 KiB
+            except socket.timeout:
+                if session.outcome:
+                    return
+                if time.monotonic() - session.last_activity >= idle:
+                    raise _IdleTimeout() from None
+                continue
+            if session.outcome:
+                return
+            if not got:
+                break
+            buf = pool.acquire()
+            try:
+                buf[0] = scratch[0]
+                n, eof = _drain(sslobj, buf, 1, size)
+                d_sock.sendall(memoryview(buf)[:n])
+            finally:
+                pool.release(buf)
+            session.bytes[src_role] += n
+            session.last_activity = time.monotonic()
+            if eof:
+                break
+        if session.outcome:
+            return
+        session.eofs += 1
+        try:
+            half_close(d_sock)
+        except OSError:
+            pass  # the other side is gone; its own leg will notice
+
+    def _abort(self, session: _Session, outcome: str) -> None:
+        if session.outcome:
+            return
+        session.outcome = outcome
+        for conn in (session.agent, session.console):
+            _tcp_abort(conn.sock)
+
+    def _finish(self, session: _Session) -> None:
+        if not session.outcome:
+            session.outcome = "normal"
+        self._sessions.pop(session.session_id, None)
+        _close_quietly(session.agent.sock)
+        _close_quietly(session.console.sock)
+        session.done.set()
+        log.info("session %s ended: %s; agent %s, console %s; agent->console %d bytes, "
+                 "console->agent %d bytes; %.1fs", session.session_id, session.outcome,
+                 session.agent.ip, session.console.ip, session.bytes["agent"],
+                 session.bytes["console"], time.monotonic() - session.started)
+        if self._stopping and not self._sessions:
+            self._drained.set()
+
+
+class _IdleTimeout(Exception):
+    pass
+
+
+def _drain(sslobj, buf: bytearray, n: int, size: int) -> Tuple[int, bool]:
+    """Read every TLS record already available into ``buf[n:]`` without blocking."""
+    if sslobj is None:
+        return n, False
+    view = memoryview(buf)
+    try:
+        while n < size:
+            k = sslobj.read(size - n, view[n:])
+            if not k:
+                return n, True
+            n += k
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        pass
+    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+        return n, True
+    finally:
+        view.release()
+    return n, False
+
+
+def _describe(exc: BaseException) -> str:
+    return "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+
+
+def raw_peer(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
+
+
+# --------------------------------------------------------------------------- client
+
+
+def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
+               server_hostname: Optional[str], role: str, session_id: str,
+               ticket: Union[bytes, str], timeout: float = 10.0,
+               pair_timeout: Optional[float] = None) -> Tuple[ssl.SSLSocket, str]:
+    """Connect to a relay, present ``role``/``session_id``/``ticket``, wait to be paired.
+
+    ``timeout`` bounds TCP connect, TLS handshake and sending the hello; ``pair_timeout``
+    (default: the relay's default pairing timeout + ``timeout``) bounds the wait for
+    ``OK``. The certificate chain and host name (``server_hostname``, default ``host``)
+    are verified by ``ssl_context`` (use ``tls.client_context``). Returns the TLS socket
+    in blocking mode (no timeout, TCP_NODELAY on) and the peer's IP as the relay saw it.
+    To half-close the returned socket use :func:`half_close`, never ``sock.shutdown``.
+    ``ssl_context`` gets ``OP_IGNORE_UNEXPECTED_EOF`` (:func:`allow_half_close`) so that the
+    relay's forwarded half-close reads as EOF and leaves the socket writable.
+    Raises :class:`RelayError` (message names host:port) or ``ValueError`` for bad input.
+    """
+    hello = build_hello(role, session_id, ticket)
+    allow_half_close(ssl_context)
+    where = format_address(host, port)
+    if pair_timeout is None:
+        pair_timeout = DEFAULT_PAIRING_TIMEOUT + timeout
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except socket.timeout:
+        raise RelayError("timeout", "relay %s: no TCP connection within %.1fs"
+                         % (where, timeout)) from None
+    except OSError as exc:
+        raise RelayError("unreachable", "relay %s unreachable: %s" % (where, exc)) from None
+    sock = None
+    handed_over = False
+    try:
+        _set_nodelay(raw)
+        try:
+            sock = ssl_context.wrap_socket(raw, server_hostname=server_hostname or host,
+                                           do_handshake_on_connect=False)
+            sock.settimeout(timeout)
+            sock.do_handshake()
+        except ssl.SSLCertVerificationError as exc:
+            raise RelayError("tls", "relay %s: %s" % (where, tls.describe_verify_error(exc))
+                             ) from None
+        except socket.timeout:
+            raise RelayError("timeout", "relay %s: no TLS handshake within %.1fs"
+                             % (where, timeout)) from None
+        except (ssl.SSLError, OSError) as exc:
+            raise RelayError("tls", "relay %s: TLS handshake failed: %s" % (where, exc)
+                             ) from None
+        try:
+            sock.sendall(hello)
+            line = _read_line(sock, time.monotonic() + pair_timeout)
+        except socket.timeout:
+            raise RelayError("timeout", "relay %s: not paired within %.1fs"
+                             % (where, pair_timeout)) from None
+        except (ssl.SSLError, OSError) as exc:
+            raise RelayError("protocol", "relay %s: connection lost before pairing: %s"
+                             % (where, exc)) from None
+        parts = line.split(" ")
+        if len(parts) == 2 and parts[0] == "OK" and parts[1]:
+            sock.settimeout(None)
+            handed_over = True
+            return sock, parts[1]
+        if len(parts) == 2 and parts[0] == "ERR" and parts[1]:
+            code = parts[1]
+            raise RelayError(code, "relay %s refused the %s: %s" % (where, role, code),
+                             remote=True)
+        raise RelayError("protocol", "relay %s: unexpected answer %r" % (where, line[:80]))
+    finally:
+        if not handed_over:
+            _close_quietly(sock)
+            _close_quietly(raw)  # no-op once wrap_socket has taken its descriptor over
+
+
+def _read_line(sock: ssl.SSLSocket, deadline: float, limit: int = MAX_HELLO) -> str:
+    """One ``\\n``-terminated line, byte by byte so nothing after it is consumed."""
+    data = bytearray()
+    while len(data) < limit:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out")
+        sock.settimeout(remaining)
+        byte = sock.recv(1)
+        if not byte:
+            raise OSError("connection closed by the relay")
+        if byte == b"\n":
+            return data.decode("ascii", "replace")
+        data += byte
+    raise OSError("answer longer than %d bytes" % limit)
