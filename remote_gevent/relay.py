@@ -28,8 +28,9 @@ Why things are the way they are:
   ``SSL_shutdown`` it issues discards incoming records). So an EOF is forwarded as a TCP
   ``FIN`` (:func:`half_close`): the TLS state stays intact, the other direction keeps
   flowing, and the peer's ``recv()`` returns ``b""`` (both contexts carry
-  ``OP_IGNORE_UNEXPECTED_EOF`` so OpenSSL 3 does not treat that EOF as fatal for writing). Truncation is detected end to end by the tunnel's own
-  authenticated EOF/CLOSE frames, not by TLS.
+  ``OP_IGNORE_UNEXPECTED_EOF`` so that OpenSSL 3 does not treat that EOF as fatal for
+  writing). Truncation is detected end to end by the tunnel's own authenticated EOF/CLOSE
+  frames, not by TLS.
 * **Memory.** 5000 idle paired sessions must fit in 1 GiB (issue 6), so an idle direction
   holds no buffer: it waits for readability with a 1-byte read, and only then borrows a
   large buffer from a shared :class:`BufferPool`, drains every TLS record already
