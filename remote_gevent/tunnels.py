@@ -48,8 +48,14 @@ from .protocol import CloseCode, Reason
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # seconds to connect a TCP target for one stream
-PAIRING_TIMEOUT = 60.0  # seconds for TLS + hello + the relay pairing us with the console
-PAIRING_GRACE = 5.0  # GC backstop: a session still dialing after PAIRING_TIMEOUT + this
+RELAY_CONNECT_TIMEOUT = 10.0  # seconds for TCP connect + TLS handshake + hello to the relay
+# Seconds we wait for the relay's OK (the console to arrive). Longer than the relay's
+# own pairing timeout (relay.DEFAULT_PAIRING_TIMEOUT, 30 s) so that normally the relay
+# says "ERR timeout" first and we know why.
+PAIRING_TIMEOUT = 60.0
+PAIRING_GRACE = 5.0
+# GC backstop: a session still dialing after this is an orphan, whatever the relay does.
+DIAL_BOUND = RELAY_CONNECT_TIMEOUT + PAIRING_TIMEOUT + PAIRING_GRACE
 GC_MIN_INTERVAL = 0.2  # seconds; GC period bounds
 GC_MAX_INTERVAL = 5.0
 GC_FRACTION = 4  # GC period = smallest timeout / GC_FRACTION, within the bounds
@@ -86,14 +92,6 @@ class TargetNotPermitted(Exception):
     def __init__(self, target: str) -> None:
         self.reason = "%s not permitted" % protocol.short(target)
         super().__init__(self.reason)
-
-
-class TargetUnavailable(Exception):
-    code = CloseCode.TARGET_REFUSED
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
 
 
 class _End(Exception):
@@ -285,9 +283,9 @@ class TunnelManager:
                 elif code == CloseCode.ACK_LOST:
                     reason = "no frame from the console for %s s" % r.ack_timeout
             elif s.state == DIALING and s.dial_started is not None \
-                    and now - s.dial_started > PAIRING_TIMEOUT + PAIRING_GRACE:
+                    and now - s.dial_started > DIAL_BOUND:
                 code = CloseCode.RELAY_REFUSED
-                reason = "not paired within %d s" % PAIRING_TIMEOUT
+                reason = "not paired within %d s" % DIAL_BOUND
             if code is not None:
                 log.info("session %s: gc: %s (%s)", s.id, code, reason)
                 self._request_close(s, code, reason)
@@ -471,7 +469,7 @@ class TunnelManager:
                 gevent.wait([acquirer, s.wake, resized], count=1)
                 if not acquirer.ready():
                     acquirer.kill()
-                if acquirer.successful() and acquirer.value:
+                if _returned(acquirer) and acquirer.value is True:
                     if sem is self._sem and s.close_request is None:
                         s.sem, s.admitted = sem, True
                         log.info("session %s: admitted after %.1f s in the queue", s.id,
@@ -502,34 +500,29 @@ class TunnelManager:
         s.state = DIALING
         s.dial_started = time.monotonic()
         dialer = gevent.spawn(relay.dial_relay, host, port, ctx, host, "agent", s.id,
-                              s.request.ticket, PAIRING_TIMEOUT)
+                              s.request.ticket, RELAY_CONNECT_TIMEOUT, PAIRING_TIMEOUT)
         gevent.wait([dialer, s.wake], count=1)
         if not dialer.ready():
             dialer.kill()
-        if dialer.successful() and dialer.value is not None:
+        if _returned(dialer):
             sock, peer_ip = dialer.value
             if s.close_request is not None:
                 _close_quietly(sock)
                 raise _End(*s.close_request)
             s.remote_ip = str(peer_ip)
-            log.info("session %s: paired at relay %s:%d with %s", s.id, host, port, peer_ip)
+            log.info("session %s: paired at relay %s with %s", s.id,
+                     relay.format_address(host, port), peer_ip)
             return sock
         if s.close_request is not None:
             raise _End(*s.close_request)
         exc = dialer.exception
         if isinstance(exc, relay.RelayError):
-            code = getattr(exc, "code", "") or str(exc)
-            reason = "relay %s:%d answered %s" % (host, port, code)
-            if code == "timeout":
-                reason = "console never paired at relay %s:%d" % (host, port)
-            raise _End(CloseCode.RELAY_REFUSED, reason)
-        if isinstance(exc, (EOFError, ConnectionResetError, ConnectionAbortedError,
-                            BrokenPipeError)):
-            raise _End(CloseCode.RELAY_LOST, "relay %s:%d dropped the connection: %s"
-                       % (host, port, exc))
-        if isinstance(exc, (OSError, socket.timeout, gevent.Timeout)):
-            detail = tls.describe_verify_error(exc) if isinstance(exc, OSError) else str(exc)
-            raise _End(CloseCode.RELAY_REFUSED, "relay %s:%d: %s" % (host, port, detail))
+            if exc.code == "protocol" and not exc.remote:
+                raise _End(CloseCode.RELAY_LOST, str(exc))
+            if exc.code == "timeout" and exc.remote:
+                raise _End(CloseCode.RELAY_REFUSED, "console never came to the relay: %s"
+                           % exc)
+            raise _End(CloseCode.RELAY_REFUSED, str(exc))
         raise _End(CloseCode.ERROR, "relay dial failed: %r" % (exc,))
 
     # -- streams --------------------------------------------------------------------
@@ -553,17 +546,15 @@ class TunnelManager:
     def _open_virtual(self, s: _Session, target: str) -> Any:
         from . import transfer
 
-        opener = getattr(transfer, "open_virtual_target", None)
-        if opener is None:
-            raise TargetUnavailable("%s is not available on this device" % target)
-
         def on_result(result: Dict[str, Any]) -> None:
             s.transfers += 1
             log.info("session %s: %s %s %s: %s (%s bytes)", s.id, target, result.get("op"),
                      protocol.short(result.get("path")), result.get("code"),
                      result.get("bytes"))
 
-        return opener(target, self._cfg, self._get_identity(), on_result=on_result)
+        # Raises TransferError (code target_refused) when transfer is disabled.
+        return transfer.open_virtual_target(target, self._cfg, self._get_identity,
+                                            on_result=on_result, log_ctx="session %s" % s.id)
 
     # -- the end --------------------------------------------------------------------
 
@@ -591,6 +582,11 @@ class TunnelManager:
             self._publish_close(s.id, code, reason)
         except Exception as e:  # noqa: BLE001 - the broker link's errors vary
             log.error("session %s: cannot publish close %s: %s", s.id, code, e)
+
+
+def _returned(g: gevent.Greenlet) -> bool:
+    """The greenlet returned normally (a killed one is "successful" with GreenletExit)."""
+    return g.successful() and not isinstance(g.value, BaseException)
 
 
 def _close_quietly(sock: Any) -> None:
