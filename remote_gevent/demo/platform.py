@@ -1,0 +1,715 @@
+"""A complete local platform on 127.0.0.1: broker, relay, operator, agent for device ``demo``.
+
+``scripts/demo [--dir DIR] [--detach | --stop]`` runs :func:`main`; the end-to-end tests
+build their platforms with the same :class:`DemoPlatform` class, so what the demo shows
+is what the tests prove.
+
+In ``DIR`` (default ``./demo-platform``)::
+
+    pki/             CA (kept across runs) + broker and relay certificates (re-issued)
+    rabbit/          the private TLS RabbitMQ node (wiped at every start: a fresh broker)
+    operator_ed25519 the operator's key (kept), its public line in agent/authorized_keys
+    agent/           the device's identity key (kept) and authorized_keys
+    agent.yaml       the agent's config (ident ``demo``, allow ``127.0.0.1:*``, transfer
+                     root ``DIR/files`` read-write; ``@sftp``/``@transfer`` follow from it)
+    console.yaml     the operator console's config
+    files/           the transfer root
+    history.csv      the agent's session history
+    agent.log relay.log demo.log   logs
+    pids             ``name pid`` lines of the running platform (``--stop`` reads it)
+
+Why it is built this way:
+
+* Every process runs in its own session (process group), so a Ctrl-C on the terminal
+  reaches only us and we tear down in order: agent first (it writes ``shutdown`` rows
+  and publishes its closes while the broker is still up), then relay, then broker.
+  Agent and relay also get ``PR_SET_PDEATHSIG``: if we are killed hard, they follow.
+* ``--detach`` runs the very same attached supervisor in the background (own session,
+  output to ``DIR/demo.log``) and returns when it wrote ``DIR/pids`` — one teardown
+  path for both modes. ``--stop`` SIGTERMs that supervisor and, should it be gone,
+  kills what ``DIR/pids`` still lists.
+* "Ready" means what an operator needs: the agent consumes its command queue, so a
+  session request published now is delivered. We check it with the broker's admin
+  login (a passive declare returns the consumer count) rather than trusting a log line.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # run as a program: patch before socket/ssl/amqp load
+    from gevent import monkey
+
+    monkey.patch_all()
+
+# ruff: noqa: E402  (imports follow the monkey patch when run as a program)
+
+import argparse
+import ctypes
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from remote_gevent import identity
+from remote_gevent.demo import rabbit as demo_rabbit
+from remote_gevent.demo.pki import CertificateAuthority
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR = "./demo-platform"
+DEFAULT_IDENT = "demo"
+DEFAULT_OPERATOR = "operator"
+SERVER_ID = "fr04"
+HOSTS = ("localhost", "127.0.0.1")
+
+READY_TIMEOUT = 60.0  # relay port open + agent consuming its command queue
+AGENT_STOP_TIMEOUT = 20.0  # agent's own STOP_GRACE is 10 s
+RELAY_STOP_TIMEOUT = 10.0
+DETACH_TIMEOUT = 120.0  # broker boot (~5 s) + provisioning (~2 s) + agent, with margin
+STOP_TIMEOUT = 60.0
+POLL = 0.1
+
+PR_SET_PDEATHSIG = 1
+
+
+def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Child dies with us (SIGTERM) even if we are SIGKILLed: no stray agent or relay."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def entry_argv(script: str, module: str) -> List[str]:
+    """The command running ``script`` with *this* interpreter and *this* package.
+
+    The console script next to ``sys.executable`` when installed there, else
+    ``python -m module`` (the package is then found through ``PYTHONPATH``/cwd).
+    """
+    candidate = os.path.join(os.path.dirname(sys.executable), script)
+    if os.access(candidate, os.X_OK):
+        return [candidate]
+    return [sys.executable, "-m", module]
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: str, size: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _write_text(path: str, text: str, mode: int = 0o644) -> None:
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _deep_merge(base: Dict[str, Any], extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in (extra or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _user_defs(vhost: str, user: str, password: str, perms: Dict[str, Any]
+               ) -> Dict[str, List[Dict[str, Any]]]:
+    return {
+        "users": [{"name": user, "password_hash": demo_rabbit.rabbit_password_hash(password),
+                   "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": [],
+                   "limits": {}}],
+        "permissions": [{"user": user, "vhost": vhost, "configure": perms["configure"],
+                         "write": perms["write"], "read": perms["read"]}],
+        "topic_permissions": [dict(tp, user=user, vhost=vhost) for tp in perms["topic"]],
+    }
+
+
+class PlatformError(RuntimeError):
+    """The platform could not be brought up (message says which piece and where its log is)."""
+
+
+class DemoPlatform:
+    """Build, start and stop one local platform in ``directory``.
+
+    ``rabbit``: an already running :class:`~remote_gevent.demo.rabbit.RabbitNode` to use
+    (its ``ca_file`` signs its certificate; ``declare_platform(vhost)`` must have run) —
+    saves its boot time in tests; None starts a private node in ``DIR/rabbit``.
+    ``remote`` / ``amqp``: overrides merged into the agent config's sections
+    (``max_session``, ``idle_timeout``, ``ack_timeout``, ``health_check``, …).
+    ``console``: overrides merged into ``console.yaml``.
+    ``start_relay=False`` with ``relay_port``: the caller runs its own relay there
+    (tests: an in-process relay with a capture or fault hook) using :attr:`relay_cert`.
+    ``start_agent=False``: everything but the agent (call :meth:`start_agent`).
+    """
+
+    def __init__(self, directory: str = DEFAULT_DIR, ident: str = DEFAULT_IDENT,
+                 vhost: str = "/", rabbit: Optional[demo_rabbit.RabbitNode] = None,
+                 remote: Optional[Dict[str, Any]] = None,
+                 amqp: Optional[Dict[str, Any]] = None,
+                 console: Optional[Dict[str, Any]] = None,
+                 operator: str = DEFAULT_OPERATOR,
+                 start_relay: bool = True, relay_port: Optional[int] = None,
+                 start_agent: bool = True, log_level: str = "INFO") -> None:
+        self.dir = os.path.abspath(directory)
+        self.ident = ident
+        self.vhost = vhost
+        self.topic = "remote.%s.%s" % (SERVER_ID, ident)
+        self.node = rabbit
+        self._own_node = rabbit is None
+        self.remote_overrides = dict(remote or {})
+        self.amqp_overrides = dict(amqp or {})
+        self.console_overrides = dict(console or {})
+        self.operator = operator
+        self.run_relay = start_relay
+        self.relay_port = relay_port
+        self.run_agent = start_agent
+        self.log_level = log_level
+        self.token = secrets.token_urlsafe(18)
+        self.operator_password = secrets.token_urlsafe(18)
+        self.agent_proc: Optional[subprocess.Popen] = None
+        self.relay_proc: Optional[subprocess.Popen] = None
+        self._prepared = False
+        # paths
+        self.pki_dir = os.path.join(self.dir, "pki")
+        self.agent_dir = os.path.join(self.dir, "agent")
+        self.files_dir = os.path.join(self.dir, "files")
+        self.agent_config = os.path.join(self.dir, "agent.yaml")
+        self.console_config = os.path.join(self.dir, "console.yaml")
+        self.history_path = os.path.join(self.dir, "history.csv")
+        self.agent_log = os.path.join(self.dir, "agent.log")
+        self.relay_log = os.path.join(self.dir, "relay.log")
+        self.operator_key_path = os.path.join(self.dir, "operator_ed25519")
+        self.device_key_path = os.path.join(self.agent_dir, "remote_ed25519")
+        self.authorized_keys = os.path.join(self.agent_dir, "authorized_keys")
+        self.known_devices = os.path.join(self.dir, "known_devices")
+        self.pids_file = os.path.join(self.dir, "pids")
+        self.ca: Optional[CertificateAuthority] = None
+        self.relay_cert: Optional[Tuple[str, str]] = None
+
+    # ------------------------------------------------------------------ files
+    @property
+    def broker_url(self) -> str:
+        assert self.node is not None
+        return self.node.amqps_url(self.vhost)
+
+    @property
+    def broker_ca_file(self) -> str:
+        assert self.node is not None
+        return self.node.ca_file
+
+    @property
+    def relay_address(self) -> str:
+        return "127.0.0.1:%d" % self.relay_port
+
+    def prepare(self) -> "DemoPlatform":
+        """Certificates, keys, ports and config files (no process started)."""
+        if self._prepared:
+            return self
+        for sub in ("", "agent", "files"):
+            os.makedirs(os.path.join(self.dir, sub), mode=0o700, exist_ok=True)
+        self.ca = CertificateAuthority(self.pki_dir)  # reused when present
+        relay = self.ca.issue("relay", HOSTS)
+        self.relay_cert = (relay.cert_file, relay.key_file)
+        if self.relay_port is None:
+            self.relay_port = demo_rabbit.free_port("127.0.0.1")
+        operator_key = identity.load_or_create(self.operator_key_path)
+        identity.load_or_create(self.device_key_path)  # the agent would make it; pin-able now
+        _write_text(self.authorized_keys,
+                    operator_key.public_line("%s@demo-platform" % self.operator) + "\n", 0o600)
+        self._prepared = True
+        return self
+
+    def _agent_yaml(self) -> Dict[str, Any]:
+        remote = {
+            "enabled": True,
+            "server_id": SERVER_ID,
+            "health_check": 600,
+            "max_session": 10,
+            "key_path": self.device_key_path,
+            "history_path": self.history_path,
+            "authorized_keys": self.authorized_keys,
+            "allow": ["127.0.0.1:*"],
+            "relays": {SERVER_ID: self.relay_address},
+            "relay_ca_file": self.ca.cert_file if self.ca else None,
+            "transfer": {"roots": [{"path": self.files_dir, "mode": "rw"}],
+                         "max_size": "8G", "overwrite": False},
+        }
+        amqp = {
+            "urls": [self.broker_url],
+            "ca_file": self.broker_ca_file,
+            "heartbeat": 30,
+            "connect_timeout": 5,
+            "reconnect_max_delay": 5,
+        }
+        return {
+            "ident": self.ident,
+            "token": self.token,
+            "amqp": _deep_merge(amqp, self.amqp_overrides),
+            "remote": _deep_merge(remote, self.remote_overrides),
+        }
+
+    def _console_yaml(self) -> Dict[str, Any]:
+        data = {
+            "server_id": SERVER_ID,
+            "user": self.operator,
+            "password": self.operator_password,
+            "amqp": {"urls": [self.broker_url], "ca_file": self.broker_ca_file},
+            "operator_key": self.operator_key_path,
+            "known_devices": self.known_devices,
+            "relay": self.relay_address,
+            "relay_ca_file": self.ca.cert_file if self.ca else None,
+        }
+        return _deep_merge(data, self.console_overrides)
+
+    def write_configs(self) -> None:
+        header = "# written by remote_gevent.demo.platform — regenerated at every start\n"
+        _write_text(self.agent_config,
+                    header + yaml.safe_dump(self._agent_yaml(), sort_keys=False), 0o600)
+        _write_text(self.console_config,
+                    header + yaml.safe_dump(self._console_yaml(), sort_keys=False), 0o600)
+
+    # ------------------------------------------------------------------ broker
+    def _start_broker(self) -> None:
+        if not self._own_node:
+            return
+        rabbit_dir = os.path.join(self.dir, "rabbit")
+        shutil.rmtree(rabbit_dir, ignore_errors=True)  # a fresh broker every start
+        assert self.ca is not None
+        broker = self.ca.issue("broker", HOSTS)
+        self.node = demo_rabbit.RabbitNode(
+            rabbit_dir, node_name="rg-demo-%d-%s@localhost" % (os.getpid(),
+                                                              secrets.token_hex(2)),
+            ca_file=self.ca.cert_file, cert_file=broker.cert_file, key_file=broker.key_file)
+        self.node.start()
+
+    def _provision(self) -> None:
+        """Exchanges (own node), the device and the operator: one CLI call."""
+        assert self.node is not None
+        parts = [
+            _user_defs(self.vhost, self.ident, self.token,
+                       demo_rabbit.device_permissions(SERVER_ID, self.ident)),
+            _user_defs(self.vhost, self.operator, self.operator_password,
+                       demo_rabbit.operator_permissions(self.operator)),
+        ]
+        defs: Dict[str, List[Dict[str, Any]]] = {}
+        if self._own_node:
+            defs = {
+                "vhosts": [{"name": self.vhost}],
+                "permissions": [{"user": self.node.admin_user, "vhost": self.vhost,
+                                 "configure": ".*", "write": ".*", "read": ".*"}],
+                "exchanges": [{"name": name, "vhost": self.vhost, "type": "topic",
+                               "durable": True, "auto_delete": False, "internal": False,
+                               "arguments": {}} for name in demo_rabbit.EXCHANGES],
+            }
+        for part in parts:
+            for key, items in part.items():
+                defs.setdefault(key, []).extend(items)
+        self.node.import_definitions(defs)
+
+    # ------------------------------------------------------------------ processes
+    def _spawn(self, argv: Sequence[str], log_path: str) -> subprocess.Popen:
+        out = open(log_path, "ab")
+        try:
+            return subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.dir, start_new_session=True, preexec_fn=_pdeathsig)
+        finally:
+            out.close()
+
+    def start_relay(self, timeout: float = READY_TIMEOUT) -> None:
+        """Start (or restart) the relay process on :attr:`relay_port`."""
+        assert self.relay_cert is not None
+        argv = entry_argv("remote-gevent-relay", "remote_gevent.relay_cli") + [
+            "--listen", self.relay_address, "--cert", self.relay_cert[0],
+            "--key", self.relay_cert[1]]
+        self.relay_proc = self._spawn(argv, self.relay_log)
+        deadline = time.monotonic() + timeout
+        while not port_open("127.0.0.1", self.relay_port):
+            if self.relay_proc.poll() is not None:
+                raise PlatformError("the relay exited with %s; see %s:\n%s" % (
+                    self.relay_proc.returncode, self.relay_log, _tail(self.relay_log)))
+            if time.monotonic() > deadline:
+                raise PlatformError("the relay did not listen on %s within %.0f s; see %s"
+                                    % (self.relay_address, timeout, self.relay_log))
+            time.sleep(POLL)
+
+    def stop_relay(self, sig: int = signal.SIGTERM, timeout: float = RELAY_STOP_TIMEOUT
+                   ) -> Optional[int]:
+        proc, self.relay_proc = self.relay_proc, None
+        return _terminate(proc, sig, timeout)
+
+    def start_agent(self, timeout: float = READY_TIMEOUT) -> None:
+        """Start the agent and wait until it consumes its command queue."""
+        argv = entry_argv("remote-gevent", "remote_gevent.cli") + [
+            "--foreground", "--config", self.agent_config, "--log-level", self.log_level]
+        with open(self.agent_log, "ab") as f:
+            f.write(b"---- agent start %s\n" % time.strftime("%Y-%m-%d %H:%M:%S").encode())
+        self.agent_proc = self._spawn(argv, self.agent_log)
+        self.wait_agent_ready(timeout)
+
+    def wait_agent_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.agent_proc is not None and self.agent_proc.poll() is not None:
+                raise PlatformError("the agent exited with %s; see %s:\n%s" % (
+                    self.agent_proc.returncode, self.agent_log, _tail(self.agent_log)))
+            if self.command_queue_consumers() > 0:
+                return
+            if time.monotonic() > deadline:
+                raise PlatformError("the agent did not consume %s.cmd within %.0f s; see "
+                                    "%s:\n%s" % (self.topic, timeout, self.agent_log,
+                                                 _tail(self.agent_log)))
+            time.sleep(0.2)
+
+    def command_queue_consumers(self) -> int:
+        """Consumers on the device's command queue (0 when it does not exist yet)."""
+        from amqp.exceptions import NotFound
+
+        from remote_gevent.amqplink import AmqpLink, LinkError
+
+        assert self.node is not None
+        link = AmqpLink([self.broker_url], self.node.admin_user, self.node.admin_password,
+                        ca_file=self.broker_ca_file, connect_timeout=5.0, heartbeat=0,
+                        prefetch=0, name="demo-platform")
+        try:
+            link.connect()
+        except LinkError as exc:
+            log.debug("admin link: %s", exc)
+            return 0
+        try:
+            assert link.channel is not None
+            try:
+                result = link.channel.queue_declare(self.topic + ".cmd", passive=True)
+            except NotFound:
+                return 0
+            return int(result.consumer_count)
+        finally:
+            link.close()
+
+    def stop_agent(self, sig: int = signal.SIGTERM, timeout: float = AGENT_STOP_TIMEOUT
+                   ) -> Optional[int]:
+        """Signal the agent and wait for it; returns its exit status (None: not running)."""
+        proc, self.agent_proc = self.agent_proc, None
+        return _terminate(proc, sig, timeout)
+
+    # ------------------------------------------------------------------ whole platform
+    def start(self, timeout: float = READY_TIMEOUT) -> "DemoPlatform":
+        self.prepare()
+        try:
+            self._start_broker()
+            self._provision()
+            self.write_configs()
+            if self.run_relay:
+                self.start_relay(timeout)
+            if self.run_agent:
+                self.start_agent(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.write_pids()
+        return self
+
+    def pids(self) -> List[Tuple[str, int]]:
+        out = [("platform", os.getpid())]
+        node = self.node
+        if self._own_node and node is not None:
+            for name, attr in (("rabbit", "_proc"), ("epmd", "_epmd")):
+                proc = getattr(node, attr, None)
+                if proc is not None:
+                    out.append((name, proc.pid))
+        for name, proc in (("relay", self.relay_proc), ("agent", self.agent_proc)):
+            if proc is not None:
+                out.append((name, proc.pid))
+        return out
+
+    def write_pids(self) -> None:
+        _write_text(self.pids_file, "".join("%s %d\n" % p for p in self.pids()), 0o644)
+
+    def stop(self) -> None:
+        """Agent, then relay, then (our own) broker; each bounded, then killed."""
+        self.stop_agent()
+        self.stop_relay()
+        if self._own_node and self.node is not None:
+            try:
+                self.node.stop()
+            except (OSError, demo_rabbit.RabbitError) as exc:
+                log.warning("stopping the broker: %s", exc)
+        try:
+            with open(self.pids_file) as f:
+                mine = f.readline().split()
+            if mine[1:] == [str(os.getpid())]:
+                os.unlink(self.pids_file)
+        except (OSError, IndexError):
+            pass
+
+    def __enter__(self) -> "DemoPlatform":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ helpers
+    def console_argv(self, *args: str) -> List[str]:
+        """``remote-gevent-console -c DIR/console.yaml ARGS…`` with this interpreter."""
+        return entry_argv("remote-gevent-console", "remote_gevent.console.cli") + [
+            "-c", self.console_config] + list(args)
+
+    def usage(self) -> str:
+        console = "remote-gevent-console"
+        if shutil.which(console) is None:
+            console = " ".join(shlex.quote(a) for a in entry_argv(
+                "remote-gevent-console", "remote_gevent.console.cli"))
+        c = "%s -c %s" % (console, shlex.quote(self.console_config))
+        proxy = lambda target: shlex.quote("%s stdio %%n %s" % (c, target))  # noqa: E731
+        pids = dict(self.pids())
+        lines = [
+            "remote-gevent demo platform is up in %s" % self.dir,
+            "  broker  %s  (private RabbitMQ node, logs in %s/rabbit/log)"
+            % (self.broker_url, self.dir),
+            "  relay   %s  (pid %s, log %s)" % (self.relay_address, pids.get("relay", "-"),
+                                                self.relay_log),
+            "  agent   device %r (pid %s, log %s, history %s)"
+            % (self.ident, pids.get("agent", "-"), self.agent_log, self.history_path),
+            "  files   %s (transfer root, read-write)" % self.files_dir,
+            "",
+            "Try (any user/password of this machine's sshd; the tunnel ends at 127.0.0.1):",
+            "  ssh -o ProxyCommand=%s %s@%s" % (proxy("127.0.0.1:22"),
+                                                 os.environ.get("USER", "root"), self.ident),
+            "  %s forward %s -L 2222:127.0.0.1:22     # then: ssh -p 2222 127.0.0.1"
+            % (c, self.ident),
+            "  %s socks %s -D 1080                    # then: curl --socks5-hostname "
+            "127.0.0.1:1080 http://127.0.0.1:8000/" % (c, self.ident),
+            "  %s push %s ./some-file %s/some-file" % (c, self.ident, self.files_dir),
+            "  %s pull %s %s/some-file ./copy" % (c, self.ident, self.files_dir),
+            "  sftp -o ProxyCommand=%s x@%s" % (proxy("@sftp"), self.ident),
+            "  %s sessions %s" % (c, self.ident),
+        ]
+        return "\n".join(lines)
+
+
+def _terminate(proc: Optional[subprocess.Popen], sig: int, timeout: float) -> Optional[int]:
+    """Signal a process (its whole group), wait ``timeout``, then SIGKILL the group."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not end within %.0f s of signal %d: killing it",
+                        proc.pid, timeout, sig)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of its group, if any
+    except OSError:
+        pass
+    return proc.wait(10.0)
+
+
+# --------------------------------------------------------------------------- the program
+
+
+def _read_pids(path: str) -> List[Tuple[str, int]]:
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[1].isdigit():
+                    out.append((parts[0], int(parts[1])))
+    except OSError:
+        pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            state = f.read().rsplit(")", 1)[-1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _ours(pid: int) -> bool:
+    """Does ``pid`` still run one of our programs (not a recycled pid)?"""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmd = f.read().decode("utf-8", "replace")
+    except OSError:
+        return False
+    return any(word in cmd for word in ("remote_gevent", "remote-gevent", "rabbit", "beam",
+                                        "epmd", "erl"))
+
+
+def _running_platform(directory: str) -> Optional[int]:
+    for name, pid in _read_pids(os.path.join(directory, "pids")):
+        if name == "platform" and _alive(pid) and _ours(pid):
+            return pid
+    return None
+
+
+def stop_detached(directory: str, timeout: float = STOP_TIMEOUT) -> int:
+    """``--stop``: SIGTERM the platform supervisor, wait; kill leftovers from ``pids``."""
+    pids_file = os.path.join(directory, "pids")
+    entries = _read_pids(pids_file)
+    if not entries:
+        print("demo: no platform running in %s (no %s)" % (directory, pids_file))
+        return 1
+    supervisor = dict(entries).get("platform")
+    if supervisor and _alive(supervisor) and _ours(supervisor):
+        os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(POLL)
+    leftovers = [(n, p) for n, p in entries if n != "platform" and _alive(p) and _ours(p)]
+    for name, pid in leftovers:
+        print("demo: %s (pid %d) still running: killing its process group" % (name, pid))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except OSError:
+                break
+            end = time.monotonic() + 5.0
+            while _alive(pid) and time.monotonic() < end:
+                time.sleep(POLL)
+    try:
+        os.unlink(pids_file)
+    except OSError:
+        pass
+    print("demo: platform in %s stopped" % directory)
+    return 0
+
+
+def run_attached(directory: str) -> int:
+    """Bring the platform up, print how to use it, tear it down on SIGINT/SIGTERM."""
+    import gevent
+    import gevent.event
+
+    if _running_platform(directory):
+        print("demo: a platform already runs in %s (scripts/demo --dir %s --stop)"
+              % (directory, directory), file=sys.stderr)
+        return 1
+    stop = gevent.event.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(sig, stop.set)
+    platform = DemoPlatform(directory)
+    print("demo: starting in %s (broker boot takes a few seconds) …" % platform.dir,
+          flush=True)
+    try:
+        platform.start()
+    except (PlatformError, demo_rabbit.RabbitError, OSError) as exc:
+        print("demo: could not start: %s" % exc, file=sys.stderr)
+        return 1
+    print(platform.usage(), flush=True)
+    print("\nCtrl-C (or scripts/demo --dir %s --stop) tears it all down." % directory,
+          flush=True)
+    try:
+        while not stop.wait(1.0):
+            for name, proc in (("agent", platform.agent_proc), ("relay", platform.relay_proc)):
+                if proc is not None and proc.poll() is not None:
+                    print("demo: the %s exited (%s); see its log. Stopping." % (
+                        name, proc.returncode), file=sys.stderr, flush=True)
+                    stop.set()
+    finally:
+        print("demo: tearing down (agent, relay, broker) …", flush=True)
+        platform.stop()
+        print("demo: stopped", flush=True)
+    return 0
+
+
+def run_detached(directory: str) -> int:
+    """Run the attached supervisor in the background; return once it is ready."""
+    if _running_platform(directory):
+        print("demo: a platform already runs in %s" % directory, file=sys.stderr)
+        return 1
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    pids_file = os.path.join(directory, "pids")
+    try:
+        os.unlink(pids_file)
+    except OSError:
+        pass
+    log_path = os.path.join(directory, "demo.log")
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "remote_gevent.demo.platform", "--dir", directory],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print("demo: the platform failed to start (exit %s); %s:\n%s"
+                  % (proc.returncode, log_path, _tail(log_path)), file=sys.stderr)
+            return 1
+        if dict(_read_pids(pids_file)).get("platform") == proc.pid:
+            platform = DemoPlatform(directory)
+            text = _tail(log_path, 8000)
+            start = text.rfind("remote-gevent demo platform is up")
+            print(text[start:] if start >= 0 else platform.usage())
+            print("demo: running detached (pid %d, log %s); stop it with: scripts/demo "
+                  "--dir %s --stop" % (proc.pid, log_path, directory))
+            return 0
+        time.sleep(POLL)
+    print("demo: not ready within %.0f s; stopping it. See %s" % (DETACH_TIMEOUT, log_path),
+          file=sys.stderr)
+    proc.terminate()
+    return 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo",
+        description="A complete local remote-gevent platform on 127.0.0.1: TLS RabbitMQ "
+                    "node, relay, operator key, agent for device 'demo', console.yaml.")
+    parser.add_argument("--dir", default=DEFAULT_DIR,
+                        help="working directory (default %(default)s)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--detach", action="store_true",
+                      help="return once the platform is ready (pids in DIR/pids)")
+    mode.add_argument("--stop", action="store_true", help="tear a detached platform down")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    directory = os.path.abspath(args.dir)
+    if args.stop:
+        return stop_detached(directory)
+    if args.detach:
+        return run_detached(directory)
+    return run_attached(directory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
