@@ -596,3 +596,67 @@ def test_gc_interval_bounds(make_env):
     env2 = make_env(idle_timeout=1800, ack_timeout=60)
     assert tunnels.gc_interval(env2.cfg) == tunnels.GC_MAX_INTERVAL
     assert tunnels.GC_MIN_INTERVAL <= tunnels.gc_interval(env.cfg)
+
+
+# ---------------------------------------------------------------- more behaviours
+
+
+def test_transfer_virtual_target(make_env, tmp_path):
+    from remote_gevent.console import transfer as console_transfer
+
+    root = tmp_path / "files"
+    root.mkdir()
+    env = make_env(permitopen=[], transfer={"roots": [{"path": str(root), "mode": "rw"}]})
+    assert "@transfer" in tunnels.device_allow(env.cfg)
+    c = env.console(targets=["@transfer", "127.0.0.1:%d" % env.echo_port]).submit()
+    tunnel = c.connect()
+    local = tmp_path / "upload.bin"
+    data = os.urandom(300000)
+    local.write_bytes(data)
+    console_transfer.push(lambda: tunnel.open_stream("@transfer", timeout=T), str(local),
+                          str(root / "upload.bin"))
+    assert (root / "upload.bin").read_bytes() == data
+    # @sftp is allowed by the device but was not requested: refused per stream.
+    with pytest.raises(mux.StreamRefused) as e:
+        tunnel.open_stream("@sftp", timeout=T)
+    assert e.value.code == Reason.TARGET_NOT_PERMITTED
+    tunnel.close(CloseCode.NORMAL, "")
+    c.result()
+    _assert_one_close(env, c.session_id, CloseCode.NORMAL)
+
+
+def test_key_rotation_applies_to_new_sessions(make_env):
+    env = make_env()
+    c1 = env.console().submit()
+    t1 = c1.connect()
+    old_key = env.device_key
+    env.device_key = IdentityKey.generate()  # get_identity() now returns the new key
+    c2 = env.console().submit()
+    msg = c2.wait_reply(protocol.MsgType.SESSION_ACCEPT)
+    with pytest.raises(protocol.ProtocolError):
+        protocol.verify_session_accept(msg, old_key.public_bytes, c2.session_id, c2.epk)
+    t2 = c2.connect()  # verifies against the new key
+    target = "127.0.0.1:%d" % env.echo_port
+    assert _roundtrip(t1, target, b"old") == b"old"  # the running tunnel is untouched
+    assert _roundtrip(t2, target, b"new") == b"new"
+
+
+def test_shrinking_max_session_applies_as_sessions_end(make_env):
+    env = make_env(max_session=2, queue_timeout=30)
+    c1, c2 = env.console().submit(), env.console().submit()
+    c1.connect()
+    c2.connect()
+    smaller = config_mod.parse({"remote": dict(
+        server_id=SERVER_ID, history_path=env.history_path, allow=["127.0.0.1:*"],
+        relays={SERVER_ID: env.relay_addr}, relay_ca_file=env.ca_file, max_session=1,
+        queue_timeout=30, keepalive_interval=1)}, env.cfg.path)
+    env.manager.apply_config(smaller)  # nothing is cut
+    c3 = env.console().submit()
+    c3.wait_reply(protocol.MsgType.SESSION_QUEUED)
+    c1.tunnel.close(CloseCode.NORMAL, "")
+    _assert_one_close(env, c1.session_id, CloseCode.NORMAL)
+    gevent.sleep(0.3)  # c2 still runs: one session is the new cap, c3 keeps waiting
+    assert env.manager.stats() == (1, 1)
+    c2.tunnel.close(CloseCode.NORMAL, "")
+    c3.connect()
+    assert env.manager.stats() == (1, 0)
