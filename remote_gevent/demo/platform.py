@@ -239,6 +239,8 @@ class DemoPlatform:
         if self.relay_port is None:
             self.relay_port = demo_rabbit.free_port("127.0.0.1")
         operator_key = identity.load_or_create(self.operator_key_path)
+        _write_text(self.operator_key_path + ".pub",
+                    operator_key.public_line("%s@demo-platform" % self.operator) + "\n")
         identity.load_or_create(self.device_key_path)  # the agent would make it; pin-able now
         _write_text(self.authorized_keys,
                     operator_key.public_line("%s@demo-platform" % self.operator) + "\n", 0o600)
