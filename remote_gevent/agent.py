@@ -32,8 +32,11 @@ import gevent.event
 from . import __version__, identity
 from . import config as config_mod
 from .config import AgentConfig
+from .control import ControlPlane
+from .history import History
 from .identity import IdentityKey
 from .supervisor import Supervisor
+from .tunnels import TunnelManager
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +175,25 @@ class Agent:
         """
         if self.cfg.remote.key_rotation_days > 0:
             self.supervisor.add("key-rotation", self._key_rotation_service)
+        # The tunnel manager does not depend on the AMQP link: losing the link never
+        # disturbs open tunnels. It needs control.publish_close, hence the late binding.
+        self.history = History(self.cfg.remote.history_path)
+        self.control = ControlPlane(self)
+        self.tunnels = TunnelManager(self.cfg, self.get_identity, self.history,
+                                     self.control.publish_close)
+        self.control.tunnels = self.tunnels
+        self.on_config_changed.append(lambda old, new: self.tunnels.apply_config(new))
+        self.on_stopping.append(self._stop_control)
+        self.supervisor.add("control", self.control.run)
+        self.supervisor.add("heartbeat", self.control.heartbeat_loop)
+        self.supervisor.add("tunnel-gc", lambda: self.tunnels.gc_loop(self.stop_event))
+
+    def _stop_control(self) -> None:
+        """``on_stopping`` hook, while the link is still up: refuse new requests, end every
+        tunnel with ``shutdown`` (history row + session.close each), then ``alive stopping``."""
+        self.control.begin_stop()
+        self.tunnels.shutdown(self.stop_grace)
+        self.control.send_alive("stopping", wait=1.0)
 
     def _key_rotation_service(self) -> None:
         """Ask for a rotation when the key file is older than ``key_rotation_days``."""

@@ -1,0 +1,495 @@
+"""Agent side of the control plane: consume requests, reply, close, status, alive, key.
+
+One :class:`ControlPlane` per agent, on one :class:`~remote_gevent.amqplink.AmqpLink`
+logged in with the device's ``ident``/``token``. Two supervised services:
+
+- ``control`` (:meth:`ControlPlane.run`): the link's greenlet. On every (re)connect
+  :meth:`_setup` passive-declares ``remote.down``/``remote.up`` (the platform declares
+  them; a missing one is a one-line error naming it), declares ``<topic>.cmd``
+  (arguments of docs/protocol.md §1), binds ``<topic>.session``/``.close``/``.status``,
+  consumes it (prefetch 10) and publishes the ``key`` announcement.
+- ``heartbeat`` (:meth:`ControlPlane.heartbeat_loop`): ``alive`` with event ``started``
+  once the link is first up, then ``periodic`` every ``remote.health_check`` seconds
+  (read live, so SIGHUP changes the period); ``key_rotated`` and ``stopping`` are sent
+  by :meth:`on_key_rotated` and the agent's stop hook.
+
+Consumer rules (docs/protocol.md §1, §4): a delivery is dispatched on its routing-key
+suffix after a size check (16 KiB, *before* any parsing). It is acked once handled and
+rejected without requeue when refused; every refusal is logged with its reason code,
+the session id when one can be read safely and a digest of the body (never the body).
+A refused ``session``/``status`` request with a valid ``reply_to`` gets a signed
+``session.refuse`` (for a status request its ``session_id`` is the ``request_id``).
+An exception while handling one message is logged and rejects that message only: the
+consumer keeps serving. The callbacks run in the link's greenlet and never block:
+:meth:`TunnelManager.submit` spawns the session's greenlet and returns.
+
+Publishing goes only through :meth:`AmqpLink.publish` (the link's single, locked write
+path). Tunnels do not depend on the link: losing it stops requests and heartbeats,
+never an open tunnel; ``session.close`` messages published while it is down wait in the
+link's bounded outbox.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import amqp
+import gevent
+import gevent.lock
+from amqp.exceptions import NotFound, PreconditionFailed
+
+from . import protocol
+from .amqplink import AmqpLink, LinkError, NotConnected
+from .authkeys import AuthorizedKeys, AuthorizedKeysError
+from .protocol import CloseCode, MsgType, ProtocolError, Reason, Refused
+from .tunnels import device_allow
+
+log = logging.getLogger(__name__)
+
+EXCHANGE_DOWN = "remote.down"
+EXCHANGE_UP = "remote.up"
+#: ``<topic>.cmd`` arguments (docs/protocol.md §1): unused 1 day → deleted; a request
+#: older than 2 min is useless; a flood is refused at the broker (publisher nacked).
+CMD_QUEUE_ARGS = {"x-expires": 86400000, "x-message-ttl": 120000, "x-max-length": 100,
+                  "x-overflow": "reject-publish"}
+COMMANDS = ("session", "close", "status")  # routing-key suffixes bound to <topic>.cmd
+PREFETCH = 10
+REPLY_EXPIRATION_MS = 60000
+UP_EXPIRATION_MS = 600000  # key, close
+REPLY_WAIT = 2.0  # s a reply from a session greenlet waits for a reconnecting link
+EVENT_WAIT = 2.0  # s an event alive (key_rotated, stopping) waits for the link
+CONNECT_POLL = 1.0  # s slices of the heartbeat's wait for the first connection
+HEARTBEAT_SLICE = 1.0  # s: the heartbeat re-reads health_check at least this often
+RECENT_MAX = 1000  # submitted session ids remembered to drop broker redeliveries
+
+_SID_RE = re.compile(r"^[0-9a-f]{32}\Z")
+_CORRELATION_RE = re.compile(r"^[\x21-\x7e]{1,200}\Z")
+
+#: Text of a ``session.refuse`` per reason: fixed phrases, never an echo of the request
+#: (the detail, which may quote parts of it, goes to the log only).
+REFUSE_TEXT = {
+    Reason.TOO_LARGE: "message over %d bytes" % protocol.MAX_MESSAGE_BYTES,
+    Reason.MALFORMED: "malformed message",
+    Reason.WRONG_DEVICE: "request is for another device",
+    Reason.UNKNOWN_OPERATOR: "operator key not trusted by this device",
+    Reason.BAD_SIGNATURE: "signature does not verify",
+    Reason.EXPIRED: "request expired or not yet valid (check clocks)",
+    Reason.REPLAYED: "request already seen",
+    Reason.TARGET_NOT_PERMITTED: "target not permitted",
+    Reason.SHUTTING_DOWN: "agent is stopping",
+    Reason.RATE_LIMITED: "too many recent requests",
+    Reason.QUEUE_TIMEOUT: "no free session slot",
+}
+
+
+def _body_bytes(message: amqp.Message) -> bytes:
+    """The delivery's body as bytes (py-amqp decodes it to str when the publisher set a
+    ``content_encoding``; re-encoding with that codec gives the original bytes back)."""
+    body = message.body
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return bytes(body)
+    if isinstance(body, str):
+        try:
+            return body.encode(message.properties.get("content_encoding") or "utf-8")
+        except (LookupError, UnicodeError, TypeError):
+            raise Refused(Reason.MALFORMED, "body in an unusable content_encoding") from None
+    raise Refused(Reason.MALFORMED, "body of type %s" % type(body).__name__)
+
+
+class ControlPlane:
+    """The agent's control plane (see the module docstring).
+
+    ``agent`` provides ``cfg``, ``topic``, ``version``, ``uptime``, ``stop_event``,
+    ``get_identity()`` and the ``on_key_rotated`` hook list; ``tunnels`` is the
+    :class:`~remote_gevent.tunnels.TunnelManager` (settable after construction, since
+    the manager needs :meth:`publish_close`). ``link`` defaults to the device's link
+    from the config.
+    """
+
+    def __init__(self, agent: Any, tunnels: Any = None, link: Optional[AmqpLink] = None) -> None:
+        self.agent = agent
+        self.tunnels = tunnels
+        self.link = link if link is not None else AmqpLink.from_config(
+            agent.cfg, stop_event=agent.stop_event, prefetch=PREFETCH,
+            on_connect=self._on_connect, on_disconnect=self._on_disconnect)
+        self.replay = protocol.ReplayCache()
+        self.status_replay = protocol.ReplayCache()
+        self.counters: Dict[str, int] = collections.Counter()
+        self._trusted = AuthorizedKeys(source=agent.cfg.remote.authorized_keys)
+        self._trusted_stamp: Optional[Tuple[Any, ...]] = None
+        ident = agent.get_identity()
+        self._key_message = protocol.make_key_announcement(
+            ident, agent.cfg.ident, agent.cfg.remote.server_id)
+        self._unsent_keys: List[bytes] = []  # rotations not yet written to a live link
+        self._seq = 0
+        self._alive_lock = gevent.lock.Semaphore()
+        self._started_sent = False
+        self._stopping = False
+        self._link_greenlet: Optional[gevent.Greenlet] = None
+        self._recent: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+        agent.on_key_rotated.append(self.on_key_rotated)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def topic(self) -> str:
+        return self.agent.topic
+
+    @property
+    def queue(self) -> str:
+        return self.topic + ".cmd"
+
+    def _in_link_greenlet(self) -> bool:
+        return gevent.getcurrent() is self._link_greenlet
+
+    def trusted_keys(self) -> AuthorizedKeys:
+        """The operator keys in force, re-read when the file (or its configured path) changes.
+
+        One ``stat`` per request: editing ``remote.authorized_keys`` takes effect without
+        a restart or SIGHUP. An unusable file trusts nobody (logged once per change).
+        """
+        path = self.agent.cfg.remote.authorized_keys
+        try:
+            st = os.stat(path)
+            stamp: Tuple[Any, ...] = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            stamp = (path, exc.errno)
+        if stamp != self._trusted_stamp:
+            self._trusted_stamp = stamp
+            try:
+                self._trusted = AuthorizedKeys.load(path)
+                log.info("trusting %d operator key(s) from %s", len(self._trusted), path)
+            except AuthorizedKeysError as exc:
+                log.error("%s: no operator is trusted until this is fixed", exc)
+                self._trusted = AuthorizedKeys(source=path)
+        return self._trusted
+
+    def _stats(self) -> Tuple[int, int]:
+        if self.tunnels is None:
+            return 0, 0
+        try:
+            active, waiting = self.tunnels.stats()
+            return int(active), int(waiting)
+        except Exception:  # noqa: BLE001 - a heartbeat must not die of a stats bug
+            log.exception("tunnel stats failed")
+            return 0, 0
+
+    # ------------------------------------------------------------------ services
+    def run(self) -> None:
+        """Service body: the link's connect/setup/drain loop until the agent stops."""
+        self._link_greenlet = gevent.getcurrent()
+        try:
+            self.link.run(self._setup)
+        finally:
+            self._link_greenlet = None
+
+    def _setup(self, link: AmqpLink) -> None:
+        """Topology, consumer and key publication; runs on every (re)connect."""
+        vhost = link.url.vhost if link.url is not None else "?"
+        for exchange in (EXCHANGE_DOWN, EXCHANGE_UP):
+            try:
+                link.declare_exchange(exchange, passive=True)
+            except NotFound:
+                raise LinkError("exchange %s does not exist on vhost %r: the platform has not "
+                                "provisioned it" % (exchange, vhost)) from None
+        try:
+            link.declare_queue(self.queue, durable=True, arguments=CMD_QUEUE_ARGS)
+        except PreconditionFailed as exc:
+            raise LinkError("queue %s exists on vhost %r with other arguments than %s: %s"
+                            % (self.queue, vhost, CMD_QUEUE_ARGS, exc)) from None
+        for suffix in COMMANDS:
+            link.bind(self.queue, EXCHANGE_DOWN, "%s.%s" % (self.topic, suffix))
+        link.consume(self.queue, self._on_message)
+        for raw in list(self._unsent_keys) or [self._key_message]:
+            link.publish(EXCHANGE_UP, self.topic + ".key", raw, expiration=UP_EXPIRATION_MS)
+        self._unsent_keys = []
+        log.info("control plane ready: consuming %s, key %s published", self.queue,
+                 self.agent.get_identity().fingerprint)
+
+    def _on_connect(self, link: AmqpLink) -> None:
+        self.counters["connects"] += 1
+
+    def _on_disconnect(self, link: AmqpLink, exc: Optional[BaseException]) -> None:
+        if exc is not None and not self.agent.stop_event.is_set():
+            active, waiting = self._stats()
+            log.warning("control link lost (%d tunnel(s) open keep running, %d waiting)",
+                        active, waiting)
+
+    def heartbeat_loop(self) -> None:
+        """Service body: ``started`` once the link is first up, then ``periodic``."""
+        stop = self.agent.stop_event
+        while not self.link.connected.is_set():
+            if stop.wait(CONNECT_POLL):
+                return
+        if not self._started_sent:
+            self._started_sent = True
+            self.send_alive("started", wait=EVENT_WAIT)
+        last = time.monotonic()
+        while not stop.is_set():
+            interval = float(self.agent.cfg.remote.health_check)
+            due = last + interval
+            delay = due - time.monotonic()
+            if delay > 0:
+                stop.wait(min(delay, HEARTBEAT_SLICE))
+                continue
+            # Keep the cadence (no drift), but never send a burst to catch up.
+            last = due if time.monotonic() - due < interval else time.monotonic()
+            if not self._stopping:  # the stop hook sends "stopping" itself
+                self.send_alive("periodic")
+
+    def begin_stop(self) -> None:
+        """From now on session requests are refused with ``shutting_down``."""
+        self._stopping = True
+
+    # ------------------------------------------------------------------ publishing
+    def send_alive(self, event: str, wait: float = 0.0) -> bool:
+        """Publish one signed ``alive``; False (logged) if the link is down."""
+        cfg = self.agent.cfg
+        with self._alive_lock:
+            self._seq += 1
+            active, waiting = self._stats()
+            raw = protocol.make_alive(
+                self.agent.get_identity(), cfg.ident, cfg.remote.server_id, self.agent.version,
+                self.agent.uptime, active, waiting, cfg.remote.max_session, self._seq,
+                event=event)
+            try:
+                self.link.publish(EXCHANGE_UP, self.topic + ".alive", raw, delivery_mode=1,
+                                  expiration=2 * cfg.remote.health_check * 1000, wait=wait)
+            except NotConnected as exc:
+                self.counters["alive_dropped"] += 1
+                log.debug("alive %d (%s) not sent: %s", self._seq, event, exc)
+                return False
+            self.counters["alive_sent"] += 1
+            return True
+
+    def publish_close(self, session_id: str, code: str, reason: str = "") -> None:
+        """``session.close`` on ``remote.up`` ``<topic>.close`` (the tunnel manager's
+        callback). Queued in the link's outbox while it is down; never raises."""
+        try:
+            raw = protocol.make_session_close(self.agent.get_identity(), session_id, code,
+                                              reason)
+            self.link.publish(EXCHANGE_UP, self.topic + ".close", raw,
+                              expiration=UP_EXPIRATION_MS, outbox=True)
+        except (ProtocolError, LinkError, ValueError) as exc:
+            log.error("session %s: cannot publish session.close %s: %s", session_id, code, exc)
+
+    def _reply(self, reply_to: str, correlation_id: str, raw: bytes, what: str) -> bool:
+        wait = 0.0 if self._in_link_greenlet() else REPLY_WAIT
+        try:
+            return self.link.publish("", reply_to, raw, correlation_id=correlation_id,
+                                     expiration=REPLY_EXPIRATION_MS, delivery_mode=1,
+                                     wait=wait)
+        except NotConnected as exc:
+            log.warning("%s: reply not sent: %s", what, exc)
+            return False
+
+    def make_reply(self, message: amqp.Message, session_id: str) -> Callable[[bytes], bool]:
+        """``reply(raw)`` bound to a request's ``reply_to``/``correlation_id`` (any greenlet)."""
+        reply_to = message.properties["reply_to"]
+        correlation_id = self._correlation_id(message, session_id)
+
+        def reply(raw: bytes) -> bool:
+            return self._reply(reply_to, correlation_id, raw, "session %s" % session_id)
+
+        return reply
+
+    @staticmethod
+    def _correlation_id(message: amqp.Message, fallback: str) -> str:
+        cid = message.properties.get("correlation_id")
+        return cid if isinstance(cid, str) and _CORRELATION_RE.match(cid) else fallback
+
+    def on_key_rotated(self, old: Any, new: Any) -> None:
+        """``agent.on_key_rotated`` hook: publish the new key, signed by it, with the old
+        key's rotation signature; then an ``alive`` with event ``key_rotated``."""
+        cfg = self.agent.cfg
+        raw = protocol.make_key_announcement(new, cfg.ident, cfg.remote.server_id,
+                                             previous_key=old)
+        self._key_message = raw
+        try:
+            self.link.publish(EXCHANGE_UP, self.topic + ".key", raw,
+                              expiration=UP_EXPIRATION_MS, wait=EVENT_WAIT)
+        except NotConnected:
+            # Published (after any earlier unsent rotation: the chain must stay whole)
+            # by the next _setup.
+            self._unsent_keys.append(raw)
+            log.warning("key rotation %s -> %s will be published when the control link is "
+                        "back", old.fingerprint, new.fingerprint)
+        else:
+            log.info("published rotated key %s (previous %s)", new.fingerprint,
+                     old.fingerprint)
+        self.send_alive("key_rotated", wait=EVENT_WAIT)
+
+    # ------------------------------------------------------------------ consuming
+    def _on_message(self, message: amqp.Message) -> None:
+        """Consumer callback (link greenlet): dispatch, then ack or reject. Never raises."""
+        routing_key = message.delivery_info.get("routing_key") or ""
+        prefix = self.topic + "."
+        kind = routing_key[len(prefix):] if routing_key.startswith(prefix) else ""
+        raw = b""
+        try:
+            raw = _body_bytes(message)
+            if len(raw) > protocol.MAX_MESSAGE_BYTES:
+                raise Refused(Reason.TOO_LARGE, "%d bytes > %d"
+                              % (len(raw), protocol.MAX_MESSAGE_BYTES))
+            if kind == "session":
+                self._handle_session(message, raw)
+            elif kind == "close":
+                self._handle_close(message, raw)
+            elif kind == "status":
+                self._handle_status(message, raw)
+            else:
+                raise Refused(Reason.MALFORMED, "unexpected routing key %s"
+                              % protocol.short(routing_key))
+        except ProtocolError as exc:
+            self._refuse(message, raw, kind, exc)
+        except Exception:  # noqa: BLE001 - boundary: one message must not stop the consumer
+            self.counters["errors"] += 1
+            log.exception("error handling %s message (digest %s); rejecting it",
+                          kind or "unknown", protocol.request_digest(raw))
+            self.link.reject(message, requeue=False)
+
+    def _require_reply_to(self, message: amqp.Message) -> str:
+        reply_to = message.properties.get("reply_to")
+        if not protocol.is_valid_reply_to(reply_to):
+            raise Refused(Reason.MALFORMED, "missing or invalid reply_to")
+        return reply_to
+
+    def _handle_session(self, message: amqp.Message, raw: bytes) -> None:
+        sid = protocol.best_effort_session_id(raw)
+        if sid is not None and message.delivery_info.get("redelivered") \
+                and sid in self._recent:
+            # The broker redelivers what we had not acked when the link dropped: a
+            # request we already submitted is dropped, not refused as a replay. (A
+            # replay by a publisher is never flagged redelivered: it is refused.)
+            log.info("session %s: duplicate delivery of a request already handled; dropped",
+                     sid)
+            self.link.ack(message)
+            return
+        if self._stopping or self.tunnels is None:
+            raise Refused(Reason.SHUTTING_DOWN, "agent is stopping")
+        self._require_reply_to(message)
+        cfg = self.agent.cfg
+        request = protocol.check_session_request(
+            raw, cfg.ident, cfg.remote.server_id, self.trusted_keys(), device_allow(cfg),
+            self.replay)
+        sid = request.session_id
+        self._recent[sid] = None
+        while len(self._recent) > RECENT_MAX:
+            self._recent.popitem(last=False)
+        log.info("session %s: request from operator %s for %s via relay %s", sid,
+                 request.operator.fingerprint, ", ".join(str(t) for t in request.targets),
+                 request.relay)
+        self.tunnels.submit(request, self.make_reply(message, sid))
+        self.counters["sessions"] += 1
+        self.link.ack(message)
+
+    def _handle_close(self, message: amqp.Message, raw: bytes) -> None:
+        msg = protocol.decode(raw)
+        if msg.type != MsgType.SESSION_CLOSE:
+            raise Refused(Reason.MALFORMED, "expected session.close, got %s" % msg.type)
+        op = protocol.verify_with_authorized(msg, self.trusted_keys())
+        sid = msg.body["session_id"]
+        found = False
+        if self.tunnels is not None:
+            found = bool(self.tunnels.close(sid, CloseCode.CLOSED_BY_OPERATOR,
+                                            "closed by operator %s" % op.fingerprint))
+        log.info("session %s: close requested by operator %s (%s)", sid, op.fingerprint,
+                 "closing" if found else "no such session")
+        self.counters["closes"] += 1
+        self.link.ack(message)
+
+    def _handle_status(self, message: amqp.Message, raw: bytes) -> None:
+        reply_to = self._require_reply_to(message)
+        cfg = self.agent.cfg
+        request = protocol.check_status_request(raw, cfg.ident, cfg.remote.server_id,
+                                                self.trusted_keys(), self.status_replay)
+        active, waiting = self._stats()
+        entries = self._status_entries()
+        identity = self.agent.get_identity()
+        args = (identity, request.request_id, cfg.ident, cfg.remote.server_id,
+                self.agent.version, self.agent.uptime, active, waiting, cfg.remote.max_session)
+        try:
+            body = protocol.make_status(*args, entries)
+        except ProtocolError as exc:  # a tunnel reported something the schema refuses
+            log.error("status %s: session list unusable (%s); answering without it",
+                      request.request_id, exc)
+            body = protocol.make_status(*args, [])
+        log.info("status %s: requested by operator %s (%d active, %d waiting)",
+                 request.request_id, request.operator.fingerprint, active, waiting)
+        self._reply(reply_to, self._correlation_id(message, request.request_id), body,
+                    "status %s" % request.request_id)
+        self.counters["status"] += 1
+        self.link.ack(message)
+
+    def _status_entries(self) -> List[Dict[str, Any]]:
+        if self.tunnels is None:
+            return []
+        out = []
+        for s in self.tunnels.sessions():
+            sid = s.get("session_id") or s.get("id")
+            if not isinstance(sid, str) or not _SID_RE.match(sid):
+                continue
+            out.append({
+                "session_id": sid,
+                "state": str(s.get("state") or "active")[:16],
+                "since": float(s.get("since") or s.get("start") or 0.0),
+                "operator": str(s.get("operator") or "")[:64],
+                "targets": [str(t)[:300] for t in list(s.get("targets") or ())[:32]],
+                "remote_ip": str(s.get("remote_ip") or "")[:64],
+                "bytes_in": max(0, int(s.get("bytes_in") or 0)),
+                "bytes_out": max(0, int(s.get("bytes_out") or 0)),
+            })
+        return out
+
+    def _refuse(self, message: amqp.Message, raw: bytes, kind: str,
+                exc: ProtocolError) -> None:
+        """Log, answer (session/status requests with a usable reply_to) and reject."""
+        reason = exc.reason if exc.reason in Reason.ALL else Reason.MALFORMED
+        self.counters["refused:" + reason] += 1
+        sid = protocol.best_effort_session_id(raw) if kind == "session" else None
+        if kind == "status":
+            sid = _status_request_id(raw)
+        if sid is None and kind in ("session", "status"):
+            cid = message.properties.get("correlation_id")
+            sid = cid if isinstance(cid, str) and _SID_RE.match(cid) else None
+        log.warning("refused %s %s: %s (%s) [digest %s, %d bytes]", kind or "message",
+                    sid or "-", reason, exc.detail or "-", protocol.request_digest(raw),
+                    len(raw))
+        reply_to = message.properties.get("reply_to")
+        if kind in ("session", "status") and sid and protocol.is_valid_reply_to(reply_to):
+            text = REFUSE_TEXT.get(reason, reason)
+            if reason == Reason.TARGET_NOT_PERMITTED:
+                text = _targets_text(exc.detail) or text
+            try:
+                refusal = protocol.make_session_refuse(self.agent.get_identity(), sid, reason,
+                                                       text)
+            except ProtocolError as err:  # cannot happen with our codes; never crash here
+                log.error("cannot build session.refuse for %s: %s", sid, err)
+            else:
+                self._reply(reply_to, self._correlation_id(message, sid), refusal,
+                            "%s %s" % (kind, sid))
+        self.link.reject(message, requeue=False)
+
+
+def _status_request_id(raw: bytes) -> Optional[str]:
+    """``body.request_id`` of a status request that failed validation, if readable."""
+    try:
+        if len(raw) > protocol.MAX_MESSAGE_BYTES:
+            return None
+        rid = json.loads(raw.decode("utf-8"))["body"]["request_id"]
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return None
+    return rid if isinstance(rid, str) and _SID_RE.match(rid) else None
+
+
+def _targets_text(detail: str) -> str:
+    """``<targets> not permitted`` from check_session_request's detail (validated targets,
+    not raw request text); '' if the detail has another shape."""
+    m = re.match(r"^session [0-9a-f]{32}: (.+) not permitted for SHA256:", detail or "")
+    return "%s not permitted" % m.group(1) if m else ""
+

@@ -1,0 +1,490 @@
+"""The agent's control plane end to end: a real in-process Agent on the private TLS broker,
+an in-test operator (own broker login, nacl key) publishing requests and listening on an
+exclusive reply queue and on ``remote.up``. Bounded waits everywhere, loopback only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import gevent
+import nacl.signing
+import pytest
+from gevent.event import AsyncResult
+from gevent.queue import Empty, Queue
+
+from remote_gevent import authkeys, daemon, history, protocol
+from remote_gevent import config as config_mod
+from remote_gevent import tunnel_crypto as tc
+from remote_gevent.agent import Agent
+from remote_gevent.demo.rabbit import RabbitNode
+from remote_gevent.protocol import Reason
+
+WAIT = 10.0  # bound for anything that should take milliseconds
+CLI = [sys.executable, "-m", "remote_gevent.cli"]
+
+
+class OperatorKey:
+    """The signer interface protocol.py expects (.sign, .fingerprint) from a nacl key."""
+
+    def __init__(self):
+        self._sk = nacl.signing.SigningKey.generate()
+        self.public_raw = bytes(self._sk.verify_key)
+        self.fingerprint = authkeys.fingerprint_of(self.public_raw)
+
+    def sign(self, data):
+        return self._sk.sign(data).signature
+
+    def line(self, options=""):
+        return (options + " " if options else "") + authkeys.ssh_pubkey_line(self.public_raw)
+
+
+def closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def write_config(tmp_path, device, ops, health_check=600, url=None, relay=None):
+    ak = tmp_path / "authorized_keys"
+    ak.write_text("".join(line + "\n" for line in ops))
+    os.chmod(str(ak), 0o600)
+    path = tmp_path / "config.yaml"
+    cfg = {
+        "ident": device.ident, "token": device.token,
+        "amqp": {"urls": [url or device.url], "ca_file": device.ca_file,
+                 "connect_timeout": 5, "reconnect_max_delay": 2, "heartbeat": 10},
+        "remote": {"enabled": True, "server_id": device.server_id,
+                   "health_check": health_check, "key_path": str(tmp_path / "id_ed25519"),
+                   "history_path": str(tmp_path / "history.csv"),
+                   "authorized_keys": str(ak), "allow": ["127.0.0.1:22"],
+                   "relays": {device.server_id: relay or "127.0.0.1:%d" % closed_port()},
+                   "queue_timeout": 5},
+    }
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return str(path)
+
+
+class Console:
+    """Operator side: reply queue (by correlation id) and a watch queue on remote.up."""
+
+    def __init__(self, link, topic, key, relay):
+        self.link = link
+        self.topic = topic
+        self.key = key
+        self.relay = relay
+        self.reply_queue = None
+        self.pending = {}
+        self.up = {"alive": Queue(), "key": Queue(), "close": Queue()}
+        self.greenlet = None
+
+    def setup(self, link):
+        self.reply_queue = link.declare_queue("", durable=False, exclusive=True,
+                                              auto_delete=True)
+        link.consume(self.reply_queue, self._on_reply, exclusive=True)
+        watch = link.declare_queue("", durable=False, exclusive=True, auto_delete=True)
+        for kind in self.up:
+            link.bind(watch, "remote.up", "%s.%s" % (self.topic, kind))
+        link.consume(watch, self._on_up, exclusive=True)
+
+    def _on_reply(self, msg):
+        self.link.ack(msg)
+        waiter = self.pending.pop(msg.properties.get("correlation_id"), None)
+        if waiter is not None:
+            waiter.set(msg.body)
+
+    def _on_up(self, msg):
+        self.link.ack(msg)
+        kind = msg.delivery_info["routing_key"].rsplit(".", 1)[1]
+        self.up[kind].put((time.monotonic(), protocol.decode(msg.body)))
+
+    def start(self):
+        self.greenlet = gevent.spawn(self.link.run, self.setup)
+        assert self.link.wait_connected(WAIT), self.link.last_error
+
+    def stop(self):
+        self.link.stop()
+        self.greenlet.join(5.0)
+
+    # -- requests
+    def request(self, device, targets=("127.0.0.1:22",), key=None, **kw):
+        epk, _ = tc.kx_keypair()
+        sid, raw = protocol.make_session_request(
+            key or self.key, kw.pop("ident", device.ident), kw.pop("server_id", device.server_id),
+            epk, list(targets), kw.pop("relay", self.relay), protocol.new_ticket(), **kw)
+        return sid, epk, raw
+
+    def send(self, raw, cid, kind="session", reply_to=True, timeout=WAIT, **props):
+        waiter = AsyncResult()
+        if reply_to:
+            self.pending[cid] = waiter
+        self.link.publish("remote.down", "%s.%s" % (self.topic, kind), raw, correlation_id=cid,
+                          reply_to=self.reply_queue if reply_to else None, expiration=60000,
+                          delivery_mode=1, **props)
+        if not reply_to:
+            return None
+        return protocol.decode(waiter.get(timeout=timeout))
+
+    def next_up(self, kind, timeout=WAIT):
+        return self.up[kind].get(timeout=timeout)
+
+
+class Running:
+    """An in-process Agent (real config file, real link) run in a greenlet."""
+
+    def __init__(self, path):
+        self.cfg = config_mod.load(path)
+        self.agent = Agent(self.cfg, path)
+        self.agent.stop_grace = 5.0
+        self.greenlet = gevent.spawn(self.agent.run)
+
+    @property
+    def key(self):
+        return self.agent.get_identity()
+
+    def wait_ready(self):
+        deadline = time.monotonic() + WAIT
+        while getattr(self.agent, "control", None) is None or \
+                not self.agent.control.link.connected.is_set():
+            assert time.monotonic() < deadline, "agent did not connect"
+            gevent.sleep(0.02)
+
+    def stop(self):
+        if not self.greenlet.dead:
+            self.agent.request_stop()
+            self.greenlet.join(15.0)
+        assert self.greenlet.dead, "agent did not stop"
+        return self.greenlet.value
+
+
+@pytest.fixture
+def op_key():
+    return OperatorKey()
+
+
+@pytest.fixture
+def platform(rabbit, device, operator, op_key, tmp_path):
+    """(agent, console) wired together; stopped at the end."""
+    limited = OperatorKey()
+    path = write_config(tmp_path, device,
+                        [op_key.line(), limited.line('permitopen="127.0.0.1:2222"')])
+    cfg = config_mod.load(path)
+    console = Console(rabbit.link(operator), device.topic, op_key,
+                      cfg.remote.relays[device.server_id])
+    console.start()
+    run = Running(path)
+    try:
+        run.wait_ready()
+        yield run, console, device
+    finally:
+        run.stop()
+        console.stop()
+
+
+def expect_accept(console, device, run, key=None):
+    sid, epk, raw = console.request(device)
+    reply = console.send(raw, sid)
+    assert reply.type == protocol.MsgType.SESSION_ACCEPT, reply
+    accepted = protocol.verify_session_accept(reply, (key or run.key).public_bytes, sid, epk)
+    assert accepted.session_id == sid
+    return sid
+
+
+def expect_refuse(console, raw, cid, code, **props):
+    reply = console.send(raw, cid, **props)
+    assert reply.type == protocol.MsgType.SESSION_REFUSE, reply
+    assert reply.body["code"] == code, reply.body
+    assert reply.body["session_id"] == cid
+    return reply
+
+
+# ----------------------------------------------------------------------------- sessions
+def test_valid_request_accepted_signed_by_device_key(platform):
+    run, console, device = platform
+    sid = expect_accept(console, device, run)
+    # No relay listens on the configured port: the session ends relay_refused, with a
+    # signed session.close on remote.up and one history row.
+    _, close = console.next_up("close")
+    assert protocol.verify(close, run.key.public_bytes)
+    assert close.body["session_id"] == sid and close.body["code"] == "relay_refused"
+    rows = history.read(run.cfg.remote.history_path)
+    assert [r["session_id"] for r in rows] == [sid]
+
+
+def test_each_bad_message_refused_while_agent_keeps_serving(platform, caplog):
+    run, console, device = platform
+    key = console.key
+    caplog.set_level(logging.INFO, logger="remote_gevent.control")
+
+    def sid_raw(**kw):
+        sid, _, raw = console.request(device, **kw)
+        return sid, raw
+
+    cases = []
+    cid = protocol.new_session_id()
+    cases.append(("malformed JSON", b'{"v": 1, "type": "session.req', cid, Reason.MALFORMED))
+    cid = protocol.new_session_id()
+    cases.append(("binary", os.urandom(300), cid, Reason.MALFORMED))
+    sid, raw = sid_raw()
+    env = json.loads(raw)
+    del env["sig"], env["signer"]
+    cases.append(("unsigned", json.dumps(env).encode(), sid, Reason.MALFORMED))
+    sid, raw = sid_raw()
+    env = json.loads(raw)
+    env["body"]["targets"] = ["127.0.0.1:22", "127.0.0.1:22"]  # still schema-valid
+    cases.append(("bad signature", json.dumps(env).encode(), sid, Reason.BAD_SIGNATURE))
+    sid, raw = sid_raw(key=OperatorKey())
+    cases.append(("unknown operator", raw, sid, Reason.UNKNOWN_OPERATOR))
+    sid, raw = sid_raw(now=time.time() - 1000)
+    cases.append(("expired", raw, sid, Reason.EXPIRED))
+    sid, raw = sid_raw(ident="someone-else")
+    cases.append(("wrong device", raw, sid, Reason.WRONG_DEVICE))
+    sid, raw = sid_raw(server_id="xx01")
+    cases.append(("wrong server", raw, sid, Reason.WRONG_DEVICE))
+    sid, raw = sid_raw(targets=["10.0.0.1:22"])
+    cases.append(("target not permitted", raw, sid, Reason.TARGET_NOT_PERMITTED))
+    cid = protocol.new_session_id()
+    big = json.dumps({"v": 1, "type": "session.request",
+                      "body": {"session_id": cid, "pad": "x" * (17 * 1024)}}).encode()
+    cases.append(("oversized", big, cid, Reason.TOO_LARGE))
+
+    for name, raw, cid, code in cases:
+        reply = expect_refuse(console, raw, cid, code)
+        assert protocol.verify(reply, run.key.public_bytes), name
+        assert "refused session %s: %s" % (cid, code) in caplog.text, name
+        assert raw.decode("latin-1")[:40] not in caplog.text or name == "binary"
+
+    # replayed: the same valid request twice
+    sid, _, raw = console.request(device)
+    assert console.send(raw, sid).type == protocol.MsgType.SESSION_ACCEPT
+    expect_refuse(console, raw, sid, Reason.REPLAYED)
+
+    # no reply_to: nowhere to answer; refused, logged, the consumer goes on
+    sid, _, raw = console.request(device)
+    console.send(raw, sid, reply_to=False)
+    # a body in an odd content_encoding, a close by a stranger, a close for no session
+    console.send(b"\xff\xfe", protocol.new_session_id(), reply_to=False,
+                 content_encoding="no-such-codec")
+    stranger_close = protocol.make_session_close(OperatorKey(), protocol.new_session_id(),
+                                                 "closed_by_operator")
+    console.send(stranger_close, "x", kind="close", reply_to=False)
+    console.send(protocol.make_session_close(key, protocol.new_session_id(),
+                                             "closed_by_operator"), "y", kind="close",
+                 reply_to=False)
+
+    # ... and after all of them a valid request is still served
+    expect_accept(console, device, run)
+    counters = run.agent.control.counters
+    assert counters["errors"] == 0
+    assert counters["refused:malformed"] >= 4 and counters["refused:unknown_operator"] >= 2
+    assert counters["closes"] == 1
+    assert "no such session" in caplog.text
+    assert run.agent.supervisor.services["control"].restarts == 0
+    assert device.token not in caplog.text
+
+
+def test_operator_close_ends_a_waiting_session(platform):
+    run, console, device = platform
+    # Fill the slots so the next request waits, then close it as its operator.
+    run.agent.tunnels._sem = gevent.lock.BoundedSemaphore(1)
+    run.agent.tunnels._sem.acquire()
+    sid, _, raw = console.request(device)
+    reply = console.send(raw, sid)
+    assert reply.type == protocol.MsgType.SESSION_QUEUED
+    console.send(protocol.make_session_close(console.key, sid, "closed_by_operator"), sid,
+                 kind="close", reply_to=False)
+    deadline = time.monotonic() + WAIT
+    while True:
+        _, close = console.next_up("close")
+        if close.body["session_id"] == sid:
+            break
+        assert time.monotonic() < deadline
+    assert close.body["code"] == "closed_by_operator"
+
+
+def test_status_request(platform):
+    run, console, device = platform
+    rid, raw = protocol.make_status_request(console.key, device.ident, device.server_id)
+    reply = console.send(raw, rid, kind="status")
+    body = protocol.verify_status(reply, run.key.public_bytes, rid)
+    assert body["ident"] == device.ident and body["max_session"] == run.cfg.remote.max_session
+    assert body["sessions_total"] == len(body["sessions"])
+    # replayed, and from an unknown operator: refused with the request id
+    expect_refuse(console, raw, rid, Reason.REPLAYED, kind="status")
+    rid2, raw2 = protocol.make_status_request(OperatorKey(), device.ident, device.server_id)
+    expect_refuse(console, raw2, rid2, Reason.UNKNOWN_OPERATOR, kind="status")
+
+
+# ----------------------------------------------------------------------------- heartbeat, key
+def test_started_alive_and_key_published_on_start(platform):
+    run, console, device = platform
+    _, key_msg = console.next_up("key")
+    ann = protocol.verify_key_announcement(key_msg)
+    assert ann.previous is None and ann.ident == device.ident
+    out = subprocess.run(CLI + ["--config", run.agent.config_path, "pubkey", "--fingerprint"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert ann.fingerprint == out.stdout.strip() == run.key.fingerprint
+    _, alive = console.next_up("alive")
+    assert protocol.verify(alive, run.key.public_bytes)
+    assert alive.body["event"] == "started" and alive.body["seq"] == 1
+
+
+def test_heartbeat_cadence_and_content(rabbit, device, operator, op_key, tmp_path):
+    path = write_config(tmp_path, device, [op_key.line()], health_check=1)
+    console = Console(rabbit.link(operator), device.topic, op_key, "x:1")
+    console.start()
+    run = Running(path)
+    try:
+        run.wait_ready()
+        t0, first = console.next_up("alive")
+        assert first.body["event"] == "started"
+        got = []
+        while time.monotonic() - t0 < 3.5:
+            try:
+                got.append(console.next_up("alive", timeout=0.2))
+            except Empty:
+                pass
+        periodic = [m for _, m in got if m.body["event"] == "periodic"]
+        assert len(periodic) >= 3, [m.body for _, m in got]
+        seqs = [first.body["seq"]] + [m.body["seq"] for _, m in got]
+        assert seqs == list(range(1, len(seqs) + 1))
+        b = periodic[-1].body
+        assert protocol.verify(periodic[-1], run.key.public_bytes)
+        assert (b["ident"], b["server_id"], b["max_session"], b["fingerprint"]) == (
+            device.ident, device.server_id, run.cfg.remote.max_session, run.key.fingerprint)
+        assert b["version"] == run.agent.version and b["sessions_active"] == 0
+        assert b["sessions_waiting"] == 0 and 1.0 < b["uptime"] < 30
+        assert abs(b["ts"] - time.time()) < 5
+        gaps = [t2 - t1 for (t1, _), (t2, _) in zip(got, got[1:])]
+        print("\nalive gaps: %s" % ", ".join("%.2f" % g for g in gaps))
+    finally:
+        assert run.stop() == 0
+        # stopping alive sent before the link went away
+        events = []
+        try:
+            while True:
+                events.append(console.next_up("alive", timeout=2.0)[1].body["event"])
+        except Empty:
+            pass
+        assert events[-1:] == ["stopping"], events
+        console.stop()
+
+
+def test_key_rotation_via_cli_signal(platform, tmp_path):
+    run, console, device = platform
+    _, first = console.next_up("key")
+    old_raw = protocol.verify_key_announcement(first).public_raw32
+    console.next_up("alive")  # started
+    pidfile = str(tmp_path / "agent.pid")
+    daemon.write_pidfile(pidfile)  # the in-process agent is this pid
+    # rotate-key refuses to signal itself; run it from a child that sees another pid
+    out = subprocess.run(CLI + ["--pidfile", pidfile, "rotate-key"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    _, rot = console.next_up("key")
+    new_raw = protocol.verify_key_rotation(rot, old_raw)
+    assert new_raw != old_raw and new_raw == run.key.public_bytes
+    _, alive = console.next_up("alive")
+    assert alive.body["event"] == "key_rotated"
+    assert alive.body["fingerprint"] == authkeys.fingerprint_of(new_raw)
+    # new sessions are signed by the new key
+    expect_accept(console, device, run, key=run.key)
+    # a second rotation (in-process API) chains from the new key
+    old, new = run.agent.rotate_key()
+    _, rot2 = console.next_up("key")
+    assert protocol.verify_key_rotation(rot2, new_raw) == new.public_bytes
+    os.unlink(pidfile)
+
+
+def test_sigusr1_rotation_in_process(platform):
+    run, console, device = platform
+    _, first = console.next_up("key")
+    old_raw = protocol.verify_key_announcement(first).public_raw32
+    os.kill(os.getpid(), signal.SIGUSR1)
+    _, rot = console.next_up("key")
+    assert protocol.verify_key_rotation(rot, old_raw) == run.key.public_bytes
+
+
+# ----------------------------------------------------------------------------- broker restart
+def test_broker_restart_agent_reconnects_and_serves(pki, tmp_path, op_key):
+    ca, broker = pki
+    node = RabbitNode(str(tmp_path / "node"), ca_file=ca.cert_file, cert_file=broker.cert_file,
+                      key_file=broker.key_file)
+    node.start()
+    try:
+        vhost = "rg-ctl-restart"
+        node.declare_platform(vhost)
+        node.add_device(vhost, "restart-dev", "restart-token")
+        node.add_operator(vhost, "restart-op", "restart-pw")
+        url = node.amqps_url(vhost)
+
+        class Dev:
+            ident, token, server_id = "restart-dev", "restart-token", "fr04"
+            topic = "remote.fr04.restart-dev"
+            ca_file = ca.cert_file
+
+        Dev.url = url
+        path = write_config(tmp_path, Dev, [op_key.line()])
+        from remote_gevent.amqplink import AmqpLink
+
+        op_link = AmqpLink([url], "restart-op", "restart-pw", ca_file=ca.cert_file,
+                           connect_timeout=3.0, reconnect_max_delay=2.0)
+        console = Console(op_link, Dev.topic, op_key,
+                          config_mod.load(path).remote.relays["fr04"])
+        console.start()
+        run = Running(path)
+        try:
+            run.wait_ready()
+            expect_accept(console, Dev, run)
+            node.restart()
+            t_up = time.monotonic()
+            link = run.agent.control.link
+            deadline = time.monotonic() + 20
+            while not (link.connected.is_set() and link.reconnects >= 1):
+                assert time.monotonic() < deadline, link.last_error
+                gevent.sleep(0.05)
+            assert op_link.wait_connected(20.0)
+            deadline = time.monotonic() + 20
+            while console.reply_queue is None or not op_link.connected.is_set():
+                assert time.monotonic() < deadline
+                gevent.sleep(0.05)
+            expect_accept(console, Dev, run)
+            print("\nagent reconnected and accepted a new request %.2f s after the node "
+                  "was back" % (time.monotonic() - t_up))
+            assert run.agent.supervisor.services["control"].restarts == 0
+        finally:
+            run.stop()
+            console.stop()
+    finally:
+        node.stop()
+
+
+# ----------------------------------------------------------------------------- latency
+def test_request_reply_round_trip_time(platform):
+    run, console, device = platform
+    refusals, accepts = [], []
+    for _n in range(200):
+        sid, _, raw = console.request(device, targets=["10.9.9.9:22"])
+        t0 = time.perf_counter()
+        reply = console.send(raw, sid)
+        refusals.append(time.perf_counter() - t0)
+        assert reply.body["code"] == Reason.TARGET_NOT_PERMITTED
+    for _n in range(50):
+        sid, _, raw = console.request(device)
+        t0 = time.perf_counter()
+        reply = console.send(raw, sid)
+        accepts.append(time.perf_counter() - t0)
+        assert reply.type == protocol.MsgType.SESSION_ACCEPT
+    print("\nsession.request -> reply through RabbitMQ over TLS (agent checks + signs): "
+          "refuse median %.2f ms (200), accept median %.2f ms (50)"
+          % (statistics.median(refusals) * 1000, statistics.median(accepts) * 1000))
