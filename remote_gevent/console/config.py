@@ -1,0 +1,331 @@
+"""Operator console configuration (``console.yaml``) and the console's exit codes.
+
+Keys are declared once, with the agent's machinery (:func:`remote_gevent.config.key`:
+default, validator, type, help), so validation, defaults and ``iter_keys()`` cannot
+disagree. Every problem is collected and reported at once, each message naming the
+file, the dotted key and the bad value (the password is never echoed).
+
+Default location ``~/.config/remote-gevent/console.yaml``; ``-c/--config`` or the
+environment variable ``REMOTE_GEVENT_CONSOLE_CONFIG`` override it. Relative paths in
+the file — and the defaults of ``operator_key``, ``known_devices`` and ``state_file`` —
+are resolved against the directory of the config file, so one directory holds an
+operator's whole console state (the demo platform relies on that).
+
+Unlike the agent's file (shared with other plugins), this file is ours alone: unknown
+top-level keys are refused too.
+
+This module is imported by every console command, so it stays light (no gevent, no
+amqp, no crypto) and also carries :class:`ConsoleError` and the exit codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+from remote_gevent.config import (
+    ConfigError,
+    Invalid,
+    _build,
+    _declared,
+    _default,
+    _Problems,
+    key,
+    parse_amqp_url,
+    split_host_port,
+    v_float,
+    v_int,
+    v_opt_existing_file,
+    v_opt_path,
+    v_path,
+    v_server_id,
+    v_token,
+    v_urls,
+)
+
+__all__ = ["ConfigError", "ConsoleConfig", "ConsoleError", "load", "default_path"]
+
+ENV_CONFIG = "REMOTE_GEVENT_CONSOLE_CONFIG"
+DEFAULT_DIR = os.path.join("~", ".config", "remote-gevent")
+DEFAULT_PATH = os.path.join(DEFAULT_DIR, "console.yaml")
+
+#: Relays of the supported platforms (``relay: null`` picks the server id's one).
+DEFAULT_RELAYS = {"fr04": "relay.fr04.alemca.net:8443"}
+
+_USER_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+
+# --------------------------------------------------------------------------- exit codes
+# 0-6 are shared with push/pull (console/transfer.py, docs/transfer.md).
+EXIT_OK = 0
+EXIT_ERROR = 1          # anything unexpected
+EXIT_USAGE = 2          # bad command line (click) or bad -L/-D spec
+EXIT_REFUSED = 3        # the device refused the session / a stream (reason code printed)
+EXIT_INTEGRITY = 4      # transfer: sha256 mismatch
+EXIT_CONNECTION = 5     # tunnel or relay lost after the session was up
+EXIT_NO_SPACE = 6       # transfer: local or remote disk full
+EXIT_CONFIG = 7         # console.yaml unreadable / invalid, operator key unusable
+EXIT_BROKER = 8         # broker unreachable, TLS verification failed
+EXIT_LOGIN = 9          # broker refused user/password (or vhost access)
+EXIT_OFFLINE = 10       # no reply from the device within the timeout
+EXIT_KEY = 11           # device key not pinned, changed without rotation, bad signature
+EXIT_RELAY = 12         # relay unreachable, TLS failed, refused the pairing
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM
+
+EXIT_NAMES = {
+    EXIT_OK: "ok", EXIT_ERROR: "error", EXIT_USAGE: "usage", EXIT_REFUSED: "refused",
+    EXIT_INTEGRITY: "integrity", EXIT_CONNECTION: "connection lost",
+    EXIT_NO_SPACE: "no space", EXIT_CONFIG: "config", EXIT_BROKER: "broker",
+    EXIT_LOGIN: "login refused", EXIT_OFFLINE: "device offline", EXIT_KEY: "device key",
+    EXIT_RELAY: "relay", EXIT_INTERRUPTED: "interrupted",
+}
+
+
+class ConsoleError(Exception):
+    """An expected failure: one line for stderr and the exit code to leave with."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR, code: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.code = code  # machine-readable reason (refusal code, close code, ...)
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def v_user(value: Any, base: str) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _USER_RE.match(value):
+        raise Invalid("expected a broker user name (1-128 of A-Z a-z 0-9 _ . @ -)")
+    return value
+
+
+def v_relay(value: Any, base: str) -> Optional[str]:
+    if value is None:
+        return None
+    try:
+        split_host_port(value)
+    except Invalid:
+        raise Invalid("expected host:port (IPv6 as [addr]:port)") from None
+    return value
+
+
+def v_queue(value: Any, base: str) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _QUEUE_RE.match(value):
+        raise Invalid("expected a queue name ([A-Za-z0-9_.:-]{1,200})")
+    return value
+
+
+def v_cipher(value: Any, base: str) -> str:
+    if value not in ("aes256gcm", "xchacha20poly1305"):
+        raise Invalid("expected aes256gcm or xchacha20poly1305")
+    return value
+
+
+# --------------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class ConsoleAmqpConfig:
+    urls: Tuple[str, ...] = key(
+        ["amqps://broker.fr04.alemca.net:5671/"], v_urls, "list of URL",
+        "broker URLs amqps://host:port/vhost, tried in turn; amqp:// only to loopback")
+    ca_file: Optional[str] = key(
+        None, v_opt_existing_file, "path|null",
+        "CA bundle that signs the broker certificate; null: the system store")
+    cert_file: Optional[str] = key(
+        None, v_opt_existing_file, "path|null", "optional TLS client certificate (PEM)")
+    key_file: Optional[str] = key(
+        None, v_opt_existing_file, "path|null", "private key of cert_file (PEM)")
+    heartbeat: int = key(30, v_int(0, 3600), "int s", "AMQP heartbeat in seconds (0: off)")
+    connect_timeout: float = key(
+        10.0, v_float(0.001, 600), "float s", "TCP+TLS+AMQP connect timeout per URL")
+    reconnect_max_delay: float = key(
+        30.0, v_float(0.001, 3600), "float s", "cap of the reconnect backoff (watch)")
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    path: str
+    server_id: str = key(
+        "fr04", v_server_id, "str", "platform of the devices; only fr04 is supported")
+    user: Optional[str] = key(None, v_user, "str", "operator's broker user")
+    password: Optional[str] = key(
+        None, v_token, "str", "operator's broker password (never logged)", secret=True)
+    operator_key: str = key(
+        "operator_ed25519", v_path, "path",
+        "operator ED25519 key (made by `keygen`); relative to this file's directory")
+    known_devices: str = key(
+        "known_devices", v_path, "path",
+        "pinned device keys (like ssh known_hosts); relative to this file's directory")
+    state_file: str = key(
+        "devices.json", v_path, "path",
+        "last alive / fingerprint / health_check per device (devices, watch)")
+    relay: Optional[str] = key(
+        None, v_relay, "host:port|null", "relay (exit node); null: the server id's relay")
+    relay_ca_file: Optional[str] = key(
+        None, v_opt_existing_file, "path|null", "CA of the relay certificate; null: amqp.ca_file")
+    status_queue: Optional[str] = key(
+        None, v_queue, "str|null",
+        "durable per-operator queue of alive/key/close messages; null: console.<user>.status")
+    status_queue_max_length: int = key(
+        10000, v_int(10, 10000000), "int", "bound of the status queue (oldest dropped)")
+    status_queue_ttl: int = key(
+        86400, v_int(60, 30 * 86400), "int s", "status messages older than this are dropped")
+    reply_timeout: float = key(
+        15.0, v_float(0.5, 300), "float s",
+        "wait for the device's first answer (queued/accept/refuse); none: device offline")
+    queue_wait: float = key(
+        300.0, v_float(1, 3600), "float s", "longest wait for an accept once queued")
+    request_ttl: int = key(
+        60, v_int(5, 300), "int s", "validity of a signed request (exp - iat)")
+    relay_timeout: float = key(
+        10.0, v_float(0.5, 300), "float s", "TCP + TLS + hello bound for the relay dial")
+    cipher: str = key(
+        "aes256gcm", v_cipher, "str", "preferred AEAD (the agent falls back to xchacha20poly1305)")
+    keepalive_interval: float = key(
+        15.0, v_float(0, 3600), "float s", "tunnel keepalive ping period (0: off)")
+    control_socket_dir: Optional[str] = key(
+        None, v_opt_path, "path|null",
+        "directory for ControlMaster-style session reuse sockets (issue 6); null: off")
+    amqp: ConsoleAmqpConfig = field(default_factory=ConsoleAmqpConfig)
+    warnings: Tuple[str, ...] = ()
+
+    def __repr__(self) -> str:  # never show the password
+        return "ConsoleConfig(path=%r, user=%r, server_id=%r)" % (
+            self.path, self.user, self.server_id)
+
+    @property
+    def relay_address(self) -> str:
+        return self.relay or DEFAULT_RELAYS[self.server_id]
+
+    @property
+    def relay_host_port(self) -> Tuple[str, int]:
+        host, port = split_host_port(self.relay_address)
+        assert port is not None
+        return host, port
+
+    @property
+    def status_queue_name(self) -> str:
+        return self.status_queue or "console.%s.status" % (self.user or "operator")
+
+    def topic(self, device: str) -> str:
+        return "remote.%s.%s" % (self.server_id, device)
+
+    def require_broker(self) -> None:
+        """Raise ConfigError unless the broker login is configured."""
+        missing = [k for k in ("user", "password") if not getattr(self, k)]
+        if missing:
+            raise ConfigError(["%s: %s: required to talk to the broker (missing)"
+                               % (self.path, k) for k in missing])
+
+
+def iter_keys() -> Iterator[Tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) of every console key: the reference docs."""
+    for f in _declared(ConsoleConfig):
+        yield f.name, f.metadata["type"], _default(f), f.metadata["help"]
+    for f in _declared(ConsoleAmqpConfig):
+        yield "amqp.%s" % f.name, f.metadata["type"], _default(f), f.metadata["help"]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def default_path() -> str:
+    """``$REMOTE_GEVENT_CONSOLE_CONFIG`` if set, else ``~/.config/remote-gevent/console.yaml``."""
+    return os.path.expanduser(os.environ.get(ENV_CONFIG) or DEFAULT_PATH)
+
+
+_PATH_DEFAULTS = ("operator_key", "known_devices", "state_file")
+
+
+def parse(data: Any, path: str) -> ConsoleConfig:
+    """Validate parsed YAML ``data`` read from ``path``; raise ConfigError listing every problem."""
+    problems = _Problems(path)
+    base = os.path.dirname(os.path.abspath(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["%s: expected a YAML mapping at the top level (got %s)"
+                           % (path, type(data).__name__)])
+    declared = {f.name: f for f in _declared(ConsoleConfig)}
+    known = sorted(list(declared) + ["amqp"])
+    top: Dict[str, Any] = {}
+    for name, value in data.items():
+        if name == "amqp":
+            continue
+        f = declared.get(name)
+        if f is None:
+            problems.add(str(name), "unknown key; known keys: %s" % ", ".join(known), value)
+            continue
+        try:
+            top[name] = f.metadata["validator"](value, base)
+        except Invalid as exc:
+            problems.add(name + exc.where, str(exc), exc.value if exc.has_value else value,
+                         f.metadata["secret"])
+    for name in _PATH_DEFAULTS:
+        if name not in data:
+            top[name] = v_path(_default(declared[name]), base)
+    amqp = ConsoleAmqpConfig(**_build(ConsoleAmqpConfig, "amqp", data.get("amqp"), base,
+                                      problems))
+    if (amqp.cert_file is None) != (amqp.key_file is None):
+        problems.add("amqp.key_file" if amqp.key_file is None else "amqp.cert_file",
+                     "cert_file and key_file go together")
+    warnings = []
+    for url in amqp.urls:
+        try:
+            if parse_amqp_url(url)[0] == "amqp":
+                warnings.append("%s: amqp.urls: %s is not encrypted (loopback only)"
+                                % (path, url))
+        except Invalid:
+            pass
+    server_id = top.get("server_id", "fr04")
+    if top.get("relay") is None and server_id not in DEFAULT_RELAYS:
+        problems.add("relay", "no default relay for server_id %s; set relay: host:port"
+                     % server_id)
+    if top.get("relay_ca_file") is None and amqp.ca_file is not None:
+        top["relay_ca_file"] = amqp.ca_file
+    if problems.items:
+        raise ConfigError(problems.items)
+    return ConsoleConfig(path=path, amqp=amqp, warnings=tuple(warnings), **top)
+
+
+def load(path: Optional[str] = None, allow_missing: bool = False) -> ConsoleConfig:
+    """Read and validate the console config (default :func:`default_path`).
+
+    ``allow_missing``: a missing file gives the defaults (``keygen`` works before the
+    file exists); any other read problem is still an error.
+    """
+    import yaml
+
+    if path is None:
+        path = default_path()
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        if allow_missing:
+            return parse({}, path)
+        raise ConfigError(["%s: console config not found (create it from conf/console.yaml, "
+                           "or pass -c PATH / set %s)" % (path, ENV_CONFIG)]) from None
+    except OSError as exc:
+        raise ConfigError(["%s: cannot read config file: %s" % (path, exc.strerror or exc)]) \
+            from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(["%s: invalid YAML: %s" % (path, " ".join(str(exc).split()))]) \
+            from None
+    return parse(data, path)
+
+
+def replace(cfg: ConsoleConfig, **changes: Any) -> ConsoleConfig:
+    """A copy of ``cfg`` with some keys changed (tests, command-line overrides)."""
+    return dataclasses.replace(cfg, **changes)

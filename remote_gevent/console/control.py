@@ -1,0 +1,774 @@
+"""Operator side of the control plane: session requests, status, close, device state.
+
+``ConsoleControl(cfg)`` owns one :class:`remote_gevent.amqplink.AmqpLink` logged in with
+the operator's broker user. On every (re)connect its ``setup``:
+
+- declares an exclusive, auto-delete, server-named **reply queue** (``x-expires`` 10 min,
+  docs/protocol.md §1) and consumes it: replies (``session.queued`` / ``accept`` /
+  ``refuse``, ``status``) are routed by ``correlation_id`` to the waiting request;
+- declares the operator's durable **status queue** (``console.<user>.status`` by
+  default; bounded by ``x-max-length`` with drop-head and ``x-message-ttl``, unused for
+  30 days → deleted) bound to ``remote.up`` ``remote.<sid>.*.alive`` / ``.key`` /
+  ``.close``. Declaring it on every command means announcements are collected from the
+  first console run on; it is only *consumed* by ``devices``, ``watch``, ``pin`` and when
+  a session needs a device key that is not pinned yet (several consumers would share the
+  messages round-robin).
+
+Nothing a device says is believed unless it is signed by the key pinned in
+``known_devices`` (``key`` announcements: TOFU or a valid rotation signature, see
+:mod:`remote_gevent.console.known_devices`); the routing key must also name the device
+the body names (broker topic permissions make the routing key the device's own).
+
+Device state (``state_file``, JSON, atomic writes, merged under a lock): per device the
+last ``alive`` (device time ``ts``, capped at our clock), its ``health_check`` interval as
+the device reports it (the ``alive`` message's AMQP ``expiration`` is ``2 × health_check``
+s, protocol.md §1; fallback: the spacing of consecutive ``periodic`` alives, else 600 s),
+fingerprint, version, sessions, last close. A device is **offline** three missed
+intervals after its last alive (or at once after an ``alive`` with event ``stopping``).
+
+A console process is short-lived: connection failures before the first successful setup
+are not retried but turned into one-line :class:`ConsoleError`\\ s (wrong password, TLS,
+unreachable). ``watch`` keeps the link's normal reconnect loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import gevent
+import gevent.event
+import gevent.queue
+
+from remote_gevent import protocol
+from remote_gevent.amqplink import AmqpLink, LinkConfigError, LinkError, LoginRefused
+from remote_gevent.console.config import (
+    EXIT_BROKER,
+    EXIT_CONFIG,
+    EXIT_KEY,
+    EXIT_LOGIN,
+    EXIT_OFFLINE,
+    EXIT_REFUSED,
+    ConsoleConfig,
+    ConsoleError,
+)
+from remote_gevent.console.known_devices import KeyChanged, KnownDevices, KnownDevicesError, Pin
+
+log = logging.getLogger(__name__)
+
+EXCHANGE_DOWN = "remote.down"
+EXCHANGE_UP = "remote.up"
+REPLY_QUEUE_EXPIRES_MS = 600000
+STATUS_QUEUE_EXPIRES_MS = 30 * 86400 * 1000
+UP_KINDS = ("alive", "key", "close")
+DEFAULT_HEALTH_CHECK = 600.0
+MISSED_INTERVALS = 3
+#: Draining the status queue stops after this long without a delivery ...
+DRAIN_IDLE = 0.3
+#: ... or after this long in total.
+DRAIN_MAX = 5.0
+START_SLACK = 5.0
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _raw_body(message: Any) -> bytes:
+    body = message.body
+    if isinstance(body, str):
+        return body.encode("utf-8", "surrogateescape")
+    return bytes(body)
+
+
+def link_error(exc: BaseException) -> ConsoleError:
+    """A link failure as a console error with the right exit code."""
+    if isinstance(exc, LoginRefused):
+        return ConsoleError("%s (check user/password in the console config)" % exc, EXIT_LOGIN,
+                            "login_refused")
+    if isinstance(exc, LinkConfigError):
+        return ConsoleError(str(exc), EXIT_CONFIG, "config")
+    return ConsoleError(str(exc) or type(exc).__name__, EXIT_BROKER, "broker")
+
+
+# --------------------------------------------------------------------------- device state
+
+
+def device_status(entry: Dict[str, Any], now: Optional[float] = None) -> str:
+    """``online``, ``offline`` or ``stopped`` for one state entry."""
+    now = _now() if now is None else now
+    last = entry.get("last_alive")
+    if last is None:
+        return "unknown"
+    if entry.get("event") == "stopping":
+        return "stopped"
+    hc = float(entry.get("health_check") or DEFAULT_HEALTH_CHECK)
+    return "online" if now - float(last) <= MISSED_INTERVALS * hc else "offline"
+
+
+def offline_at(entry: Dict[str, Any]) -> Optional[float]:
+    last = entry.get("last_alive")
+    if last is None or entry.get("event") == "stopping":
+        return None
+    return float(last) + MISSED_INTERVALS * float(entry.get("health_check")
+                                                  or DEFAULT_HEALTH_CHECK)
+
+
+class DeviceStates:
+    """The console's device state file (JSON ``{"<sid>/<ident>": {...}}``).
+
+    Kept in memory, merged into the file by :meth:`flush` under an ``flock`` (entry with
+    the newer ``updated`` wins), written atomically.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.devices: Dict[str, Dict[str, Any]] = {}
+        self.dirty = False
+        self.reload()
+
+    def _read_file(self) -> Dict[str, Dict[str, Any]]:
+        try:
+            with open(self.path, "r", encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable device state %s: %s", self.path, exc)
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.get("devices", {}).items() if isinstance(v, dict)}
+
+    def reload(self) -> None:
+        self.devices = self._read_file()
+
+    def get(self, did: str) -> Dict[str, Any]:
+        return self.devices.setdefault(did, {})
+
+    def update(self, did: str, **values: Any) -> Dict[str, Any]:
+        entry = self.get(did)
+        entry.update(values)
+        entry["updated"] = _now()
+        self.dirty = True
+        return entry
+
+    def flush(self) -> None:
+        if not self.dirty:
+            return
+        parent = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.warning("cannot write device state %s: %s", self.path, exc.strerror)
+            return
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            merged = self._read_file()
+            for did, entry in self.devices.items():
+                other = merged.get(did)
+                if other is None or other.get("updated", 0) <= entry.get("updated", 0):
+                    merged[did] = entry
+            self.devices = merged
+            fd, tmp = tempfile.mkstemp(prefix=".devices.", suffix=".tmp", dir=parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump({"version": 1, "devices": merged}, fh, indent=1, sort_keys=True)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self.dirty = False
+        except OSError as exc:
+            log.warning("cannot write device state %s: %s", self.path, exc.strerror or exc)
+        finally:
+            os.close(lock_fd)
+
+
+@dataclass
+class DeviceEvent:
+    """One thing learnt from the status queue (``watch`` prints these)."""
+
+    device: str          # <sid>/<ident>
+    kind: str            # alive | key | close | warning
+    text: str
+    transition: Optional[str] = None   # new state when online/offline changed
+    entry: Dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass
+class PendingSession:
+    """A published session request, before its answer."""
+
+    session_id: str
+    device: str
+    server_id: str
+    targets: Tuple[str, ...]
+    relay: str
+    ticket: bytes = field(repr=False)
+    console_pk: bytes = field(repr=False)
+    console_sk: bytes = field(repr=False)
+    pin: Pin = field(repr=False)
+    replies: "gevent.queue.Queue[bytes]" = field(repr=False, default=None)  # type: ignore
+
+
+@dataclass
+class Offer:
+    """A verified ``session.accept``: everything needed to build the tunnel."""
+
+    session_id: str
+    device: str
+    server_id: str
+    targets: Tuple[str, ...]
+    relay: str
+    ticket: bytes = field(repr=False)
+    console_pk: bytes = field(repr=False)
+    console_sk: bytes = field(repr=False)
+    agent_epk: bytes = field(repr=False)
+    cipher: str = "xchacha20poly1305"
+    device_fingerprint: str = ""
+    queued: bool = False
+
+
+class _ConsoleLink(AmqpLink):
+    """AmqpLink that gives up (instead of retrying) until it was up once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ever_up = False
+        self.first_error: Optional[BaseException] = None
+
+    def connect(self) -> None:
+        try:
+            super().connect()
+        except LinkError as exc:
+            if not self.ever_up:
+                self.first_error = exc
+                self.stop()
+            raise
+
+
+class ConsoleControl:
+    """The console's control-plane client (see the module docstring).
+
+    ``on_event(DeviceEvent)`` is called (in the link greenlet) for every status-queue
+    message handled; ``err`` receives the human lines (queued position, warnings).
+    """
+
+    def __init__(self, cfg: ConsoleConfig, operator_key: Any = None,
+                 consume_status: bool = False,
+                 on_event: Optional[Callable[[DeviceEvent], None]] = None,
+                 err: Any = None) -> None:
+        cfg.require_broker()
+        self.cfg = cfg
+        self._operator_key = operator_key
+        self.consume_status = consume_status
+        self.on_event = on_event
+        self.err = err if err is not None else sys.stderr
+        self.known = KnownDevices(cfg.known_devices)
+        self.states = DeviceStates(cfg.state_file)
+        self.reply_queue: Optional[str] = None
+        self.status_backlog = 0
+        self.status_handled = 0
+        self._last_status = 0.0
+        self._status_tag: Optional[str] = None
+        self._waiters: Dict[str, "gevent.queue.Queue[bytes]"] = {}
+        self._ready = gevent.event.Event()
+        self._greenlet: Optional[gevent.Greenlet] = None
+        self._setup_error: Optional[BaseException] = None
+        a = cfg.amqp
+        try:
+            self.link = _ConsoleLink(
+                a.urls, cfg.user or "", cfg.password or "", ca_file=a.ca_file,
+                cert_file=a.cert_file, key_file=a.key_file, heartbeat=a.heartbeat,
+                connect_timeout=a.connect_timeout, reconnect_max_delay=a.reconnect_max_delay,
+                name="console %s" % cfg.user, prefetch=64)
+        except LinkError as exc:
+            raise link_error(exc) from None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def operator_key(self) -> Any:
+        if self._operator_key is None:
+            self._operator_key = load_operator_key(self.cfg)
+        return self._operator_key
+
+    def start(self, timeout: Optional[float] = None) -> "ConsoleControl":
+        """Connect and set up; raise ConsoleError if that fails (no retry)."""
+        if self._greenlet is not None:
+            return self
+        if timeout is None:
+            timeout = self.cfg.amqp.connect_timeout * len(self.cfg.amqp.urls) + START_SLACK
+        self._greenlet = gevent.spawn(self._run)
+        gevent.wait([self._ready, self._greenlet], count=1, timeout=timeout)
+        if self._ready.is_set() and self.link.connected.is_set():
+            return self
+        error = self.link.first_error or self._setup_error
+        if error is None and self._greenlet.dead and self._greenlet.exception is not None:
+            error = self._greenlet.exception
+        self.close()
+        if isinstance(error, ConsoleError):
+            raise error
+        if isinstance(error, (LinkError, OSError)):
+            raise link_error(error)
+        if error is not None:
+            raise ConsoleError("broker setup failed: %s" % (error,), EXIT_BROKER, "broker")
+        raise ConsoleError("no connection to the broker within %.0f s (%s)"
+                           % (timeout, self.link.last_error or "no answer"), EXIT_BROKER,
+                           "broker")
+
+    def _run(self) -> None:
+        try:
+            self.link.run(self._setup)
+        except LinkConfigError as exc:
+            self.link.first_error = self.link.first_error or exc
+
+    def close(self) -> None:
+        self.states.flush()
+        self.link.stop()
+        g = self._greenlet
+        if g is not None and not g.dead:
+            g.join(timeout=3.0)
+            if not g.dead:
+                g.kill(block=False)
+
+    def __enter__(self) -> "ConsoleControl":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _setup(self, link: AmqpLink) -> None:
+        try:
+            self.reply_queue = link.declare_queue(
+                "", durable=False, exclusive=True, auto_delete=True,
+                arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS})
+            link.consume(self.reply_queue, self._on_reply, exclusive=True)
+            self._declare_status_queue(link)
+            if self.consume_status:
+                self._status_tag = link.consume(self.cfg.status_queue_name, self._on_status)
+        except Exception as exc:
+            if not self.link.ever_up:
+                self._setup_error = exc
+                self.link.stop()
+            raise
+        self.link.ever_up = True
+        self._ready.set()
+
+    def _declare_status_queue(self, link: AmqpLink) -> None:
+        name = self.cfg.status_queue_name
+        args = {"x-max-length": self.cfg.status_queue_max_length, "x-overflow": "drop-head",
+                "x-message-ttl": self.cfg.status_queue_ttl * 1000,
+                "x-expires": STATUS_QUEUE_EXPIRES_MS}
+        with link.lock:
+            assert link.channel is not None
+            ok = link.channel.queue_declare(name, durable=True, arguments=args)
+        self.status_backlog = int(getattr(ok, "message_count", 0) or 0)
+        for kind in UP_KINDS:
+            link.bind(name, EXCHANGE_UP, "remote.%s.*.%s" % (self.cfg.server_id, kind))
+
+    # ------------------------------------------------------------------ replies
+    def _on_reply(self, message: Any) -> None:
+        self.link.ack(message)
+        corr = message.properties.get("correlation_id")
+        queue = self._waiters.get(corr) if isinstance(corr, str) else None
+        if queue is None:
+            log.debug("reply for unknown request %s dropped", protocol.short(corr))
+            return
+        queue.put(_raw_body(message))
+
+    def _publish(self, routing_key: str, raw: bytes, correlation_id: Optional[str] = None,
+                 reply_to: Optional[str] = None) -> None:
+        try:
+            self.link.publish(EXCHANGE_DOWN, routing_key, raw, correlation_id=correlation_id,
+                              reply_to=reply_to, expiration=self.cfg.request_ttl * 1000,
+                              delivery_mode=1, wait=self.cfg.amqp.connect_timeout)
+        except LinkError as exc:
+            raise link_error(exc) from None
+
+    # ------------------------------------------------------------------ pins
+    def require_pin(self, device: str, learn: bool = True) -> Pin:
+        """The device's pinned key; learn it from the status queue first if needed."""
+        try:
+            pin = self.known.get(self.cfg.server_id, device)
+            if pin is None and learn:
+                self.sync_status()
+                pin = self.known.get(self.cfg.server_id, device)
+        except KnownDevicesError as exc:
+            raise ConsoleError(str(exc), EXIT_CONFIG, "known_devices") from None
+        if pin is None:
+            raise ConsoleError(
+                "device %s/%s has no pinned key in %s and no key announcement of it was "
+                "seen; pin it by hand after checking `remote-gevent pubkey` on the device: "
+                "remote-gevent-console pin %s --key 'ssh-ed25519 AAAA...' (or run "
+                "`remote-gevent-console pin %s --wait 60` and restart its agent)"
+                % (self.cfg.server_id, device, self.cfg.known_devices, device, device),
+                EXIT_KEY, "not_pinned")
+        return pin
+
+    # ------------------------------------------------------------------ sessions
+    def start_request(self, device: str, targets: Sequence[str],
+                      relay: Optional[str] = None) -> PendingSession:
+        """Sign and publish a ``session.request``; return what the answer is matched to."""
+        from remote_gevent import tunnel_crypto
+
+        pin = self.require_pin(device)
+        pk, sk = tunnel_crypto.kx_keypair()
+        ticket = protocol.new_ticket()
+        relay = relay or self.cfg.relay_address
+        try:
+            sid, raw = protocol.make_session_request(
+                self.operator_key, device, self.cfg.server_id, pk, list(targets), relay,
+                ticket, ttl=self.cfg.request_ttl, cipher=self.cfg.cipher)
+        except (protocol.ProtocolError, ValueError) as exc:
+            raise ConsoleError("cannot build the session request: %s" % exc, EXIT_CONFIG,
+                               "malformed") from None
+        pending = PendingSession(sid, device, self.cfg.server_id, tuple(targets), relay,
+                                 ticket, pk, sk, pin, gevent.queue.Queue())
+        self._waiters[sid] = pending.replies
+        self._publish(self.cfg.topic(device) + ".session", raw, correlation_id=sid,
+                      reply_to=self.reply_queue)
+        log.info("session %s: requested %s on %s via relay %s", sid, ",".join(targets),
+                 device, relay)
+        return pending
+
+    def wait_offer(self, pending: PendingSession) -> Offer:
+        """Wait for ``queued`` / ``accept`` / ``refuse``; return the verified Offer."""
+        sid = pending.session_id
+        deadline = time.monotonic() + self.cfg.reply_timeout
+        queued = False
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    raw = pending.replies.get(timeout=max(0.0, remaining))
+                except gevent.queue.Empty:
+                    if queued:
+                        raise ConsoleError(
+                            "session %s: still queued on %s after %.0f s; giving up"
+                            % (sid, pending.device, self.cfg.queue_wait), EXIT_OFFLINE,
+                            "queue_timeout") from None
+                    raise ConsoleError(
+                        "device %s did not answer within %.0f s: offline or not consuming "
+                        "(see `remote-gevent-console devices`)"
+                        % (pending.device, self.cfg.reply_timeout), EXIT_OFFLINE,
+                        "no_reply") from None
+                try:
+                    msg = protocol.decode(raw)
+                except protocol.ProtocolError as exc:
+                    log.warning("session %s: ignoring undecodable reply: %s", sid, exc)
+                    continue
+                if msg.type == protocol.MsgType.SESSION_ACCEPT:
+                    return self._verify_accept(pending, msg, queued)
+                if msg.type not in (protocol.MsgType.SESSION_QUEUED,
+                                    protocol.MsgType.SESSION_REFUSE):
+                    log.warning("session %s: ignoring unexpected %s reply", sid, msg.type)
+                    continue
+                try:
+                    protocol.verify(msg, pending.pin.public_raw32)
+                except protocol.ProtocolError as exc:
+                    self.err.write("remote-gevent-console: warning: ignoring a %s for session "
+                                   "%s not signed by the pinned key of %s: %s\n"
+                                   % (msg.type, sid, pending.device, exc))
+                    continue
+                if msg.body.get("session_id") != sid:
+                    continue
+                if msg.type == protocol.MsgType.SESSION_QUEUED:
+                    queued = True
+                    deadline = time.monotonic() + self.cfg.queue_wait
+                    self.err.write("session %s: queued at position %d on %s (device at "
+                                   "max_session)\n" % (sid, msg.body["position"],
+                                                       pending.device))
+                    self.err.flush()
+                    continue
+                code, reason = msg.body["code"], msg.body.get("reason", "")
+                raise ConsoleError("device %s refused the session: %s%s"
+                                   % (pending.device, code, " (%s)" % reason if reason else ""),
+                                   EXIT_REFUSED, code)
+        finally:
+            self._waiters.pop(sid, None)
+
+    def _verify_accept(self, pending: PendingSession, msg: protocol.Message,
+                       queued: bool) -> Offer:
+        pin = pending.pin
+        try:
+            acc = protocol.verify_session_accept(msg, pin.public_raw32, pending.session_id,
+                                                 pending.console_pk)
+        except protocol.ProtocolError as exc:
+            # A legitimate rotation we have not followed yet? Drain the status queue once.
+            newer = None
+            if msg.body.get("device_key") != pin.fingerprint:
+                with contextlib.suppress(ConsoleError):
+                    self.sync_status()
+                newer = self.known.get(pin.server_id, pin.ident)
+            if newer is None or newer.public_raw32 == pin.public_raw32:
+                raise ConsoleError(
+                    "session %s: the accept from %s is not signed by its pinned key %s (%s) — "
+                    "possible impersonation; no byte was sent"
+                    % (pending.session_id, pending.device, pin.fingerprint, exc.detail
+                       or exc.reason), EXIT_KEY, "bad_signature") from None
+            pending.pin = newer
+            return self._verify_accept(pending, msg, queued)
+        return Offer(pending.session_id, pending.device, pending.server_id, pending.targets,
+                     pending.relay, pending.ticket, pending.console_pk, pending.console_sk,
+                     acc.epk, acc.cipher, pin.fingerprint, queued)
+
+    def request_session(self, device: str, targets: Sequence[str],
+                        relay: Optional[str] = None) -> Offer:
+        return self.wait_offer(self.start_request(device, targets, relay))
+
+    # ------------------------------------------------------------------ status / close
+    def status(self, device: str) -> Dict[str, Any]:
+        """The device's signed ``status`` (sessions list) body."""
+        pin = self.require_pin(device)
+        rid, raw = protocol.make_status_request(self.operator_key, device, self.cfg.server_id,
+                                                ttl=self.cfg.request_ttl)
+        replies: "gevent.queue.Queue[bytes]" = gevent.queue.Queue()
+        self._waiters[rid] = replies
+        try:
+            self._publish(self.cfg.topic(device) + ".status", raw, correlation_id=rid,
+                          reply_to=self.reply_queue)
+            deadline = time.monotonic() + self.cfg.reply_timeout
+            while True:
+                try:
+                    data = replies.get(timeout=max(0.0, deadline - time.monotonic()))
+                except gevent.queue.Empty:
+                    raise ConsoleError("device %s did not answer the status request within "
+                                       "%.0f s: offline or not consuming"
+                                       % (device, self.cfg.reply_timeout), EXIT_OFFLINE,
+                                       "no_reply") from None
+                try:
+                    msg = protocol.decode(data)
+                    protocol.verify(msg, pin.public_raw32)
+                except protocol.ProtocolError as exc:
+                    log.warning("status %s: ignoring reply: %s", rid, exc)
+                    continue
+                if msg.type == protocol.MsgType.SESSION_REFUSE \
+                        and msg.body["session_id"] == rid:
+                    raise ConsoleError("device %s refused the status request: %s (%s)"
+                                       % (device, msg.body["code"], msg.body["reason"]),
+                                       EXIT_REFUSED, msg.body["code"])
+                if msg.type == protocol.MsgType.STATUS:
+                    try:
+                        return protocol.verify_status(msg, pin.public_raw32, rid)
+                    except protocol.ProtocolError as exc:
+                        log.warning("status %s: ignoring reply: %s", rid, exc)
+        finally:
+            self._waiters.pop(rid, None)
+
+    def close_session(self, device: str, session_id: str, reason: str = "") -> None:
+        """Ask the device to close a session (``session.close`` on ``remote.down``)."""
+        raw = protocol.make_session_close(self.operator_key, session_id,
+                                          protocol.CloseCode.CLOSED_BY_OPERATOR,
+                                          reason or "closed by operator")
+        self._publish(self.cfg.topic(device) + ".close", raw, correlation_id=session_id)
+
+    # ------------------------------------------------------------------ status queue
+    def start_status_consumer(self) -> None:
+        if self._status_tag is None:
+            self.consume_status = True
+            try:
+                self._status_tag = self.link.consume(self.cfg.status_queue_name,
+                                                     self._on_status)
+            except LinkError as exc:
+                raise link_error(exc) from None
+
+    def sync_status(self, idle: float = DRAIN_IDLE, limit: float = DRAIN_MAX) -> int:
+        """Consume what the status queue holds now (until ``idle`` s without a message,
+        at most ``limit`` s); update pins and the state file. Returns messages handled."""
+        before = self.status_handled
+        expected = max(0, self.status_backlog - self.status_handled)
+        self.start_status_consumer()
+        start = time.monotonic()
+        self._last_status = start
+        while time.monotonic() - start < limit:
+            gevent.sleep(min(idle, 0.05))
+            quiet = time.monotonic() - self._last_status
+            if quiet >= idle and (self.status_handled - before >= expected or quiet >= 3 * idle):
+                break
+        self.states.flush()
+        return self.status_handled - before
+
+    def _on_status(self, message: Any) -> None:
+        try:
+            event = self.handle_up_message(_raw_body(message),
+                                           message.delivery_info.get("routing_key") or "",
+                                           message.properties)
+        finally:
+            self.link.ack(message)
+            self.status_handled += 1
+            self._last_status = time.monotonic()
+        if event is not None and self.on_event is not None:
+            self.on_event(event)
+
+    def handle_up_message(self, raw: bytes, routing_key: str,
+                          properties: Optional[Dict[str, Any]] = None,
+                          now: Optional[float] = None) -> Optional[DeviceEvent]:
+        """Handle one ``alive`` / ``key`` / ``close`` message from ``remote.up``."""
+        return handle_up_message(self.known, self.states, self.cfg.server_id, raw,
+                                 routing_key, properties or {}, now)
+
+
+def handle_up_message(known: KnownDevices, states: DeviceStates, server_id: str, raw: bytes,
+                      routing_key: str, properties: Dict[str, Any],
+                      now: Optional[float] = None) -> Optional[DeviceEvent]:
+    """Pure(ish) handler of one status-queue message; returns what happened (or None)."""
+    now = _now() if now is None else now
+    parts = routing_key.split(".")
+    if len(parts) != 4 or parts[0] != "remote" or parts[1] != server_id \
+            or parts[3] not in UP_KINDS:
+        log.debug("status queue: unexpected routing key %s", protocol.short(routing_key))
+        return None
+    ident, kind = parts[2], parts[3]
+    did = "%s/%s" % (server_id, ident)
+    try:
+        msg = protocol.decode(raw)
+    except protocol.ProtocolError as exc:
+        log.warning("%s: ignoring bad %s message: %s", did, kind, exc)
+        return None
+    body = msg.body
+    if body.get("ident", ident) != ident or body.get("server_id", server_id) != server_id:
+        log.warning("%s: ignoring %s naming another device (%s/%s)", did, kind,
+                    protocol.short(body.get("server_id")), protocol.short(body.get("ident")))
+        return None
+    if kind == "key" and msg.type == protocol.MsgType.KEY:
+        try:
+            outcome, pin = known.learn(msg, now=now)
+        except KeyChanged as exc:
+            entry = states.update(did, key_warning=str(exc))
+            return DeviceEvent(did, "warning", str(exc), entry=dict(entry))
+        except protocol.ProtocolError as exc:
+            log.warning("%s: ignoring bad key announcement: %s", did, exc)
+            return None
+        except KnownDevicesError as exc:
+            log.error("%s: %s", did, exc)
+            return None
+        entry = states.update(did, fingerprint=pin.fingerprint, key_warning=None)
+        text = {"new": "key pinned on first sight: %s" % pin.fingerprint,
+                "same": "key %s (pinned)" % pin.fingerprint,
+                "rotated": "key rotated to %s (signed by the previous key)" % pin.fingerprint
+                }[outcome]
+        return DeviceEvent(did, "key", text, entry=dict(entry))
+    try:
+        pin = known.get(server_id, ident)
+    except KnownDevicesError as exc:
+        log.error("%s: %s", did, exc)
+        return None
+    verified = False
+    if pin is not None:
+        try:
+            protocol.verify(msg, pin.public_raw32)
+            verified = True
+        except protocol.ProtocolError as exc:
+            text = ("%s not signed by the pinned key %s — possible impersonation, ignored (%s)"
+                    % (msg.type, pin.fingerprint, exc.detail or exc.reason))
+            return DeviceEvent(did, "warning", text)
+    if kind == "alive" and msg.type == protocol.MsgType.ALIVE:
+        before = states.get(did)
+        old_status = device_status(before, now) if before else "unknown"
+        hc = _health_check(properties, body, before)
+        ts = min(float(body["ts"]), now)
+        if before.get("last_alive") is not None and ts < float(before["last_alive"]):
+            return None  # older than what we know (another console drained a newer one)
+        entry = states.update(
+            did, last_alive=ts, health_check=hc, fingerprint=body["fingerprint"],
+            version=body["version"], event=body["event"], seq=body["seq"],
+            uptime=body["uptime"], sessions_active=body["sessions_active"],
+            sessions_waiting=body["sessions_waiting"], max_session=body["max_session"],
+            verified=verified)
+        new_status = device_status(entry, now)
+        text = "alive (%s) v%s, %d/%d sessions%s" % (
+            body["event"], body["version"], body["sessions_active"], body["max_session"],
+            "" if verified else ", UNVERIFIED: key not pinned")
+        return DeviceEvent(did, "alive", text,
+                           transition=new_status if new_status != old_status else None,
+                           entry=dict(entry))
+    if kind == "close" and msg.type == protocol.MsgType.SESSION_CLOSE:
+        last_close = {"session_id": body["session_id"], "code": body["code"],
+                      "reason": body["reason"], "ts": body["ts"], "verified": verified}
+        entry = states.update(did, last_close=last_close)
+        return DeviceEvent(did, "close", "session %s closed: %s (%s)"
+                           % (body["session_id"], body["code"], body["reason"]),
+                           entry=dict(entry))
+    log.debug("%s: %s on routing key %s ignored", did, msg.type, kind)
+    return None
+
+
+def _health_check(properties: Dict[str, Any], body: Dict[str, Any],
+                  before: Dict[str, Any]) -> float:
+    """The device's own health_check: alive ``expiration`` = 2 × health_check (ms)."""
+    try:
+        hc = int(properties.get("expiration") or 0) / 2000.0
+    except (TypeError, ValueError):
+        hc = 0.0
+    if 1 <= hc <= 86400:
+        return hc
+    prev_seq, prev_ts = before.get("seq"), before.get("last_alive")
+    if body.get("event") == "periodic" and prev_seq is not None and prev_ts is not None \
+            and body["seq"] == prev_seq + 1 and 1 <= body["ts"] - prev_ts <= 86400:
+        return float(body["ts"] - prev_ts)
+    return float(before.get("health_check") or DEFAULT_HEALTH_CHECK)
+
+
+def load_operator_key(cfg: ConsoleConfig) -> Any:
+    from remote_gevent import identity
+
+    try:
+        return identity.load(cfg.operator_key)
+    except identity.IdentityError as exc:
+        hint = ""
+        if not os.path.exists(cfg.operator_key):
+            hint = " (create it with `remote-gevent-console keygen`)"
+        raise ConsoleError("%s%s" % (exc, hint), EXIT_CONFIG, "operator_key") from None
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def summarize(states: DeviceStates, known: KnownDevices, now: Optional[float] = None
+              ) -> List[Dict[str, Any]]:
+    """Rows for ``devices``: every pinned or seen device with its state."""
+    now = _now() if now is None else now
+    rows: Dict[str, Dict[str, Any]] = {}
+    try:
+        pins = {p.device_id: p for p in known.all()}
+    except KnownDevicesError:
+        pins = {}
+    for did in sorted(set(states.devices) | set(pins)):
+        entry = states.devices.get(did, {})
+        pin = pins.get(did)
+        rows[did] = {
+            "device": did,
+            "state": device_status(entry, now),
+            "last_alive": entry.get("last_alive"),
+            "health_check": entry.get("health_check"),
+            "fingerprint": pin.fingerprint if pin else entry.get("fingerprint"),
+            "pinned": pin is not None,
+            "version": entry.get("version"),
+            "sessions_active": entry.get("sessions_active"),
+            "max_session": entry.get("max_session"),
+            "key_warning": entry.get("key_warning"),
+            "last_close": entry.get("last_close"),
+        }
+    return list(rows.values())
+
+
+__all__ = ["ConsoleControl", "Offer", "PendingSession", "DeviceStates", "DeviceEvent",
+           "device_status", "handle_up_message", "summarize", "load_operator_key"]
