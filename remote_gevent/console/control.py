@@ -469,6 +469,8 @@ class ConsoleControl:
                         "(see `remote-gevent-console devices`)"
                         % (pending.device, self.cfg.reply_timeout), EXIT_OFFLINE,
                         "no_reply") from None
+                if isinstance(raw, BaseException):
+                    raise raw  # the early relay dial failed for good (session.py)
                 try:
                     msg = protocol.decode(raw)
                 except protocol.ProtocolError as exc:

@@ -1,0 +1,211 @@
+"""One operator session: signed request → verified accept → relay → ``mux.Tunnel`` up.
+
+Sequence (docs/protocol.md §8), with one round trip saved:
+
+1. fresh curve25519 key pair and pairing ticket; the signed ``session.request`` is
+   published (:meth:`ConsoleControl.start_request`);
+2. **at once**, in parallel with waiting for the answer, we dial the relay (TLS, chain and
+   host name verified) and present ``RG1 console <sid> <ticket>``: the relay holds us until
+   the agent arrives, which it does right after its accept — so the pairing completes
+   while the accept travels back through the broker. The relay hello is not a tunnel byte:
+   nothing of the tunnel (HELLO frame included) is sent before the accept was verified
+   against the pinned device key;
+3. ``session.accept`` verified (signature by the pinned key, our session id, our epk) →
+   keys derived (``tunnel_crypto.derive_keys("console", ...)``) → ``mux.Tunnel(role=
+   "console")`` runs in a greenlet; we wait for the agent's authenticated HELLO.
+
+If the device queues us longer than the relay's pairing timeout, the early dial times out;
+we then dial again once the accept arrived. A relay that cannot be reached or verified
+fails the session at once and a ``session.close`` tells the agent to free the slot.
+
+``ConsoleSession`` is what ``forward``, ``socks``, ``stdio``, ``push`` and ``pull`` use
+(``open_stream(target)``); it is also the object a ControlMaster-style control socket
+(issue 6, ``control_socket_dir``) would share between console processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Optional, Sequence, Tuple
+
+import gevent
+
+from remote_gevent.console.config import (
+    EXIT_CONFIG,
+    EXIT_CONNECTION,
+    EXIT_KEY,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_RELAY,
+    ConsoleConfig,
+    ConsoleError,
+)
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_SLACK = 2.0
+#: Close codes after which the console exits 0.
+CLEAN_CODES = ("normal", "closed_by_operator")
+
+
+def close_exit_code(code: Optional[str]) -> int:
+    """Exit code for a tunnel that ended with close ``code``."""
+    if code is None or code in CLEAN_CODES:
+        return EXIT_OK
+    if code in ("refused", "target_refused"):
+        return EXIT_REFUSED
+    return EXIT_CONNECTION
+
+
+class ConsoleSession:
+    """An open tunnel to a device (console side)."""
+
+    def __init__(self, offer: Any, tunnel: Any, runner: gevent.Greenlet, peer_ip: str) -> None:
+        self.offer = offer
+        self.session_id: str = offer.session_id
+        self.device: str = offer.device
+        self.tunnel = tunnel
+        self.peer_ip = peer_ip
+        self._runner = runner
+
+    def __repr__(self) -> str:
+        return "<ConsoleSession %s %s%s>" % (self.session_id, self.device,
+                                             " closed" if self.closed else "")
+
+    @property
+    def closed(self) -> bool:
+        return self.tunnel.closed
+
+    def open_stream(self, target: str, timeout: Optional[float] = 30.0) -> Any:
+        """A new stream to ``target`` (``host:port``, ``@transfer``, ``@sftp``).
+
+        Raises ``mux.StreamRefused`` (``.code``/``.reason`` from the agent's OPEN_FAIL)
+        or ``mux.TunnelClosed``.
+        """
+        return self.tunnel.open_stream(target, timeout=timeout)
+
+    def close(self, code: str = "closed_by_operator", reason: str = "") -> None:
+        self.tunnel.close(code, reason or code)
+
+    def wait(self, timeout: Optional[float] = None) -> Tuple[str, str]:
+        """Block until the tunnel ends; ``(code, reason)``."""
+        result = self._runner.get(timeout=timeout)
+        return result
+
+    @property
+    def exit_code(self) -> int:
+        return close_exit_code(self.tunnel.close_code)
+
+
+def _relay_error(exc: Any) -> ConsoleError:
+    return ConsoleError(str(exc), EXIT_RELAY, "relay_%s" % getattr(exc, "code", "error"))
+
+
+def _retryable(exc: BaseException) -> bool:
+    """An early dial that only timed out waiting for the (queued) agent."""
+    return getattr(exc, "code", None) == "timeout"
+
+
+def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
+                 control: Any = None, err: Any = None) -> ConsoleSession:
+    """Request a session on ``device`` for ``targets`` and bring its tunnel up.
+
+    ``control``: a started :class:`ConsoleControl` to reuse (else one is made and
+    closed once the tunnel is up: the tunnel does not need the broker). Raises
+    :class:`ConsoleError` with the exit code for every expected failure.
+    """
+    from remote_gevent import mux, relay, tls, tunnel_crypto
+    from remote_gevent.console.control import ConsoleControl
+
+    err = err if err is not None else sys.stderr
+    own = control is None
+    if own:
+        control = ConsoleControl(cfg, err=err).start()
+    dial: Optional[gevent.Greenlet] = None
+    sock = None
+    handed = False
+    try:
+        try:
+            ctx = tls.client_context(cfg.relay_ca_file)
+        except tls.TLSConfigError as exc:
+            raise ConsoleError("relay_ca_file: %s" % exc, EXIT_CONFIG, "config") from None
+        pending = control.start_request(device, targets)
+        host, port = _split(pending.relay)
+
+        def do_dial() -> Tuple[Any, str]:
+            return relay.dial_relay(host, port, ctx, host, "console", pending.session_id,
+                                    pending.ticket, timeout=cfg.relay_timeout)
+
+        def on_dial_done(g: gevent.Greenlet) -> None:
+            exc = g.exception
+            if exc is not None and not _retryable(exc):
+                pending.replies.put(exc)  # wakes wait_offer: fail now, not at the timeout
+
+        dial = gevent.spawn(do_dial)
+        dial.link(on_dial_done)
+        try:
+            offer = control.wait_offer(pending)
+        except relay.RelayError as exc:
+            _abandon(control, device, pending.session_id, "console could not reach the relay")
+            raise _relay_error(exc) from None
+        dial.join()
+        if dial.successful():
+            sock, peer_ip = dial.value
+        elif _retryable(dial.exception):
+            log.info("session %s: early relay dial timed out (queued); dialing again",
+                     offer.session_id)
+            try:
+                sock, peer_ip = do_dial()
+            except relay.RelayError as exc:
+                raise _relay_error(exc) from None
+        else:
+            raise _relay_error(dial.exception)
+        tx, rx = tunnel_crypto.derive_keys("console", offer.console_pk, offer.console_sk,
+                                           offer.agent_epk, offer.session_id)
+        sealer, opener = tunnel_crypto.make_sealer_opener(tx, rx, offer.cipher)
+        tunnel = mux.Tunnel(sock, sealer, opener, role="console", name=offer.session_id,
+                            keepalive_interval=cfg.keepalive_interval)
+        handed = True  # the tunnel owns the socket now
+        runner = gevent.spawn(tunnel.run)
+        if not tunnel.wait_up(mux.DEFAULT_HANDSHAKE_TIMEOUT + HANDSHAKE_SLACK):
+            tunnel.close("error", "no HELLO from the agent")
+            code, reason = runner.get()
+            exit_code = EXIT_KEY if code == "crypto_error" else EXIT_CONNECTION
+            raise ConsoleError("session %s: tunnel to %s did not come up: %s (%s)"
+                               % (offer.session_id, device, code, reason), exit_code, code)
+        log.info("session %s: tunnel to %s up via %s (%s, agent at %s)", offer.session_id,
+                 device, pending.relay, offer.cipher, peer_ip)
+        return ConsoleSession(offer, tunnel, runner, peer_ip)
+    finally:
+        if dial is not None and not dial.ready():
+            dial.kill(block=True, timeout=2.0)
+        if not handed:
+            early = dial.value if dial is not None and dial.successful() else None
+            for candidate in (sock, early[0] if early else None):
+                if candidate is not None:
+                    try:
+                        candidate.close()
+                    except OSError:
+                        pass
+        if own:
+            control.close()
+
+
+def _abandon(control: Any, device: str, session_id: str, reason: str) -> None:
+    """Tell the agent to drop a session we will not complete (frees its slot early)."""
+    try:
+        control.close_session(device, session_id, reason)
+    except ConsoleError as exc:
+        log.debug("session %s: close not sent: %s", session_id, exc)
+
+
+def _split(address: str) -> Tuple[str, int]:
+    from remote_gevent.config import Invalid, split_host_port
+
+    try:
+        host, port = split_host_port(address)
+    except Invalid as exc:
+        raise ConsoleError("relay %s: %s" % (address, exc), EXIT_CONFIG, "config") from None
+    assert port is not None
+    return host, port
