@@ -241,7 +241,13 @@ class DemoPlatform:
         operator_key = identity.load_or_create(self.operator_key_path)
         _write_text(self.operator_key_path + ".pub",
                     operator_key.public_line("%s@demo-platform" % self.operator) + "\n")
-        identity.load_or_create(self.device_key_path)  # the agent would make it; pin-able now
+        # The agent would make the device key on first start; making it here lets us pin
+        # it for the console (as an operator would after `remote-gevent pubkey`): no TOFU.
+        device_key = identity.load_or_create(self.device_key_path)
+        from remote_gevent.console.known_devices import KnownDevices
+
+        KnownDevices(self.known_devices).pin(SERVER_ID, self.ident, device_key.public_bytes,
+                                             replace=True)
         _write_text(self.authorized_keys,
                     operator_key.public_line("%s@demo-platform" % self.operator) + "\n", 0o600)
         self._prepared = True
