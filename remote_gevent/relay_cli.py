@@ -187,6 +187,9 @@ def main(listen: Optional[str], cert: Optional[str], key: Optional[str],
     except OSError as exc:
         raise click.ClickException("cannot listen on %s: %s" % (
             relay.format_address(settings.host, settings.port), exc)) from None
+    if not log.isEnabledFor(logging.INFO):
+        # Scripts and tests wait for this line whatever the log level.
+        click.echo("relay listening on %s" % relay.format_address(*server.address), err=True)
     stop.wait()
     log.info("signal %d: stopping (grace %.0fs)", signals[0], settings.grace)
     server.stop()
