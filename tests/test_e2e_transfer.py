@@ -1,0 +1,181 @@
+"""End to end: targeted file transfers through the demo platform (issue 5).
+
+``remote-gevent-console push/pull`` processes and the stock OpenSSH ``sftp`` client
+against the agent process, through the relay process and the suite's RabbitMQ node.
+Files go to and come from the platform's read-write transfer root (``DIR/files``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from typing import List
+
+import pytest
+from test_e2e import MIB, WAIT, make_platform, random_file, sha256_file, wait_for
+
+from remote_gevent.transfer import part_name
+
+pytestmark = pytest.mark.e2e
+
+GIB = 1024 * MIB
+
+
+@pytest.fixture(scope="module")
+def platform(rabbit, tmp_path_factory):
+    p = make_platform(rabbit, str(tmp_path_factory.mktemp("transfer-platform")))
+    p.start()
+    yield p
+    p.stop()
+
+
+def console(p, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(p.console_argv(*args), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_push_and_pull_1gib_sha256(platform, tmp_path):
+    src = str(tmp_path / "big.bin")
+    digest = random_file(src, GIB)
+    remote = os.path.join(platform.files_dir, "big.bin")
+    t0 = time.monotonic()
+    done = console(platform, "push", platform.ident, src, remote)
+    t_push = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr
+    assert sha256_file(remote) == digest
+    os.unlink(src)  # keep the disk footprint at 2 GiB
+    back = str(tmp_path / "back.bin")
+    t0 = time.monotonic()
+    done = console(platform, "pull", platform.ident, remote, back)
+    t_pull = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr
+    assert sha256_file(back) == digest
+    os.unlink(back)
+    os.unlink(remote)
+    print("\n1 GiB through the platform: push %.1f s (%.0f MiB/s), pull %.1f s (%.0f MiB/s)"
+          % (t_push, 1024 / t_push, t_pull, 1024 / t_pull))
+
+
+def _tree(root: str) -> List[str]:
+    out = []
+    for base, _, files in os.walk(root):
+        for name in files:
+            out.append(os.path.relpath(os.path.join(base, name), root))
+    return sorted(out)
+
+
+def test_push_and_pull_tree_recursive(platform, tmp_path):
+    local = tmp_path / "tree"
+    digests = {}
+    for rel, size in (("a.txt", 10), ("sub/b.bin", 300 * 1024), ("sub/deeper/c.bin", MIB),
+                      ("sub/empty.txt", 0)):
+        path = local / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digests[rel] = random_file(str(path), size)
+    remote = os.path.join(platform.files_dir, "tree")
+    done = console(platform, "push", "-r", platform.ident, str(local), remote)
+    assert done.returncode == 0, done.stderr
+    assert _tree(remote) == sorted(digests)
+    back = tmp_path / "back"
+    done = console(platform, "pull", "-r", platform.ident, remote, str(back))
+    assert done.returncode == 0, done.stderr
+    got = {rel: sha256_file(str(back / rel)) for rel in _tree(str(back))}
+    assert got == digests
+
+
+def _watch_no_partial_under_final_name(final: str, stop: threading.Event,
+                                       seen: List[int]) -> None:
+    """The final name must not appear before the transfer completed (polled)."""
+    while not stop.is_set():
+        if os.path.exists(final):
+            seen.append(os.path.getsize(final))
+        time.sleep(0.01)
+
+
+def test_push_killed_then_resumed(platform, tmp_path):
+    size = 512 * MIB
+    src = str(tmp_path / "resume.bin")
+    digest = random_file(src, size)
+    final = os.path.join(platform.files_dir, "resume.bin")
+    partial = os.path.join(platform.files_dir, part_name("resume.bin"))
+    stop = threading.Event()
+    seen: List[int] = []
+    watcher = threading.Thread(target=_watch_no_partial_under_final_name,
+                               args=(final, stop, seen), daemon=True)
+    watcher.start()
+    proc = subprocess.Popen(platform.console_argv("push", platform.ident, src, final),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(partial) and os.path.getsize(partial) > 64 * MIB,
+                 WAIT, what="the agent's partial to grow")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT)
+    stop.set()
+    watcher.join(5)
+    assert not seen and not os.path.exists(final), "partial data under the final name"
+    kept = os.path.getsize(partial) if os.path.exists(partial) else 0
+    done = console(platform, "push", "--resume", platform.ident, src, final)
+    assert done.returncode == 0, done.stderr
+    assert sha256_file(final) == digest
+    assert not os.path.exists(partial)
+    assert kept > 0, "the agent kept the partial for --resume"
+    os.unlink(final)
+
+
+def test_pull_killed_then_resumed(platform, tmp_path):
+    size = 512 * MIB
+    remote = os.path.join(platform.files_dir, "pull-resume.bin")
+    digest = random_file(remote, size)
+    local = str(tmp_path / "pulled.bin")
+    partial = str(tmp_path / part_name("pulled.bin"))
+    proc = subprocess.Popen(platform.console_argv("pull", platform.ident, remote, local),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(partial) and os.path.getsize(partial) > 64 * MIB,
+                 WAIT, what="the console's partial to grow")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT)
+    assert not os.path.exists(local)
+    done = console(platform, "pull", "--resume", platform.ident, remote, local)
+    assert done.returncode == 0, done.stderr
+    assert sha256_file(local) == digest
+    assert not os.path.exists(partial)
+    os.unlink(remote)
+
+
+def test_stock_sftp_put_get_ls(platform, tmp_path):
+    import shlex
+
+    src = str(tmp_path / "via-sftp.bin")
+    digest = random_file(src, 3 * MIB)
+    back = str(tmp_path / "via-sftp-back.bin")
+    root = platform.files_dir
+    batch = tmp_path / "batch"
+    batch.write_text("\n".join([
+        "cd %s" % root,
+        "put %s via-sftp.bin" % src,
+        "ls -l",
+        "rename via-sftp.bin renamed.bin",
+        "get renamed.bin %s" % back,
+        "rm renamed.bin",
+        "ls",
+        "",
+    ]))
+    proxy = " ".join(shlex.quote(a) for a in platform.console_argv("stdio", "%n", "@sftp"))
+    done = subprocess.run(
+        ["sftp", "-F", "/dev/null", "-b", str(batch), "-o", "BatchMode=yes",
+         "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=%s" % (tmp_path / "known_hosts"),
+         "-o", "ProxyCommand=%s" % proxy, "x@%s" % platform.ident],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "via-sftp.bin" in done.stdout
+    assert sha256_file(back) == digest
+    assert not os.path.exists(os.path.join(root, "renamed.bin"))
