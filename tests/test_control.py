@@ -15,6 +15,7 @@ import sys
 import time
 
 import gevent
+import gevent.lock
 import nacl.signing
 import pytest
 from gevent.event import AsyncResult
