@@ -86,6 +86,8 @@ REJECT_TIMEOUT = 5.0
 #: closing does not turn into a TCP RST that would destroy the error line in flight.
 LINGER_TIMEOUT = 1.0
 LINGER_MAX_BYTES = 64 * 1024
+#: Bytes a waiting client may send before it is paired (kept and forwarded after ``OK``).
+MAX_EARLY_BYTES = 64 * 1024
 #: How many spare forwarding buffers the pool keeps (the rest are freed).
 SPARE_BUFFERS = 32
 
@@ -263,7 +265,10 @@ def build_hello(role: str, session_id: str, ticket: Union[bytes, str]) -> bytes:
     else:
         ticket_b64 = base64.b64encode(ticket).decode("ascii")
     line = ("%s %s %s %s\n" % (PROTOCOL_VERSION, role, session_id, ticket_b64)).encode("ascii")
-    parse_hello(line[:-1])  # the relay would refuse it: refuse it here, naming nothing secret
+    try:
+        parse_hello(line[:-1])  # the relay would refuse it: refuse it here
+    except _BadHello as exc:
+        raise ValueError("invalid relay hello: %s" % exc) from None
     return line
 
 
@@ -274,7 +279,7 @@ class _Conn:
     """One accepted connection from handshake to close."""
 
     __slots__ = ("sock", "ip", "hello", "leftover", "event", "peer", "failed", "pending",
-                 "claimed")
+                 "claimed", "gone")
 
     def __init__(self, sock: socket.socket, ip: str) -> None:
         self.sock = sock
@@ -286,6 +291,7 @@ class _Conn:
         self.failed = ""  # set when the waiter must give up (shutdown)
         self.pending = False
         self.claimed = False  # a newcomer took us out of the table and is sending our OK
+        self.gone = False  # the client went away while waiting
 
 
 class _Session:
@@ -484,6 +490,9 @@ class Relay:
         sid = hello.session_id
         while True:
             waiter = self._waiting.get(sid)
+            if waiter is not None and waiter.gone:
+                del self._waiting[sid]  # its greenlet is about to notice and close it
+                continue
             if waiter is None:
                 if self._stopping:
                     self._refuse(conn.sock, "busy", conn.ip, sid, "relay stopping")
@@ -537,29 +546,57 @@ class Relay:
             return False
 
     def _wait_for_peer(self, conn: _Conn) -> None:
+        """First arrival: wait for the peer, noticing if our own client goes away.
+
+        A helper greenlet reads what the client sends meanwhile (bytes pipelined after the
+        hello are kept, bounded, and forwarded once paired); EOF there means the client
+        gave up, and the session id is freed at once instead of after the pairing timeout
+        (a retry would otherwise be refused as a duplicate).
+        """
         hello = conn.hello
         assert hello is not None
+        sid = hello.session_id
         conn.event = gevent.event.Event()
-        self._waiting[hello.session_id] = conn
+        self._waiting[sid] = conn
+        reader = gevent.spawn(self._read_early, conn)
         try:
-            conn.event.wait(timeout=self.settings.pairing_timeout)
+            gevent.wait([conn.event, reader], count=1, timeout=self.settings.pairing_timeout)
         finally:
-            if self._waiting.get(hello.session_id) is conn:
-                del self._waiting[hello.session_id]
-        if conn.peer is None and not conn.event.is_set():
-            # Timed out; but a newcomer may have claimed us and be sending our OK.
-            if conn.claimed and not conn.failed:
-                conn.event.wait(timeout=self.settings.handshake_timeout)
+            if self._waiting.get(sid) is conn:
+                del self._waiting[sid]
+        if conn.claimed and not conn.event.is_set():
+            # A newcomer took us out of the table and is sending the OKs right now.
+            conn.event.wait(timeout=self.settings.handshake_timeout)
+        reader.kill(block=True)
         if conn.peer is not None:
             self._run_leg(conn.peer, conn)
             return
-        if conn.failed == "gone":
+        if conn.failed == "gone" or conn.gone:
+            log.debug("session %s: waiting %s from %s left", sid, hello.role, conn.ip)
             return
         if conn.failed:
-            self._refuse(conn.sock, conn.failed, conn.ip, hello.session_id, "relay stopping")
+            self._refuse(conn.sock, conn.failed, conn.ip, sid, "relay stopping")
             return
-        self._refuse(conn.sock, "timeout", conn.ip, hello.session_id,
+        self._refuse(conn.sock, "timeout", conn.ip, sid,
                      "no peer within %.0fs" % self.settings.pairing_timeout)
+
+    def _read_early(self, conn: _Conn) -> None:
+        try:
+            conn.sock.settimeout(None)
+            while len(conn.leftover) < MAX_EARLY_BYTES:
+                try:
+                    chunk = conn.sock.recv(MAX_EARLY_BYTES - len(conn.leftover))
+                except socket.timeout:
+                    continue
+                if not chunk:
+                    conn.gone = True
+                    return
+                conn.leftover += chunk
+        except (ssl.SSLError, OSError):
+            conn.gone = True
+            return
+        assert conn.event is not None
+        conn.event.wait()  # enough buffered: stop reading until paired (or killed)
 
     def _refuse(self, sock: ssl.SSLSocket, code: str, ip: str, sid: Optional[str],
                 why: str = "") -> None:

@@ -1,0 +1,509 @@
+"""Relay: pairing, splice, half-close, refusals, limits, TLS verification, CLI stop.
+
+In-process relays on 127.0.0.1 (the suite runs monkey-patched) plus real
+``remote-gevent-relay`` processes for the CLI, SIGTERM and log-content checks.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import gevent
+import pytest
+
+from remote_gevent import relay, tls
+from remote_gevent.demo.pki import CertificateAuthority
+
+WAIT = 10.0  # seconds: bound for anything that should happen "soon"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    base = tmp_path_factory.mktemp("relay-pki")
+    ca = CertificateAuthority(str(base / "ca"))
+    other = CertificateAuthority(str(base / "other"))
+    return {"ca": ca, "cert": ca.issue("relay", hosts=["localhost", "127.0.0.1"]),
+            "other": other}
+
+
+@pytest.fixture
+def make_relay(pki):
+    started = []
+
+    def factory(**overrides):
+        settings = relay.RelaySettings(host="127.0.0.1", port=0,
+                                       cert_file=pki["cert"].cert_file,
+                                       key_file=pki["cert"].key_file, **overrides)
+        server = relay.Relay(settings)
+        server.start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        with gevent.Timeout(WAIT):
+            server.stop(grace=0)
+
+
+@pytest.fixture
+def client_ctx(pki):
+    return tls.client_context(pki["ca"].cert_file)
+
+
+def new_session():
+    return os.urandom(16).hex(), os.urandom(32)
+
+
+def dial(server, ctx, role, sid, ticket, **kw):
+    host, port = server.address
+    kw.setdefault("timeout", WAIT)
+    kw.setdefault("pair_timeout", WAIT)
+    return relay.dial_relay(host, port, ctx, "127.0.0.1", role, sid, ticket, **kw)
+
+
+def pair(server, ctx, sid=None, ticket=None):
+    if sid is None:
+        sid, ticket = new_session()
+    agent = gevent.spawn(dial, server, ctx, "agent", sid, ticket)
+    console = gevent.spawn(dial, server, ctx, "console", sid, ticket)
+    with gevent.Timeout(WAIT):
+        gevent.joinall([agent, console], raise_error=True)
+    return agent.value, console.value
+
+
+def raw_tls(server, ctx):
+    """A TLS connection to the relay that has not said anything yet."""
+    sock = socket.create_connection(server.address, timeout=WAIT)
+    return ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def answer(sock) -> bytes:
+    """The relay's answer line (or b"" if it just closed)."""
+    sock.settimeout(WAIT)
+    data = b""
+    while not data.endswith(b"\n"):
+        try:
+            chunk = sock.recv(1)
+        except (ConnectionError, OSError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def wait_until(predicate, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        gevent.sleep(0.02)
+    return False
+
+
+def send_all_then_half_close(sock, size, seed):
+    block = hashlib.sha256(seed).digest() * 8192  # 256 KiB, deterministic
+    digest = hashlib.sha256()
+    sent = 0
+    while sent < size:
+        chunk = block[: min(len(block), size - sent)]
+        sock.sendall(chunk)
+        digest.update(chunk)
+        sent += len(chunk)
+    relay.half_close(sock)
+    return digest.hexdigest()
+
+
+def receive_all(sock):
+    digest = hashlib.sha256()
+    buf = bytearray(256 * 1024)
+    total = 0
+    while True:
+        n = sock.recv_into(buf)
+        if not n:
+            return total, digest.hexdigest()
+        digest.update(memoryview(buf)[:n])
+        total += n
+
+
+# ------------------------------------------------------------------ pairing + splice
+
+
+def test_pairs_and_forwards_32_mib_each_way(make_relay, client_ctx, caplog):
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    server = make_relay()
+    sid, ticket = new_session()
+    (agent, agent_peer), (console, console_peer) = pair(server, client_ctx, sid, ticket)
+    assert agent_peer == console_peer == "127.0.0.1"
+    assert server.paired == 1 and server.pending == 0
+    size = 32 * 1024 * 1024
+    jobs = [gevent.spawn(send_all_then_half_close, agent, size, b"a"),
+            gevent.spawn(send_all_then_half_close, console, size, b"c"),
+            gevent.spawn(receive_all, console), gevent.spawn(receive_all, agent)]
+    with gevent.Timeout(60):
+        gevent.joinall(jobs, raise_error=True)
+    assert jobs[2].value == (size, jobs[0].value)
+    assert jobs[3].value == (size, jobs[1].value)
+    agent.close()
+    console.close()
+    assert wait_until(lambda: server.paired == 0)
+    ended = [r.getMessage() for r in caplog.records if "ended" in r.getMessage()]
+    assert len(ended) == 1
+    assert sid in ended[0] and "normal" in ended[0]
+    assert "%d bytes" % size in ended[0]
+    assert base64.b64encode(ticket).decode() not in caplog.text
+
+
+def test_half_close_keeps_the_other_direction_flowing(make_relay, client_ctx):
+    server = make_relay()
+    (agent, _), (console, _) = pair(server, client_ctx)
+    agent.sendall(b"last words from the agent")
+    relay.half_close(agent)
+    got = b""
+    with gevent.Timeout(WAIT):
+        while True:
+            chunk = console.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    assert got == b"last words from the agent"  # console saw EOF after the data
+    # The console can still send, and the half-closed agent still receives all of it.
+    size = 4 * 1024 * 1024
+    sender = gevent.spawn(send_all_then_half_close, console, size, b"late")
+    with gevent.Timeout(WAIT):
+        total, digest = receive_all(agent)
+    assert (total, digest) == (size, sender.get(timeout=WAIT))
+    assert wait_until(lambda: server.paired == 0)
+
+
+def test_bytes_sent_right_after_the_hello_are_forwarded(make_relay, client_ctx):
+    server = make_relay()
+    sid, ticket = new_session()
+    agent = gevent.spawn(dial, server, client_ctx, "agent", sid, ticket)
+    eager = raw_tls(server, client_ctx)
+    eager.sendall(relay.build_hello("console", sid, ticket) + b"pipelined")
+    assert answer(eager) == b"OK 127.0.0.1\n"
+    sock, _ = agent.get(timeout=WAIT)
+    sock.settimeout(WAIT)
+    got = b""
+    while len(got) < len(b"pipelined"):
+        got += sock.recv(64)
+    assert got == b"pipelined"
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_wrong_ticket_is_never_paired_and_the_waiter_still_pairs(make_relay, client_ctx):
+    server = make_relay()
+    sid, ticket = new_session()
+    agent = gevent.spawn(dial, server, client_ctx, "agent", sid, ticket)
+    assert wait_until(lambda: server.pending == 1)
+    for role in ("console", "agent"):  # stranger in either role: mismatch, waiter untouched
+        with pytest.raises(relay.RelayError) as err:
+            dial(server, client_ctx, role, sid, os.urandom(32))
+        assert err.value.code == "ticket_mismatch" and err.value.remote
+        assert "127.0.0.1:%d" % server.address[1] in str(err.value)
+    assert server.paired == 0 and not agent.ready()
+    console, peer = dial(server, client_ctx, "console", sid, ticket)
+    assert peer == "127.0.0.1"
+    sock, _ = agent.get(timeout=WAIT)
+    console.sendall(b"ping")
+    sock.settimeout(WAIT)
+    assert sock.recv(4) == b"ping"
+
+
+def test_same_role_twice_is_a_duplicate(make_relay, client_ctx):
+    server = make_relay()
+    sid, ticket = new_session()
+    first = gevent.spawn(dial, server, client_ctx, "console", sid, ticket)
+    assert wait_until(lambda: server.pending == 1)
+    with pytest.raises(relay.RelayError) as err:
+        dial(server, client_ctx, "console", sid, ticket)
+    assert err.value.code == "duplicate"
+    pair_agent = dial(server, client_ctx, "agent", sid, ticket)
+    assert first.get(timeout=WAIT)[1] == pair_agent[1] == "127.0.0.1"
+
+
+def test_a_waiter_that_leaves_frees_its_session_id(make_relay, client_ctx):
+    server = make_relay()
+    sid, ticket = new_session()
+    gave_up = gevent.spawn(dial, server, client_ctx, "agent", sid, ticket)
+    assert wait_until(lambda: server.pending == 1)
+    gave_up.kill()  # e.g. the agent's session was closed while dialing
+    assert wait_until(lambda: server.pending == 0)
+    (agent, _), (console, _) = pair(server, client_ctx, sid, ticket)  # the retry pairs
+    console.sendall(b"retry")
+    agent.settimeout(WAIT)
+    assert agent.recv(5) == b"retry"
+
+
+SID = "0123456789abcdef0123456789abcdef"
+TICKET = base64.b64encode(b"t" * 32)
+
+
+@pytest.mark.parametrize("hello", [
+    b"RG2 agent " + SID.encode() + b" " + TICKET + b"\n",      # wrong version
+    b"RG1 operator " + SID.encode() + b" " + TICKET + b"\n",   # unknown role
+    b"RG1 agent " + SID.upper().encode() + b" " + TICKET + b"\n",  # not lowercase hex
+    b"RG1 agent " + SID[:-1].encode() + b" " + TICKET + b"\n",  # 31 digits
+    b"RG1 agent " + SID.encode() + b" " + base64.b64encode(b"t" * 31) + b"\n",
+    b"RG1 agent " + SID.encode() + b" not*base64*at*all\n",
+    b"RG1 agent " + SID.encode() + b"  " + TICKET + b"\n",     # double space
+    b"RG1 agent " + SID.encode() + b" " + TICKET + b" extra\n",
+    b"\xff\xfe garbage\n",
+    b"A" * 600,                                                 # oversized, no newline
+    b"RG1 agent " + SID.encode() + b" " + TICKET + b" " + b"x" * 600 + b"\n",
+], ids=["version", "role", "uppercase", "short-id", "short-ticket", "not-b64",
+        "double-space", "extra-field", "binary", "oversized", "oversized-line"])
+def test_malformed_hello_is_refused(make_relay, client_ctx, hello):
+    server = make_relay()
+    sock = raw_tls(server, client_ctx)
+    sock.sendall(hello)
+    assert answer(sock) == b"ERR bad_hello\n"
+    sock.close()
+    assert wait_until(lambda: server.pending == 0)
+
+
+def test_pairing_timeout(make_relay, client_ctx):
+    server = make_relay(pairing_timeout=0.5)
+    sid, ticket = new_session()
+    start = time.monotonic()
+    with pytest.raises(relay.RelayError) as err:
+        dial(server, client_ctx, "agent", sid, ticket)
+    assert err.value.code == "timeout" and err.value.remote
+    assert 0.4 < time.monotonic() - start < 5
+    assert wait_until(lambda: server.pending == 0)
+
+
+def test_handshake_timeout_for_a_silent_client(make_relay, client_ctx):
+    server = make_relay(handshake_timeout=0.5)
+    silent_tcp = socket.create_connection(server.address, timeout=WAIT)  # no TLS at all
+    silent_tls = raw_tls(server, client_ctx)  # TLS, but no hello
+    start = time.monotonic()
+    assert answer(silent_tls) == b"ERR timeout\n"
+    assert silent_tcp.recv(100) == b""  # closed without a word: there is no TLS to say it
+    assert time.monotonic() - start < 5
+    assert wait_until(lambda: server.pending == 0)
+
+
+def test_max_pending_gives_busy(make_relay, client_ctx):
+    server = make_relay(max_pending=2, max_pending_per_ip=10)
+    waiters = [gevent.spawn(dial, server, client_ctx, "agent", *new_session())
+               for _ in range(2)]
+    assert wait_until(lambda: server.pending == 2)
+    with pytest.raises(relay.RelayError) as err:
+        dial(server, client_ctx, "agent", *new_session())
+    assert err.value.code == "busy"
+    gevent.killall(waiters)
+
+
+def test_per_ip_pending_limit_gives_busy(make_relay, client_ctx):
+    server = make_relay(max_pending=100, max_pending_per_ip=2)
+    waiters = [gevent.spawn(dial, server, client_ctx, "console", *new_session())
+               for _ in range(2)]
+    assert wait_until(lambda: server.pending == 2)
+    with pytest.raises(relay.RelayError) as err:
+        dial(server, client_ctx, "console", *new_session())
+    assert err.value.code == "busy"
+    gevent.killall(waiters)
+    # Slots come back once the waiters leave.
+    assert wait_until(lambda: server.pending == 0)
+    (agent, _), (console, _) = pair(server, client_ctx)
+    agent.close()
+    console.close()
+
+
+def test_max_paired_gives_busy(make_relay, client_ctx):
+    server = make_relay(max_paired=1)
+    held = pair(server, client_ctx)  # keep the sockets: dropping them would end the session
+    assert server.paired == 1
+    with pytest.raises(relay.RelayError) as err:
+        dial(server, client_ctx, "agent", *new_session())
+    assert err.value.code == "busy"
+    assert held[0][0].fileno() != -1
+
+
+def test_idle_timeout_closes_a_silent_session(make_relay, client_ctx, caplog):
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    server = make_relay(idle_timeout=0.5)
+    (agent, _), (console, _) = pair(server, client_ctx)
+    agent.settimeout(WAIT)
+    start = time.monotonic()
+    assert agent.recv(10) == b""
+    assert time.monotonic() - start < 3
+    assert wait_until(lambda: server.paired == 0)
+    assert "timeout (idle" in caplog.text
+
+
+def test_stop_drains_then_closes_after_grace(make_relay, client_ctx, caplog):
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    server = make_relay()
+    (agent, _), (console, _) = pair(server, client_ctx)
+    waiter = gevent.spawn(dial, server, client_ctx, "agent", *new_session())
+    assert wait_until(lambda: server.pending == 1)
+    stopper = gevent.spawn(server.stop, 0.5)
+    with pytest.raises(relay.RelayError) as err:
+        waiter.get(timeout=WAIT)
+    assert err.value.code == "busy"  # unpaired clients are sent away at once
+    console.sendall(b"still flowing")  # paired sessions keep working during the grace
+    agent.settimeout(WAIT)
+    assert agent.recv(100) == b"still flowing"
+    stopper.get(timeout=WAIT)
+    assert agent.recv(100) == b""
+    assert "shutdown" in caplog.text
+
+
+# ------------------------------------------------------------------ client side
+
+
+def test_client_verifies_the_relay_certificate(make_relay, pki):
+    server = make_relay()
+    wrong_ca = tls.client_context(pki["other"].cert_file)
+    with pytest.raises(relay.RelayError) as err:
+        relay.dial_relay("127.0.0.1", server.address[1], wrong_ca, "127.0.0.1", "agent",
+                         *new_session(), timeout=WAIT)
+    assert err.value.code == "tls" and not err.value.remote
+    assert "wrong CA" in str(err.value)
+    right_ca = tls.client_context(pki["ca"].cert_file)
+    with pytest.raises(relay.RelayError) as err:
+        relay.dial_relay("127.0.0.1", server.address[1], right_ca, "relay.example.org",
+                         "agent", *new_session(), timeout=WAIT)
+    assert err.value.code == "tls" and "host name" in str(err.value)
+
+
+def test_unreachable_relay_names_host_and_port(client_ctx):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(relay.RelayError) as err:
+        relay.dial_relay("127.0.0.1", port, client_ctx, None, "agent", *new_session(),
+                         timeout=2)
+    assert err.value.code == "unreachable"
+    assert "127.0.0.1:%d" % port in str(err.value)
+
+
+def test_dial_validates_its_input(client_ctx):
+    with pytest.raises(ValueError):
+        relay.dial_relay("127.0.0.1", 1, client_ctx, None, "operator", *new_session())
+    with pytest.raises(ValueError):
+        relay.dial_relay("127.0.0.1", 1, client_ctx, None, "agent", "XYZ", os.urandom(32))
+    with pytest.raises(ValueError):
+        relay.dial_relay("127.0.0.1", 1, client_ctx, None, "agent", new_session()[0],
+                         os.urandom(16))
+
+
+# ------------------------------------------------------------------ the CLI process
+
+
+def start_cli(tmp_path, pki, extra_yaml=""):
+    conf = tmp_path / "relay.yaml"
+    conf.write_text("listen: 127.0.0.1:0\ncert: %s\nkey: %s\n%s"
+                    % (pki["cert"].cert_file, pki["cert"].key_file, extra_yaml))
+    proc = subprocess.Popen([sys.executable, "-m", "remote_gevent.relay_cli",
+                             "--config", str(conf)],
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    lines = []
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"relay listening on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            return proc, int(m.group(1)), lines
+    proc.kill()
+    raise AssertionError("relay did not start: %s" % "".join(lines))
+
+
+class _Addr:
+    def __init__(self, port):
+        self.address = ("127.0.0.1", port)
+
+
+def test_cli_sigterm_lets_the_session_finish_and_logs_no_payload(tmp_path, pki, client_ctx):
+    proc, port, lines = start_cli(tmp_path, pki, "grace: 10\n")
+    try:
+        sid, ticket = new_session()
+        (agent, _), (console, _) = pair(_Addr(port), client_ctx, sid, ticket)
+        marker = b"MARKER-%s" % os.urandom(8).hex().encode()
+        agent.sendall(marker)
+        console.settimeout(WAIT)
+        assert console.recv(len(marker)) == marker
+        proc.send_signal(signal.SIGTERM)
+        # New connections are no longer accepted ...
+        assert wait_until(lambda: _refused(port))
+        # ... but the in-flight session keeps flowing during the grace period.
+        size = 2 * 1024 * 1024
+        sender = gevent.spawn(send_all_then_half_close, agent, size, b"after-term")
+        with gevent.Timeout(WAIT):
+            assert receive_all(console) == (size, sender.get())
+        relay.half_close(console)
+        agent.settimeout(WAIT)
+        assert agent.recv(10) == b""
+        agent.close()
+        console.close()
+        _, rest = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    log = "".join(lines) + rest
+    assert re.search(r"session %s ended: normal" % sid, log), log
+    assert marker.decode() not in log
+    assert base64.b64encode(ticket).decode() not in log
+    assert "relay stopped" in log
+
+
+def _refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_cli_refuses_unknown_keys_and_bad_values(tmp_path, pki):
+    conf = tmp_path / "relay.yaml"
+    conf.write_text("listen: 127.0.0.1:0\ncert: c\nkey: k\nmax_pendign: 5\ngrace: -1\n")
+    result = subprocess.run([sys.executable, "-m", "remote_gevent.relay_cli", "--config",
+                             str(conf)], stderr=subprocess.PIPE, universal_newlines=True,
+                            timeout=WAIT)
+    assert result.returncode == 1
+    assert "max_pendign" in result.stderr and "5" in result.stderr
+    assert "grace" in result.stderr and "-1" in result.stderr
+
+
+def test_cli_listen_forms():
+    from remote_gevent.relay_cli import parse_listen
+    assert parse_listen("[::1]:8443") == ("::1", 8443)
+    assert parse_listen("relay.example.org:443") == ("relay.example.org", 443)
+    assert parse_listen(":8443") == ("0.0.0.0", 8443)
+    for bad in ("::1:8443", "host", "host:http", "[::1]8443", "host:70000"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+
+
+def test_cli_patches_gevent_before_anything_else():
+    code = ("import remote_gevent.relay_cli, gevent.monkey, sys; "
+            "sys.exit(0 if gevent.monkey.is_module_patched('socket') and "
+            "gevent.monkey.is_module_patched('ssl') else 3)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=WAIT).returncode == 0
+    with open(relay_cli_path()) as f:
+        assert f.readline().startswith("from gevent import monkey; monkey.patch_all()")
+
+
+def relay_cli_path():
+    import remote_gevent
+    return os.path.join(os.path.dirname(remote_gevent.__file__), "relay_cli.py")
