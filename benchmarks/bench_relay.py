@@ -44,6 +44,12 @@ def raise_nofile() -> int:
     return soft
 
 
+def cpu_seconds(pid: int) -> float:
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -296,16 +302,23 @@ def main() -> None:
         rp = RelayProcess(workdir, cert, a.pairs)
         try:
             rows = {"direct_tcp": [], "direct_tls": [], "relay_tls": []}
+            relay_cpu = []
             for _ in range(a.repeat):
                 rows["direct_tcp"].append(direct_stream("tcp", size, cert, ca.cert_file))
                 rows["direct_tls"].append(direct_stream("tls", size, cert, ca.cert_file))
                 agent, console = session_args(rp.port, ca.cert_file)
+                cpu0 = cpu_seconds(rp.proc.pid)
                 rows["relay_tls"].append(run_pair(agent + ["--bytes", str(size)],
                                                   console + ["--bytes", str(size)], size))
+                relay_cpu.append((cpu_seconds(rp.proc.pid) - cpu0) / (size / 2 ** 30))
             results["throughput_gbit_s"] = {k: sorted(v)[len(v) // 2] for k, v in rows.items()}
+            per_gib = sorted(relay_cpu)[len(relay_cpu) // 2]
+            results["relay_cpu_s_per_gib"] = per_gib
             print("one stream, %d MiB, median of %d:" % (a.size_mib, a.repeat))
             for k, v in results["throughput_gbit_s"].items():
                 print("  %-11s %6.2f Gbit/s" % (k, v))
+            print("  relay CPU  %6.2f s per GiB forwarded (one core: ~%.1f Gbit/s capacity)"
+                  % (per_gib, 8 * 2 ** 30 / 1e9 / per_gib if per_gib else 0.0))
             if a.pairs:
                 mem = idle_pairs(rp.port, ca.cert_file, a.pairs, rp.proc.pid)
                 results["idle_pairs"] = mem
