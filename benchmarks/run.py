@@ -1,0 +1,771 @@
+"""The benchmark suite: remote-gevent side by side with the OpenSSH reverse tunnel (issue 6).
+
+    python -m benchmarks.run                     # full suite (~8-10 min), table + JSON
+    python -m benchmarks.run --quick             # CI smoke (~1 min): tiny sizes, one run
+    python benchmarks/run.py --out results.json  # same thing, another JSON path
+    python -m benchmarks.run --profile DIR       # also py-spy the throughput path
+
+Brings up on 127.0.0.1 only, in a temporary directory: the demo platform (private TLS
+RabbitMQ node, relay, agent for device ``demo``, console config), an ``sshd`` (one-hop
+``ssh -L``, fresh ``ssh … true``), a second "bastion" ``sshd`` (``ssh -R`` from the
+"device" + the operator's ``ssh -L`` through it), iperf3 servers, a banner server (sends
+one byte on connect) and an echo server. Measures:
+
+1. throughput, one stream each way: direct, our tunnel (``forward -L``), ``ssh -L``,
+   the OpenSSH reverse path; ratios ours / each;
+2. aggregate throughput of 1, 8 and 64 streams in one session;
+3. session set-up p50/p99: warm (``open_session`` in this already-running console
+   process, request → first byte from the target) and cold (``stdio`` process launch →
+   first byte) next to a fresh ``ssh … true``;
+4. added latency: 1-byte round trips through an open tunnel vs direct;
+5. memory: agent RSS idle, with 10 and with N open sessions, relay RSS with M paired idle
+   sessions; per-session cost;
+6. control plane: session requests per second the agent refuses and accepts (+ close).
+
+Every figure is a median over repeated runs; every run records the machine. Figures only,
+no assertions: a CI smoke may run ``--quick``, never assert on speed. Everything started
+is torn down at the end, on error and on Ctrl-C/SIGTERM too.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+# ruff: noqa: E402  (imports follow the monkey patch)
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as ``python benchmarks/run.py``
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gevent
+import gevent.pool
+
+from benchmarks import suite_ssh
+from benchmarks.suite_common import (
+    Procs,
+    cpu_seconds,
+    free_port,
+    machine,
+    median,
+    open_fds,
+    percentile,
+    raise_nofile,
+    rss_kib,
+    wait_port,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGETS_SCRIPT = os.path.join(HERE, "suite_targets.py")
+MIB = 1024 * 1024
+MB = 1000 * 1000
+
+#: name → (full, quick) defaults; every one can be overridden on the command line.
+PRESETS: Dict[str, Tuple[Any, Any]] = {
+    "seconds": (5, 1),          # iperf3 -t per run
+    "runs": (3, 1),             # repetitions (medians)
+    "streams": ("1,8,64", "1,8,64"),
+    "setup_runs": (60, 6),      # warm and cold session set-ups (each)
+    "rtt_rounds": (5000, 200),  # round trips per latency run
+    "sessions": (1000, 30),     # open sessions for the memory figure
+    "relay_pairs": (5000, 100),
+    "cp_requests": (400, 20),   # control-plane requests per kind
+}
+
+# Targets of issue 6 (medians, same machine, same run).
+TARGET_RATIO_REVERSE = 1.5
+TARGET_RATIO_SSH_L = 1.0
+TARGET_WARM_P50_MS = 10.0
+TARGET_COLD_VS_SSH = 1.0
+TARGET_ADDED_RTT_MS = 0.25
+TARGET_AGENT_IDLE_MIB = 40 * MB / MIB
+TARGET_PER_SESSION_KIB = 256.0
+TARGET_RELAY_MIB = 1024.0
+
+DEVICE_TIMEOUT = 60.0
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+class Bench:
+    """One run of the suite: what it started (torn down by :meth:`close`) and the results."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.procs = Procs()
+        self.workdir = tempfile.mkdtemp(prefix="rg-bench-")
+        self.platform: Any = None
+        self.control: Any = None
+        self.cfg: Any = None
+        self.results: Dict[str, Any] = {}
+        self.ports: Dict[str, int] = {}
+
+    def opt(self, name: str) -> Any:
+        value = getattr(self.args, name)
+        if value is None:
+            value = PRESETS[name][1 if self.quick else 0]
+        return value
+
+    # ------------------------------------------------------------------ bring-up
+    def start(self) -> None:
+        from remote_gevent.demo.platform import DemoPlatform, entry_argv
+
+        raise_nofile()
+        sessions = int(self.opt("sessions"))
+        relay_port = free_port()
+        p = DemoPlatform(os.path.join(self.workdir, "platform"),
+                         remote={"max_session": max(sessions + 50, 100)},
+                         start_relay=False, relay_port=relay_port)
+        p.prepare()
+        # Our own relay process: the product's relay with pairing limits raised, so the
+        # memory and control-plane phases measure the agent, not the relay's per-IP cap.
+        conf = os.path.join(self.workdir, "relay.yaml")
+        with open(conf, "w") as f:
+            f.write("max_pending: 20000\nmax_pending_per_ip: 20000\nmax_paired: 20000\n")
+        relay_log = open(os.path.join(self.workdir, "relay.log"), "ab")
+        self.relay_proc = self.procs.start(
+            entry_argv("remote-gevent-relay", "remote_gevent.relay_cli")
+            + ["--config", conf, "--listen", p.relay_address, "--cert", p.relay_cert[0],
+               "--key", p.relay_cert[1], "--log-level", "warning"],
+            stdout=relay_log, stderr=relay_log)
+        relay_log.close()
+        wait_port(relay_port, self.relay_proc, what="relay")
+        self.platform = p
+        say("starting the demo platform (private RabbitMQ node, agent) in %s" % p.dir)
+        p.start()
+        self.agent_pid = p.agent_proc.pid
+
+        # device services
+        self.ports["iperf_direct"] = self._iperf_server()
+        self.ports["iperf_tunnel"] = self._iperf_server()
+        self.ports["iperf_ssh_L"] = self._iperf_server()
+        self.ports["iperf_reverse"] = self._iperf_server()
+        self.ports["banner"] = self._target_server("banner")
+        self.ports["echo"] = self._target_server("echo")
+
+        # OpenSSH: one-hop server and the bastion
+        key = suite_ssh.make_client_key(self.workdir)
+        self.sshd = suite_ssh.Sshd(self.procs, self.workdir, key, "sshd")
+        self.bastion = suite_ssh.Sshd(self.procs, self.workdir, key, "bastion")
+        self.ports["ssh_L"] = suite_ssh.local_forward(self.procs, self.sshd,
+                                                      self.ports["iperf_ssh_L"])
+        self.ports["ssh_reverse"] = suite_ssh.reverse_path(self.procs, self.bastion,
+                                                           self.ports["iperf_reverse"])
+        self.ports["echo_ssh_L"] = suite_ssh.local_forward(self.procs, self.sshd,
+                                                           self.ports["echo"])
+        self.ports["echo_ssh_reverse"] = suite_ssh.reverse_path(self.procs, self.bastion,
+                                                                self.ports["echo"])
+        # our tunnel: one forward process, one session, two listeners
+        self.ports["tunnel"] = free_port()
+        self.ports["echo_tunnel"] = free_port()
+        self.forward_proc = self._forward([(self.ports["tunnel"], self.ports["iperf_tunnel"]),
+                                           (self.ports["echo_tunnel"], self.ports["echo"])])
+
+        # in-process console (warm set-up, memory, control plane)
+        from remote_gevent.console import config as cconfig
+        from remote_gevent.console.control import ConsoleControl
+
+        self.cfg = cconfig.load(p.console_config)
+        self.control = ConsoleControl(self.cfg).start()
+
+    def _iperf_server(self) -> int:
+        port = free_port()
+        proc = self.procs.start(["iperf3", "-s", "-p", str(port), "-B", "127.0.0.1"])
+        wait_port(port, proc, what="iperf3 -s")
+        return port
+
+    def _target_server(self, mode: str) -> int:
+        proc = self.procs.start([sys.executable, TARGETS_SCRIPT, mode], stdout=subprocess.PIPE)
+        with gevent.Timeout(30, RuntimeError("%s server did not start" % mode)):
+            return int(proc.stdout.readline())
+
+    def _forward(self, pairs: Sequence[Tuple[int, int]]) -> subprocess.Popen:
+        argv = ["forward", self.platform.ident]
+        for local, remote in pairs:
+            argv += ["-L", "%d:127.0.0.1:%d" % (local, remote)]
+        log_path = os.path.join(self.workdir, "forward.log")
+        log = open(log_path, "ab")
+        proc = self.procs.start(self.platform.console_argv(*argv), stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + DEVICE_TIMEOUT
+        while True:
+            with open(log_path, "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+            if text.count("forwarding ") >= len(pairs):
+                return proc
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("forward did not come up (exit %s): %s"
+                                   % (proc.poll(), text[-2000:]))
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self.control is not None:
+            try:
+                self.control.close()
+            except Exception as exc:  # noqa: BLE001 - teardown goes on whatever happens
+                say("closing the console control link: %s" % exc)
+        if self.platform is not None:
+            self.platform.stop()  # agent first (sessions end with `shutdown`), then broker
+        self.procs.close()  # consoles, sshd, ssh clients, iperf3, targets, relay
+        if not self.args.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ 1 + 2: throughput
+    def iperf(self, port: int, reverse: bool = False, parallel: int = 1,
+              seconds: Optional[int] = None) -> float:
+        """Gbit/s received (median-free: one run); one retry if iperf3 fails."""
+        seconds = int(seconds or self.opt("seconds"))
+        argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"]
+        if reverse:
+            argv.append("-R")
+        if parallel > 1:
+            argv += ["-P", str(parallel)]
+        last = ""
+        for _attempt in range(2):
+            done = subprocess.run(argv, capture_output=True, timeout=seconds + 60)
+            try:
+                data = json.loads(done.stdout.decode("utf-8", "replace"))
+            except ValueError:
+                data = {"error": done.stderr.decode("utf-8", "replace")[-300:]}
+            if "error" not in data:
+                return data["end"]["sum_received"]["bits_per_second"] / 1e9
+            last = data["error"]
+            gevent.sleep(1.0)
+        raise RuntimeError("iperf3 to port %d failed: %s" % (port, last))
+
+    def throughput(self) -> None:
+        paths = {"direct": "iperf_direct", "tunnel": "tunnel", "ssh_L": "ssh_L",
+                 "ssh_reverse": "ssh_reverse"}
+        samples: Dict[str, Dict[str, List[float]]] = {
+            d: {name: [] for name in paths} for d in ("up", "down")}
+        runs = int(self.opt("runs"))
+        for run in range(runs):
+            for name, port_key in paths.items():  # interleaved: drift hits every path
+                for direction in ("up", "down"):
+                    value = self.iperf(self.ports[port_key], reverse=direction == "down")
+                    samples[direction][name].append(value)
+                    say("  throughput run %d/%d %-11s %-4s %6.2f Gbit/s"
+                        % (run + 1, runs, name, direction, value))
+        out: Dict[str, Any] = {}
+        for direction, per in samples.items():
+            med = {name: median(v) for name, v in per.items()}
+            out[direction] = {
+                "gbit_s": med,
+                "runs": per,
+                "ratio_tunnel_vs": {name: med["tunnel"] / med[name] for name in paths
+                                    if name != "tunnel"},
+            }
+        out["seconds_per_run"] = int(self.opt("seconds"))
+        self.results["throughput"] = out
+
+    def many_streams(self) -> None:
+        counts = [int(c) for c in str(self.opt("streams")).split(",") if c.strip()]
+        runs = int(self.opt("runs"))
+        out: Dict[str, Any] = {"streams": counts, "tunnel_gbit_s": {}, "ssh_reverse_gbit_s": {}}
+        for n in counts:
+            for name, port_key, key in (("tunnel", "tunnel", "tunnel_gbit_s"),
+                                        ("ssh_reverse", "ssh_reverse", "ssh_reverse_gbit_s")):
+                values = [self.iperf(self.ports[port_key], parallel=n) for _ in range(runs)]
+                out[key][str(n)] = median(values)
+                say("  %2d streams %-11s %6.2f Gbit/s (median of %d)"
+                    % (n, name, median(values), runs))
+        self.results["many_streams"] = out
+
+    # ------------------------------------------------------------------ 4: latency
+    def rtt(self, port: int) -> Dict[str, float]:
+        rounds = int(self.opt("rtt_rounds"))
+        done = subprocess.run([sys.executable, TARGETS_SCRIPT, "rtt", str(port), str(rounds)],
+                              capture_output=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError("rtt client failed: %s" % done.stderr[-500:])
+        samples = json.loads(done.stdout)["samples_ms"]
+        samples = samples[min(50, len(samples) // 10):]  # warm-up
+        return {"p50": percentile(samples, 50), "p99": percentile(samples, 99)}
+
+    def latency(self) -> None:
+        paths = {"direct": "echo", "tunnel": "echo_tunnel", "ssh_L": "echo_ssh_L",
+                 "ssh_reverse": "echo_ssh_reverse"}
+        per: Dict[str, Dict[str, List[float]]] = {n: {"p50": [], "p99": []} for n in paths}
+        for _ in range(int(self.opt("runs"))):
+            for name, key in paths.items():
+                r = self.rtt(self.ports[key])
+                per[name]["p50"].append(r["p50"])
+                per[name]["p99"].append(r["p99"])
+        out: Dict[str, Any] = {name: {q: median(v) for q, v in qs.items()}
+                               for name, qs in per.items()}
+        for name in paths:
+            if name != "direct":
+                out[name]["added_p50"] = out[name]["p50"] - out["direct"]["p50"]
+                out[name]["added_p99"] = out[name]["p99"] - out["direct"]["p99"]
+        out["rounds"] = int(self.opt("rtt_rounds"))
+        self.results["latency_ms"] = out
+        for name in paths:
+            say("  rtt %-11s p50 %.3f ms  p99 %.3f ms" % (name, out[name]["p50"],
+                                                         out[name]["p99"]))
+
+    # ------------------------------------------------------------------ 3: session set-up
+    def open_session(self, target: str) -> Any:
+        from remote_gevent.console.session import open_session
+
+        return open_session(self.cfg, self.platform.ident, [target], control=self.control)
+
+    def warm_setup(self) -> None:
+        target = "127.0.0.1:%d" % self.ports["banner"]
+        up: List[float] = []
+        first: List[float] = []
+        runs = int(self.opt("setup_runs"))
+        for i in range(runs + 3):
+            t0 = time.perf_counter()
+            session = self.open_session(target)
+            t1 = time.perf_counter()
+            stream = session.open_stream(target)
+            data = stream.recv()
+            t2 = time.perf_counter()
+            if data != b"x":
+                raise RuntimeError("banner server sent %r" % data)
+            session.close()
+            session.wait(10)
+            if i >= 3:  # the first ones warm caches up
+                up.append((t1 - t0) * 1000.0)
+                first.append((t2 - t0) * 1000.0)
+        self.results.setdefault("session_setup_ms", {})["warm"] = {
+            "first_byte_p50": percentile(first, 50), "first_byte_p99": percentile(first, 99),
+            "tunnel_up_p50": percentile(up, 50), "tunnel_up_p99": percentile(up, 99),
+            "runs": runs}
+        say("  warm: first byte p50 %.1f ms p99 %.1f ms (tunnel up p50 %.1f ms)"
+            % (percentile(first, 50), percentile(first, 99), percentile(up, 50)))
+
+    def _timed_first_byte(self, argv: List[str]) -> float:
+        t0 = time.perf_counter()
+        proc = self.procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            with gevent.Timeout(DEVICE_TIMEOUT, RuntimeError("no first byte from %s" % argv)):
+                data = proc.stdout.read(1)
+            elapsed = (time.perf_counter() - t0) * 1000.0
+            if data != b"x":
+                raise RuntimeError("stdio console gave %r (exit %s)" % (data, proc.poll()))
+            proc.stdin.close()
+            proc.wait(30)
+        finally:
+            self.procs.stop(proc)
+        return elapsed
+
+    def _timed_run(self, argv: List[str]) -> float:
+        t0 = time.perf_counter()
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        elapsed = (time.perf_counter() - t0) * 1000.0
+        if done.returncode != 0:
+            raise RuntimeError("%s failed (%d): %s" % (argv, done.returncode, done.stderr[-300:]))
+        return elapsed
+
+    def cold_setup(self) -> None:
+        stdio_argv = self.platform.console_argv("stdio", self.platform.ident,
+                                                "127.0.0.1:%d" % self.ports["banner"])
+        ssh_argv = self.sshd.ssh_argv(command=["true"])
+        version_argv = self.platform.console_argv("--version")
+        stdio: List[float] = []
+        ssh: List[float] = []
+        version: List[float] = []
+        runs = int(self.opt("setup_runs"))
+        for i in range(runs + 1):
+            a = self._timed_first_byte(stdio_argv)
+            b = self._timed_run(ssh_argv)
+            c = self._timed_run(version_argv)
+            if i:
+                stdio.append(a)
+                ssh.append(b)
+                version.append(c)
+        out = {
+            "stdio_first_byte_p50": percentile(stdio, 50),
+            "stdio_first_byte_p99": percentile(stdio, 99),
+            "ssh_true_p50": percentile(ssh, 50), "ssh_true_p99": percentile(ssh, 99),
+            "console_version_p50": percentile(version, 50),
+            "runs": runs,
+        }
+        self.results.setdefault("session_setup_ms", {})["cold"] = out
+        say("  cold: stdio first byte p50 %.0f ms p99 %.0f ms; ssh true p50 %.0f ms p99 %.0f ms;"
+            " console --version p50 %.0f ms" % (out["stdio_first_byte_p50"],
+                                               out["stdio_first_byte_p99"], out["ssh_true_p50"],
+                                               out["ssh_true_p99"], out["console_version_p50"]))
+
+    # ------------------------------------------------------------------ 6: control plane
+    def wait_agent_idle(self, timeout: float = 90.0) -> int:
+        """Poll the agent's signed status until no session is active; returns the count."""
+        from remote_gevent.console.config import ConsoleError
+
+        deadline = time.monotonic() + timeout
+        active = -1
+        while time.monotonic() < deadline:
+            try:
+                status = self.control.status(self.platform.ident)
+                active = int(status["sessions_active"]) + int(status["sessions_waiting"])
+            except ConsoleError as exc:
+                say("  status: %s" % exc)
+            if active == 0:
+                return 0
+            gevent.sleep(0.5)
+        return active
+
+    def _requests(self, n: int, target: str, close: bool) -> Dict[str, Any]:
+        from remote_gevent.console.config import ConsoleError
+
+        ident = self.platform.ident
+        tally: Dict[str, int] = {}
+
+        def one(_i: int) -> str:
+            pending = self.control.start_request(ident, [target])
+            try:
+                self.control.wait_offer(pending)
+            except ConsoleError as exc:
+                return exc.code or "error"
+            if close:
+                self.control.close_session(ident, pending.session_id, "benchmark")
+            return "accepted"
+
+        pool = gevent.pool.Pool(32)
+        cpu0 = cpu_seconds(self.agent_pid)
+        t0 = time.perf_counter()
+        for outcome in pool.imap_unordered(one, range(n)):
+            tally[outcome] = tally.get(outcome, 0) + 1
+        wall = time.perf_counter() - t0
+        cpu = cpu_seconds(self.agent_pid) - cpu0
+        return {"requests": n, "outcomes": tally, "wall_s": wall, "per_s": n / wall,
+                "agent_cpu_s": cpu, "per_agent_cpu_s": n / cpu if cpu > 0 else float("nan")}
+
+    def control_plane(self) -> None:
+        n = int(self.opt("cp_requests"))
+        refused = self._requests(n, "10.255.255.1:22", close=False)
+        say("  refusals: %.0f/s (%.0f per agent CPU-second) %s"
+            % (refused["per_s"], refused["per_agent_cpu_s"], refused["outcomes"]))
+        accepted = self._requests(n, "127.0.0.1:%d" % self.ports["banner"], close=True)
+        say("  accepts (+close, relay never dialled by us): %.0f/s (%.0f per agent CPU-second)"
+            " %s" % (accepted["per_s"], accepted["per_agent_cpu_s"], accepted["outcomes"]))
+        left = self.wait_agent_idle()
+        self.results["control_plane"] = {"refuse": refused, "accept_close": accepted,
+                                         "active_after": left}
+
+    # ------------------------------------------------------------------ 5: memory
+    def agent_mem(self) -> Tuple[float, int]:
+        return rss_kib(self.agent_pid) / 1024.0, open_fds(self.agent_pid)
+
+    def sessions_memory(self, count: int) -> Dict[str, Any]:
+        target = "127.0.0.1:%d" % self.ports["banner"]
+        gevent.sleep(1.0)
+        before, fds_before = self.agent_mem()
+        sessions: List[Any] = []
+        failures: Dict[str, int] = {}
+
+        def one(_i: int) -> None:
+            from remote_gevent.console.config import ConsoleError
+
+            try:
+                sessions.append(self.open_session(target))
+            except ConsoleError as exc:
+                failures[exc.code] = failures.get(exc.code, 0) + 1
+
+        t0 = time.perf_counter()
+        pool = gevent.pool.Pool(16)
+        for _ in pool.imap_unordered(one, range(count)):
+            pass
+        setup = time.perf_counter() - t0
+        gevent.sleep(2.0)
+        during, fds = self.agent_mem()
+        console_rss = rss_kib(os.getpid()) / 1024.0
+        for s in sessions:
+            s.close()
+        for s in sessions:
+            try:
+                s.wait(10)
+            except gevent.Timeout:
+                pass
+        left = self.wait_agent_idle()
+        opened = len(sessions)
+        return {"requested": count, "opened": opened, "failures": failures,
+                "agent_rss_before_mib": before, "agent_rss_mib": during,
+                "agent_fds_before": fds_before, "agent_fds": fds,
+                "per_session_kib": (during - before) * 1024.0 / max(opened, 1),
+                "setup_s": setup, "console_rss_mib": console_rss, "active_after": left}
+
+    def memory(self) -> None:
+        mem = self.results.setdefault("memory", {})
+        ten = self.sessions_memory(10)
+        say("  agent RSS %.1f MiB -> %.1f MiB with %d sessions"
+            % (ten["agent_rss_before_mib"], ten["agent_rss_mib"], ten["opened"]))
+        many = self.sessions_memory(int(self.opt("sessions")))
+        say("  agent RSS %.1f MiB -> %.1f MiB with %d sessions (%.1f KiB each, opened in %.1f s)"
+            % (many["agent_rss_before_mib"], many["agent_rss_mib"], many["opened"],
+               many["per_session_kib"], many["setup_s"]))
+        mem["sessions_10"] = ten
+        mem["sessions_many"] = many
+
+    def relay_memory(self) -> None:
+        from benchmarks import bench_relay
+        from remote_gevent.demo.pki import CertificateAuthority
+
+        pairs = int(self.opt("relay_pairs"))
+        ca = CertificateAuthority(os.path.join(self.workdir, "relay-ca"))
+        cert = ca.issue("relay", hosts=["127.0.0.1", "localhost"])
+        work = os.path.join(self.workdir, "relay-mem")
+        os.makedirs(work, exist_ok=True)
+        rp = bench_relay.RelayProcess(work, cert, pairs)
+        try:
+            res = bench_relay.idle_pairs(rp.port, ca.cert_file, pairs, rp.proc.pid)
+        finally:
+            rp.stop()
+        self.results.setdefault("memory", {})["relay"] = res
+        say("  relay RSS %.1f MiB empty, %.1f MiB with %d paired idle sessions (%.1f KiB each)"
+            % (res["rss_before_mib"], res["rss_after_traffic_mib"], pairs,
+               res["per_session_kib"]))
+
+    # ------------------------------------------------------------------ profile
+    def profile(self, directory: str) -> None:
+        from benchmarks import suite_profile
+
+        os.makedirs(directory, exist_ok=True)
+        pids = {"agent": self.agent_pid, "relay": self.relay_proc.pid,
+                "console": self.forward_proc.pid}
+        seconds = max(4, int(self.opt("seconds")))
+        out: Dict[str, Any] = {}
+        for direction in ("up", "down"):
+            rec = suite_profile.start(pids, directory, direction, seconds)
+            gevent.sleep(0.5)
+            gbit = self.iperf(self.ports["tunnel"], reverse=direction == "down",
+                              seconds=seconds)
+            out[direction] = {"gbit_s_while_profiled": gbit,
+                              "processes": suite_profile.finish(rec)}
+        self.results["profile"] = out
+        say(suite_profile.report(out))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _verdict(ok: bool, miss: str) -> str:
+    return "met" if ok else "MISSED: %s" % miss
+
+
+def targets(r: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Each issue-6 target next to its figure: met, or missed by how much."""
+    rows: List[Dict[str, Any]] = []
+
+    def add(name: str, value: float, target: str, ok: bool, miss: str) -> None:
+        rows.append({"target": name, "value": value, "goal": target,
+                     "verdict": _verdict(ok, miss)})
+
+    tp = r.get("throughput")
+    if tp:
+        for d in ("up", "down"):
+            rev = tp[d]["ratio_tunnel_vs"]["ssh_reverse"]
+            add("throughput %s ours/OpenSSH reverse" % d, rev, ">= %.1fx" % TARGET_RATIO_REVERSE,
+                rev >= TARGET_RATIO_REVERSE, "%.0f%% short" % (100 * (1 - rev /
+                                                                   TARGET_RATIO_REVERSE)))
+            one = tp[d]["ratio_tunnel_vs"]["ssh_L"]
+            add("throughput %s ours/ssh -L" % d, one, ">= %.1fx" % TARGET_RATIO_SSH_L,
+                one >= TARGET_RATIO_SSH_L, "%.0f%% short" % (100 * (1 - one / TARGET_RATIO_SSH_L)))
+    setup = r.get("session_setup_ms", {})
+    if "warm" in setup:
+        w = setup["warm"]["first_byte_p50"]
+        add("warm session set-up p50 (ms)", w, "<= %.0f ms" % TARGET_WARM_P50_MS,
+            w <= TARGET_WARM_P50_MS, "%.1f ms over (%.1fx)" % (w - TARGET_WARM_P50_MS,
+                                                            w / TARGET_WARM_P50_MS))
+    if "cold" in setup:
+        c = setup["cold"]
+        ratio = c["stdio_first_byte_p50"] / c["ssh_true_p50"]
+        add("cold stdio p50 / fresh ssh p50", ratio, "<= %.1fx" % TARGET_COLD_VS_SSH,
+            ratio <= TARGET_COLD_VS_SSH, "%.0f ms over ssh's %.0f ms" % (
+                c["stdio_first_byte_p50"] - c["ssh_true_p50"], c["ssh_true_p50"]))
+    lat = r.get("latency_ms")
+    if lat:
+        a = lat["tunnel"]["added_p50"]
+        add("added RTT p50 (ms)", a, "<= %.2f ms" % TARGET_ADDED_RTT_MS,
+            a <= TARGET_ADDED_RTT_MS, "%.3f ms over" % (a - TARGET_ADDED_RTT_MS))
+    mem = r.get("memory", {})
+    if "agent_idle_mib" in mem:
+        i = mem["agent_idle_mib"]
+        add("agent RSS idle (MiB)", i, "<= 40 MB (%.1f MiB)" % TARGET_AGENT_IDLE_MIB,
+            i <= TARGET_AGENT_IDLE_MIB, "%.1f MiB over" % (i - TARGET_AGENT_IDLE_MIB))
+    if "sessions_many" in mem:
+        s = mem["sessions_many"]["per_session_kib"]
+        add("agent RSS per open session (KiB, %d sessions)" % mem["sessions_many"]["opened"],
+            s, "<= %.0f KiB" % TARGET_PER_SESSION_KIB, s <= TARGET_PER_SESSION_KIB,
+            "%.0f KiB over" % (s - TARGET_PER_SESSION_KIB))
+    if "relay" in mem:
+        rel = mem["relay"]["rss_after_traffic_mib"]
+        n = mem["relay"]["pairs"]
+        limit = TARGET_RELAY_MIB * n / 5000.0  # the target is for 5000 sessions
+        add("relay RSS with %d paired sessions (MiB)" % n, rel, "<= %.0f MiB" % limit,
+            rel <= limit, "%.0f MiB over" % (rel - limit))
+    return rows
+
+
+def table(r: Dict[str, Any]) -> str:
+    lines: List[str] = []
+
+    def row(section: str, metric: str, value: str) -> None:
+        lines.append("| %s | %s | %s |" % (section, metric, value))
+
+    lines.append("| section | figure | value |")
+    lines.append("|---|---|---|")
+    tp = r.get("throughput")
+    if tp:
+        for d in ("up", "down"):
+            g = tp[d]["gbit_s"]
+            for name in ("direct", "tunnel", "ssh_L", "ssh_reverse"):
+                row("1 throughput %s" % d, name, "%.2f Gbit/s" % g[name])
+            ratios = tp[d]["ratio_tunnel_vs"]
+            row("1 throughput %s" % d, "ratio ours/direct, /ssh -L, /reverse",
+                "%.2f / %.2f / %.2f" % (ratios["direct"], ratios["ssh_L"], ratios["ssh_reverse"]))
+    ms = r.get("many_streams")
+    if ms:
+        for n in ms["streams"]:
+            row("2 many streams", "%d streams, ours / OpenSSH reverse" % n, "%.2f / %.2f Gbit/s"
+                % (ms["tunnel_gbit_s"][str(n)], ms["ssh_reverse_gbit_s"][str(n)]))
+    setup = r.get("session_setup_ms", {})
+    if "warm" in setup:
+        w = setup["warm"]
+        row("3 session set-up", "warm, request → first byte p50 / p99 (%d runs)" % w["runs"],
+            "%.1f / %.1f ms" % (w["first_byte_p50"], w["first_byte_p99"]))
+        row("3 session set-up", "warm, request → tunnel up p50 / p99",
+            "%.1f / %.1f ms" % (w["tunnel_up_p50"], w["tunnel_up_p99"]))
+    if "cold" in setup:
+        c = setup["cold"]
+        row("3 session set-up", "cold `stdio` launch → first byte p50 / p99 (%d runs)"
+            % c["runs"], "%.0f / %.0f ms" % (c["stdio_first_byte_p50"],
+                                             c["stdio_first_byte_p99"]))
+        row("3 session set-up", "fresh `ssh … true` p50 / p99",
+            "%.0f / %.0f ms" % (c["ssh_true_p50"], c["ssh_true_p99"]))
+        row("3 session set-up", "`remote-gevent-console --version` p50 (start-up floor)",
+            "%.0f ms" % c["console_version_p50"])
+    lat = r.get("latency_ms")
+    if lat:
+        for name in ("direct", "tunnel", "ssh_L", "ssh_reverse"):
+            extra = ""
+            if name != "direct":
+                extra = " (added %.3f / %.3f)" % (lat[name]["added_p50"], lat[name]["added_p99"])
+            row("4 1-byte RTT", "%s p50 / p99" % name,
+                "%.3f / %.3f ms%s" % (lat[name]["p50"], lat[name]["p99"], extra))
+    mem = r.get("memory", {})
+    if "agent_idle_mib" in mem:
+        row("5 memory", "agent RSS idle (fresh)", "%.1f MiB" % mem["agent_idle_mib"])
+    for key in ("sessions_10", "sessions_many"):
+        if key in mem:
+            m = mem[key]
+            row("5 memory", "agent RSS with %d open sessions" % m["opened"],
+                "%.1f MiB (from %.1f; %.1f KiB/session; %d fds)" % (
+                    m["agent_rss_mib"], m["agent_rss_before_mib"], m["per_session_kib"],
+                    m["agent_fds"]))
+    if "relay" in mem:
+        m = mem["relay"]
+        row("5 memory", "relay RSS with %d paired idle sessions" % m["pairs"],
+            "%.1f MiB (empty %.1f; %.1f KiB/session)" % (
+                m["rss_after_traffic_mib"], m["rss_before_mib"], m["per_session_kib"]))
+    cp = r.get("control_plane")
+    if cp:
+        for key, label in (("refuse", "refusals (target not permitted)"),
+                           ("accept_close", "accepts (+ close)")):
+            c = cp[key]
+            row("6 control plane", label, "%.0f req/s (%.0f per agent CPU-s; %s)"
+                % (c["per_s"], c["per_agent_cpu_s"], ", ".join(
+                    "%s %d" % kv for kv in sorted(c["outcomes"].items()))))
+    out = "\n".join(lines)
+    rows = targets(r)
+    if rows:
+        out += "\n\n| target (issue 6) | figure | goal | verdict |\n|---|---|---|---|\n"
+        out += "\n".join("| %s | %.3g | %s | %s |" % (t["target"], t["value"], t["goal"],
+                                                     t["verdict"]) for t in rows)
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+SECTIONS: List[Tuple[str, str, Callable[[Bench], None]]] = [
+    ("throughput", "1. throughput, one stream each way", Bench.throughput),
+    ("many_streams", "2. many streams in one session", Bench.many_streams),
+    ("latency", "4. added latency (1-byte round trips)", Bench.latency),
+    ("warm", "3a. warm session set-up", Bench.warm_setup),
+    ("cold", "3b. cold session set-up", Bench.cold_setup),
+    ("control_plane", "6. control plane", Bench.control_plane),
+    ("memory", "5. memory: agent with open sessions", Bench.memory),
+    ("relay_memory", "5. memory: relay with paired idle sessions", Bench.relay_memory),
+]
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short CI smoke (tiny sizes, 1 run)")
+    p.add_argument("--out", default="benchmark-results.json", help="JSON file to write")
+    p.add_argument("--only", help="comma-separated sections: %s"
+                   % ",".join(s[0] for s in SECTIONS))
+    p.add_argument("--profile", metavar="DIR",
+                   help="also record py-spy profiles of agent, relay and console during a "
+                        "tunnel iperf3 run each way (raw stacks in DIR)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    for name, (full, quick) in PRESETS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                       help="default %s (--quick: %s)" % (full, quick))
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    main_greenlet = gevent.getcurrent()
+
+    def on_term() -> None:
+        main_greenlet.throw(SystemExit(128 + signal.SIGTERM))
+
+    gevent.signal_handler(signal.SIGTERM, on_term)
+    only = set(args.only.split(",")) if args.only else None
+    started = time.monotonic()
+    bench = Bench(args)
+    results = bench.results
+    results["machine"] = machine()
+    results["mode"] = "quick" if args.quick else "full"
+    results["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        say("bringing up platform, sshd, bastion, iperf3 servers (workdir %s)" % bench.workdir)
+        bench.start()
+        from remote_gevent import tunnel_crypto
+
+        results["machine"]["tunnel_cipher"] = tunnel_crypto.choose_cipher(bench.cfg.cipher)
+        results["machine"]["ssh_cipher"] = bench.sshd.negotiated_cipher()
+        gevent.sleep(2.0)
+        results.setdefault("memory", {})["agent_idle_mib"] = bench.agent_mem()[0]
+        for key, title, fn in SECTIONS:
+            if only is not None and key not in only:
+                continue
+            say("== %s" % title)
+            t0 = time.monotonic()
+            fn(bench)
+            results.setdefault("section_seconds", {})[key] = round(time.monotonic() - t0, 1)
+        if args.profile:
+            say("== profile (py-spy) of the throughput path")
+            bench.profile(args.profile)
+    finally:
+        say("tearing down")
+        bench.close()
+    results["total_seconds"] = round(time.monotonic() - started, 1)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    say("")
+    say("machine: %s" % ", ".join("%s=%s" % kv for kv in sorted(results["machine"].items())))
+    say(table(results))
+    say("\nJSON written to %s (%.0f s in all)" % (args.out, results["total_seconds"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""py-spy profiles of the throughput path (``benchmarks/run.py --profile DIR``).
+
+While one iperf3 run goes through our tunnel, ``py-spy record --format raw`` samples the
+agent, the relay and the ``forward`` console at 100 Hz (``--nonblocking``: the process is
+not paused, so the figure measured at the same time stays meaningful). The raw files
+(collapsed stacks, one ``frame;frame;… count`` per line) stay in DIR for flame graphs
+(``flamegraph.pl`` or speedscope); here we summarise where the *active* samples go (py-spy
+drops samples of a thread waiting in the kernel, so idle time is not counted): the
+share of samples whose innermost Python frame is each function ("self") and the share
+that pass through each function anywhere on the stack ("total").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from typing import Any, Dict, List, Tuple
+
+RATE = 100
+TOP = 12
+
+
+def start(pids: Dict[str, int], directory: str, label: str, seconds: int
+          ) -> List[Tuple[str, str, subprocess.Popen]]:
+    recs = []
+    for name, pid in pids.items():
+        path = os.path.join(directory, "%s-%s.txt" % (name, label))
+        proc = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(seconds),
+                                 "-r", str(RATE), "-f", "raw", "--nonblocking", "-o", path],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        recs.append((name, path, proc))
+    return recs
+
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def _short(frame: str) -> str:
+    """``func (path/to/remote_gevent/mux.py:123)`` → ``mux.py:func``."""
+    m = _FRAME.match(frame.strip())
+    if not m:
+        return frame.strip()
+    return "%s:%s" % (os.path.basename(m.group("file")), m.group("func"))
+
+
+def summarise(path: str, seconds: int) -> Dict[str, Any]:
+    self_counts: Dict[str, int] = {}
+    total_counts: Dict[str, int] = {}
+    samples = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                stack, _, count = line.rstrip("\n").rpartition(" ")
+                if not stack or not count.isdigit():
+                    continue
+                n = int(count)
+                samples += n
+                frames = [_short(fr) for fr in stack.split(";") if fr]
+                frames = [fr for fr in frames if not fr.startswith("process ")
+                          and not fr.startswith("thread ")]
+                if not frames:
+                    continue
+                self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + n
+                for fr in set(frames):
+                    total_counts[fr] = total_counts.get(fr, 0) + n
+    except OSError:
+        return {"samples": 0, "error": "no profile written"}
+
+    def top(counts: Dict[str, int]) -> List[Tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:TOP]
+        return [(k, round(100.0 * v / max(samples, 1), 1)) for k, v in ranked]
+
+    return {"samples": samples, "busy_pct": round(100.0 * samples / (seconds * RATE), 1),
+            "self_pct": top(self_counts), "total_pct": top(total_counts), "raw": path}
+
+
+def finish(recs: List[Tuple[str, str, subprocess.Popen]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for name, path, proc in recs:
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        m = re.search(r"-d (\d+)", " ".join(proc.args))
+        seconds = int(m.group(1)) if m else 1
+        out[name] = summarise(path, seconds)
+        if proc.returncode:
+            out[name]["py_spy_error"] = (err or b"").decode("utf-8", "replace")[-300:]
+    return out
+
+
+def report(result: Dict[str, Any]) -> str:
+    lines = []
+    for direction, data in result.items():
+        lines.append("-- %s: %.2f Gbit/s while profiled" % (direction,
+                                                           data["gbit_s_while_profiled"]))
+        for name, prof in data["processes"].items():
+            lines.append("  %s: %s samples, busy %s%% of one core"
+                         % (name, prof.get("samples"), prof.get("busy_pct")))
+            for fn, pct in prof.get("self_pct", [])[:8]:
+                lines.append("      self %5.1f%%  %s" % (pct, fn))
+    return "\n".join(lines)
