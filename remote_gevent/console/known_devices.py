@@ -222,7 +222,8 @@ class KnownDevices:
                 cur = current.public_raw32
                 if expect_raw is None or not hmac.compare_digest(cur, expect_raw):
                     raise KeyChanged(pin.device_id, current.fingerprint, pin.fingerprint,
-                                     "pinned by another console meanwhile")
+                                     "already pinned" if expect_raw is None
+                                     else "pinned by another console meanwhile")
             out: List[str] = []
             done = False
             for line in lines:
@@ -247,8 +248,7 @@ class KnownDevices:
         (else :class:`KeyChanged`)."""
         pin = Pin(server_id, ident, bytes(public_raw32),
                   (("pinned", str(int(time.time() if now is None else now))), ("via", via)))
-        current = self.get(server_id, ident)
-        return self._put(pin, current.public_raw32 if current else None, replace)
+        return self._put(pin, None, replace)
 
     def forget(self, server_id: str, ident: str) -> bool:
         did = device_id(server_id, ident)

@@ -182,6 +182,8 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
             dial.kill(block=True, timeout=2.0)
         if not handed:
             early = dial.value if dial is not None and dial.successful() else None
+            if not isinstance(early, tuple):  # a killed greenlet's value is GreenletExit
+                early = None
             for candidate in (sock, early[0] if early else None):
                 if candidate is not None:
                     try:
