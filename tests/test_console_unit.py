@@ -283,7 +283,10 @@ def handshake(request: bytes, greeting: bytes = b"\x05\x01\x00"):
         server.close()
         data = b""
         while True:
-            chunk = client.recv(100)
+            try:
+                chunk = client.recv(100)
+            except ConnectionResetError:  # we closed with unread request bytes
+                break
             if not chunk:
                 break
             data += chunk
