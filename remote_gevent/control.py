@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 EXCHANGE_DOWN = "remote.down"
 EXCHANGE_UP = "remote.up"
+EXCHANGE_REPLY = "remote.reply"  # replies, routed by the console's reply queue name
 #: ``<topic>.cmd`` arguments (docs/protocol.md §1): unused 1 day → deleted; a request
 #: older than 2 min is useless; a flood is refused at the broker (publisher nacked).
 CMD_QUEUE_ARGS = {"x-expires": 86400000, "x-message-ttl": 120000, "x-max-length": 100,
@@ -67,6 +68,12 @@ EVENT_WAIT = 2.0  # s an event alive (key_rotated, stopping) waits for the link
 CONNECT_POLL = 1.0  # s slices of the heartbeat's wait for the first connection
 HEARTBEAT_SLICE = 1.0  # s: the heartbeat re-reads health_check at least this often
 RECENT_MAX = 1000  # submitted session ids remembered to drop broker redeliveries
+#: Refusals of ``check_session_request`` that come *after* the signature, time window
+#: and replay checks: the request is a trusted operator's, fresh and seen once, so its
+#: refusal gets a history row (close code ``refused``). Earlier refusals (malformed,
+#: wrong device, unknown operator, bad signature, expired, replayed, rate limited) are
+#: only logged: anyone can send those, and a replay could repeat one without end.
+RECORDED_REFUSALS = (Reason.TARGET_NOT_PERMITTED,)
 
 _SID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 _CORRELATION_RE = re.compile(r"^[\x21-\x7e]{1,200}\Z")
@@ -191,7 +198,7 @@ class ControlPlane:
     def _setup(self, link: AmqpLink) -> None:
         """Topology, consumer and key publication; runs on every (re)connect."""
         vhost = link.url.vhost if link.url is not None else "?"
-        for exchange in (EXCHANGE_DOWN, EXCHANGE_UP):
+        for exchange in (EXCHANGE_DOWN, EXCHANGE_UP, EXCHANGE_REPLY):
             try:
                 link.declare_exchange(exchange, passive=True)
             except NotFound:
@@ -281,7 +288,7 @@ class ControlPlane:
     def _reply(self, reply_to: str, correlation_id: str, raw: bytes, what: str) -> bool:
         wait = 0.0 if self._in_link_greenlet() else REPLY_WAIT
         try:
-            return self.link.publish("", reply_to, raw, correlation_id=correlation_id,
+            return self.link.publish(EXCHANGE_REPLY, reply_to, raw, correlation_id=correlation_id,
                                      expiration=REPLY_EXPIRATION_MS, delivery_mode=1,
                                      wait=wait)
         except NotConnected as exc:
@@ -370,13 +377,21 @@ class ControlPlane:
                      sid)
             self.link.ack(message)
             return
-        if self._stopping or self.tunnels is None:
+        if self.tunnels is None:
             raise Refused(Reason.SHUTTING_DOWN, "agent is stopping")
         self._require_reply_to(message)
         cfg = self.agent.cfg
-        request = protocol.check_session_request(
-            raw, cfg.ident, cfg.remote.server_id, self.trusted_keys(), device_allow(cfg),
-            self.replay)
+        try:
+            request = protocol.check_session_request(
+                raw, cfg.ident, cfg.remote.server_id, self.trusted_keys(), device_allow(cfg),
+                self.replay)
+        except Refused as exc:
+            if exc.reason in RECORDED_REFUSALS:
+                self._record_refusal(raw, exc.reason, exc.detail)
+            raise
+        if self._stopping:  # checked after trust: a trusted request's refusal is recorded
+            self._record_refusal(raw, Reason.SHUTTING_DOWN, "")
+            raise Refused(Reason.SHUTTING_DOWN, "agent is stopping")
         sid = request.session_id
         self._recent[sid] = None
         while len(self._recent) > RECENT_MAX:
@@ -387,6 +402,23 @@ class ControlPlane:
         self.tunnels.submit(request, self.make_reply(message, sid))
         self.counters["sessions"] += 1
         self.link.ack(message)
+
+    def _record_refusal(self, raw: bytes, refusal: str, detail: str) -> None:
+        """History row (via the tunnel manager) for a trusted, fresh request refused here.
+
+        Only for requests that passed checks 1-6 of docs/protocol.md §4 (see
+        RECORDED_REFUSALS); everything else is only logged. Never raises."""
+        record = getattr(self.tunnels, "record_refusal", None)
+        if record is None:
+            return
+        try:
+            body = protocol.decode(raw).body  # validated already: cannot fail here
+            text = REFUSE_TEXT.get(refusal, refusal)
+            if refusal == Reason.TARGET_NOT_PERMITTED:
+                text = _targets_text(detail) or text
+            record(body["session_id"], body["operator"], body["targets"], refusal, text)
+        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+            log.error("cannot record refused request in history: %s", exc)
 
     def _handle_close(self, message: amqp.Message, raw: bytes) -> None:
         msg = protocol.decode(raw)

@@ -69,6 +69,11 @@ class RabbitFixture:
         self.node.add_operator(self.vhost, user, password)
         return Operator(user, password, self.amqps_url(), self.ca_file)
 
+    def admin(self) -> Operator:
+        """The node's administrator: for tests of link mechanics, not of permissions."""
+        return Operator(self.node.admin_user, self.node.admin_password, self.amqps_url(),
+                        self.ca_file)
+
     def link(self, who: Any, **kwargs: Any):
         """An AmqpLink for a Device or an Operator (not started)."""
         from remote_gevent.amqplink import AmqpLink

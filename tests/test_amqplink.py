@@ -70,6 +70,7 @@ class Replier:
 
     def setup(self, link):
         self.queue = link.declare_queue("", durable=False, exclusive=True, auto_delete=True)
+        link.bind(self.queue, "remote.reply", self.queue)
         link.consume(self.queue, self.on_reply, exclusive=True)
 
     def on_reply(self, msg):
@@ -83,7 +84,7 @@ def echo_responder(link_holder):
     """Device side: answer each request to its reply_to with the same body."""
     def on_request(msg):
         link = link_holder[0]
-        link.publish("", msg.properties["reply_to"], msg.body,
+        link.publish("remote.reply", msg.properties["reply_to"], msg.body,
                      correlation_id=msg.properties["correlation_id"], expiration=60000,
                      delivery_mode=1)
         link.ack(msg)
@@ -271,7 +272,7 @@ def test_publish_consume_round_trip_over_tls(rabbit, device, operator):
 
 
 def test_publish_when_down_raises_or_uses_outbox(rabbit, device):
-    link = rabbit.link(device)
+    link = rabbit.link(rabbit.admin())  # link mechanics: the queue is addressed by name
     with pytest.raises(NotConnected):
         link.publish("", device.topic + ".box", b"{}")
     t0 = time.monotonic()
@@ -305,7 +306,7 @@ def test_callback_error_rejects_message_and_keeps_consuming(rabbit, device, capl
         link.ack(msg)
         done.set()
 
-    link = rabbit.link(device)
+    link = rabbit.link(rabbit.admin())  # link mechanics: the queue is addressed by name
     g = start(link, device_setup(device, on_msg, queue_suffix="poison", bind=False))
     try:
         with caplog.at_level(logging.ERROR):
@@ -357,6 +358,12 @@ def test_device_cannot_touch_another_devices_topic(rabbit):
     assert "ACCESS_REFUSED" in str(err)
     # publishing where only the platform may (remote.down)
     _denied(rabbit, a, lambda link: link.publish("remote.down", a.topic + ".session", b"{}"))
+    # pushing straight into B's command queue by name, through the default exchange
+    err = _denied(rabbit, a, lambda link: link.publish("", b.topic + ".cmd", b"{}"))
+    assert "ACCESS_REFUSED" in str(err) and "amq.default" in str(err)
+    # ... or through the reply exchange: devices may only address consoles' reply queues
+    err = _denied(rabbit, a, lambda link: link.publish("remote.reply", b.topic + ".cmd", b"{}"))
+    assert "ACCESS_REFUSED" in str(err)
 
     # ... while A's own topic works: no error within a drain window.
     link = rabbit.link(a)
@@ -466,7 +473,7 @@ def test_concurrent_publishers_do_not_corrupt_frames(rabbit, device):
         if len(received) == total:
             done.set()
 
-    link = rabbit.link(device, prefetch=200)
+    link = rabbit.link(rabbit.admin(), prefetch=200)  # queue addressed by name
     g = start(link, device_setup(device, on_msg, queue_suffix="bulk", bind=False))
 
     def publisher(n):

@@ -91,6 +91,7 @@ class Console:
     def setup(self, link):
         self.reply_queue = link.declare_queue("", durable=False, exclusive=True,
                                               auto_delete=True)
+        link.bind(self.reply_queue, "remote.reply", self.reply_queue)
         link.consume(self.reply_queue, self._on_reply, exclusive=True)
         watch = link.declare_queue("", durable=False, exclusive=True, auto_delete=True)
         for kind in self.up:

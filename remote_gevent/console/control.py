@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 EXCHANGE_DOWN = "remote.down"
 EXCHANGE_UP = "remote.up"
+EXCHANGE_REPLY = "remote.reply"  # devices answer here, keyed by our reply queue name
 REPLY_QUEUE_EXPIRES_MS = 600000
 STATUS_QUEUE_EXPIRES_MS = 30 * 86400 * 1000
 UP_KINDS = ("alive", "key", "close")
@@ -359,6 +360,7 @@ class ConsoleControl:
             self.reply_queue = link.declare_queue(
                 "", durable=False, exclusive=True, auto_delete=True,
                 arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS})
+            link.bind(self.reply_queue, EXCHANGE_REPLY, self.reply_queue)
             link.consume(self.reply_queue, self._on_reply, exclusive=True)
             self._declare_status_queue(link)
             if self.consume_status:

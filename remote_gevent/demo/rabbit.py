@@ -62,7 +62,10 @@ STOP_TIMEOUT = 15.0
 CTL_TIMEOUT = 60.0
 POLL_INTERVAL = 0.1
 
-EXCHANGES = ("remote.down", "remote.up")
+# remote.reply carries replies to consoles' server-named reply queues: devices may
+# publish there (to amq.gen-* keys only) and nowhere else by queue name. Giving devices
+# the default exchange instead would let one device fill another's command queue.
+EXCHANGES = ("remote.down", "remote.up", "remote.reply")
 IDENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 USER_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
@@ -125,11 +128,12 @@ def device_permissions(server_id: str, ident: str) -> Dict[str, object]:
     t = _escape(device_topic(server_id, ident))
     return {
         "configure": r"^%s\." % t,
-        "write": r"^(remote\.up|amq\.default|%s\..*)$" % t,
+        "write": r"^(remote\.up|remote\.reply|%s\..*)$" % t,
         "read": r"^(remote\.down|%s\..*)$" % t,
         "topic": [
             {"exchange": "remote.up", "write": r"^%s\." % t, "read": "^$"},
             {"exchange": "remote.down", "write": "^$", "read": r"^%s\." % t},
+            {"exchange": "remote.reply", "write": r"^amq\.gen-", "read": "^$"},
         ],
     }
 
@@ -139,11 +143,12 @@ def operator_permissions(user: str) -> Dict[str, object]:
     own = r"console\.%s\..*" % _escape(user)
     return {
         "configure": r"^(amq\.gen-.*|%s)$" % own,
-        "write": r"^(remote\.down|amq\.default|amq\.gen-.*|%s)$" % own,
-        "read": r"^(remote\.up|amq\.gen-.*|%s)$" % own,
+        "write": r"^(remote\.down|amq\.gen-.*|%s)$" % own,
+        "read": r"^(remote\.up|remote\.reply|amq\.gen-.*|%s)$" % own,
         "topic": [
             {"exchange": "remote.down", "write": r"^remote\.", "read": "^$"},
             {"exchange": "remote.up", "write": "^$", "read": r"^remote\."},
+            {"exchange": "remote.reply", "write": "^$", "read": r"^amq\.gen-"},
         ],
     }
 
@@ -464,7 +469,7 @@ class RabbitNode:
         self.ctl("import_definitions", "--format", "json", input=json.dumps(body))
 
     def declare_platform(self, vhost: str = "/") -> None:
-        """Create ``vhost`` and the durable topic exchanges ``remote.down`` and ``remote.up``."""
+        """Create ``vhost`` and the durable topic exchanges ``remote.down``/``.up``/``.reply``."""
         self.import_definitions({
             "vhosts": [{"name": vhost}],
             "permissions": [{"user": self.admin_user, "vhost": vhost, "configure": ".*",
