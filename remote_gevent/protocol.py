@@ -651,6 +651,53 @@ class SessionRequest:
         return is_target_allowed(target, self.effective, ())
 
 
+def _check_operator_request(msg: Any, msg_type: str, id_field: str, label: str,
+                            device: str, server_id: str, trusted: AuthorizedKeys,
+                            replay_cache: ReplayCache, now: Optional[float]
+                            ) -> Tuple[Message, OperatorKey, str]:
+    """The trust checks shared by every operator-signed request, in their fixed order:
+    schema, signer = operator, device, operator trusted, signature, time window, replay.
+
+    Cheap checks come first and the replay cache is only touched by validly signed,
+    current requests, so strangers cannot fill it. Returns (message, operator, id).
+    """
+    if now is None:
+        now = time.time()
+    try:
+        if not isinstance(msg, Message):
+            msg = decode(msg)
+        if msg.type != msg_type:
+            raise ProtocolError(Reason.MALFORMED, "expected %s, got %s" % (msg_type, msg.type))
+        if msg.signer != msg.body["operator"]:
+            raise ProtocolError(Reason.MALFORMED, "envelope signer differs from body.operator")
+    except Refused:
+        raise
+    except ProtocolError as exc:
+        raise Refused(exc.reason, exc.detail) from None
+    b = msg.body
+    rid = b[id_field]
+    if b["device"] != device or b["server_id"] != server_id:
+        raise Refused(Reason.WRONG_DEVICE, "%s %s is for %s/%s, we are %s/%s"
+                      % (label, rid, b["server_id"], b["device"], server_id, device))
+    op = trusted.get(b["operator"])
+    if op is None:
+        raise Refused(Reason.UNKNOWN_OPERATOR, "%s %s: operator %s not trusted"
+                      % (label, rid, b["operator"]))
+    if not _verify_raw(op.public_raw32, msg.signed_bytes(), msg.sig or b""):
+        raise Refused(Reason.BAD_SIGNATURE, "%s %s: signature by %s does not verify"
+                      % (label, rid, op.fingerprint))
+    iat, exp = b["iat"], b["exp"]
+    if iat > now + CLOCK_SKEW:
+        raise Refused(Reason.EXPIRED, "%s %s: issued %ds in the future" % (label, rid, iat - now))
+    if exp < iat or exp - iat > MAX_SESSION_LIFETIME:
+        raise Refused(Reason.EXPIRED, "%s %s: lifetime %ds outside [0, %d]"
+                      % (label, rid, exp - iat, MAX_SESSION_LIFETIME))
+    if exp + CLOCK_SKEW < now:
+        raise Refused(Reason.EXPIRED, "%s %s: expired %ds ago" % (label, rid, now - exp))
+    replay_cache.check_and_add(rid, exp, now)
+    return msg, op, rid
+
+
 def check_session_request(
     msg: Any,
     device: str,
@@ -672,40 +719,10 @@ def check_session_request(
     cache is only touched by validly signed, current requests, so strangers
     cannot fill it.
     """
-    if now is None:
-        now = time.time()
-    try:
-        if not isinstance(msg, Message):
-            msg = decode(msg)
-        if msg.type != MsgType.SESSION_REQUEST:
-            raise ProtocolError(Reason.MALFORMED, "expected session.request, got %s" % msg.type)
-        if msg.signer != msg.body["operator"]:
-            raise ProtocolError(Reason.MALFORMED, "envelope signer differs from body.operator")
-    except Refused:
-        raise
-    except ProtocolError as exc:
-        raise Refused(exc.reason, exc.detail) from None
+    msg, op, sid = _check_operator_request(msg, MsgType.SESSION_REQUEST, "session_id",
+                                           "session", device, server_id, trusted,
+                                           replay_cache, now)
     b = msg.body
-    sid = b["session_id"]
-    if b["device"] != device or b["server_id"] != server_id:
-        raise Refused(Reason.WRONG_DEVICE, "session %s is for %s/%s, we are %s/%s"
-                      % (sid, b["server_id"], b["device"], server_id, device))
-    op = trusted.get(b["operator"])
-    if op is None:
-        raise Refused(Reason.UNKNOWN_OPERATOR, "session %s: operator %s not trusted"
-                      % (sid, b["operator"]))
-    if not _verify_raw(op.public_raw32, msg.signed_bytes(), msg.sig or b""):
-        raise Refused(Reason.BAD_SIGNATURE, "session %s: signature by %s does not verify"
-                      % (sid, op.fingerprint))
-    iat, exp = b["iat"], b["exp"]
-    if iat > now + CLOCK_SKEW:
-        raise Refused(Reason.EXPIRED, "session %s: issued %ds in the future" % (sid, iat - now))
-    if exp < iat or exp - iat > MAX_SESSION_LIFETIME:
-        raise Refused(Reason.EXPIRED, "session %s: lifetime %ds outside [0, %d]"
-                      % (sid, exp - iat, MAX_SESSION_LIFETIME))
-    if exp + CLOCK_SKEW < now:
-        raise Refused(Reason.EXPIRED, "session %s: expired %ds ago" % (sid, now - exp))
-    replay_cache.check_and_add(sid, exp, now)
     effective, refused = effective_targets(b["targets"], allow, op.permitopen)
     if refused:
         raise Refused(Reason.TARGET_NOT_PERMITTED, "session %s: %s not permitted for %s"
@@ -714,7 +731,8 @@ def check_session_request(
         session_id=sid, operator=op, epk=base64.b64decode(b["epk"]),
         ticket=base64.b64decode(b["ticket"]), relay=b["relay"],
         targets=tuple(TargetPattern.parse(t) for t in b["targets"]),
-        effective=tuple(effective), iat=iat, exp=exp, cipher=b["cipher"], message=msg,
+        effective=tuple(effective), iat=b["iat"], exp=b["exp"], cipher=b["cipher"],
+        message=msg,
     )
 
 
@@ -922,41 +940,10 @@ def check_status_request(msg: Any, device: str, server_id: str, trusted: Authori
     session list names operators and targets, so only a trusted operator may
     read it, and a captured request cannot be replayed to keep polling.
     """
-    if now is None:
-        now = time.time()
-    try:
-        if not isinstance(msg, Message):
-            msg = decode(msg)
-        if msg.type != MsgType.STATUS_REQUEST:
-            raise ProtocolError(Reason.MALFORMED, "expected status.request, got %s" % msg.type)
-        if msg.signer != msg.body["operator"]:
-            raise ProtocolError(Reason.MALFORMED, "envelope signer differs from body.operator")
-    except Refused:
-        raise
-    except ProtocolError as exc:
-        raise Refused(exc.reason, exc.detail) from None
-    b = msg.body
-    rid = b["request_id"]
-    if b["device"] != device or b["server_id"] != server_id:
-        raise Refused(Reason.WRONG_DEVICE, "status %s is for %s/%s, we are %s/%s"
-                      % (rid, b["server_id"], b["device"], server_id, device))
-    op = trusted.get(b["operator"])
-    if op is None:
-        raise Refused(Reason.UNKNOWN_OPERATOR, "status %s: operator %s not trusted"
-                      % (rid, b["operator"]))
-    if not _verify_raw(op.public_raw32, msg.signed_bytes(), msg.sig or b""):
-        raise Refused(Reason.BAD_SIGNATURE, "status %s: signature by %s does not verify"
-                      % (rid, op.fingerprint))
-    iat, exp = b["iat"], b["exp"]
-    if iat > now + CLOCK_SKEW:
-        raise Refused(Reason.EXPIRED, "status %s: issued %ds in the future" % (rid, iat - now))
-    if exp < iat or exp - iat > MAX_SESSION_LIFETIME:
-        raise Refused(Reason.EXPIRED, "status %s: lifetime %ds outside [0, %d]"
-                      % (rid, exp - iat, MAX_SESSION_LIFETIME))
-    if exp + CLOCK_SKEW < now:
-        raise Refused(Reason.EXPIRED, "status %s: expired %ds ago" % (rid, now - exp))
-    replay_cache.check_and_add(rid, exp, now)
-    return StatusRequest(rid, op, iat, exp, msg)
+    msg, op, rid = _check_operator_request(msg, MsgType.STATUS_REQUEST, "request_id",
+                                           "status", device, server_id, trusted,
+                                           replay_cache, now)
+    return StatusRequest(rid, op, msg.body["iat"], msg.body["exp"], msg)
 
 
 def make_status(identity: Any, request_id: str, ident: str, server_id: str, version: str,
