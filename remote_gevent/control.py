@@ -64,10 +64,11 @@ PREFETCH = 10
 REPLY_EXPIRATION_MS = 60000
 UP_EXPIRATION_MS = 600000  # key, close
 REPLY_WAIT = 2.0  # s a reply from a session greenlet waits for a reconnecting link
-EVENT_WAIT = 2.0  # s an event alive (key_rotated, stopping) waits for the link
+EVENT_WAIT = 2.0  # s the "started" alive waits for the link
 CONNECT_POLL = 1.0  # s slices of the heartbeat's wait for the first connection
 HEARTBEAT_SLICE = 1.0  # s: the heartbeat re-reads health_check at least this often
 RECENT_MAX = 1000  # submitted session ids remembered to drop broker redeliveries
+REPLY_TO_PREFIX = "amq.gen-"  # consoles' server-named reply queues (docs/protocol.md §1)
 #: Refusals of ``check_session_request`` that come *after* the signature, time window
 #: and replay checks: the request is a trusted operator's, fresh and seen once, so its
 #: refusal gets a history row (close code ``refused``). Earlier refusals (malformed,
@@ -318,8 +319,12 @@ class ControlPlane:
                                              previous_key=old)
         self._key_message = raw
         try:
+            if self._unsent_keys or not self.link.connected.is_set():
+                # Runs in the agent's main greenlet: never wait here (a SIGTERM must not
+                # queue behind a dead link), and never overtake an unsent rotation.
+                raise NotConnected("control link down")
             self.link.publish(EXCHANGE_UP, self.topic + ".key", raw,
-                              expiration=UP_EXPIRATION_MS, wait=EVENT_WAIT)
+                              expiration=UP_EXPIRATION_MS)
         except NotConnected:
             # Published (after any earlier unsent rotation: the chain must stay whole)
             # by the next _setup.
@@ -329,7 +334,7 @@ class ControlPlane:
         else:
             log.info("published rotated key %s (previous %s)", new.fingerprint,
                      old.fingerprint)
-        self.send_alive("key_rotated", wait=EVENT_WAIT)
+        self.send_alive("key_rotated")  # the next periodic alive carries the new key too
 
     # ------------------------------------------------------------------ consuming
     def _on_message(self, message: amqp.Message) -> None:
@@ -362,7 +367,7 @@ class ControlPlane:
 
     def _require_reply_to(self, message: amqp.Message) -> str:
         reply_to = message.properties.get("reply_to")
-        if not protocol.is_valid_reply_to(reply_to):
+        if not _usable_reply_to(reply_to):
             raise Refused(Reason.MALFORMED, "missing or invalid reply_to")
         return reply_to
 
@@ -492,8 +497,11 @@ class ControlPlane:
         log.warning("refused %s %s: %s (%s) [digest %s, %d bytes]", kind or "message",
                     sid or "-", reason, exc.detail or "-", protocol.request_digest(raw),
                     len(raw))
+        # Settled before the reply: should the broker refuse the reply and close the
+        # channel, the refused message must not come back (redelivered) to do it again.
+        self.link.reject(message, requeue=False)
         reply_to = message.properties.get("reply_to")
-        if kind in ("session", "status") and sid and protocol.is_valid_reply_to(reply_to):
+        if kind in ("session", "status") and sid and _usable_reply_to(reply_to):
             text = REFUSE_TEXT.get(reason, reason)
             if reason == Reason.TARGET_NOT_PERMITTED:
                 text = _targets_text(exc.detail) or text
@@ -505,7 +513,15 @@ class ControlPlane:
             else:
                 self._reply(reply_to, self._correlation_id(message, sid), refusal,
                             "%s %s" % (kind, sid))
-        self.link.reject(message, requeue=False)
+
+
+def _usable_reply_to(name: Any) -> bool:
+    """A ``reply_to`` we may publish a reply to: a queue-like name with the prefix of the
+    consoles' server-named reply queues. The broker lets a device publish on
+    ``remote.reply`` only under that prefix and closes the channel on any other routing
+    key, so replying to any other name would let a stranger's message cut the control
+    link (and, redelivered, do it again and again)."""
+    return protocol.is_valid_reply_to(name) and name.startswith(REPLY_TO_PREFIX)
 
 
 def _status_request_id(raw: bytes) -> Optional[str]:
