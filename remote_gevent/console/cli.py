@@ -1,6 +1,48 @@
-from gevent import monkey
+import sys
 
-monkey.patch_all()  # before any other import: socket, ssl, amqp must be patched
+# Fast path (issue 6, docs/console.md "Session reuse"): ``stdio`` through a running
+# master needs none of gevent, amqp, nacl, yaml or click. master.py's client half imports
+# only os/socket/selectors; anything it does not handle falls through to the full path.
+if "stdio" in sys.argv[1:]:
+    from remote_gevent.console.master import fast_stdio, is_console_entry
+
+    if is_console_entry(sys.argv[0]):
+        _fast_code = fast_stdio(sys.argv)
+        if _fast_code is not None:
+            sys.exit(_fast_code)
+
+
+def _patch_all() -> None:
+    """``monkey.patch_all()``, minus ~100 ms of repeated plugin look-ups.
+
+    gevent announces each patched module to ``gevent.plugins.monkey.*`` entry points,
+    re-reading every installed distribution's metadata each time (25 scans). One scan,
+    shared by those calls, gives the same answer.
+    """
+    from gevent import monkey
+
+    try:
+        from importlib import metadata
+    except ImportError:  # pragma: no cover - Python < 3.8
+        monkey.patch_all()
+        return
+    real = metadata.entry_points
+    every: list = []
+
+    def entry_points(**params):  # type: ignore[no-untyped-def]
+        if not every:
+            every.append(real())
+        found = every[0]
+        return found.select(**params) if params else found
+
+    metadata.entry_points = entry_points  # type: ignore[assignment]
+    try:
+        monkey.patch_all()
+    finally:
+        metadata.entry_points = real  # type: ignore[assignment]
+
+
+_patch_all()  # before any other import: socket, ssl, amqp must be patched
 
 # ``remote-gevent-console``: the operator's command line (docs/console.md).
 #
@@ -12,7 +54,6 @@ monkey.patch_all()  # before any other import: socket, ssl, amqp must be patched
 # code from remote_gevent.console.config (EXIT_*), never a traceback.
 
 import os  # noqa: E402
-import sys  # noqa: E402
 from typing import Any, Callable, List, Optional  # noqa: E402
 
 import click  # noqa: E402
@@ -387,15 +428,128 @@ def socks(ctx: click.Context, device: str, spec: Any) -> None:
     _run(body, interrupted_code=0)
 
 
+def _control_path(cfg: Any, device: str) -> str:
+    from remote_gevent.console.config import EXIT_ERROR, ConsoleError
+    from remote_gevent.console.master import ControlError, socket_path
+
+    try:
+        return socket_path(cfg.control_socket_dir, cfg.server_id, device)
+    except ControlError as exc:
+        raise ConsoleError(str(exc), EXIT_ERROR, "control_socket") from None
+
+
+master_option = click.option(
+    "--master", "master_mode", type=click.Choice(["use", "auto", "no"]), default=None,
+    help="Session reuse: use a running master (default: control_master), auto: start one "
+         "in the background if none runs, no: own session.")
+
+
+@main.command()
+@device_argument
+@click.argument("targets", nargs=-1, callback=_spec(_parse_stream_target))
+@click.option("--persist", type=float, default=None, metavar="SECONDS",
+              help="Exit after SECONDS without clients (default: control_persist; 0: never).")
+@click.option("--stop", is_flag=True, help="Ask the running master of DEVICE to exit.")
+@click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.pass_context
+def master(ctx: click.Context, device: str, targets: List[str], persist: Optional[float],
+           stop: bool, ready_fd: Optional[int]) -> None:
+    """Hold a session to DEVICE for later commands (like ssh -M -N; TARGETS: extra, e.g. @sftp)."""
+    ready: List[Optional[int]] = [ready_fd]
+
+    def report(line: str) -> None:
+        fd = ready[0]
+        if fd is not None:
+            ready[0] = None
+            try:
+                os.write(fd, line.encode("utf-8", "replace") + b"\n")
+                os.close(fd)
+            except OSError:
+                pass
+
+    def body() -> int:
+        import signal
+
+        import gevent
+
+        from remote_gevent.console import master as cm
+        from remote_gevent.console.config import EXIT_ERROR, ConsoleError
+        from remote_gevent.console.session import open_session
+
+        cfg = _cfg(ctx)
+        path = _control_path(cfg, device)
+        if stop:
+            if not cm.stop_master(path):
+                raise ConsoleError("no master running for %s (%s)" % (device, path),
+                                   EXIT_ERROR, "no_master")
+            _say("master of %s asked to exit" % device)
+            return 0
+        wait = cfg.control_persist if persist is None else persist
+        server = cm.Master(path, wait)
+        try:
+            locked = server.lock()
+        except (cm.ControlError, OSError) as exc:
+            raise ConsoleError("control socket %s: %s" % (path, exc), EXIT_ERROR,
+                               "control_socket") from None
+        if not locked:
+            if ready[0] is not None:  # auto start raced another one: that one serves
+                report("OK")
+                return 0
+            raise ConsoleError("a master for %s already runs (%s)" % (device, path),
+                               EXIT_ERROR, "master_running")
+        try:
+            server.session = open_session(cfg, device, list(cm.SESSION_TARGETS) + [
+                t for t in targets if t not in cm.SESSION_TARGETS])
+            try:
+                server.bind()
+            except OSError as exc:
+                server.session.close("normal")
+                raise ConsoleError("cannot listen on %s: %s" % (path, exc.strerror or exc),
+                                   EXIT_ERROR, "control_socket") from None
+        except ConsoleError as exc:
+            server.cleanup()
+            report("ERR %d %s" % (exc.exit_code, exc.message))
+            raise
+        gevent.signal_handler(signal.SIGTERM, server.stop, "SIGTERM")
+        gevent.signal_handler(signal.SIGHUP, server.stop, "SIGHUP")
+        _say("master of %s on %s (session %s, persist %s)" % (
+            device, path, server.session.session_id,
+            "%gs" % wait if wait > 0 else "until stopped"))
+        report("OK")
+        try:
+            code = server.serve()
+        finally:
+            server.cleanup()
+            server.session.close("normal")
+        _say("master of %s exits: %s (%d streams served)" % (device, server.reason,
+                                                             server.served))
+        return code
+
+    try:
+        _run(body, interrupted_code=0)
+    finally:
+        report("ERR 1 the master failed before listening")
+
+
 @main.command()
 @device_argument
 @click.argument("target", callback=_spec(_parse_stream_target))
+@master_option
 @click.pass_context
-def stdio(ctx: click.Context, device: str, target: str) -> None:
+def stdio(ctx: click.Context, device: str, target: str, master_mode: Optional[str]) -> None:
     """One stream on stdin/stdout (an ssh ProxyCommand: stdio %n 127.0.0.1:22)."""
     def body() -> int:
         from remote_gevent.console.stdio import run_stdio
 
+        cfg = _cfg(ctx)
+        mode = master_mode or cfg.control_master
+        if mode != "no":
+            from remote_gevent.console.master import run_stdio_client
+
+            code = run_stdio_client(_control_path(cfg, device), device, target, mode,
+                                    cfg.path, cfg.control_persist)
+            if code is not None:
+                return code
         _install_sigterm()
         session = _open(ctx, device, [target])
         try:
