@@ -23,6 +23,8 @@
   applies to new streams of running sessions).
 - Exactly one history row and one ``publish_close`` per submitted session, whatever
   the path: refused before the tunnel, orphaned at the relay, timed out, closed.
+  A trusted, fresh request the control plane refuses before submitting it gets one row
+  too (:meth:`TunnelManager.record_refusal`, close code ``refused``), but no close.
 
 Close code for the paths that never reach a tunnel: wrong relay, relay refused,
 unreachable or not pairing in time → ``relay_refused``; pairing connection dropped →
@@ -34,7 +36,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 import gevent.event
@@ -237,6 +239,23 @@ class TunnelManager:
                 "streams": t.streams_opened if t else 0,
             })
         return out
+
+    def record_refusal(self, session_id: str, operator: str, targets: Sequence[str],
+                       refusal: str, text: str) -> None:
+        """History row for a request refused *before* admission (close code ``refused``).
+
+        The control plane calls it only for requests that passed every trust check
+        (trusted operator's signature, time window, replay cache) and were then refused
+        (``target_not_permitted``, ``shutting_down``): so there is at most one row per
+        session id, and strangers, forgers and replayers, who are only logged, cannot
+        fill the disk. Duration 0, no remote IP; ``reason`` = ``<refusal>: <text>``.
+        """
+        if session_id in self._sessions:  # admitted already: its own row will follow
+            return
+        reason = "%s: %s" % (refusal, text) if text else refusal
+        record_safely(self._history, start=time.time(), session_id=session_id, remote_ip="",
+                      duration=0.0, close_code=CloseCode.REFUSED, operator=operator,
+                      targets=[str(t) for t in targets], reason=reason)
 
     def apply_config(self, cfg: Any) -> None:
         """Apply a reloaded config (SIGHUP).
