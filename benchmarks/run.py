@@ -747,6 +747,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results["machine"] = machine()
     results["mode"] = "quick" if args.quick else "full"
     results["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    results["loadavg_1min_before"] = round(os.getloadavg()[0], 2)
     try:
         say("bringing up platform, sshd, bastion, iperf3 servers (workdir %s)" % bench.workdir)
         bench.start()
@@ -763,6 +764,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             t0 = time.monotonic()
             fn(bench)
             results.setdefault("section_seconds", {})[key] = round(time.monotonic() - t0, 1)
+            # other work on the machine skews every figure: say how busy it was
+            results.setdefault("loadavg_1min_after", {})[key] = round(os.getloadavg()[0], 2)
         if args.profile:
             say("== profile (py-spy) of the throughput path")
             bench.profile(args.profile)

@@ -1,0 +1,87 @@
+"""Smoke of the benchmark suite: ``python -m benchmarks.run --quick`` with tiny sizes.
+
+Asserts only that the one command completes, writes a JSON file with every section and
+numeric figures, and leaves no process behind — never anything about speed (benchmarks
+are not timed tests; a busy CI machine must not fail this).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any, Iterator, List
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--quick", "--seconds", "1", "--runs", "1", "--streams", "1,8,64",
+        "--setup-runs", "3", "--rtt-rounds", "100", "--sessions", "12",
+        "--relay-pairs", "20", "--cp-requests", "8"]
+
+
+def _numbers(value: Any) -> Iterator[float]:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield float(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+
+
+def _children_named(words: List[str]) -> List[str]:
+    """Command lines of live processes whose argv mentions our temporary directory."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if any(w in cmd for w in words):
+            out.append(cmd)
+    return out
+
+
+@pytest.mark.skipif(not (shutil.which("iperf3") and os.access("/usr/sbin/sshd", os.X_OK)
+                         and shutil.which("ssh")),
+                    reason="needs iperf3, /usr/sbin/sshd and ssh")
+def test_quick_suite_completes_with_every_section(tmp_path):
+    out = str(tmp_path / "bench.json")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--out", out] + TINY,
+                          cwd=ROOT, capture_output=True, timeout=600,
+                          env=dict(os.environ, TMPDIR=str(tmp_path)))
+    text = (done.stdout + done.stderr).decode("utf-8", "replace")
+    assert done.returncode == 0, text[-4000:]
+    with open(out) as f:
+        results = json.load(f)
+    for section in ("machine", "throughput", "many_streams", "session_setup_ms", "latency_ms",
+                    "memory", "control_plane"):
+        assert section in results, (section, sorted(results))
+    for section in ("throughput", "many_streams", "session_setup_ms", "latency_ms", "memory",
+                    "control_plane"):
+        values = list(_numbers(results[section]))
+        assert values, section
+        assert all(not math.isnan(v) for v in values), (section, results[section])
+    for direction in ("up", "down"):
+        assert set(results["throughput"][direction]["gbit_s"]) == {
+            "direct", "tunnel", "ssh_L", "ssh_reverse"}
+    assert set(results["many_streams"]["tunnel_gbit_s"]) == {"1", "8", "64"}
+    assert {"warm", "cold"} <= set(results["session_setup_ms"])
+    assert {"agent_idle_mib", "sessions_10", "sessions_many", "relay"} <= set(results["memory"])
+    assert {"refuse", "accept_close"} <= set(results["control_plane"])
+    assert results["machine"]["cores"] >= 1 and results["machine"]["python"]
+    assert "| target (issue 6) |" in text
+    # everything torn down: nothing that ran from the suite's temporary directory is left
+    assert not _children_named([str(tmp_path)]), "stray processes after the suite"
