@@ -132,8 +132,7 @@ class Bench:
         os.makedirs(self.control_dir, mode=0o700)
         p = DemoPlatform(os.path.join(self.workdir, "platform"),
                          remote={"max_session": max(sessions + 50, 100)},
-                         console={"control_socket_dir": self.control_dir,
-                                  "control_master": "no"},
+                         console={"control_socket_dir": self.control_dir},
                          start_relay=False, relay_port=relay_port)
         p.prepare()
         # Our own relay process: the product's relay with pairing limits raised, so the
