@@ -40,10 +40,9 @@ HEAVY = ("gevent", "yaml", "click", "amqp", "nacl", "paramiko", "cryptography")
 def test_cheap_settings_parse(tmp_path):
     cfg = tmp_path / "console.yaml"
     cfg.write_text("server_id: fr04  # platform\ncontrol_socket_dir: 'ctl'\n"
-                   "amqp:\n  control_master: auto\ncontrol_persist: 5\n")
+                   "amqp:\n  server_id: nested\n")
     s = cm.read_settings(str(cfg))
-    assert s["control_socket_dir"] == "ctl" and s["control_persist"] == "5"
-    assert "control_master" not in s  # nested: not a top-level key
+    assert s["control_socket_dir"] == "ctl" and s["server_id"] == "fr04"  # nested ignored
     assert cm.settings_socket(s, "dev1") == str(tmp_path / "ctl" / "fr04-dev1.sock")
     cfg.write_text("control_socket_dir: {a: 1}\n")
     assert cm.read_settings(str(cfg)) is None  # not understood: the full path decides
@@ -318,7 +317,10 @@ try:
     s.connect(sys.argv[1])
 except OSError as exc:
     print("connect-error", exc.errno); sys.exit(0)
-s.sendall(b"OPEN %s\n" % sys.argv[2].encode())
+try:
+    s.sendall(b"OPEN %s\n" % sys.argv[2].encode())
+except OSError:
+    pass  # the master may answer and close before reading the request
 print(s.makefile("rb").readline().decode().strip())
 """
 

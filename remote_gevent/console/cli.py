@@ -440,15 +440,15 @@ def _control_path(cfg: Any, device: str) -> str:
 
 master_option = click.option(
     "--master", "master_mode", type=click.Choice(["use", "auto", "no"]), default=None,
-    help="Session reuse: use a running master (default: control_master), auto: start one "
-         "in the background if none runs, no: own session.")
+    help="Session reuse: use a running master (default), auto: start one in the "
+         "background if none runs (persist %gs), no: own session." % 600.0)
 
 
 @main.command()
 @device_argument
 @click.argument("targets", nargs=-1, callback=_spec(_parse_stream_target))
 @click.option("--persist", type=float, default=None, metavar="SECONDS",
-              help="Exit after SECONDS without clients (default: control_persist; 0: never).")
+              help="Exit after SECONDS without clients (default 600; 0: never).")
 @click.option("--stop", is_flag=True, help="Ask the running master of DEVICE to exit.")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
 @click.pass_context
@@ -484,7 +484,7 @@ def master(ctx: click.Context, device: str, targets: List[str], persist: Optiona
                                    EXIT_ERROR, "no_master")
             _say("master of %s asked to exit" % device)
             return 0
-        wait = cfg.control_persist if persist is None else persist
+        wait = cm.DEFAULT_PERSIST if persist is None else persist
         server = cm.Master(path, wait)
         try:
             locked = server.lock()
@@ -542,12 +542,12 @@ def stdio(ctx: click.Context, device: str, target: str, master_mode: Optional[st
         from remote_gevent.console.stdio import run_stdio
 
         cfg = _cfg(ctx)
-        mode = master_mode or cfg.control_master
+        mode = master_mode or "use"
         if mode != "no":
-            from remote_gevent.console.master import run_stdio_client
+            from remote_gevent.console.master import DEFAULT_PERSIST, run_stdio_client
 
             code = run_stdio_client(_control_path(cfg, device), device, target, mode,
-                                    cfg.path, cfg.control_persist)
+                                    cfg.path, DEFAULT_PERSIST)
             if code is not None:
                 return code
         _install_sigterm()

@@ -123,14 +123,6 @@ def v_queue(value: Any, base: str) -> Optional[str]:
     return value
 
 
-def v_control_master(value: Any, base: str) -> str:
-    if value is False:  # YAML 1.1 reads a bare ``no`` as false
-        return "no"
-    if value not in ("use", "auto", "no"):
-        raise Invalid("expected use, auto or no")
-    return value
-
-
 def v_cipher(value: Any, base: str) -> str:
     if value not in ("aes256gcm", "xchacha20poly1305"):
         raise Invalid("expected aes256gcm or xchacha20poly1305")
@@ -204,13 +196,6 @@ class ConsoleConfig:
         None, v_opt_path, "path|null",
         "directory (0700) of the session reuse sockets of `master` (docs/console.md); null: "
         "$XDG_RUNTIME_DIR/remote-gevent, else /tmp/remote-gevent-<uid>")
-    control_master: str = key(
-        "use", v_control_master, "str",
-        "stdio/forward default for --master: use (a running master, else an own session), "
-        "auto (start a background master if none runs), no (never)")
-    control_persist: float = key(
-        600.0, v_float(0, 30 * 86400), "float s",
-        "a master exits after this long without clients (0: only when stopped)")
     amqp: ConsoleAmqpConfig = field(default_factory=ConsoleAmqpConfig)
     warnings: Tuple[str, ...] = ()
 

@@ -70,7 +70,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_CONNECTION = 0, 1, 2, 3, 5
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SIMPLE_TARGET_RE = re.compile(r"^[A-Za-z0-9_.-]{1,253}:[0-9]{1,5}$")
 _TARGET_RE = re.compile(r"^[^\s\x00-\x1f]{1,300}$")
-_SCALAR_RE = re.compile(r"^(control_socket_dir|control_master|control_persist|server_id)"
+_SCALAR_RE = re.compile(r"^(control_socket_dir|server_id)"
                         r"[ \t]*:[ \t]*(.*?)[ \t]*$")
 
 
@@ -521,19 +521,13 @@ def fast_stdio(argv: List[str]) -> Optional[int]:
     settings = read_settings(config)
     if settings is None:
         return None
-    mode = mode or settings.get("control_master") or DEFAULT_MODE
-    if mode not in MODES:
-        return None
+    mode = mode or DEFAULT_MODE
     path = settings_socket(settings, device)
     if path is None:
         return None
-    try:
-        persist = float(settings.get("control_persist") or DEFAULT_PERSIST)
-    except ValueError:
-        return None
     if mode == "use" and not os.path.exists(path):
         return None
-    return run_stdio_client(path, device, target, mode, settings["_path"], persist)
+    return run_stdio_client(path, device, target, mode, settings["_path"], DEFAULT_PERSIST)
 
 
 def is_console_entry(argv0: str) -> bool:
