@@ -128,8 +128,9 @@ class Bench:
         relay_port = free_port()
         # Our own control socket directory: a master of another checkout's device "demo"
         # in the default /tmp/remote-gevent-<uid> must never serve our stdio runs.
-        self.control_dir = os.path.join(self.workdir, "ctl")
-        os.makedirs(self.control_dir, mode=0o700)
+        # Unix socket paths are short (108 bytes, and ssh -M binds a longer temporary name
+        # first): the control sockets live in a short directory of their own.
+        self.control_dir = tempfile.mkdtemp(prefix="rgb-", dir="/tmp")
         p = DemoPlatform(os.path.join(self.workdir, "platform"),
                          remote={"max_session": max(sessions + 50, 100)},
                          console={"control_socket_dir": self.control_dir},
@@ -228,6 +229,8 @@ class Bench:
         self.procs.close()  # consoles, sshd, ssh clients, iperf3, targets, relay
         if not self.args.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if getattr(self, "control_dir", None):
+            shutil.rmtree(self.control_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ 1 + 2: throughput
     def iperf(self, port: int, reverse: bool = False, parallel: int = 1,
@@ -397,7 +400,7 @@ class Bench:
 
     def _ssh_master(self) -> Tuple[subprocess.Popen, List[str]]:
         """``ssh -M -N`` to the sshd and the argv of a ``true`` reusing it (ControlPath)."""
-        path = os.path.join(self.control_dir, "ssh-%d" % self.sshd.port)
+        path = os.path.join(self.control_dir, "ssh")
         proc = self.procs.start(self.sshd.ssh_argv(["-M", "-N", "-S", path]))
         deadline = time.monotonic() + 30
         while not os.path.exists(path):
