@@ -498,16 +498,17 @@ class Bench:
         wall = time.perf_counter() - t0
         cpu = cpu_seconds(self.agent_pid) - cpu0
         return {"requests": n, "outcomes": tally, "wall_s": wall, "per_s": n / wall,
-                "agent_cpu_s": cpu, "per_agent_cpu_s": n / cpu if cpu > 0 else float("nan")}
+                # /proc counts CPU in clock ticks (10 ms): a short run may not reach one.
+                "agent_cpu_s": cpu, "per_agent_cpu_s": n / cpu if cpu > 0 else None}
 
     def control_plane(self) -> None:
         n = int(self.opt("cp_requests"))
         refused = self._requests(n, "10.255.255.1:22", close=False)
-        say("  refusals: %.0f/s (%.0f per agent CPU-second) %s"
-            % (refused["per_s"], refused["per_agent_cpu_s"], refused["outcomes"]))
+        say("  refusals: %.0f/s (%s per agent CPU-second) %s"
+            % (refused["per_s"], _per_cpu(refused), refused["outcomes"]))
         accepted = self._requests(n, "127.0.0.1:%d" % self.ports["banner"], close=True)
-        say("  accepts (+close, relay never dialled by us): %.0f/s (%.0f per agent CPU-second)"
-            " %s" % (accepted["per_s"], accepted["per_agent_cpu_s"], accepted["outcomes"]))
+        say("  accepts (+close, relay never dialled by us): %.0f/s (%s per agent CPU-second)"
+            " %s" % (accepted["per_s"], _per_cpu(accepted), accepted["outcomes"]))
         left = self.wait_agent_idle()
         self.results["control_plane"] = {"refuse": refused, "accept_close": accepted,
                                          "active_after": left}
@@ -750,8 +751,8 @@ def table(r: Dict[str, Any]) -> str:
         for key, label in (("refuse", "refusals (target not permitted)"),
                            ("accept_close", "accepts (+ close)")):
             c = cp[key]
-            row("6 control plane", label, "%.0f req/s (%.0f per agent CPU-s; %s)"
-                % (c["per_s"], c["per_agent_cpu_s"], ", ".join(
+            row("6 control plane", label, "%.0f req/s (%s per agent CPU-s; %s)"
+                % (c["per_s"], _per_cpu(c), ", ".join(
                     "%s %d" % kv for kv in sorted(c["outcomes"].items()))))
     out = "\n".join(lines)
     rows = targets(r)
@@ -791,6 +792,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
                        help="default %s (--quick: %s)" % (full, quick))
     return p.parse_args(argv)
+
+
+def _per_cpu(figures: Dict[str, Any]) -> str:
+    """Requests per agent CPU-second, or n/a when the run was too short to measure CPU."""
+    value = figures.get("per_agent_cpu_s")
+    return "n/a" if value is None else "%.0f" % value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
