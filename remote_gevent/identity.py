@@ -6,6 +6,10 @@ rename, fsync of the directory), so a crash never leaves a half-written or
 world-readable key.  A PKCS#8 PEM key is accepted as well.  Like OpenSSH, a key
 file that group or others can read is refused.
 
+The ``openssh-key-v1`` format (unencrypted, one ed25519 key) is read and written here
+with the standard library and PyNaCl only: ``cryptography`` (several MiB of resident
+memory) is imported lazily, only to read a PKCS#8 PEM key.
+
 Module functions about ssh-wire public keys (``ssh_pubkey_blob``, ``fingerprint_of``,
 ``parse_ssh_ed25519_line``) are shared with the authorized_keys and protocol code.
 """
@@ -25,8 +29,6 @@ from typing import Optional, Tuple
 
 import nacl.exceptions
 import nacl.signing
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +145,127 @@ class IdentityKey:
     def verify(self, data: bytes, signature: bytes) -> bool:
         return verify(self.public_bytes, data, signature)
 
-    def openssh_private_bytes(self) -> bytes:
+    def openssh_private_bytes(self, comment: str = "") -> bytes:
         """The key as an unencrypted OpenSSH private-key file."""
-        priv = Ed25519PrivateKey.from_private_bytes(bytes(self.signing_key))
-        return priv.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.OpenSSH,
-                                  serialization.NoEncryption())
+        return openssh_private_bytes(bytes(self.signing_key), self.public_bytes, comment)
 
     def __repr__(self) -> str:  # never show key material
         return "IdentityKey(%s)" % self.fingerprint
+
+
+# --------------------------------------------------------------------------- openssh-key-v1
+
+_OPENSSH_BEGIN = b"-----BEGIN OPENSSH PRIVATE KEY-----"
+_OPENSSH_END = b"-----END OPENSSH PRIVATE KEY-----"
+_OPENSSH_MAGIC = b"openssh-key-v1\0"
+_OPENSSH_BLOCK = 8  # cipher "none": padding to a multiple of 8
+
+
+def openssh_private_bytes(seed: bytes, public: bytes, comment: str = "") -> bytes:
+    """An unencrypted ``openssh-key-v1`` file holding one ed25519 key (PROTOCOL.key)."""
+    if len(seed) != 32 or len(public) != PUBLIC_KEY_SIZE:
+        raise ValueError("an ed25519 seed and public key are 32 bytes each")
+    pub_blob = ssh_pubkey_blob(public)
+    check = os.urandom(4)
+    priv = (check + check + _ssh_string(KEY_TYPE.encode()) + _ssh_string(public)
+            + _ssh_string(seed + public) + _ssh_string(comment.encode("utf-8")))
+    priv += bytes(range(1, 1 + (-len(priv)) % _OPENSSH_BLOCK))
+    blob = (_OPENSSH_MAGIC + _ssh_string(b"none") + _ssh_string(b"none") + _ssh_string(b"")
+            + struct.pack(">I", 1) + _ssh_string(pub_blob) + _ssh_string(priv))
+    b64 = base64.b64encode(blob)
+    lines = [b64[i:i + 70] for i in range(0, len(b64), 70)]
+    return b"\n".join([_OPENSSH_BEGIN] + lines + [_OPENSSH_END]) + b"\n"
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def u32(self) -> int:
+        if self.pos + 4 > len(self.data):
+            raise ValueError("truncated key")
+        (n,) = struct.unpack_from(">I", self.data, self.pos)
+        self.pos += 4
+        return n
+
+    def string(self) -> bytes:
+        n = self.u32()
+        if self.pos + n > len(self.data):
+            raise ValueError("truncated key")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def rest(self) -> bytes:
+        return self.data[self.pos:]
+
+
+def parse_openssh_private(data: bytes) -> Tuple[bytes, str]:
+    """Parse an unencrypted ``openssh-key-v1`` ed25519 file → (32-byte seed, comment).
+
+    Raises ValueError (encrypted key, other key type, malformed file).
+    """
+    start = data.find(_OPENSSH_BEGIN)
+    end = data.find(_OPENSSH_END, start)
+    if start < 0 or end < 0:
+        raise ValueError("not an OpenSSH private key")
+    body = b"".join(data[start + len(_OPENSSH_BEGIN):end].split())
+    try:
+        blob = base64.b64decode(body, validate=True)
+    except binascii.Error:
+        raise ValueError("OpenSSH private key is not valid base64") from None
+    if not blob.startswith(_OPENSSH_MAGIC):
+        raise ValueError("not an openssh-key-v1 private key")
+    r = _Reader(blob[len(_OPENSSH_MAGIC):])
+    cipher, kdf, _kdfopts = r.string(), r.string(), r.string()
+    if cipher != b"none" or kdf != b"none":
+        raise ValueError("the key is encrypted (cipher %s); remote-gevent needs an "
+                         "unencrypted key (ssh-keygen -p -N '' -f FILE removes the passphrase)"
+                         % cipher.decode("ascii", "replace"))
+    if r.u32() != 1:
+        raise ValueError("the file holds more than one key")
+    pub_blob = r.string()
+    priv = _Reader(r.string())
+    if r.rest():
+        raise ValueError("trailing bytes after the private section")
+    if len(priv.data) % _OPENSSH_BLOCK:
+        raise ValueError("private section is not padded to the block size")
+    if priv.u32() != priv.u32():
+        raise ValueError("check bytes mismatch (corrupt or encrypted key)")
+    ktype = priv.string()
+    if ktype != KEY_TYPE.encode():
+        raise ValueError("not an ed25519 key (%s)" % ktype.decode("ascii", "replace"))
+    public = priv.string()
+    secret = priv.string()
+    comment = priv.string()
+    pad = priv.rest()
+    if pad != bytes(range(1, 1 + len(pad))) or len(pad) >= _OPENSSH_BLOCK:
+        raise ValueError("bad padding in the private section")
+    if len(public) != PUBLIC_KEY_SIZE or len(secret) != 64 or secret[32:] != public:
+        raise ValueError("malformed ed25519 private key")
+    if pub_blob != ssh_pubkey_blob(public):
+        raise ValueError("public key does not match the private key")
+    seed = secret[:32]
+    if bytes(nacl.signing.SigningKey(seed).verify_key) != public:
+        raise ValueError("public key does not match the private key")
+    return seed, comment.decode("utf-8", "replace")
+
+
+def _load_pkcs8(data: bytes) -> bytes:
+    """Seed of a PKCS#8 PEM ed25519 key (imports ``cryptography`` only now)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    priv = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(priv, Ed25519PrivateKey):
+        raise _NotEd25519(type(priv).__name__)
+    return priv.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                              serialization.NoEncryption())
+
+
+class _NotEd25519(Exception):
+    pass
 
 
 # --------------------------------------------------------------------------- files
@@ -182,22 +296,27 @@ def load(path: str) -> IdentityKey:
         if fd >= 0:
             os.close(fd)
     try:
-        if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
-            priv = serialization.load_ssh_private_key(data, password=None)
+        if _OPENSSH_BEGIN in data:
+            try:
+                seed, _comment = parse_openssh_private(data)
+            except ValueError as exc:
+                if "not an ed25519 key" in str(exc):
+                    raise IdentityError("identity key %s is %s" % (path, exc)) from None
+                raise
         else:
-            priv = serialization.load_pem_private_key(data, password=None)
+            seed = _load_pkcs8(data)
+    except _NotEd25519 as exc:
+        raise IdentityError("identity key %s is not an ed25519 key (%s)"
+                            % (path, exc)) from None
     except (ValueError, TypeError) as exc:
         # TypeError: encrypted key without password; ValueError: unreadable.
         raise IdentityError("cannot read identity key %s: %s (an unencrypted OpenSSH or "
                             "PKCS#8 PEM ed25519 key is expected)"
                             % (path, str(exc).split("\n")[0])) from None
+    except IdentityError:
+        raise
     except Exception as exc:  # cryptography raises UnsupportedAlgorithm etc.
         raise IdentityError("cannot read identity key %s: %s" % (path, exc)) from None
-    if not isinstance(priv, Ed25519PrivateKey):
-        raise IdentityError("identity key %s is not an ed25519 key (%s)"
-                            % (path, type(priv).__name__))
-    seed = priv.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                              serialization.NoEncryption())
     return IdentityKey.from_seed(seed, path)
 
 

@@ -144,3 +144,99 @@ def test_parse_line_rejects_malformed():
             identity.parse_ssh_ed25519_line(bad)
     blob = identity.ssh_pubkey_blob(key.public_bytes)
     assert blob[:4] == b"\x00\x00\x00\x0bssh-ed25519"[:4]
+
+
+@needs_keygen
+def test_written_key_accepted_by_ssh_keygen_and_round_trips(tmp_path):
+    path = str(tmp_path / "k")
+    key = identity.IdentityKey.generate()
+    identity.write(key, path)
+    data = open(path, "rb").read()
+    assert data.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    assert data.endswith(b"-----END OPENSSH PRIVATE KEY-----\n")
+    assert all(len(line) <= 70 for line in data.splitlines())
+    assert keygen("-y", "-f", path).split()[:2] == key.public_line().split()
+    assert keygen("-lf", path).split()[1] == key.fingerprint
+    # ssh-keygen rewrites it (new comment): we read ssh-keygen's own output back.
+    keygen("-c", "-C", "renamed", "-f", path, "-q")
+    assert identity.load(path).public_bytes == key.public_bytes
+    seed, comment = identity.parse_openssh_private(open(path, "rb").read())
+    assert comment == "renamed" and seed == bytes(key.signing_key)
+
+
+@needs_keygen
+def test_loads_ssh_keygen_keys_with_every_padding_length(tmp_path):
+    # The comment length moves the padding through every value 0..7.
+    for n in range(8):
+        path = str(tmp_path / ("k%d" % n))
+        keygen("-t", "ed25519", "-N", "", "-C", "c" * n, "-f", path, "-q")
+        key = identity.load(path)
+        assert key.public_line() == " ".join(open(path + ".pub").read().split()[:2])
+        assert identity.parse_openssh_private(open(path, "rb").read())[1] == "c" * n
+        ours = identity.openssh_private_bytes(bytes(key.signing_key), key.public_bytes, "c" * n)
+        assert identity.parse_openssh_private(ours) == (bytes(key.signing_key), "c" * n)
+
+
+@needs_keygen
+def test_refuses_encrypted_openssh_key(tmp_path):
+    path = str(tmp_path / "k")
+    keygen("-t", "ed25519", "-N", "secret pass", "-f", path, "-q")
+    with pytest.raises(identity.IdentityError, match="encrypted"):
+        identity.load(path)
+
+
+@needs_keygen
+def test_refuses_non_ed25519_openssh_key(tmp_path):
+    path = str(tmp_path / "k")
+    keygen("-t", "ecdsa", "-N", "", "-f", path, "-q")
+    with pytest.raises(identity.IdentityError, match="not an ed25519"):
+        identity.load(path)
+
+
+def test_refuses_corrupt_openssh_key(tmp_path):
+    import base64
+
+    key = identity.IdentityKey.generate()
+    good = key.openssh_private_bytes()
+    lines = good.splitlines()
+    blob = bytearray(base64.b64decode(b"".join(lines[1:-1])))
+
+    def variant(mutate):
+        b = bytearray(blob)
+        mutate(b)
+        b64 = base64.b64encode(bytes(b))
+        return lines[0] + b"\n" + b64 + b"\n" + lines[-1] + b"\n"
+
+    def flip_check(b):
+        i = blob.find(b"\x00\x00\x00\x0bssh-ed25519", 60) - 8  # first checkint
+        b[i] ^= 1
+
+    def flip_public_in_secret(b):
+        b[-20] ^= 1  # inside the private section (seed/public/comment/padding)
+
+    def truncate(b):
+        del b[-9:]
+
+    for i, bad in enumerate([variant(flip_check), variant(flip_public_in_secret),
+                             variant(truncate), good.replace(b"A", b"!", 1)[:40]
+                             + good[40:]]):
+        with pytest.raises(ValueError):
+            identity.parse_openssh_private(bad)
+        p = tmp_path / ("bad%d" % i)
+        p.write_bytes(bad)
+        p.chmod(0o600)
+        with pytest.raises(identity.IdentityError):
+            identity.load(str(p))
+
+
+def test_identity_does_not_import_cryptography():
+    import subprocess as sp
+    import sys
+
+    code = ("import sys, tempfile, os; from remote_gevent import identity; "
+            "d = tempfile.mkdtemp(); p = os.path.join(d, 'k'); "
+            "k = identity.load_or_create(p); identity.load(p); "
+            "print('cryptography' in sys.modules)")
+    out = sp.run([sys.executable, "-c", code], check=True, capture_output=True,
+                 text=True, timeout=60).stdout.strip()
+    assert out == "False"
