@@ -81,9 +81,15 @@ FRAME_NAMES = {
 MAX_DATA = 65536                       # largest DATA payload
 HEADER_LEN = 5                         # type:u8 | stream:u32be
 MAX_FRAME_LEN = MAX_DATA + HEADER_LEN + 64   # bound on the wire ``len`` (AEAD overhead)
-INITIAL_WINDOW = 1 << 20               # per-stream send window, bytes
+# Per-stream flow-control window: a bound on the bytes buffered per stream on the
+# receiving side (chunks queued until the local socket takes them), not preallocated.
+# Each side announces the window it grants in its HELLO ("window"); a peer that does not
+# (before this field existed) gets and grants LEGACY_WINDOW, so mixed versions interoperate.
+LEGACY_WINDOW = 1 << 20
+INITIAL_WINDOW = 4 << 20               # receive window we grant per stream, bytes
+MAX_WINDOW = 1 << 30                   # largest window a peer may announce
 # Credit is granted back in batches: one WINDOW frame per this many consumed bytes.
-# Must stay <= INITIAL_WINDOW (else a sender could wait for credit never sent).
+# Must stay <= the window (else a sender could wait for credit never sent).
 WINDOW_UPDATE_THRESHOLD = INITIAL_WINDOW // 4
 MAX_CONTROL_PAYLOAD = 4096             # JSON payloads (HELLO, OPEN, OPEN_FAIL, RESET, CLOSE)
 
@@ -211,14 +217,14 @@ class Stream:
         self.bytes_in = 0          # payload delivered to the local side
         self.bytes_out = 0         # payload sent into the tunnel
         # send side
-        self._send_window = INITIAL_WINDOW
+        self._send_window = tunnel.peer_window
         self._tx_event = gevent.event.Event()
         self._tx_event.set()
         self._eof_sent = False
         # receive side
         self._rx_chunks: Deque[Any] = collections.deque()
         self._rx_event = gevent.event.Event()
-        self._rx_allowed = INITIAL_WINDOW   # bytes the peer may still send
+        self._rx_allowed = tunnel.recv_window   # bytes the peer may still send
         self._rx_unacked = 0                # consumed, credit not yet granted
         self._eof_received = False
         # lifecycle
@@ -319,7 +325,8 @@ class Stream:
     def _consumed(self, n: int) -> None:
         """``n`` bytes left our buffer: grant credit back in batches."""
         self._rx_unacked += n
-        if self._rx_unacked >= WINDOW_UPDATE_THRESHOLD and not self._eof_received \
+        if self._rx_unacked >= self.tunnel.window_update_threshold \
+                and not self._eof_received \
                 and self._reset is None:
             credit = self._rx_unacked
             self._rx_unacked = 0
@@ -379,6 +386,9 @@ class Tunnel:
         self._next_id = 1            # console: next id to allocate
         self._last_peer_id = 0       # agent: highest id the peer opened
         self._hello_sent = False
+        self.recv_window = INITIAL_WINDOW      # per-stream window we grant (our HELLO)
+        self.window_update_threshold = min(WINDOW_UPDATE_THRESHOLD, self.recv_window)
+        self.peer_window = LEGACY_WINDOW       # per-stream window the peer grants us
         self._up = gevent.event.Event()        # peer HELLO authenticated
         self._ready = gevent.event.Event()     # up or closed
         self._done = gevent.event.Event()      # close() finished
@@ -459,7 +469,8 @@ class Tunnel:
         try:
             if self.closed:
                 raise TunnelClosed("closed before run")
-            self._send_frame(HELLO, 0, _dump({"role": self.role, "version": PROTOCOL_VERSION}))
+            self._send_frame(HELLO, 0, _dump({"role": self.role, "version": PROTOCOL_VERSION,
+                                              "window": self.recv_window}))
             self._hello_sent = True
             self._handshake()
             if self.keepalive_interval and self.keepalive_interval > 0:
@@ -785,6 +796,11 @@ class Tunnel:
         if version != PROTOCOL_VERSION:
             raise _protocol_error("peer protocol version %r, expected %d"
                                   % (version, PROTOCOL_VERSION))
+        window = hello.get("window", LEGACY_WINDOW)
+        if type(window) is not int or not MAX_DATA <= window <= MAX_WINDOW:
+            raise _protocol_error("peer window %r not in [%d, %d]"
+                                  % (window, MAX_DATA, MAX_WINDOW))
+        self.peer_window = window
         self.last_ack = time.monotonic()
         self._up.set()
         self._ready.set()
@@ -823,7 +839,7 @@ class Tunnel:
                 if len(pt) != HEADER_LEN + 4:
                     raise _protocol_error("WINDOW payload size")
                 credit = _U32.unpack_from(pt, HEADER_LEN)[0]
-                if credit == 0 or stream._send_window + credit > INITIAL_WINDOW:
+                if credit == 0 or stream._send_window + credit > self.peer_window:
                     raise _protocol_error("stream %d: bad window credit %d" % (sid, credit))
                 stream._send_window += credit
                 stream._tx_event.set()
