@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Optional, Sequence, Tuple
+import threading
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import gevent
 
@@ -98,6 +99,26 @@ class ConsoleSession:
         return close_exit_code(self.tunnel.close_code)
 
 
+#: Relay TLS client contexts of this console process, by ``relay_ca_file`` (None: the
+#: system store). Building one loads and parses the CA file (~30-60 ms for the system
+#: store), so it is done once per process, not per ``open_session``.
+_RELAY_CONTEXTS: Dict[Optional[str], Any] = {}
+_RELAY_CONTEXTS_LOCK = threading.Lock()
+
+
+def relay_context(ca_file: Optional[str]) -> Any:
+    """The cached relay ``SSLContext`` for ``ca_file`` (``tls.client_context``)."""
+    from remote_gevent import tls
+
+    ctx = _RELAY_CONTEXTS.get(ca_file)
+    if ctx is None:
+        with _RELAY_CONTEXTS_LOCK:
+            ctx = _RELAY_CONTEXTS.get(ca_file)
+            if ctx is None:
+                ctx = _RELAY_CONTEXTS[ca_file] = tls.client_context(ca_file)
+    return ctx
+
+
 def _relay_error(exc: Any) -> ConsoleError:
     return ConsoleError(str(exc), EXIT_RELAY, "relay_%s" % getattr(exc, "code", "error"))
 
@@ -127,7 +148,7 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
     handed = False
     try:
         try:
-            ctx = tls.client_context(cfg.relay_ca_file)
+            ctx = relay_context(cfg.relay_ca_file)
         except tls.TLSConfigError as exc:
             raise ConsoleError("relay_ca_file: %s" % exc, EXIT_CONFIG, "config") from None
         pending = control.start_request(device, targets)
