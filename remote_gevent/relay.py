@@ -1,11 +1,13 @@
 """Relay ("exit node"): pairs an agent and a console by session id + ticket, then splices.
 
-Wire protocol (docs/design.md, "Relay wire protocol"): after TLS the client sends one line
-``RG1 <role> <session_id> <ticket_b64>\\n`` (at most 512 bytes). The relay pairs the two
-roles that present the same session id *and* the same ticket, answers each side
-``OK <peer_ip>\\n`` and from then on only forwards bytes, both ways, half-close aware.
-Errors are ``ERR <code>\\n`` then close: ``bad_hello``, ``timeout``, ``busy``,
-``ticket_mismatch``, ``duplicate``.
+Wire protocol (docs/protocol.md, section 6): after TLS the client sends one line
+``RG2 <role> <session_id> <ticket_b64>\\n`` (at most 512 bytes) and nothing else. The relay
+pairs the two roles that present the same session id *and* the same ticket and answers each
+side ``OK <peer_ip>\\n``. Then both ends shut TLS down cleanly (``close_notify`` both ways,
+``SSLSocket.unwrap()``) and the relay forwards the plain TCP bytes, both ways, half-close
+aware, with ``os.splice`` through a pipe (kernel to kernel, no copy into Python) where
+available. Errors are ``ERR <code>\\n`` then close: ``bad_hello`` (``ERR bad_hello RG2``
+when the version is not ours), ``timeout``, ``busy``, ``ticket_mismatch``, ``duplicate``.
 
 The relay never parses or logs payload (it is end-to-end encrypted anyway) and never logs a
 ticket. It is stateless apart from the in-memory pairing table, so any number of relays can
@@ -13,6 +15,21 @@ run behind DNS or a load balancer.
 
 Why things are the way they are:
 
+* **TLS for the rendezvous only.** TLS authenticates the relay to both clients and keeps
+  the hello (session id, ticket) secret. After pairing, every byte is one of the tunnel's
+  AEAD frames (confidential, authenticated, counter-nonced end to end: a tampered,
+  injected, dropped or reordered byte ends the tunnel with ``crypto_error``), so TLS on
+  the two legs would be a second and third encryption that protects nothing more against
+  the network: an on-path attacker still sees only lengths and timing (TLS records leak
+  those too) and can still only break the connection (an RST does that too). Dropping it
+  after ``OK`` is what lets the relay splice in the kernel (issue 6, docs/performance.md).
+* **Nothing before OK.** A client must not send anything after its hello until it has
+  read ``OK`` and unwrapped TLS (:func:`dial_relay` returns only then). Bytes seen before
+  pairing are refused with ``ERR bad_hello``; bytes that arrive between ``OK`` and the
+  client's ``close_notify`` are discarded by TLS, and the tunnel's AEAD then ends the
+  session. OpenSSL reads records exactly (CPython never enables read-ahead, and turns it
+  off explicitly in ``unwrap``), so no plain byte sent after ``close_notify`` is swallowed
+  into the TLS layer. ``unwrap`` is bounded by ``handshake_timeout``.
 * **Pairing policy.** The first arrival for a session id waits (``pairing_timeout``). A
   newcomer whose ticket does not match the waiter's gets ``ERR ticket_mismatch`` and is
   closed; the waiter keeps waiting, so a stranger can neither be paired nor kick a legitimate
@@ -23,18 +40,16 @@ Why things are the way they are:
   session request), squatting is bounded by the pairing timeout and the per-IP pending
   limit, and the alternative (several candidate waiters per id) would let a stranger hold
   more relay state per guessed id.
-* **Half-close over TLS.** CPython cannot send a TLS ``close_notify`` while keeping the
-  connection readable (``unwrap()``/``shutdown()`` drop the TLS state, and the second
-  ``SSL_shutdown`` it issues discards incoming records). So an EOF is forwarded as a TCP
-  ``FIN`` (:func:`half_close`): the TLS state stays intact, the other direction keeps
-  flowing, and the peer's ``recv()`` returns ``b""`` (both contexts carry
-  ``OP_IGNORE_UNEXPECTED_EOF`` so that OpenSSL 3 does not treat that EOF as fatal for
-  writing). Truncation is detected end to end by the tunnel's own authenticated EOF/CLOSE
-  frames, not by TLS.
-* **Memory.** 5000 idle paired sessions must fit in 1 GiB (issue 6), so an idle direction
-  holds no buffer: it waits for readability with a 1-byte read, and only then borrows a
-  large buffer from a shared :class:`BufferPool`, drains every TLS record already
-  available into it, forwards it with ``sendall(memoryview)`` and gives it back.
+* **Splice.** Each direction waits for readability holding nothing, then borrows a pipe
+  from a shared :class:`PipePool`, moves what is available socket → pipe → socket with
+  ``os.splice`` and gives the (empty) pipe back. So an idle paired session costs its two
+  sockets and two io watchers per direction, no pipe and no buffer: 5000 paired sessions
+  hold 10 000 socket fds plus 2 fds per direction *moving data right now* (+ a few spare
+  pipes). EOF (splice returns 0) is forwarded as ``shutdown(SHUT_WR)`` and the other
+  direction keeps flowing. Where ``os.splice`` is missing (Python < 3.10, not Linux) or
+  refuses the descriptors (``EINVAL``), or ``REMOTE_GEVENT_RELAY_SPLICE=0`` /
+  ``Relay(splice=False)``, the same loop copies through a pooled buffer
+  (``recv_into`` + ``sendall``).
 * **TCP_NODELAY** is set on both legs (and by :func:`dial_relay`): the tunnel carries
   small interactive frames (keystrokes, pings) that Nagle + delayed ACK would hold for
   40 ms; bulk transfers lose nothing because we always write large chunks.
@@ -44,8 +59,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hmac
 import logging
+import os
 import re
 import socket
 import ssl
@@ -55,13 +72,15 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 import gevent
 import gevent.event
 import gevent.pool
+import gevent.socket
+from gevent.hub import get_hub
 from gevent.server import StreamServer
 
 from remote_gevent import tls
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = "RG1"
+PROTOCOL_VERSION = "RG2"
 ROLES = ("agent", "console")
 MAX_HELLO = 512
 TICKET_BYTES = 32
@@ -86,16 +105,30 @@ REJECT_TIMEOUT = 5.0
 #: closing does not turn into a TCP RST that would destroy the error line in flight.
 LINGER_TIMEOUT = 1.0
 LINGER_MAX_BYTES = 64 * 1024
-#: Bytes a waiting client may send before it is paired (kept and forwarded after ``OK``).
-MAX_EARLY_BYTES = 64 * 1024
-#: How many spare forwarding buffers the pool keeps (the rest are freed).
+#: How many spare forwarding buffers / pipes the pools keep (the rest are freed).
 SPARE_BUFFERS = 32
+SPARE_PIPES = 32
+#: A direction gives the hub back (and its pipe to the pool) after moving this much.
+BURST_BYTES = 4 * 1024 * 1024
+
+#: ``os.splice`` (Linux, Python >= 3.10); ``REMOTE_GEVENT_RELAY_SPLICE=0`` turns it off.
+_SPLICE = getattr(os, "splice", None)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_F_SETPIPE_SZ = 1031  # fcntl constants (Linux); fcntl.F_SETPIPE_SZ only from Python 3.10
+_F_GETPIPE_SZ = 1032
+
+
+def splice_available() -> bool:
+    """Whether the relay forwards with ``os.splice`` by default here."""
+    return _SPLICE is not None and os.environ.get("REMOTE_GEVENT_RELAY_SPLICE", "1") != "0"
 
 _SESSION_ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 
 #: OpenSSL 3 treats an EOF without close_notify as a fatal error that also kills *writing*;
-#: this option makes it an ordinary EOF (see "Half-close over TLS" above). Python < 3.10
-#: lacks the constant; with OpenSSL 1.1.1 the behaviour is already the lenient one.
+#: this option makes it an ordinary EOF. Since RG2 the tunnel runs over plain TCP, so this
+#: only matters while TLS is up (a relay's ``ERR`` line followed by a bare FIN) and for
+#: other TLS-only streams (benchmarks). Python < 3.10 lacks the constant; with OpenSSL
+#: 1.1.1 the behaviour is already the lenient one.
 OP_IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0) or (
     0x80 if ssl.OPENSSL_VERSION_INFO >= (3, 0) else 0)
 
@@ -168,12 +201,73 @@ class BufferPool:
             self.allocated -= 1
 
 
+class PipePool:
+    """Pipes for ``os.splice``, lent like :class:`BufferPool` lends buffers.
+
+    Only a direction that is moving data holds a pipe (2 fds; the kernel's pipe pages hold
+    only bytes in flight), so fd usage follows active transfers, not paired sessions. A pipe
+    comes back only when empty; one that may still hold bytes (error mid-move) is closed.
+    ``size`` asks the kernel for that capacity (``F_SETPIPE_SZ``; default 64 KiB otherwise).
+    """
+
+    def __init__(self, size: int, spare: int = SPARE_PIPES) -> None:
+        self.want = size
+        self.spare = spare
+        self._free: List[Tuple[int, int]] = []
+        self.allocated = 0
+
+    def acquire(self) -> Tuple[int, int, int]:
+        """``(read_fd, write_fd, capacity)``."""
+        if self._free:
+            r, w = self._free.pop()
+        else:
+            r, w = _new_pipe()
+            self.allocated += 1
+            try:
+                import fcntl
+                fcntl.fcntl(w, _F_SETPIPE_SZ, self.want)
+            except (ImportError, OSError):
+                pass  # over pipe-max-size or pipe-user-pages-soft: keep the default
+        try:
+            import fcntl
+            size = fcntl.fcntl(w, _F_GETPIPE_SZ)
+        except (ImportError, OSError):
+            size = 65536
+        return r, w, size
+
+    def release(self, r: int, w: int, clean: bool = True) -> None:
+        if clean and len(self._free) < self.spare:
+            self._free.append((r, w))
+            return
+        self.allocated -= 1
+        for fd in (r, w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        while self._free:
+            self.release(*self._free.pop(), clean=False)
+
+
+def _new_pipe() -> Tuple[int, int]:
+    pipe2 = getattr(os, "pipe2", None)
+    if pipe2 is not None:
+        return pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
 def half_close(sock: socket.socket) -> None:
     """Shut down writing at the TCP level (FIN) and keep the socket readable.
 
-    For a TLS socket this deliberately bypasses ``SSLSocket.shutdown`` (which would drop the
-    TLS state and make the socket unreadable): the peer sees a ragged EOF, ``recv() == b""``.
-    Used by the relay and by relay clients that want to half-close.
+    Since RG2 :func:`dial_relay` returns a plain TCP socket, for which this is just
+    ``sock.shutdown(socket.SHUT_WR)`` (which works again). For a TLS socket this
+    deliberately bypasses ``SSLSocket.shutdown`` (which would drop the TLS state and make
+    the socket unreadable): the peer sees a ragged EOF, ``recv() == b""``.
     """
     for klass in type(sock).__mro__:
         if "SSLSocket" in klass.__name__:
@@ -231,6 +325,10 @@ class _BadHello(Exception):
     pass
 
 
+class _BadVersion(_BadHello):
+    """Another protocol version: refused with ``ERR bad_hello RG2`` (names ours)."""
+
+
 def parse_hello(line: bytes) -> Hello:
     """Parse one hello line (without the newline); raises ``_BadHello``."""
     try:
@@ -238,6 +336,8 @@ def parse_hello(line: bytes) -> Hello:
     except UnicodeDecodeError:
         raise _BadHello("not ascii") from None
     parts = text.split(" ")
+    if re.match(r"\ARG[0-9]+\Z", parts[0]) and parts[0] != PROTOCOL_VERSION:
+        raise _BadVersion("%s hello; this relay speaks %s only" % (parts[0], PROTOCOL_VERSION))
     if len(parts) != 4 or parts[0] != PROTOCOL_VERSION:
         raise _BadHello("not an %s hello" % PROTOCOL_VERSION)
     _, role, session_id, ticket_b64 = parts
@@ -278,14 +378,14 @@ def build_hello(role: str, session_id: str, ticket: Union[bytes, str]) -> bytes:
 class _Conn:
     """One accepted connection from handshake to close."""
 
-    __slots__ = ("sock", "ip", "hello", "leftover", "event", "peer", "failed", "pending",
+    __slots__ = ("sock", "ip", "hello", "early", "event", "peer", "failed", "pending",
                  "claimed", "gone")
 
     def __init__(self, sock: socket.socket, ip: str) -> None:
         self.sock = sock
         self.ip = ip
         self.hello: Optional[Hello] = None
-        self.leftover = b""
+        self.early = False  # sent bytes before OK (forbidden since RG2)
         self.event: Optional[gevent.event.Event] = None
         self.peer: Optional[_Session] = None  # set when paired
         self.failed = ""  # set when the waiter must give up (shutdown)
@@ -296,7 +396,7 @@ class _Conn:
 
 class _Session:
     __slots__ = ("session_id", "agent", "console", "started", "last_activity", "bytes",
-                 "outcome", "running", "done", "eofs")
+                 "outcome", "running", "done", "eofs", "unwrapped", "plain")
 
     def __init__(self, session_id: str, agent: _Conn, console: _Conn) -> None:
         self.session_id = session_id
@@ -309,16 +409,21 @@ class _Session:
         self.running = 2
         self.done = gevent.event.Event()
         self.eofs = 0
+        self.unwrapped = 0  # legs whose TLS is shut down
+        self.plain = gevent.event.Event()  # both legs plain (or the session failed)
 
 
 class Relay:
     """The relay server. ``start()``, then ``stop()``; ``pending``/``paired`` for tests.
 
-    ``ssl_context`` defaults to ``tls.server_context(cert_file, key_file)``.
+    ``ssl_context`` defaults to ``tls.server_context(cert_file, key_file)``. ``splice``
+    (default :func:`splice_available`) chooses ``os.splice`` forwarding; False forces the
+    ``recv_into``/``sendall`` copy loop.
     """
 
     def __init__(self, settings: RelaySettings,
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 splice: Optional[bool] = None) -> None:
         self.settings = settings
         if ssl_context is None:
             if not settings.cert_file or not settings.key_file:
@@ -326,6 +431,10 @@ class Relay:
             ssl_context = tls.server_context(settings.cert_file, settings.key_file)
         self.ssl_context = allow_half_close(ssl_context)
         self.buffers = BufferPool(settings.buffer_size)
+        self.pipes = PipePool(settings.buffer_size)
+        if splice is None:
+            splice = splice_available()
+        self.splice = bool(splice) and _SPLICE is not None
         self._waiting: Dict[str, _Conn] = {}
         self._sessions: Dict[str, _Session] = {}
         self._per_ip: Dict[str, int] = {}
@@ -377,12 +486,13 @@ class Relay:
             self._abort(session, "shutdown")
         self._pool.join(timeout=max(self.settings.handshake_timeout, 1.0))
         self._pool.kill(block=True, timeout=1)
+        self.pipes.close()
         log.info("relay stopped")
 
     def stats(self) -> Dict[str, int]:
         out = dict(self.counters)
         out.update(pending=self._pending, paired=len(self._sessions),
-                   buffers=self.buffers.allocated)
+                   buffers=self.buffers.allocated, pipes=self.pipes.allocated)
         return out
 
     # ---- connection handling
@@ -470,8 +580,14 @@ class Relay:
             return
         conn.sock = sock
         try:
-            line, conn.leftover = self._read_hello(sock, deadline)
+            line, rest = self._read_hello(sock, deadline)
             conn.hello = parse_hello(line)
+            if rest:
+                raise _BadHello("%d byte(s) after the hello before OK (%s forbids them)"
+                                % (len(rest), PROTOCOL_VERSION))
+        except _BadVersion as exc:
+            self._refuse(sock, "bad_hello", conn.ip, None, str(exc), detail=PROTOCOL_VERSION)
+            return
         except _BadHello as exc:
             self._refuse(sock, "bad_hello", conn.ip, None, str(exc))
             return
@@ -548,10 +664,10 @@ class Relay:
     def _wait_for_peer(self, conn: _Conn) -> None:
         """First arrival: wait for the peer, noticing if our own client goes away.
 
-        A helper greenlet reads what the client sends meanwhile (bytes pipelined after the
-        hello are kept, bounded, and forwarded once paired); EOF there means the client
-        gave up, and the session id is freed at once instead of after the pairing timeout
-        (a retry would otherwise be refused as a duplicate).
+        A helper greenlet watches the client meanwhile: EOF there means the client gave up,
+        and the session id is freed at once instead of after the pairing timeout (a retry
+        would otherwise be refused as a duplicate); any byte there breaks RG2's "nothing
+        before OK" and is refused with ``ERR bad_hello``.
         """
         hello = conn.hello
         assert hello is not None
@@ -571,6 +687,10 @@ class Relay:
         if conn.peer is not None:
             self._run_leg(conn.peer, conn)
             return
+        if conn.early:
+            self._refuse(conn.sock, "bad_hello", conn.ip, sid,
+                         "bytes before OK (%s forbids them)" % PROTOCOL_VERSION)
+            return
         if conn.failed == "gone" or conn.gone:
             log.debug("session %s: waiting %s from %s left", sid, hello.role, conn.ip)
             return
@@ -583,29 +703,29 @@ class Relay:
     def _read_early(self, conn: _Conn) -> None:
         try:
             conn.sock.settimeout(None)
-            while len(conn.leftover) < MAX_EARLY_BYTES:
+            while True:
                 try:
-                    chunk = conn.sock.recv(MAX_EARLY_BYTES - len(conn.leftover))
+                    chunk = conn.sock.recv(4096)
                 except socket.timeout:
                     continue
-                if not chunk:
-                    conn.gone = True
-                    return
-                conn.leftover += chunk
+                if chunk:
+                    conn.early = True  # refused (or, if paired meanwhile, aborted)
+                elif not conn.claimed:
+                    conn.gone = True  # (after OK, EOF here is the client's close_notify)
+                return
         except (ssl.SSLError, OSError):
-            conn.gone = True
-            return
-        assert conn.event is not None
-        conn.event.wait()  # enough buffered: stop reading until paired (or killed)
+            if not conn.claimed:
+                conn.gone = True
 
     def _refuse(self, sock: ssl.SSLSocket, code: str, ip: str, sid: Optional[str],
-                why: str = "") -> None:
+                why: str = "", detail: str = "") -> None:
         self._count("refused_" + code)
         log.info("refused %s from %s (session %s)%s", code, ip, sid or "-",
                  ": " + why if why else "")
         try:
             sock.settimeout(LINGER_TIMEOUT)
-            sock.sendall(("ERR %s\n" % code).encode("ascii"))
+            line = "ERR %s %s\n" % (code, detail) if detail else "ERR %s\n" % code
+            sock.sendall(line.encode("ascii"))
             half_close(sock)
             deadline = time.monotonic() + LINGER_TIMEOUT
             drained = 0
@@ -618,13 +738,14 @@ class Relay:
         except (ssl.SSLError, OSError):
             pass
 
-    # ---- splice
+    # ---- TLS off, then splice
     def _run_leg(self, session: _Session, conn: _Conn) -> None:
         """Forward ``conn``'s bytes to its peer; the last leg to finish ends the session."""
         src_role = conn.hello.role if conn.hello else "?"
         dst = session.console if conn is session.agent else session.agent
         try:
-            self._pump(session, conn, dst, src_role)
+            if self._go_plain(session, conn, src_role):
+                self._pump(session, conn, dst, src_role)
         except socket.timeout:
             self._abort(session, "timeout (peer stopped reading)")
         except (ssl.SSLError, OSError) as exc:
@@ -640,50 +761,153 @@ class Relay:
                 # Keep our socket open for the other direction until it is done too.
                 session.done.wait()
 
+    def _go_plain(self, session: _Session, conn: _Conn, role: str) -> bool:
+        """Shut TLS down on ``conn`` (close_notify both ways), swap in the plain socket,
+        then wait until the other leg is plain too. False: the session is over."""
+        if conn.early:
+            self._abort(session, "refused (%s sent bytes before OK, which %s forbids)"
+                        % (role, PROTOCOL_VERSION))
+            session.plain.set()
+            return False
+        sock = conn.sock
+        timeout = self.settings.handshake_timeout
+        try:
+            sock.settimeout(timeout)
+            with gevent.Timeout(timeout, socket.timeout("timed out")):
+                sock.unwrap()
+            plain = gevent.socket.socket(sock.family, sock.type, sock.proto,
+                                         fileno=sock.detach())
+            conn.sock = plain
+            _set_nodelay(plain)
+        except (ssl.SSLError, OSError, ValueError) as exc:  # socket.timeout is an OSError
+            log.warning("session %s: TLS shutdown (close_notify) with the %s from %s failed "
+                        "within %.0fs: %s", session.session_id, role, conn.ip, timeout,
+                        _describe(exc))
+            self._abort(session, "error (%s side: TLS shutdown failed: %s)"
+                        % (role, _describe(exc)))
+            session.plain.set()
+            return False
+        session.unwrapped += 1
+        if session.unwrapped == 2:
+            session.plain.set()
+        session.plain.wait()  # the other leg's unwrap is bounded the same way
+        return not session.outcome
+
     def _pump(self, session: _Session, src: _Conn, dst: _Conn, src_role: str) -> None:
-        idle = self.settings.idle_timeout
+        """One direction, plain TCP to plain TCP: wait holding nothing, then move what is
+        there (splice, or copy) and give the pipe/buffer back; EOF → ``SHUT_WR``."""
         s_sock = src.sock
         d_sock = dst.sock
-        s_sock.settimeout(idle)
-        if src.leftover:
-            d_sock.sendall(src.leftover)
-            session.bytes[src_role] += len(src.leftover)
-            src.leftover = b""
-        sslobj = getattr(s_sock, "_sslobj", None)
-        scratch = bytearray(1)
-        pool = self.buffers
-        size = pool.size
-        while True:
-            try:
-                got = s_sock.recv_into(scratch, 1)  # idle: wait holding 1 byte, not 256 KiB
-            except socket.timeout:
+        s_sock.settimeout(self.settings.idle_timeout)
+        d_sock.settimeout(self.settings.idle_timeout)
+        loop = get_hub().loop
+        readable = loop.io(s_sock.fileno(), 1)
+        writable = loop.io(d_sock.fileno(), 2)
+        use_splice = self.splice
+        try:
+            while True:
+                if not self._wait_readable(session, readable):
+                    return
+                if use_splice:
+                    try:
+                        eof = self._move_splice(session, s_sock, d_sock, writable, src_role)
+                    except _NoSplice as exc:
+                        log.info("session %s: os.splice refused (%s); copying instead",
+                                 session.session_id, exc)
+                        use_splice = False
+                        continue
+                else:
+                    eof = self._move_copy(session, s_sock, d_sock, src_role)
                 if session.outcome:
                     return
-                if time.monotonic() - session.last_activity >= idle:
-                    raise _IdleTimeout() from None
-                continue
-            if session.outcome:
-                return
-            if not got:
-                break
-            buf = pool.acquire()
-            try:
-                buf[0] = scratch[0]
-                n, eof = _drain(sslobj, buf, 1, size)
-                d_sock.sendall(memoryview(buf)[:n])
-            finally:
-                pool.release(buf)
-            session.bytes[src_role] += n
-            session.last_activity = time.monotonic()
-            if eof:
-                break
-        if session.outcome:
-            return
+                if eof:
+                    break
+        finally:
+            readable.close()
+            writable.close()
         session.eofs += 1
         try:
-            half_close(d_sock)
+            d_sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the other side is gone; its own leg will notice
+
+    def _wait_readable(self, session: _Session, watcher) -> bool:  # noqa: ANN001
+        idle = self.settings.idle_timeout
+        while True:
+            try:
+                gevent.socket.wait(watcher, idle, _IdleWait)
+                return not session.outcome
+            except _IdleWait:
+                if session.outcome:
+                    return False
+                if time.monotonic() - session.last_activity >= idle:
+                    raise _IdleTimeout() from None
+
+    def _move_splice(self, session: _Session, s_sock: socket.socket, d_sock: socket.socket,
+                     writable, src_role: str) -> bool:  # noqa: ANN001
+        """Move what ``s_sock`` has (up to a burst) into ``d_sock``; True at EOF."""
+        s_fd = s_sock.fileno()
+        d_fd = d_sock.fileno()
+        idle = self.settings.idle_timeout
+        r, w, size = self.pipes.acquire()
+        clean = False
+        moved = 0
+        eof = False
+        try:
+            while moved < BURST_BYTES:
+                try:
+                    n = _SPLICE(s_fd, w, size, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    break  # nothing more for now: give the pipe back, wait
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:  # nothing moved; the pipe is empty
+                        clean = True
+                        raise _NoSplice(_describe(exc)) from None
+                    raise
+                if not n:
+                    eof = True
+                    break
+                left = n
+                while left:
+                    try:
+                        k = _SPLICE(r, d_fd, left, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        gevent.socket.wait(writable, idle, socket.timeout("timed out"))
+                        if session.outcome:
+                            return True
+                        continue
+                    if not k:
+                        raise OSError(errno.EPIPE, "splice to the peer wrote nothing")
+                    left -= k
+                moved += n
+                session.bytes[src_role] += n
+                session.last_activity = time.monotonic()
+            clean = True
+        finally:
+            self.pipes.release(r, w, clean)
+        return eof
+
+    def _move_copy(self, session: _Session, s_sock: socket.socket, d_sock: socket.socket,
+                   src_role: str) -> bool:
+        """The fallback: one ``recv_into`` a pooled buffer, ``sendall``; True at EOF."""
+        buf = self.buffers.acquire()
+        try:
+            try:
+                n = s_sock.recv_into(buf)
+            except BlockingIOError:
+                return False
+            if not n:
+                return True
+            self._send_chunk(d_sock, memoryview(buf)[:n], src_role)
+        finally:
+            self.buffers.release(buf)
+        session.bytes[src_role] += n
+        session.last_activity = time.monotonic()
+        return False
+
+    def _send_chunk(self, d_sock: socket.socket, data: memoryview, src_role: str) -> None:
+        """Copy path only (tests hook it to look at the bytes the relay forwards)."""
+        d_sock.sendall(data)
 
     def _abort(self, session: _Session, outcome: str) -> None:
         if session.outcome:
@@ -711,24 +935,12 @@ class _IdleTimeout(Exception):
     pass
 
 
-def _drain(sslobj, buf: bytearray, n: int, size: int) -> Tuple[int, bool]:
-    """Read every TLS record already available into ``buf[n:]`` without blocking."""
-    if sslobj is None:
-        return n, False
-    view = memoryview(buf)
-    try:
-        while n < size:
-            k = sslobj.read(size - n, view[n:])
-            if not k:
-                return n, True
-            n += k
-    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        pass
-    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-        return n, True
-    finally:
-        view.release()
-    return n, False
+class _IdleWait(Exception):
+    """One idle-timeout period passed without readability (internal)."""
+
+
+class _NoSplice(Exception):
+    """``os.splice`` refused these descriptors before moving anything (``EINVAL``)."""
 
 
 def _describe(exc: BaseException) -> str:
@@ -748,17 +960,18 @@ def raw_peer(sock: socket.socket) -> str:
 def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
                server_hostname: Optional[str], role: str, session_id: str,
                ticket: Union[bytes, str], timeout: float = 10.0,
-               pair_timeout: Optional[float] = None) -> Tuple[ssl.SSLSocket, str]:
+               pair_timeout: Optional[float] = None) -> Tuple[socket.socket, str]:
     """Connect to a relay, present ``role``/``session_id``/``ticket``, wait to be paired.
 
-    ``timeout`` bounds TCP connect, TLS handshake and sending the hello; ``pair_timeout``
-    (default: the relay's default pairing timeout + ``timeout``) bounds the wait for
-    ``OK``. The certificate chain and host name (``server_hostname``, default ``host``)
-    are verified by ``ssl_context`` (use ``tls.client_context``). Returns the TLS socket
-    in blocking mode (no timeout, TCP_NODELAY on) and the peer's IP as the relay saw it.
-    To half-close the returned socket use :func:`half_close`, never ``sock.shutdown``.
-    ``ssl_context`` gets ``OP_IGNORE_UNEXPECTED_EOF`` (:func:`allow_half_close`) so that the
-    relay's forwarded half-close reads as EOF and leaves the socket writable.
+    ``timeout`` bounds TCP connect, TLS handshake, sending the hello and the TLS shutdown
+    after ``OK``; ``pair_timeout`` (default: the relay's default pairing timeout +
+    ``timeout``) bounds the wait for ``OK``. The certificate chain and host name
+    (``server_hostname``, default ``host``) are verified by ``ssl_context`` (use
+    ``tls.client_context``). After ``OK`` both ends shut TLS down (close_notify both ways)
+    and this returns the **plain TCP socket** in blocking mode (no timeout, TCP_NODELAY on)
+    and the peer's IP as the relay saw it: from here on the caller's bytes must be
+    end-to-end sealed (the tunnel's AEAD frames) — TLS protected only the rendezvous.
+    Half-close it with ``sock.shutdown(socket.SHUT_WR)`` (or :func:`half_close`).
     Raises :class:`RelayError` (message names host:port) or ``ValueError`` for bad input.
     """
     hello = build_hello(role, session_id, ticket)
@@ -802,18 +1015,37 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
                              % (where, exc)) from None
         parts = line.split(" ")
         if len(parts) == 2 and parts[0] == "OK" and parts[1]:
-            sock.settimeout(None)
+            plain = _unwrap(sock, where, timeout)
+            plain.settimeout(None)
+            _set_nodelay(plain)
             handed_over = True
-            return sock, parts[1]
-        if len(parts) == 2 and parts[0] == "ERR" and parts[1]:
+            return plain, parts[1]
+        if len(parts) in (2, 3) and parts[0] == "ERR" and parts[1]:
             code = parts[1]
-            raise RelayError(code, "relay %s refused the %s: %s" % (where, role, code),
+            extra = ""
+            if len(parts) == 3 and code == "bad_hello":
+                extra = " (the relay speaks %s, we speak %s)" % (parts[2], PROTOCOL_VERSION)
+            raise RelayError(code, "relay %s refused the %s: %s%s" % (where, role, code, extra),
                              remote=True)
         raise RelayError("protocol", "relay %s: unexpected answer %r" % (where, line[:80]))
     finally:
         if not handed_over:
             _close_quietly(sock)
             _close_quietly(raw)  # no-op once wrap_socket has taken its descriptor over
+
+
+def _unwrap(sock: ssl.SSLSocket, where: str, timeout: float) -> socket.socket:
+    """close_notify both ways after ``OK``; the plain socket (same descriptor)."""
+    try:
+        sock.settimeout(timeout)
+        sock.unwrap()
+        return socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    except socket.timeout:
+        raise RelayError("timeout", "relay %s: no TLS close_notify within %.1fs after OK"
+                         % (where, timeout)) from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise RelayError("protocol", "relay %s: TLS shutdown after OK failed: %s"
+                         % (where, exc)) from None
 
 
 def _read_line(sock: ssl.SSLSocket, deadline: float, limit: int = MAX_HELLO) -> str:

@@ -625,7 +625,10 @@ def test_idle_timeout(idle, sshd, procs):
 
 class HookedRelay:
     """An in-process relay (the product's class) recording every byte it forwards, and
-    able to flip one bit of the console→agent direction once armed."""
+    able to flip one bit of the console→agent direction once armed.
+
+    It forwards with the relay's copy path (``splice=False``): spliced bytes never pass
+    through Python, and the copy path hands each chunk to ``_send_chunk``, hooked here."""
 
     def __init__(self, cert_file: str, key_file: str) -> None:
         from remote_gevent import relay
@@ -636,26 +639,20 @@ class HookedRelay:
         self.tampered = False
 
         class _Relay(relay.Relay):
-            def _pump(self, session, src, dst, src_role):  # noqa: ANN001
-                real = dst.sock.sendall
-
-                def sendall(data, *args):  # noqa: ANN001
-                    data = bytes(data)
-                    if (outer.tamper_armed and not outer.tampered and src_role == "console"
-                            and len(data) > 8):
-                        flipped = bytearray(data)
-                        flipped[len(data) // 2] ^= 0x01
-                        data = bytes(flipped)
-                        outer.tampered = True
-                    outer.captured += data
-                    return real(data, *args)
-
-                dst.sock.sendall = sendall
-                return super()._pump(session, src, dst, src_role)
+            def _send_chunk(self, d_sock, data, src_role):  # noqa: ANN001
+                data = bytes(data)
+                if (outer.tamper_armed and not outer.tampered and src_role == "console"
+                        and len(data) > 8):
+                    flipped = bytearray(data)
+                    flipped[len(data) // 2] ^= 0x01
+                    data = bytes(flipped)
+                    outer.tampered = True
+                outer.captured += data
+                return super()._send_chunk(d_sock, memoryview(data), src_role)
 
         self.relay = _Relay(relay.RelaySettings(
             host="127.0.0.1", port=0, cert_file=cert_file, key_file=key_file,
-            pairing_timeout=3.0, grace=0.5))
+            pairing_timeout=3.0, grace=0.5), splice=False)
         self.relay.start()
         self.port = self.relay.address[1]
 

@@ -1,4 +1,5 @@
-"""Relay: pairing, splice, half-close, refusals, limits, TLS verification, CLI stop.
+"""Relay: RG2 pairing, TLS off after OK, splice (and its copy fallback), half-close,
+refusals, limits, TLS verification of the rendezvous, CLI stop.
 
 In-process relays on 127.0.0.1 (the suite runs monkey-patched) plus real
 ``remote-gevent-relay`` processes for the CLI, SIGTERM and log-content checks.
@@ -7,12 +8,14 @@ In-process relays on 127.0.0.1 (the suite runs monkey-patched) plus real
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import logging
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -39,11 +42,11 @@ def pki(tmp_path_factory):
 def make_relay(pki):
     started = []
 
-    def factory(**overrides):
+    def factory(splice=None, **overrides):
         settings = relay.RelaySettings(host="127.0.0.1", port=0,
                                        cert_file=pki["cert"].cert_file,
                                        key_file=pki["cert"].key_file, **overrides)
-        server = relay.Relay(settings)
+        server = relay.Relay(settings, splice=splice)
         server.start()
         started.append(server)
         return server
@@ -137,14 +140,23 @@ def receive_all(sock):
 
 # ------------------------------------------------------------------ pairing + splice
 
+needs_splice = pytest.mark.skipif(not hasattr(os, "splice"), reason="no os.splice here")
+FORWARDING = [pytest.param(True, id="splice", marks=needs_splice),
+              pytest.param(False, id="copy")]
 
-def test_pairs_and_forwards_32_mib_each_way(make_relay, client_ctx, caplog):
+
+@pytest.mark.parametrize("splice", FORWARDING)
+def test_pairs_and_forwards_32_mib_each_way(make_relay, client_ctx, caplog, splice):
     caplog.set_level(logging.INFO, logger="remote_gevent.relay")
-    server = make_relay()
+    server = make_relay(splice=splice)
+    assert server.splice is splice
     sid, ticket = new_session()
     (agent, agent_peer), (console, console_peer) = pair(server, client_ctx, sid, ticket)
     assert agent_peer == console_peer == "127.0.0.1"
     assert server.paired == 1 and server.pending == 0
+    for sock in (agent, console):  # TLS only for the rendezvous: plain TCP from here on
+        assert not isinstance(sock, ssl.SSLSocket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     size = 32 * 1024 * 1024
     jobs = [gevent.spawn(send_all_then_half_close, agent, size, b"a"),
             gevent.spawn(send_all_then_half_close, console, size, b"c"),
@@ -153,6 +165,11 @@ def test_pairs_and_forwards_32_mib_each_way(make_relay, client_ctx, caplog):
         gevent.joinall(jobs, raise_error=True)
     assert jobs[2].value == (size, jobs[0].value)
     assert jobs[3].value == (size, jobs[1].value)
+    stats = server.stats()
+    if splice:  # moved kernel to kernel: pipes were lent, no copy buffer ever
+        assert stats["pipes"] >= 1 and stats["buffers"] == 0
+    else:
+        assert stats["pipes"] == 0 and stats["buffers"] >= 1
     agent.close()
     console.close()
     assert wait_until(lambda: server.paired == 0)
@@ -163,11 +180,12 @@ def test_pairs_and_forwards_32_mib_each_way(make_relay, client_ctx, caplog):
     assert base64.b64encode(ticket).decode() not in caplog.text
 
 
-def test_half_close_keeps_the_other_direction_flowing(make_relay, client_ctx):
-    server = make_relay()
+@pytest.mark.parametrize("splice", FORWARDING)
+def test_half_close_keeps_the_other_direction_flowing(make_relay, client_ctx, splice):
+    server = make_relay(splice=splice)
     (agent, _), (console, _) = pair(server, client_ctx)
     agent.sendall(b"last words from the agent")
-    relay.half_close(agent)
+    agent.shutdown(socket.SHUT_WR)  # a plain socket: plain shutdown works
     got = b""
     with gevent.Timeout(WAIT):
         while True:
@@ -185,19 +203,92 @@ def test_half_close_keeps_the_other_direction_flowing(make_relay, client_ctx):
     assert wait_until(lambda: server.paired == 0)
 
 
-def test_bytes_sent_right_after_the_hello_are_forwarded(make_relay, client_ctx):
+def test_bytes_sent_right_after_dial_returns_are_not_lost(make_relay, client_ctx):
+    """The client writes plain bytes the moment its TLS is shut down, maybe before the
+    relay has read its close_notify: nothing may be swallowed by the relay's TLS layer."""
+    server = make_relay()
+
+    def dial_and_send(role, sid, ticket):
+        sock, _ = dial(server, client_ctx, role, sid, ticket)
+        sock.sendall(("first bytes from the %s" % role).encode())
+        return sock
+
+    for _ in range(20):
+        sid, ticket = new_session()
+        jobs = [gevent.spawn(dial_and_send, role, sid, ticket) for role in relay.ROLES]
+        with gevent.Timeout(WAIT):
+            gevent.joinall(jobs, raise_error=True)
+        for job, other in ((jobs[0], "console"), (jobs[1], "agent")):
+            want = ("first bytes from the %s" % other).encode()
+            sock = job.value
+            sock.settimeout(WAIT)
+            got = b""
+            while len(got) < len(want):
+                got += sock.recv(64)
+            assert got == want
+        for job in jobs:
+            job.value.close()
+
+
+def test_splice_refused_with_einval_falls_back_to_copying(make_relay, client_ctx,
+                                                         monkeypatch):
+    def no_splice(*args, **kwargs):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(relay, "_SPLICE", no_splice)
+    server = make_relay(splice=True)
+    (agent, _), (console, _) = pair(server, client_ctx)
+    size = 1024 * 1024
+    sender = gevent.spawn(send_all_then_half_close, agent, size, b"einval")
+    with gevent.Timeout(WAIT):
+        assert receive_all(console) == (size, sender.get(timeout=WAIT))
+    assert server.stats()["buffers"] >= 1
+
+
+def test_splice_can_be_turned_off_by_environment(monkeypatch):
+    monkeypatch.setenv("REMOTE_GEVENT_RELAY_SPLICE", "0")
+    assert not relay.splice_available()
+    monkeypatch.setenv("REMOTE_GEVENT_RELAY_SPLICE", "1")
+    assert relay.splice_available() == hasattr(os, "splice")
+
+
+def test_idle_paired_sessions_hold_no_pipe(make_relay, client_ctx):
+    server = make_relay(splice=True)
+    held = [pair(server, client_ctx) for _ in range(20)]
+    assert server.paired == 20
+    assert server.stats()["pipes"] == 0 and server.stats()["buffers"] == 0
+    (agent, _), (console, _) = held[0]
+    agent.sendall(b"x" * 100000)
+    console.settimeout(WAIT)
+    got = 0
+    while got < 100000:
+        got += len(console.recv(65536))
+    assert server.stats()["pipes"] <= 1  # lent while moving, kept as a spare
+
+
+def test_bytes_sent_with_the_hello_are_refused(make_relay, client_ctx):
+    """RG2: nothing before OK. Pipelined bytes are refused, never forwarded."""
     server = make_relay()
     sid, ticket = new_session()
-    agent = gevent.spawn(dial, server, client_ctx, "agent", sid, ticket)
     eager = raw_tls(server, client_ctx)
     eager.sendall(relay.build_hello("console", sid, ticket) + b"pipelined")
-    assert answer(eager) == b"OK 127.0.0.1\n"
-    sock, _ = agent.get(timeout=WAIT)
-    sock.settimeout(WAIT)
-    got = b""
-    while len(got) < len(b"pipelined"):
-        got += sock.recv(64)
-    assert got == b"pipelined"
+    assert answer(eager) == b"ERR bad_hello\n"
+    assert wait_until(lambda: server.pending == 0)
+
+
+def test_a_waiter_that_sends_before_ok_is_refused(make_relay, client_ctx):
+    server = make_relay()
+    sid, ticket = new_session()
+    eager = raw_tls(server, client_ctx)
+    eager.sendall(relay.build_hello("agent", sid, ticket))
+    assert wait_until(lambda: server.pending == 1)
+    eager.sendall(b"too early")
+    assert answer(eager) == b"ERR bad_hello\n"
+    assert wait_until(lambda: server.pending == 0)
+    (agent, _), (console, _) = pair(server, client_ctx, sid, ticket)  # the id is free
+    agent.sendall(b"ok")
+    console.settimeout(WAIT)
+    assert console.recv(2) == b"ok"
 
 
 # ------------------------------------------------------------------ refusals
@@ -252,26 +343,59 @@ TICKET = base64.b64encode(b"t" * 32)
 
 
 @pytest.mark.parametrize("hello", [
-    b"RG2 agent " + SID.encode() + b" " + TICKET + b"\n",      # wrong version
-    b"RG1 operator " + SID.encode() + b" " + TICKET + b"\n",   # unknown role
-    b"RG1 agent " + SID.upper().encode() + b" " + TICKET + b"\n",  # not lowercase hex
-    b"RG1 agent " + SID[:-1].encode() + b" " + TICKET + b"\n",  # 31 digits
-    b"RG1 agent " + SID.encode() + b" " + base64.b64encode(b"t" * 31) + b"\n",
-    b"RG1 agent " + SID.encode() + b" not*base64*at*all\n",
-    b"RG1 agent " + SID.encode() + b"  " + TICKET + b"\n",     # double space
-    b"RG1 agent " + SID.encode() + b" " + TICKET + b" extra\n",
+    b"RG9 agent " + SID.encode() + b" " + TICKET + b"\n",      # unknown version
+    b"RG2 operator " + SID.encode() + b" " + TICKET + b"\n",   # unknown role
+    b"RG2 agent " + SID.upper().encode() + b" " + TICKET + b"\n",  # not lowercase hex
+    b"RG2 agent " + SID[:-1].encode() + b" " + TICKET + b"\n",  # 31 digits
+    b"RG2 agent " + SID.encode() + b" " + base64.b64encode(b"t" * 31) + b"\n",
+    b"RG2 agent " + SID.encode() + b" not*base64*at*all\n",
+    b"RG2 agent " + SID.encode() + b"  " + TICKET + b"\n",     # double space
+    b"RG2 agent " + SID.encode() + b" " + TICKET + b" extra\n",
     b"\xff\xfe garbage\n",
     b"A" * 600,                                                 # oversized, no newline
-    b"RG1 agent " + SID.encode() + b" " + TICKET + b" " + b"x" * 600 + b"\n",
+    b"RG2 agent " + SID.encode() + b" " + TICKET + b" " + b"x" * 600 + b"\n",
 ], ids=["version", "role", "uppercase", "short-id", "short-ticket", "not-b64",
         "double-space", "extra-field", "binary", "oversized", "oversized-line"])
 def test_malformed_hello_is_refused(make_relay, client_ctx, hello):
     server = make_relay()
     sock = raw_tls(server, client_ctx)
     sock.sendall(hello)
-    assert answer(sock) == b"ERR bad_hello\n"
+    expected = b"ERR bad_hello RG2\n" if hello.startswith(b"RG9 ") else b"ERR bad_hello\n"
+    assert answer(sock) == expected
     sock.close()
     assert wait_until(lambda: server.pending == 0)
+
+
+def test_an_rg1_client_is_refused_loudly(make_relay, client_ctx, caplog):
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    server = make_relay()
+    sock = raw_tls(server, client_ctx)
+    sock.sendall(b"RG1 agent " + SID.encode() + b" " + TICKET + b"\n")
+    assert answer(sock) == b"ERR bad_hello RG2\n"  # names the version the relay speaks
+    assert "RG1 hello; this relay speaks RG2 only" in caplog.text
+
+
+def test_client_reports_the_relay_version_on_a_version_refusal(client_ctx, pki):
+    """A relay that answers ``ERR bad_hello RG<n>`` gets a message naming both versions."""
+    server_ctx = tls.server_context(pki["cert"].cert_file, pki["cert"].key_file)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def fake_relay():
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tconn:
+            answer(tconn)
+            tconn.sendall(b"ERR bad_hello RG3\n")
+
+    fake = gevent.spawn(fake_relay)
+    with pytest.raises(relay.RelayError) as err:
+        relay.dial_relay("127.0.0.1", listener.getsockname()[1], client_ctx, "127.0.0.1",
+                         "agent", *new_session(), timeout=WAIT)
+    fake.get(timeout=WAIT)
+    listener.close()
+    assert err.value.code == "bad_hello" and err.value.remote
+    assert "RG3" in str(err.value) and "RG2" in str(err.value)
 
 
 def test_pairing_timeout(make_relay, client_ctx):
