@@ -5,7 +5,7 @@ Sequence (docs/protocol.md §8), with one round trip saved:
 1. fresh curve25519 key pair and pairing ticket; the signed ``session.request`` is
    published (:meth:`ConsoleControl.start_request`);
 2. **at once**, in parallel with waiting for the answer, we dial the relay (TLS, chain and
-   host name verified) and present ``RG1 console <sid> <ticket>``: the relay holds us until
+   host name verified) and present ``RG2 console <sid> <ticket>``: the relay holds us until
    the agent arrives, which it does right after its accept — so the pairing completes
    while the accept travels back through the broker. The relay hello is not a tunnel byte:
    nothing of the tunnel (HELLO frame included) is sent before the accept was verified
