@@ -602,6 +602,15 @@ class Bench:
                               seconds=seconds)
             out[direction] = {"gbit_s_while_profiled": gbit,
                               "processes": suite_profile.finish(rec)}
+        # The latency path too: where a 1-byte round trip spends its time in each process.
+        rec = suite_profile.start(pids, directory, "rtt", seconds)
+        gevent.sleep(0.5)
+        rtt: Dict[str, float] = {}
+        deadline = time.monotonic() + seconds - 1
+        while time.monotonic() < deadline:
+            rtt = self.rtt(self.ports["echo_tunnel"])
+        out["rtt"] = {"rtt_p50_ms_while_profiled": rtt.get("p50", float("nan")),
+                      "processes": suite_profile.finish(rec)}
         self.results["profile"] = out
         say(suite_profile.report(out))
 

@@ -95,8 +95,12 @@ def finish(recs: List[Tuple[str, str, subprocess.Popen]]) -> Dict[str, Any]:
 def report(result: Dict[str, Any]) -> str:
     lines = []
     for direction, data in result.items():
-        lines.append("-- %s: %.2f Gbit/s while profiled" % (direction,
-                                                           data["gbit_s_while_profiled"]))
+        if "rtt_p50_ms_while_profiled" in data:
+            lines.append("-- %s: 1-byte round trips, p50 %.3f ms while profiled"
+                         % (direction, data["rtt_p50_ms_while_profiled"]))
+        else:
+            lines.append("-- %s: %.2f Gbit/s while profiled"
+                         % (direction, data["gbit_s_while_profiled"]))
         for name, prof in data["processes"].items():
             lines.append("  %s: %s samples, busy %s%% of one core"
                          % (name, prof.get("samples"), prof.get("busy_pct")))
