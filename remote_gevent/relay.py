@@ -549,6 +549,7 @@ class Relay:
     def _tls_accept(self, raw: socket.socket, deadline: float) -> Optional[ssl.SSLSocket]:
         """TLS handshake in this connection's greenlet, bounded by ``deadline``."""
         _set_nodelay(raw)
+        sock = None
         try:
             sock = self.ssl_context.wrap_socket(raw, server_side=True,
                                                 do_handshake_on_connect=False)
@@ -557,6 +558,10 @@ class Relay:
             return sock
         except (ssl.SSLError, OSError) as exc:  # socket.timeout is an OSError
             log.debug("TLS handshake with %s failed: %s", raw_peer(raw), exc)
+            # wrap_socket took raw's descriptor: close it here. Relying on garbage
+            # collection left it open on Python 3.8 (the traceback keeps ``sock`` alive),
+            # so a client that never starts TLS held its connection past the timeout.
+            _close_quietly(sock)
             return None
 
     def _read_hello(self, sock: ssl.SSLSocket, deadline: float) -> Tuple[bytes, bytes]:
