@@ -16,12 +16,13 @@ from __future__ import annotations
 import errno
 import os
 import sys
-import tempfile
 import time
 from typing import Optional
 
 import gevent
 from gevent import monkey
+
+from remote_gevent import fsutil
 
 READY_TIMEOUT = 30.0  # seconds the launching process waits for the daemon
 
@@ -89,25 +90,10 @@ def write_pidfile(path: str, pid: Optional[int] = None) -> None:
     """Atomically write ``pid`` (default: ours) to ``path``; refuse if a live pid is there."""
     check_pidfile(path)
     pid = os.getpid() if pid is None else pid
-    parent = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=parent)
+        fsutil.write_atomic(path, "%d\n" % pid, 0o644)
     except OSError as exc:
-        raise PidfileError("cannot write pidfile %s: %s" % (path, exc.strerror)) from None
-    try:
-        with os.fdopen(fd, "w") as fh:
-            os.fchmod(fh.fileno(), 0o644)
-            fh.write("%d\n" % pid)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise PidfileError("cannot write pidfile %s: %s" % (path, exc.strerror)) from None
-
+        raise PidfileError("cannot write pidfile %s: %s" % (path, exc.strerror or exc)) from None
 
 def remove_pidfile(path: str, pid: Optional[int] = None) -> bool:
     """Remove ``path`` only if it still holds ``pid`` (default: ours). True if removed."""

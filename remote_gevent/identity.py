@@ -24,11 +24,12 @@ import os
 import socket
 import stat
 import struct
-import tempfile
 from typing import Optional, Tuple
 
 import nacl.exceptions
 import nacl.signing
+
+from remote_gevent import fsutil
 
 log = logging.getLogger(__name__)
 
@@ -336,38 +337,12 @@ def _ensure_parent(path: str) -> str:
 
 def write(key: IdentityKey, path: str) -> None:
     """Atomically write ``key`` to ``path`` (0600 from creation, fsynced, renamed)."""
-    parent = _ensure_parent(path)
-    data = key.openssh_private_bytes()
+    _ensure_parent(path)
     try:
-        # mkstemp creates the file with mode 0600 (O_EXCL), never readable by others.
-        fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".tmp",
-                                   dir=parent)
+        fsutil.write_atomic(path, key.openssh_private_bytes(), 0o600)
     except OSError as exc:
-        raise IdentityError("cannot write identity key in %s: %s" % (parent, exc.strerror)) \
-            from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise IdentityError("cannot write identity key %s: %s" % (path, exc.strerror)) from None
-    try:
-        dfd = os.open(parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+        raise IdentityError("cannot write identity key %s: %s"
+                            % (path, exc.strerror or exc)) from None
     key.path = path
 
 

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -49,7 +48,7 @@ import gevent
 import gevent.event
 import gevent.queue
 
-from remote_gevent import protocol
+from remote_gevent import fsutil, protocol
 from remote_gevent.amqplink import AmqpLink, LinkConfigError, LinkError, LoginRefused
 from remote_gevent.console.config import (
     EXIT_BROKER,
@@ -181,17 +180,8 @@ class DeviceStates:
                 if other is None or other.get("updated", 0) <= entry.get("updated", 0):
                     merged[did] = entry
             self.devices = merged
-            fd, tmp = tempfile.mkstemp(prefix=".devices.", suffix=".tmp", dir=parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    json.dump({"version": 1, "devices": merged}, fh, indent=1, sort_keys=True)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            fsutil.write_atomic(self.path, json.dumps({"version": 1, "devices": merged},
+                                                      indent=1, sort_keys=True), 0o600)
             self.dirty = False
         except OSError as exc:
             log.warning("cannot write device state %s: %s", self.path, exc.strerror or exc)

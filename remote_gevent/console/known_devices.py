@@ -30,11 +30,11 @@ import fcntl
 import hmac
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from remote_gevent import fsutil
 from remote_gevent.identity import fingerprint_of, parse_ssh_ed25519_line, public_line_of
 
 _DEVICE_RE = re.compile(r"^([A-Za-z0-9_-]{1,32})/([A-Za-z0-9_-]{1,64})$")
@@ -183,32 +183,14 @@ class KnownDevices:
             os.close(fd)  # releases the lock
 
     def _write(self, lines: List[str]) -> None:
-        parent = os.path.dirname(os.path.abspath(self.path))
         text = "\n".join(lines) + "\n"
         if not text.startswith("#"):
             text = HEADER + text
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(self.path),
-                                       suffix=".tmp", dir=parent)
+            fsutil.write_atomic(self.path, text, 0o644)
         except OSError as exc:
-            raise KnownDevicesError("cannot write %s: %s" % (self.path, exc.strerror)) from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                os.fchmod(fh.fileno(), 0o644)
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise KnownDevicesError("cannot write %s: %s" % (self.path, exc.strerror)) from None
-        with contextlib.suppress(OSError):
-            dfd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            raise KnownDevicesError("cannot write %s: %s"
+                                    % (self.path, exc.strerror or exc)) from None
 
     def _put(self, pin: Pin, expect_raw: Optional[bytes], replace: bool) -> Pin:
         """Write ``pin`` under the lock. ``expect_raw``: the pin the caller based its

@@ -24,6 +24,7 @@ from typing import IO, Any, Callable, Dict, Optional
 import gevent
 import gevent.event
 
+from remote_gevent import fsutil
 from remote_gevent.transfer import (
     BAD_REQUEST,
     CHUNK,
@@ -535,7 +536,7 @@ def get_file(stream_factory: StreamFactory, remote: str, local: str, resume: boo
                     os.chmod(part, LOCAL_FILE_MODE)
                     os.replace(part, local)
                     keep = True
-                    _fsync_local_dir(ldir)
+                    fsutil.fsync_dir(ldir)
                     conn.finish()
                     return n
                 finally:
@@ -574,19 +575,6 @@ def _get_data(conn: _Conn, fh: Any, remote: str, size: int, offset: int, h: Any,
                             "kept" % (remote, trailer.get("sha256"), digest))
     progress.finish()
     return size - offset
-
-
-def _fsync_local_dir(path: str) -> None:
-    try:
-        dfd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 # --------------------------------------------------------------------------- CLI glue

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from remote_gevent import fsutil
+
 VALIDITY = datetime.timedelta(days=825)
 # Backdate a little so a clock that is slightly behind still accepts the certificate.
 BACKDATE = datetime.timedelta(hours=1)
@@ -28,22 +30,11 @@ class Issued(NamedTuple):
 
 
 def _write_private(path: str, data: bytes) -> None:
-    """Write key material created 0600 from the start, never readable by others."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fsutil.write_atomic(path, data, 0o600)
 
 
 def _write_public(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
+    fsutil.write_atomic(path, data, 0o644)
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(

@@ -58,7 +58,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from remote_gevent import identity
+from remote_gevent import fsutil, identity
 from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.pki import CertificateAuthority
 
@@ -120,12 +120,7 @@ def _tail(path: str, size: int = 2000) -> str:
 
 
 def _write_text(path: str, text: str, mode: int = 0o644) -> None:
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    fsutil.write_atomic(path, text, mode)
 
 
 def _deep_merge(base: Dict[str, Any], extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:

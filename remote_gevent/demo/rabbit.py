@@ -50,6 +50,8 @@ import weakref
 from typing import Dict, List, Optional, Sequence
 from urllib.parse import quote
 
+from remote_gevent import fsutil
+
 log = logging.getLogger(__name__)
 
 RABBITMQ_BIN_DIR = "/usr/lib/rabbitmq/bin"
@@ -244,11 +246,7 @@ class RabbitNode:
 
     @staticmethod
     def _write(path: str, text: str, mode: int) -> None:
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        fsutil.write_atomic(path, text, mode)
 
     def env(self) -> Dict[str, str]:
         """Environment for rabbitmq-server and rabbitmqctl talking to this node."""
