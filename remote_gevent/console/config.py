@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from remote_gevent.config import (
+    AmqpConfig,
     ConfigError,
     Invalid,
     _build,
@@ -133,20 +134,12 @@ def v_cipher(value: Any, base: str) -> str:
 
 
 @dataclass(frozen=True)
-class ConsoleAmqpConfig:
+class ConsoleAmqpConfig(AmqpConfig):
+    """The agent's ``amqp:`` keys; only two defaults differ for an operator's machine."""
+
     urls: Tuple[str, ...] = key(
         ["amqps://broker.fr04.alemca.net:5671/"], v_urls, "list of URL",
         "broker URLs amqps://host:port/vhost, tried in turn; amqp:// only to loopback")
-    ca_file: Optional[str] = key(
-        None, v_opt_existing_file, "path|null",
-        "CA bundle that signs the broker certificate; null: the system store")
-    cert_file: Optional[str] = key(
-        None, v_opt_existing_file, "path|null", "optional TLS client certificate (PEM)")
-    key_file: Optional[str] = key(
-        None, v_opt_existing_file, "path|null", "private key of cert_file (PEM)")
-    heartbeat: int = key(30, v_int(0, 3600), "int s", "AMQP heartbeat in seconds (0: off)")
-    connect_timeout: float = key(
-        10.0, v_float(0.001, 600), "float s", "TCP+TLS+AMQP connect timeout per URL")
     reconnect_max_delay: float = key(
         30.0, v_float(0.001, 3600), "float s", "cap of the reconnect backoff (watch)")
 
