@@ -245,8 +245,10 @@ def parse_err(answer: str) -> Tuple[str, str]:
     return (parts[1] if len(parts) > 1 else "error"), (parts[2] if len(parts) > 2 else "")
 
 
-def _close_stdout(fd: int) -> None:
-    """EOF for our stdout's reader while fd stays valid (-> /dev/null), as stdio.py does."""
+def close_stdout(fd: int) -> None:
+    """EOF for whoever reads our stdout, keeping ``fd`` valid (-> /dev/null).
+
+    Kept here, free of gevent, because the fast ``stdio`` path imports this module."""
     try:
         null = os.open(os.devnull, os.O_WRONLY)
     except OSError:
@@ -290,7 +292,7 @@ def pump(s: socket.socket, first: bytes, stdin_fd: int = 0, stdout_fd: int = 1) 
                         return EXIT_CONNECTION
                     if not data:
                         sel.unregister(s)  # stdin keeps flowing (half-close)
-                        _close_stdout(stdout_fd)
+                        close_stdout(stdout_fd)
                         continue
                     try:
                         _write_all(stdout_fd, data)

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import gevent
 
 from remote_gevent.console.config import EXIT_CONNECTION, EXIT_OK, EXIT_REFUSED, ConsoleError
+from remote_gevent.console.master import close_stdout
 
 CHUNK = 65536
 
@@ -57,20 +58,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = gos.nb_write(fd, view)
         view = view[n:]
-
-
-def _close_stdout(fd: int) -> None:
-    """Signal EOF to whoever reads our stdout, keeping fd ``fd`` valid (-> /dev/null)."""
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return
-    try:
-        os.dup2(null, fd)
-    except OSError:
-        pass
-    finally:
-        os.close(null)
 
 
 def pump_stdin(fd: int, stream: Any) -> None:
@@ -130,6 +117,6 @@ def run_stdio(session: Any, target: str, stdin_fd: int = 0, stdout_fd: int = 1,
             if exc.errno not in (32, 9):  # EPIPE, EBADF: the reader is gone, not an error
                 err.write("remote-gevent-console stdio: stdout: %s\n" % exc)
                 code = EXIT_CONNECTION
-        _close_stdout(stdout_fd)
+        close_stdout(stdout_fd)
         up.join()
     return code
