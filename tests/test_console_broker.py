@@ -25,6 +25,7 @@ from remote_gevent.console.config import ConsoleError
 from remote_gevent.console.control import ConsoleControl, DeviceStates, device_status
 from remote_gevent.console.known_devices import KnownDevices
 from remote_gevent.console.session import open_session
+from echo_server import echo
 
 WAIT = 20.0
 
@@ -43,14 +44,6 @@ def relay_server(pki):
 
 @pytest.fixture(scope="module")
 def echo_port():
-    def echo(sock, _addr):
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            sock.sendall(data)
-        sock.close()
-
     server = StreamServer(("127.0.0.1", 0), echo)
     server.start()
     yield server.address[1]

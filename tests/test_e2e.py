@@ -28,6 +28,7 @@ import pytest
 
 from remote_gevent import history
 from remote_gevent.demo.platform import DemoPlatform, port_open
+from echo_server import EchoServer
 
 pytestmark = pytest.mark.e2e
 
@@ -661,32 +662,6 @@ class HookedRelay:
 
     def stop(self) -> None:
         self.relay.stop(grace=0)
-
-
-class EchoServer:
-    def __init__(self) -> None:
-        from gevent.server import StreamServer
-
-        self.server = StreamServer(("127.0.0.1", 0), self._echo)
-        self.server.start()
-        self.port = self.server.address[1]
-
-    @staticmethod
-    def _echo(sock: socket.socket, address: Any) -> None:
-        try:
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        finally:
-            sock.close()
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 @pytest.fixture(scope="module")

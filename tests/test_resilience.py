@@ -29,13 +29,13 @@ import gevent.event
 import pytest
 import yaml
 from gevent.queue import Empty, Queue
-from gevent.server import StreamServer
 
 from remote_gevent import history, identity, protocol
 from remote_gevent import tunnel_crypto as tc
 from remote_gevent.amqplink import AmqpLink
 from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.platform import DemoPlatform, port_open
+from echo_server import EchoServer
 
 pytestmark = pytest.mark.e2e
 
@@ -89,30 +89,6 @@ def read_exactly(stream: Any, n: int, timeout: float = WAIT) -> bytes:
                 raise AssertionError("EOF after %d of %d bytes: %r" % (len(buf), n, buf[:80]))
             buf += chunk
     return buf
-
-
-class EchoServer:
-    def __init__(self) -> None:
-        self.server = StreamServer(("127.0.0.1", 0), self._echo)
-        self.server.start()
-        self.port = self.server.address[1]
-
-    @staticmethod
-    def _echo(sock: socket.socket, address: Any) -> None:
-        try:
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        finally:
-            sock.close()
-
-    def stop(self) -> None:
-        self.server.stop(timeout=1)
 
 
 class Procs:

@@ -24,6 +24,7 @@ from remote_gevent.authkeys import AuthorizedKeys
 from remote_gevent.demo.pki import CertificateAuthority
 from remote_gevent.identity import IdentityKey
 from remote_gevent.protocol import CloseCode, Reason
+from echo_server import echo
 
 T = 10.0  # generous bound for any single wait
 DEVICE = "dev1"
@@ -55,23 +56,9 @@ def relay_server(pki):
     r.stop(grace=0)
 
 
-def _echo(sock: socket.socket, address: Any) -> None:
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
 @pytest.fixture
 def echo_port():
-    server = gevent.server.StreamServer(("127.0.0.1", 0), _echo)
+    server = gevent.server.StreamServer(("127.0.0.1", 0), echo)
     server.start()
     yield server.server_port
     server.stop(timeout=1)
