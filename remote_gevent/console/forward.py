@@ -15,17 +15,36 @@ from __future__ import annotations
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import gevent
 import gevent.pool
 
 DEFAULT_BIND = "127.0.0.1"
 LISTEN_BACKLOG = 128
+ACCEPT_RETRY = 0.1  # s after a failed accept (e.g. EMFILE): neither spin nor stall
 
 
 class SpecError(ValueError):
     """A -L / -D / target spec is malformed (message says how)."""
+
+
+def accept_connections(session: Any, listener: socket.socket,
+                       on_connection: Callable[[socket.socket], None],
+                       say: Callable[[str], None], what: str) -> None:
+    """Accept on ``listener`` until ``session`` closes; hand each connection on.
+
+    The one accept loop of the console's listeners (``forward -L``, ``socks -D``)."""
+    while not session.closed:
+        try:
+            conn, _ = listener.accept()
+        except OSError as exc:
+            if session.closed:
+                return
+            say("%s failed: %s" % (what, exc))
+            gevent.sleep(ACCEPT_RETRY)
+            continue
+        on_connection(conn)
 
 
 @dataclass(frozen=True)
@@ -193,17 +212,12 @@ class Forwarder:
         self.group.spawn(self._accept_loop, listener, target)
 
     def _accept_loop(self, listener: socket.socket, target: str) -> None:
-        while not self.session.closed:
-            try:
-                conn, _ = listener.accept()
-            except OSError as exc:
-                if self.session.closed:
-                    return
-                self.say("accept on %s failed: %s" % (bound_address(listener), exc))
-                gevent.sleep(0.1)
-                continue
-            self.connections += 1
-            self.group.spawn(self._handle, conn, target)
+        accept_connections(self.session, listener, lambda conn: self._accepted(conn, target),
+                           self.say, "accept on %s" % bound_address(listener))
+
+    def _accepted(self, conn: socket.socket, target: str) -> None:
+        self.connections += 1
+        self.group.spawn(self._handle, conn, target)
 
     def _handle(self, conn: socket.socket, target: str) -> None:
         from remote_gevent import mux

@@ -22,7 +22,12 @@ from typing import Any, Tuple
 
 import gevent
 
-from remote_gevent.console.forward import SpecError, bound_address, make_target
+from remote_gevent.console.forward import (
+    SpecError,
+    accept_connections,
+    bound_address,
+    make_target,
+)
 
 SOCKS_VERSION = 5
 METHOD_NO_AUTH = 0x00
@@ -174,17 +179,11 @@ class SocksServer:
         self.group.spawn(self._accept_loop, listener)
 
     def _accept_loop(self, listener: socket.socket) -> None:
-        while not self.session.closed:
-            try:
-                conn, _ = listener.accept()
-            except OSError as exc:
-                if self.session.closed:
-                    return
-                self.say("socks: accept failed: %s" % exc)
-                gevent.sleep(0.1)
-                continue
-            self.connections += 1
-            self.group.spawn(self.handle, conn)
+        accept_connections(self.session, listener, self._accepted, self.say, "socks: accept")
+
+    def _accepted(self, conn: socket.socket) -> None:
+        self.connections += 1
+        self.group.spawn(self.handle, conn)
 
     def handle(self, conn: Any) -> None:
         """One client: handshake, open the stream, reply, splice."""
