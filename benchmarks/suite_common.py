@@ -8,7 +8,6 @@ called from ``finally`` so that Ctrl-C or an error leaves no sshd, iperf3 or con
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import re
@@ -21,16 +20,9 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-PR_SET_PDEATHSIG = 1
+from remote_gevent.demo.platform import die_with_parent
+
 WAIT = 30.0
-
-
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def free_port() -> int:
@@ -131,7 +123,7 @@ class Procs:
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stdout", subprocess.DEVNULL)
         kwargs.setdefault("stderr", subprocess.DEVNULL)
-        proc = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=_pdeathsig,
+        proc = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=die_with_parent,
                                 **kwargs)
         self.procs.append(proc)
         return proc

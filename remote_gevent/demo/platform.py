@@ -80,7 +80,7 @@ POLL = 0.1
 PR_SET_PDEATHSIG = 1
 
 
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Child dies with us (SIGTERM) even if we are SIGKILLed: no stray agent or relay."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -341,7 +341,7 @@ class DemoPlatform:
         try:
             return subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=self.dir, start_new_session=True, preexec_fn=_pdeathsig)
+                cwd=self.dir, start_new_session=True, preexec_fn=die_with_parent)
         finally:
             out.close()
 
