@@ -425,6 +425,83 @@ def test_slow_reader_does_not_stall_other_stream(pair_factory):
         server.stop(timeout=1)
 
 
+def test_direct_delivery_writes_from_the_reader(pair_factory, echo_server, monkeypatch):
+    """Small interactive chunks reach an idle local socket straight from the reader."""
+    taken = []
+    real = mux._write_now
+
+    def counting(sock, data):
+        n = real(sock, data)
+        taken.append(n)
+        return n
+
+    monkeypatch.setattr(mux, "_write_now", counting)
+    p = pair_factory(tcp=True)
+    stream, client, g = _spliced_client(p, echo_server)
+    for i in range(20):
+        msg = b"keystroke %d" % i
+        client.sendall(msg)
+        assert client.recv(100) == msg
+    client.close()
+    # both directions (console -> echo, echo -> console) went through the reader's write
+    assert sum(1 for n in taken if n > 0) >= 40
+
+
+def test_direct_delivery_keeps_order_when_the_local_socket_fills(pair_factory):
+    """The reader writes what the local socket takes and queues the rest; the queued
+    part goes out before anything newer, so a slow local reader sees every byte in
+    order (the bytes are a counter: any reordering changes the digest)."""
+    size = 24 << 20
+    payload = b"".join(struct.pack(">Q", i) for i in range(size // 8))
+
+    def source(sock, _addr):
+        try:
+            sock.sendall(payload)
+        finally:
+            sock.close()
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), source)
+    server.start()
+    try:
+        p = pair_factory(tcp=True)
+        stream = p.console.open_stream("127.0.0.1:%d" % server.server_port, timeout=T)
+        mine, theirs = socket.socketpair()
+        for s in (mine, theirs):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        splicer = gevent.spawn(p.console.splice, stream, theirs)
+        digest = hashlib.sha256()
+        got = 0
+        with gevent.Timeout(60):
+            while True:
+                if got < (1 << 20):
+                    gevent.sleep(0.001)  # slow at first: the socket fills, chunks queue
+                data = mine.recv(7001)
+                if not data:
+                    break
+                digest.update(data)
+                got += len(data)
+        assert got == size
+        assert digest.digest() == hashlib.sha256(payload).digest()
+        mine.close()
+        splicer.get(timeout=T)
+    finally:
+        server.stop(timeout=1)
+
+
+def test_write_now_never_touches_a_closed_socket():
+    a, b = socket.socketpair()
+    try:
+        assert mux._write_now(a, b"x") == 1
+        assert b.recv(1) == b"x"
+        a.close()
+        assert a.fileno() == -1
+        assert mux._write_now(a, b"x") == 0
+        assert mux._write_now(object(), b"x") == 0   # not a socket: left to the writer
+    finally:
+        b.close()
+
+
 # ---------------------------------------------------------------- refusals, resets
 
 
