@@ -40,15 +40,17 @@ Why things are the way they are:
   session request), squatting is bounded by the pairing timeout and the per-IP pending
   limit, and the alternative (several candidate waiters per id) would let a stranger hold
   more relay state per guessed id.
-* **Splice.** Each direction waits for readability holding nothing, then borrows a pipe
-  from a shared :class:`PipePool`, moves what is available socket → pipe → socket with
-  ``os.splice`` and gives the (empty) pipe back. So an idle paired session costs its two
-  sockets and two io watchers per direction, no pipe and no buffer: 5000 paired sessions
-  hold 10 000 socket fds plus 2 fds per direction *moving data right now* (+ a few spare
-  pipes). EOF (splice returns 0) is forwarded as ``shutdown(SHUT_WR)`` and the other
-  direction keeps flowing. Where ``os.splice`` is missing (Python < 3.10, not Linux) or
-  refuses the descriptors (``EINVAL``), or ``REMOTE_GEVENT_RELAY_SPLICE=0`` /
-  ``Relay(splice=False)``, the same loop copies through a pooled buffer
+* **Splice, in one thread.** After pairing, the relay only moves sealed bytes, so the
+  greenlets hand each plain TCP pair to the data-plane thread of :mod:`splicer`: one OS
+  thread with a level-triggered epoll that moves bytes socket → pipe → socket with
+  ``os.splice``, borrowing a pipe only while a direction has bytes in flight (an idle
+  paired session costs its two sockets and nothing else). EOF is passed on as
+  ``shutdown(SHUT_WR)`` and the other direction keeps flowing. A wake-up there costs no
+  pass through gevent's hub, which took a 1-byte round trip through the relay from about
+  42 to 26 us (docs/performance.md). TLS, pairing, timeouts and logging stay in greenlets;
+  one sweeper greenlet ends idle sessions. Where ``os.splice`` is missing (Python < 3.10,
+  not Linux) or refuses the descriptors (``EINVAL``), or ``REMOTE_GEVENT_RELAY_SPLICE=0``
+  / ``Relay(splice=False)``, each direction is a greenlet copying through a pooled buffer
   (``recv_into`` + ``sendall``).
 * **TCP_NODELAY** is set on both legs (and by :func:`dial_relay`): the tunnel carries
   small interactive frames (keystrokes, pings) that Nagle + delayed ACK would hold for
@@ -59,7 +61,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import hmac
 import logging
 import os
@@ -76,7 +77,7 @@ import gevent.socket
 from gevent.hub import get_hub
 from gevent.server import StreamServer
 
-from remote_gevent import tls
+from remote_gevent import splicer, tls
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +106,16 @@ REJECT_TIMEOUT = 5.0
 #: closing does not turn into a TCP RST that would destroy the error line in flight.
 LINGER_TIMEOUT = 1.0
 LINGER_MAX_BYTES = 64 * 1024
-#: How many spare forwarding buffers / pipes the pools keep (the rest are freed).
+#: How many spare copy buffers the pool keeps (the rest are freed).
 SPARE_BUFFERS = 32
-SPARE_PIPES = 32
-#: A direction gives the hub back (and its pipe to the pool) after moving this much.
-BURST_BYTES = 4 * 1024 * 1024
-
-#: ``os.splice`` (Linux, Python >= 3.10); ``REMOTE_GEVENT_RELAY_SPLICE=0`` turns it off.
-_SPLICE = getattr(os, "splice", None)
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-_F_SETPIPE_SZ = 1031  # fcntl constants (Linux); fcntl.F_SETPIPE_SZ only from Python 3.10
-_F_GETPIPE_SZ = 1032
 
 
 def splice_available() -> bool:
-    """Whether the relay forwards with ``os.splice`` by default here."""
-    return _SPLICE is not None and os.environ.get("REMOTE_GEVENT_RELAY_SPLICE", "1") != "0"
+    """Whether the relay forwards with ``os.splice`` (its data-plane thread) by default.
+
+    Linux with Python >= 3.10; ``REMOTE_GEVENT_RELAY_SPLICE=0`` turns it off."""
+    return splicer.SPLICE is not None \
+        and os.environ.get("REMOTE_GEVENT_RELAY_SPLICE", "1") != "0"
 
 _SESSION_ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 
@@ -199,61 +194,6 @@ class BufferPool:
             self._free.append(buf)
         else:
             self.allocated -= 1
-
-
-class PipePool:
-    """Pipes for ``os.splice``, lent like :class:`BufferPool` lends buffers.
-
-    Only a direction that is moving data holds a pipe (2 fds; the kernel's pipe pages hold
-    only bytes in flight), so fd usage follows active transfers, not paired sessions. A pipe
-    comes back only when empty; one that may still hold bytes (error mid-move) is closed.
-    ``size`` asks the kernel for that capacity (``F_SETPIPE_SZ``; default 64 KiB otherwise).
-    """
-
-    def __init__(self, size: int, spare: int = SPARE_PIPES) -> None:
-        self.want = size
-        self.spare = spare
-        self._free: List[Tuple[int, int, int]] = []
-        self.allocated = 0
-
-    def acquire(self) -> Tuple[int, int, int]:
-        """``(read_fd, write_fd, capacity)``."""
-        if self._free:
-            return self._free.pop()
-        r, w = _new_pipe()
-        self.allocated += 1
-        try:
-            import fcntl
-            fcntl.fcntl(w, _F_SETPIPE_SZ, self.want)
-            size = fcntl.fcntl(w, _F_GETPIPE_SZ)
-        except (ImportError, OSError):
-            size = 65536  # over pipe-max-size or pipe-user-pages-soft: the default
-        return r, w, size
-
-    def release(self, r: int, w: int, size: int, clean: bool = True) -> None:
-        if clean and len(self._free) < self.spare:
-            self._free.append((r, w, size))
-            return
-        self.allocated -= 1
-        for fd in (r, w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        while self._free:
-            self.release(*self._free.pop(), clean=False)
-
-
-def _new_pipe() -> Tuple[int, int]:
-    pipe2 = getattr(os, "pipe2", None)
-    if pipe2 is not None:
-        return pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    return r, w
 
 
 def half_close(sock: socket.socket) -> None:
@@ -391,7 +331,8 @@ class _Conn:
 
 class _Session:
     __slots__ = ("session_id", "agent", "console", "started", "last_activity", "bytes",
-                 "outcome", "running", "done", "eofs", "unwrapped", "plain")
+                 "outcome", "running", "done", "unwrapped", "plain", "pair", "forwarded",
+                 "copy")
 
     def __init__(self, session_id: str, agent: _Conn, console: _Conn) -> None:
         self.session_id = session_id
@@ -403,7 +344,9 @@ class _Session:
         self.outcome = ""
         self.running = 2
         self.done = gevent.event.Event()
-        self.eofs = 0
+        self.pair: Optional[splicer.Pair] = None  # forwarded by the splice thread
+        self.forwarded = gevent.event.Event()  # the splice thread let go of the sockets
+        self.copy = False  # forward in greenlets (copy loop), not in the splice thread
         self.unwrapped = 0  # legs whose TLS is shut down
         self.plain = gevent.event.Event()  # both legs plain (or the session failed)
 
@@ -426,10 +369,11 @@ class Relay:
             ssl_context = tls.server_context(settings.cert_file, settings.key_file)
         self.ssl_context = allow_half_close(ssl_context)
         self.buffers = BufferPool(settings.buffer_size)
-        self.pipes = PipePool(settings.buffer_size)
+        self.pipes = splicer.PipePool(settings.buffer_size)
         if splice is None:
             splice = splice_available()
-        self.splice = bool(splice) and _SPLICE is not None
+        self.splice = bool(splice) and splicer.SPLICE is not None
+        self._plane: Optional[splicer.SplicePlane] = None  # started at the first pair
         self._waiting: Dict[str, _Conn] = {}
         self._sessions: Dict[str, _Session] = {}
         self._per_ip: Dict[str, int] = {}
@@ -485,6 +429,9 @@ class Relay:
         self._pool.kill(block=True, timeout=1)
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
+        if self._plane is not None:
+            self._plane.stop()
+            self._plane = None
         self.pipes.close()
         log.info("relay stopped")
 
@@ -749,7 +696,10 @@ class Relay:
         dst = session.console if conn is session.agent else session.agent
         try:
             if self._go_plain(session, conn, src_role):
-                self._pump(session, conn, dst, src_role)
+                if self.splice and not session.copy:
+                    self._forward_in_thread(session, conn)
+                if session.copy or not self.splice:
+                    self._pump(session, conn, dst, src_role)
         except socket.timeout:
             self._abort(session, "timeout (peer stopped reading)")
         except (ssl.SSLError, OSError) as exc:
@@ -795,53 +745,13 @@ class Relay:
         session.plain.wait()  # the other leg's unwrap is bounded the same way
         return not session.outcome
 
-    def _pump(self, session: _Session, src: _Conn, dst: _Conn, src_role: str) -> None:
-        """One direction, plain TCP to plain TCP: wait holding nothing, then move what is
-        there (splice, or copy) and give the pipe/buffer back; EOF → ``SHUT_WR``."""
-        s_sock = src.sock
-        d_sock = dst.sock
-        s_sock.settimeout(self.settings.idle_timeout)
-        d_sock.settimeout(self.settings.idle_timeout)
-        hub = get_hub()
-        wait = hub.wait
-        readable = hub.loop.io(s_sock.fileno(), 1)
-        writable = hub.loop.io(d_sock.fileno(), 2)
-        use_splice = self.splice
-        try:
-            while True:
-                wait(readable)  # no timer per wait: _sweep_idle ends idle sessions
-                if session.outcome:
-                    return
-                if use_splice:
-                    try:
-                        eof = self._move_splice(session, s_sock, d_sock, writable, src_role)
-                    except _NoSplice as exc:
-                        log.info("session %s: os.splice refused (%s); copying instead",
-                                 session.session_id, exc)
-                        use_splice = False
-                        continue
-                else:
-                    eof = self._move_copy(session, s_sock, d_sock, src_role)
-                if session.outcome:
-                    return
-                if eof:
-                    break
-        finally:
-            readable.close()
-            writable.close()
-        session.eofs += 1
-        try:
-            d_sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the other side is gone; its own leg will notice
-
     def _sweep_idle(self) -> None:
         """End sessions that moved no byte for ``idle_timeout``.
 
         One timer for the whole relay rather than one armed and cancelled around every
-        wait for readability, which cost the round trip more than the splice itself.
-        ``_abort`` shuts both sockets down, which wakes the pumps. A session ends between
-        ``idle_timeout`` and 1.25 x ``idle_timeout`` after its last byte.
+        wait for readability. ``_abort`` shuts both sockets down, which wakes whatever
+        forwards them. A session ends between ``idle_timeout`` and 1.25 x
+        ``idle_timeout`` after its last byte.
         """
         idle = self.settings.idle_timeout
         period = min(idle / 4, 5.0)
@@ -849,55 +759,58 @@ class Relay:
             gevent.sleep(period)
             now = time.monotonic()
             for session in list(self._sessions.values()):
-                if not session.outcome and now - session.last_activity >= idle:
+                pair = session.pair
+                last = pair.last_activity if pair is not None else session.last_activity
+                if not session.outcome and now - last >= idle:
                     self._abort(session, "timeout (idle %.0fs)" % idle)
 
-    def _move_splice(self, session: _Session, s_sock: socket.socket, d_sock: socket.socket,
-                     writable, src_role: str) -> bool:  # noqa: ANN001
-        """Move what ``s_sock`` has (up to a burst) into ``d_sock``; True at EOF."""
-        s_fd = s_sock.fileno()
-        d_fd = d_sock.fileno()
-        idle = self.settings.idle_timeout
-        r, w, size = self.pipes.acquire()
-        clean = False
-        moved = 0
-        eof = False
+    def _forward_in_thread(self, session: _Session, conn: _Conn) -> None:
+        """Both legs come here; the agent's hands the pair to the splice thread, both wait
+        until the thread is done with it. ``session.copy`` if splice refused the sockets."""
+        if conn is session.agent:
+            if self._plane is None:
+                self._plane = splicer.SplicePlane(self.pipes)
+            session.pair = splicer.Pair(
+                session.agent.sock.fileno(), "agent", session.console.sock.fileno(),
+                "console", on_done=lambda _pair: session.forwarded.set())
+            self._plane.forward(session.pair)
+        session.forwarded.wait()
+        pair = session.pair
+        assert pair is not None
+        session.bytes["agent"] = pair.moved("agent")
+        session.bytes["console"] = pair.moved("console")
+        if pair.nosplice:
+            log.info("session %s: os.splice refused (%s); copying instead",
+                     session.session_id, pair.error)
+            session.copy = True
+        elif pair.error and not session.outcome:
+            self._abort(session, "error (%s)" % pair.error)
+
+    def _pump(self, session: _Session, src: _Conn, dst: _Conn, src_role: str) -> None:
+        """One direction in greenlets (no splice): wait holding nothing, then copy what is
+        there through a pooled buffer and give it back; EOF → ``SHUT_WR``."""
+        s_sock = src.sock
+        d_sock = dst.sock
+        s_sock.settimeout(self.settings.idle_timeout)
+        d_sock.settimeout(self.settings.idle_timeout)
+        hub = get_hub()
+        readable = hub.loop.io(s_sock.fileno(), 1)
         try:
-            while moved < BURST_BYTES:
-                try:
-                    n = _SPLICE(s_fd, w, size, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    break  # nothing more for now: give the pipe back, wait
-                except OSError as exc:
-                    if exc.errno == errno.EINVAL:  # nothing moved; the pipe is empty
-                        clean = True
-                        raise _NoSplice(_describe(exc)) from None
-                    raise
-                if not n:
-                    eof = True
+            while True:
+                hub.wait(readable)  # no timer per wait: _sweep_idle ends idle sessions
+                if session.outcome:
+                    return
+                eof = self._move_copy(session, s_sock, d_sock, src_role)
+                if session.outcome:
+                    return
+                if eof:
                     break
-                drained = n < size  # the socket had less than a pipeful: nothing left now
-                left = n
-                while left:
-                    try:
-                        k = _SPLICE(r, d_fd, left, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        gevent.socket.wait(writable, idle, socket.timeout("timed out"))
-                        if session.outcome:
-                            return True
-                        continue
-                    if not k:
-                        raise OSError(errno.EPIPE, "splice to the peer wrote nothing")
-                    left -= k
-                moved += n
-                session.bytes[src_role] += n
-                session.last_activity = time.monotonic()
-                if drained:
-                    break  # epoll is level-triggered: bytes that arrive now wake us again
-            clean = True
         finally:
-            self.pipes.release(r, w, size, clean)
-        return eof
+            readable.close()
+        try:
+            d_sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the other side is gone; its own leg will notice
 
     def _move_copy(self, session: _Session, s_sock: socket.socket, d_sock: socket.socket,
                    src_role: str) -> bool:
@@ -941,10 +854,6 @@ class Relay:
                  session.bytes["console"], time.monotonic() - session.started)
         if self._stopping and not self._sessions:
             self._drained.set()
-
-
-class _NoSplice(Exception):
-    """``os.splice`` refused these descriptors before moving anything (``EINVAL``)."""
 
 
 def _describe(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ import time
 import gevent
 import pytest
 
-from remote_gevent import relay, tls
+from remote_gevent import relay, splicer, tls
 from remote_gevent.demo.pki import CertificateAuthority
 
 WAIT = 10.0  # seconds: bound for anything that should happen "soon"
@@ -235,7 +235,7 @@ def test_splice_refused_with_einval_falls_back_to_copying(make_relay, client_ctx
     def no_splice(*args, **kwargs):
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(relay, "_SPLICE", no_splice)
+    monkeypatch.setattr(splicer, "SPLICE", no_splice)
     server = make_relay(splice=True)
     (agent, _), (console, _) = pair(server, client_ctx)
     size = 1024 * 1024
@@ -243,6 +243,52 @@ def test_splice_refused_with_einval_falls_back_to_copying(make_relay, client_ctx
     with gevent.Timeout(WAIT):
         assert receive_all(console) == (size, sender.get(timeout=WAIT))
     assert server.stats()["buffers"] >= 1
+
+
+def _thread_cpu_seconds(native_id):
+    with open("/proc/self/task/%d/stat" % native_id) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not relay.splice_available(), reason="needs os.splice (Python 3.10+)")
+def test_splice_thread_waits_quietly_for_room_after_the_peer_finished(make_relay,
+                                                                      client_ctx):
+    """One direction finished; the other is blocked on a receiver that does not read while
+    its sender has already half-closed (a hang-up that epoll reports whatever the mask).
+    The thread must sleep until there is room, then deliver every byte."""
+    server = make_relay(splice=True)
+    (agent, _), (console, _) = pair(server, client_ctx)
+    agent.shutdown(socket.SHUT_WR)
+    console.settimeout(WAIT)
+    assert console.recv(10) == b""
+    size = 16 * 1024 * 1024
+    sender = gevent.spawn(send_all_then_half_close, console, size, b"late")
+    gevent.sleep(0.5)  # the agent reads nothing: buffers and the relay's pipe fill up
+    plane = server._plane
+    assert plane is not None and plane.native_id is not None
+    before = _thread_cpu_seconds(plane.native_id)
+    gevent.sleep(1.0)
+    assert _thread_cpu_seconds(plane.native_id) - before < 0.2  # not spinning
+    with gevent.Timeout(WAIT):
+        total, digest = receive_all(agent)
+    assert (total, digest) == (size, sender.get(timeout=WAIT))
+    assert wait_until(lambda: server.paired == 0)
+
+
+@pytest.mark.skipif(not relay.splice_available(), reason="needs os.splice (Python 3.10+)")
+def test_stop_ends_the_splice_thread(make_relay, client_ctx):
+    server = make_relay(splice=True)
+    (agent, _), (console, _) = pair(server, client_ctx)
+    agent.sendall(b"ping")
+    console.settimeout(WAIT)
+    assert console.recv(4) == b"ping"
+    plane = server._plane
+    assert plane is not None and plane.running
+    server.stop(grace=0)
+    assert not plane.running
+    assert not os.path.exists("/proc/self/task/%d" % plane.native_id)
+    assert console.recv(10) == b""  # aborted at stop
 
 
 def test_splice_can_be_turned_off_by_environment(monkeypatch):
