@@ -426,12 +426,14 @@ class Relay:
         for session in list(self._sessions.values()):
             self._abort(session, "shutdown")
         self._pool.join(timeout=max(self.settings.handshake_timeout, 1.0))
+        if self._plane is not None:
+            # Before killing legs: a killed leg closes its sockets, which the thread must
+            # no longer be watching.
+            self._plane.stop()
+            self._plane = None
         self._pool.kill(block=True, timeout=1)
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
-        if self._plane is not None:
-            self._plane.stop()
-            self._plane = None
         self.pipes.close()
         log.info("relay stopped")
 
@@ -768,8 +770,8 @@ class Relay:
         """Both legs come here; the agent's hands the pair to the splice thread, both wait
         until the thread is done with it. ``session.copy`` if splice refused the sockets."""
         if conn is session.agent:
-            if self._plane is None:
-                self._plane = splicer.SplicePlane(self.pipes)
+            if self._plane is None or not self._plane.running:
+                self._plane = splicer.SplicePlane(self.pipes)  # first pair, or it failed
             session.pair = splicer.Pair(
                 session.agent.sock.fileno(), "agent", session.console.sock.fileno(),
                 "console", on_done=lambda _pair: session.forwarded.set())

@@ -207,8 +207,7 @@ class SplicePlane:
                 pass
         except Exception:  # noqa: BLE001 - logged; the pairs are handed back as failed
             log.exception("relay: the splice thread failed")
-            for fd in list(self._fds):
-                pair = self._fds[fd][0]
+            for pair in {entry[0] for entry in self._fds.values()}:
                 self._fail(pair, "relay splice thread failed")
         finally:
             self._epoll.close()

@@ -291,6 +291,33 @@ def test_stop_ends_the_splice_thread(make_relay, client_ctx):
     assert console.recv(10) == b""  # aborted at stop
 
 
+@pytest.mark.skipif(not relay.splice_available(), reason="needs os.splice (Python 3.10+)")
+def test_a_failed_splice_thread_ends_its_sessions_and_is_replaced(make_relay, client_ctx,
+                                                                   monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="remote_gevent")
+    server = make_relay(splice=True)
+    (agent, _), (console, _) = pair(server, client_ctx)
+    agent.sendall(b"ping")
+    console.settimeout(WAIT)
+    assert console.recv(4) == b"ping"
+    broken = server._plane
+
+    def explode(pair, direction):  # noqa: ANN001
+        raise RuntimeError("bug in the data plane")
+
+    monkeypatch.setattr(broken, "_move", explode)
+    agent.sendall(b"boom")
+    assert console.recv(10) == b""  # the session was ended, not left hanging
+    assert wait_until(lambda: server.paired == 0)
+    assert "the splice thread failed" in caplog.text
+    assert wait_until(lambda: not broken.running)
+    (agent2, _), (console2, _) = pair(server, client_ctx)  # a new thread serves this one
+    agent2.sendall(b"again")
+    console2.settimeout(WAIT)
+    assert console2.recv(5) == b"again"
+    assert server._plane is not broken and server._plane.running
+
+
 def test_splice_can_be_turned_off_by_environment(monkeypatch):
     monkeypatch.setenv("REMOTE_GEVENT_RELAY_SPLICE", "0")
     assert not relay.splice_available()
