@@ -1,13 +1,16 @@
 """The ``remote-gevent`` command line, run as a real subprocess."""
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 
 import pytest
 
-from agent_helpers import read, run_cli, write_config
+from agent_helpers import WAIT, kill_quietly, read, run_cli, wait_log, write_config
 
 import remote_gevent
 
@@ -120,3 +123,71 @@ def test_rotate_key_without_agent_fails(tmp_path):
 def test_bad_log_level_is_usage_error():
     r = run_cli("--log-level", "chatty", "check-config")
     assert r.returncode == 2 and "chatty" in r.stderr
+
+
+# Argument lists the agent's own parser must read exactly as click does (or leave to click).
+ARGVS = [
+    [], ["--foreground"], ["--config", "a.yaml"], ["--config=a.yaml", "--foreground"],
+    ["--log-level", "debug"], ["--log-level=Warning", "--pidfile", "p", "--log-file", "l"],
+    ["--config", "a", "--config", "b"], ["--foreground", "--foreground"],
+    ["--config", "-x"], ["--config"], ["--config", ""], ["--config=", "--foreground"],
+    ["--log-level", "chatty"], ["--help"], ["-h"], ["--version"], ["check-config"],
+    ["--config", "a", "pubkey"], ["--foreground=1"], ["--conf", "a"], ["--", "x"],
+    ["--pidfile", "p", "rotate-key"], ["x"],
+]
+
+
+@pytest.mark.parametrize("argv", ARGVS, ids=lambda a: " ".join(a) or "(none)")
+def test_agent_args_agree_with_click(argv, monkeypatch):
+    """The click-free fast path for starting the agent never reads a command line
+    differently from click: it either returns click's parameters or defers to click."""
+    import click
+
+    from remote_gevent import cli
+
+    monkeypatch.delenv("REMOTE_GEVENT_CONFIG", raising=False)
+    mine = cli.agent_args(argv)
+    if mine is None:
+        return
+    ctx = cli.command().make_context("remote-gevent", list(argv))
+    assert isinstance(ctx.command, click.Group) and not ctx.args
+    assert mine == ctx.params
+
+
+def test_agent_args_leave_shell_completion_to_click(monkeypatch):
+    from remote_gevent import cli
+
+    monkeypatch.setenv("_REMOTE_GEVENT_COMPLETE", "bash_source")
+    assert cli.agent_args([]) is None
+
+
+# Runs the real entry point and lists, at exit, every module the agent process imported.
+MODULES_SCRIPT = r"""
+import atexit, json, sys
+out = sys.argv[1]
+atexit.register(lambda: json.dump(sorted(sys.modules), open(out, "w")))
+from remote_gevent.cli import main
+main(sys.argv[2:])
+"""
+
+
+def test_running_agent_imports_neither_click_nor_session_only_modules(tmp_path):
+    """Memory: click (command line only), paramiko/sftp and the transfer service (loaded
+    by the first @transfer/@sftp stream) stay out of the long-running agent."""
+    path = write_config(tmp_path)
+    log = tmp_path / "agent.log"
+    out = tmp_path / "modules.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MODULES_SCRIPT, str(out), "--config", path, "--foreground",
+         "--log-file", str(log)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_log(str(log), "agent started")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=WAIT) == 0, proc.stderr.read()
+    finally:
+        kill_quietly(proc.pid)
+    modules = set(json.loads(out.read_text()))
+    assert "remote_gevent.agent" in modules and "remote_gevent.tunnels" in modules
+    for name in ("click", "paramiko", "remote_gevent.sftp", "remote_gevent.transfer"):
+        assert name not in modules, name
