@@ -29,7 +29,7 @@ from typing import Any, Callable, Deque, List, Optional, Tuple
 import gevent
 import gevent.event
 
-from . import __version__, identity
+from . import __version__, identity, memory
 from . import config as config_mod
 from .config import AgentConfig
 from .control import ControlPlane
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 STOP_GRACE = 10.0  # seconds services and tunnels get to end after SIGTERM
 MAIN_TICK = 1.0  # seconds; the main loop wakes at least this often
 KEY_ROTATION_CHECK = 3600.0  # seconds between two checks of the key's age
+#: Seconds after the control plane is first ready (connected, key published) before the
+#: memory freed during start-up is handed back to the OS (:mod:`remote_gevent.memory`).
+RELEASE_MEMORY_DELAY = 2.0
 
 EXIT_OK = 0
 EXIT_FORCED = 2  # second SIGTERM/SIGINT during the graceful stop
@@ -187,6 +190,16 @@ class Agent:
         self.supervisor.add("control", self.control.run)
         self.supervisor.add("heartbeat", self.control.heartbeat_loop)
         self.supervisor.add("tunnel-gc", lambda: self.tunnels.gc_loop(self.stop_event))
+        self.supervisor.spawn_transient("release-memory", self._release_memory_when_ready)
+
+    def _release_memory_when_ready(self) -> None:
+        """Once the control plane is first ready and settled: gc + ``malloc_trim``."""
+        gevent.wait([self.control.link.connected, self.stop_event], count=1)
+        if self.stop_event.wait(RELEASE_MEMORY_DELAY):
+            return
+        before = memory.rss_kib()
+        if memory.release():
+            log.debug("start-up memory released: RSS %s -> %s KiB", before, memory.rss_kib())
 
     def _stop_control(self) -> None:
         """``on_stopping`` hook, while the link is still up: refuse new requests, end every

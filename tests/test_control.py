@@ -21,7 +21,8 @@ import pytest
 from gevent.event import AsyncResult
 from gevent.queue import Empty, Queue
 
-from remote_gevent import authkeys, daemon, history, protocol
+from remote_gevent import agent as agent_mod
+from remote_gevent import authkeys, daemon, history, memory, protocol
 from remote_gevent import config as config_mod
 from remote_gevent import tunnel_crypto as tc
 from remote_gevent.agent import Agent
@@ -192,6 +193,15 @@ def platform(rabbit, device, operator, op_key, tmp_path):
         console.stop()
 
 
+@pytest.fixture
+def releases(monkeypatch):
+    """Calls of memory.release (start-up delay shortened); requested before ``platform``."""
+    calls = []
+    monkeypatch.setattr(agent_mod, "RELEASE_MEMORY_DELAY", 0.05)
+    monkeypatch.setattr(memory, "release", lambda: calls.append(time.monotonic()) or True)
+    return calls
+
+
 def expect_accept(console, device, run, key=None):
     sid, epk, raw = console.request(device)
     reply = console.send(raw, sid)
@@ -339,6 +349,18 @@ def test_started_alive_and_key_published_on_start(platform):
     _, alive = console.next_up("alive")
     assert protocol.verify(alive, run.key.public_bytes)
     assert alive.body["event"] == "started" and alive.body["seq"] == 1
+
+
+def test_startup_memory_released_once_ready(releases, platform):
+    """gc + malloc_trim run once the control plane is up, and only once."""
+    run, _, _ = platform  # connected already
+    deadline = time.monotonic() + WAIT
+    while not releases:
+        assert time.monotonic() < deadline, "start-up memory never released"
+        gevent.sleep(0.02)
+    assert run.agent.control.link.connected.is_set()
+    gevent.sleep(0.3)
+    assert len(releases) == 1
 
 
 def test_heartbeat_cadence_and_content(rabbit, device, operator, op_key, tmp_path):
