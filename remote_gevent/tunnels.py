@@ -43,7 +43,7 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 
-from . import authkeys, mux, protocol, tls, tunnel_crypto
+from . import authkeys, mux, protocol, relay, tls, tunnel_crypto
 from .history import History, record_safely
 from .protocol import CloseCode, Reason
 
@@ -509,8 +509,6 @@ class TunnelManager:
 
     def _dial(self, s: _Session, addr: Tuple[str, int]) -> Any:
         """TLS to the relay, hello, wait for the pairing; return the socket or raise _End."""
-        from . import relay
-
         try:
             ctx = self._relay_ssl_context()
         except tls.TLSConfigError as e:
