@@ -8,7 +8,6 @@ when that socket exists and to stderr otherwise (which, for a daemon, is
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 from typing import Optional
@@ -32,13 +31,17 @@ class _IdentFilter(logging.Filter):
 def setup(level: str = "INFO", log_file: Optional[str] = None, foreground: bool = True,
           ident: str = "remote-gevent", syslog_socket: str = SYSLOG_SOCKET) -> logging.Handler:
     """Configure the root logger once; returns the handler installed."""
+    # logging.handlers only when used: an agent logging to stderr does without it (RSS).
     handler: logging.Handler
     if log_file:
-        handler = logging.handlers.WatchedFileHandler(log_file)  # logrotate-friendly
+        from logging.handlers import WatchedFileHandler
+
+        handler = WatchedFileHandler(log_file)  # logrotate-friendly
         handler.setFormatter(logging.Formatter(FORMAT))
     elif not foreground and os.path.exists(syslog_socket):
-        handler = logging.handlers.SysLogHandler(
-            address=syslog_socket, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        from logging.handlers import SysLogHandler
+
+        handler = SysLogHandler(address=syslog_socket, facility=SysLogHandler.LOG_DAEMON)
         handler.addFilter(_IdentFilter(ident))
         handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
     else:
