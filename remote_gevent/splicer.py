@@ -156,6 +156,7 @@ class SplicePlane:
         self._stopping = False
         self._fds: Dict[int, Tuple[Pair, _Direction, _Direction]] = {}
         self._masks: Dict[int, int] = {}
+        self._scratch: Optional[Tuple[int, int, int]] = None  # empty between moves
         self._finished: Deque[Pair] = collections.deque()
         self._async = get_hub().loop.async_()
         self._async.start(self._deliver)
@@ -210,6 +211,9 @@ class SplicePlane:
             for pair in {entry[0] for entry in self._fds.values()}:
                 self._fail(pair, "relay splice thread failed")
         finally:
+            if self._scratch is not None:
+                self.pipes.release(*self._scratch)
+                self._scratch = None
             self._epoll.close()
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
@@ -260,39 +264,62 @@ class SplicePlane:
         return not stopping
 
     def _move(self, pair: Pair, d: _Direction) -> None:
-        """Move what ``d.src`` has now (up to a burst) into ``d.dst``."""
+        """Move what ``d.src`` has now (up to a burst) into ``d.dst``.
+
+        The hot path of every relayed byte, kept flat: one ``splice`` into the thread's
+        scratch pipe, one (usually) out of it, no helper calls. The scratch pipe is empty
+        between moves, so all pairs share it; only a direction whose destination is full
+        keeps a pipe (its bytes wait there) and the thread takes a fresh scratch pipe."""
+        pipe = self._scratch
+        if pipe is None:
+            pipe = self._scratch = self.pipes.acquire()
+        r, w, size = pipe
+        src = d.src
+        dst = d.dst
         moved = 0
+        left = 0
         try:
             while moved < BURST_BYTES:
-                if d.pipe is None:
-                    d.pipe = self.pipes.acquire()
-                r, w, size = d.pipe
                 try:
-                    n = SPLICE(d.src, w, size, flags=_FLAGS)
+                    n = SPLICE(src, w, size, None, None, _FLAGS)
                 except BlockingIOError:
                     break
                 except OSError as exc:
-                    if exc.errno == errno.EINVAL and not d.moved and not d.pending:
+                    if exc.errno == errno.EINVAL and not d.moved:
                         pair.nosplice = True
                         self._finish(pair, "splice refused: %s" % exc)
                         return
-                    raise
+                    self._fail(pair, "%s side: %s" % (d.name, _describe(exc)))
+                    return
                 if not n:
                     self._eof(pair, d)
                     return
-                d.pending = n
                 d.moved += n
                 moved += n
-                pair.last_activity = time.monotonic()
-                if not self._flush(pair, d) or n < size:
-                    return  # dst full, or the socket is drained (epoll is level-triggered)
-        except OSError as exc:
-            self._fail(pair, "%s side: %s" % (d.name, _describe(exc)))
-            return
+                left = n
+                try:
+                    while left:
+                        k = SPLICE(r, dst, left, None, None, _FLAGS)
+                        if not k:
+                            raise OSError(errno.EPIPE, "splice to the peer wrote nothing")
+                        left -= k
+                except BlockingIOError:
+                    d.pipe, self._scratch = pipe, None  # the bytes wait in it for room
+                    d.pending, left = left, 0
+                    self._flush(pair, d)  # marks the direction blocked (or finishes it)
+                    return
+                except OSError as exc:
+                    other = pair.ba if d is pair.ab else pair.ab
+                    self._fail(pair, "%s side: %s" % (other.name, _describe(exc)))
+                    return
+                if n < size:
+                    break  # the socket is drained for now (epoll is level-triggered)
         finally:
-            if d.pipe is not None and not d.pending and pair.error == "":
-                self.pipes.release(*d.pipe)
-                d.pipe = None
+            if moved:
+                pair.last_activity = time.monotonic()
+            if left and self._scratch is pipe:  # failed mid-move: bytes of a dead pair
+                self.pipes.release(*pipe, clean=False)
+                self._scratch = None
 
     def _flush(self, pair: Pair, d: _Direction) -> bool:
         """Write the pipe's bytes into ``d.dst``; False when it is full (now waiting)."""
@@ -319,7 +346,8 @@ class SplicePlane:
             self._set_mask(d.dst, self._masks[d.dst] & ~_EPOLLOUT)
             if not d.eof:
                 self._set_mask(d.src, self._masks[d.src] | _EPOLLIN)
-            self.pipes.release(*d.pipe)
+        if d.pipe is not None:
+            self.pipes.release(*d.pipe)  # empty again: back to the pool
             d.pipe = None
         return True
 
