@@ -113,12 +113,18 @@ def v_str(value: Any, base: str) -> str:
     return value
 
 
-def v_ident(value: Any, base: str) -> Optional[str]:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not IDENT_RE.match(value):
-        raise Invalid("expected 1 to 64 characters among A-Z a-z 0-9 _ -")
-    return value
+def v_matching(pattern: "re.Pattern[str]", message: str) -> Validator:
+    """An optional string (None stays None) that ``pattern`` must match."""
+    def check(value: Any, base: str) -> Optional[str]:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not pattern.match(value):
+            raise Invalid(message)
+        return value
+    return check
+
+
+v_ident = v_matching(IDENT_RE, "expected 1 to 64 characters among A-Z a-z 0-9 _ -")
 
 
 def v_token(value: Any, base: str) -> Optional[str]:

@@ -39,6 +39,7 @@ from remote_gevent.config import (
     split_host_port,
     v_float,
     v_int,
+    v_matching,
     v_opt_existing_file,
     v_opt_path,
     v_path,
@@ -98,12 +99,7 @@ class ConsoleError(Exception):
 # --------------------------------------------------------------------------- validators
 
 
-def v_user(value: Any, base: str) -> Optional[str]:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _USER_RE.match(value):
-        raise Invalid("expected a broker user name (1-128 of A-Z a-z 0-9 _ . @ -)")
-    return value
+v_user = v_matching(_USER_RE, "expected a broker user name (1-128 of A-Z a-z 0-9 _ . @ -)")
 
 
 def v_relay(value: Any, base: str) -> Optional[str]:
@@ -116,12 +112,7 @@ def v_relay(value: Any, base: str) -> Optional[str]:
     return value
 
 
-def v_queue(value: Any, base: str) -> Optional[str]:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _QUEUE_RE.match(value):
-        raise Invalid("expected a queue name ([A-Za-z0-9_.:-]{1,200})")
-    return value
+v_queue = v_matching(_QUEUE_RE, "expected a queue name ([A-Za-z0-9_.:-]{1,200})")
 
 
 def v_cipher(value: Any, base: str) -> str:
