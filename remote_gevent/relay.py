@@ -43,14 +43,14 @@ Why things are the way they are:
 * **Splice, in one thread.** After pairing, the relay only moves sealed bytes, so the
   greenlets hand each plain TCP pair to the data-plane thread of :mod:`splicer`: one OS
   thread with a level-triggered epoll that moves bytes socket → pipe → socket with
-  ``os.splice``, borrowing a pipe only while a direction has bytes in flight (an idle
-  paired session costs its two sockets and nothing else). EOF is passed on as
-  ``shutdown(SHUT_WR)`` and the other direction keeps flowing. A wake-up there costs no
-  pass through gevent's hub, which took a 1-byte round trip through the relay from about
-  42 to 26 us (docs/performance.md). TLS, pairing, timeouts and logging stay in greenlets;
-  one sweeper greenlet ends idle sessions. Where ``os.splice`` is missing (Python < 3.10,
-  not Linux) or refuses the descriptors (``EINVAL``), or ``REMOTE_GEVENT_RELAY_SPLICE=0``
-  / ``Relay(splice=False)``, each direction is a greenlet copying through a pooled buffer
+  ``os.splice`` (an idle paired session costs its two sockets and nothing else). EOF is
+  passed on as ``shutdown(SHUT_WR)`` and the other direction keeps flowing. A wake-up
+  there costs no pass through gevent's hub: one hop adds 35-37 us to a 1-byte round trip
+  there against 40-43 us in greenlets (``benchmarks/bench_hop.py``,
+  docs/performance.md). TLS, pairing, timeouts and logging stay in greenlets; one sweeper
+  greenlet ends idle sessions. Where ``os.splice`` is missing (Python < 3.10, not Linux)
+  or refuses the descriptors (``EINVAL``), or ``REMOTE_GEVENT_RELAY_SPLICE=0`` /
+  ``Relay(splice=False)``, each direction is a greenlet copying through a pooled buffer
   (``recv_into`` + ``sendall``).
 * **TCP_NODELAY** is set on both legs (and by :func:`dial_relay`): the tunnel carries
   small interactive frames (keystrokes, pings) that Nagle + delayed ACK would hold for
@@ -698,8 +698,8 @@ class Relay:
         dst = session.console if conn is session.agent else session.agent
         try:
             if self._go_plain(session, conn, src_role):
-                if self.splice and not session.copy:
-                    self._forward_in_thread(session, conn)
+                if self.splice:
+                    self._forward_in_thread(session, conn)  # may set session.copy
                 if session.copy or not self.splice:
                     self._pump(session, conn, dst, src_role)
         except socket.timeout:

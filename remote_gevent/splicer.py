@@ -3,15 +3,16 @@
 Why a thread and not greenlets: after pairing, the relay only moves already sealed bytes
 from one socket to the other. Done in greenlets, each wake-up costs a pass through gevent's
 hub (epoll dispatch, watcher callback, two greenlet switches) on top of the two ``splice``
-calls; a 1-byte round trip through the relay then cost about 42 us against 26 us for the
-same loop in a plain thread with its own level-triggered epoll (measured on loopback, 2
-cores, docs/performance.md). So the gevent side keeps everything that needs greenlets
+calls; one forwarding hop added 40-43 us to a 1-byte round trip in greenlets against
+35-37 us in this thread (``python benchmarks/bench_hop.py``, loopback, 2 cores,
+docs/performance.md). So the gevent side keeps everything that needs greenlets
 (TLS, hello, pairing, timeouts, logging) and hands each plain TCP pair to this thread.
 
 How it works: one ``epoll`` (level-triggered) over both sockets of every pair. A direction
-that has bytes to move borrows a pipe, splices socket → pipe → socket, and returns the
-(empty) pipe, so an idle pair holds no pipe. When the destination is full the bytes stay in
-the pipe, the direction stops reading and waits for ``EPOLLOUT`` on the destination: the
+that has bytes to move splices socket → pipe → socket through the thread's scratch pipe,
+which is empty again afterwards, so an idle pair holds no pipe. When the destination is
+full the bytes stay in that pipe, which the direction keeps (the thread takes a fresh
+scratch pipe); it stops reading and waits for ``EPOLLOUT`` on the destination: the
 kernel's socket buffers and one pipe bound what a session holds. EOF (splice returns 0) is
 passed on as ``shutdown(SHUT_WR)`` and the other direction keeps flowing (half-close).
 A pair is finished when both directions saw EOF or one failed; the thread then removes both
@@ -56,12 +57,14 @@ _EPOLLHUP = 0x010
 
 
 class PipePool:
-    """Pipes for ``os.splice``, lent out only while a direction has bytes in flight.
+    """Pipes for ``os.splice``: the thread's scratch pipe, and one per direction whose
+    destination is full (its bytes wait there).
 
     So an idle paired session costs its two sockets and no pipe: 5000 paired sessions hold
-    10 000 socket fds plus 2 fds per direction moving data right now (+ a few spares). A
-    pipe comes back only when empty; one that may still hold bytes (error mid-move) is
-    closed. ``size`` asks the kernel for that capacity (``F_SETPIPE_SZ``).
+    10 000 socket fds plus 2 fds for the scratch pipe and 2 per direction waiting for room
+    (+ a few spares). A pipe comes back only when empty; one that may still hold bytes
+    (error mid-move) is closed. ``size`` asks the kernel for that capacity
+    (``F_SETPIPE_SZ``).
     """
 
     def __init__(self, size: int, spare: int = SPARE_PIPES) -> None:
@@ -209,7 +212,7 @@ class SplicePlane:
         except Exception:  # noqa: BLE001 - logged; the pairs are handed back as failed
             log.exception("relay: the splice thread failed")
             for pair in {entry[0] for entry in self._fds.values()}:
-                self._fail(pair, "relay splice thread failed")
+                self._finish(pair, "relay splice thread failed")
         finally:
             if self._scratch is not None:
                 self.pipes.release(*self._scratch)
@@ -242,7 +245,7 @@ class SplicePlane:
             if not acted and events & _EPOLLERR and fd in self._fds:
                 # A socket error (reset) that neither direction met: end the pair now
                 # rather than be woken for it on every poll.
-                self._fail(pair, "%s side: connection reset" % outgoing.name)
+                self._finish(pair, "%s side: connection reset" % outgoing.name)
         return True
 
     def _take_incoming(self) -> bool:
@@ -289,7 +292,7 @@ class SplicePlane:
                         pair.nosplice = True
                         self._finish(pair, "splice refused: %s" % exc)
                         return
-                    self._fail(pair, "%s side: %s" % (d.name, _describe(exc)))
+                    self._finish(pair, "%s side: %s" % (d.name, _describe(exc)))
                     return
                 if not n:
                     self._eof(pair, d)
@@ -310,7 +313,7 @@ class SplicePlane:
                     return
                 except OSError as exc:
                     other = pair.ba if d is pair.ab else pair.ab
-                    self._fail(pair, "%s side: %s" % (other.name, _describe(exc)))
+                    self._finish(pair, "%s side: %s" % (other.name, _describe(exc)))
                     return
                 if n < size:
                     break  # the socket is drained for now (epoll is level-triggered)
@@ -339,7 +342,7 @@ class SplicePlane:
                 d.pending -= k
         except OSError as exc:
             other = pair.ba if d is pair.ab else pair.ab
-            self._fail(pair, "%s side: %s" % (other.name, _describe(exc)))
+            self._finish(pair, "%s side: %s" % (other.name, _describe(exc)))
             return False
         if d.blocked:
             d.blocked = False
@@ -355,7 +358,7 @@ class SplicePlane:
         d.eof = True
         self._set_mask(d.src, self._masks[d.src] & ~_EPOLLIN)
         try:
-            socket_shutdown_write(d.dst)
+            _shutdown_write(d.dst)
         except OSError:
             pass  # the other side is gone; its direction will notice
         other = pair.ba if d is pair.ab else pair.ab
@@ -377,9 +380,6 @@ class SplicePlane:
         else:
             self._epoll.modify(fd, mask)
 
-    def _fail(self, pair: Pair, error: str) -> None:
-        self._finish(pair, error or "error")
-
     def _finish(self, pair: Pair, error: str) -> None:
         if pair.ab.src not in self._fds:
             return  # already finished
@@ -398,7 +398,7 @@ class SplicePlane:
         self._async.send()
 
 
-def socket_shutdown_write(fd: int) -> None:
+def _shutdown_write(fd: int) -> None:
     """``shutdown(fd, SHUT_WR)`` on a bare descriptor (the hub owns the socket object)."""
     sock = _socket.socket(fileno=fd)  # the C socket: no gevent object in this thread
     try:
