@@ -276,15 +276,21 @@ def test_splice_thread_waits_quietly_for_room_after_the_peer_finished(make_relay
     assert wait_until(lambda: server.paired == 0)
 
 
+def _moving_in_the_splice_thread(server, ctx, payload=b"ping"):
+    """A paired session that has moved ``payload`` agent -> console; its splice thread."""
+    (agent, _), (console, _) = pair(server, ctx)
+    agent.sendall(payload)
+    console.settimeout(WAIT)
+    assert console.recv(len(payload)) == payload
+    plane = server._plane
+    assert plane is not None and plane.running
+    return agent, console, plane
+
+
 @pytest.mark.skipif(not relay.splice_available(), reason="needs os.splice (Python 3.10+)")
 def test_stop_ends_the_splice_thread(make_relay, client_ctx):
     server = make_relay(splice=True)
-    (agent, _), (console, _) = pair(server, client_ctx)
-    agent.sendall(b"ping")
-    console.settimeout(WAIT)
-    assert console.recv(4) == b"ping"
-    plane = server._plane
-    assert plane is not None and plane.running
+    agent, console, plane = _moving_in_the_splice_thread(server, client_ctx)
     server.stop(grace=0)
     assert not plane.running
     assert not os.path.exists("/proc/self/task/%d" % plane.native_id)
@@ -296,11 +302,7 @@ def test_a_failed_splice_thread_ends_its_sessions_and_is_replaced(make_relay, cl
                                                                    monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="remote_gevent")
     server = make_relay(splice=True)
-    (agent, _), (console, _) = pair(server, client_ctx)
-    agent.sendall(b"ping")
-    console.settimeout(WAIT)
-    assert console.recv(4) == b"ping"
-    broken = server._plane
+    agent, console, broken = _moving_in_the_splice_thread(server, client_ctx)
 
     def explode(pair, direction):  # noqa: ANN001
         raise RuntimeError("bug in the data plane")
@@ -311,11 +313,8 @@ def test_a_failed_splice_thread_ends_its_sessions_and_is_replaced(make_relay, cl
     assert wait_until(lambda: server.paired == 0)
     assert "the splice thread failed" in caplog.text
     assert wait_until(lambda: not broken.running)
-    (agent2, _), (console2, _) = pair(server, client_ctx)  # a new thread serves this one
-    agent2.sendall(b"again")
-    console2.settimeout(WAIT)
-    assert console2.recv(5) == b"again"
-    assert server._plane is not broken and server._plane.running
+    _, _, plane = _moving_in_the_splice_thread(server, client_ctx, b"again")
+    assert plane is not broken  # a new thread serves the next pair
 
 
 def test_splice_can_be_turned_off_by_environment(monkeypatch):
