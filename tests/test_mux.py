@@ -5,6 +5,7 @@ Everything runs in-process on socketpairs / 127.0.0.1 with bounded waits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -148,6 +149,17 @@ def _tcp_pair():
     return a, b
 
 
+@contextlib.contextmanager
+def _target(handler):
+    """A TCP server on 127.0.0.1 running ``handler(sock, addr)``; yields ``host:port``."""
+    server = gevent.server.StreamServer(("127.0.0.1", 0), handler)
+    server.start()
+    try:
+        yield "127.0.0.1:%d" % server.server_port
+    finally:
+        server.stop(timeout=1)
+
+
 @pytest.fixture
 def echo_server():
     """A real TCP echo server on 127.0.0.1 (half-close aware)."""
@@ -165,10 +177,8 @@ def echo_server():
         finally:
             sock.close()
 
-    server = gevent.server.StreamServer(("127.0.0.1", 0), handle)
-    server.start()
-    yield "127.0.0.1:%d" % server.server_port
-    server.stop(timeout=1)
+    with _target(handle) as target:
+        yield target
 
 
 def _recv_all(stream_or_sock, limit=None):
@@ -321,11 +331,9 @@ def test_large_transfer_sha256_both_ways(pair_factory, kind):
             up_hash.update(block)
         sock.close()
 
-    server = gevent.server.StreamServer(("127.0.0.1", 0), sink_then_send)
-    server.start()
-    try:
+    with _target(sink_then_send) as target:
         p = pair_factory(kind, tcp=True)
-        stream, client, g = _spliced_client(p, "127.0.0.1:%d" % server.server_port)
+        stream, client, g = _spliced_client(p, target)
         send_hash = hashlib.sha256()
 
         def push():
@@ -351,8 +359,6 @@ def test_large_transfer_sha256_both_ways(pair_factory, kind):
         assert n == size and h.hexdigest() == up_hash.hexdigest()
         assert p.console.bytes_out == size and p.console.bytes_in == size
         client.close()
-    finally:
-        server.stop(timeout=1)
 
 
 def test_half_close_reply_after_eof(pair_factory):
@@ -368,19 +374,15 @@ def test_half_close_reply_after_eof(pair_factory):
         sock.sendall(b"got %d bytes" % len(data))
         sock.close()
 
-    server = gevent.server.StreamServer(("127.0.0.1", 0), answer_after_eof)
-    server.start()
-    try:
+    with _target(answer_after_eof) as target:
         p = pair_factory()
-        stream, client, g = _spliced_client(p, "127.0.0.1:%d" % server.server_port)
+        stream, client, g = _spliced_client(p, target)
         client.sendall(b"a" * 5000)
         client.shutdown(socket.SHUT_WR)
         with gevent.Timeout(T):
             assert _recv_all(client) == b"got 5000 bytes"
         g.get(timeout=T)
         client.close()
-    finally:
-        server.stop(timeout=1)
 
 
 def test_slow_reader_does_not_stall_other_stream(pair_factory):
@@ -398,11 +400,8 @@ def test_slow_reader_does_not_stall_other_stream(pair_factory):
         finally:
             sock.close()
 
-    server = gevent.server.StreamServer(("127.0.0.1", 0), firehose)
-    server.start()
-    try:
+    with _target(firehose) as target:
         p = pair_factory(tcp=True)
-        target = "127.0.0.1:%d" % server.server_port
         slow = p.console.open_stream(target, timeout=T)   # never read: window fills up
         fast = p.console.open_stream(target, timeout=T)
         # wait until the slow stream's window is exhausted (agent side blocked)
@@ -421,8 +420,6 @@ def test_slow_reader_does_not_stall_other_stream(pair_factory):
         slow.close()
         fast.close()
         assert p.console.is_up and p.agent.is_up
-    finally:
-        server.stop(timeout=1)
 
 
 def test_direct_delivery_writes_from_the_reader(pair_factory, echo_server, monkeypatch):
@@ -460,11 +457,9 @@ def test_direct_delivery_keeps_order_when_the_local_socket_fills(pair_factory):
         finally:
             sock.close()
 
-    server = gevent.server.StreamServer(("127.0.0.1", 0), source)
-    server.start()
-    try:
+    with _target(source) as target:
         p = pair_factory(tcp=True)
-        stream = p.console.open_stream("127.0.0.1:%d" % server.server_port, timeout=T)
+        stream = p.console.open_stream(target, timeout=T)
         mine, theirs = socket.socketpair()
         for s in (mine, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -485,8 +480,6 @@ def test_direct_delivery_keeps_order_when_the_local_socket_fills(pair_factory):
         assert digest.digest() == hashlib.sha256(payload).digest()
         mine.close()
         splicer.get(timeout=T)
-    finally:
-        server.stop(timeout=1)
 
 
 def test_write_now_never_touches_a_closed_socket():
