@@ -36,6 +36,7 @@ from remote_gevent.amqplink import AmqpLink
 from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.platform import DemoPlatform, port_open
 from echo_server import EchoServer
+from test_e2e import Procs
 
 pytestmark = pytest.mark.e2e
 
@@ -89,34 +90,6 @@ def read_exactly(stream: Any, n: int, timeout: float = WAIT) -> bytes:
                 raise AssertionError("EOF after %d of %d bytes: %r" % (len(buf), n, buf[:80]))
             buf += chunk
     return buf
-
-
-class Procs:
-    """Console processes of one test: all ended at teardown."""
-
-    def __init__(self) -> None:
-        self.procs: List[subprocess.Popen] = []
-
-    def start(self, argv: List[str], **kwargs: Any) -> subprocess.Popen:
-        kwargs.setdefault("stdin", subprocess.DEVNULL)
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        proc = subprocess.Popen(argv, **kwargs)
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
 
 
 def finish(proc: subprocess.Popen, timeout: float = WAIT) -> "tuple[int, str]":
