@@ -12,32 +12,17 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import List
 
 import pytest
 
 from remote_gevent.demo import rabbit as demo_rabbit
+from test_benchmarks_smoke import _children_named
 
 pytestmark = pytest.mark.e2e
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_transfer.py")
 ROWS = {"push", "pull", "scp_up", "scp_down", "sftp_put", "sftp_get"}
-
-
-def _processes_mentioning(word: str) -> List[str]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % pid, "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-        except OSError:
-            continue
-        if word in cmd:
-            out.append(cmd)
-    return out
 
 
 @pytest.mark.skipif(not (demo_rabbit.available() and os.access("/usr/sbin/sshd", os.X_OK)
@@ -61,4 +46,4 @@ def test_bench_transfer_completes_with_verified_rows(tmp_path):
     assert results["sha256_all_ok"] is True
     assert results["machine"]["cores"] >= 1 and results["machine"]["openssh"]
     # torn down: nothing started from the run's temporary directory is still alive
-    assert not _processes_mentioning(str(tmp_path)), "stray processes after the benchmark"
+    assert not _children_named([str(tmp_path)]), "stray processes after the benchmark"
