@@ -75,12 +75,6 @@ def _round_trips(port: int, rounds: int) -> tuple:
     return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # ---------------------------------------------------------------- the proxy child
 
 def _proxy(kind: str, target_port: int) -> None:
@@ -165,6 +159,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5000)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    sys.path.insert(0, ROOT)
+    from benchmarks.suite_common import cpu_seconds  # here: the proxy child patches first
     kinds = [k for k in KINDS if "splice" not in k or hasattr(os, "splice")]
     echo_port = _echo_server()
     children = {}
@@ -181,9 +177,9 @@ def main() -> None:
             results["direct"].append(_round_trips(echo_port, args.rounds))
             for kind in kinds:
                 child, port = children[kind]
-                before = _cpu_seconds(child.pid)
+                before = cpu_seconds(child.pid)
                 results[kind].append(_round_trips(port, args.rounds))
-                cpu[kind] += _cpu_seconds(child.pid) - before
+                cpu[kind] += cpu_seconds(child.pid) - before
         direct = statistics.median(r[0] for r in results["direct"])
         print("1-byte round trips, %d x %d, medians (us):" % (args.runs, args.rounds))
         for kind, runs in results.items():

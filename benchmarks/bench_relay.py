@@ -28,34 +28,16 @@ import time  # noqa: E402
 import gevent  # noqa: E402
 import gevent.pool  # noqa: E402
 
+if __package__ in (None, ""):  # run as ``python benchmarks/bench_relay.py``
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.suite_common import cpu_seconds, raise_nofile, rss_kib  # noqa: E402
 from remote_gevent import relay, tls  # noqa: E402
 from remote_gevent.demo.pki import CertificateAuthority  # noqa: E402
 
 CHUNK = 256 * 1024
 READY_TIMEOUT = 20.0
 RUN_TIMEOUT = 600.0
-
-
-def raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        return hard
-    return soft
-
-
-def cpu_seconds(pid: int) -> float:
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kib(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return -1
 
 
 # ----------------------------------------------------------------- client processes

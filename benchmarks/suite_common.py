@@ -72,7 +72,7 @@ def wait_port(port: int, proc: Optional[subprocess.Popen] = None, timeout: float
 def raise_nofile() -> int:
     """Soft RLIMIT_NOFILE up to the hard limit (children inherit it); the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    if hard != resource.RLIM_INFINITY and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         return hard
     return soft
