@@ -85,3 +85,22 @@ def test_quick_suite_completes_with_every_section(tmp_path):
     assert "| target (issue 6) |" in text
     # everything torn down: nothing that ran from the suite's temporary directory is left
     assert not _children_named([str(tmp_path)]), "stray processes after the suite"
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="the splice hops need Python 3.10+")
+def test_bench_hop_prints_every_hop_kind():
+    """``benchmarks/bench_hop.py`` with a handful of round trips: one line per proxy kind,
+    each with its figures, and no proxy child left running."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_hop.py"),
+                           "--rounds", "50", "--runs", "1"],
+                          cwd=ROOT, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    text = (done.stdout + done.stderr).decode("utf-8", "replace")
+    assert done.returncode == 0, text[-4000:]
+    lines = {line.split()[0]: line for line in done.stdout.decode().splitlines()[1:]}
+    assert set(lines) == {"direct", "greenlet-splice", "thread-splice", "greenlet-copy",
+                          "thread-copy"}, text
+    for kind, line in lines.items():
+        assert "p50" in line and "added" in line, line
+        if kind != "direct":
+            assert "proxy CPU" in line, line
+    assert not _children_named(["bench_hop.py --proxy"])
