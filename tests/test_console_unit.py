@@ -10,10 +10,9 @@ import subprocess
 import sys
 
 import gevent
-import nacl.signing
 import pytest
 
-from remote_gevent import authkeys, protocol
+from remote_gevent import authkeys, identity, protocol
 from remote_gevent.console import config as cconfig
 from remote_gevent.console import control as ccontrol
 from remote_gevent.console import socks
@@ -23,16 +22,8 @@ from remote_gevent.console.known_devices import KeyChanged, KnownDevices, parse_
 CLI = [sys.executable, "-m", "remote_gevent.console.cli"]
 
 
-class Key:
-    """Signer with the interface protocol.py expects."""
-
-    def __init__(self):
-        self._sk = nacl.signing.SigningKey.generate()
-        self.public_raw = bytes(self._sk.verify_key)
-        self.fingerprint = authkeys.fingerprint_of(self.public_raw)
-
-    def sign(self, data):
-        return self._sk.sign(data).signature
+# A signer as protocol.py expects it (.sign, .fingerprint): the agent's own key type.
+Key = identity.IdentityKey.generate
 
 
 def run_cli(*args, env=None, stdin=subprocess.DEVNULL):
@@ -144,16 +135,16 @@ def test_key_change_without_rotation_is_refused_loudly(tmp_path):
 def test_manual_pin_replace_forget_and_file_format(tmp_path):
     kd = KnownDevices(str(tmp_path / "kd"))
     k1, k2 = Key(), Key()
-    kd.pin("fr04", "dev-1", k1.public_raw, now=5)
-    kd.pin("fr04", "dev-2", k2.public_raw, now=5)
+    kd.pin("fr04", "dev-1", k1.public_bytes, now=5)
+    kd.pin("fr04", "dev-2", k2.public_bytes, now=5)
     with pytest.raises(KeyChanged):
-        kd.pin("fr04", "dev-1", k2.public_raw)
-    kd.pin("fr04", "dev-1", k2.public_raw, replace=True)
+        kd.pin("fr04", "dev-1", k2.public_bytes)
+    kd.pin("fr04", "dev-1", k2.public_bytes, replace=True)
     lines = [ln for ln in open(kd.path).read().splitlines() if not ln.startswith("#")]
     assert len(lines) == 2
     assert lines[1] == "fr04/dev-2 %s pinned=5 via=manual" % authkeys.ssh_pubkey_line(
-        k2.public_raw)
-    assert parse_line(lines[0]).public_raw32 == k2.public_raw
+        k2.public_bytes)
+    assert parse_line(lines[0]).public_raw32 == k2.public_bytes
     assert kd.forget("fr04", "dev-2") and not kd.forget("fr04", "dev-2")
     assert [p.ident for p in kd.all()] == ["dev-1"]
 
@@ -161,13 +152,13 @@ def test_manual_pin_replace_forget_and_file_format(tmp_path):
 def test_known_devices_keeps_bad_lines_and_refuses_conflicting_duplicates(tmp_path):
     k1, k2 = Key(), Key()
     path = tmp_path / "kd"
-    path.write_text("garbage line here\nfr04/a %s\n" % authkeys.ssh_pubkey_line(k1.public_raw))
+    path.write_text("garbage line here\nfr04/a %s\n" % authkeys.ssh_pubkey_line(k1.public_bytes))
     kd = KnownDevices(str(path))
-    assert kd.get("fr04", "a").public_raw32 == k1.public_raw
+    assert kd.get("fr04", "a").public_raw32 == k1.public_bytes
     assert kd.warnings and "kd:1" in kd.warnings[0]
-    kd.pin("fr04", "b", k2.public_raw)
+    kd.pin("fr04", "b", k2.public_bytes)
     assert "garbage line here" in path.read_text()
-    path.write_text(path.read_text() + "fr04/a %s\n" % authkeys.ssh_pubkey_line(k2.public_raw))
+    path.write_text(path.read_text() + "fr04/a %s\n" % authkeys.ssh_pubkey_line(k2.public_bytes))
     with pytest.raises(Exception, match="pinned twice"):
         kd.get("fr04", "a")
 
@@ -373,11 +364,11 @@ def test_cli_keygen_writes_0600_key_and_prints_line(tmp_path):
 def test_cli_pin_by_hand_and_mismatch(tmp_path):
     k1, k2 = Key(), Key()
     path = write(tmp_path, "user: op\npassword: pw\n")
-    r = run_cli("-c", path, "pin", "demo", "--key", authkeys.ssh_pubkey_line(k1.public_raw))
+    r = run_cli("-c", path, "pin", "demo", "--key", authkeys.ssh_pubkey_line(k1.public_bytes))
     assert r.returncode == 0 and k1.fingerprint in r.stdout
-    r = run_cli("-c", path, "pin", "demo", "--key", authkeys.ssh_pubkey_line(k2.public_raw))
+    r = run_cli("-c", path, "pin", "demo", "--key", authkeys.ssh_pubkey_line(k2.public_bytes))
     assert r.returncode == cconfig.EXIT_KEY and "possible impersonation" in r.stderr
-    r = run_cli("-c", path, "pin", "demo", "--key", authkeys.ssh_pubkey_line(k2.public_raw),
+    r = run_cli("-c", path, "pin", "demo", "--key", authkeys.ssh_pubkey_line(k2.public_bytes),
                 "--fingerprint", k1.fingerprint)
     assert r.returncode == cconfig.EXIT_KEY
 

@@ -22,7 +22,7 @@ from gevent.event import AsyncResult
 from gevent.queue import Empty, Queue
 
 from remote_gevent import agent as agent_mod
-from remote_gevent import authkeys, daemon, history, memory, protocol
+from remote_gevent import authkeys, daemon, history, identity, memory, protocol
 from remote_gevent import config as config_mod
 from remote_gevent import tunnel_crypto as tc
 from remote_gevent.agent import Agent
@@ -33,19 +33,14 @@ WAIT = 10.0  # bound for anything that should take milliseconds
 CLI = [sys.executable, "-m", "remote_gevent.cli"]
 
 
-class OperatorKey:
-    """The signer interface protocol.py expects (.sign, .fingerprint) from a nacl key."""
+class OperatorKey(identity.IdentityKey):
+    """An operator's key: the agent's own key type, plus its ``authorized_keys`` line."""
 
     def __init__(self):
-        self._sk = nacl.signing.SigningKey.generate()
-        self.public_raw = bytes(self._sk.verify_key)
-        self.fingerprint = authkeys.fingerprint_of(self.public_raw)
-
-    def sign(self, data):
-        return self._sk.sign(data).signature
+        super().__init__(nacl.signing.SigningKey.generate())
 
     def line(self, options=""):
-        return (options + " " if options else "") + authkeys.ssh_pubkey_line(self.public_raw)
+        return (options + " " if options else "") + authkeys.ssh_pubkey_line(self.public_bytes)
 
 
 def closed_port():

@@ -7,6 +7,7 @@ import nacl.signing
 import pytest
 
 from remote_gevent import authkeys as ak
+from remote_gevent import identity
 from remote_gevent import protocol as p
 from remote_gevent import tunnel_crypto as tc
 from remote_gevent.protocol import Reason
@@ -17,16 +18,8 @@ SERVER = "fr04"
 ALLOW = ["127.0.0.1:*", "@sftp"]
 
 
-class Signer:
-    """The signer interface protocol.py expects: .sign(data) -> 64 bytes, .fingerprint."""
-
-    def __init__(self):
-        self._sk = nacl.signing.SigningKey.generate()
-        self.public_raw = bytes(self._sk.verify_key)
-        self.fingerprint = ak.fingerprint_of(self.public_raw)
-
-    def sign(self, data):
-        return self._sk.sign(data).signature
+# A signer as protocol.py expects it (.sign, .fingerprint): the agent's own key type.
+Signer = identity.IdentityKey.generate
 
 
 @pytest.fixture
@@ -42,7 +35,7 @@ def limited_op():
 @pytest.fixture
 def trusted(op, limited_op):
     text = "%s alice\npermitopen=\"127.0.0.1:22\" %s bob\n" % (
-        ak.ssh_pubkey_line(op.public_raw), ak.ssh_pubkey_line(limited_op.public_raw))
+        ak.ssh_pubkey_line(op.public_bytes), ak.ssh_pubkey_line(limited_op.public_bytes))
     return ak.AuthorizedKeys.parse(text)
 
 
@@ -108,8 +101,8 @@ def test_signature_is_domain_separated(op):
     msg = p.decode(raw)
     data = b"remote-gevent/v1/session.request\0" + p.canonical(msg.body)
     assert msg.signed_bytes() == data
-    nacl.signing.VerifyKey(op.public_raw).verify(data, msg.sig)
-    assert p.verify(msg, op.public_raw)
+    nacl.signing.VerifyKey(op.public_bytes).verify(data, msg.sig)
+    assert p.verify(msg, op.public_bytes)
 
 
 def test_signature_for_other_type_does_not_verify(op):
@@ -120,7 +113,7 @@ def test_signature_for_other_type_does_not_verify(op):
     forged = json.loads(raw)
     forged["sig"] = base64.b64encode(op.sign(other)).decode()
     with pytest.raises(p.ProtocolError) as ei:
-        p.verify(p.decode(json.dumps(forged).encode()), op.public_raw)
+        p.verify(p.decode(json.dumps(forged).encode()), op.public_bytes)
     assert ei.value.reason == Reason.BAD_SIGNATURE
 
 
@@ -346,7 +339,7 @@ def test_unsigned_message_refused(op):
     assert ei.value.reason == Reason.MALFORMED
     msg = p.decode(raw, require_signature=False)
     with pytest.raises(p.ProtocolError) as ei:
-        p.verify(msg, op.public_raw)
+        p.verify(msg, op.public_bytes)
     assert ei.value.reason == Reason.BAD_SIGNATURE
 
 
@@ -421,24 +414,24 @@ def test_session_accept_binding(op):
     console_epk = base64.b64decode(console_epk)
     agent_epk, _ = tc.kx_keypair()
     acc = p.make_session_accept(device, sid, agent_epk, console_epk, "xchacha20poly1305")
-    got = p.verify_session_accept(acc, device.public_raw, sid, console_epk)
+    got = p.verify_session_accept(acc, device.public_bytes, sid, console_epk)
     assert got.epk == agent_epk and got.cipher == "xchacha20poly1305"
     # a different (unpinned) device key
     with pytest.raises(p.ProtocolError) as ei:
-        p.verify_session_accept(acc, Signer().public_raw, sid, console_epk)
+        p.verify_session_accept(acc, Signer().public_bytes, sid, console_epk)
     assert ei.value.reason == Reason.BAD_SIGNATURE
     # an accept for another session / another console key
     with pytest.raises(p.ProtocolError) as ei:
-        p.verify_session_accept(acc, device.public_raw, "f" * 32, console_epk)
+        p.verify_session_accept(acc, device.public_bytes, "f" * 32, console_epk)
     assert ei.value.reason == Reason.REPLAYED
     with pytest.raises(p.ProtocolError) as ei:
-        p.verify_session_accept(acc, device.public_raw, sid, tc.kx_keypair()[0])
+        p.verify_session_accept(acc, device.public_bytes, sid, tc.kx_keypair()[0])
     assert ei.value.reason == Reason.REPLAYED
     # a relay/broker swapping the agent's epk breaks the signature
     other_epk = base64.b64encode(tc.kx_keypair()[0]).decode()
     bad = tamper(acc, lambda b: b.__setitem__("epk", other_epk))
     with pytest.raises(p.ProtocolError) as ei:
-        p.verify_session_accept(bad, device.public_raw, sid, console_epk)
+        p.verify_session_accept(bad, device.public_bytes, sid, console_epk)
     assert ei.value.reason == Reason.BAD_SIGNATURE
 
 
@@ -452,9 +445,9 @@ def test_queued_refuse_close_alive_round_trip(op):
         p.make_alive(device, "demo", "fr04", "0.1.0", 12.5, 1, 0, 10, seq=7, event="started"),
     ):
         msg = p.decode(raw)
-        assert p.verify(msg, device.public_raw)
+        assert p.verify(msg, device.public_bytes)
         with pytest.raises(p.ProtocolError):
-            p.verify(msg, op.public_raw)
+            p.verify(msg, op.public_bytes)
     refuse = p.decode(p.make_session_refuse(device, sid, "expired", "x" * 1000))
     assert len(refuse.body["reason"]) == p.MAX_REASON_CHARS
     with pytest.raises(p.ProtocolError):
@@ -490,33 +483,33 @@ def test_key_announcement_and_rotation():
     old, new, newer = Signer(), Signer(), Signer()
     first = p.make_key_announcement(old, "demo", "fr04", ts=NOW)
     ann = p.verify_key_announcement(first)
-    assert ann.public_raw32 == old.public_raw and ann.previous is None
+    assert ann.public_raw32 == old.public_bytes and ann.previous is None
     assert ann.fingerprint == old.fingerprint
     # the same key again: nothing changes
-    assert p.verify_key_rotation(first, old.public_raw) == old.public_raw
+    assert p.verify_key_rotation(first, old.public_bytes) == old.public_bytes
     rot = p.make_key_announcement(new, "demo", "fr04", previous_key=old, ts=NOW + 1)
-    assert p.verify_key_rotation(rot, old.public_raw) == new.public_raw
+    assert p.verify_key_rotation(rot, old.public_bytes) == new.public_bytes
     # the chain continues from the new pin only
     rot2 = p.make_key_announcement(newer, "demo", "fr04", previous_key=new, ts=NOW + 2)
-    assert p.verify_key_rotation(rot2, new.public_raw) == newer.public_raw
+    assert p.verify_key_rotation(rot2, new.public_bytes) == newer.public_bytes
     with pytest.raises(p.ProtocolError):
-        p.verify_key_rotation(rot2, old.public_raw)
+        p.verify_key_rotation(rot2, old.public_bytes)
     # replaying the old rotation once the pin moved on does nothing good
     with pytest.raises(p.ProtocolError):
-        p.verify_key_rotation(rot, newer.public_raw)
+        p.verify_key_rotation(rot, newer.public_bytes)
 
 
 def test_key_change_without_rotation_refused():
     old, attacker = Signer(), Signer()
     plain = p.make_key_announcement(attacker, "demo", "fr04")
     with pytest.raises(p.ProtocolError) as ei:
-        p.verify_key_rotation(plain, old.public_raw)
+        p.verify_key_rotation(plain, old.public_bytes)
     assert ei.value.reason == Reason.BAD_SIGNATURE
     # claims old as previous but the rotation_sig is by someone else
     forged = p.make_key_announcement(attacker, "demo", "fr04", previous_key=Signer())
     forged = resign(forged, attacker, lambda b: b.__setitem__("previous", old.fingerprint))
     with pytest.raises(p.ProtocolError) as ei:
-        p.verify_key_rotation(forged, old.public_raw)
+        p.verify_key_rotation(forged, old.public_bytes)
     assert ei.value.reason == Reason.BAD_SIGNATURE
 
 
@@ -526,7 +519,7 @@ def test_rotation_sig_bound_to_ident_and_ts():
     for field, value in (("ident", "other"), ("ts", NOW + 1)):
         bad = resign(rot, new, lambda b, f=field, v=value: b.__setitem__(f, v))
         with pytest.raises(p.ProtocolError):
-            p.verify_key_rotation(bad, old.public_raw)
+            p.verify_key_rotation(bad, old.public_bytes)
 
 
 def test_key_message_consistency():
@@ -617,13 +610,13 @@ def test_status_reply_round_trip_and_binding():
     rid = p.new_session_id()
     raw = p.make_status(device, rid, "demo", "fr04", "0.1.0", 12.5, 2, 1, 10,
                         [_entry(1), _entry(2)])
-    body = p.verify_status(raw, device.public_raw, rid)
+    body = p.verify_status(raw, device.public_bytes, rid)
     assert body["sessions_total"] == 2 and [e["bytes_in"] for e in body["sessions"]] == [1, 2]
     with pytest.raises(p.ProtocolError) as ei:
-        p.verify_status(raw, device.public_raw, p.new_session_id())
+        p.verify_status(raw, device.public_bytes, p.new_session_id())
     assert ei.value.reason == Reason.REPLAYED
     with pytest.raises(p.ProtocolError) as ei:
-        p.verify_status(raw, Signer().public_raw, rid)
+        p.verify_status(raw, Signer().public_bytes, rid)
     assert ei.value.reason == Reason.BAD_SIGNATURE
 
 
@@ -633,7 +626,7 @@ def test_status_reply_capped_to_200_and_16k():
     raw = p.make_status(device, rid, "demo", "fr04", "0.1.0", 1, 500, 0, 1000,
                         [_entry(i) for i in range(500)])
     assert len(raw) <= p.MAX_MESSAGE_BYTES
-    body = p.verify_status(raw, device.public_raw, rid)
+    body = p.verify_status(raw, device.public_bytes, rid)
     assert body["sessions_total"] == 500
     assert 0 < len(body["sessions"]) <= p.MAX_STATUS_SESSIONS
     # bigger entries: fewer fit, but as many as possible
