@@ -112,6 +112,19 @@ def rabbit(tmp_path_factory, pki):
 
 
 @pytest.fixture
+def own_rabbit(tmp_path, pki):
+    """A private TLS node of this test's own, for tests that restart the broker."""
+    ca, broker = pki
+    node = demo_rabbit.RabbitNode(str(tmp_path / "node"), ca_file=ca.cert_file,
+                                  cert_file=broker.cert_file, key_file=broker.key_file)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
 def device(rabbit) -> Device:
     """A freshly provisioned device (ident, token, topic, url, ca_file) on the test vhost."""
     return rabbit.new_device()

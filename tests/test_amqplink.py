@@ -26,7 +26,6 @@ from remote_gevent.amqplink import (
     parse_url,
 )
 from remote_gevent.demo.pki import CertificateAuthority
-from remote_gevent.demo.rabbit import RabbitNode
 
 CMD_QUEUE_ARGS = {"x-expires": 86400000, "x-message-ttl": 120000, "x-max-length": 100,
                   "x-overflow": "reject-publish"}
@@ -391,57 +390,52 @@ def test_heartbeats_are_serviced_while_idle(rabbit, device):
 
 
 # ----------------------------------------------------------------------------- reconnect
-def test_reconnects_after_broker_restart(tmp_path, pki, caplog):
-    ca, broker = pki
-    node = RabbitNode(str(tmp_path / "node"), ca_file=ca.cert_file, cert_file=broker.cert_file,
-                      key_file=broker.key_file)
-    node.start()
-    try:
-        vhost = "rg-reconnect"
-        node.declare_platform(vhost)
-        node.add_device(vhost, "recon-dev", "recon-token")
-        node.add_operator(vhost, "recon-op", "recon-pw")
-        url = node.amqps_url(vhost)
-        received = []
-        arrived = Event()
-        events = []
-        dev_link = AmqpLink([url], "recon-dev", "recon-token", ca_file=ca.cert_file,
-                            connect_timeout=3.0, reconnect_max_delay=2.0,
-                            on_connect=lambda lk: events.append("up"),
-                            on_disconnect=lambda lk, exc: events.append("down"))
+def test_reconnects_after_broker_restart(own_rabbit, pki, caplog):
+    ca, _ = pki
+    node = own_rabbit
+    vhost = "rg-reconnect"
+    node.declare_platform(vhost)
+    node.add_device(vhost, "recon-dev", "recon-token")
+    node.add_operator(vhost, "recon-op", "recon-pw")
+    url = node.amqps_url(vhost)
+    received = []
+    arrived = Event()
+    events = []
+    dev_link = AmqpLink([url], "recon-dev", "recon-token", ca_file=ca.cert_file,
+                        connect_timeout=3.0, reconnect_max_delay=2.0,
+                        on_connect=lambda lk: events.append("up"),
+                        on_disconnect=lambda lk, exc: events.append("down"))
 
-        class Dev:
-            topic = "remote.fr04.recon-dev"
+    class Dev:
+        topic = "remote.fr04.recon-dev"
 
-        def on_cmd(msg):
-            dev_link.ack(msg)
-            received.append(msg.body)
-            arrived.set()
+    def on_cmd(msg):
+        dev_link.ack(msg)
+        received.append(msg.body)
+        arrived.set()
 
-        op_link = AmqpLink([url], "recon-op", "recon-pw", ca_file=ca.cert_file,
-                           connect_timeout=3.0, reconnect_max_delay=2.0)
-        g_dev = start(dev_link, device_setup(Dev, on_cmd))
-        g_op = start(op_link, lambda lk: None)
-        op_link.publish("remote.down", Dev.topic + ".session", b'{"n": 1}')
+    op_link = AmqpLink([url], "recon-op", "recon-pw", ca_file=ca.cert_file,
+                       connect_timeout=3.0, reconnect_max_delay=2.0)
+    g_dev = start(dev_link, device_setup(Dev, on_cmd))
+    g_op = start(op_link, lambda lk: None)
+    op_link.publish("remote.down", Dev.topic + ".session", b'{"n": 1}')
+    assert arrived.wait(WAIT)
+    arrived.clear()
+
+    with caplog.at_level(logging.WARNING):
+        node.restart()
+        t_up = time.monotonic()
+        assert dev_link.wait_connected(20.0), dev_link.last_error
+        assert op_link.publish("remote.down", Dev.topic + ".session", b'{"n": 2}',
+                               wait=20.0)
         assert arrived.wait(WAIT)
-        arrived.clear()
-
-        with caplog.at_level(logging.WARNING):
-            node.restart()
-            t_up = time.monotonic()
-            assert dev_link.wait_connected(20.0), dev_link.last_error
-            assert op_link.publish("remote.down", Dev.topic + ".session", b'{"n": 2}',
-                                   wait=20.0)
-            assert arrived.wait(WAIT)
-        print("\nreconnected and handled a new message %.2f s after the node was back"
-              % (time.monotonic() - t_up))
-        assert received == [b'{"n": 1}', b'{"n": 2}']
-        assert dev_link.reconnects >= 1 and events[:3] == ["up", "down", "up"]
-        assert "AMQP link down" in caplog.text and "recon-token" not in caplog.text
-        stop(dev_link, g_dev)
-        stop(op_link, g_op)
-    finally:
-        node.stop()
+    print("\nreconnected and handled a new message %.2f s after the node was back"
+          % (time.monotonic() - t_up))
+    assert received == [b'{"n": 1}', b'{"n": 2}']
+    assert dev_link.reconnects >= 1 and events[:3] == ["up", "down", "up"]
+    assert "AMQP link down" in caplog.text and "recon-token" not in caplog.text
+    stop(dev_link, g_dev)
+    stop(op_link, g_op)
 
 
 def test_stop_breaks_into_backoff_at_once(rabbit, device):

@@ -26,7 +26,6 @@ from remote_gevent import authkeys, daemon, history, identity, memory, protocol
 from remote_gevent import config as config_mod
 from remote_gevent import tunnel_crypto as tc
 from remote_gevent.agent import Agent
-from remote_gevent.demo.rabbit import RabbitNode
 from remote_gevent.protocol import Reason
 
 WAIT = 10.0  # bound for anything that should take milliseconds
@@ -435,57 +434,52 @@ def test_sigusr1_rotation_in_process(platform):
 
 
 # ----------------------------------------------------------------------------- broker restart
-def test_broker_restart_agent_reconnects_and_serves(pki, tmp_path, op_key):
-    ca, broker = pki
-    node = RabbitNode(str(tmp_path / "node"), ca_file=ca.cert_file, cert_file=broker.cert_file,
-                      key_file=broker.key_file)
-    node.start()
+def test_broker_restart_agent_reconnects_and_serves(own_rabbit, pki, tmp_path, op_key):
+    ca, _ = pki
+    node = own_rabbit
+    vhost = "rg-ctl-restart"
+    node.declare_platform(vhost)
+    node.add_device(vhost, "restart-dev", "restart-token")
+    node.add_operator(vhost, "restart-op", "restart-pw")
+    url = node.amqps_url(vhost)
+
+    class Dev:
+        ident, token, server_id = "restart-dev", "restart-token", "fr04"
+        topic = "remote.fr04.restart-dev"
+        ca_file = ca.cert_file
+
+    Dev.url = url
+    path = write_config(tmp_path, Dev, [op_key.line()])
+    from remote_gevent.amqplink import AmqpLink
+
+    op_link = AmqpLink([url], "restart-op", "restart-pw", ca_file=ca.cert_file,
+                       connect_timeout=3.0, reconnect_max_delay=2.0)
+    console = Console(op_link, Dev.topic, op_key,
+                      config_mod.load(path).remote.relays["fr04"])
+    console.start()
+    run = Running(path)
     try:
-        vhost = "rg-ctl-restart"
-        node.declare_platform(vhost)
-        node.add_device(vhost, "restart-dev", "restart-token")
-        node.add_operator(vhost, "restart-op", "restart-pw")
-        url = node.amqps_url(vhost)
-
-        class Dev:
-            ident, token, server_id = "restart-dev", "restart-token", "fr04"
-            topic = "remote.fr04.restart-dev"
-            ca_file = ca.cert_file
-
-        Dev.url = url
-        path = write_config(tmp_path, Dev, [op_key.line()])
-        from remote_gevent.amqplink import AmqpLink
-
-        op_link = AmqpLink([url], "restart-op", "restart-pw", ca_file=ca.cert_file,
-                           connect_timeout=3.0, reconnect_max_delay=2.0)
-        console = Console(op_link, Dev.topic, op_key,
-                          config_mod.load(path).remote.relays["fr04"])
-        console.start()
-        run = Running(path)
-        try:
-            run.wait_ready()
-            expect_accept(console, Dev, run)
-            node.restart()
-            t_up = time.monotonic()
-            link = run.agent.control.link
-            deadline = time.monotonic() + 20
-            while not (link.connected.is_set() and link.reconnects >= 1):
-                assert time.monotonic() < deadline, link.last_error
-                gevent.sleep(0.05)
-            assert op_link.wait_connected(20.0)
-            deadline = time.monotonic() + 20
-            while console.reply_queue is None or not op_link.connected.is_set():
-                assert time.monotonic() < deadline
-                gevent.sleep(0.05)
-            expect_accept(console, Dev, run)
-            print("\nagent reconnected and accepted a new request %.2f s after the node "
-                  "was back" % (time.monotonic() - t_up))
-            assert run.agent.supervisor.services["control"].restarts == 0
-        finally:
-            run.stop()
-            console.stop()
+        run.wait_ready()
+        expect_accept(console, Dev, run)
+        node.restart()
+        t_up = time.monotonic()
+        link = run.agent.control.link
+        deadline = time.monotonic() + 20
+        while not (link.connected.is_set() and link.reconnects >= 1):
+            assert time.monotonic() < deadline, link.last_error
+            gevent.sleep(0.05)
+        assert op_link.wait_connected(20.0)
+        deadline = time.monotonic() + 20
+        while console.reply_queue is None or not op_link.connected.is_set():
+            assert time.monotonic() < deadline
+            gevent.sleep(0.05)
+        expect_accept(console, Dev, run)
+        print("\nagent reconnected and accepted a new request %.2f s after the node "
+              "was back" % (time.monotonic() - t_up))
+        assert run.agent.supervisor.services["control"].restarts == 0
     finally:
-        node.stop()
+        run.stop()
+        console.stop()
 
 
 # ----------------------------------------------------------------------------- latency
