@@ -20,6 +20,7 @@ import gevent.server
 import pytest
 
 from remote_gevent import identity, sftp, transfer
+from test_transfer import make_tree
 
 SFTP = shutil.which("sftp")
 SSH = shutil.which("ssh")
@@ -49,14 +50,7 @@ TIMEOUT = 60
 
 @pytest.fixture
 def server(tmp_path):
-    rw = tmp_path / "rw"
-    ro = tmp_path / "ro"
-    outside = tmp_path / "outside"
-    local = tmp_path / "local"
-    for d in (rw, ro, outside, local):
-        d.mkdir()
-    (ro / "readme.txt").write_bytes(b"read only\n")
-    (outside / "secret").write_bytes(b"secret\n")
+    rw, ro, outside, local = make_tree(tmp_path)
     os.symlink(str(outside), str(rw / "out_link"))
     roots = transfer.Roots([transfer.Root(str(rw), writable=True),
                             transfer.Root(str(ro), writable=False)])

@@ -91,8 +91,9 @@ class Pair:
         gevent.joinall(self.g, timeout=5)
 
 
-@pytest.fixture
-def env(tmp_path):
+def make_tree(tmp_path):
+    """``rw`` and ``ro`` roots (``ro/readme.txt``), a directory ``outside`` every root
+    (``outside/secret``) and a ``local`` directory for the operator's side."""
     rw = tmp_path / "rw"
     ro = tmp_path / "ro"
     outside = tmp_path / "outside"
@@ -101,6 +102,12 @@ def env(tmp_path):
         d.mkdir()
     (ro / "readme.txt").write_bytes(b"read only\n")
     (outside / "secret").write_bytes(b"secret\n")
+    return rw, ro, outside, local
+
+
+@pytest.fixture
+def env(tmp_path):
+    rw, ro, outside, local = make_tree(tmp_path)
     state = {"overwrite": False, "max_size": 1024 * MIB, "extra_roots": []}
 
     class Env:
