@@ -592,21 +592,36 @@ def parse(data: Any, path: str) -> AgentConfig:
     return AgentConfig(path=path, amqp=amqp, remote=remote, warnings=tuple(warnings), **top)
 
 
+def read_document(path: str) -> Any:
+    """The YAML document in ``path``: ConfigError naming the file when it cannot be read
+    or is not YAML. FileNotFoundError is left to the caller (agent and console word it
+    differently)."""
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ConfigError([_unreadable(path, exc)]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(["%s: invalid YAML: %s" % (path, " ".join(str(exc).split()))]) \
+            from None
+
+
+def _unreadable(path: str, exc: OSError) -> str:
+    return "%s: cannot read config file: %s" % (path, exc.strerror or exc)
+
+
 def load(path: Optional[str] = None) -> AgentConfig:
     """Read and validate the config file (default: ``default_path()``)."""
     if path is None:
         path = default_path()
     try:
-        with open(path, "rb") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise ConfigError(["%s: cannot read config file: %s" % (path, exc.strerror or exc)]) \
-            from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(["%s: invalid YAML: %s" % (path, " ".join(str(exc).split()))]) \
-            from None
+        data = read_document(path)
+    except FileNotFoundError as exc:
+        raise ConfigError([_unreadable(path, exc)]) from None
     return parse(data, path)
 
 

@@ -36,6 +36,7 @@ from remote_gevent.config import (
     _Problems,
     key,
     parse_amqp_url,
+    read_document,
     split_host_port,
     v_float,
     v_int,
@@ -288,26 +289,15 @@ def load(path: Optional[str] = None, allow_missing: bool = False) -> ConsoleConf
     ``allow_missing``: a missing file gives the defaults (``keygen`` works before the
     file exists); any other read problem is still an error.
     """
-    import yaml
-
     if path is None:
         path = default_path()
     try:
-        with open(path, "rb") as fh:
-            text = fh.read()
+        data = read_document(path)
     except FileNotFoundError:
         if allow_missing:
             return parse({}, path)
         raise ConfigError(["%s: console config not found (create it from conf/console.yaml, "
                            "or pass -c PATH / set %s)" % (path, ENV_CONFIG)]) from None
-    except OSError as exc:
-        raise ConfigError(["%s: cannot read config file: %s" % (path, exc.strerror or exc)]) \
-            from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(["%s: invalid YAML: %s" % (path, " ".join(str(exc).split()))]) \
-            from None
     return parse(data, path)
 
 
