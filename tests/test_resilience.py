@@ -36,7 +36,7 @@ from remote_gevent.amqplink import AmqpLink
 from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.platform import DemoPlatform, port_open
 from echo_server import EchoServer
-from test_e2e import Procs
+from test_e2e import Procs, free_port, stdio
 
 pytestmark = pytest.mark.e2e
 
@@ -57,12 +57,6 @@ def wait_for(predicate, timeout: float = WAIT, interval: float = 0.05, what: str
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
         gevent.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_text(path: str) -> str:
@@ -90,6 +84,13 @@ def read_exactly(stream: Any, n: int, timeout: float = WAIT) -> bytes:
                 raise AssertionError("EOF after %d of %d bytes: %r" % (len(buf), n, buf[:80]))
             buf += chunk
     return buf
+
+
+@pytest.fixture
+def procs():
+    p = Procs()
+    yield p
+    p.close()
 
 
 def finish(proc: subprocess.Popen, timeout: float = WAIT) -> "tuple[int, str]":
@@ -282,17 +283,6 @@ def plat(tmp_path_factory, echo):
             op.stop()
         p.stop()
         assert not p.node.running
-
-
-@pytest.fixture
-def procs():
-    p = Procs()
-    yield p
-    p.close()
-
-
-def stdio(procs: Procs, p: DemoPlatform, target: str) -> subprocess.Popen:
-    return procs.start(p.console_argv("stdio", p.ident, target), stdin=subprocess.PIPE)
 
 
 def echo_once(proc: subprocess.Popen, payload: bytes = b"ping\n", timeout: float = WAIT) -> None:
