@@ -39,7 +39,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,11 +48,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):  # run as ``python benchmarks/bench_transfer.py``
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gevent
 import yaml
 
 from benchmarks import suite_ssh
-from benchmarks.suite_common import Procs, machine, median, ssh_cipher
+from benchmarks.suite_common import Procs, exit_on_sigterm, machine, median, ssh_cipher
 
 MIB = 1024 * 1024
 #: (key, direction, label); "ours" rows are compared with the scp row of their direction
@@ -350,12 +348,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    main_greenlet = gevent.getcurrent()
-
-    def on_term() -> None:
-        main_greenlet.throw(SystemExit(128 + signal.SIGTERM))
-
-    gevent.signal_handler(signal.SIGTERM, on_term)
+    exit_on_sigterm()
     started = time.monotonic()
     bench = TransferBench(args)
     results: Dict[str, Any] = {

@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from benchmarks import suite_ssh
 from benchmarks.suite_common import (
     Procs,
     cpu_seconds,
+    exit_on_sigterm,
     free_port,
     machine,
     median,
@@ -811,12 +811,7 @@ def _per_cpu(figures: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    main_greenlet = gevent.getcurrent()
-
-    def on_term() -> None:
-        main_greenlet.throw(SystemExit(128 + signal.SIGTERM))
-
-    gevent.signal_handler(signal.SIGTERM, on_term)
+    exit_on_sigterm()
     only = set(args.only.split(",")) if args.only else None
     started = time.monotonic()
     bench = Bench(args)

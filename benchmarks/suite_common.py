@@ -100,6 +100,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM raises ``SystemExit(143)`` in the calling (main) greenlet, so its ``finally``
+    blocks tear down everything the benchmark started."""
+    import gevent
+
+    main_greenlet = gevent.getcurrent()
+
+    def on_term() -> None:
+        main_greenlet.throw(SystemExit(128 + signal.SIGTERM))
+
+    gevent.signal_handler(signal.SIGTERM, on_term)
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
