@@ -16,6 +16,8 @@ import logging
 import os
 from typing import List, Optional, Sequence
 
+from remote_gevent.logs import escape
+
 log = logging.getLogger(__name__)
 
 COLUMNS = (
@@ -32,6 +34,15 @@ COLUMNS = (
     "reason",
 )
 FILE_MODE = 0o640
+# A cell that starts with one of these is a formula to spreadsheet tools (CSV/formula
+# injection, OWASP): such a cell gets a leading apostrophe, as those tools expect.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(text: str) -> str:
+    """A text cell that a spreadsheet shows as text: no formula, no control characters."""
+    text = escape(text, limit=None)  # no line breaks or escape sequences in a cell
+    return "'" + text if text.startswith(FORMULA_TRIGGERS) else text
 
 
 def _iso(ts: float) -> str:
@@ -50,9 +61,11 @@ class History:
                close_code: str, operator: str = "", targets: Sequence[str] = (),
                bytes_in: int = 0, bytes_out: int = 0, streams: int = 0,
                reason: str = "") -> None:
+        # Every text cell may carry a peer's words (a relay's answer, a reason): neutralised.
         row = [
-            _iso(start), session_id, remote_ip, "%.3f" % duration, close_code, operator,
-            " ".join(targets), str(bytes_in), str(bytes_out), str(streams), reason[:200],
+            _iso(start), neutralise(session_id), neutralise(remote_ip), "%.3f" % duration,
+            neutralise(close_code), neutralise(operator), neutralise(" ".join(targets)),
+            str(bytes_in), str(bytes_out), str(streams), neutralise(reason[:200]),
         ]
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow(row)

@@ -9,13 +9,56 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SYSLOG_FORMAT = "%(ident)s[%(process)d]: %(levelname)s %(name)s: %(message)s"
 SYSLOG_SOCKET = "/dev/log"
+
+
+# C0 controls, DEL and the C1 range (ESC sequences, CSI, line breaks: all that lets a
+# peer forge a log line or drive an operator's terminal), plus the Unicode line and
+# paragraph separators, which some log viewers break lines on.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+DEFAULT_ESCAPE_LIMIT = 200
+
+
+def _escape_char(match: "re.Match[str]") -> str:
+    code = ord(match.group(0))
+    return "\\x%02x" % code if code <= 0xFF else "\\u%04x" % code
+
+
+def escape(value: Any, limit: Optional[int] = DEFAULT_ESCAPE_LIMIT) -> str:
+    """``value`` made safe for one log line: control characters escaped, truncated.
+
+    Every string that comes from outside (file names, CLOSE reasons, hello lines,
+    message fields) goes through this before it reaches a log line, so a peer can
+    neither forge a line nor send escape sequences to the terminal reading the log.
+    Bytes are decoded as UTF-8 with invalid bytes shown as ``\\xNN``.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        text = bytes(value).decode("utf-8", "backslashreplace")
+    else:
+        text = value if isinstance(value, str) else str(value)
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "...(truncated)"
+    return _CONTROL.sub(_escape_char, text)
+
+
+class EscapingFormatter(logging.Formatter):
+    """Escapes control characters in the message itself (defence in depth).
+
+    Call sites escape untrusted values with :func:`escape`; this catches any that were
+    missed: the rendered message can never span two lines or carry an escape sequence.
+    A traceback (our own code's) is appended after escaping and keeps its lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - stdlib name
+        record.message = escape(record.message, limit=None)
+        return super().formatMessage(record)
 
 
 class _IdentFilter(logging.Filter):
@@ -37,16 +80,16 @@ def setup(level: str = "INFO", log_file: Optional[str] = None, foreground: bool 
         from logging.handlers import WatchedFileHandler
 
         handler = WatchedFileHandler(log_file)  # logrotate-friendly
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(EscapingFormatter(FORMAT))
     elif not foreground and os.path.exists(syslog_socket):
         from logging.handlers import SysLogHandler
 
         handler = SysLogHandler(address=syslog_socket, facility=SysLogHandler.LOG_DAEMON)
         handler.addFilter(_IdentFilter(ident))
-        handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+        handler.setFormatter(EscapingFormatter(SYSLOG_FORMAT))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(EscapingFormatter(FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -93,3 +93,27 @@ def test_record_safely_logs_instead_of_raising(tmp_path, caplog):
     history.record_safely(h, start=1.0, session_id="d" * 32, remote_ip="", duration=0.0,
                           close_code="error")
     assert "d" * 32 in caplog.text and "cannot append" in caplog.text
+
+
+def test_formula_and_control_characters_are_neutralised(tmp_path):
+    # Issue 10 item 7: a peer's text must never become a spreadsheet formula or split a row.
+    path = str(tmp_path / "history.csv")
+    h = history.History(path)
+    h.append(start=1700000000.0, session_id="c" * 32, remote_ip="=1+2", duration=0.5,
+             close_code="+cmd", operator="@SUM(A1)", targets=["-x"],
+             reason='=HYPERLINK("http://evil")\r\nforged,row')
+    h.append(start=1700000000.0, session_id="d" * 32, remote_ip="\tx", duration=0.5,
+             close_code="normal", reason="\rcr")
+    rows = history.read(path)
+    assert len(rows) == 2
+    first, second = rows
+    assert first["remote_ip"] == "'=1+2"
+    assert first["close_code"] == "'+cmd"
+    assert first["operator"] == "'@SUM(A1)"
+    assert first["targets"] == "'-x"
+    assert first["reason"].startswith("'=HYPERLINK(")
+    assert "\n" not in first["reason"] and "\r" not in first["reason"]
+    assert second["remote_ip"] == "\\x09x"  # escaped: no longer a tab, nor a formula
+    assert second["reason"] == "\\x0dcr"
+    with open(path) as f:
+        assert len(f.read().splitlines()) == 3  # header + 2 rows, nothing forged
