@@ -99,10 +99,13 @@ class CloseCode:
     PROTOCOL_ERROR = "protocol_error"
     TARGET_REFUSED = "target_refused"
     ERROR = "error"
+    # The operator's key left authorized_keys (or the file became unusable): its open and
+    # waiting sessions end at once.
+    REVOKED = "revoked"
     ALL = frozenset({
         NORMAL, CLOSED_BY_OPERATOR, CLOSED_BY_AGENT, IDLE_TIMEOUT, ACK_LOST, REFUSED,
         QUEUE_TIMEOUT, RELAY_LOST, RELAY_REFUSED, SHUTDOWN, CRYPTO_ERROR, PROTOCOL_ERROR,
-        TARGET_REFUSED, ERROR,
+        TARGET_REFUSED, ERROR, REVOKED,
     })
 
 
@@ -121,9 +124,16 @@ class Reason:
     SHUTTING_DOWN = "shutting_down"
     # Added to design.md's list: the replay cache is full of unexpired ids.
     RATE_LIMITED = "rate_limited"
+    # Fairness between operators: this operator already holds its share of max_session
+    # (remote.max_session_per_operator), or sent requests faster than remote.operator_rate.
+    OPERATOR_LIMIT = "operator_limit"
+    OPERATOR_RATE = "operator_rate_limited"
+    # A close of another operator's session by a key without the admin option.
+    NOT_OWNER = "not_session_owner"
     ALL = frozenset({
         BAD_SIGNATURE, UNKNOWN_OPERATOR, EXPIRED, REPLAYED, MALFORMED, TOO_LARGE, WRONG_DEVICE,
-        TARGET_NOT_PERMITTED, QUEUE_TIMEOUT, SHUTTING_DOWN, RATE_LIMITED,
+        TARGET_NOT_PERMITTED, QUEUE_TIMEOUT, SHUTTING_DOWN, RATE_LIMITED, OPERATOR_LIMIT,
+        OPERATOR_RATE, NOT_OWNER,
     })
 
 
