@@ -34,6 +34,19 @@ would grant more than the administrator wrote): ``no-port-forwarding`` (all
 we do is forwarding), ``from``, ``expiry-time``, ``command``, ``principals``,
 ``cert-authority``.
 Anything else: warned about and ignored.
+
+``remote-gevent-admin`` (no value) marks an administrator's key: it may list and close
+every operator's sessions (``status``, ``session.close``); without it an operator sees
+and closes only its own. OpenSSH itself would refuse a line with this option, so keep
+it out of files that sshd reads.
+
+File safety (like OpenSSH ``StrictModes``)
+------------------------------------------
+The file must be a regular file that neither its group nor others may write, in a
+directory that neither group nor others may write: whoever can write either can
+grant themselves access to the device. An unsafe file trusts nobody until fixed.
+:func:`trust_stamp` is the cheap ``stat`` of both the agent compares at every trust
+decision, so a ``chmod`` is noticed at once, not only when the content changes.
 """
 
 from __future__ import annotations
@@ -52,7 +65,7 @@ __all__ = [
     "AuthorizedKeys", "AuthorizedKeysError", "OperatorKey", "Target", "TargetError",
     "TargetPattern", "effective_targets", "fingerprint_of", "is_target_allowed",
     "parse_patterns", "parse_ssh_ed25519_blob", "parse_ssh_ed25519_line", "permits",
-    "ssh_pubkey_blob", "ssh_pubkey_line",
+    "ssh_pubkey_blob", "ssh_pubkey_line", "trust_stamp", "ADMIN_OPTION",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,6 +75,8 @@ VIRTUAL_TARGETS = frozenset({"@sftp", "@transfer"})
 WILDCARD = "*"
 MAX_TARGET_CHARS = 262  # "[" + 45-char IPv6 + "]:" ... or a 253-char name + ":65535"
 MAX_LINE_CHARS = 16384
+ADMIN_OPTION = "remote-gevent-admin"
+_UNSAFE_MODE = stat.S_IWGRP | stat.S_IWOTH
 
 _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}\Z)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
@@ -311,6 +326,7 @@ class OperatorKey:
     comment: str = ""
     permitopen: Tuple[TargetPattern, ...] = ()
     line_no: int = 0
+    admin: bool = False  # ADMIN_OPTION: may list and close every operator's sessions
 
 
 def _split_options(text: str) -> Tuple[List[Tuple[str, Optional[str]]], str]:
@@ -403,10 +419,11 @@ class AuthorizedKeys:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise AuthorizedKeysError("%s: not a regular file" % path)
-            if st.st_mode & stat.S_IWOTH:
+            if st.st_mode & _UNSAFE_MODE:
                 raise AuthorizedKeysError(
-                    "%s: refusing a world-writable file (mode %04o); chmod o-w it"
+                    "%s: refusing a group- or world-writable file (mode %04o); chmod go-w it"
                     % (path, stat.S_IMODE(st.st_mode)))
+            _check_directory(path)
             if st.st_size > 4 * 1024 * 1024:
                 raise AuthorizedKeysError("%s: file too large (%d bytes)" % (path, st.st_size))
             with os.fdopen(fd, "rb") as f:
@@ -454,6 +471,37 @@ class AuthorizedKeys:
         return cls(keys, source=source, warnings=warnings)
 
 
+def _check_directory(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        dst = os.stat(directory)
+    except OSError as exc:
+        raise AuthorizedKeysError("%s: cannot stat its directory: %s"
+                                  % (path, exc.strerror)) from None
+    if dst.st_mode & _UNSAFE_MODE:
+        raise AuthorizedKeysError(
+            "%s: refusing a file in a group- or world-writable directory %s (mode %04o); "
+            "chmod go-w it" % (path, directory, stat.S_IMODE(dst.st_mode)))
+
+
+def trust_stamp(path: str) -> Tuple[object, ...]:
+    """What decides whether ``path`` must be re-read: identity, size, times, mode and
+    owner of the file and of its directory (two ``stat`` calls). Any change, including
+    a ``chmod`` that leaves the content alone, gives another stamp."""
+    stamp: List[object] = [path]
+    for name in (path, os.path.dirname(os.path.abspath(path))):
+        try:
+            st = os.stat(name)
+        except OSError as exc:
+            stamp.append(("error", exc.errno))
+            continue
+        item = (st.st_dev, st.st_ino, st.st_mode, st.st_uid)
+        if name == path:  # not the directory's times: files come and go beside ours
+            item += (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        stamp.append(item)
+    return tuple(stamp)
+
+
 def _parse_line(line: str, line_no: int, warn) -> Optional[OperatorKey]:
     first = line.split(None, 1)[0]
     options: List[Tuple[str, Optional[str]]] = []
@@ -475,8 +523,13 @@ def _parse_line(line: str, line_no: int, warn) -> Optional[OperatorKey]:
     raw = parse_ssh_ed25519_blob(parts[1])
     comment = parts[2] if len(parts) > 2 else ""
     permitopen: List[TargetPattern] = []
+    admin = False
     for name, value in options:
-        if name == "permitopen":
+        if name == ADMIN_OPTION:
+            if value is not None:
+                raise ValueError("%s takes no value" % ADMIN_OPTION)
+            admin = True
+        elif name == "permitopen":
             if value is None:
                 raise ValueError("permitopen needs a value")
             # OpenSSH allows several comma-separated targets in one value.
@@ -489,4 +542,4 @@ def _parse_line(line: str, line_no: int, warn) -> Optional[OperatorKey]:
             raise ValueError("option %s cannot be honoured by remote-gevent" % name)
         elif name not in _SILENT_OPTIONS:
             warn("unknown option %s ignored" % _short(name))
-    return OperatorKey(raw, fingerprint_of(raw), comment, tuple(permitopen), line_no)
+    return OperatorKey(raw, fingerprint_of(raw), comment, tuple(permitopen), line_no, admin)

@@ -230,3 +230,72 @@ def test_real_openssh_key_and_fingerprint(tmp_path):
     (k,) = list(keys)
     assert k.fingerprint == out
     assert k.comment == "op@test" and not keys.warnings
+
+
+# ---------------------------------------------------------------- issue 10: admin, StrictModes
+
+
+def test_admin_option_parsed_and_reported():
+    raw1, line1 = _key()
+    raw2, line2 = _key()
+    raw3, line3 = _key()
+    keys = ak.AuthorizedKeys.parse("\n".join([
+        'remote-gevent-admin,permitopen="127.0.0.1:22" %s admin' % line1,
+        line2 + " plain",
+        'remote-gevent-admin="yes" %s' % line3,  # the option takes no value: line skipped
+    ]), source="ak")
+    assert keys.get(ak.fingerprint_of(raw1)).admin is True
+    assert keys.get(ak.fingerprint_of(raw1)).permitopen == (TargetPattern("127.0.0.1", 22),)
+    assert keys.get(ak.fingerprint_of(raw2)).admin is False
+    assert keys.get(ak.fingerprint_of(raw3)) is None
+    assert any(w.startswith("ak:3:") and ak.ADMIN_OPTION in w for w in keys.warnings)
+    assert not any(ak.ADMIN_OPTION in w for w in keys.warnings if w.startswith("ak:1:"))
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o660, 0o602, 0o664])
+def test_group_or_world_writable_file_refused(tmp_path, mode):
+    raw, line = _key()
+    p = tmp_path / "authorized_keys"
+    p.write_text(line + " op\n")
+    os.chmod(str(p), mode)
+    with pytest.raises(ak.AuthorizedKeysError, match="group- or world-writable file"):
+        ak.AuthorizedKeys.load(str(p))
+    os.chmod(str(p), 0o640)
+    assert ak.fingerprint_of(raw) in ak.AuthorizedKeys.load(str(p))
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o757, 0o1777])
+def test_file_in_group_or_world_writable_directory_refused(tmp_path, mode):
+    raw, line = _key()
+    d = tmp_path / "etc"
+    d.mkdir()
+    p = d / "authorized_keys"
+    p.write_text(line + " op\n")
+    os.chmod(str(p), 0o600)
+    os.chmod(str(d), mode)
+    try:
+        with pytest.raises(ak.AuthorizedKeysError, match="writable directory"):
+            ak.AuthorizedKeys.load(str(p))
+    finally:
+        os.chmod(str(d), 0o700)
+    assert ak.fingerprint_of(raw) in ak.AuthorizedKeys.load(str(p))
+
+
+def test_trust_stamp_sees_chmod_without_content_change(tmp_path):
+    _, line = _key()
+    p = tmp_path / "authorized_keys"
+    p.write_text(line + "\n")
+    os.chmod(str(p), 0o600)
+    first = ak.trust_stamp(str(p))
+    assert ak.trust_stamp(str(p)) == first
+    (tmp_path / "neighbour").write_text("x")  # another file in the directory: no change
+    assert ak.trust_stamp(str(p)) == first
+    os.chmod(str(p), 0o620)
+    second = ak.trust_stamp(str(p))
+    assert second != first
+    os.chmod(str(tmp_path), 0o770)
+    try:
+        assert ak.trust_stamp(str(p)) != second
+    finally:
+        os.chmod(str(tmp_path), 0o700)
+    assert ak.trust_stamp(str(tmp_path / "missing")) != first
