@@ -299,6 +299,8 @@ class TransferRoot:
     path: str
     mode: str = "ro"
     max_size: Optional[int] = None
+    allow_hardlinks: bool = False          # serve/replace files with a link count > 1
+    partial_quota: Optional[int] = None    # bytes partial uploads may hold in this root
 
     @property
     def writable(self) -> bool:
@@ -317,16 +319,28 @@ def v_size(value: Any, base: str) -> int:
     return parse_size(value)
 
 
+def v_opt_size(value: Any, base: str) -> Optional[int]:
+    return None if value is None else parse_size(value)
+
+
 @dataclass(frozen=True)
 class TransferConfig:
     roots: Tuple[TransferRoot, ...] = key(
         [], v_roots, "list",
         "directories the operator may read (ro) or write (rw) with @transfer/@sftp; "
-        "each item {path, mode: ro|rw, max_size}; empty: transfer disabled")
+        "each item {path, mode: ro|rw, max_size, partial_quota, allow_hardlinks (serve or "
+        "replace files with more than one hard link; default false)}; empty: transfer disabled")
     max_size: int = key(
         4 * GIB, v_size, "size", "largest file accepted or sent, in bytes (K/M/G/T suffix ok)")
     overwrite: bool = key(
         False, v_bool, "bool", "allow an upload to replace an existing file")
+    partial_ttl: int = key(
+        86400, v_int(600, 366 * 86400), "int s",
+        "remove a partial upload (.rgpart) untouched for this long; resume works until then")
+    partial_quota: Optional[int] = key(
+        None, v_opt_size, "size|null",
+        "most bytes partial uploads may hold in one rw root (a root's own partial_quota "
+        "wins); null: twice the root's max_size")
 
 
 @dataclass(frozen=True)
@@ -358,6 +372,18 @@ class RemoteConfig:
         600, v_int(1, 86400), "int s", "seconds between two alive messages")
     max_session: int = key(
         10, v_int(1, 10000), "int", "simultaneous tunnels; further requests wait for a slot")
+    max_session_per_operator: int = key(
+        0, v_int(0, 10000), "int",
+        "sessions (running + waiting) one operator may hold; more are refused "
+        "operator_limit; 0: half of max_session (at least 1) when several operators are "
+        "trusted, all of it when only one is")
+    operator_rate: int = key(
+        60, v_int(0, 100000), "int /min",
+        "session requests one operator may make per minute (token bucket); more are "
+        "refused operator_rate_limited; 0: no limit")
+    operator_burst: int = key(
+        30, v_int(1, 100000), "int", "requests one operator may make at once before "
+        "operator_rate applies (the bucket's size)")
     key_path: str = key(
         "/etc/alemca/remote_ed25519", v_path, "path",
         "ED25519 identity key (OpenSSH format, mode 0600), generated if missing")
@@ -504,9 +530,10 @@ def _build_transfer(raw: Any, base: str, problems: _Problems) -> TransferConfig:
         if not isinstance(item, dict):
             problems.add(where, "expected a mapping {path, mode, max_size}", item)
             continue
-        for extra in sorted(set(item) - {"path", "mode", "max_size"}):
-            problems.add("%s.%s" % (where, extra), "unknown key; known keys: max_size, mode, path",
-                         item[extra])
+        known = ("allow_hardlinks", "max_size", "mode", "partial_quota", "path")
+        for extra in sorted(set(item) - set(known)):
+            problems.add("%s.%s" % (where, extra), "unknown key; known keys: "
+                         + ", ".join(known), item[extra])
         ok = True
         try:
             path = v_path(item.get("path"), base)
@@ -517,15 +544,22 @@ def _build_transfer(raw: Any, base: str, problems: _Problems) -> TransferConfig:
         if mode not in ("ro", "rw"):
             problems.add(where + ".mode", "expected ro or rw", mode)
             ok = False
-        max_size = None
-        if item.get("max_size") is not None:
-            try:
-                max_size = parse_size(item["max_size"])
-            except Invalid as exc:
-                problems.add(where + ".max_size", str(exc), item["max_size"])
-                ok = False
+        sizes: Dict[str, Optional[int]] = {"max_size": None, "partial_quota": None}
+        for name in sizes:
+            if item.get(name) is not None:
+                try:
+                    sizes[name] = parse_size(item[name])
+                except Invalid as exc:
+                    problems.add("%s.%s" % (where, name), str(exc), item[name])
+                    ok = False
+        allow_hardlinks = item.get("allow_hardlinks", False)
+        if not isinstance(allow_hardlinks, bool):
+            problems.add(where + ".allow_hardlinks", "expected true or false", allow_hardlinks)
+            ok = False
         if ok:
-            roots.append(TransferRoot(path=path, mode=mode, max_size=max_size))
+            roots.append(TransferRoot(path=path, mode=mode, max_size=sizes["max_size"],
+                                      allow_hardlinks=allow_hardlinks,
+                                      partial_quota=sizes["partial_quota"]))
     values["roots"] = tuple(roots)
     return TransferConfig(**values)
 
