@@ -376,7 +376,7 @@ class RemoteConfig:
         0, v_int(0, 10000), "int",
         "sessions (running + waiting) one operator may hold; more are refused "
         "operator_limit; 0: half of max_session (at least 1) when several operators are "
-        "trusted, all of it when only one is")
+        "trusted, no cap when only one is")
     operator_rate: int = key(
         60, v_int(0, 100000), "int /min",
         "session requests one operator may make per minute (token bucket); more are "

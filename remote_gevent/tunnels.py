@@ -19,8 +19,15 @@
   make the device dial an arbitrary host (``relay_refused`` otherwise).
 - Streams are checked at open time against the session's effective targets
   (request ∩ device allow ∩ operator permitopen, fixed when the request was
-  accepted) *and* the live device allow-list (a SIGHUP that narrows the allow-list
-  applies to new streams of running sessions).
+  accepted) *and* the live device allow-list *and* the operator's key as
+  ``authorized_keys`` holds it now (a SIGHUP or an edit that narrows the allow-list or
+  the key's ``permitopen`` applies to new streams of running sessions).
+- Trust is live: :meth:`TunnelManager.apply_trust` (called whenever the trusted keys
+  change, and the GC consults them every pass) ends every running and waiting
+  session of an operator that is no longer trusted, close code ``revoked``.
+- Fairness (:mod:`remote_gevent.fairness`): :meth:`TunnelManager.submit` refuses a
+  request beyond the operator's share of ``max_session`` (``operator_limit``) or its
+  request rate (``operator_rate_limited``), before any session exists.
 - Exactly one history row and one ``publish_close`` per submitted session, whatever
   the path: refused before the tunnel, orphaned at the relay, timed out, closed.
   A trusted, fresh request the control plane refuses before submitting it gets one row
@@ -43,9 +50,9 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 
-from . import authkeys, mux, protocol, relay, tls, tunnel_crypto
+from . import authkeys, fairness, mux, protocol, relay, tls, tunnel_crypto
 from .history import History, record_safely
-from .protocol import CloseCode, Reason
+from .protocol import CloseCode, Reason, Refused
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +87,9 @@ _REFUSE_FOR_CLOSE = {
     CloseCode.SHUTDOWN: Reason.SHUTTING_DOWN,
     CloseCode.RELAY_REFUSED: getattr(Reason, "RELAY_REFUSED", Reason.MALFORMED),
     CloseCode.CLOSED_BY_OPERATOR: getattr(Reason, "CLOSED_BY_OPERATOR", None),
+    CloseCode.REVOKED: Reason.UNKNOWN_OPERATOR,
 }
+REVOKED_TEXT = "operator key no longer trusted"
 
 Reply = Callable[[bytes], Any]
 PublishClose = Callable[[str, str, str], Any]
@@ -94,6 +103,13 @@ class TargetNotPermitted(Exception):
     def __init__(self, target: str) -> None:
         self.reason = "%s not permitted" % protocol.short(target)
         super().__init__(self.reason)
+
+
+class OperatorRevoked(Exception):
+    """Raised by ``on_open`` when the session's operator is no longer trusted."""
+
+    code = CloseCode.REVOKED
+    reason = REVOKED_TEXT
 
 
 class _End(Exception):
@@ -178,8 +194,14 @@ class TunnelManager:
     """All agent-side sessions of one agent process (see the module docstring)."""
 
     def __init__(self, cfg: Any, get_identity: Callable[[], Any], history: Optional[History],
-                 publish_close: PublishClose, relay_context: Any = None) -> None:
+                 publish_close: PublishClose, relay_context: Any = None,
+                 trusted_keys: Optional[Callable[[], Any]] = None) -> None:
         self._cfg = cfg
+        #: ``() -> AuthorizedKeys`` in force now (the control plane's ``trusted_keys``,
+        #: which calls :meth:`apply_trust` when they change); None: the keys of the
+        #: requests are trusted for the sessions' lifetime (tests).
+        self.trusted_keys = trusted_keys
+        self._rates = fairness.OperatorRates()
         self._get_identity = get_identity
         self._history = history
         self._publish_close = publish_close
@@ -208,9 +230,54 @@ class TunnelManager:
         if sid in self._sessions:  # the replay cache should make this impossible
             log.warning("session %s: duplicate request ignored", sid)
             return
+        self._check_fair_share(request)
         s = _Session(request, reply)
         self._sessions[sid] = s
         s.greenlet = self._group.spawn(self._session_main, s)
+
+    def _check_fair_share(self, request: Any) -> None:
+        """Raise Refused if ``request``'s operator is over its rate or its share."""
+        r = self._cfg.remote
+        fp = request.operator.fingerprint
+        if not self._rates.take(fp, int(getattr(r, "operator_rate", 0) or 0),
+                                int(getattr(r, "operator_burst", 1) or 1)):
+            raise Refused(Reason.OPERATOR_RATE, "session %s: operator %s over %s requests "
+                          "per minute (burst %s)" % (request.session_id, fp, r.operator_rate,
+                                                     r.operator_burst))
+        trusted = self._trusted_now()
+        share = fairness.operator_share(self._cfg, len(trusted) if trusted is not None else 1)
+        if share is None:
+            return
+        held = sum(1 for s in self._sessions.values() if s.operator == fp and s.state != ENDED)
+        if held >= share:
+            raise Refused(Reason.OPERATOR_LIMIT, "session %s: operator %s already holds %d "
+                          "session(s), its share (%d) of max_session %d"
+                          % (request.session_id, fp, held, share, r.max_session))
+
+    def operator_of(self, session_id: str) -> Optional[str]:
+        """Fingerprint of the operator of a live session; None if there is none."""
+        s = self._sessions.get(session_id)
+        return None if s is None or s.state == ENDED else s.operator
+
+    def apply_trust(self, trusted: Any) -> int:
+        """End every live session whose operator ``trusted`` no longer holds (close code
+        ``revoked``: running tunnels are closed, waiters refused). Returns how many."""
+        revoked = 0
+        for s in list(self._sessions.values()):
+            if s.state == ENDED or s.close_request is not None:
+                continue
+            if trusted.get(s.operator) is None:
+                log.warning("session %s: operator %s is no longer trusted: revoked", s.id,
+                            s.operator)
+                self._request_close(s, CloseCode.REVOKED, REVOKED_TEXT)
+                revoked += 1
+        return revoked
+
+    def _trusted_now(self) -> Any:
+        """The trusted keys in force (consulting them may revoke sessions), or None."""
+        if self.trusted_keys is None:
+            return None
+        return self.trusted_keys()
 
     def close(self, session_id: str, code: str = CloseCode.CLOSED_BY_OPERATOR,
               reason: str = "") -> bool:
@@ -282,6 +349,10 @@ class TunnelManager:
     def gc_loop(self, stop_event: gevent.event.Event) -> None:
         """The garbage collector service: runs until ``stop_event`` is set."""
         while not stop_event.wait(gc_interval(self._cfg)):
+            try:
+                self._trusted_now()  # a stat; an edit or chmod revokes without a request
+            except Exception:  # noqa: BLE001 - the GC must go on whatever trust does
+                log.exception("consulting the trusted keys failed")
             self.collect()
 
     def collect(self, now: Optional[float] = None) -> int:
@@ -545,8 +616,16 @@ class TunnelManager:
     # -- streams --------------------------------------------------------------------
 
     def _open_target(self, s: _Session, target: str) -> Any:
-        """``on_open`` of the tunnel: permission at stream time, then the connection."""
-        if not s.request.permits(target) or not authkeys.permits(self._device_allow, target):
+        """``on_open`` of the tunnel: permission at stream time, then the connection.
+
+        Trust, the key's permitopen and the device allow-list are those in force now."""
+        trusted = self._trusted_now()
+        op = s.request.operator if trusted is None else trusted.get(s.operator)
+        if op is None:
+            self._request_close(s, CloseCode.REVOKED, REVOKED_TEXT)
+            raise OperatorRevoked()
+        if not s.request.permits(target) or not authkeys.permits(self._device_allow, target) \
+                or (op.permitopen and not authkeys.permits(op.permitopen, target)):
             raise TargetNotPermitted(target)
         if target in authkeys.VIRTUAL_TARGETS:
             return self._open_virtual(s, target)
