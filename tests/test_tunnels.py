@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from typing import Any, List, Optional, Tuple
 
 import gevent
@@ -141,6 +142,18 @@ class Env:
     def rows(self) -> List[dict]:
         return history_mod.read(self.history_path)
 
+    def trust(self, lines: List[str], consult: bool = True) -> AuthorizedKeys:
+        """Rewrite authorized_keys with ``lines``; the manager sees it from now on (as
+        the control plane's trusted_keys), and with ``consult`` it is told at once."""
+        ak = self.tmp_path / "authorized_keys"
+        ak.write_text("".join(line + "\n" for line in lines))
+        self.authorized_keys = AuthorizedKeys.load(str(ak))
+        keys = self.authorized_keys
+        self.manager.trusted_keys = lambda: keys
+        if consult:
+            self.manager.apply_trust(keys)
+        return keys
+
     def row(self, session_id: str) -> dict:
         rows = [r for r in self.rows() if r["session_id"] == session_id]
         assert len(rows) == 1, rows
@@ -172,12 +185,12 @@ class Console:
     """The operator side, from the real pieces."""
 
     def __init__(self, env: Env, targets: List[str], relay_addr: Optional[str] = None,
-                 cipher: str = "xchacha20poly1305") -> None:
+                 cipher: str = "xchacha20poly1305", key: Optional[IdentityKey] = None) -> None:
         self.env = env
         self.epk, self.esk = tunnel_crypto.kx_keypair()
         self.ticket = protocol.new_ticket()
         self.session_id, raw = protocol.make_session_request(
-            env.operator_key, DEVICE, SERVER_ID, self.epk, targets,
+            key or env.operator_key, DEVICE, SERVER_ID, self.epk, targets,
             relay_addr or env.relay_addr, self.ticket, cipher=cipher)
         # Exactly what the control plane does before TunnelManager.submit.
         self.request = protocol.check_session_request(
@@ -647,3 +660,139 @@ def test_shrinking_max_session_applies_as_sessions_end(make_env):
     c2.tunnel.close(CloseCode.NORMAL, "")
     c3.connect()
     assert env.manager.stats() == (1, 0)
+
+
+# ---------------------------------------------------------------- issue 10: trust, fairness
+
+
+def _line(key: IdentityKey, options: str = "") -> str:
+    return (options + " " if options else "") + key.public_line() + " op"
+
+
+def test_revoked_operator_sessions_end_at_once(make_env):
+    env = make_env(max_session=2, max_session_per_operator=10, queue_timeout=30)
+    other = IdentityKey.generate()
+    a_line, b_line = _line(env.operator_key), _line(other)
+    env.trust([a_line, b_line])
+    target = "127.0.0.1:%d" % env.echo_port
+    a1 = env.console().submit()
+    ta = a1.connect()
+    b1 = env.console(key=other).submit()
+    tb = b1.connect()
+    a2 = env.console().submit()  # waits for a slot
+    a2.wait_reply(protocol.MsgType.SESSION_QUEUED)
+    assert _roundtrip(ta, target, b"before") == b"before"
+    env.trust([b_line])  # operator A removed (a SIGHUP, or the edit being noticed)
+    code, reason = a1.result(timeout=5)
+    assert code == CloseCode.REVOKED, reason
+    _assert_one_close(env, a1.session_id, CloseCode.REVOKED)
+    refuse = a2.wait_reply(protocol.MsgType.SESSION_REFUSE, timeout=5)
+    assert refuse.body["code"] == Reason.UNKNOWN_OPERATOR
+    _assert_one_close(env, a2.session_id, CloseCode.REVOKED)
+    assert env.row(a1.session_id)["reason"].startswith("operator key no longer trusted")
+    with pytest.raises((mux.StreamRefused, mux.TunnelClosed)):
+        ta.open_stream(target, timeout=T)
+    # Operator B is untouched and keeps its tunnel.
+    assert _roundtrip(tb, target, b"still here") == b"still here"
+    assert env.manager.stats() == (1, 0)
+
+
+def test_revocation_noticed_at_the_next_stream_open(make_env):
+    """The file changed but nothing consulted it yet: the next OPEN of the removed
+    operator is refused and its session ends ``revoked``."""
+    env = make_env()
+    env.trust([_line(env.operator_key)])
+    target = "127.0.0.1:%d" % env.echo_port
+    c = env.console().submit()
+    tunnel = c.connect()
+    assert _roundtrip(tunnel, target, b"x") == b"x"
+    env.trust([_line(IdentityKey.generate())], consult=False)
+    with pytest.raises((mux.StreamRefused, mux.TunnelClosed)) as e:
+        tunnel.open_stream(target, timeout=T)
+    if isinstance(e.value, mux.StreamRefused):
+        assert e.value.code == CloseCode.REVOKED
+    assert c.result(timeout=5)[0] == CloseCode.REVOKED
+    _assert_one_close(env, c.session_id, CloseCode.REVOKED)
+
+
+def test_narrowed_permitopen_refuses_new_streams(make_env, echo_port):
+    spare = gevent.server.StreamServer(("127.0.0.1", 0), echo)
+    spare.start()
+    try:
+        good = "127.0.0.1:%d" % echo_port
+        second = "127.0.0.1:%d" % spare.server_port
+        env = make_env(permitopen=[good, second])
+        env.trust([_line(env.operator_key, 'permitopen="%s",permitopen="%s"' % (good, second))])
+        c = env.console(targets=["*:*"]).submit()
+        tunnel = c.connect()
+        assert _roundtrip(tunnel, second, b"allowed") == b"allowed"
+        env.trust([_line(env.operator_key, 'permitopen="%s"' % good)])
+        with pytest.raises(mux.StreamRefused) as e:
+            tunnel.open_stream(second, timeout=T)
+        assert e.value.code == Reason.TARGET_NOT_PERMITTED
+        # The session goes on for what the key still permits.
+        assert _roundtrip(tunnel, good, b"still ok") == b"still ok"
+        tunnel.close(CloseCode.NORMAL, "")
+        assert c.result()[0] == CloseCode.NORMAL
+    finally:
+        spare.stop(timeout=1)
+
+
+def test_one_operator_cannot_starve_another(make_env):
+    """60 valid requests from operator A (its console never comes to the relay) must
+    not hold operator B out: B is accepted at once; A's excess is refused with its own
+    codes, before any session (no history row, no greenlet)."""
+    env = make_env(max_session=4, queue_timeout=30)
+    b_key = IdentityKey.generate()
+    env.trust([_line(env.operator_key), _line(b_key)])
+    refused: List[str] = []
+    for _ in range(60):
+        c = env.console()
+        try:
+            c.submit()
+        except protocol.Refused as exc:
+            refused.append(exc.reason)
+    assert len(env.manager._sessions) == 2  # A's share: half of max_session
+    assert refused.count(Reason.OPERATOR_LIMIT) == 28
+    assert refused.count(Reason.OPERATOR_RATE) == 30  # burst 30 of operator_rate 60/min
+    start = time.monotonic()
+    b = env.console(key=b_key).submit()
+    b.accept()
+    waited = time.monotonic() - start
+    assert waited < 2.0, waited
+    assert _roundtrip(b.connect(), "127.0.0.1:%d" % env.echo_port, b"b") == b"b"
+
+
+def test_operator_share_configurable_and_freed_on_end(make_env):
+    env = make_env(max_session=4, max_session_per_operator=1, queue_timeout=30)
+    c1 = env.console().submit()  # one trusted operator, but an explicit share of 1
+    c1.connect()
+    with pytest.raises(protocol.Refused) as e:
+        env.console().submit()
+    assert e.value.reason == Reason.OPERATOR_LIMIT
+    c1.tunnel.close(CloseCode.NORMAL, "")
+    _assert_one_close(env, c1.session_id, CloseCode.NORMAL)
+    env.console().submit().connect()  # the share is free again
+
+
+def test_operator_rate_token_bucket():
+    from remote_gevent.fairness import OperatorRates, operator_share
+
+    rates = OperatorRates(clock=lambda: 0.0)
+    assert [rates.take("A", 6, 2, now=0.0) for _ in range(3)] == [True, True, False]
+    assert rates.take("B", 6, 2, now=0.0)  # B has its own bucket
+    assert not rates.take("A", 6, 2, now=5.0)  # 6/min: one token every 10 s
+    assert rates.take("A", 6, 2, now=10.5)
+    assert all(rates.take("A", 0, 1, now=11.0) for _ in range(100))  # 0: no limit
+
+    class R:
+        max_session, max_session_per_operator = 10, 0
+
+    class C:
+        remote = R
+
+    assert operator_share(C, 1) is None and operator_share(C, 3) == 5
+    R.max_session = 1
+    assert operator_share(C, 2) == 1
+    R.max_session_per_operator = 3
+    assert operator_share(C, 2) == 3
