@@ -8,7 +8,9 @@ the requests queued by the signal handlers (which do nothing else):
   during the grace period forces the exit at once (exit ``EXIT_FORCED``).
 - SIGHUP: reload the config file.  An invalid file is logged and the running config
   kept; keys in ``LIVE_KEYS`` take effect at once (callbacks in ``on_config_changed``
-  adapt the services), every other change is logged as needing a restart.
+  adapt the services), every other change is logged as needing a restart.  Whatever
+  the config says, ``authorized_keys`` is re-read too: an operator removed from it has
+  its open and waiting sessions ended at once (close code ``revoked``).
 - SIGUSR1: rotate the identity key (``rotate_key()``), then ``on_key_rotated``
   callbacks run (the control plane publishes the new key there).
 
@@ -59,6 +61,9 @@ LIVE_KEYS = (
     "remote.allow",
     "remote.authorized_keys",
     "remote.idle_timeout",
+    "remote.max_session_per_operator",
+    "remote.operator_rate",
+    "remote.operator_burst",
 )
 
 ConfigHook = Callable[[AgentConfig, AgentConfig], None]
@@ -183,7 +188,8 @@ class Agent:
         self.history = History(self.cfg.remote.history_path)
         self.control = ControlPlane(self)
         self.tunnels = TunnelManager(self.cfg, self.get_identity, self.history,
-                                     self.control.publish_close)
+                                     self.control.publish_close,
+                                     trusted_keys=self.control.trusted_keys)
         self.control.tunnels = self.tunnels
         self.on_config_changed.append(lambda old, new: self.tunnels.apply_config(new))
         self.on_stopping.append(self._stop_control)
@@ -271,7 +277,25 @@ class Agent:
     # ------------------------------------------------------------------ reload
 
     def reload(self) -> bool:
-        """Re-read the config file; apply live keys; True if the new file was valid."""
+        """Re-read the config file; apply live keys; True if the new file was valid.
+
+        ``authorized_keys`` is re-read in every case (after the live keys, which may
+        name another file): revocation must not wait for the next request."""
+        try:
+            return self._reload_config()
+        finally:
+            self._reload_trust()
+
+    def _reload_trust(self) -> None:
+        control = getattr(self, "control", None)
+        if control is None:
+            return
+        try:
+            control.trusted_keys(force=True)
+        except Exception:  # noqa: BLE001 - a reload must never take the agent down
+            log.exception("reload: re-reading the trusted keys failed")
+
+    def _reload_config(self) -> bool:
         try:
             new = config_mod.load(self.config_path)
         except config_mod.ConfigError as exc:

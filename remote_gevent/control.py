@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -46,7 +45,7 @@ from amqp.exceptions import NotFound, PreconditionFailed
 
 from . import protocol
 from .amqplink import AmqpLink, LinkError, NotConnected
-from .authkeys import AuthorizedKeys, AuthorizedKeysError
+from .authkeys import AuthorizedKeys, AuthorizedKeysError, trust_stamp
 from .protocol import CloseCode, MsgType, ProtocolError, Reason, Refused
 from .tunnels import device_allow
 
@@ -74,7 +73,7 @@ REPLY_TO_PREFIX = "amq.gen-"  # consoles' server-named reply queues (docs/protoc
 #: refusal gets a history row (close code ``refused``). Earlier refusals (malformed,
 #: wrong device, unknown operator, bad signature, expired, replayed, rate limited) are
 #: only logged: anyone can send those, and a replay could repeat one without end.
-RECORDED_REFUSALS = (Reason.TARGET_NOT_PERMITTED,)
+RECORDED_REFUSALS = (Reason.TARGET_NOT_PERMITTED, Reason.OPERATOR_LIMIT)
 
 _SID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 _CORRELATION_RE = re.compile(r"^[\x21-\x7e]{1,200}\Z")
@@ -93,6 +92,11 @@ REFUSE_TEXT = {
     Reason.SHUTTING_DOWN: "agent is stopping",
     Reason.RATE_LIMITED: "too many recent requests",
     Reason.QUEUE_TIMEOUT: "no free session slot",
+    Reason.OPERATOR_LIMIT: "this operator already holds its share of the device's sessions "
+                           "(remote.max_session_per_operator); close one first",
+    Reason.OPERATOR_RATE: "too many requests from this operator (remote.operator_rate); "
+                          "retry in a minute",
+    Reason.NOT_OWNER: "session belongs to another operator",
 }
 
 
@@ -155,19 +159,20 @@ class ControlPlane:
     def _in_link_greenlet(self) -> bool:
         return gevent.getcurrent() is self._link_greenlet
 
-    def trusted_keys(self) -> AuthorizedKeys:
+    def trusted_keys(self, force: bool = False) -> AuthorizedKeys:
         """The operator keys in force, re-read when the file (or its configured path) changes.
 
-        One ``stat`` per request: editing ``remote.authorized_keys`` takes effect without
-        a restart or SIGHUP. An unusable file trusts nobody (logged once per change).
+        Two ``stat`` calls per trust decision (each request, each stream open, each GC
+        pass; see :func:`~remote_gevent.authkeys.trust_stamp`): editing, replacing or
+        ``chmod``-ing ``remote.authorized_keys`` or its directory takes effect without a
+        restart; ``force`` (SIGHUP) re-reads it anyway. An unusable or unsafe (group- or
+        world-writable) file trusts nobody (logged once per change). Whenever the keys
+        are re-read, the sessions of operators no longer trusted end at once
+        (:meth:`TunnelManager.apply_trust`, close code ``revoked``).
         """
         path = self.agent.cfg.remote.authorized_keys
-        try:
-            st = os.stat(path)
-            stamp: Tuple[Any, ...] = (path, st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError as exc:
-            stamp = (path, exc.errno)
-        if stamp != self._trusted_stamp:
+        stamp = trust_stamp(path)
+        if stamp != self._trusted_stamp or force:
             self._trusted_stamp = stamp
             try:
                 self._trusted = AuthorizedKeys.load(path)
@@ -175,6 +180,9 @@ class ControlPlane:
             except AuthorizedKeysError as exc:
                 log.error("%s: no operator is trusted until this is fixed", exc)
                 self._trusted = AuthorizedKeys(source=path)
+            apply_trust = getattr(self.tunnels, "apply_trust", None)
+            if apply_trust is not None:
+                apply_trust(self._trusted)
         return self._trusted
 
     def _stats(self) -> Tuple[int, int]:
@@ -404,7 +412,12 @@ class ControlPlane:
         log.info("session %s: request from operator %s for %s via relay %s", sid,
                  request.operator.fingerprint, ", ".join(str(t) for t in request.targets),
                  request.relay)
-        self.tunnels.submit(request, self.make_reply(message, sid))
+        try:  # refuses (operator_limit, operator_rate_limited) before any session exists
+            self.tunnels.submit(request, self.make_reply(message, sid))
+        except Refused as exc:
+            if exc.reason in RECORDED_REFUSALS:
+                self._record_refusal(raw, exc.reason, exc.detail)
+            raise
         self.counters["sessions"] += 1
         self.link.ack(message)
 
@@ -432,6 +445,11 @@ class ControlPlane:
         op = protocol.verify_with_authorized(msg, self.trusted_keys())
         sid = msg.body["session_id"]
         found = False
+        owner = self.tunnels.operator_of(sid) if self.tunnels is not None else None
+        if owner is not None and owner != op.fingerprint and not op.admin:
+            # Logged once by _refuse; the session goes on. (No reply: a close has none.)
+            raise Refused(Reason.NOT_OWNER, "session %s: close by operator %s refused: the "
+                          "session is operator %s's" % (sid, op.fingerprint, owner))
         if self.tunnels is not None:
             found = bool(self.tunnels.close(sid, CloseCode.CLOSED_BY_OPERATOR,
                                             "closed by operator %s" % op.fingerprint))
@@ -446,7 +464,9 @@ class ControlPlane:
         request = protocol.check_status_request(raw, cfg.ident, cfg.remote.server_id,
                                                 self.trusted_keys(), self.status_replay)
         active, waiting = self._stats()
-        entries = self._status_entries()
+        # An operator sees its own sessions only; an admin key (remote-gevent-admin) all.
+        entries = self._status_entries(None if request.operator.admin
+                                       else request.operator.fingerprint)
         identity = self.agent.get_identity()
         args = (identity, request.request_id, cfg.ident, cfg.remote.server_id,
                 self.agent.version, self.agent.uptime, active, waiting, cfg.remote.max_session)
@@ -463,13 +483,16 @@ class ControlPlane:
         self.counters["status"] += 1
         self.link.ack(message)
 
-    def _status_entries(self) -> List[Dict[str, Any]]:
+    def _status_entries(self, operator: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The sessions for a status reply: all, or only ``operator``'s when given."""
         if self.tunnels is None:
             return []
         out = []
         for s in self.tunnels.sessions():
             sid = s.get("session_id") or s.get("id")
             if not isinstance(sid, str) or not _SID_RE.match(sid):
+                continue
+            if operator is not None and s.get("operator") != operator:
                 continue
             out.append({
                 "session_id": sid,
