@@ -62,6 +62,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -77,7 +78,8 @@ import gevent.socket
 from gevent.hub import get_hub
 from gevent.server import StreamServer
 
-from remote_gevent import splicer, tls
+from remote_gevent import relay_pending, splicer, tls
+from remote_gevent.logs import escape
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ ERROR_CODES = ("bad_hello", "timeout", "busy", "ticket_mismatch", "duplicate")
 DEFAULT_PORT = 8443
 DEFAULT_PAIRING_TIMEOUT = 30.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_HELLO_TIMEOUT = 5.0
 DEFAULT_MAX_PENDING = 1000
 DEFAULT_MAX_PAIRED = 10000
 DEFAULT_MAX_PENDING_PER_IP = 50
@@ -165,6 +168,9 @@ class RelaySettings(NamedTuple):
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     grace: float = DEFAULT_GRACE
     buffer_size: int = DEFAULT_BUFFER_SIZE
+    #: TLS handshake + hello of a new connection (and never longer than
+    #: ``handshake_timeout``); short, because a half-open connection holds a pending slot.
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
 
 
 # --------------------------------------------------------------------------- helpers
@@ -272,7 +278,8 @@ def parse_hello(line: bytes) -> Hello:
         raise _BadHello("not ascii") from None
     parts = text.split(" ")
     if re.match(r"\ARG[0-9]+\Z", parts[0]) and parts[0] != PROTOCOL_VERSION:
-        raise _BadVersion("%s hello; this relay speaks %s only" % (parts[0], PROTOCOL_VERSION))
+        raise _BadVersion("%s hello; this relay speaks %s only"
+                          % (escape(parts[0], 20), PROTOCOL_VERSION))
     if len(parts) != 4 or parts[0] != PROTOCOL_VERSION:
         raise _BadHello("not an %s hello" % PROTOCOL_VERSION)
     _, role, session_id, ticket_b64 = parts
@@ -314,7 +321,7 @@ class _Conn:
     """One accepted connection from handshake to close."""
 
     __slots__ = ("sock", "ip", "hello", "early", "event", "peer", "failed", "pending",
-                 "claimed", "gone")
+                 "claimed", "gone", "evicted", "since")
 
     def __init__(self, sock: socket.socket, ip: str) -> None:
         self.sock = sock
@@ -327,6 +334,8 @@ class _Conn:
         self.pending = False
         self.claimed = False  # a newcomer took us out of the table and is sending our OK
         self.gone = False  # the client went away while waiting
+        self.evicted = False  # closed half-open to make room for a newcomer
+        self.since = time.monotonic()
 
 
 class _Session:
@@ -376,8 +385,8 @@ class Relay:
         self._plane: Optional[splicer.SplicePlane] = None  # started at the first pair
         self._waiting: Dict[str, _Conn] = {}
         self._sessions: Dict[str, _Session] = {}
-        self._per_ip: Dict[str, int] = {}
-        self._pending = 0
+        self._table = relay_pending.PendingTable(settings.max_pending,
+                                                 settings.max_pending_per_ip)
         self._rejecting = 0
         self._stopping = False
         self._drained = gevent.event.Event()
@@ -396,7 +405,7 @@ class Relay:
     @property
     def pending(self) -> int:
         """Connections accepted but not paired yet (TLS handshake, hello, waiting)."""
-        return self._pending
+        return self._table.total
 
     @property
     def paired(self) -> int:
@@ -439,7 +448,8 @@ class Relay:
 
     def stats(self) -> Dict[str, int]:
         out = dict(self.counters)
-        out.update(pending=self._pending, paired=len(self._sessions),
+        out.update(pending=self._table.total, half_open=self._table.half_open,
+                   paired=len(self._sessions),
                    buffers=self.buffers.allocated, pipes=self.pipes.allocated)
         return out
 
@@ -451,11 +461,17 @@ class Relay:
         ip = address[0]
         self._count("accepted")
         s = self.settings
-        if (self._stopping or self._pending >= s.max_pending
-                or self._per_ip.get(ip, 0) >= s.max_pending_per_ip
-                or len(self._sessions) >= s.max_paired):
-            self._reject_busy(raw, ip)
+        if self._stopping or len(self._sessions) >= s.max_paired:
+            self._reject_busy(raw, ip, "relay stopping" if self._stopping
+                              else "max_paired %d reached" % s.max_paired)
             return
+        victims = self._table.make_room(ip)
+        if victims is None:
+            self._reject_busy(raw, ip, self._full_reason(ip))
+            return
+        for victim in victims:
+            assert isinstance(victim, _Conn)
+            self._evict(victim)
         conn = _Conn(raw, ip)
         self._enter_pending(conn)
         try:
@@ -466,21 +482,35 @@ class Relay:
 
     def _enter_pending(self, conn: _Conn) -> None:
         conn.pending = True
-        self._pending += 1
-        self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
+        self._table.add(conn, conn.ip)
 
     def _leave_pending(self, conn: _Conn) -> None:
         if not conn.pending:
             return
         conn.pending = False
-        self._pending -= 1
-        left = self._per_ip[conn.ip] - 1
-        if left:
-            self._per_ip[conn.ip] = left
-        else:
-            del self._per_ip[conn.ip]
+        self._table.remove(conn)
 
-    def _reject_busy(self, raw: socket.socket, ip: str) -> None:
+    def _full_reason(self, ip: str) -> str:
+        s = self.settings
+        if self._table.count(ip) >= s.max_pending_per_ip:
+            return ("max_pending_per_ip %d reached, every one has sent its hello"
+                    % s.max_pending_per_ip)
+        return "max_pending %d reached, every one has sent its hello" % s.max_pending
+
+    def _evict(self, conn: _Conn) -> None:
+        """Close a half-open connection (no valid hello yet) to make room for a newcomer:
+        its slot is free at once, its greenlet notices the closed socket and just ends."""
+        self._count("evicted")
+        per_ip = self._table.count(conn.ip) >= self.settings.max_pending_per_ip
+        log.info("evicted a half-open connection from %s (%.1fs without a hello): %s full",
+                 conn.ip, time.monotonic() - conn.since,
+                 "max_pending_per_ip %d" % self.settings.max_pending_per_ip if per_ip
+                 else "max_pending %d" % self.settings.max_pending)
+        conn.evicted = True
+        self._leave_pending(conn)
+        _tcp_abort(conn.sock)
+
+    def _reject_busy(self, raw: socket.socket, ip: str, why: str) -> None:
         self._count("refused_busy")
         if self._rejecting >= REJECT_SLOTS:
             log.debug("refused %s: busy (no TLS, too many refusals in progress)", ip)
@@ -489,23 +519,26 @@ class Relay:
         try:
             sock = self._tls_accept(raw, time.monotonic() + REJECT_TIMEOUT)
             if sock is not None:
-                self._refuse(sock, "busy", ip, None)
+                self._refuse(sock, "busy", ip, None, why)
                 _close_quietly(sock)
         finally:
             self._rejecting -= 1
 
-    def _tls_accept(self, raw: socket.socket, deadline: float) -> Optional[ssl.SSLSocket]:
+    def _tls_accept(self, raw: socket.socket, deadline: float,
+                    conn: Optional[_Conn] = None) -> Optional[ssl.SSLSocket]:
         """TLS handshake in this connection's greenlet, bounded by ``deadline``."""
         _set_nodelay(raw)
         sock = None
         try:
             sock = self.ssl_context.wrap_socket(raw, server_side=True,
                                                 do_handshake_on_connect=False)
+            if conn is not None:
+                conn.sock = sock  # raw's descriptor is sock's now: evict through sock
             sock.settimeout(max(deadline - time.monotonic(), 0.01))
             sock.do_handshake()
             return sock
         except (ssl.SSLError, OSError) as exc:  # socket.timeout is an OSError
-            log.debug("TLS handshake with %s failed: %s", raw_peer(raw), exc)
+            log.debug("TLS handshake with %s failed: %s", raw_peer(sock or raw), exc)
             # wrap_socket took raw's descriptor: close it here. Relying on garbage
             # collection left it open on Python 3.8 (the traceback keeps ``sock`` alive),
             # so a client that never starts TLS held its connection past the timeout.
@@ -527,31 +560,40 @@ class Relay:
 
     def _serve(self, conn: _Conn) -> None:
         s = self.settings
-        deadline = time.monotonic() + s.handshake_timeout
-        sock = self._tls_accept(conn.sock, deadline)
+        hello_timeout = min(s.hello_timeout, s.handshake_timeout)
+        deadline = time.monotonic() + hello_timeout
+        sock = self._tls_accept(conn.sock, deadline, conn)
         if sock is None:
             return
-        conn.sock = sock
         try:
             line, rest = self._read_hello(sock, deadline)
-            conn.hello = parse_hello(line)
+            hello = parse_hello(line)
             if rest:
                 raise _BadHello("%d byte(s) after the hello before OK (%s forbids them)"
                                 % (len(rest), PROTOCOL_VERSION))
-        except _BadVersion as exc:
-            self._refuse(sock, "bad_hello", conn.ip, None, str(exc), detail=PROTOCOL_VERSION)
+        except (_BadHello, ssl.SSLError, OSError) as exc:
+            if conn.evicted:
+                return  # logged by _evict; the socket is shut down
+            self._bad_hello(conn, exc, hello_timeout)
             return
-        except _BadHello as exc:
-            self._refuse(sock, "bad_hello", conn.ip, None, str(exc))
+        if conn.evicted:
             return
-        except socket.timeout:
-            self._refuse(sock, "timeout", conn.ip, None, "no hello within %.0fs"
-                         % s.handshake_timeout)
-            return
-        except (ssl.SSLError, OSError) as exc:
-            log.debug("connection from %s lost before its hello: %s", conn.ip, exc)
-            return
+        conn.hello = hello
+        self._table.authenticated(conn)
         self._pair(conn)
+
+    def _bad_hello(self, conn: _Conn, exc: Exception, hello_timeout: float) -> None:
+        """Refuse a connection whose hello failed (one log line, in ``_refuse``)."""
+        sock = conn.sock
+        if isinstance(exc, _BadVersion):
+            self._refuse(sock, "bad_hello", conn.ip, None, str(exc), detail=PROTOCOL_VERSION)
+        elif isinstance(exc, _BadHello):
+            self._refuse(sock, "bad_hello", conn.ip, None, str(exc))
+        elif isinstance(exc, socket.timeout):
+            self._refuse(sock, "timeout", conn.ip, None, "no hello within %.1fs"
+                         % hello_timeout)
+        else:
+            log.debug("connection from %s lost before its hello: %s", conn.ip, exc)
 
     def _pair(self, conn: _Conn) -> None:
         hello = conn.hello
@@ -930,23 +972,38 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
                              % (where, exc)) from None
         parts = line.split(" ")
         if len(parts) == 2 and parts[0] == "OK" and parts[1]:
+            peer_ip = parse_peer_ip(parts[1], where)
             plain = _unwrap(sock, where, timeout)
             plain.settimeout(None)
             _set_nodelay(plain)
             handed_over = True
-            return plain, parts[1]
+            return plain, peer_ip
         if len(parts) in (2, 3) and parts[0] == "ERR" and parts[1]:
-            code = parts[1]
+            code = escape(parts[1], 40)  # the relay's text: one of ERROR_CODES, normally
             extra = ""
             if len(parts) == 3 and code == "bad_hello":
-                extra = " (the relay speaks %s, we speak %s)" % (parts[2], PROTOCOL_VERSION)
+                extra = " (the relay speaks %s, we speak %s)" % (escape(parts[2], 20),
+                                                                  PROTOCOL_VERSION)
             raise RelayError(code, "relay %s refused the %s: %s%s" % (where, role, code, extra),
                              remote=True)
-        raise RelayError("protocol", "relay %s: unexpected answer %r" % (where, line[:80]))
+        raise RelayError("protocol", "relay %s: unexpected answer '%s'"
+                         % (where, escape(line, 80)))
     finally:
         if not handed_over:
             _close_quietly(sock)
             _close_quietly(raw)  # no-op once wrap_socket has taken its descriptor over
+
+
+def parse_peer_ip(value: str, where: str = "relay") -> str:
+    """The IP address in the relay's ``OK <peer_ip>`` answer, normalised.
+
+    It ends up in the history's ``remote_ip`` column and in status replies, so anything
+    but an IPv4 or IPv6 address is a protocol failure of the pairing (issue 10, item 7)."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise RelayError("protocol", "relay %s: OK carries no IP address but '%s'"
+                         % (where, escape(value, 80))) from None
 
 
 def _unwrap(sock: ssl.SSLSocket, where: str, timeout: float) -> socket.socket:

@@ -519,6 +519,103 @@ def test_per_ip_pending_limit_gives_busy(make_relay, client_ctx):
     console.close()
 
 
+def half_open(server, ctx, n, kind):
+    """``n`` connections from 127.0.0.1 that never finish their hello: ``tcp`` (connected,
+    no TLS), ``tls`` (TLS up, nothing said) or ``partial`` (half a hello, no newline)."""
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection(server.address, timeout=WAIT)
+        if kind != "tcp":
+            sock = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+        if kind == "partial":
+            sock.sendall(relay.build_hello("agent", *new_session())[:40])
+        socks.append(sock)
+    return socks
+
+
+def timed_pair(server, ctx):
+    start = time.monotonic()
+    (agent, peer), (console, _) = pair(server, ctx)
+    elapsed = time.monotonic() - start
+    agent.sendall(b"hi")
+    console.settimeout(WAIT)
+    assert console.recv(2) == b"hi" and peer == "127.0.0.1"
+    agent.close()
+    console.close()
+    return elapsed
+
+
+@pytest.mark.parametrize("kind", ["tcp", "tls", "partial"])
+def test_half_open_flood_from_one_ip_does_not_hold_its_sessions_out(make_relay, client_ctx,
+                                                                    kind):
+    """Issue 10 item 12: 55+ half-open connections from one address, then a legitimate
+    agent + console from the same address pair at once (default limits)."""
+    server = make_relay()
+    flood = half_open(server, client_ctx, relay.DEFAULT_MAX_PENDING_PER_IP + 10, kind)
+    assert wait_until(lambda: server.stats().get("accepted", 0) >= len(flood))
+    assert wait_until(lambda: server.pending == relay.DEFAULT_MAX_PENDING_PER_IP)
+    assert timed_pair(server, client_ctx) < 2.0
+    assert server.stats()["evicted"] >= 12  # 10 over the limit + the agent and console
+    assert server.pending <= relay.DEFAULT_MAX_PENDING_PER_IP
+    for sock in flood:
+        sock.close()
+    assert wait_until(lambda: server.pending == 0)
+
+
+def test_half_open_flood_over_max_pending_evicts_too(make_relay, client_ctx):
+    server = make_relay(max_pending=8, max_pending_per_ip=100)
+    flood = half_open(server, client_ctx, 20, "tcp")
+    assert wait_until(lambda: server.stats().get("accepted", 0) >= len(flood))
+    assert timed_pair(server, client_ctx) < 2.0
+    assert server.pending <= 8
+    for sock in flood:
+        sock.close()
+
+
+def test_waiters_with_a_valid_hello_are_never_displaced_by_half_open(make_relay, client_ctx,
+                                                                     caplog):
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    server = make_relay(max_pending_per_ip=3)
+    sid, ticket = new_session()
+    waiter = gevent.spawn(dial, server, client_ctx, "agent", sid, ticket)
+    assert wait_until(lambda: sid in server._waiting)
+    flood = half_open(server, client_ctx, 10, "tls")
+    assert wait_until(lambda: server.stats().get("accepted", 0) >= 11)
+    assert timed_pair(server, client_ctx) < 2.0  # pairs through the half-open ones
+    assert sid in server._waiting and not waiter.ready()  # still there, still waiting
+    console, _ = dial(server, client_ctx, "console", sid, ticket)
+    agent, _ = waiter.get(timeout=WAIT)
+    agent.close()
+    console.close()
+    # Only waiters in the way: the newcomer is refused, the waiters stay.
+    held = [gevent.spawn(dial, server, client_ctx, "console", *new_session())
+            for _ in range(3)]
+    assert wait_until(lambda: len(server._waiting) == 3)
+    with pytest.raises(relay.RelayError) as err:
+        dial(server, client_ctx, "agent", *new_session())
+    assert err.value.code == "busy"
+    assert len(server._waiting) == 3 and not any(g.ready() for g in held)
+    gevent.killall(held)
+    for sock in flood:
+        sock.close()
+    assert "evicted" in caplog.text and "max_pending_per_ip" in caplog.text
+
+
+def test_hello_timeout_bounds_tls_and_hello_separately(make_relay, client_ctx):
+    server = make_relay(hello_timeout=0.5, handshake_timeout=10.0, pairing_timeout=10.0)
+    silent = raw_tls(server, client_ctx)
+    start = time.monotonic()
+    assert answer(silent) == b"ERR timeout\n"
+    assert time.monotonic() - start < 3.0
+    # The pairing wait is not shortened by it.
+    sid, ticket = new_session()
+    waiter = gevent.spawn(dial, server, client_ctx, "agent", sid, ticket)
+    gevent.sleep(1.0)
+    assert not waiter.ready()
+    dial(server, client_ctx, "console", sid, ticket)[0].close()
+    waiter.get(timeout=WAIT)[0].close()
+
+
 def test_max_paired_gives_busy(make_relay, client_ctx):
     server = make_relay(max_paired=1)
     held = pair(server, client_ctx)  # keep the sockets: dropping them would end the session
@@ -587,6 +684,90 @@ def test_unreachable_relay_names_host_and_port(client_ctx):
                          timeout=2)
     assert err.value.code == "unreachable"
     assert "127.0.0.1:%d" % port in str(err.value)
+
+
+class FakeRelay:
+    """A TLS (or plain, ``tls=False``) listener on 127.0.0.1 that reads one hello and
+    answers ``reply`` (then close_notify when ``unwrap``), or just hangs up (``reply=None``)."""
+
+    def __init__(self, pki, reply, unwrap=False, tls_on=True, count=1):
+        self.ctx = tls.server_context(pki["cert"].cert_file, pki["cert"].key_file)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.address = ("127.0.0.1", self.port)
+        self.reply, self.unwrap, self.tls_on = reply, unwrap, tls_on
+        self.greenlet = gevent.spawn(self._serve, count)
+
+    def _serve(self, count):
+        for _ in range(count):
+            conn, _ = self.listener.accept()
+            try:
+                if not self.tls_on:
+                    conn.sendall(b"HTTP/1.0 400 not a relay\r\n\r\n")
+                    continue
+                with self.ctx.wrap_socket(conn, server_side=True) as tconn:
+                    answer(tconn)
+                    if self.reply is not None:
+                        tconn.sendall(self.reply)
+                    if self.unwrap:
+                        tconn.settimeout(WAIT)
+                        tconn.unwrap().close()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        self.greenlet.kill()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("value", [
+    '=HYPERLINK("http://evil.example/x","click")', "+1-2", "relay.example.org",
+    "1.2.3.4.5", "127.0.0.1\x1b[31mred", "::1::2", "-", "@SUM(A1)",
+], ids=["formula", "plus", "hostname", "five-octets", "escape-seq", "bad-v6", "minus", "at"])
+def test_ok_without_an_ip_address_is_a_protocol_failure(pki, client_ctx, value):
+    """Issue 10 item 7: the OK value becomes the history's remote_ip: only an IP passes."""
+    fake = FakeRelay(pki, ("OK %s\n" % value).encode("latin-1"), unwrap=True)
+    try:
+        with pytest.raises(relay.RelayError) as err:
+            relay.dial_relay("127.0.0.1", fake.port, client_ctx, "127.0.0.1", "agent",
+                             *new_session(), timeout=WAIT, pair_timeout=WAIT)
+    finally:
+        fake.close()
+    assert err.value.code == "protocol" and not err.value.remote
+    assert "IP address" in str(err.value)
+    assert "\x1b" not in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("2001:DB8:0:0::7", "2001:db8::7"),
+])
+def test_ok_with_an_ip_address_pairs_and_returns_it_normalised(pki, client_ctx, value,
+                                                               expected):
+    fake = FakeRelay(pki, ("OK %s\n" % value).encode("ascii"), unwrap=True)
+    try:
+        sock, peer = relay.dial_relay("127.0.0.1", fake.port, client_ctx, "127.0.0.1",
+                                      "agent", *new_session(), timeout=WAIT,
+                                      pair_timeout=WAIT)
+        sock.close()
+    finally:
+        fake.close()
+    assert peer == expected
+
+
+def test_peer_text_in_relay_errors_is_escaped(pki, client_ctx):
+    fake = FakeRelay(pki, b"ERR evil\x1b[2Jcode\r\n")
+    try:
+        with pytest.raises(relay.RelayError) as err:
+            relay.dial_relay("127.0.0.1", fake.port, client_ctx, "127.0.0.1", "agent",
+                             *new_session(), timeout=WAIT, pair_timeout=WAIT)
+    finally:
+        fake.close()
+    assert "\x1b" not in str(err.value) and "\r" not in str(err.value)
+    assert "\x1b" not in err.value.code and "\r" not in err.value.code
 
 
 def test_dial_validates_its_input(client_ctx):
