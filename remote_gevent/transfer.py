@@ -21,11 +21,19 @@ An operator moves one file per stream to or from an allowed place on the device
   256 KiB chunks with a ``gevent.sleep(0)`` every few MiB, and fsync (which can take
   seconds on a large file) runs in gevent's threadpool.
 
-Residual risks (documented in docs/transfer.md): a local user who can write inside
+- **Hard links.**  A hard link inside a root to a file elsewhere cannot be told
+  apart from the file itself, so a regular file whose link count is above 1 is
+  neither served nor replaced (``hard_link``) unless the root has
+  ``allow_hardlinks``; the count is taken with ``fstat`` on the opened descriptor.
+  A partial file is ours alone: one with a second link is always refused.
+- **Partials expire and are bounded** (``transfer_partials``): ``partial_ttl`` and
+  the root's ``partial_quota``.
+- **Log lines.**  Every client-supplied name goes through ``logs.escape``.
+
+Residual risk (documented in docs/transfer.md): a local user who can write inside
 a root *and* move directories out of it could race a directory rename between two
-steps of the fd walk; a hard link inside a root to a file elsewhere cannot be told
-apart from a regular file.  ``openat2(RESOLVE_BENEATH)`` (Linux 5.6+) would close
-both; it is not used because Python 3.8 has no binding for it.
+steps of the fd walk.  ``openat2(RESOLVE_BENEATH)`` (Linux 5.6+) would close it;
+it is not used because Python 3.8 has no binding for it.
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 import gevent
 
+from remote_gevent import transfer_partials as partials
+from remote_gevent.logs import escape
+
 log = logging.getLogger(__name__)
 
 VIRTUAL_TRANSFER = "@transfer"
@@ -63,6 +74,7 @@ BUSY_WAIT = 5.0                    # wait this long for another stream's lock on
 DRAIN_TIMEOUT = 10.0               # after an error reply, wait this long for the console's EOF
 MAX_LIST_ENTRIES = 100000
 DEFAULT_MAX_SIZE = 4 * 1024 ** 3
+DEFAULT_PARTIAL_TTL = 86400        # an abandoned partial upload is removed after a day
 PART_SUFFIX = ".rgpart"
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -88,10 +100,11 @@ BUSY = "busy"                      # another upload holds the partial file
 INCOMPLETE = "incomplete"          # the stream ended mid-transfer (partial kept)
 CONNECTION_LOST = "connection_lost"  # console side: tunnel/stream lost
 TARGET_REFUSED = "target_refused"  # the virtual target is disabled / unknown
+HARD_LINK = "hard_link"            # a regular file with more than one link (root policy)
 
 CODES = (OUTSIDE_ROOT, NOT_ABSOLUTE, SYMLINK_ESCAPE, NOT_REGULAR_FILE, READ_ONLY,
          TOO_LARGE, EXISTS, NO_SPACE, NOT_FOUND, INTEGRITY, IO_ERROR, BAD_REQUEST, BUSY,
-         INCOMPLETE, CONNECTION_LOST, TARGET_REFUSED)
+         INCOMPLETE, CONNECTION_LOST, TARGET_REFUSED, HARD_LINK)
 
 RESULT_OK = "transfer_ok"
 
@@ -126,14 +139,18 @@ def result_code(code: Optional[str]) -> str:
 
 
 class Root:
-    """One configured root: a directory, writable or not, with its size cap."""
+    """One configured root: a directory, writable or not, with its size cap, the
+    bytes its partial uploads may hold, and whether hard-linked files are served."""
 
     def __init__(self, path: str, writable: bool = False,
-                 max_size: int = DEFAULT_MAX_SIZE) -> None:
+                 max_size: int = DEFAULT_MAX_SIZE, allow_hardlinks: bool = False,
+                 partial_quota: Optional[int] = None) -> None:
         self.path = _lexical(os.path.abspath(path))
         self.real = os.path.realpath(self.path)
         self.writable = writable
         self.max_size = max_size
+        self.allow_hardlinks = allow_hardlinks
+        self.partial_quota = partial_quota if partial_quota else 2 * max_size
 
     def __repr__(self) -> str:
         return "Root(%r, %s, max_size=%d)" % (self.real, "rw" if self.writable else "ro",
@@ -222,22 +239,28 @@ class Resolved:
 class Roots:
     """The transfer policy: which absolute paths may be read or written."""
 
-    def __init__(self, roots: Iterable[Root], overwrite: bool = False) -> None:
+    def __init__(self, roots: Iterable[Root], overwrite: bool = False,
+                 partial_ttl: float = DEFAULT_PARTIAL_TTL) -> None:
         self.roots = list(roots)
         self.overwrite = overwrite
+        self.partial_ttl = partial_ttl
 
     @classmethod
     def from_config(cls, transfer_cfg: Any) -> "Roots":
-        """From ``cfg.remote.transfer`` (roots of {path, mode, max_size}, max_size, overwrite)."""
+        """From ``cfg.remote.transfer`` (roots of {path, mode, max_size, partial_quota,
+        allow_hardlinks}, max_size, overwrite, partial_ttl, partial_quota)."""
         default_cap = getattr(transfer_cfg, "max_size", DEFAULT_MAX_SIZE) or DEFAULT_MAX_SIZE
+        default_quota = getattr(transfer_cfg, "partial_quota", None)
         roots = []
         for r in getattr(transfer_cfg, "roots", ()) or ():
-            if isinstance(r, dict):
-                path, mode, cap = r.get("path"), r.get("mode", "ro"), r.get("max_size")
-            else:
-                path, mode, cap = r.path, r.mode, r.max_size
-            roots.append(Root(path, writable=(mode == "rw"), max_size=cap or default_cap))
-        return cls(roots, overwrite=bool(getattr(transfer_cfg, "overwrite", False)))
+            get = r.get if isinstance(r, dict) else (lambda k, d=None, r=r: getattr(r, k, d))
+            roots.append(Root(get("path"), writable=(get("mode", "ro") == "rw"),
+                              max_size=get("max_size") or default_cap,
+                              allow_hardlinks=bool(get("allow_hardlinks", False)),
+                              partial_quota=get("partial_quota") or default_quota))
+        return cls(roots, overwrite=bool(getattr(transfer_cfg, "overwrite", False)),
+                   partial_ttl=getattr(transfer_cfg, "partial_ttl", None)
+                   or DEFAULT_PARTIAL_TTL)
 
     def __bool__(self) -> bool:
         return bool(self.roots)
@@ -422,12 +445,23 @@ def open_regular(res: Resolved, dfd: int, flags: int = os.O_RDONLY) -> Tuple[int
         if not stat.S_ISREG(st.st_mode):
             raise TransferError(NOT_REGULAR_FILE, "%s is not a regular file (%s)"
                                 % (res.path, file_type(st.st_mode)))
+        check_links(st, res.path, res.root.allow_hardlinks)
         fl = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)
         raise
     return fd, st
+
+
+def check_links(st: os.stat_result, shown: str, allowed: bool) -> None:
+    """Refuse a regular file with more than one hard link (it may be a file outside
+    the root) unless the root allows it.  ``st`` should come from ``fstat`` of the
+    descriptor about to be used, so the check and the use see the same inode."""
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and not allowed:
+        raise TransferError(HARD_LINK, "%s has %d hard links; this root neither serves nor "
+                            "replaces hard-linked files (allow_hardlinks)"
+                            % (shown, st.st_nlink))
 
 
 def lstat_in(dfd: int, name: str) -> Optional[os.stat_result]:
@@ -610,28 +644,46 @@ class _Session:
             why = ("the device does not allow overwriting (remote.transfer.overwrite)"
                    if want_overwrite else "use --overwrite to replace it")
             raise TransferError(EXISTS, "%s already exists; %s" % (res.path, why))
+        check_links(st, res.path, res.root.allow_hardlinks)
 
     def _put_in(self, dfd: int, res: Resolved, name: str, size: int,
                 header_sha: Optional[str], overwrite: bool, want_overwrite: bool,
                 resume: bool) -> None:
         self._check_final(dfd, res, name, overwrite, want_overwrite)
         part = part_name(name)
+        ttl = self.roots.partial_ttl
+        ledger = partials.ledger_of(res.root)
+        ledger.maybe_sweep(res.root, ttl)          # cheap: at most once per SWEEP_INTERVAL
+        key = "/".join(res.parts[:-1] + [part])
         try:
             pfd = os.open(part, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC,
                           PART_MODE, dir_fd=dfd)
         except OSError as e:
             raise _os_error(e, res.path) from None
         keep = True   # keep the partial unless the transfer failed for good
+        reserved = False
         try:
             st = os.fstat(pfd)
             if not stat.S_ISREG(st.st_mode):
                 keep = True  # not ours to delete
                 raise TransferError(NOT_REGULAR_FILE, "partial file of %s is not a regular file"
                                     % res.path)
+            if st.st_nlink > 1:
+                keep = True  # not ours: never truncate, hash or write a file linked elsewhere
+                raise TransferError(HARD_LINK, "partial file of %s has %d hard links; refused"
+                                    % (res.path, st.st_nlink))
             _lock_partial(pfd, res)
-            offset = st.st_size if resume and st.st_size <= size else 0
+            st = os.fstat(pfd)
+            fresh = not partials.expired(st, ttl)
+            if resume and st.st_size and not fresh:
+                log.info("%s: put %s: partial older than partial_ttl (%d s): starting over",
+                         self.log_ctx, escape(res.path), ttl)
+            offset = st.st_size if resume and fresh and st.st_size <= size else 0
             if offset == 0 and st.st_size:
                 os.ftruncate(pfd, 0)
+            keep = offset > 0
+            ledger.reserve(key, size, res.root.partial_quota, res.path)
+            reserved = True
             h = hashlib.sha256()
             if offset:
                 hash_fd_prefix(pfd, offset, h)
@@ -668,8 +720,8 @@ class _Session:
             self.result["sha256"] = digest
             self.reply({"ok": True, "sha256": digest, "bytes": size, "received": size - offset,
                         "path": res.path})
-            log.info("%s: put %s: %d bytes (from offset %d) sha256 %s", self.log_ctx, res.path,
-                     size, offset, digest)
+            log.info("%s: put %s: %d bytes (from offset %d) sha256 %s", self.log_ctx,
+                     escape(res.path), size, offset, digest)
         except _KeepPartial:
             keep = True
             raise
@@ -679,6 +731,8 @@ class _Session:
             if not keep:
                 _unlink_quietly(part, dfd)
             _close(pfd)
+            if reserved:
+                ledger.release(key, _partial_size(dfd, part))
 
     def _receive(self, pfd: int, offset: int, size: int, h: Any,
                  res: Resolved) -> Optional[int]:
@@ -692,8 +746,8 @@ class _Session:
                 data = ch.read_some(min(CHUNK, size - pos))
             except OSError as e:
                 data = b""
-                log.info("%s: put %s: stream error at %d/%d: %s", self.log_ctx, res.path, pos,
-                         size, e)
+                log.info("%s: put %s: stream error at %d/%d: %s", self.log_ctx,
+                         escape(res.path), pos, size, e)
             except socket.timeout:
                 data = b""
             if not data:
@@ -704,7 +758,7 @@ class _Session:
                 except OSError:
                     pass
                 log.info("%s: put %s interrupted at %d/%d bytes; partial kept for resume",
-                         self.log_ctx, res.path, pos, size)
+                         self.log_ctx, escape(res.path), pos, size)
                 return None
             view = memoryview(data)
             while view:
@@ -795,8 +849,8 @@ class _Session:
             self.result["bytes"] = size - offset
             self.result["sha256"] = digest
             self.ch.send_json({"ok": True, "sha256": digest, "bytes": size})
-            log.info("%s: get %s: %d bytes (from offset %d) sha256 %s", self.log_ctx, res.path,
-                     size, offset, digest)
+            log.info("%s: get %s: %d bytes (from offset %d) sha256 %s", self.log_ctx,
+                     escape(res.path), size, offset, digest)
         except OSError as e:
             raise _os_error(e, res.path) from None
         finally:
@@ -847,6 +901,15 @@ def _lock_partial(pfd: int, res: Resolved) -> None:
                 raise TransferError(BUSY, "another upload to %s is in progress"
                                     % res.path) from None
             gevent.sleep(0.05)
+
+
+def _partial_size(dfd: int, part: str) -> Optional[int]:
+    """Bytes of the partial ``part`` still in ``dfd`` (None: gone or not a file)."""
+    try:
+        st = lstat_in(dfd, part)
+    except OSError:
+        return None
+    return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
 
 
 def _available(dfd: int) -> Optional[int]:
@@ -977,16 +1040,19 @@ def serve_transfer_stream(sock: Any, roots: Roots, log_ctx: str = "",
         s.result["code"] = result_code(e.code)
         s.result["message"] = e.message
         abort = True
-        log.warning("%s: %s %s aborted: %s", s.log_ctx, s.result["op"], s.result["path"], e)
+        log.warning("%s: %s %s aborted: %s", s.log_ctx, s.result["op"],
+                    escape(s.result["path"]), escape(e))
     except TransferError as e:
         s.result["code"] = result_code(e.code)
         s.result["message"] = e.message
-        log.info("%s: %s %s refused: %s", s.log_ctx, s.result["op"], s.result["path"], e)
+        log.info("%s: %s %s refused: %s", s.log_ctx, s.result["op"],
+                 escape(s.result["path"]), escape(e))
         _send_error(s, e)
     except (OSError, socket.timeout) as e:
         s.result["code"] = result_code(INCOMPLETE)
         s.result["message"] = str(e)
-        log.info("%s: %s %s: stream lost: %s", s.log_ctx, s.result["op"], s.result["path"], e)
+        log.info("%s: %s %s: stream lost: %s", s.log_ctx, s.result["op"],
+                 escape(s.result["path"]), e)
     finally:
         _finish(sock, abort)
         s.result["duration"] = round(time.monotonic() - started, 3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import socket
 import stat
@@ -108,7 +109,8 @@ def make_tree(tmp_path):
 @pytest.fixture
 def env(tmp_path):
     rw, ro, outside, local = make_tree(tmp_path)
-    state = {"overwrite": False, "max_size": 1024 * MIB, "extra_roots": []}
+    state = {"overwrite": False, "max_size": 1024 * MIB, "extra_roots": [], "rw_kw": {},
+             "ro_kw": {}, "tcfg_kw": {}}
 
     class Env:
         pass
@@ -120,10 +122,11 @@ def env(tmp_path):
     e.state = state
 
     def tcfg():
-        roots = [config.TransferRoot(path=str(rw), mode="rw"),
-                 config.TransferRoot(path=str(ro), mode="ro")] + state["extra_roots"]
+        roots = [config.TransferRoot(path=str(rw), mode="rw", **state["rw_kw"]),
+                 config.TransferRoot(path=str(ro), mode="ro", **state["ro_kw"])] \
+            + state["extra_roots"]
         return config.TransferConfig(roots=tuple(roots), max_size=state["max_size"],
-                                     overwrite=state["overwrite"])
+                                     overwrite=state["overwrite"], **state["tcfg_kw"])
 
     def pair():
         p = Pair(tcfg(), e.results)
@@ -550,6 +553,181 @@ def test_no_space_during_write(env, tiny_fs, monkeypatch):
     assert os.listdir(str(tiny_fs)) == []
     wait_results(env, 1)
     assert env.results[-1]["code"] == "transfer_no_space"
+
+
+# --------------------------------------------------------------------------- issue 10
+
+# A file name a hostile operator could pick to forge a second agent log line.
+FORGED = "\n2026-11-30 10:00:00,000 INFO remote_gevent.agent: forged"
+
+
+def agent_records(caplog, needle, logger="remote_gevent.transfer"):
+    return [r.getMessage() for r in caplog.records
+            if r.name == logger and needle in r.getMessage()]
+
+
+def make_old(path, age):
+    t = time.time() - age
+    os.utime(str(path), (t, t))
+
+
+def test_client_names_escaped_in_the_log(env, caplog):
+    caplog.set_level(logging.INFO, logger="remote_gevent")
+    p = env.pair()
+    name = "a" + FORGED               # a newline is a legal character in a file name
+    # One stream, one operation: a put that succeeds (ct.push would stat first).
+    replies = raw_request(p, {"op": "put", "path": str(env.rw / name), "size": 1,
+                              "sha256": hashlib.sha256(b"x").hexdigest()}, b"x")
+    assert replies[-1]["ok"] is True, replies
+    assert (env.rw / name).read_bytes() == b"x"
+    wait_results(env, 1)
+    cases = [
+        lambda: raw_request(p, {"op": "put", "path": str(env.ro / name), "size": 1}),  # ro
+        lambda: raw_request(p, {"op": "get", "path": "/nowhere" + FORGED}),     # outside
+        lambda: raw_request(p, {"op": "get", "path": str(env.rw / ("b" + FORGED))}),
+    ]
+    for i, case in enumerate([None] + cases):
+        if case is not None:
+            caplog.clear()
+            case()
+            gevent.sleep(0.1)
+        lines = agent_records(caplog, "forged")
+        assert len(lines) == 1, (i, lines)
+        assert "\n" not in lines[0] and "\\x0a2026-11-30" in lines[0], (i, lines)
+
+
+def test_hard_links_not_served_or_replaced(env, caplog):
+    caplog.set_level(logging.INFO, logger="remote_gevent.transfer")
+    secret = env.outside / "secret"
+    link = env.rw / "hl"
+    os.link(str(secret), str(link))
+    env.state["overwrite"] = True
+    p = env.pair()
+    err = pull_err(p, str(link), env.local / "got")
+    assert err.code == "hard_link" and "hard link" in err.message
+    assert ct.exit_code(err.code) == ct.EXIT_REFUSED
+    assert not (env.local / "got").exists()
+    src = env.local / "new"
+    src.write_bytes(b"replacement")
+    err = push_err(p, src, str(link), overwrite=True)
+    assert err.code == "hard_link"
+    assert secret.read_bytes() == b"secret\n"
+    assert os.stat(str(link)).st_ino == os.stat(str(secret)).st_ino
+    assert len(agent_records(caplog, "hard link")) == 2     # one line per refusal
+    wait_results(env, 2)
+    assert [r["code"] for r in env.results[-2:]] == ["transfer_hard_link"] * 2
+    # A root may allow hard links explicitly.
+    env.state["rw_kw"] = {"allow_hardlinks": True}
+    p2 = env.pair()
+    ct.pull(p2.factory, str(link), str(env.local / "got"))
+    assert (env.local / "got").read_bytes() == b"secret\n"
+
+
+def test_hard_linked_partial_never_written(env):
+    secret = env.outside / "secret"
+    os.link(str(secret), str(env.rw / ".x.rgpart"))
+    src = env.local / "x"
+    src.write_bytes(b"payload")
+    env.state["rw_kw"] = {"allow_hardlinks": True}   # even then: a partial is ours only
+    p = env.pair()
+    for resume in (False, True):
+        err = push_err(p, src, str(env.rw / "x"), resume=resume)
+        assert err.code == "hard_link", resume
+    assert secret.read_bytes() == b"secret\n"
+    assert not (env.rw / "x").exists()
+
+
+def test_expired_partials_swept_fresh_ones_kept(env, caplog):
+    caplog.set_level(logging.INFO, logger="remote_gevent.transfer")
+    env.state["tcfg_kw"] = {"partial_ttl": 3600}
+    (env.rw / "sub" / "deeper").mkdir(parents=True)
+    stale = [env.rw / ".gone.bin.rgpart", env.rw / "sub" / ".deep.bin.rgpart",
+             env.rw / "sub" / "deeper" / ".s.bin.1a2b3c4d.rgpart"]
+    for path in stale:
+        path.write_bytes(b"x" * 1000)
+        make_old(path, 7200)
+    fresh = env.rw / ".fresh.bin.rgpart"
+    fresh.write_bytes(b"y" * 1000)
+    make_old(fresh, 600)
+    old_file = env.rw / "sub" / "old.txt"        # old, but not a partial
+    old_file.write_bytes(b"keep")
+    make_old(old_file, 7200)
+    src = env.local / "new.bin"
+    src.write_bytes(b"new")
+    p = env.pair()
+    ct.push(p.factory, str(src), str(env.rw / "new.bin"))
+    assert [str(x) for x in stale if x.exists()] == []
+    assert fresh.exists() and old_file.exists()
+    assert len(agent_records(caplog, "expired 3 partial upload")) == 1
+
+
+def test_resume_within_ttl_restart_after(env):
+    env.state["tcfg_kw"] = {"partial_ttl": 3600}
+    data = os.urandom(3 * MIB)
+    src = env.local / "r.bin"
+    src.write_bytes(data)
+    part = env.rw / ".r.bin.rgpart"
+    final = env.rw / "r.bin"
+    part.write_bytes(data[:MIB])
+    make_old(part, 600)
+    p = env.pair()
+    out = ct.push(p.factory, str(src), str(final), resume=True)
+    assert out["bytes"] == 2 * MIB                 # resumed: within the TTL
+    final.unlink()
+    part.write_bytes(data[:MIB])
+    make_old(part, 7200)
+    out = ct.push(p.factory, str(src), str(final), resume=True)
+    assert out["bytes"] == 3 * MIB                 # expired: started over
+    assert sha_file(str(final)) == hashlib.sha256(data).hexdigest()
+
+
+def test_partials_count_against_the_root_quota(env):
+    env.state["rw_kw"] = {"partial_quota": MIB}
+    other = env.rw / ".other.bin.rgpart"
+    other.write_bytes(b"z" * (700 * 1024))
+    big = env.local / "big.bin"
+    big.write_bytes(os.urandom(500 * 1024))
+    p = env.pair()
+    err = push_err(p, big, str(env.rw / "big.bin"))
+    assert err.code == "no_space" and "partial" in err.message, err.message
+    assert not (env.rw / "big.bin").exists() and other.exists()
+    assert not (env.rw / ".big.bin.rgpart").exists()
+    small = env.local / "small.bin"
+    small.write_bytes(os.urandom(200 * 1024))
+    ct.push(p.factory, str(small), str(env.rw / "small.bin"))
+    # The waiting partial's own upload is not counted twice: it can always go on.
+    mine = env.local / "other.bin"
+    mine.write_bytes(os.urandom(900 * 1024))
+    ct.push(p.factory, str(mine), str(env.rw / "other.bin"))
+    assert not other.exists() and (env.rw / "other.bin").stat().st_size == 900 * 1024
+
+
+def test_new_keys_reach_the_roots(tmp_path):
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    raw = {"remote": {"transfer": {
+        "partial_ttl": 7200, "partial_quota": "3M",
+        "roots": [{"path": str(rw), "mode": "rw", "allow_hardlinks": True,
+                   "partial_quota": "1M"},
+                  {"path": str(tmp_path), "mode": "ro"}]}}}
+    cfg = config.parse(raw, str(tmp_path / "c.yaml"))
+    roots = transfer.Roots.from_config(cfg.remote.transfer)
+    assert roots.partial_ttl == 7200
+    by_path = {r.real: r for r in roots.roots}
+    assert by_path[os.path.realpath(str(rw))].allow_hardlinks is True
+    assert by_path[os.path.realpath(str(rw))].partial_quota == MIB
+    assert by_path[os.path.realpath(str(tmp_path))].allow_hardlinks is False
+    assert by_path[os.path.realpath(str(tmp_path))].partial_quota == 3 * MIB
+    defaults = transfer.Roots.from_config(config.parse(
+        {"remote": {"transfer": {"roots": [{"path": str(rw), "mode": "rw"}]}}},
+        str(tmp_path / "c.yaml")).remote.transfer)
+    assert defaults.partial_ttl == 86400
+    assert defaults.roots[0].partial_quota == 2 * defaults.roots[0].max_size
+    for bad in ({"partial_ttl": 10}, {"partial_quota": "lots"},
+                {"roots": [{"path": str(rw), "allow_hardlinks": "yes"}]},
+                {"roots": [{"path": str(rw), "partial_quota": -1}]}):
+        with pytest.raises(config.ConfigError):
+            config.parse({"remote": {"transfer": bad}}, str(tmp_path / "c.yaml"))
 
 
 # --------------------------------------------------------------------------- units
