@@ -40,6 +40,12 @@ Why things are the way they are:
   session request), squatting is bounded by the pairing timeout and the per-IP pending
   limit, and the alternative (several candidate waiters per id) would let a stranger hold
   more relay state per guessed id.
+* **Pending slots** (:mod:`relay_pending`): ``max_pending`` in all and
+  ``max_pending_per_ip`` per source bound the connections not paired yet. TLS + hello must
+  finish within ``hello_timeout`` (5 s). At a limit, the oldest connection that has not sent
+  a valid hello is evicted for the newcomer; ``ERR busy`` only when every pending one has
+  sent its hello, so a waiter is never displaced and half-open connections from one
+  address (a flood, or a NAT) cannot hold that address's sessions out.
 * **Splice, in one thread.** After pairing, the relay only moves sealed bytes, so the
   greenlets hand each plain TCP pair to the data-plane thread of :mod:`splicer`: one OS
   thread with a level-triggered epoll that moves bytes socket → pipe → socket with

@@ -80,6 +80,7 @@ KEYS = {
     "key": _file,
     "pairing_timeout": _positive_number,
     "handshake_timeout": _positive_number,
+    "hello_timeout": _positive_number,
     "idle_timeout": _positive_number,
     "grace": _positive_number,
     "max_pending": _positive_int,
@@ -118,9 +119,25 @@ def load_config(path: str) -> Dict[str, Any]:
     return values
 
 
+#: Limits that also have a command-line flag: key -> flag (the flag wins over the file).
+LIMIT_FLAGS = {"max_pending_per_ip": "--max-pending-per-ip", "hello_timeout": "--hello-timeout"}
+
+
 def build_settings(config: Dict[str, Any], listen: Optional[str], cert: Optional[str],
-                   key: Optional[str]) -> relay.RelaySettings:
+                   key: Optional[str], limits: Optional[Dict[str, Any]] = None
+                   ) -> relay.RelaySettings:
+    """``RelaySettings`` from the validated YAML ``config`` and the flags (which win)."""
     values = dict(config)
+    problems = []
+    for name, value in (limits or {}).items():
+        if value is None:
+            continue
+        try:
+            values[name] = KEYS[name](LIMIT_FLAGS.get(name, name), value)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
     if listen is not None:
         values["listen"] = _listen("--listen", listen)
     if cert is not None:
@@ -154,18 +171,27 @@ def raise_fd_limit(wanted: int) -> None:
 @click.option("--key", type=click.Path(dir_okay=False), help="Private key of the certificate.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML file with the same keys and the limits (conf/relay.yaml).")
+@click.option("--max-pending-per-ip", type=int, default=None, metavar="N",
+              help="Pending (not yet paired) connections per source IP; at the limit the "
+                   "oldest one without a hello is evicted for a newcomer [default: %d]."
+                   % relay.DEFAULT_MAX_PENDING_PER_IP)
+@click.option("--hello-timeout", type=float, default=None, metavar="SECONDS",
+              help="Bound on TLS handshake + hello of a new connection [default: %g]."
+                   % relay.DEFAULT_HELLO_TIMEOUT)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.version_option(__version__, prog_name="remote-gevent-relay")
 def main(listen: Optional[str], cert: Optional[str], key: Optional[str],
-         config_path: Optional[str], log_level: str) -> None:
+         config_path: Optional[str], max_pending_per_ip: Optional[int],
+         hello_timeout: Optional[float], log_level: str) -> None:
     """Relay ("exit node"): pairs agents and consoles by session id and ticket, then
     forwards their end-to-end encrypted bytes."""
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_path) if config_path else {}
-        settings = build_settings(config, listen, cert, key)
+        settings = build_settings(config, listen, cert, key, {
+            "max_pending_per_ip": max_pending_per_ip, "hello_timeout": hello_timeout})
         server = relay.Relay(settings)
     except (ConfigError, tls.TLSConfigError) as exc:
         raise click.ClickException(str(exc)) from None

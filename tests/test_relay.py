@@ -862,6 +862,26 @@ def test_cli_refuses_unknown_keys_and_bad_values(tmp_path, pki):
     assert "grace" in result.stderr and "-1" in result.stderr
 
 
+def test_cli_hello_timeout_and_per_source_limit_from_yaml_and_flags(tmp_path):
+    from remote_gevent.relay_cli import build_settings, load_config
+    conf = tmp_path / "relay.yaml"
+    conf.write_text("cert: c\nkey: k\nhello_timeout: 2.5\nmax_pending_per_ip: 7\n")
+    settings = build_settings(load_config(str(conf)), None, None, None)
+    assert settings.hello_timeout == 2.5 and settings.max_pending_per_ip == 7
+    settings = build_settings(load_config(str(conf)), None, None, None,
+                              {"max_pending_per_ip": 300, "hello_timeout": 1.0})
+    assert settings.max_pending_per_ip == 300 and settings.hello_timeout == 1.0
+    defaults = build_settings({}, None, "c", "k")
+    assert defaults.hello_timeout == relay.DEFAULT_HELLO_TIMEOUT == 5.0
+    assert defaults.max_pending_per_ip == relay.DEFAULT_MAX_PENDING_PER_IP == 50
+    result = subprocess.run([sys.executable, "-m", "remote_gevent.relay_cli", "--config",
+                             str(conf), "--max-pending-per-ip", "0", "--hello-timeout", "-1"],
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=WAIT)
+    assert result.returncode == 1, result.stderr
+    assert "--max-pending-per-ip" in result.stderr and "0" in result.stderr
+    assert "--hello-timeout" in result.stderr and "-1" in result.stderr
+
+
 def test_cli_listen_forms():
     from remote_gevent.relay_cli import parse_listen
     assert parse_listen("[::1]:8443") == ("::1", 8443)
