@@ -53,6 +53,7 @@ from gevent.lock import RLock
 
 from remote_gevent import __version__
 from remote_gevent import tls
+from remote_gevent.amqp_inbound import DEFAULT_MAX_BODY, PoisonMemory, frame_handler
 from remote_gevent.retry import Backoff, sleep_or_stop
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ class AmqpLink:
                  on_disconnect: Optional[Callable[["AmqpLink", Optional[BaseException]],
                                                   None]] = None,
                  prefetch: int = 32, first_retry: float = FIRST_RETRY,
-                 outbox_max: int = OUTBOX_MAX) -> None:
+                 outbox_max: int = OUTBOX_MAX, max_body: int = DEFAULT_MAX_BODY) -> None:
         if isinstance(urls, str):
             urls = [urls]
         if not urls:
@@ -279,6 +280,8 @@ class AmqpLink:
         self.on_disconnect = on_disconnect
         self.prefetch = prefetch
         self.first_retry = first_retry
+        self.max_body = int(max_body)
+        self._poison = PoisonMemory()
         self.connected = Event()
         self.lock = RLock()
         self.connection: Optional[_Connection] = None
@@ -339,11 +342,15 @@ class AmqpLink:
             tls_context=self._tls_context if url.tls else None, server_hostname=url.host,
             connect_timeout=self.connect_timeout, heartbeat=self.heartbeat,
             client_properties=self.client_properties, frame_writer=self._locked_frame_writer,
+            frame_handler=frame_handler(self.max_body, self._poison, self._reject_tag),
         )
         try:
             with self.lock:
                 conn.connect()
                 channel = conn.channel()
+                # Bodies stay raw bytes: decoding by the publisher's content_encoding
+                # (any codec, any cost) is the consumer's business, after its size check.
+                channel.auto_decode = False
                 if self.prefetch:
                     channel.basic_qos(0, self.prefetch, False)
         except RECOVERABLE as exc:
@@ -590,7 +597,7 @@ class AmqpLink:
         return self.channel
 
     def consume(self, queue: str, callback: Callback, exclusive: bool = False,
-                consumer_tag: Optional[str] = None) -> str:
+                consumer_tag: Optional[str] = None, handles_problems: bool = False) -> str:
         """Register ``callback(message)`` on ``queue`` (manual acks: ``no_ack=False``).
 
         The callback runs in the link's greenlet and must end with :meth:`ack` or
@@ -598,8 +605,20 @@ class AmqpLink:
         requeue (a poison message must not stall the consumer), except for AMQP/socket
         errors which propagate to the loop (reconnect). Call from ``setup`` so that the
         consumer is restored after a reconnect. Returns the consumer tag.
+
+        Messages are :class:`~remote_gevent.amqp_inbound.Delivery` objects: ``body`` is
+        raw bytes. One whose properties do not decode or whose body is over
+        ``max_body`` has a ``problem``; such a delivery is logged once and rejected
+        without requeue here, unless ``handles_problems`` (the callback then gets it,
+        with empty ``properties`` and/or an empty body, and must refuse it itself).
         """
         def deliver(message: amqp.Message) -> None:
+            problem = getattr(message, "problem", None)
+            if problem is not None and not handles_problems:
+                log.warning("queue %s: delivery %s refused: %s", queue,
+                            message.delivery_info.get("delivery_tag"), problem)
+                self.reject(message, requeue=False)
+                return
             try:
                 callback(message)
             except RECOVERABLE:
@@ -641,6 +660,13 @@ class AmqpLink:
                             describe_error(exc, self.url))
                 return False
             return True
+
+    def _reject_tag(self, connection: amqp.Connection, channel_id: int, tag: int) -> None:
+        """Reject a delivery by tag, without requeue (inbound frame handler's hook)."""
+        with self.lock:
+            channel = (connection.channels or {}).get(channel_id)
+            if channel is not None and channel is self.channel:
+                channel.basic_reject(tag, False)
 
     def ack(self, message: amqp.Message) -> bool:
         """Acknowledge (any greenlet). False if the link went down since the delivery."""

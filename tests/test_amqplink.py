@@ -27,6 +27,8 @@ from remote_gevent.amqplink import (
 )
 from remote_gevent.demo.pki import CertificateAuthority
 
+import poison
+
 CMD_QUEUE_ARGS = {"x-expires": 86400000, "x-message-ttl": 120000, "x-max-length": 100,
                   "x-overflow": "reject-publish"}
 WAIT = 10.0  # bound for anything that should take milliseconds
@@ -524,3 +526,174 @@ def test_request_reply_round_trip_time(rabbit, device, operator):
     median = measure_rtt(rabbit, device, operator, 300)
     print("\nrequest->reply through RabbitMQ over TLS: median %.3f ms (300 round trips)"
           % (median * 1000))
+
+
+# ----------------------------------------------------------------------------- poison
+def poison_cases(topic):
+    """(name, body, raw properties) a hostile operator can publish on remote.down."""
+    return [
+        ("bad UTF-8 correlation_id", b"{}", poison.properties(correlation_id=b"\xff\xfe\xfd")),
+        ("headers nested 3000 deep", b"{}", poison.properties(headers=poison.nested_table(3000))),
+        ("bad UTF-8 content_type", b"{}", poison.properties(content_type=b"text/\xc3(")),
+        ("bad UTF-8 reply_to", b"{}", poison.properties(reply_to=b"amq.gen-\xed\xa0\x80")),
+        ("arrays nested 3000 deep", b"{}", poison.properties(headers=poison.table(
+            poison.shortstr(b"a") + poison.nested_array(3000)))),
+    ]
+
+
+def test_undecodable_properties_rejected_once_and_consumer_keeps_serving(
+        rabbit, device, operator, caplog):
+    seen = []
+    good = Event()
+
+    def on_msg(msg):
+        seen.append(msg.body)
+        link.ack(msg)
+        if msg.body == b"fine":
+            good.set()
+
+    link = rabbit.link(device)
+    op = rabbit.link(operator)
+    g = start(link, device_setup(device, on_msg))
+    og = start(op, lambda _link: None)
+    try:
+        cases = poison_cases(device.topic)
+        with caplog.at_level(logging.WARNING, logger="remote_gevent.amqplink"):
+            for _name, body, props in cases:
+                poison.publish_raw(op, "remote.down", device.topic + ".session", body, props)
+            op.publish("remote.down", device.topic + ".session", b"fine")
+            assert good.wait(WAIT)
+        assert seen == [b"fine"]
+        assert link.reconnects == 0 and not g.dead
+        refusals = [r for r in caplog.records if "undecodable properties" in r.getMessage()]
+        assert len(refusals) == len(cases), caplog.text  # once each, never redelivered
+        for record in refusals:
+            one_line(record.getMessage())
+            assert "\xff" not in record.getMessage()
+    finally:
+        stop(op, og)
+        stop(link, g)
+    assert queued(rabbit, device, device.topic + ".cmd") == 0  # rejected without requeue
+
+
+def queued(rabbit, who, queue):
+    """Messages ready in ``queue`` (a passive declare on a short-lived link)."""
+    probe = rabbit.link(who)
+    probe.connect()
+    try:
+        return probe.channel.queue_declare(queue, passive=True).message_count
+    finally:
+        probe.close()
+
+
+def test_body_is_raw_bytes_whatever_the_content_encoding(rabbit, device, operator):
+    got = AsyncResult()
+
+    def on_msg(msg):
+        link.ack(msg)
+        got.set(msg)
+
+    link = rabbit.link(device)
+    op = rabbit.link(operator)
+    g = start(link, device_setup(device, on_msg))
+    og = start(op, lambda _link: None)
+    try:
+        body = "é".encode("utf-8") * 10
+        op.publish("remote.down", device.topic + ".session", body, content_encoding="latin-1")
+        msg = got.get(timeout=WAIT)
+        assert msg.body == body and isinstance(msg.body, bytes)
+        assert msg.properties["content_encoding"] == "latin-1"
+    finally:
+        stop(op, og)
+        stop(link, g)
+
+
+def test_body_over_max_body_is_not_buffered_and_refused_once(rabbit, device, operator,
+                                                              caplog):
+    seen = []
+    good = Event()
+
+    def on_msg(msg):
+        seen.append(bytes(msg.body))
+        link.ack(msg)
+        good.set()
+
+    link = rabbit.link(device, max_body=16 * 1024)
+    op = rabbit.link(operator)
+    g = start(link, device_setup(device, on_msg))
+    og = start(op, lambda _link: None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="remote_gevent.amqplink"):
+            op.publish("remote.down", device.topic + ".session", b"x" * (600 * 1024))
+            op.publish("remote.down", device.topic + ".session", b"y" * (16 * 1024))
+            assert good.wait(WAIT)
+        assert seen == [b"y" * (16 * 1024)]
+        lines = [r.getMessage() for r in caplog.records if "614400 bytes" in r.getMessage()]
+        assert len(lines) == 1, caplog.text
+        assert link.reconnects == 0
+    finally:
+        stop(op, og)
+        stop(link, g)
+
+
+def _deliver_frames(tag, props=None, body=b"{}"):
+    """Raw frames of one basic.deliver (method, header, body) on channel 1."""
+    import struct
+
+    from amqp import spec
+    args = (struct.pack(">HH", *spec.Basic.Deliver) + poison.shortstr(b"ctag")
+            + struct.pack(">QB", tag, 0) + poison.shortstr(b"remote.down")
+            + poison.shortstr(b"t.session"))
+    header = struct.pack(">HxxQ", 60, len(body)) + (props or poison.properties())
+    return [(1, 1, args), (2, 1, header), (3, 1, body)]
+
+
+class _FakeConnection:
+    bytes_recv = 0
+
+
+def test_inbound_handler_rejects_by_tag_what_it_cannot_handle_and_remembers_poison(caplog):
+    from amqp.exceptions import PreconditionFailed
+
+    from remote_gevent import amqp_inbound
+    rejected, calls = [], []
+    memory = amqp_inbound.PoisonMemory()
+    on_frame = amqp_inbound.frame_handler(
+        1000, memory, lambda conn, ch, tag: rejected.append((ch, tag)))(
+        _FakeConnection(), lambda ch, sig, args, msg: calls.append(msg) or behaviour(msg))
+
+    def feed(frames):
+        for frame in frames:
+            on_frame(frame)
+
+    def behaviour(msg):
+        if msg.body == b"bug":
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        if msg.body == b"closes":
+            raise PreconditionFailed("channel closed by the broker")
+
+    with caplog.at_level(logging.WARNING, logger="remote_gevent.amqp_inbound"):
+        feed(_deliver_frames(7, body=b"bug"))  # handling raised: rejected by its tag
+        assert rejected == [(1, 7)]
+        with pytest.raises(PreconditionFailed):  # the link goes down ...
+            feed(_deliver_frames(8, body=b"closes"))
+        assert len(memory) == 1
+        feed(_deliver_frames(9, body=b"closes"))  # ... and its redelivery is refused
+        assert rejected == [(1, 7), (1, 9)] and len(calls) == 2
+        feed(_deliver_frames(10, body=b"x" * 1001))  # over max_body: kept out of memory
+    assert calls[-1].problem == "body of 1001 bytes over the 1000-byte limit"
+    assert calls[-1].body == b""
+    assert caplog.text.count("rejected") == 2
+
+
+def test_inbound_body_never_decoded_by_content_encoding():
+    from remote_gevent import amqp_inbound
+    calls = []
+    on_frame = amqp_inbound.frame_handler(10 ** 6, amqp_inbound.PoisonMemory(),
+                                          lambda *a: None)(
+        _FakeConnection(), lambda ch, sig, args, msg: calls.append(msg))
+    body = b"a" * 300000  # punycode-decoding this would take seconds
+    for frame in _deliver_frames(1, poison.properties(content_encoding=b"punycode"), body):
+        on_frame(frame)
+    assert calls[0].body == body and calls[0].problem is None
+    assert calls[0].properties["content_encoding"] == "punycode"
