@@ -587,8 +587,20 @@ class TunnelManager:
         host, port = addr
         s.state = DIALING
         s.dial_started = time.monotonic()
-        dialer = gevent.spawn(relay.dial_relay, host, port, ctx, host, "agent", s.id,
-                              s.request.ticket, RELAY_CONNECT_TIMEOUT, PAIRING_TIMEOUT)
+        ticket = s.request.ticket
+
+        def dial() -> Any:
+            # A closure, not spawn(dial_relay, ..., ticket): gevent prints a greenlet that
+            # dies of an exception with its repr, call arguments (the ticket) included. An
+            # expected failure is returned instead, so it prints nothing: _finish logs it
+            # once, with the session id and the reason (issue 10, item 13).
+            try:
+                return relay.dial_relay(host, port, ctx, host, "agent", s.id, ticket,
+                                        RELAY_CONNECT_TIMEOUT, PAIRING_TIMEOUT)
+            except (relay.RelayError, ValueError) as e:
+                return e
+
+        dialer = gevent.spawn(dial)
         gevent.wait([dialer, s.wake], count=1)
         if not dialer.ready():
             dialer.kill()
@@ -603,7 +615,7 @@ class TunnelManager:
             return sock
         if s.close_request is not None:
             raise _End(*s.close_request)
-        exc = dialer.exception
+        exc = dialer.value if dialer.successful() else dialer.exception
         if isinstance(exc, relay.RelayError):
             if exc.code == "protocol" and not exc.remote:
                 raise _End(CloseCode.RELAY_LOST, str(exc))

@@ -780,6 +780,97 @@ def test_dial_validates_its_input(client_ctx):
                          os.urandom(16))
 
 
+# ------------------------------------------------------------------ agent side: failed pairing
+
+
+def _agent_env(tmp_path, pki, address, **remote):
+    """test_tunnels' in-process agent (TunnelManager) configured for the relay at
+    ``address``, and a console request for it (not dialed)."""
+    from test_tunnels import SERVER_ID, Env
+
+    class _At:
+        def __init__(self, addr):
+            self.address = addr
+
+    addr = "127.0.0.1:%d" % address[1]
+    env = Env(tmp_path, (pki["ca"], pki["cert"]), _At(address), 1,
+              relays={SERVER_ID: addr}, **remote)
+    return env, env.console(["127.0.0.1:1"], relay_addr=addr)
+
+
+def _ticket_traces(ticket):
+    """Every 8-character piece of the ticket's base64, and the start of its bytes' repr
+    (what a greenlet's repr printed in its call arguments)."""
+    b64 = base64.b64encode(ticket).decode()
+    return [b64[i:i + 8] for i in range(len(b64) - 7)] + [repr(ticket)[:10]]
+
+
+FAILURES = ["ticket_mismatch", "relay_timeout", "local_timeout", "hangs_up", "no_tls",
+            "not_an_ip", "unreachable"]
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_a_failed_pairing_is_one_line_without_traceback_or_ticket(
+        failure, make_relay, client_ctx, pki, tmp_path, capfd, caplog, monkeypatch):
+    """Issue 10 item 13: the agent's log of a failed pairing is one line naming the session
+    and the reason: no traceback (a greenlet's repr printed a prefix of the ticket)."""
+    from remote_gevent import tunnels
+    caplog.set_level(logging.DEBUG)
+    fake = squatter = None
+    expect = {"ticket_mismatch": "ticket_mismatch", "relay_timeout": "console never came",
+              "local_timeout": "not paired within", "hangs_up": "closed by the relay",
+              "no_tls": "TLS", "not_an_ip": "IP address", "unreachable": "unreachable"}
+    server = None
+    if failure in ("ticket_mismatch", "local_timeout"):
+        server = make_relay()
+        address = server.address
+    elif failure == "relay_timeout":
+        address = make_relay(pairing_timeout=0.5).address
+    elif failure == "unreachable":
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        address = probe.getsockname()
+        probe.close()
+    else:
+        fake = FakeRelay(pki, {"hangs_up": None, "no_tls": None,
+                               "not_an_ip": b'OK =HYPERLINK("x")\n'}[failure],
+                         unwrap=True, tls_on=failure != "no_tls")
+        address = fake.address
+    if failure == "local_timeout":
+        monkeypatch.setattr(tunnels, "PAIRING_TIMEOUT", 0.5)
+    env, console = _agent_env(tmp_path, pki, address)
+    try:
+        if failure == "ticket_mismatch":  # a stranger waits there with the id, not the ticket
+            squatter = gevent.spawn(relay.dial_relay, *address, client_ctx, "127.0.0.1",
+                                    "console", console.session_id, os.urandom(32),
+                                    timeout=WAIT, pair_timeout=WAIT)
+            assert wait_until(lambda: console.session_id in server._waiting)
+        console.submit()
+        console.accept()
+        _, code, reason = env.closes.wait_for(console.session_id)
+        gevent.sleep(0.3)  # whatever the hub would print has been printed
+        row = env.row(console.session_id)
+        assert row["remote_ip"] == "" and row["close_code"] == code, row  # item 7
+    finally:
+        if squatter is not None:
+            squatter.kill()
+        if fake is not None:
+            fake.close()
+        env.close()
+    assert code in ("relay_refused", "relay_lost"), (code, reason)
+    assert expect[failure] in reason, reason
+    out, err = capfd.readouterr()
+    text = out + err + caplog.text
+    assert "Traceback" not in text, text
+    for piece in _ticket_traces(console.ticket):
+        assert piece not in text, (piece, text)
+    agent_lines = [r.getMessage() for r in caplog.records
+                   if r.name != "remote_gevent.relay" and expect[failure] in r.getMessage()]
+    assert len(agent_lines) == 1, agent_lines
+    assert console.session_id in agent_lines[0]
+    assert "\n" not in agent_lines[0] and "\x1b" not in agent_lines[0]
+
+
 # ------------------------------------------------------------------ the CLI process
 
 
