@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import binascii
 import errno
+import fcntl
 import io
 import logging
 import os
@@ -57,6 +58,8 @@ from paramiko import (
 )
 
 from remote_gevent import transfer as tr
+from remote_gevent import transfer_partials as partials
+from remote_gevent.logs import escape
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ STATUS_OF = {
     tr.IO_ERROR: SFTP_FAILURE,
     tr.BAD_REQUEST: SFTP_FAILURE,
     tr.BUSY: SFTP_FAILURE,
+    tr.HARD_LINK: SFTP_PERMISSION_DENIED,
 }
 
 OnResult = Optional[Callable[[Dict[str, Any]], None]]
@@ -122,14 +126,14 @@ class _Server(paramiko.ServerInterface):
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind != "session" or self.channels >= MAX_CHANNELS:
-            log.info("%s: sftp: channel %r refused", self.log_ctx, kind)
+            log.info("%s: sftp: channel %s refused", self.log_ctx, escape(repr(kind)))
             return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
         self.channels += 1
         return OPEN_SUCCEEDED
 
     def check_channel_subsystem_request(self, channel: Any, name: str) -> bool:
         if name != "sftp":
-            log.info("%s: sftp: subsystem %r refused", self.log_ctx, name)
+            log.info("%s: sftp: subsystem %s refused", self.log_ctx, escape(repr(name)))
             return False
         return bool(super().check_channel_subsystem_request(channel, name))
 
@@ -318,7 +322,7 @@ class RootsSFTPServer(SFTPServerInterface):
                 raise tr.TransferError(tr.TOO_LARGE, "%s is larger than the limit" % res.path)
             return _ReadHandle(self, fd, res.path, flags)
         except tr.TransferError as e:
-            log.info("%s: sftp open %s refused: %s", self.log_ctx, path, e)
+            log.info("%s: sftp open %s refused: %s", self.log_ctx, escape(path), escape(e))
             return status_of(e)
         except OSError as e:
             return SFTPServer.convert_errno(e.errno)
@@ -339,15 +343,22 @@ class RootsSFTPServer(SFTPServerInterface):
                                            % res.path)
                 if flags & os.O_EXCL or not self.roots.overwrite:
                     raise tr.TransferError(tr.EXISTS, "%s already exists" % res.path)
+                tr.check_links(st, res.path, res.root.allow_hardlinks)
             elif not flags & os.O_CREAT:
                 raise tr.TransferError(tr.NOT_FOUND, "%s does not exist" % res.path)
+            ledger = partials.ledger_of(res.root)
+            ledger.maybe_sweep(res.root, self.roots.partial_ttl)
             tmp = ".%s.%s%s" % (name, binascii.hexlify(os.urandom(4)).decode(), tr.PART_SUFFIX)
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | tr._O_NOFOLLOW
                          | tr._O_CLOEXEC, tr.PART_MODE, dir_fd=dfd)
+            # Ours alone (O_EXCL): the lock tells a sweep that this partial is in use,
+            # however long the client stays idle.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             os.close(dfd)
             raise
         handle = _WriteHandle(self, dfd, fd, tmp, name, res, flags, attr)
+        handle.account(0)
         if st is not None and not flags & os.O_TRUNC:
             handle.copy_existing()       # random-access update of an existing file
         return handle
@@ -359,10 +370,10 @@ class RootsSFTPServer(SFTPServerInterface):
             fn()
             return SFTP_OK
         except tr.TransferError as e:
-            log.info("%s: sftp %s refused: %s", self.log_ctx, what, e)
+            log.info("%s: sftp %s refused: %s", self.log_ctx, escape(what), escape(e))
             return status_of(e)
         except OSError as e:
-            log.info("%s: sftp %s failed: %s", self.log_ctx, what, e)
+            log.info("%s: sftp %s failed: %s", self.log_ctx, escape(what), escape(e))
             if e.errno == errno.EEXIST:
                 return SFTP_FAILURE
             return SFTPServer.convert_errno(e.errno)
@@ -409,6 +420,9 @@ class RootsSFTPServer(SFTPServerInterface):
                 try:
                     if tr.lstat_in(sfd, src.name) is None:
                         raise tr.TransferError(tr.NOT_FOUND, "%s: no such file" % src.path)
+                    old = tr.lstat_in(dfd, dst.name) if replace else None
+                    if old is not None:
+                        tr.check_links(old, dst.path, dst.parent.root.allow_hardlinks)
                     if replace:
                         os.rename(src.name, dst.name, src_dir_fd=sfd, dst_dir_fd=dfd)
                     else:
@@ -520,10 +534,28 @@ class _WriteHandle(SFTPHandle):
         self.error: Optional[tr.TransferError] = None
         self.bytes = 0
         self.started = time.monotonic()
+        self.ledger = partials.ledger_of(res.root)
+        self.key = "/".join(res.parts[:-1] + [tmp])
+
+    def account(self, end: int) -> None:
+        """Count the temp file's ``end`` bytes against the root's partial quota
+        (raises ``TransferError(no_space)`` if it would go over)."""
+        self.ledger.reserve(self.key, end, self.res.root.partial_quota, self.res.path)
 
     def copy_existing(self) -> None:
-        src = os.open(self.name, os.O_RDONLY | tr._O_NOFOLLOW | tr._O_CLOEXEC, dir_fd=self.dfd)
+        src = os.open(self.name, os.O_RDONLY | tr._O_NOFOLLOW | os.O_NONBLOCK | tr._O_CLOEXEC,
+                      dir_fd=self.dfd)
         try:
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode):
+                self._fail(tr.TransferError(tr.NOT_REGULAR_FILE, "%s is not a regular file"
+                                            % self.res.path))
+                return
+            try:
+                tr.check_links(st, self.res.path, self.res.root.allow_hardlinks)
+            except tr.TransferError as e:
+                self._fail(e)
+                return
             pos = 0
             while True:
                 data = os.read(src, COPY_CHUNK)
@@ -532,6 +564,11 @@ class _WriteHandle(SFTPHandle):
                 if pos + len(data) > self.cap:
                     self._fail(tr.TransferError(tr.TOO_LARGE, "%s exceeds the limit"
                                                 % self.res.path))
+                    return
+                try:
+                    self.account(pos + len(data))
+                except tr.TransferError as e:
+                    self._fail(e)
                     return
                 os.pwrite(self.fd, data, pos)
                 pos += len(data)
@@ -542,7 +579,8 @@ class _WriteHandle(SFTPHandle):
     def _fail(self, e: tr.TransferError) -> int:
         if self.error is None:
             self.error = e
-            log.info("%s: sftp write %s failed: %s", self.server.log_ctx, self.res.path, e)
+            log.info("%s: sftp write %s failed: %s", self.server.log_ctx,
+                     escape(self.res.path), escape(e))
         return status_of(e)
 
     def read(self, offset: int, length: int) -> Union[bytes, int]:
@@ -561,6 +599,11 @@ class _WriteHandle(SFTPHandle):
         if end > self.cap:
             return self._fail(tr.TransferError(tr.TOO_LARGE, "%s: more than %d bytes"
                                                % (self.res.path, self.cap)))
+        if end > self.size:
+            try:
+                self.account(end)
+            except tr.TransferError as e:
+                return self._fail(e)
         try:
             view = memoryview(data)
             pos = offset
@@ -602,6 +645,8 @@ class _WriteHandle(SFTPHandle):
                     if st is not None and not stat.S_ISREG(st.st_mode):
                         raise tr.TransferError(tr.NOT_REGULAR_FILE, "%s is not a regular file"
                                                % self.res.path)
+                    if st is not None:
+                        tr.check_links(st, self.res.path, self.res.root.allow_hardlinks)
                     os.rename(self.tmp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
                 else:
                     tr.rename_noreplace(self.dfd, self.tmp, self.dfd, self.name)
@@ -617,6 +662,7 @@ class _WriteHandle(SFTPHandle):
             self.fd = -1
             if not keep:
                 tr._unlink_quietly(self.tmp, self.dfd)
+            self.ledger.release(self.key, None)
             os.close(self.dfd)
             self.server.report({
                 "op": "sftp_put", "path": self.res.path, "bytes": self.bytes,
@@ -637,7 +683,7 @@ def serve_sftp(sock: Any, roots: tr.Roots, host_key: Any, log_ctx: str = "",
         try:
             transport.start_server(server=_Server(ctx))
         except (paramiko.SSHException, EOFError, OSError) as e:
-            log.info("%s: sftp: SSH negotiation failed: %s", ctx, e)
+            log.info("%s: sftp: SSH negotiation failed: %s", ctx, escape(e))
             return
         chan = transport.accept(auth_timeout)
         if chan is None:

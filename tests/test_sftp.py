@@ -9,6 +9,7 @@ platform e2e test does the same through the real tunnel.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -18,13 +19,15 @@ import sys
 import gevent
 import gevent.server
 import pytest
+from paramiko import SFTP_FAILURE, SFTP_NO_SUCH_FILE, SFTP_OK, SFTP_PERMISSION_DENIED
+from paramiko import SFTPAttributes
 
-from remote_gevent import identity, sftp, transfer
-from test_transfer import make_tree
+from remote_gevent import identity, sftp, transfer, transfer_partials
+from test_transfer import FORGED, make_old, make_tree
 
 SFTP = shutil.which("sftp")
 SSH = shutil.which("ssh")
-pytestmark = pytest.mark.skipif(SFTP is None, reason="OpenSSH sftp client not installed")
+needs_sftp = pytest.mark.skipif(SFTP is None, reason="OpenSSH sftp client not installed")
 
 PROXY = r"""
 import os, socket, sys, threading
@@ -68,6 +71,7 @@ def server(tmp_path):
 
     s = S()
     s.rw, s.ro, s.outside, s.local, s.tmp = rw, ro, outside, local, tmp_path
+    s.roots = roots
     s.port = srv.server_port
     s.results = results
     s.key = key
@@ -98,6 +102,7 @@ def leftovers(d):
     return [n for n in os.listdir(str(d)) if n.endswith(transfer.PART_SUFFIX)]
 
 
+@needs_sftp
 def test_put_get_ls_rename_rm(server):
     s = server
     src = s.local / "up.bin"
@@ -133,6 +138,7 @@ def test_put_get_ls_rename_rm(server):
     assert all(x["code"] == "transfer_ok" for x in s.results), s.results
 
 
+@needs_sftp
 def test_read_only_root_refuses_writes(server):
     s = server
     src = s.local / "x"
@@ -145,6 +151,7 @@ def test_read_only_root_refuses_writes(server):
     assert sorted(os.listdir(str(s.ro))) == ["readme.txt"]
 
 
+@needs_sftp
 def test_escapes_refused(server):
     s = server
     src = s.local / "x"
@@ -161,6 +168,7 @@ def test_escapes_refused(server):
     assert not (s.local / "got").exists()
 
 
+@needs_sftp
 def test_exists_not_clobbered(server):
     s = server
     (s.rw / "keep").write_bytes(b"original")
@@ -176,6 +184,7 @@ def test_exists_not_clobbered(server):
     assert leftovers(s.rw) == []
 
 
+@needs_sftp
 @pytest.mark.skipif(SSH is None, reason="OpenSSH ssh client not installed")
 def test_no_shell_no_exec(server):
     r = subprocess.run([SSH] + ssh_opts(server.port) + ["-T", "x@device", "echo pwned"],
@@ -183,12 +192,14 @@ def test_no_shell_no_exec(server):
     assert r.returncode != 0 and "pwned" not in r.stdout
 
 
+@needs_sftp
 def test_host_key_is_the_identity_key(server):
     key = sftp.host_key_of(server.key)
     assert key.get_name() == "ssh-ed25519"
     assert key.get_base64() == server.key.public_line().split()[1]
 
 
+@needs_sftp
 def test_garbage_ends_quietly(server):
     c = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     c.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -204,3 +215,115 @@ def test_garbage_ends_quietly(server):
         pass
     c.close()
     assert data.startswith(b"SSH-2.0-")
+
+
+# --------------------------------------------------------------------------- issue 10
+
+
+@needs_sftp
+def test_hard_links_refused(server, caplog):
+    caplog.set_level(logging.INFO, logger="remote_gevent.sftp")
+    s = server
+    secret = s.outside / "secret"
+    link = s.rw / "hl"
+    os.link(str(secret), str(link))
+    s.roots.overwrite = True
+    r = run_batch(s, ["get %s %s/got" % (link, s.local)])
+    assert r.returncode != 0 and "denied" in (r.stderr + r.stdout).lower(), r.stderr
+    assert not (s.local / "got").exists()
+    src = s.local / "x"
+    src.write_bytes(b"replacement")
+    (s.rw / "other").write_bytes(b"other")
+    for line in ["put %s %s" % (src, link), "rename %s/other %s" % (s.rw, link)]:
+        r = run_batch(s, [line])
+        assert r.returncode != 0, line
+    assert secret.read_bytes() == b"secret\n"
+    assert os.stat(str(link)).st_ino == os.stat(str(secret)).st_ino
+    assert (s.rw / "other").read_bytes() == b"other"
+    assert leftovers(s.rw) == []
+    lines = [r.getMessage() for r in caplog.records if "hard link" in r.getMessage()]
+    # One line per refusal: get and put; the plain SFTP rename never replaces (exists).
+    assert len(lines) == 2, lines
+
+
+def direct(tmp_path, **root_kw):
+    """A ``RootsSFTPServer`` called directly (no SSH): the rw and ro roots of make_tree."""
+    rw, ro, outside, local = make_tree(tmp_path)
+    roots = transfer.Roots([transfer.Root(str(rw), writable=True, **root_kw),
+                            transfer.Root(str(ro), writable=False)],
+                           partial_ttl=3600)
+    srv = sftp.RootsSFTPServer(None, roots, log_ctx="unit")
+    return srv, rw, ro, outside
+
+
+def test_hard_link_update_refused_even_without_truncate(tmp_path):
+    srv, rw, ro, outside = direct(tmp_path)
+    os.link(str(outside / "secret"), str(rw / "hl"))
+    srv.roots.overwrite = True
+    # Opening for update copies the old content into the handle (readable back).
+    assert srv.open(str(rw / "hl"), os.O_RDWR, SFTPAttributes()) == SFTP_PERMISSION_DENIED
+    assert srv.open(str(rw / "hl"), os.O_RDONLY, SFTPAttributes()) == SFTP_PERMISSION_DENIED
+    assert srv.chattr(str(rw / "hl"), SFTPAttributes()) == SFTP_PERMISSION_DENIED
+    (rw / "other").write_bytes(b"other")
+    assert srv.posix_rename(str(rw / "other"), str(rw / "hl")) == SFTP_PERMISSION_DENIED
+    assert (rw / "other").exists()
+    assert (outside / "secret").read_bytes() == b"secret\n"
+    assert os.stat(str(rw / "hl")).st_nlink == 2
+    assert leftovers(rw) == []
+    (tmp_path / "allowed").mkdir()
+    srv2, rw2, _, outside2 = direct(tmp_path / "allowed", allow_hardlinks=True)
+    os.link(str(outside2 / "secret"), str(rw2 / "hl"))
+    h = srv2.open(str(rw2 / "hl"), os.O_RDONLY, SFTPAttributes())
+    assert h.read(0, 100) == b"secret\n"
+    h.close()
+
+
+def test_sftp_names_escaped_in_the_log(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="remote_gevent")
+    srv, rw, ro, outside = direct(tmp_path)
+    name = "n" + FORGED
+    calls = [
+        lambda: srv.open(str(rw / name), os.O_RDONLY, SFTPAttributes()),
+        lambda: srv.remove(str(ro / name)),
+        lambda: srv.rename(str(rw / name), str(rw / "x")),
+        lambda: srv.mkdir(str(outside / name), SFTPAttributes()),
+    ]
+    for i, call in enumerate(calls):
+        caplog.clear()
+        assert call() != SFTP_OK
+        lines = [r.getMessage() for r in caplog.records
+                 if r.name.startswith("remote_gevent") and "forged" in r.getMessage()]
+        assert len(lines) == 1, (i, lines)
+        assert "\n" not in lines[0] and "\\x0a2026-11-30" in lines[0], (i, lines)
+
+
+def test_sftp_writes_count_against_the_quota(tmp_path):
+    srv, rw, ro, outside = direct(tmp_path, partial_quota=1024 * 1024)
+    (rw / ".waiting.bin.rgpart").write_bytes(b"w" * (700 * 1024))
+    h = srv.open(str(rw / "new.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SFTPAttributes())
+    assert h.write(0, b"a" * (200 * 1024)) == SFTP_OK
+    assert h.write(200 * 1024, b"b" * (200 * 1024)) == SFTP_FAILURE    # 1.1 MiB > 1 MiB
+    assert h.close() == SFTP_FAILURE
+    assert not (rw / "new.bin").exists()
+    assert sorted(leftovers(rw)) == [".waiting.bin.rgpart"]
+    h = srv.open(str(rw / "ok.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SFTPAttributes())
+    assert h.write(0, b"c" * (300 * 1024)) == SFTP_OK
+    assert h.close() == SFTP_OK
+    assert (rw / "ok.bin").stat().st_size == 300 * 1024
+
+
+def test_sweep_spares_an_open_sftp_temp(tmp_path):
+    srv, rw, ro, outside = direct(tmp_path)
+    h = srv.open(str(rw / "slow.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SFTPAttributes())
+    assert h.write(0, b"s" * 10) == SFTP_OK
+    (temp,) = leftovers(rw)
+    make_old(rw / temp, 7200)                 # a client idle longer than partial_ttl
+    stale = rw / ".stale.bin.rgpart"
+    stale.write_bytes(b"x")
+    make_old(stale, 7200)
+    root = srv.roots.roots[0]
+    removed = transfer_partials.ledger_of(root).sweep(root, srv.roots.partial_ttl)
+    assert removed == 1 and not stale.exists() and (rw / temp).exists()
+    assert h.close() == SFTP_OK
+    assert (rw / "slow.bin").read_bytes() == b"s" * 10
+    assert srv.open(str(rw / "nope"), os.O_RDONLY, SFTPAttributes()) == SFTP_NO_SUCH_FILE
