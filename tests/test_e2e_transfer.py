@@ -179,3 +179,44 @@ def test_stock_sftp_put_get_ls(platform, tmp_path):
     assert "via-sftp.bin" in done.stdout
     assert sha256_file(back) == digest
     assert not os.path.exists(os.path.join(root, "renamed.bin"))
+
+
+def _log_since(path: str, offset: int) -> List[str]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", "replace").splitlines()
+
+
+def test_hard_link_refused_and_names_escaped(platform, tmp_path):
+    """Issue 10 items 10 and 6 against the real agent process: a hard link inside the
+    root to a file outside is not served (exit 3, one agent log line), and a file
+    name carrying a forged log line stays inside one escaped agent log line."""
+    secret = tmp_path / "secret"                 # outside every transfer root
+    secret.write_bytes(b"secret\n")
+    link = os.path.join(platform.files_dir, "hard-link")
+    os.link(str(secret), link)
+    start = os.path.getsize(platform.agent_log)
+    try:
+        got = tmp_path / "got"
+        done = console(platform, "pull", platform.ident, link, str(got))
+        assert done.returncode == 3, done.stderr
+        assert "hard link" in done.stderr and not got.exists()
+        forged = "2026-11-30 10:00:00,000 INFO remote_gevent.agent: forged"
+        src = tmp_path / "x"
+        src.write_bytes(b"x")
+        remote = os.path.join(platform.files_dir, "x\n" + forged)
+        done = console(platform, "push", platform.ident, str(src), remote)
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: any(" put " in line and "forged" in line
+                             for line in _log_since(platform.agent_log, start)),
+                 WAIT, what="the agent's put line")
+        lines = _log_since(platform.agent_log, start)
+        assert len([x for x in lines if "hard link" in x]) == 1, lines
+        mentions = [x for x in lines if "forged" in x]
+        assert mentions and all("\\x0a" + forged in x for x in mentions), mentions
+        assert not any(x.startswith(forged) for x in lines), lines
+    finally:
+        os.unlink(link)
+        for name in os.listdir(platform.files_dir):
+            if "forged" in name:
+                os.unlink(os.path.join(platform.files_dir, name))
