@@ -871,6 +871,84 @@ def test_a_failed_pairing_is_one_line_without_traceback_or_ticket(
     assert "\n" not in agent_lines[0] and "\x1b" not in agent_lines[0]
 
 
+class _ConsoleControl:
+    """The broker side of ``open_session`` reduced to what a failed early dial touches:
+    the request (a fresh session id and ticket) and the wait for the answer."""
+
+    def __init__(self, relay_addr):
+        self.relay_addr = relay_addr
+        self.closed = []
+
+    def start_request(self, device, targets):
+        import gevent.queue
+        from remote_gevent.console.control import PendingSession
+        sid, ticket = new_session()
+        return PendingSession(sid, device, "fr04", tuple(targets), self.relay_addr, ticket,
+                              b"", b"", None, gevent.queue.Queue())
+
+    def wait_offer(self, pending):
+        self.pending = pending
+        raw = pending.replies.get(timeout=WAIT)  # the failed early dial is put here
+        assert isinstance(raw, BaseException), raw
+        raise raw
+
+    def close_session(self, device, session_id, reason=""):
+        self.closed.append(session_id)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("failure", ["ticket_mismatch", "hangs_up", "not_an_ip"])
+def test_a_failed_pairing_on_the_console_prints_no_traceback_or_ticket(
+        failure, make_relay, client_ctx, pki, capfd, caplog):
+    """Issue 10 item 13, console side: the early dial's failure is the console's one error
+    message (exit code for the relay), not a greenlet traceback on the terminal."""
+    from types import SimpleNamespace
+
+    from remote_gevent.console.config import EXIT_RELAY, ConsoleError
+    from remote_gevent.console.session import open_session
+    caplog.set_level(logging.DEBUG)
+    fake = squatter = None
+    if failure == "ticket_mismatch":
+        server = make_relay()
+        address = server.address
+    else:
+        fake = FakeRelay(pki, None if failure == "hangs_up" else b"OK =1+1\n", unwrap=True)
+        address = fake.address
+    control = _ConsoleControl("127.0.0.1:%d" % address[1])
+    if failure == "ticket_mismatch":  # the id is known, the ticket is not: it waits there
+        real_start = control.start_request
+
+        def start_request(device, targets):
+            nonlocal squatter
+            pending = real_start(device, targets)
+            squatter = gevent.spawn(relay.dial_relay, *address, client_ctx, "127.0.0.1",
+                                    "agent", pending.session_id, os.urandom(32),
+                                    timeout=WAIT, pair_timeout=WAIT)
+            assert wait_until(lambda: pending.session_id in server._waiting)
+            return pending
+        control.start_request = start_request
+    cfg = SimpleNamespace(relay_ca_file=pki["ca"].cert_file, relay_timeout=WAIT)
+    try:
+        with pytest.raises(ConsoleError) as err:
+            open_session(cfg, "dev1", ["127.0.0.1:22"], control=control)
+        gevent.sleep(0.3)
+    finally:
+        if squatter is not None:
+            squatter.kill()
+        if fake is not None:
+            fake.close()
+    assert err.value.exit_code == EXIT_RELAY, err.value
+    assert {"ticket_mismatch": "ticket_mismatch", "hangs_up": "closed by the relay",
+            "not_an_ip": "IP address"}[failure] in str(err.value)
+    out, errout = capfd.readouterr()
+    text = out + errout + caplog.text + str(err.value)
+    assert "Traceback" not in text, text
+    for piece in _ticket_traces(control.pending.ticket):
+        assert piece not in text, (piece, text)
+
+
 # ------------------------------------------------------------------ the CLI process
 
 

@@ -158,12 +158,23 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
             return relay.dial_relay(host, port, ctx, host, "console", pending.session_id,
                                     pending.ticket, timeout=cfg.relay_timeout)
 
+        def early_dial() -> Any:
+            # An expected failure is returned, not raised: gevent prints a greenlet that
+            # dies of an exception as a traceback on the terminal (issue 10, item 13).
+            try:
+                return do_dial()
+            except relay.RelayError as exc:
+                return exc
+
+        def dial_failure(g: gevent.Greenlet) -> Optional[BaseException]:
+            return g.value if isinstance(g.value, relay.RelayError) else g.exception
+
         def on_dial_done(g: gevent.Greenlet) -> None:
-            exc = g.exception
+            exc = dial_failure(g)
             if exc is not None and not _retryable(exc):
                 pending.replies.put(exc)  # wakes wait_offer: fail now, not at the timeout
 
-        dial = gevent.spawn(do_dial)
+        dial = gevent.spawn(early_dial)
         dial.link(on_dial_done)
         try:
             offer = control.wait_offer(pending)
@@ -171,9 +182,9 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
             _abandon(control, device, pending.session_id, "console could not reach the relay")
             raise _relay_error(exc) from None
         dial.join()
-        if dial.successful():
+        if dial_failure(dial) is None:
             sock, peer_ip = dial.value
-        elif _retryable(dial.exception):
+        elif _retryable(dial_failure(dial)):
             log.info("session %s: early relay dial timed out (queued); dialing again",
                      offer.session_id)
             try:
@@ -181,7 +192,7 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
             except relay.RelayError as exc:
                 raise _relay_error(exc) from None
         else:
-            raise _relay_error(dial.exception)
+            raise _relay_error(dial_failure(dial))
         tx, rx = tunnel_crypto.derive_keys("console", offer.console_pk, offer.console_sk,
                                            offer.agent_epk, offer.session_id)
         sealer, opener = tunnel_crypto.make_sealer_opener(tx, rx, offer.cipher)
