@@ -358,7 +358,7 @@ class RootsSFTPServer(SFTPServerInterface):
             os.close(dfd)
             raise
         handle = _WriteHandle(self, dfd, fd, tmp, name, res, flags, attr)
-        handle.account(0)
+        handle.ledger.begin(handle.key)
         if st is not None and not flags & os.O_TRUNC:
             handle.copy_existing()       # random-access update of an existing file
         return handle

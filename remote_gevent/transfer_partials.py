@@ -83,6 +83,10 @@ class Ledger:
                 % (shown, others, nbytes, quota))
         self.active[key] = max(nbytes, self.active.get(key, 0))
 
+    def begin(self, key: str) -> None:
+        """Mark ``key`` in use (spared by sweeps) before any byte is accounted."""
+        self.active.setdefault(key, 0)
+
     def release(self, key: str, kept: Optional[int]) -> None:
         """The upload of ``key`` ended; ``kept`` bytes stay on disk (None: none)."""
         self.active.pop(key, None)

@@ -702,6 +702,24 @@ def test_partials_count_against_the_root_quota(env):
     assert not other.exists() and (env.rw / "other.bin").stat().st_size == 900 * 1024
 
 
+def test_abandoned_upload_counted_without_a_new_sweep(env):
+    env.state["rw_kw"] = {"partial_quota": MIB}
+    p = env.pair()
+    first = env.local / "first"
+    first.write_bytes(b"1")
+    ct.push(p.factory, str(first), str(env.rw / "first"))       # the root's sweep is done
+    # A console that declares 900 KiB, sends 800 KiB and goes away: partial kept.
+    replies = raw_request(p, {"op": "put", "path": str(env.rw / "gone.bin"),
+                              "size": 900 * 1024}, b"g" * (800 * 1024))
+    assert replies[0]["ok"] is True
+    wait_results(env, 2)
+    assert (env.rw / ".gone.bin.rgpart").stat().st_size == 800 * 1024
+    src = env.local / "next.bin"
+    src.write_bytes(os.urandom(300 * 1024))
+    err = push_err(p, src, str(env.rw / "next.bin"))
+    assert err.code == "no_space" and "partial" in err.message, err.message
+
+
 def test_new_keys_reach_the_roots(tmp_path):
     rw = tmp_path / "rw"
     rw.mkdir()
