@@ -169,7 +169,7 @@ def _json_payload(payload: bytes, what: str) -> Dict[str, Any]:
         raise _protocol_error("%s payload too large" % what)
     try:
         obj = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # nesting: 2 bytes a level
         raise _protocol_error("%s payload is not JSON: %s" % (what, e)) from None
     if not isinstance(obj, dict):
         raise _protocol_error("%s payload is not a JSON object" % what)
