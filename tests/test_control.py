@@ -4,6 +4,7 @@ exclusive reply queue and on ``remote.up``. Bounded waits everywhere, loopback o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -485,6 +486,10 @@ def test_broker_restart_agent_reconnects_and_serves(own_rabbit, pki, tmp_path, o
 # ----------------------------------------------------------------------------- latency
 def test_request_reply_round_trip_time(platform):
     run, console, device = platform
+    # A latency figure, not the fairness limits (tested on their own): lift them.
+    cfg = run.agent.cfg
+    run.agent.tunnels.apply_config(dataclasses.replace(cfg, remote=dataclasses.replace(
+        cfg.remote, operator_rate=0, max_session_per_operator=1000)))
     refusals, accepts = [], []
     for _n in range(200):
         sid, _, raw = console.request(device, targets=["10.9.9.9:22"])
@@ -501,3 +506,128 @@ def test_request_reply_round_trip_time(platform):
     print("\nsession.request -> reply through RabbitMQ over TLS (agent checks + signs): "
           "refuse median %.2f ms (200), accept median %.2f ms (50)"
           % (statistics.median(refusals) * 1000, statistics.median(accepts) * 1000))
+
+
+# ----------------------------------------------------------------------------- issue 10
+@pytest.fixture
+def three_operators(rabbit, device, operator, op_key, tmp_path):
+    """Agent trusting operator A (op_key), operator B and an admin key; one session slot
+    taken, so every accepted request waits (and stays listed) for queue_timeout."""
+    b_key, admin_key = OperatorKey(), OperatorKey()
+    path = write_config(tmp_path, device, [op_key.line(), b_key.line(),
+                                           admin_key.line("remote-gevent-admin")])
+    cfg = config_mod.load(path)
+    console = Console(rabbit.link(operator), device.topic, op_key,
+                      cfg.remote.relays[device.server_id])
+    console.start()
+    run = Running(path)
+    try:
+        run.wait_ready()
+        run.agent.tunnels._sem = gevent.lock.BoundedSemaphore(1)
+        run.agent.tunnels._sem.acquire()
+        yield run, console, device, b_key, admin_key
+    finally:
+        run.stop()
+        console.stop()
+
+
+def _queued(console, device, key=None):
+    sid, _, raw = console.request(device, key=key)
+    reply = console.send(raw, sid)
+    assert reply.type == protocol.MsgType.SESSION_QUEUED, reply
+    return sid
+
+
+def _status_ids(console, device, run, key):
+    rid, raw = protocol.make_status_request(key, device.ident, device.server_id)
+    body = protocol.verify_status(console.send(raw, rid, kind="status"),
+                                  run.key.public_bytes, rid)
+    return {s["session_id"] for s in body["sessions"]}
+
+
+def _next_close(console, sid):
+    deadline = time.monotonic() + WAIT
+    while True:
+        _, close = console.next_up("close", timeout=max(0.1, deadline - time.monotonic()))
+        if close.body["session_id"] == sid:
+            return close
+
+
+def test_status_and_close_only_for_the_sessions_owner(three_operators, caplog):
+    run, console, device, b_key, admin_key = three_operators
+    caplog.set_level(logging.INFO, logger="remote_gevent.control")
+    a_sid = _queued(console, device)
+    b_sid = _queued(console, device, key=b_key)
+    assert _status_ids(console, device, run, console.key) == {a_sid}
+    assert _status_ids(console, device, run, b_key) == {b_sid}
+    assert _status_ids(console, device, run, admin_key) == {a_sid, b_sid}
+    # B cannot close A's session: refused, logged once, A's session goes on.
+    console.send(protocol.make_session_close(b_key, a_sid, "closed_by_operator"), a_sid,
+                 kind="close", reply_to=False)
+    deadline = time.monotonic() + WAIT
+    while "not_session_owner" not in caplog.text:
+        assert time.monotonic() < deadline, caplog.text[-2000:]
+        gevent.sleep(0.05)
+    assert caplog.text.count("not_session_owner") == 1
+    assert run.agent.tunnels.operator_of(a_sid) == console.key.fingerprint
+    # The admin key may close it.
+    console.send(protocol.make_session_close(admin_key, a_sid, "closed_by_operator"), a_sid,
+                 kind="close", reply_to=False)
+    assert _next_close(console, a_sid).body["code"] == "closed_by_operator"
+    assert _status_ids(console, device, run, admin_key) == {b_sid}
+
+
+def test_sighup_revokes_a_removed_operators_sessions(three_operators, tmp_path):
+    run, console, device, b_key, admin_key = three_operators
+    a_sid = _queued(console, device)
+    b_sid = _queued(console, device, key=b_key)
+    ak = tmp_path / "authorized_keys"
+    # Same size on purpose (the stamp still differs, and SIGHUP forces a re-read anyway).
+    ak.write_text(b_key.line() + "\n" + admin_key.line("remote-gevent-admin") + "\n")
+    os.chmod(str(ak), 0o600)
+    os.kill(os.getpid(), signal.SIGHUP)
+    close = _next_close(console, a_sid)
+    assert close.body["code"] == "revoked"
+    protocol.verify(close, run.key.public_bytes)
+    rows = [r for r in history.read(run.cfg.remote.history_path) if r["session_id"] == a_sid]
+    assert [r["close_code"] for r in rows] == ["revoked"]
+    assert run.agent.tunnels.operator_of(b_sid) == b_key.fingerprint  # B untouched
+    sid, _, raw = console.request(device)
+    expect_refuse(console, raw, sid, Reason.UNKNOWN_OPERATOR)
+
+
+def test_unsafe_authorized_keys_mode_trusts_nobody_logged_once(three_operators, tmp_path,
+                                                               caplog):
+    run, console, device, b_key, admin_key = three_operators
+    caplog.set_level(logging.INFO, logger="remote_gevent.control")
+    a_sid = _queued(console, device)
+    ak = tmp_path / "authorized_keys"
+    os.chmod(str(ak), 0o620)  # content unchanged
+    for _ in range(3):
+        sid, _, raw = console.request(device)
+        expect_refuse(console, raw, sid, Reason.UNKNOWN_OPERATOR)
+    assert caplog.text.count("refusing a group- or world-writable file") == 1
+    assert _next_close(console, a_sid).body["code"] == "revoked"
+    os.chmod(str(ak), 0o600)
+    _queued(console, device)  # trusted again once fixed
+
+
+def test_operator_limit_and_rate_refused_with_their_codes(three_operators):
+    run, console, device, b_key, admin_key = three_operators
+    share = run.cfg.remote.max_session // 2  # three operators trusted: half of max_session
+    for _ in range(share):
+        _queued(console, device)
+    sid, _, raw = console.request(device)
+    reply = expect_refuse(console, raw, sid, Reason.OPERATOR_LIMIT)
+    assert "max_session_per_operator" in reply.body["reason"]
+    rows = [r for r in history.read(run.cfg.remote.history_path) if r["session_id"] == sid]
+    assert [r["close_code"] for r in rows] == ["refused"]
+    _queued(console, device, key=b_key)  # B is not held out by A
+    for _ in range(40):  # burst 30 of 60/min: the rest is refused operator_rate_limited
+        sid, _, raw = console.request(device, key=admin_key)
+        reply = console.send(raw, sid)
+        if reply.type == protocol.MsgType.SESSION_REFUSE \
+                and reply.body["code"] == Reason.OPERATOR_RATE:
+            break
+    else:
+        raise AssertionError("no operator_rate_limited refusal in 40 requests")
