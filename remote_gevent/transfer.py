@@ -271,6 +271,10 @@ class Roots:
             raise TransferError(BAD_REQUEST, "path must be a non-empty string")
         if "\0" in remote_path or len(remote_path) > MAX_PATH:
             raise TransferError(BAD_REQUEST, "path contains NUL or is too long")
+        try:
+            os.fsencode(remote_path)  # a lone surrogate (JSON "\ud800") names no file
+        except UnicodeEncodeError:
+            raise TransferError(BAD_REQUEST, "path is not valid UTF-8") from None
         if not remote_path.startswith("/"):
             raise TransferError(NOT_ABSOLUTE, "%s: remote paths must be absolute" % remote_path)
         return _lexical(remote_path)
@@ -518,7 +522,7 @@ class LineChannel:
             return None
         try:
             obj = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # nesting: 1 byte a level
             raise TransferError(BAD_REQUEST, "%s is not JSON" % what) from None
         if not isinstance(obj, dict):
             raise TransferError(BAD_REQUEST, "%s is not a JSON object" % what)
