@@ -631,3 +631,117 @@ def test_operator_limit_and_rate_refused_with_their_codes(three_operators):
             break
     else:
         raise AssertionError("no operator_rate_limited refusal in 40 requests")
+
+
+# ----------------------------------------------------------------------------- real processes
+def _echo_through(port, payload=b"ping\n", timeout=WAIT):
+    """One connection to the console's forward: a stream of the session, echoed back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = s.recv(len(payload) - len(got))
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def test_real_agent_owner_only_and_sighup_revocation(rabbit, tmp_path):
+    """Agent, relay and consoles as real processes on the real broker: operator B can
+    neither list nor close A's session; A removed from authorized_keys + SIGHUP ends A's
+    open session at once (history ``revoked``) and its next stream gets nowhere."""
+    import yaml
+    from echo_server import EchoServer
+    from test_e2e import Procs, finish, free_port, make_platform, wait_row
+
+    procs = Procs()
+    echo = EchoServer()
+    p = make_platform(rabbit, str(tmp_path / "plat"))
+    p.prepare()
+    b_key_path = str(tmp_path / "plat" / "operator_b_ed25519")
+    b_key = identity.load_or_create(b_key_path)
+    with open(p.authorized_keys) as fh:
+        a_line = fh.read().strip()
+    b_line = b_key.public_line("b@test")
+    with open(p.authorized_keys, "w") as fh:
+        fh.write(a_line + "\n" + b_line + "\n")
+    p.start()
+    try:
+        b_config = str(tmp_path / "plat" / "console_b.yaml")
+        with open(p.console_config) as fh:
+            data = yaml.safe_load(fh)
+        data["operator_key"] = b_key_path
+        with open(b_config, "w") as fh:
+            yaml.safe_dump(data, fh)
+        os.chmod(b_config, 0o600)
+
+        def console_b(*args):
+            argv = p.console_argv(*args)
+            argv[argv.index(p.console_config)] = b_config
+            return subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                                  stdin=subprocess.DEVNULL)
+
+        lport = free_port()
+        fwd = procs.start(p.console_argv("forward", p.ident, "-L",
+                                         "%d:127.0.0.1:%d" % (lport, echo.port)))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if _echo_through(lport) == b"ping\n":
+                    break
+            except OSError:
+                pass
+            assert fwd.poll() is None, finish(fwd)
+            assert time.monotonic() < deadline, "forward never carried a stream"
+            time.sleep(0.2)
+
+        mine = subprocess.run(p.console_argv("sessions", p.ident, "--json"),
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        assert mine.returncode == 0, mine.stderr
+        (a_session,) = json.loads(mine.stdout)["sessions"]
+        a_sid = a_session["session_id"]
+        theirs = console_b("sessions", p.ident, "--json")
+        assert theirs.returncode == 0, theirs.stderr
+        assert json.loads(theirs.stdout)["sessions"] == [], theirs.stdout
+        assert a_sid not in theirs.stdout
+
+        closed = console_b("close", p.ident, a_sid)
+        assert closed.returncode == 0, closed.stderr
+        deadline = time.monotonic() + WAIT
+        while "not_session_owner" not in _read(p.agent_log):
+            assert time.monotonic() < deadline, _read(p.agent_log)[-3000:]
+            time.sleep(0.1)
+        assert _read(p.agent_log).count("not_session_owner") == 1
+        assert _echo_through(lport, b"still mine\n") == b"still mine\n"  # A's session lives
+
+        with open(p.authorized_keys, "w") as fh:
+            fh.write(b_line + "\n")
+        t0 = time.monotonic()
+        p.agent_proc.send_signal(signal.SIGHUP)
+        row = wait_row(p, lambda r: r["session_id"] == a_sid, timeout=WAIT,
+                       what="the revoked session's row")
+        revoked_s = time.monotonic() - t0
+        print("\nrevocation: SIGHUP -> history row %.2f s" % revoked_s)
+        assert row["close_code"] == "revoked", row
+        assert revoked_s < 5, revoked_s
+        # The next stream gets nowhere: no echo through the (now closed) session.
+        try:
+            got = _echo_through(lport, b"after\n", timeout=5)
+        except OSError:
+            got = b""
+        assert got != b"after\n"
+        assert p.agent_proc.poll() is None
+    finally:
+        procs.close()
+        p.stop()
+        echo.stop()
+
+
+def _read(path):
+    try:
+        with open(path, errors="replace") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return ""
