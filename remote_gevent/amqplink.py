@@ -45,7 +45,7 @@ from urllib.parse import quote, unquote, urlsplit
 import amqp
 import gevent
 from amqp import spec
-from amqp.exceptions import AccessRefused, AMQPError
+from amqp.exceptions import AccessRefused, AMQPError, PreconditionFailed
 from amqp.method_framing import frame_writer as _amqp_frame_writer
 from amqp.transport import SSLTransport
 from gevent.event import Event
@@ -686,16 +686,41 @@ class AmqpLink:
 
     def declare_queue(self, queue: str = "", durable: bool = True, exclusive: bool = False,
                       auto_delete: bool = False, arguments: Optional[Dict[str, Any]] = None,
-                      passive: bool = False) -> str:
-        """Declare a queue; returns its name (server-named when ``queue`` is empty)."""
+                      passive: bool = False, replace_mismatch: bool = False) -> str:
+        """Declare a queue; returns its name (server-named when ``queue`` is empty).
+
+        ``replace_mismatch`` (link greenlet only): if the queue exists with other
+        arguments (the broker answers PRECONDITION_FAILED, e.g. declared by an older
+        version), delete it — its pending messages are lost, which is logged — and
+        declare it again with ``arguments``. Without it the error propagates.
+        """
         nowait = not self._in_link_greenlet()
-        if nowait and not queue:
-            raise ValueError("a server-named queue can only be declared in the link greenlet")
+        if nowait and (not queue or replace_mismatch):
+            raise ValueError("a server-named queue, or replace_mismatch, needs the link "
+                             "greenlet")
         with self.lock:
-            result = self._channel_or_raise().queue_declare(
-                queue, passive=passive, durable=durable, exclusive=exclusive,
-                auto_delete=auto_delete, arguments=arguments, nowait=nowait)
+            try:
+                result = self._channel_or_raise().queue_declare(
+                    queue, passive=passive, durable=durable, exclusive=exclusive,
+                    auto_delete=auto_delete, arguments=arguments, nowait=nowait)
+            except PreconditionFailed as exc:
+                if not replace_mismatch or passive:
+                    raise
+                self._replace_queue(queue, exc)
+                result = self._channel_or_raise().queue_declare(
+                    queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete,
+                    arguments=arguments)
         return result.queue if result is not None else queue
+
+    def _replace_queue(self, queue: str, exc: PreconditionFailed) -> None:
+        # py-amqp has reopened the channel the broker closed (so its qos is gone).
+        channel = self._channel_or_raise()
+        if self.prefetch:
+            channel.basic_qos(0, self.prefetch, False)
+        dropped = channel.queue_delete(queue)
+        log.warning("queue %s existed with other arguments (%s): re-created it with the "
+                    "current ones, %s pending message(s) dropped", queue, _reply_text(exc),
+                    dropped)
 
     def bind(self, queue: str, exchange: str, routing_key: str) -> None:
         with self.lock:

@@ -46,6 +46,7 @@ from amqp.exceptions import NotFound, PreconditionFailed
 from . import protocol
 from .amqplink import AmqpLink, LinkError, NotConnected
 from .authkeys import AuthorizedKeys, AuthorizedKeysError, trust_stamp
+from .logs import escape
 from .protocol import CloseCode, MsgType, ProtocolError, Reason, Refused
 from .tunnels import device_allow
 
@@ -55,8 +56,15 @@ EXCHANGE_DOWN = "remote.down"
 EXCHANGE_UP = "remote.up"
 EXCHANGE_REPLY = "remote.reply"  # replies, routed by the console's reply queue name
 #: ``<topic>.cmd`` arguments (docs/protocol.md §1): unused 1 day → deleted; a request
-#: older than 2 min is useless; a flood is refused at the broker (publisher nacked).
-CMD_QUEUE_ARGS = {"x-expires": 86400000, "x-message-ttl": 120000, "x-max-length": 100,
+#: older than 2 min is useless; a flood is refused at the broker (publisher nacked), in
+#: count and in bytes: 100 messages of the 16 KiB maximum fit, so the byte cap never
+#: refuses what the count cap would take, while oversized bodies (up to the broker's
+#: ``max_message_size``) cannot make the broker hold more than 1.6 MB for a device.
+#: A queue declared with older arguments is re-created (see :meth:`ControlPlane._setup`).
+CMD_QUEUE_MAX_LENGTH = 100
+CMD_QUEUE_ARGS = {"x-expires": 86400000, "x-message-ttl": 120000,
+                  "x-max-length": CMD_QUEUE_MAX_LENGTH,
+                  "x-max-length-bytes": CMD_QUEUE_MAX_LENGTH * protocol.MAX_MESSAGE_BYTES,
                   "x-overflow": "reject-publish"}
 COMMANDS = ("session", "close", "status")  # routing-key suffixes bound to <topic>.cmd
 PREFETCH = 10
@@ -100,18 +108,33 @@ REFUSE_TEXT = {
 }
 
 
+#: ``content_encoding`` values a control message may carry (absent = UTF-8 too).
+ACCEPTED_ENCODINGS = ("utf-8", "utf8")
+
+
 def _body_bytes(message: amqp.Message) -> bytes:
-    """The delivery's body as bytes (py-amqp decodes it to str when the publisher set a
-    ``content_encoding``; re-encoding with that codec gives the original bytes back)."""
+    """The delivery's body: raw bytes, refused when too large *before* anything reads it.
+
+    The link keeps bodies raw (it never decodes them by ``content_encoding``: a
+    ``punycode`` body costs seconds per megabyte) and does not even buffer one over
+    ``protocol.MAX_MESSAGE_BYTES`` (its ``body_size`` says how large it was, ``problem``
+    why it is unusable). Control messages are UTF-8 JSON: any other ``content_encoding``
+    is refused.
+    """
     body = message.body
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        return bytes(body)
-    if isinstance(body, str):
-        try:
-            return body.encode(message.properties.get("content_encoding") or "utf-8")
-        except (LookupError, UnicodeError, TypeError):
-            raise Refused(Reason.MALFORMED, "body in an unusable content_encoding") from None
-    raise Refused(Reason.MALFORMED, "body of type %s" % type(body).__name__)
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise Refused(Reason.MALFORMED, "body of type %s" % type(body).__name__)
+    size = max(len(body), int(getattr(message, "body_size", 0) or 0))
+    if size > protocol.MAX_MESSAGE_BYTES:
+        raise Refused(Reason.TOO_LARGE, "%d bytes > %d" % (size, protocol.MAX_MESSAGE_BYTES))
+    problem = getattr(message, "problem", None)
+    if problem:
+        raise Refused(Reason.MALFORMED, problem)
+    encoding = message.properties.get("content_encoding")
+    if encoding and str(encoding).lower() not in ACCEPTED_ENCODINGS:
+        raise Refused(Reason.MALFORMED, "content_encoding %s refused (UTF-8 only)"
+                      % escape(encoding, 40))
+    return bytes(body)
 
 
 class ControlPlane:
@@ -129,6 +152,7 @@ class ControlPlane:
         self.tunnels = tunnels
         self.link = link if link is not None else AmqpLink.from_config(
             agent.cfg, stop_event=agent.stop_event, prefetch=PREFETCH,
+            max_body=protocol.MAX_MESSAGE_BYTES,
             on_connect=self._on_connect, on_disconnect=self._on_disconnect)
         self.replay = protocol.ReplayCache()
         self.status_replay = protocol.ReplayCache()
@@ -214,13 +238,16 @@ class ControlPlane:
                 raise LinkError("exchange %s does not exist on vhost %r: the platform has not "
                                 "provisioned it" % (exchange, vhost)) from None
         try:
-            link.declare_queue(self.queue, durable=True, arguments=CMD_QUEUE_ARGS)
+            # An older version's queue (other arguments) is replaced: its pending
+            # requests, at most 2 min old, are dropped (logged).
+            link.declare_queue(self.queue, durable=True, arguments=CMD_QUEUE_ARGS,
+                               replace_mismatch=True)
         except PreconditionFailed as exc:
             raise LinkError("queue %s exists on vhost %r with other arguments than %s: %s"
                             % (self.queue, vhost, CMD_QUEUE_ARGS, exc)) from None
         for suffix in COMMANDS:
             link.bind(self.queue, EXCHANGE_DOWN, "%s.%s" % (self.topic, suffix))
-        link.consume(self.queue, self._on_message)
+        link.consume(self.queue, self._on_message, handles_problems=True)
         for raw in list(self._unsent_keys) or [self._key_message]:
             link.publish(EXCHANGE_UP, self.topic + ".key", raw, expiration=UP_EXPIRATION_MS)
         self._unsent_keys = []
@@ -350,12 +377,13 @@ class ControlPlane:
         routing_key = message.delivery_info.get("routing_key") or ""
         prefix = self.topic + "."
         kind = routing_key[len(prefix):] if routing_key.startswith(prefix) else ""
-        raw = b""
+        body = message.body
+        # What a refusal's digest and session id are taken from (never over 16 KiB: the
+        # link does not buffer a larger body).
+        raw = bytes(body) if isinstance(body, (bytes, bytearray)) \
+            and len(body) <= protocol.MAX_MESSAGE_BYTES else b""
         try:
-            raw = _body_bytes(message)
-            if len(raw) > protocol.MAX_MESSAGE_BYTES:
-                raise Refused(Reason.TOO_LARGE, "%d bytes > %d"
-                              % (len(raw), protocol.MAX_MESSAGE_BYTES))
+            raw = _body_bytes(message)  # size first, before anything parses it
             if kind == "session":
                 self._handle_session(message, raw)
             elif kind == "close":
@@ -518,8 +546,9 @@ class ControlPlane:
             cid = message.properties.get("correlation_id")
             sid = cid if isinstance(cid, str) and _SID_RE.match(cid) else None
         log.warning("refused %s %s: %s (%s) [digest %s, %d bytes]", kind or "message",
-                    sid or "-", reason, exc.detail or "-", protocol.request_digest(raw),
-                    len(raw))
+                    sid or "-", reason, escape(exc.detail or "-"),
+                    protocol.request_digest(raw),
+                    max(len(raw), int(getattr(message, "body_size", 0) or 0)))
         # Settled before the reply: should the broker refuse the reply and close the
         # channel, the refused message must not come back (redelivered) to do it again.
         self.link.reject(message, requeue=False)

@@ -624,11 +624,11 @@ def test_body_over_max_body_is_not_buffered_and_refused_once(rabbit, device, ope
     og = start(op, lambda _link: None)
     try:
         with caplog.at_level(logging.WARNING, logger="remote_gevent.amqplink"):
-            op.publish("remote.down", device.topic + ".session", b"x" * (600 * 1024))
+            op.publish("remote.down", device.topic + ".session", b"x" * (120 * 1024))
             op.publish("remote.down", device.topic + ".session", b"y" * (16 * 1024))
             assert good.wait(WAIT)
         assert seen == [b"y" * (16 * 1024)]
-        lines = [r.getMessage() for r in caplog.records if "614400 bytes" in r.getMessage()]
+        lines = [r.getMessage() for r in caplog.records if "122880 bytes" in r.getMessage()]
         assert len(lines) == 1, caplog.text
         assert link.reconnects == 0
     finally:
@@ -697,3 +697,44 @@ def test_inbound_body_never_decoded_by_content_encoding():
         on_frame(frame)
     assert calls[0].body == body and calls[0].problem is None
     assert calls[0].properties["content_encoding"] == "punycode"
+
+
+def test_queue_with_older_arguments_is_replaced_on_declare(rabbit, device, caplog):
+    """An agent upgrade adds x-max-length-bytes to <topic>.cmd: the durable queue an older
+    version declared must not keep the link down with PRECONDITION_FAILED forever."""
+    queue = device.topic + ".cmd"
+    old = rabbit.link(device)
+    old.connect()
+    try:
+        old.declare_queue(queue, durable=True, arguments=CMD_QUEUE_ARGS)
+    finally:
+        old.close()
+    new_args = dict(CMD_QUEUE_ARGS, **{"x-max-length-bytes": 1638400})
+    got = AsyncResult()
+
+    def setup(link):
+        link.declare_queue(queue, durable=True, arguments=new_args, replace_mismatch=True)
+        link.bind(queue, "remote.down", device.topic + ".session")
+        link.consume(queue, lambda msg: got.set(msg.body) or link.ack(msg))
+
+    link = rabbit.link(device, prefetch=7)
+    with caplog.at_level(logging.WARNING, logger="remote_gevent.amqplink"):
+        g = start(link, setup)
+    try:
+        assert "existed with other arguments" in caplog.text
+        listing = rabbit.node.ctl("list_queues", "-p", rabbit.vhost, "name", "arguments")
+        line = [row for row in listing.splitlines() if row.startswith(queue)]
+        assert line and "x-max-length-bytes" in line[0], listing
+        channels = rabbit.node.ctl("list_channels", "user", "prefetch_count")
+        assert [row.split() for row in channels.splitlines()
+                if row.startswith(device.ident)] == [[device.ident, "7"]], channels
+        op = rabbit.link(rabbit.admin())
+        op.connect()
+        try:
+            op.publish("remote.down", device.topic + ".session", b"after upgrade")
+        finally:
+            op.close()
+        assert got.get(timeout=WAIT) == b"after upgrade"
+        assert link.reconnects == 0
+    finally:
+        stop(link, g)
