@@ -1006,6 +1006,8 @@ def parse_peer_ip(value: str, where: str = "relay") -> str:
     It ends up in the history's ``remote_ip`` column and in status replies, so anything
     but an IPv4 or IPv6 address is a protocol failure of the pairing (issue 10, item 7)."""
     try:
+        if "%" in value:  # an IPv6 scope id (Python 3.9+) is free text: '::1%\x1b[31m'
+            raise ValueError(value)
         return str(ipaddress.ip_address(value))
     except ValueError:
         raise RelayError("protocol", "relay %s: OK carries no IP address but '%s'"
