@@ -447,6 +447,17 @@ def test_an_rg1_client_is_refused_loudly(make_relay, client_ctx, caplog):
     assert "RG1 hello; this relay speaks RG2 only" in caplog.text
 
 
+def test_the_version_token_of_a_hello_is_logged_bounded(make_relay, client_ctx, caplog):
+    """The one piece of a refused hello that reaches the log goes through logs.escape."""
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    server = make_relay()
+    sock = raw_tls(server, client_ctx)
+    sock.sendall(b"RG" + b"9" * 400 + b" agent x\n")
+    assert answer(sock) == b"ERR bad_hello RG2\n"
+    assert wait_until(lambda: "this relay speaks RG2 only" in caplog.text)
+    assert "9" * 40 not in caplog.text and "truncated" in caplog.text
+
+
 def test_client_reports_the_relay_version_on_a_version_refusal(client_ctx, pki):
     """A relay that answers ``ERR bad_hello RG<n>`` gets a message naming both versions."""
     server_ctx = tls.server_context(pki["cert"].cert_file, pki["cert"].key_file)
