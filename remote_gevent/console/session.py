@@ -54,7 +54,7 @@ def close_exit_code(code: Optional[str]) -> int:
     """Exit code for a tunnel that ended with close ``code``."""
     if code is None or code in CLEAN_CODES:
         return EXIT_OK
-    if code in ("refused", "target_refused"):
+    if code in ("refused", "target_refused", "revoked"):  # revoked: key left authorized_keys
         return EXIT_REFUSED
     return EXIT_CONNECTION
 
