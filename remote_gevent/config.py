@@ -187,7 +187,10 @@ def parse_amqp_url(url: str) -> Tuple[str, str, int, str]:
     """Split ``amqps://host:port/vhost`` into (scheme, host, port, vhost); raises Invalid."""
     if not isinstance(url, str):
         raise Invalid("expected a URL string")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. "amqps://[::1": an unclosed IPv6 bracket
+        raise Invalid("expected an amqps://host:port/vhost URL") from None
     if parts.scheme not in ("amqps", "amqp"):
         raise Invalid("expected an amqps://host:port/vhost URL")
     if parts.username or parts.password:
@@ -236,7 +239,9 @@ def split_host_port(value: str, wildcard_port: bool = False) -> Tuple[str, Optio
         raise Invalid("expected host:port with a host name or address")
     if port_s == "*" and wildcard_port:
         return host, None
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+    # isdigit() is also true for "²" and 5000 digits, which int() refuses (ValueError)
+    if not (port_s.isascii() and port_s.isdigit() and len(port_s) <= 5) \
+            or not 0 < int(port_s) < 65536:
         raise Invalid("expected a port 1-65535%s" % (" or *" if wildcard_port else ""))
     return host, int(port_s)
 
@@ -274,7 +279,7 @@ def parse_size(value: Any) -> int:
         return int(value)
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
-        if m:
+        if m and len(m.group(1)) <= 30:  # int() refuses over 4300 digits (ValueError)
             size = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
             if size > 0:
                 return size
@@ -531,7 +536,7 @@ def _build_transfer(raw: Any, base: str, problems: _Problems) -> TransferConfig:
             problems.add(where, "expected a mapping {path, mode, max_size}", item)
             continue
         known = ("allow_hardlinks", "max_size", "mode", "partial_quota", "path")
-        for extra in sorted(set(item) - set(known)):
+        for extra in sorted(set(item) - set(known), key=str):  # keys 1 and "a" in one item
             problems.add("%s.%s" % (where, extra), "unknown key; known keys: "
                          + ", ".join(known), item[extra])
         ok = True
