@@ -627,6 +627,29 @@ def test_hello_timeout_bounds_tls_and_hello_separately(make_relay, client_ctx):
     waiter.get(timeout=WAIT)[0].close()
 
 
+def test_pending_table_evicts_the_oldest_half_open_and_never_a_waiter():
+    from remote_gevent.relay_pending import PendingTable
+    table = PendingTable(max_total=4, max_per_source=2)
+    assert table.make_room("a") == []
+    table.add("a1", "a")
+    table.add("a2", "a")
+    assert table.make_room("a") == ["a1"]  # oldest half-open of that source
+    table.authenticated("a1")
+    assert table.make_room("a") == ["a2"]
+    table.authenticated("a2")
+    assert table.make_room("a") is None  # only waiters in the way: refuse the newcomer
+    table.add("b1", "b")
+    table.add("b2", "b")
+    assert table.total == 4 and table.half_open == 2
+    assert table.make_room("c") == ["b1"]  # the table is full: its oldest half-open
+    assert table.make_room("b") == ["b1"]  # both limits, one eviction satisfies both
+    assert table.remove("b1") and not table.remove("b1")
+    assert table.count("b") == 1 and table.make_room("c") == []
+    for entry in ("a1", "a2", "b2"):
+        table.remove(entry)
+    assert table.total == table.half_open == 0 and table.count("a") == 0
+
+
 def test_max_paired_gives_busy(make_relay, client_ctx):
     server = make_relay(max_paired=1)
     held = pair(server, client_ctx)  # keep the sockets: dropping them would end the session
