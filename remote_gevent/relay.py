@@ -653,7 +653,7 @@ class Relay:
     def _send_ok(self, conn: _Conn, peer_ip: str) -> bool:
         try:
             conn.sock.settimeout(self.settings.handshake_timeout)
-            conn.sock.sendall(("OK %s\n" % peer_ip).encode("ascii"))
+            conn.sock.sendall(ok_line(peer_ip))
             return True
         except (ssl.SSLError, OSError) as exc:
             log.debug("session %s: %s from %s lost before pairing: %s",
@@ -998,6 +998,12 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
         if not handed_over:
             _close_quietly(sock)
             _close_quietly(raw)  # no-op once wrap_socket has taken its descriptor over
+
+
+def ok_line(peer_ip: str) -> bytes:
+    """The relay's ``OK <peer_ip>`` answer. An IPv6 scope id (``fe80::1%eth0``) is the
+    relay's interface name, meaningless to the client, which refuses any ``%``: dropped."""
+    return ("OK %s\n" % peer_ip.split("%", 1)[0]).encode("ascii")
 
 
 def parse_peer_ip(value: str, where: str = "relay") -> str:

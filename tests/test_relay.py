@@ -792,6 +792,14 @@ def test_ok_with_an_ip_address_pairs_and_returns_it_normalised(pki, client_ctx, 
     assert peer == expected
 
 
+def test_the_relay_sends_an_ok_its_clients_accept():
+    for seen, sent in (("192.0.2.7", "192.0.2.7"), ("2001:db8::7", "2001:db8::7"),
+                       ("fe80::1%eth0", "fe80::1"), ("::ffff:192.0.2.7", "::ffff:192.0.2.7")):
+        line = relay.ok_line(seen)
+        assert line == b"OK %s\n" % sent.encode()
+        relay.parse_peer_ip(line[3:-1].decode())  # no RelayError
+
+
 def test_peer_text_in_relay_errors_is_escaped(pki, client_ctx):
     fake = FakeRelay(pki, b"ERR evil\x1b[2Jcode\r\n")
     try:
