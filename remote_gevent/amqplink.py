@@ -251,6 +251,11 @@ class AmqpLink:
 
     ``on_connect(link)`` is called after ``setup`` succeeded, ``on_disconnect(link, exc)``
     when an established or half-established connection is lost (exc None on stop).
+
+    Inbound deliveries go through :mod:`remote_gevent.amqp_inbound`: bodies stay raw
+    bytes, a body over ``max_body`` bytes is counted but not buffered, and a delivery
+    whose properties do not decode is refused (see :meth:`consume`) instead of raising
+    out of ``drain_events``.
     """
 
     def __init__(self, urls: Sequence[str], userid: str, password: str,
