@@ -267,6 +267,10 @@ class Hello(NamedTuple):
     session_id: str
     ticket: bytes
 
+    def __repr__(self) -> str:  # a traceback or a debug line must never show the ticket
+        return "Hello(role=%r, session_id=%r, ticket=<%d bytes>)" % (
+            self.role, self.session_id, len(self.ticket))
+
 
 class _BadHello(Exception):
     pass

@@ -792,6 +792,14 @@ def test_ok_with_an_ip_address_pairs_and_returns_it_normalised(pki, client_ctx, 
     assert peer == expected
 
 
+def test_a_parsed_hello_never_shows_its_ticket():
+    sid, ticket = new_session()
+    hello = relay.parse_hello(relay.build_hello("agent", sid, ticket)[:-1])
+    assert hello.ticket == ticket and sid in repr(hello)
+    for piece in _ticket_traces(ticket):
+        assert piece not in repr(hello) and piece not in str(hello)
+
+
 def test_the_relay_sends_an_ok_its_clients_accept():
     for seen, sent in (("192.0.2.7", "192.0.2.7"), ("2001:db8::7", "2001:db8::7"),
                        ("fe80::1%eth0", "fe80::1"), ("::ffff:192.0.2.7", "::ffff:192.0.2.7")):
