@@ -470,10 +470,11 @@ def test_codes_match_design():
     assert p.CloseCode.ALL == {
         "normal", "closed_by_operator", "closed_by_agent", "idle_timeout", "ack_lost", "refused",
         "queue_timeout", "relay_lost", "relay_refused", "shutdown", "crypto_error",
-        "protocol_error", "target_refused", "error"}
+        "protocol_error", "target_refused", "error", "revoked"}
     assert {"bad_signature", "unknown_operator", "expired", "replayed", "malformed", "too_large",
             "wrong_device", "target_not_permitted", "queue_timeout",
-            "shutting_down"} <= Reason.ALL
+            "shutting_down", "operator_limit", "operator_rate_limited",
+            "not_session_owner"} <= Reason.ALL
 
 
 # ---------------------------------------------------------------- key publication / rotation
