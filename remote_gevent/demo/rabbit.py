@@ -69,11 +69,12 @@ POLL_INTERVAL = 0.1
 # the default exchange instead would let one device fill another's command queue.
 EXCHANGES = ("remote.down", "remote.up", "remote.reply")
 #: Broker-wide cap on one message's body (``max_message_size``; RabbitMQ's default is
-#: 128 MiB). Every control message is at most 16 KiB (protocol.MAX_MESSAGE_BYTES): 128 KiB
-#: leaves 8x headroom, equals the default frame_max (one body frame), and bounds what a
-#: single publish can make the broker hold in a queue without a byte cap. A larger
-#: publish closes the publisher's channel (PRECONDITION_FAILED); the consumer never sees it.
-MAX_MESSAGE_SIZE = 128 * 1024
+#: 128 MiB). Every control message is at most 16 KiB (protocol.MAX_MESSAGE_BYTES): 256 KiB
+#: leaves 16x headroom (bodies still span frames at the default 128 KiB frame_max) and
+#: bounds what a single publish can make the broker hold in a queue without a byte cap.
+#: A larger publish closes the publisher's channel (PRECONDITION_FAILED); no consumer
+#: ever sees it.
+MAX_MESSAGE_SIZE = 256 * 1024
 IDENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 USER_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
