@@ -61,6 +61,11 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 
+from . import mux_limits
+from .logs import escape
+from .mux_limits import CHUNK_OVERHEAD, COALESCE_BELOW
+from .protocol import CloseCode, Reason
+
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
@@ -118,6 +123,14 @@ CODE_TARGET_REFUSED = "target_refused"
 CODE_IDLE_TIMEOUT = "idle_timeout"
 CODE_ACK_LOST = "ack_lost"
 CODE_ERROR = "error"
+# OPEN_FAIL code of an OPEN over the session's or the agent's stream cap (mux_limits).
+CODE_TOO_MANY_STREAMS = "too_many_streams"
+# Codes a peer may send: CLOSE carries a close code; OPEN_FAIL a close code, a refusal
+# reason (target_not_permitted) or too_many_streams.  Anything else becomes
+# protocol_error: a peer's text never becomes a code (history rows, session.close).
+CLOSE_CODES = CloseCode.ALL
+OPEN_FAIL_CODES = CloseCode.ALL | Reason.ALL | frozenset({CODE_TOO_MANY_STREAMS})
+RESET_BUDGET = "receive buffer budget exceeded"
 
 _HDR = struct.Struct(">BI")
 _U32 = struct.Struct(">I")
@@ -232,7 +245,9 @@ class Stream:
         self._rx_event = gevent.event.Event()
         self._rx_allowed = tunnel.recv_window   # bytes the peer may still send
         self._rx_unacked = 0                # consumed, credit not yet granted
+        self._rx_cost = 0                   # real bytes queued (payload + per-chunk cost)
         self._eof_received = False
+        self._counted = False               # holds a slot of the agent's StreamCounter
         # lifecycle
         self._open_event = gevent.event.Event()
         self._open_error: Optional[Tuple[str, str]] = None
@@ -269,6 +284,7 @@ class Stream:
         chunk = self._rx_pop()
         if chunk is None:
             return b""
+        self._rx_done(chunk)
         n = len(chunk)
         self.bytes_in += n
         self.tunnel.bytes_in += n
@@ -314,12 +330,39 @@ class Stream:
             self._tx_event.clear()
             self._tx_event.wait()
 
+    def _rx_queue(self, payload: Any) -> None:
+        """Queue ``payload`` for the local side, counted in real bytes (mux_limits).
+
+        Small payloads are copied into the tail chunk (a bytearray of ours, never
+        exported while queued) rather than each keeping its own frame object alive."""
+        n = len(payload)
+        chunks = self._rx_chunks
+        if n < COALESCE_BELOW:
+            tail = chunks[-1] if chunks else None
+            if type(tail) is bytearray and len(tail) + n <= MAX_DATA:
+                tail += payload
+                cost = n
+            else:
+                chunks.append(bytearray(payload))
+                cost = n + CHUNK_OVERHEAD
+        else:
+            chunks.append(payload)
+            cost = n + CHUNK_OVERHEAD
+        self._rx_cost += cost
+        self.tunnel.rx_buffered += cost
+
+    def _rx_done(self, chunk: Any) -> None:
+        """A popped chunk left our hands (written out or returned by ``recv``): it no
+        longer counts against the budget.  Until then it does, in flight included."""
+        cost = min(len(chunk) + CHUNK_OVERHEAD, self._rx_cost)
+        self._rx_cost -= cost
+        self.tunnel.rx_buffered -= cost
+
     def _rx_pop(self) -> Any:
         """Next received chunk (a memoryview/bytes), or None at EOF."""
         while True:
             if self._rx_chunks:
-                chunk = self._rx_chunks.popleft()
-                return chunk
+                return self._rx_chunks.popleft()
             if self._reset is not None:
                 raise StreamReset("stream %d reset: %s" % (self.id, self._reset))
             if self._eof_received:
@@ -365,6 +408,13 @@ class Tunnel:
     peer: every such frame proves the peer is alive and in sync, and with keepalive
     on both sides an idle peer still sends a PING each interval.  ``last_activity``
     is the time of the last DATA frame either way (the idle GC's clock).
+
+    Limits (agent side, see :mod:`remote_gevent.mux_limits`): ``max_streams`` streams
+    the peer may have open in this tunnel and ``agent_streams``, a
+    ``mux_limits.StreamCounter`` shared by all tunnels of the agent (None: no agent-wide
+    cap); an OPEN over either is refused OPEN_FAIL ``too_many_streams``.
+    ``buffer_budget``: real bytes this tunnel may hold queued for its local sockets
+    (``rx_buffered``); a DATA frame over it resets its stream.
     """
 
     def __init__(
@@ -377,6 +427,9 @@ class Tunnel:
         name: str = "",
         keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_streams: int = mux_limits.DEFAULT_MAX_STREAMS_PER_SESSION,
+        agent_streams: Optional[mux_limits.StreamCounter] = None,
+        buffer_budget: int = mux_limits.DEFAULT_BUFFER_BUDGET,
     ) -> None:
         if role not in ROLES:
             raise ValueError("role must be 'console' or 'agent', not %r" % (role,))
@@ -391,6 +444,16 @@ class Tunnel:
         self._on_open = on_open
         self.keepalive_interval = keepalive_interval
         self.handshake_timeout = handshake_timeout
+        self.max_streams = max_streams
+        self.agent_streams = agent_streams
+        self.buffer_budget = buffer_budget
+        self.rx_buffered = 0             # real bytes queued for local sockets (all streams)
+        self.streams_refused = 0         # OPENs refused over a stream cap
+        self._pool = mux_limits.BufferPool(HEADER_LEN + MAX_DATA)
+        self._peek = bytearray(1)        # MSG_PEEK target of idle streams (content unused)
+        self._async_pending = 0          # control frames queued by _send_async
+        self._async_drained = gevent.event.Event()
+        self._async_drained.set()
         _set_sockopts(sock, buffers=False)
 
         self._wlock = gevent.lock.Semaphore()
@@ -448,6 +511,11 @@ class Tunnel:
     @property
     def active_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def buffers_held(self) -> int:
+        """Read buffers currently held by streams (an idle stream holds none)."""
+        return self._pool.held
 
     def wait_up(self, timeout: Optional[float] = None) -> bool:
         """Wait until the peer's HELLO authenticated; False if closed or timed out."""
@@ -519,7 +587,13 @@ class Tunnel:
                 self._send_close_frame(code, reason)
             for stream in list(self._streams.values()):
                 self._mark_reset(stream, "tunnel closed: %s" % code)
+                self._forget(stream)
             self._streams.clear()
+            self._pool.clear()
+            self._async_drained.set()
+            if self.streams_refused:
+                log.info("%s: %d stream(s) refused over the stream caps in this session",
+                         self.name, self.streams_refused)
             self._ready.set()
             try:
                 self._sock.close()
@@ -605,17 +679,43 @@ class Tunnel:
             _close_quietly(sock)
 
     def _pump_up(self, stream: Stream, sock: Any) -> None:
-        """local socket -> tunnel (DATA frames, then EOF)."""
-        buf = bytearray(HEADER_LEN + MAX_DATA)
-        view = memoryview(buf)
-        _HDR.pack_into(buf, 0, DATA, stream.id)
+        """local socket -> tunnel (DATA frames, then EOF).
+
+        The read buffer is taken from the tunnel's pool only while there is something
+        to read (mux_limits): an idle stream waits for readability with a 1-byte
+        ``MSG_PEEK`` and holds no buffer; while data flows, non-blocking ``os.readv``
+        fills the buffer (no copy: the sealer gets a view of it), and a read that would
+        block, or an exhausted send window, gives it back.  Objects other than plain
+        sockets (test doubles) keep one buffer for the whole stream.
+        """
+        pool = self._pool
+        plain = type(sock) is socket.socket
+        buf: Optional[bytearray] = None
+        view: Any = None
         recv_into = getattr(sock, "recv_into", None)
         try:
             while True:
+                if buf is not None and plain and stream._send_window <= 0:
+                    pool.give(buf)
+                    buf = view = None
                 allowed = stream._wait_window()
                 want = allowed if allowed < MAX_DATA else MAX_DATA
                 try:
-                    if recv_into is not None:
+                    if buf is None:
+                        if plain and sock.recv_into(self._peek, 1, socket.MSG_PEEK) == 0:
+                            stream.shutdown_write()
+                            return
+                        buf = pool.take()
+                        view = memoryview(buf)
+                        _HDR.pack_into(buf, 0, DATA, stream.id)
+                    if plain:
+                        try:
+                            n = os.readv(sock.fileno(), (view[HEADER_LEN:HEADER_LEN + want],))
+                        except BlockingIOError:
+                            pool.give(buf)
+                            buf = view = None
+                            continue
+                    elif recv_into is not None:
                         n = recv_into(view[HEADER_LEN:HEADER_LEN + want], want)
                     else:
                         data = sock.recv(want)
@@ -635,6 +735,10 @@ class Tunnel:
         except Exception:  # noqa: BLE001 - a stream's bug ends that stream only
             log.exception("%s: stream %d: local->tunnel failed", self.name, stream.id)
             self._reset_stream(stream, "internal error", send=True)
+        finally:
+            if buf is not None:
+                view = None
+                pool.give(buf)
 
     def _pump_down(self, stream: Stream, sock: Any) -> None:
         """tunnel -> local socket (sendall, credit back, shutdown(SHUT_WR) at EOF)."""
@@ -663,6 +767,7 @@ class Tunnel:
                     return
                 finally:
                     stream._writing = False
+                    stream._rx_done(chunk)
                 stream.bytes_in += n
                 self.bytes_in += n
                 stream._consumed(n)
@@ -709,13 +814,30 @@ class Tunnel:
         self._send_data_frame(stream, _HDR.pack(DATA, stream.id) + data, len(data))
 
     def _send_async(self, ftype: int, sid: int, payload: bytes) -> None:
-        """Send from the reader without blocking it (see module docstring)."""
+        """Send from the reader without blocking it (see module docstring).
+
+        Counted: the reader stops reading while more than ASYNC_PENDING_MAX are queued
+        (``_wait_async_drained``), so a peer that sends but never reads cannot make us
+        hold replies without bound."""
         def send() -> None:
             try:
                 self._send_frame(ftype, sid, payload)
             except TunnelClosed:
                 pass
+            finally:
+                self._async_pending -= 1
+                if self._async_pending <= mux_limits.ASYNC_PENDING_MAX // 2:
+                    self._async_drained.set()
+        self._async_pending += 1
+        if self._async_pending > mux_limits.ASYNC_PENDING_MAX:
+            self._async_drained.clear()
         self._group.spawn(send)
+
+    def _wait_async_drained(self) -> None:
+        """Reader: pause while too many control frames wait to be sent (back-pressure
+        on a peer that does not read; the GC's ack timeout ends a peer that never does)."""
+        while not self._async_drained.is_set() and not self.closed:
+            self._async_drained.wait()
 
     # -- streams bookkeeping ----------------------------------------------------
 
@@ -723,6 +845,8 @@ class Tunnel:
         if stream._reset is None:
             stream._reset = reason
         stream._rx_chunks.clear()
+        self.rx_buffered -= stream._rx_cost
+        stream._rx_cost = 0
         stream._wake()
         local = stream._local
         if local is not None:
@@ -732,16 +856,26 @@ class Tunnel:
         """Abort one stream; the tunnel continues."""
         already = stream._reset is not None
         self._mark_reset(stream, reason)
-        self._streams.pop(stream.id, None)
+        self._forget(stream)
         if already:
             return
         log.info("%s: stream %d reset: %s", self.name, stream.id, reason)
         if send and not self.closed:
             self._send_async(RESET, stream.id, _dump({"reason": reason}))
 
+    def _forget(self, stream: Stream) -> None:
+        """``stream`` leaves the tunnel: out of the table, its stream-cap slot back."""
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+        if stream._counted:
+            stream._counted = False
+            if self.agent_streams is not None:
+                self.agent_streams.release()
+            mux_limits.note_streams_closed()
+
     def _maybe_forget(self, stream: Stream) -> None:
         if stream.finished and self._streams.get(stream.id) is stream:
-            del self._streams[stream.id]
+            self._forget(stream)
             log.debug("%s: stream %d done (in %d, out %d)", self.name, stream.id,
                       stream.bytes_in, stream.bytes_out)
 
@@ -828,9 +962,11 @@ class Tunnel:
         log.debug("%s: tunnel up (%s)", self.name, self.role)
 
     def _read_loop(self) -> None:
-        streams = self._streams
         monotonic = time.monotonic
+        drained = self._async_drained
         while True:
+            if not drained.is_set():
+                self._wait_async_drained()
             pt = self._read_frame()
             if len(pt) < HEADER_LEN:
                 raise _protocol_error("short frame")
@@ -861,7 +997,10 @@ class Tunnel:
                             if k == n:
                                 continue
                             payload = payload[k:]
-                    stream._rx_chunks.append(payload)
+                    if self.rx_buffered + len(payload) + CHUNK_OVERHEAD > self.buffer_budget:
+                        self._over_budget(stream)
+                        continue
+                    stream._rx_queue(payload)
                     stream._rx_event.set()
             elif ftype == WINDOW:
                 stream = self._peer_stream(sid, ftype)
@@ -899,23 +1038,37 @@ class Tunnel:
                 stream = self._peer_stream(sid, ftype)
                 info = _json_payload(pt[HEADER_LEN:], "RESET")
                 if stream is not None:
-                    reason = str(info.get("reason", ""))[:256]
+                    reason = escape(info.get("reason", ""))
                     log.info("%s: stream %d reset by peer: %s", self.name, sid, reason)
                     self._mark_reset(stream, "by peer: %s" % reason)
-                    streams.pop(sid, None)
+                    self._forget(stream)
             elif ftype == CLOSE:
                 if sid != 0:
                     raise _protocol_error("CLOSE on stream %d" % sid)
                 info = _json_payload(pt[HEADER_LEN:], "CLOSE")
                 code = _json_str(info, "code", "CLOSE")
-                reason = str(info.get("reason", ""))[:256]
-                log.info("%s: peer closed the tunnel: %s (%s)", self.name, code, reason)
+                reason = escape(info.get("reason", ""))
+                if code not in CLOSE_CODES:
+                    log.warning("%s: peer closed the tunnel with an unknown code %s (%s): "
+                                "recorded as %s", self.name, escape(code), reason,
+                                CODE_PROTOCOL_ERROR)
+                    code, reason = CODE_PROTOCOL_ERROR, "peer closed with an unknown code"
+                else:
+                    log.info("%s: peer closed the tunnel: %s (%s)", self.name, code, reason)
                 self._closing_by_peer = True
                 raise _TunnelFailure(code, reason)
             elif ftype == HELLO:
                 raise _protocol_error("second HELLO")
             else:
                 raise _protocol_error("unknown frame type %d" % ftype)
+
+    def _over_budget(self, stream: Stream) -> None:
+        """A DATA frame would take the queued bytes over ``buffer_budget``: the stream
+        is reset (its queue freed), the session goes on."""
+        log.warning("%s: stream %d: %d bytes queued for local sockets, budget %d: "
+                    "resetting the stream", self.name, stream.id, self.rx_buffered,
+                    self.buffer_budget)
+        self._reset_stream(stream, RESET_BUDGET, send=True)
 
     def _peer_stream(self, sid: int, ftype: int) -> Optional[Stream]:
         """The stream a per-stream frame refers to; None for late frames of a
@@ -939,10 +1092,14 @@ class Tunnel:
         if ftype == OPEN_FAIL:
             info = _json_payload(payload, "OPEN_FAIL")
             code = _json_str(info, "code", "OPEN_FAIL", CODE_TARGET_REFUSED)
-            reason = str(info.get("reason", ""))[:256]
+            reason = escape(info.get("reason", ""))
+            if code not in OPEN_FAIL_CODES:
+                log.warning("%s: stream %d: OPEN_FAIL with an unknown code %s (%s): taken as %s",
+                            self.name, sid, escape(code), reason, CODE_PROTOCOL_ERROR)
+                code = CODE_PROTOCOL_ERROR
             stream._open_error = (code, reason)
             stream._reset = "open refused: %s" % code
-            self._streams.pop(sid, None)
+            self._forget(stream)
         elif payload:
             raise _protocol_error("OPEN_OK with payload")
         stream._open_event.set()
@@ -955,10 +1112,32 @@ class Tunnel:
         info = _json_payload(payload, "OPEN")
         target = _json_str(info, "target", "OPEN")
         self._last_peer_id = sid
+        refusal = None
+        if len(self._streams) >= self.max_streams:
+            refusal = ("%d streams open in this session (remote.max_streams_per_session)"
+                       % len(self._streams))
+        elif self.agent_streams is not None and not self.agent_streams.try_acquire():
+            refusal = ("%d streams open on this device (remote.max_streams)"
+                       % self.agent_streams.count)
+        if refusal is not None:
+            self._refuse_open(sid, target, refusal)
+            return
         stream = Stream(self, sid, target)
+        stream._counted = True
         self._streams[sid] = stream
         self.streams_opened += 1
         self._group.spawn(self._serve_open, stream)
+
+    def _refuse_open(self, sid: int, target: str, reason: str) -> None:
+        """OPEN over a stream cap: OPEN_FAIL too_many_streams; the first one of the
+        session is logged, the others counted (the total is logged at close)."""
+        self.streams_refused += 1
+        if self.streams_refused == 1:
+            log.warning("%s: stream %d to %s refused: %s (%s); further refusals in this "
+                        "session are counted", self.name, sid, escape(target),
+                        CODE_TOO_MANY_STREAMS, reason)
+        self._send_async(OPEN_FAIL, sid, _dump({"code": CODE_TOO_MANY_STREAMS,
+                                                "reason": reason}))
 
     def _serve_open(self, stream: Stream) -> None:
         """Agent side: connect the target through ``on_open`` and splice it."""
@@ -973,12 +1152,13 @@ class Tunnel:
             elif isinstance(e, OSError):
                 code, reason = CODE_TARGET_REFUSED, _err(e)
             else:
-                log.exception("%s: stream %d: on_open(%s) failed", self.name, sid, target)
+                log.exception("%s: stream %d: on_open(%s) failed", self.name, sid,
+                              escape(target))
                 code, reason = CODE_ERROR, "internal error"
-            log.info("%s: stream %d to %s refused: %s (%s)", self.name, sid, target, code,
-                     reason)
-            self._streams.pop(sid, None)
+            log.info("%s: stream %d to %s refused: %s (%s)", self.name, sid, escape(target),
+                     code, escape(reason))
             stream._reset = "refused"
+            self._forget(stream)
             if not self.closed:
                 try:
                     self._send_frame(OPEN_FAIL, sid, _dump({"code": code, "reason": reason}))
@@ -988,14 +1168,14 @@ class Tunnel:
         if stream._reset is not None or self.closed:
             _close_quietly(sock)
             return
-        log.info("%s: stream %d open to %s", self.name, sid, target)
+        log.info("%s: stream %d open to %s", self.name, sid, escape(target))
         try:
             self._send_frame(OPEN_OK, sid, b"")
         except TunnelClosed:
             _close_quietly(sock)
             return
         self.splice(stream, sock)
-        log.debug("%s: stream %d to %s done (in %d, out %d)", self.name, sid, target,
+        log.debug("%s: stream %d to %s done (in %d, out %d)", self.name, sid, escape(target),
                   stream.bytes_in, stream.bytes_out)
 
     # -- keepalive --------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import struct
@@ -18,7 +19,7 @@ import gevent.event
 import gevent.server
 import pytest
 
-from remote_gevent import mux, tunnel_crypto
+from remote_gevent import mux, mux_limits, tunnel_crypto
 
 SID = "0123456789abcdef0123456789abcdef"
 T = 10  # generous bound for every wait (seconds)
@@ -98,7 +99,7 @@ class Pair:
     """A console and an agent Tunnel over a socketpair (or a loopback TCP pair)."""
 
     def __init__(self, kind="mac", on_open=_connect_local, tcp=False, keepalive=0,
-                 agent_sock=None, console_sock=None):
+                 agent_sock=None, console_sock=None, **agent_kw):
         if console_sock is None:
             if tcp:
                 console_sock, agent_sock = _tcp_pair()
@@ -109,7 +110,8 @@ class Pair:
         self.console = mux.Tunnel(console_sock, cs, co, "console", name="c-" + SID[:8],
                                   keepalive_interval=keepalive)
         self.agent = mux.Tunnel(agent_sock, as_, ao, "agent", on_open=on_open,
-                                name="a-" + SID[:8], keepalive_interval=keepalive)
+                                name="a-" + SID[:8], keepalive_interval=keepalive,
+                                **agent_kw)
         self.cg = gevent.spawn(self.console.run)
         self.ag = gevent.spawn(self.agent.run)
         assert self.console.wait_up(T) and self.agent.wait_up(T)
@@ -860,3 +862,245 @@ def test_fragmented_wire_stream(echo_server):
         cg.get(timeout=T)
         ag.get(timeout=T)
         gevent.killall([r1, r2])
+
+
+# ---------------------------------------------------------------- limits (issue 10 item 3)
+
+
+class _IdleTargets:
+    """``on_open`` returning one end of a fresh socketpair: a target that never speaks
+    first; ``close_all`` ends them (EOF to the agent)."""
+
+    def __init__(self):
+        self.ours = []
+
+    def __call__(self, target):
+        mine, theirs = socket.socketpair()
+        self.ours.append(mine)
+        return theirs
+
+    def close_all(self):
+        for s in self.ours:
+            s.close()
+        self.ours = []
+
+
+def _open_many(tunnel, n, target="idle:1"):
+    jobs = [gevent.spawn(tunnel.open_stream, target, T) for _ in range(n)]
+    gevent.joinall(jobs, timeout=30)
+    opened = [j.value for j in jobs if j.successful()]
+    refused = [j.exception for j in jobs if isinstance(j.exception, mux.StreamRefused)]
+    return opened, refused
+
+
+def test_stream_cap_per_session_refuses_with_too_many_streams(pair_factory, caplog):
+    """The default session cap: the OPEN after it is refused too_many_streams with a
+    reason naming the setting, logged once; a closed stream frees its slot."""
+    targets = _IdleTargets()
+    p = pair_factory(on_open=targets)
+    cap = 256  # the documented default of remote.max_streams_per_session
+    opened, refused = _open_many(p.console, cap + 20)
+    assert len(opened) == cap
+    assert len(refused) == 20
+    assert {e.code for e in refused} == {"too_many_streams"}
+    assert "max_streams_per_session" in refused[0].reason
+    assert p.agent.active_streams == cap and p.agent.is_up and p.console.is_up
+    assert sum("too_many_streams" in r.getMessage() for r in caplog.records) == 1
+    # a stream that ends gives its slot back
+    opened[0].close()
+    with gevent.Timeout(T):
+        while p.agent.active_streams == cap:
+            gevent.sleep(0.01)
+    assert p.console.open_stream("idle:1", timeout=T).id > 0
+    targets.close_all()
+
+
+def test_stream_cap_per_agent_spans_tunnels(pair_factory):
+    """One StreamCounter for all tunnels of the agent: the cap counts both sessions, a
+    slot comes back when a stream ends and when a tunnel closes."""
+    counter = mux_limits.StreamCounter(3)
+    targets = _IdleTargets()
+    p1 = pair_factory(on_open=targets, agent_streams=counter)
+    p2 = pair_factory(on_open=targets, agent_streams=counter)
+    s1 = p1.console.open_stream("idle:1", timeout=T)
+    p1.console.open_stream("idle:1", timeout=T)
+    p2.console.open_stream("idle:1", timeout=T)
+    assert counter.count == 3
+    with pytest.raises(mux.StreamRefused) as ei:
+        p2.console.open_stream("idle:1", timeout=T)
+    assert ei.value.code == "too_many_streams" and "max_streams" in ei.value.reason
+    assert p2.agent.is_up
+    s1.close()  # RESET: the agent forgets the stream, the device-wide slot is free
+    with gevent.Timeout(T):
+        while counter.count == 3:
+            gevent.sleep(0.01)
+    p2.console.open_stream("idle:1", timeout=T)
+    p1.close()
+    p1.results()
+    assert counter.count == 2  # p2's two streams; p1's were released with its tunnel
+    targets.close_all()
+
+
+def _stuck_stream(**kw):
+    """RawPeer (console) + agent Tunnel under test, one open stream to a target that
+    never reads (everything the peer sends is queued)."""
+    tun, peer, g = _raw_against("agent", on_open=lambda target: _StuckSocket(), kind="plain",
+                                **kw)
+    peer.hello()
+    peer.send_json(mux.OPEN, 1, {"target": "stuck:1"})
+    assert peer.recv_until(mux.OPEN_OK)[1] == 1
+    return tun, peer, g
+
+
+def _sync(peer, seq=7):
+    """Every frame sent before is processed once the PONG to this PING comes back
+    (frames received meanwhile are dropped)."""
+    peer.send(mux.PING, 0, struct.pack(">Q", seq))
+    with gevent.Timeout(T):
+        while True:
+            ftype, _, payload = peer.recv()
+            if ftype == mux.PONG and payload == struct.pack(">Q", seq):
+                return
+
+
+def test_one_byte_frames_cost_about_a_byte_each():
+    """1-byte DATA to a target that never reads: the mux holds about one byte of memory
+    per payload byte (small frames coalesced), not a frame object each (~406 bytes)."""
+    import tracemalloc
+
+    tun, peer, g = _stuck_stream()
+    count = 20000
+    frames = b"".join(peer.sealer.seal(struct.pack(">BI", mux.DATA, 1) + b"x")
+                      for _ in range(count))
+    gevent.sleep(0.05)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        peer.sock.sendall(frames)
+        _sync(peer)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert not tun.closed
+    assert held < 16 * count, "%d bytes held for %d payload bytes" % (held, count)
+    assert count <= tun.rx_buffered <= count + 2 * mux_limits.CHUNK_OVERHEAD
+    tun.close()
+    g.get(timeout=T)
+
+
+@pytest.mark.parametrize("size", [1, mux.MAX_DATA])
+def test_buffer_budget_resets_the_stream_not_the_session(size):
+    """Queued bytes (frame overhead included) never exceed the session's budget: the
+    stream that would exceed it is reset (RESET with the reason), the session goes on."""
+    budget = 256 * 1024
+    tun, peer, g = _stuck_stream(buffer_budget=budget)
+    count = 2 * budget // size if size > 1 else budget + 1000
+    frame = peer.sealer.seal(struct.pack(">BI", mux.DATA, 1) + b"y" * size)
+    sender = gevent.spawn(peer.sock.sendall, frame * count)
+    with gevent.Timeout(T):
+        ftype, sid, payload = peer.recv_until(mux.RESET)
+    assert sid == 1 and "budget" in json.loads(payload)["reason"]
+    sender.get(timeout=30)
+    _sync(peer, 8)
+    assert not tun.closed and tun.rx_buffered == 0 and tun.active_streams == 0
+    tun.close()
+    g.get(timeout=T)
+
+
+def test_idle_streams_hold_no_buffer(pair_factory, echo_server):
+    """Streams that exchanged nothing hold no read buffer (they were 64 KiB each, taken
+    eagerly); a stream that carried data gives its buffer back once idle again."""
+    import tracemalloc
+
+    p = pair_factory()
+    first = p.console.open_stream(echo_server, timeout=T)  # warm-up (code paths, pools)
+    n = 40
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        streams, _ = _open_many(p.console, n, echo_server)
+        with gevent.Timeout(T):
+            while p.agent.active_streams < n + 1:
+                gevent.sleep(0.01)
+        gevent.sleep(0.1)
+        per_stream = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    assert len(streams) == n
+    print("idle stream: %d bytes" % per_stream)
+    assert per_stream < 24 * 1024, "%d bytes per idle stream" % per_stream
+    assert p.agent.buffers_held == 0
+    first.send(b"ping")
+    assert first.recv() == b"ping"
+    with gevent.Timeout(T):
+        while p.agent.buffers_held:
+            gevent.sleep(0.01)
+    for s in streams + [first]:
+        s.close()
+
+
+def test_unknown_close_code_becomes_protocol_error(caplog):
+    """A CLOSE code that is not a known close code never becomes the session's code (it
+    would land in the history and in session.close): protocol_error, text escaped."""
+    tun, peer, g = _raw_against("agent", on_open=_connect_local)
+    peer.hello()
+    peer.send_json(mux.CLOSE, 0, {"code": '=HYPERLINK("http://x")',
+                                  "reason": "bye\n2026-01-01 INFO forged line"})
+    code, reason = g.get(timeout=T)
+    assert code == "protocol_error"
+    assert "HYPERLINK" not in reason and "\n" not in reason
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("HYPERLINK" in m for m in messages)  # logged, escaped
+    assert not any("\n" in m for m in messages)
+
+
+def test_known_close_code_from_peer_still_propagates():
+    tun, peer, g = _raw_against("agent", on_open=_connect_local)
+    peer.hello()
+    peer.send_json(mux.CLOSE, 0, {"code": "closed_by_operator", "reason": "done"})
+    assert g.get(timeout=T) == ("closed_by_operator", "done")
+
+
+def test_unknown_open_fail_code_becomes_protocol_error(caplog):
+    tun, peer, g = _raw_against("console")
+    peer.hello()
+    opener = gevent.spawn(tun.open_stream, "x:1", T)
+    _, sid, _ = peer.recv_until(mux.OPEN)
+    peer.send_json(mux.OPEN_FAIL, sid, {"code": "@SUM(1+1)\r", "reason": "no\x1b[31m"})
+    with pytest.raises(mux.StreamRefused) as ei:
+        opener.get(timeout=T)
+    assert ei.value.code == "protocol_error"
+    assert "\x1b" not in ei.value.reason
+    assert not any("\r" in r.getMessage() or "\x1b" in r.getMessage()
+                   for r in caplog.records)
+    assert tun.is_up
+    tun.close()
+
+
+def test_reset_reason_is_escaped_in_the_log(caplog, echo_server):
+    caplog.set_level(logging.INFO, logger="remote_gevent.mux")
+    tun, peer, g = _raw_against("agent", on_open=_connect_local)
+    peer.hello()
+    peer.send_json(mux.OPEN, 1, {"target": echo_server})
+    peer.recv_until(mux.OPEN_OK)
+    peer.send_json(mux.RESET, 1, {"reason": "x\nERROR forged"})
+    _sync(peer, 9)
+    resets = [r.getMessage() for r in caplog.records if "reset by peer" in r.getMessage()]
+    assert resets and not any("\n" in m for m in resets)
+    tun.close()
+    g.get(timeout=T)
+
+
+def test_peer_that_never_reads_cannot_pile_up_replies():
+    """PINGs from a peer that never reads: the PONGs waiting to be sent are bounded (the
+    reader stops reading), not one parked greenlet per PING."""
+    tun, peer, g = _raw_against("agent", on_open=_connect_local, kind="plain")
+    peer.hello()
+    ping = peer.sealer.seal(struct.pack(">BI", mux.PING, 0) + struct.pack(">Q", 1))
+    sender = gevent.spawn(peer.sock.sendall, ping * 60000)
+    gevent.sleep(1.0)
+    assert len(tun._group) <= mux_limits.ASYNC_PENDING_MAX + 8
+    assert not tun.closed
+    sender.kill()
+    tun.close()
+    g.get(timeout=T)
