@@ -328,6 +328,14 @@ def v_opt_size(value: Any, base: str) -> Optional[int]:
     return None if value is None else parse_size(value)
 
 
+def v_buffer_budget(value: Any, base: str) -> int:
+    """A session's receive buffer budget: at least 1 MiB (mux_limits.MIN_BUFFER_BUDGET)."""
+    size = parse_size(value)
+    if size < 1 << 20:
+        raise Invalid("expected a size of at least 1M")
+    return size
+
+
 @dataclass(frozen=True)
 class TransferConfig:
     roots: Tuple[TransferRoot, ...] = key(
@@ -414,6 +422,17 @@ class RemoteConfig:
         15, v_int(1, 3600), "int s", "tunnel keepalive ping period")
     queue_timeout: int = key(
         60, v_int(1, 3600), "int s", "longest wait for a free session slot")
+    max_streams_per_session: int = key(
+        256, v_int(1, 100000), "int",
+        "streams one session may have open; more are refused too_many_streams")
+    max_streams: int = key(
+        512, v_int(1, 1000000), "int",
+        "streams open on the device, all sessions together (one fd each); more are "
+        "refused too_many_streams")
+    max_buffered_per_session: int = key(
+        16 << 20, v_buffer_budget, "size",
+        "bytes a session may hold queued for slow local sockets, frame overhead "
+        "included (>= 1M); a stream that would exceed it is reset")
     key_rotation_days: int = key(
         0, v_int(0, 36500), "int days", "rotate the identity key this often; 0: never")
     transfer: TransferConfig = key(

@@ -50,7 +50,7 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 
-from . import authkeys, fairness, mux, protocol, relay, tls, tunnel_crypto
+from . import authkeys, fairness, mux, mux_limits, protocol, relay, tls, tunnel_crypto
 from .history import History, record_safely
 from .protocol import CloseCode, Reason, Refused
 
@@ -213,6 +213,8 @@ class TunnelManager:
         self._waiting: List[_Session] = []
         self._device_allow = device_allow(cfg)
         self._shutting_down = False
+        # Streams of all tunnels together against remote.max_streams (mux_limits).
+        self._agent_streams = mux_limits.StreamCounter(cfg.remote.max_streams)
 
     # ------------------------------------------------------------------ public API
 
@@ -339,6 +341,7 @@ class TunnelManager:
         old = self._cfg
         self._cfg = cfg
         self._device_allow = device_allow(cfg)
+        self._agent_streams.limit = cfg.remote.max_streams  # new streams; open ones stay
         if (cfg.remote.relays.get(cfg.remote.server_id)
                 != old.remote.relays.get(old.remote.server_id)
                 or cfg.remote.relay_ca_file != old.remote.relay_ca_file):
@@ -495,7 +498,9 @@ class TunnelManager:
             raise
         tunnel = mux.Tunnel(
             sock, sealer, opener, "agent", on_open=lambda target: self._open_target(s, target),
-            name="session %s" % s.id, keepalive_interval=float(cfg.remote.keepalive_interval))
+            name="session %s" % s.id, keepalive_interval=float(cfg.remote.keepalive_interval),
+            max_streams=cfg.remote.max_streams_per_session, agent_streams=self._agent_streams,
+            buffer_budget=cfg.remote.max_buffered_per_session)
         s.tunnel = tunnel
         s.state = RUNNING
         if s.close_request is not None:  # raced with the assignment above
