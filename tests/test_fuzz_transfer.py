@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -152,3 +153,101 @@ def test_valid_put_round_trips(data, name, send_sha):
     result, reply = _serve(_header_line({"op": "get", "path": path}))
     assert result["code"] == transfer.RESULT_OK, (result, reply)
     assert data in reply
+
+
+# ---------------------------------------------------------------- console side
+# The operator's console parses what the device answers (console/transfer.py, same line
+# protocol): a hostile or broken device may answer anything. Documented outcome: the
+# operation returns or raises TransferError; nothing lands outside the local target.
+
+from remote_gevent.console import transfer as ctransfer  # noqa: E402
+
+
+class _FakeStream:
+    """A mux Stream double: recv() plays one scripted answer in small chunks, then EOF."""
+
+    def __init__(self, answer: bytes, chunk: int) -> None:
+        self.answer = answer
+        self.chunk = chunk
+        self.sent = []
+
+    def recv(self) -> bytes:
+        out, self.answer = self.answer[:self.chunk], self.answer[self.chunk:]
+        return out
+
+    def send(self, data) -> None:
+        self.sent.append(bytes(data))
+
+    def shutdown_write(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _factory(answers, chunk: int, cap: int = 1500):
+    state = {"n": 0}
+
+    def open_stream():
+        state["n"] += 1
+        if state["n"] > cap:
+            raise ConnectionResetError(104, "fake tunnel: stream budget used up")
+        return _FakeStream(answers[(state["n"] - 1) % len(answers)], chunk)
+    return open_stream
+
+
+_ANSWER_OBJS = st.one_of(
+    st.fixed_dictionaries({"ok": st.sampled_from([True, False, None, 1])},
+                          optional={"code": _VALUES, "message": _VALUES, "size": _VALUES,
+                                    "offset": _VALUES, "prefix_sha256": _VALUES,
+                                    "type": st.sampled_from(["dir", "file", "link", 1]),
+                                    "name": st.sampled_from(["a", "..", ".", "/", "a/b", "",
+                                                             "\x1b[2J", 1]),
+                                    "end": st.booleans(), "sha256": _VALUES,
+                                    "created": _VALUES}),
+    _VALUES,
+)
+_ANSWER = st.one_of(
+    st.lists(_ANSWER_OBJS, max_size=4).map(
+        lambda objs: b"".join(_header_line(o) for o in objs)),
+    st.binary(max_size=60),
+    st.just(b"[" * 3000 + b"\n"),
+)
+_LOCAL = os.path.join(_TMP, "local")
+os.mkdir(_LOCAL)
+
+
+@examples(150, slow=True)
+@given(st.lists(_ANSWER, min_size=1, max_size=3), st.integers(1, 64),
+       st.sampled_from(["stat", "list", "mkdir", "get", "pull"]))
+@example([b'{"ok": true, "type": "dir"}\n{"name": "a", "type": "dir"}\n'
+          b'{"end": true, "ok": true}\n'], 64, "pull")  # a directory "a" inside itself, forever
+@example([b'{"ok": true, "type": "dir", "size": 0, "offset": 0}\n'
+          b'{"ok": true, "name": "a", "type": "file", "sha256": "%s"}\n'
+          b'{"name": "a", "type": "dir"}\n{"end": true, "ok": true}\n'
+          % hashlib.sha256(b"").hexdigest().encode()],
+         64, "pull")  # "a" listed as a file (and served), then as a directory
+def test_console_any_device_answer(answers, chunk, op):
+    shutil.rmtree(_LOCAL)
+    os.mkdir(_LOCAL)
+    factory = _factory(answers, chunk)
+    before = set(os.listdir(_TMP))
+    old_limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(PROD_RECURSION)
+    try:
+        with gevent.Timeout(LIMIT, AssertionError("console operation still running")):
+            if op == "stat":
+                ctransfer.remote_stat(factory, "/x")
+            elif op == "list":
+                ctransfer.remote_list(factory, "/x")
+            elif op == "mkdir":
+                ctransfer.remote_mkdir(factory, "/x")
+            elif op == "get":
+                ctransfer.get_file(factory, "/x", os.path.join(_LOCAL, "got"))
+            else:
+                ctransfer.pull(factory, "/x", os.path.join(_LOCAL, "tree"), recursive=True)
+    except ctransfer.TransferError as exc:
+        assert isinstance(exc.code, str) and isinstance(exc.message, str)
+    finally:
+        sys.setrecursionlimit(old_limit)
+    assert set(os.listdir(_TMP)) == before  # nothing outside the local target

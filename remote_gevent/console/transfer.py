@@ -76,6 +76,7 @@ EXIT_OF = {
 
 TRAILER_TIMEOUT = 600.0    # agent fsync + rename of a large file, after the last byte
 DRAIN_LIMIT = 64 * 1024    # bytes we read after a trailer while waiting for EOF
+MAX_PULL_DEPTH = 128       # directory levels a recursive pull descends
 PROGRESS_INTERVAL = 0.1    # seconds between redraws
 LOCAL_PART_MODE = 0o600
 LOCAL_FILE_MODE = 0o644
@@ -477,15 +478,22 @@ def pull(stream_factory: StreamFactory, remote: str, local: str, resume: bool = 
 
 
 def _pull_tree(stream_factory: StreamFactory, remote: str, local: str, resume: bool,
-               progress: Progress, summary: Dict[str, Any]) -> None:
-    os.makedirs(local, exist_ok=True)
+               progress: Progress, summary: Dict[str, Any], depth: int = 0) -> None:
+    # The device names the tree: one listing itself forever must not recurse us to death.
+    if depth > MAX_PULL_DEPTH:
+        raise TransferError(BAD_REQUEST, "%s: more than %d directory levels" % (remote,
+                                                                              MAX_PULL_DEPTH))
+    try:
+        os.makedirs(local, exist_ok=True)
+    except OSError as e:  # e.g. the device listed "a" as a file, then as a directory
+        raise TransferError(IO_ERROR, "%s: %s" % (local, e.strerror)) from None
     for entry in remote_list(stream_factory, remote):
         name = entry.get("name")
         if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
             raise TransferError(BAD_REQUEST, "device listed a bad name %r" % (name,))
         rpath, lpath = _join(remote, name), os.path.join(local, name)
         if entry.get("type") == "dir":
-            _pull_tree(stream_factory, rpath, lpath, resume, progress, summary)
+            _pull_tree(stream_factory, rpath, lpath, resume, progress, summary, depth + 1)
         elif entry.get("type") == "file":
             summary["bytes"] += get_file(stream_factory, rpath, lpath, resume, progress)
             summary["files"] += 1
