@@ -9,8 +9,10 @@ tree), written with ``yaml.safe_dump`` and read through ``config.load``.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
+import shutil
 import tempfile
 
 import yaml
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 from remote_gevent import config
 
 _TMP = tempfile.mkdtemp(prefix="rg-fuzz-config-")
+atexit.register(shutil.rmtree, _TMP, True)
 PATH = os.path.join(_TMP, "config.yaml")
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "..", "conf", "config.yaml")) as _f:

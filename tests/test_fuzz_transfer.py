@@ -10,6 +10,7 @@ written outside the roots, and nothing hangs. Valid puts round-trip through get.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ LIMIT = 5.0
 PROD_RECURSION = 1000
 
 _TMP = tempfile.mkdtemp(prefix="rg-fuzz-transfer-")
+atexit.register(shutil.rmtree, _TMP, True)
 RW = os.path.join(_TMP, "rw")
 RO = os.path.join(_TMP, "ro")
 OUTSIDE = os.path.join(_TMP, "outside")
