@@ -105,13 +105,26 @@ def run(args: argparse.Namespace, workdir: str) -> Dict[str, Any]:
     nofile = raise_nofile()
     if nofile < 3 * args.streams + 256:
         raise SystemExit("RLIMIT_NOFILE %d is too low for %d streams" % (nofile, args.streams))
-    procs = Procs()
-    sink = Sink()
     p = DemoPlatform(os.path.join(workdir, "platform"),
                      remote=parse_overrides(args.remote), log_level="INFO")
     try:
         say("starting the demo platform (private RabbitMQ node, relay, agent) in %s" % p.dir)
         p.start()
+        result = measure(p, args.streams, args.settle, workdir)
+        result["remote"] = parse_overrides(args.remote)
+        return result
+    finally:
+        p.stop()
+
+
+def measure(p: Any, streams: int, settle: float, workdir: str) -> Dict[str, Any]:
+    """Run the measurement against the started platform ``p`` (see the module doc);
+    the console's log is ``workdir/console.log``.  Used by tests/test_mux.py too."""
+    procs = Procs()
+    sink = Sink()
+    args = argparse.Namespace(streams=streams, settle=settle)
+    clients: List[socket.socket] = []
+    try:
         agent = p.agent_proc.pid
         port = free_port()
         console_log = open(os.path.join(workdir, "console.log"), "wb")
@@ -134,7 +147,6 @@ def run(args: argparse.Namespace, workdir: str) -> Dict[str, Any]:
         def sample() -> None:
             peak[0] = max(peak[0], rss_kib(agent))
 
-        clients: List[socket.socket] = []
         pool = gevent.pool.Pool(CONNECT_CONCURRENCY)
 
         def connect() -> None:
@@ -183,7 +195,6 @@ def run(args: argparse.Namespace, workdir: str) -> Dict[str, Any]:
             "baseline_kib": rss0, "peak_kib": peak[0], "settled_kib": rss2,
             "fds_baseline": fds0, "fds_peak": fds1, "open_seconds": round(t_open, 2),
             "kib_per_held_stream": round((peak[0] - rss0) / held, 1) if held else None,
-            "remote": parse_overrides(args.remote),
         }
         say("agent RSS: baseline %.1f MiB, peak %.1f MiB (%d streams held, %s KiB each), "
             "settled %.1f MiB" % (rss0 / 1024, peak[0] / 1024, held,
@@ -192,8 +203,9 @@ def run(args: argparse.Namespace, workdir: str) -> Dict[str, Any]:
             say("%d refusals, e.g.: %s" % (refused, refusals[0]))
         return result
     finally:
+        for s in clients:
+            s.close()
         procs.close()
-        p.stop()
         sink.stop()
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 
 import gevent
@@ -1104,3 +1105,40 @@ def test_peer_that_never_reads_cannot_pile_up_replies():
     sender.kill()
     tun.close()
     g.get(timeout=T)
+
+
+@pytest.mark.e2e
+def test_agent_process_refuses_streams_over_the_cap_and_gives_memory_back(rabbit, tmp_path):
+    """Real processes (relay, agent, ``console forward``): 2000 connections into one
+    session.  The default cap holds (256 streams reach the device's service, every other
+    one is refused ``too_many_streams`` with the setting named, logged once by the agent),
+    the agent's RSS (/proc/<pid>/status) stays bounded, and it comes back close to the
+    baseline once the streams closed.  Before: all 2000 opened at ~85 KiB each."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import bench_streams_memory as bench
+    from benchmarks.suite_common import raise_nofile
+    from test_e2e import make_platform
+
+    n = 2000
+    if raise_nofile() < 3 * n + 256:
+        pytest.skip("RLIMIT_NOFILE too low for %d streams" % n)
+    p = make_platform(rabbit, str(tmp_path / "platform"))
+    p.start()
+    try:
+        r = bench.measure(p, n, 2.0, str(tmp_path))
+        with open(p.agent_log) as f:
+            agent_log = f.read()
+    finally:
+        p.stop()
+    print("\nagent RSS with %d connections: baseline %.1f MiB, peak %.1f MiB, settled %.1f MiB"
+          % (n, r["baseline_kib"] / 1024, r["peak_kib"] / 1024, r["settled_kib"] / 1024))
+    assert r["held"] == 256
+    assert r["refused_in_console_log"] == n - 256
+    assert "too_many_streams" in r["example_refusal"]
+    assert "max_streams_per_session" in r["example_refusal"]
+    assert agent_log.count("too_many_streams") == 1
+    assert "%d stream(s) refused" % (n - 256) in agent_log
+    assert r["peak_kib"] - r["baseline_kib"] < 32 * 1024
+    assert r["settled_kib"] - r["baseline_kib"] < 12 * 1024
