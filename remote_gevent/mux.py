@@ -40,6 +40,14 @@ Why it is shaped this way:
   ~10-20%; batching WINDOW credit at 1/2, 1/4 or 1/8 of the window made no
   measurable difference.
 
+- **What a peer can make us hold is bounded** (:mod:`remote_gevent.mux_limits`):
+  streams per session and per agent (OPEN_FAIL ``too_many_streams``), read buffers
+  taken lazily from a small pool, queued bytes counted in real bytes against a
+  session budget (small frames coalesced), control replies queued by the reader
+  (it pauses reading above ASYNC_PENDING_MAX).  Codes from the peer (CLOSE,
+  OPEN_FAIL) must be known ones, else ``protocol_error``; peer text is escaped
+  (``logs.escape``) before any log line.
+
 The tunnel does not enforce idle / ACK timeouts itself; the agent's GC greenlet asks
 ``check_timeouts`` (unit-testable with an explicit ``now``).
 """
@@ -414,7 +422,8 @@ class Tunnel:
     ``mux_limits.StreamCounter`` shared by all tunnels of the agent (None: no agent-wide
     cap); an OPEN over either is refused OPEN_FAIL ``too_many_streams``.
     ``buffer_budget``: real bytes this tunnel may hold queued for its local sockets
-    (``rx_buffered``); a DATA frame over it resets its stream.
+    (``rx_buffered``); a DATA frame over it resets its stream (None: no budget beyond
+    the per-stream windows; the agent always passes one).
     """
 
     def __init__(
@@ -429,7 +438,7 @@ class Tunnel:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_streams: int = mux_limits.DEFAULT_MAX_STREAMS_PER_SESSION,
         agent_streams: Optional[mux_limits.StreamCounter] = None,
-        buffer_budget: int = mux_limits.DEFAULT_BUFFER_BUDGET,
+        buffer_budget: Optional[int] = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError("role must be 'console' or 'agent', not %r" % (role,))
@@ -446,7 +455,9 @@ class Tunnel:
         self.handshake_timeout = handshake_timeout
         self.max_streams = max_streams
         self.agent_streams = agent_streams
-        self.buffer_budget = buffer_budget
+        # None: no session budget (the console; each stream is still bounded by its
+        # window).  The agent passes remote.max_buffered_per_session.
+        self.buffer_budget = buffer_budget if buffer_budget is not None else 1 << 62
         self.rx_buffered = 0             # real bytes queued for local sockets (all streams)
         self.streams_refused = 0         # OPENs refused over a stream cap
         self._pool = mux_limits.BufferPool(HEADER_LEN + MAX_DATA)
@@ -947,14 +958,15 @@ class Tunnel:
         role = hello.get("role")
         version = hello.get("version")
         if role != self.peer_role:
-            raise _protocol_error("peer role %r, expected %r" % (role, self.peer_role))
+            raise _protocol_error("peer role %s, expected %r" % (escape(repr(role), 60),
+                                                                  self.peer_role))
         if version != PROTOCOL_VERSION:
-            raise _protocol_error("peer protocol version %r, expected %d"
-                                  % (version, PROTOCOL_VERSION))
+            raise _protocol_error("peer protocol version %s, expected %d"
+                                  % (escape(repr(version), 60), PROTOCOL_VERSION))
         window = hello.get("window", LEGACY_WINDOW)
         if type(window) is not int or not MAX_DATA <= window <= MAX_WINDOW:
-            raise _protocol_error("peer window %r not in [%d, %d]"
-                                  % (window, MAX_DATA, MAX_WINDOW))
+            raise _protocol_error("peer window %s not in [%d, %d]"
+                                  % (escape(repr(window), 60), MAX_DATA, MAX_WINDOW))
         self.peer_window = window
         self.last_ack = time.monotonic()
         self._up.set()
