@@ -1029,7 +1029,9 @@ def test_idle_streams_hold_no_buffer(pair_factory, echo_server):
         tracemalloc.stop()
     assert len(streams) == n
     print("idle stream: %d bytes" % per_stream)
-    assert per_stream < 24 * 1024, "%d bytes per idle stream" % per_stream
+    # Below one 64 KiB read buffer (the old code took one per stream eagerly: ~85 KiB);
+    # the rest is greenlet stacks and bookkeeping: ~21 KiB on 3.11, ~30 KiB on 3.8.
+    assert per_stream < 48 * 1024, "%d bytes per idle stream" % per_stream
     assert p.agent.buffers_held == 0
     first.send(b"ping")
     assert first.recv() == b"ping"
