@@ -18,8 +18,9 @@ transfer, and for ours the agent's fsync + sha256 check before the rename), divi
 into the file size. The sha256 of every transferred copy is checked against the source
 after the timing: a wrong copy aborts the benchmark with exit status 1. The platform's
 config forbids overwriting (``remote.transfer.overwrite: false``, the default), so each
-target is removed after its check; download sources are hard links of the source file
-(no extra disk). Disk: about 2 x ``--size-mib`` free in the temporary directory.
+target is removed after its check; the download source is a copy of the source file
+(the agent serves no hard-linked file). Disk: about 3 x ``--size-mib`` free in the
+temporary directory.
 
 Everything started is torn down at the end — on error, Ctrl-C and SIGTERM too: every
 client runs in its own process group (``suite_common.Procs``), killed as a group, and the
@@ -171,12 +172,10 @@ class TransferBench:
         self.sshd = suite_ssh.Sshd(self.procs, self.workdir, key, "sshd")
         say("writing %d MiB of random data to %s" % (self.size // MIB, self.src))
         self.digest = random_file(self.src, self.size)
-        # download sources: hard links of the source (no extra disk), a copy if refused
+        # download source: a copy, not a hard link: the agent refuses to serve a file with
+        # a second link (a link may lead out of its root; remote.transfer allow_hardlinks)
         self.remote_src = os.path.join(p.files_dir, "bench-source.bin")
-        try:
-            os.link(self.src, self.remote_src)
-        except OSError:
-            shutil.copyfile(self.src, self.remote_src)
+        shutil.copyfile(self.src, self.remote_src)
 
     def close(self) -> None:
         if self.platform is not None:
