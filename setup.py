@@ -31,8 +31,8 @@ setup(
     extras_require={"test": ["pytest>=6", "hypothesis>=6"], "lint": ["ruff", "vermin"]},
     entry_points={
         "console_scripts": [
-            "remote-gevent=remote_gevent.cli:main",
-            "remote-gevent-relay=remote_gevent.relay_cli:main",
+            "remote-gevent=remote_gevent.agent.cli:main",
+            "remote-gevent-relay=remote_gevent.relay.cli:main",
             "remote-gevent-console=remote_gevent.console.cli:main",
         ]
     },

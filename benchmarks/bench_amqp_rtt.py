@@ -21,7 +21,7 @@ import time
 import gevent
 from gevent.event import AsyncResult
 
-from remote_gevent.amqplink import AmqpLink
+from remote_gevent.common.amqplink import AmqpLink
 from remote_gevent.demo.pki import CertificateAuthority
 from remote_gevent.demo.rabbit import RabbitNode
 

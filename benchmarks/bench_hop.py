@@ -7,7 +7,7 @@ in a child process, on 127.0.0.1. The proxy is written four ways:
 
 * ``greenlet-splice``: one greenlet per direction waits on a persistent io watcher, then
   ``os.splice`` socket → pipe → socket (what the relay did before ``splicer.py``);
-* ``thread-splice``: the relay's data plane today, :class:`remote_gevent.splicer.SplicePlane`
+* ``thread-splice``: the relay's data plane today, :class:`remote_gevent.relay.splicer.SplicePlane`
   (one OS thread, level-triggered epoll, ``os.splice``);
 * ``greenlet-copy``: gevent sockets, ``recv_into`` + ``send`` (the shape of agent and
   console's data path);
@@ -90,7 +90,7 @@ def _proxy(kind: str, target_port: int) -> None:
     plane = None
     if kind == "thread-splice":
         sys.path.insert(0, ROOT)
-        from remote_gevent import splicer
+        from remote_gevent.relay import splicer
         plane = splicer.SplicePlane(splicer.PipePool(256 * 1024))
     while True:
         client, _ = listener.accept()

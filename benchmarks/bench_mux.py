@@ -39,7 +39,8 @@ import gevent.server  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from remote_gevent import mux, tunnel_crypto  # noqa: E402
+from remote_gevent.wire import mux  # noqa: E402
+from remote_gevent.crypto import tunnel_crypto  # noqa: E402
 
 SID = "0123456789abcdef0123456789abcdef"
 CHUNK = 1 << 20

@@ -32,7 +32,8 @@ if __package__ in (None, ""):  # run as ``python benchmarks/bench_relay.py``
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.suite_common import cpu_seconds, raise_nofile, rss_kib  # noqa: E402
-from remote_gevent import relay, tls  # noqa: E402
+from remote_gevent.relay import server as relay  # noqa: E402
+from remote_gevent.common import tls  # noqa: E402
 from remote_gevent.demo.pki import CertificateAuthority  # noqa: E402
 
 CHUNK = 256 * 1024
@@ -182,7 +183,7 @@ class RelayProcess:
                     % (cert.cert_file, cert.key_file, max(pairs, 10) + 10, 2000, 2000))
         self.log_path = os.path.join(workdir, "relay.log")
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "remote_gevent.relay_cli",
+        self.proc = subprocess.Popen([sys.executable, "-m", "remote_gevent.relay.cli",
                                       "--config", conf, "--log-level", "warning"],
                                      stderr=subprocess.PIPE, universal_newlines=True)
         deadline = time.monotonic() + READY_TIMEOUT

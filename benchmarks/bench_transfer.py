@@ -281,7 +281,7 @@ class TransferBench:
                 % (key, elapsed, self.size / MIB / elapsed))
 
     def ciphers(self) -> Dict[str, str]:
-        from remote_gevent import tunnel_crypto
+        from remote_gevent.crypto import tunnel_crypto
         from remote_gevent.console import config as cconfig
 
         cfg = cconfig.load(self.platform.console_config)

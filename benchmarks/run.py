@@ -143,7 +143,7 @@ class Bench:
             f.write("max_pending: 20000\nmax_pending_per_ip: 20000\nmax_paired: 20000\n")
         relay_log = open(os.path.join(self.workdir, "relay.log"), "ab")
         self.relay_proc = self.procs.start(
-            entry_argv("remote-gevent-relay", "remote_gevent.relay_cli")
+            entry_argv("remote-gevent-relay", "remote_gevent.relay.cli")
             + ["--config", conf, "--listen", p.relay_address, "--cert", p.relay_cert[0],
                "--key", p.relay_cert[1], "--log-level", "warning"],
             stdout=relay_log, stderr=relay_log)
@@ -823,7 +823,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         say("bringing up platform, sshd, bastion, iperf3 servers (workdir %s)" % bench.workdir)
         bench.start()
-        from remote_gevent import tunnel_crypto
+        from remote_gevent.crypto import tunnel_crypto
 
         results["machine"]["tunnel_cipher"] = tunnel_crypto.choose_cipher(bench.cfg.cipher)
         results["machine"]["ssh_cipher"] = bench.sshd.negotiated_cipher()

@@ -38,7 +38,7 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
 def _short(frame: str) -> str:
-    """``func (path/to/remote_gevent/mux.py:123)`` → ``mux.py:func``."""
+    """``func (path/to/remote_gevent/wire/mux.py:123)`` → ``mux.py:func``."""
     m = _FRAME.match(frame.strip())
     if not m:
         return frame.strip()

@@ -27,7 +27,7 @@ remote:
   idle_timeout: 1800
 """
 
-CLI = [sys.executable, "-m", "remote_gevent.cli"]
+CLI = [sys.executable, "-m", "remote_gevent.agent.cli"]
 WAIT = 20.0  # upper bound for any wait on a subprocess
 
 
@@ -49,7 +49,7 @@ def cli_executable(tmp_path):
     if found:
         return found
     wrapper = tmp_path / "remote-gevent"
-    wrapper.write_text("#!/bin/sh\nexec %s -m remote_gevent.cli \"$@\"\n" % sys.executable)
+    wrapper.write_text("#!/bin/sh\nexec %s -m remote_gevent.agent.cli \"$@\"\n" % sys.executable)
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     return str(wrapper)
 

@@ -76,7 +76,7 @@ class RabbitFixture:
 
     def link(self, who: Any, **kwargs: Any):
         """An AmqpLink for a Device or an Operator (not started)."""
-        from remote_gevent.amqplink import AmqpLink
+        from remote_gevent.common.amqplink import AmqpLink
 
         userid = who.ident if isinstance(who, Device) else who.user
         password = who.token if isinstance(who, Device) else who.password

@@ -3,7 +3,7 @@
 py-amqp cannot *send* some of what a hostile publisher can (a table nested deeper than
 Python's recursion limit: its own encoder recurses too), so these helpers write the
 basic-class property list byte by byte (AMQP 0-9-1 §4.2.6.1, flags in the first short)
-and publish it on an :class:`~remote_gevent.amqplink.AmqpLink`'s channel.
+and publish it on an :class:`~remote_gevent.common.amqplink.AmqpLink`'s channel.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from amqp.exceptions import AccessRefused
 from gevent.event import AsyncResult, Event
 from gevent.server import StreamServer
 
-from remote_gevent import amqplink
-from remote_gevent.amqplink import (
+from remote_gevent.common import amqplink
+from remote_gevent.common.amqplink import (
     AmqpLink,
     LinkConfigError,
     LoginRefused,
@@ -558,7 +558,7 @@ def test_undecodable_properties_rejected_once_and_consumer_keeps_serving(
     og = start(op, lambda _link: None)
     try:
         cases = poison_cases(device.topic)
-        with caplog.at_level(logging.WARNING, logger="remote_gevent.amqplink"):
+        with caplog.at_level(logging.WARNING, logger="remote_gevent.common.amqplink"):
             for _name, body, props in cases:
                 poison.publish_raw(op, "remote.down", device.topic + ".session", body, props)
             op.publish("remote.down", device.topic + ".session", b"fine")
@@ -623,7 +623,7 @@ def test_body_over_max_body_is_not_buffered_and_refused_once(rabbit, device, ope
     g = start(link, device_setup(device, on_msg))
     og = start(op, lambda _link: None)
     try:
-        with caplog.at_level(logging.WARNING, logger="remote_gevent.amqplink"):
+        with caplog.at_level(logging.WARNING, logger="remote_gevent.common.amqplink"):
             op.publish("remote.down", device.topic + ".session", b"x" * (120 * 1024))
             op.publish("remote.down", device.topic + ".session", b"y" * (16 * 1024))
             assert good.wait(WAIT)
@@ -655,7 +655,7 @@ class _FakeConnection:
 def test_inbound_handler_rejects_by_tag_what_it_cannot_handle_and_remembers_poison(caplog):
     from amqp.exceptions import PreconditionFailed
 
-    from remote_gevent import amqp_inbound
+    from remote_gevent.common import amqp_inbound
     rejected, calls = [], []
     memory = amqp_inbound.PoisonMemory()
     on_frame = amqp_inbound.frame_handler(
@@ -672,7 +672,7 @@ def test_inbound_handler_rejects_by_tag_what_it_cannot_handle_and_remembers_pois
         if msg.body == b"closes":
             raise PreconditionFailed("channel closed by the broker")
 
-    with caplog.at_level(logging.WARNING, logger="remote_gevent.amqp_inbound"):
+    with caplog.at_level(logging.WARNING, logger="remote_gevent.common.amqp_inbound"):
         feed(_deliver_frames(7, body=b"bug"))  # handling raised: rejected by its tag
         assert rejected == [(1, 7)]
         with pytest.raises(PreconditionFailed):  # the link goes down ...
@@ -687,7 +687,7 @@ def test_inbound_handler_rejects_by_tag_what_it_cannot_handle_and_remembers_pois
 
 
 def test_inbound_body_never_decoded_by_content_encoding():
-    from remote_gevent import amqp_inbound
+    from remote_gevent.common import amqp_inbound
     calls = []
     on_frame = amqp_inbound.frame_handler(10 ** 6, amqp_inbound.PoisonMemory(),
                                           lambda *a: None)(
@@ -718,7 +718,7 @@ def test_queue_with_older_arguments_is_replaced_on_declare(rabbit, device, caplo
         link.consume(queue, lambda msg: got.set(msg.body) or link.ack(msg))
 
     link = rabbit.link(device, prefetch=7)
-    with caplog.at_level(logging.WARNING, logger="remote_gevent.amqplink"):
+    with caplog.at_level(logging.WARNING, logger="remote_gevent.common.amqplink"):
         g = start(link, setup)
     try:
         assert "existed with other arguments" in caplog.text

@@ -7,8 +7,8 @@ import subprocess
 import nacl.signing
 import pytest
 
-from remote_gevent import authkeys as ak
-from remote_gevent.authkeys import Target, TargetPattern
+from remote_gevent.crypto import authkeys as ak
+from remote_gevent.crypto.authkeys import Target, TargetPattern
 
 
 def _key():

@@ -143,7 +143,7 @@ def test_agent_args_agree_with_click(argv, monkeypatch):
     differently from click: it either returns click's parameters or defers to click."""
     import click
 
-    from remote_gevent import cli
+    from remote_gevent.agent import cli
 
     monkeypatch.delenv("REMOTE_GEVENT_CONFIG", raising=False)
     mine = cli.agent_args(argv)
@@ -155,7 +155,7 @@ def test_agent_args_agree_with_click(argv, monkeypatch):
 
 
 def test_agent_args_leave_shell_completion_to_click(monkeypatch):
-    from remote_gevent import cli
+    from remote_gevent.agent import cli
 
     monkeypatch.setenv("_REMOTE_GEVENT_COMPLETE", "bash_source")
     assert cli.agent_args([]) is None
@@ -166,7 +166,7 @@ MODULES_SCRIPT = r"""
 import atexit, json, sys
 out = sys.argv[1]
 atexit.register(lambda: json.dump(sorted(sys.modules), open(out, "w")))
-from remote_gevent.cli import main
+from remote_gevent.agent.cli import main
 main(sys.argv[2:])
 """
 
@@ -188,6 +188,7 @@ def test_running_agent_imports_neither_click_nor_session_only_modules(tmp_path):
     finally:
         kill_quietly(proc.pid)
     modules = set(json.loads(out.read_text()))
-    assert "remote_gevent.agent" in modules and "remote_gevent.tunnels" in modules
-    for name in ("click", "paramiko", "remote_gevent.sftp", "remote_gevent.transfer"):
+    assert "remote_gevent.agent.runtime" in modules and "remote_gevent.agent.tunnels" in modules
+    for name in ("click", "paramiko", "remote_gevent.agent.files.sftp",
+                 "remote_gevent.agent.files.transfer"):
         assert name not in modules, name

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from remote_gevent import config
+from remote_gevent.agent import config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "conf", "config.yaml")

@@ -16,10 +16,10 @@ import gevent
 import pytest
 from gevent.server import StreamServer
 
-from remote_gevent import config as config_mod
-from remote_gevent import identity
-from remote_gevent import relay as relay_mod
-from remote_gevent.agent import Agent
+from remote_gevent.agent import config as config_mod
+from remote_gevent.crypto import identity
+from remote_gevent.relay import server as relay_mod
+from remote_gevent.agent.runtime import Agent
 from remote_gevent.console import config as cconfig
 from remote_gevent.console.config import ConsoleError
 from remote_gevent.console.control import ConsoleControl, DeviceStates, device_status
@@ -229,7 +229,7 @@ def test_stream_refusal_code_for_closed_port(platform):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    from remote_gevent import mux
+    from remote_gevent.wire import mux
 
     session = open_session(platform.cfg, platform.device.ident, ["127.0.0.1:%d" % port])
     try:

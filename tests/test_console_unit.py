@@ -12,7 +12,9 @@ import sys
 import gevent
 import pytest
 
-from remote_gevent import authkeys, identity, protocol
+from remote_gevent.crypto import authkeys
+from remote_gevent.crypto import identity
+from remote_gevent.wire import protocol
 from remote_gevent.console import config as cconfig
 from remote_gevent.console import control as ccontrol
 from remote_gevent.console import socks
@@ -376,7 +378,7 @@ def test_cli_pin_by_hand_and_mismatch(tmp_path):
 def test_cli_monkey_patch_first_and_lazy_imports():
     code = ("import sys; import remote_gevent.console.cli as c; "
             "import socket, gevent.socket; assert socket.socket is gevent.socket.socket; "
-            "heavy = [m for m in ('amqp', 'nacl', 'remote_gevent.mux', 'paramiko', 'yaml') "
+            "heavy = [m for m in ('amqp', 'nacl', 'remote_gevent.wire.mux', 'paramiko', 'yaml') "
             "if m in sys.modules]; print(heavy)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

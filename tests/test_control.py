@@ -22,15 +22,20 @@ import pytest
 from gevent.event import AsyncResult
 from gevent.queue import Empty, Queue
 
-from remote_gevent import agent as agent_mod
-from remote_gevent import authkeys, daemon, history, identity, memory, protocol
-from remote_gevent import config as config_mod
-from remote_gevent import tunnel_crypto as tc
-from remote_gevent.agent import Agent
-from remote_gevent.protocol import Reason
+from remote_gevent.agent import runtime as agent_mod
+from remote_gevent.crypto import authkeys
+from remote_gevent.agent import daemon
+from remote_gevent.agent import history
+from remote_gevent.crypto import identity
+from remote_gevent.agent import memory
+from remote_gevent.wire import protocol
+from remote_gevent.agent import config as config_mod
+from remote_gevent.crypto import tunnel_crypto as tc
+from remote_gevent.agent.runtime import Agent
+from remote_gevent.wire.protocol import Reason
 
 WAIT = 10.0  # bound for anything that should take milliseconds
-CLI = [sys.executable, "-m", "remote_gevent.cli"]
+CLI = [sys.executable, "-m", "remote_gevent.agent.cli"]
 
 
 class OperatorKey(identity.IdentityKey):
@@ -230,7 +235,7 @@ def test_valid_request_accepted_signed_by_device_key(platform):
 def test_each_bad_message_refused_while_agent_keeps_serving(platform, caplog):
     run, console, device = platform
     key = console.key
-    caplog.set_level(logging.INFO, logger="remote_gevent.control")
+    caplog.set_level(logging.INFO, logger="remote_gevent.agent.control")
 
     def sid_raw(**kw):
         sid, _, raw = console.request(device, **kw)
@@ -451,7 +456,7 @@ def test_broker_restart_agent_reconnects_and_serves(own_rabbit, pki, tmp_path, o
 
     Dev.url = url
     path = write_config(tmp_path, Dev, [op_key.line()])
-    from remote_gevent.amqplink import AmqpLink
+    from remote_gevent.common.amqplink import AmqpLink
 
     op_link = AmqpLink([url], "restart-op", "restart-pw", ca_file=ca.cert_file,
                        connect_timeout=3.0, reconnect_max_delay=2.0)
@@ -555,7 +560,7 @@ def _next_close(console, sid):
 
 def test_status_and_close_only_for_the_sessions_owner(three_operators, caplog):
     run, console, device, b_key, admin_key = three_operators
-    caplog.set_level(logging.INFO, logger="remote_gevent.control")
+    caplog.set_level(logging.INFO, logger="remote_gevent.agent.control")
     a_sid = _queued(console, device)
     b_sid = _queued(console, device, key=b_key)
     assert _status_ids(console, device, run, console.key) == {a_sid}
@@ -599,7 +604,7 @@ def test_sighup_revokes_a_removed_operators_sessions(three_operators, tmp_path):
 def test_unsafe_authorized_keys_mode_trusts_nobody_logged_once(three_operators, tmp_path,
                                                                caplog):
     run, console, device, b_key, admin_key = three_operators
-    caplog.set_level(logging.INFO, logger="remote_gevent.control")
+    caplog.set_level(logging.INFO, logger="remote_gevent.agent.control")
     a_sid = _queued(console, device)
     ak = tmp_path / "authorized_keys"
     os.chmod(str(ak), 0o620)  # content unchanged

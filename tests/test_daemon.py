@@ -11,7 +11,7 @@ import pytest
 from agent_helpers import (WAIT, kill_quietly, pid_alive, read, run_cli, wait_for, wait_log,
                            write_config)
 
-from remote_gevent import daemon
+from remote_gevent.agent import daemon
 
 
 def dead_pid():

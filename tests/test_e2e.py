@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from remote_gevent import history
+from remote_gevent.agent import history
 from remote_gevent.demo.platform import DemoPlatform, port_open
 from echo_server import EchoServer
 
@@ -632,7 +632,7 @@ class HookedRelay:
     through Python, and the copy path hands each chunk to ``_send_chunk``, hooked here."""
 
     def __init__(self, cert_file: str, key_file: str) -> None:
-        from remote_gevent import relay
+        from remote_gevent.relay import server as relay
 
         outer = self
         self.captured = bytearray()
@@ -720,8 +720,8 @@ def test_tampered_frame_ends_tunnel_with_crypto_error(hooked, procs):
 
 
 def test_wrong_ticket_at_the_relay_is_refused(hooked, procs):
-    from remote_gevent import relay as relay_mod
-    from remote_gevent import tls
+    from remote_gevent.relay import server as relay_mod
+    from remote_gevent.common import tls
 
     p, relay, echo = hooked
     console = stdio(procs, p, "127.0.0.1:%d" % echo.port)

@@ -17,7 +17,7 @@ from typing import List
 import pytest
 from test_e2e import MIB, WAIT, make_platform, random_file, sha256_file, wait_for
 
-from remote_gevent.transfer import part_name
+from remote_gevent.agent.files.transfer import part_name
 
 pytestmark = pytest.mark.e2e
 
@@ -201,7 +201,7 @@ def test_hard_link_refused_and_names_escaped(platform, tmp_path):
         done = console(platform, "pull", platform.ident, link, str(got))
         assert done.returncode == 3, done.stderr
         assert "hard link" in done.stderr and not got.exists()
-        forged = "2026-11-30 10:00:00,000 INFO remote_gevent.agent: forged"
+        forged = "2026-11-30 10:00:00,000 INFO remote_gevent.agent.runtime: forged"
         src = tmp_path / "x"
         src.write_bytes(b"x")
         remote = os.path.join(platform.files_dir, "x\n" + forged)

@@ -1,4 +1,4 @@
-"""Hostile-input tier: inbound AMQP deliveries (remote_gevent.amqp_inbound) under fuzzing.
+"""Hostile-input tier: inbound AMQP deliveries (remote_gevent.common.amqp_inbound) under fuzzing.
 
 Whoever may publish on ``remote.down`` controls a delivery's content-header properties
 (flags, shortstrs, header tables), its routing key and its body. Documented outcome
@@ -22,8 +22,9 @@ from fuzz_settings import examples
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from remote_gevent import amqp_inbound, protocol
-from remote_gevent.logs import escape
+from remote_gevent.common import amqp_inbound
+from remote_gevent.wire import protocol
+from remote_gevent.common.logs import escape
 
 MAX_BODY = 4096
 PROD_RECURSION = 1000

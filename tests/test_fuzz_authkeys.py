@@ -1,4 +1,4 @@
-"""Hostile-input tier: ``authorized_keys`` lines and targets (remote_gevent.authkeys).
+"""Hostile-input tier: ``authorized_keys`` lines and targets (remote_gevent.crypto.authkeys).
 
 Documented outcome (authkeys.py docstring): ``AuthorizedKeys.parse`` never fails as a
 whole — a line it cannot use is skipped with one warning naming the source and line;
@@ -15,8 +15,8 @@ from fuzz_settings import examples
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from remote_gevent import authkeys as ak
-from remote_gevent import identity
+from remote_gevent.crypto import authkeys as ak
+from remote_gevent.crypto import identity
 
 KEYS = [identity.IdentityKey.generate() for _ in range(3)]
 KEY_LINES = [ak.ssh_pubkey_line(k.public_bytes) for k in KEYS]
@@ -63,7 +63,8 @@ _LINES = st.one_of(
 @example(["x" * (ak.MAX_LINE_CHARS + 1)], "\n")
 @example(['\udcff="a" ' + KEY_LINES[1]], "\n")
 def test_any_authorized_keys_text(lines, sep):
-    logging.getLogger("remote_gevent.authkeys").setLevel(logging.CRITICAL)  # warnings are checked
+    # warnings are checked
+    logging.getLogger("remote_gevent.crypto.authkeys").setLevel(logging.CRITICAL)
     _parse(sep.join(lines))
 
 

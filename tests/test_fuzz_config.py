@@ -1,4 +1,4 @@
-"""Hostile-input tier: the agent's config file (remote_gevent.config) under fuzzing.
+"""Hostile-input tier: the agent's config file (remote_gevent.agent.config) under fuzzing.
 
 Documented outcome (config.py docstring): ``config.load`` returns an ``AgentConfig`` or
 raises ``ConfigError`` whose ``problems`` each name the file and the dotted key (and the
@@ -20,7 +20,7 @@ from fuzz_settings import examples
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from remote_gevent import config
+from remote_gevent.agent import config
 
 _TMP = tempfile.mkdtemp(prefix="rg-fuzz-config-")
 atexit.register(shutil.rmtree, _TMP, True)

@@ -1,4 +1,4 @@
-"""Hostile-input tier: tunnel frames after decryption (remote_gevent.mux) under fuzzing.
+"""Hostile-input tier: tunnel frames after decryption (remote_gevent.wire.mux) under fuzzing.
 
 A compromised console (or relay plus stolen keys) controls every plaintext frame: type
 byte, stream id, payload. Documented outcome (mux.py, docs/design.md "Tunnel framing"):
@@ -24,8 +24,9 @@ from fuzz_settings import examples
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from remote_gevent import mux, tunnel_crypto
-from remote_gevent.protocol import CloseCode
+from remote_gevent.wire import mux
+from remote_gevent.crypto import tunnel_crypto
+from remote_gevent.wire.protocol import CloseCode
 
 LIMIT = 5.0          # seconds one example may take before it counts as a hang
 PROD_RECURSION = 1000

@@ -1,4 +1,4 @@
-"""Hostile-input tier: control-message decoding (remote_gevent.protocol) under fuzzing.
+"""Hostile-input tier: control-message decoding (remote_gevent.wire.protocol) under fuzzing.
 
 Documented outcome (protocol.py docstring, docs/protocol.md): every message goes through
 ``decode`` and the ``check_*`` / ``verify_*`` functions, which either return or raise
@@ -16,11 +16,11 @@ from fuzz_settings import examples
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from remote_gevent import authkeys as ak
-from remote_gevent import identity
-from remote_gevent import protocol as p
-from remote_gevent import tunnel_crypto as tc
-from remote_gevent.protocol import MsgType, Reason
+from remote_gevent.crypto import authkeys as ak
+from remote_gevent.crypto import identity
+from remote_gevent.wire import protocol as p
+from remote_gevent.crypto import tunnel_crypto as tc
+from remote_gevent.wire.protocol import MsgType, Reason
 
 NOW = 1700000000
 DEVICE = "demo"

@@ -1,4 +1,4 @@
-"""Hostile-input tier: the relay rendezvous lines (remote_gevent.relay) under fuzzing.
+"""Hostile-input tier: the relay rendezvous lines (remote_gevent.relay.server) under fuzzing.
 
 Relay side: ``parse_hello`` reads the first line anyone on the internet sends; it returns
 a ``Hello`` or raises ``_BadHello`` (answered ``ERR bad_hello``), nothing else. Client
@@ -18,7 +18,7 @@ from fuzz_settings import examples
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from remote_gevent import relay
+from remote_gevent.relay import server as relay
 
 SID = "0123456789abcdef0123456789abcdef"
 VALID = relay.build_hello("agent", SID, bytes(range(32)))[:-1]

@@ -1,4 +1,4 @@
-"""Hostile-input tier: the ``@transfer`` line protocol (remote_gevent.transfer) under fuzzing.
+"""Hostile-input tier: the ``@transfer`` line protocol under fuzzing.
 
 An operator's console sends a JSON header line (then data and a trailer for ``put``).
 Documented outcome (transfer.py, docs/transfer.md): ``serve_transfer_stream`` returns a
@@ -24,7 +24,7 @@ from fuzz_settings import examples
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from remote_gevent import transfer
+from remote_gevent.agent.files import transfer
 
 LIMIT = 5.0
 PROD_RECURSION = 1000

@@ -9,7 +9,7 @@ import time
 
 import gevent
 
-from remote_gevent import history
+from remote_gevent.agent import history
 
 
 def _append(h, sid, **kw):
@@ -57,7 +57,7 @@ def test_concurrent_greenlets_never_interleave(tmp_path):
 
 WRITER = r"""
 import sys
-from remote_gevent.history import History
+from remote_gevent.agent.history import History
 h = History(sys.argv[1])
 i = 0
 while True:

@@ -21,8 +21,8 @@ import pytest
 
 import poison
 from echo_server import EchoServer
-from remote_gevent import protocol
-from remote_gevent.amqplink import AmqpLink
+from remote_gevent.wire import protocol
+from remote_gevent.common.amqplink import AmqpLink
 from remote_gevent.demo.rabbit import MAX_MESSAGE_SIZE
 from test_e2e import (
     Procs,

@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from remote_gevent import identity
+from remote_gevent.crypto import identity
 
 SSH_KEYGEN = shutil.which("ssh-keygen")
 needs_keygen = pytest.mark.skipif(SSH_KEYGEN is None, reason="ssh-keygen not installed")
@@ -233,7 +233,7 @@ def test_identity_does_not_import_cryptography():
     import subprocess as sp
     import sys
 
-    code = ("import sys, tempfile, os; from remote_gevent import identity; "
+    code = ("import sys, tempfile, os; from remote_gevent.crypto import identity; "
             "d = tempfile.mkdtemp(); p = os.path.join(d, 'k'); "
             "k = identity.load_or_create(p); identity.load(p); "
             "print('cryptography' in sys.modules)")

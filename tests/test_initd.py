@@ -9,7 +9,7 @@ import pytest
 from agent_helpers import (WAIT, cli_executable, kill_quietly, pid_alive, read, wait_for,
                            wait_log, write_config)
 
-from remote_gevent import daemon
+from remote_gevent.agent import daemon
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "init.d", "remote-gevent")

@@ -3,7 +3,7 @@
 import io
 import logging
 
-from remote_gevent import logs
+from remote_gevent.common import logs
 
 
 def test_escape_control_characters_and_truncates():

@@ -14,8 +14,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = {
-    "remote_gevent.cli": "remote_gevent/cli.py",
-    "remote_gevent.relay_cli": "remote_gevent/relay_cli.py",
+    "remote_gevent.agent.cli": "remote_gevent/agent/cli.py",
+    "remote_gevent.relay.cli": "remote_gevent/relay/cli.py",
     "remote_gevent.console.cli": "remote_gevent/console/cli.py",
 }
 

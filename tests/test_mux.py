@@ -1,4 +1,4 @@
-"""Tests for remote_gevent.mux: streams, flow control, half-close, keepalive, close codes.
+"""Tests for remote_gevent.wire.mux: streams, flow control, half-close, keepalive, close codes.
 
 Everything runs in-process on socketpairs / 127.0.0.1 with bounded waits.
 """
@@ -20,7 +20,9 @@ import gevent.event
 import gevent.server
 import pytest
 
-from remote_gevent import mux, mux_limits, tunnel_crypto
+from remote_gevent.wire import mux
+from remote_gevent.wire import mux_limits
+from remote_gevent.crypto import tunnel_crypto
 
 SID = "0123456789abcdef0123456789abcdef"
 T = 10  # generous bound for every wait (seconds)
@@ -1081,7 +1083,7 @@ def test_unknown_open_fail_code_becomes_protocol_error(caplog):
 
 
 def test_reset_reason_is_escaped_in_the_log(caplog, echo_server):
-    caplog.set_level(logging.INFO, logger="remote_gevent.mux")
+    caplog.set_level(logging.INFO, logger="remote_gevent.wire.mux")
     tun, peer, g = _raw_against("agent", on_open=_connect_local)
     peer.hello()
     peer.send_json(mux.OPEN, 1, {"target": echo_server})

@@ -6,11 +6,11 @@ import json
 import nacl.signing
 import pytest
 
-from remote_gevent import authkeys as ak
-from remote_gevent import identity
-from remote_gevent import protocol as p
-from remote_gevent import tunnel_crypto as tc
-from remote_gevent.protocol import Reason
+from remote_gevent.crypto import authkeys as ak
+from remote_gevent.crypto import identity
+from remote_gevent.wire import protocol as p
+from remote_gevent.crypto import tunnel_crypto as tc
+from remote_gevent.wire.protocol import Reason
 
 NOW = 1700000000
 DEVICE = "demo"

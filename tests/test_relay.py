@@ -23,7 +23,9 @@ import time
 import gevent
 import pytest
 
-from remote_gevent import relay, splicer, tls
+from remote_gevent.relay import server as relay
+from remote_gevent.relay import splicer
+from remote_gevent.common import tls
 from remote_gevent.demo.pki import CertificateAuthority
 
 WAIT = 10.0  # seconds: bound for anything that should happen "soon"
@@ -147,7 +149,7 @@ FORWARDING = [pytest.param(True, id="splice", marks=needs_splice),
 
 @pytest.mark.parametrize("splice", FORWARDING)
 def test_pairs_and_forwards_32_mib_each_way(make_relay, client_ctx, caplog, splice):
-    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay.server")
     server = make_relay(splice=splice)
     assert server.splice is splice
     sid, ticket = new_session()
@@ -439,7 +441,7 @@ def test_malformed_hello_is_refused(make_relay, client_ctx, hello):
 
 
 def test_an_rg1_client_is_refused_loudly(make_relay, client_ctx, caplog):
-    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay.server")
     server = make_relay()
     sock = raw_tls(server, client_ctx)
     sock.sendall(b"RG1 agent " + SID.encode() + b" " + TICKET + b"\n")
@@ -449,7 +451,7 @@ def test_an_rg1_client_is_refused_loudly(make_relay, client_ctx, caplog):
 
 def test_the_version_token_of_a_hello_is_logged_bounded(make_relay, client_ctx, caplog):
     """The one piece of a refused hello that reaches the log goes through logs.escape."""
-    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay.server")
     server = make_relay()
     sock = raw_tls(server, client_ctx)
     sock.sendall(b"RG" + b"9" * 400 + b" agent x\n")
@@ -585,7 +587,7 @@ def test_half_open_flood_over_max_pending_evicts_too(make_relay, client_ctx):
 
 def test_waiters_with_a_valid_hello_are_never_displaced_by_half_open(make_relay, client_ctx,
                                                                      caplog):
-    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay.server")
     server = make_relay(max_pending_per_ip=3)
     sid, ticket = new_session()
     waiter = gevent.spawn(dial, server, client_ctx, "agent", sid, ticket)
@@ -628,7 +630,7 @@ def test_hello_timeout_bounds_tls_and_hello_separately(make_relay, client_ctx):
 
 
 def test_pending_table_evicts_the_oldest_half_open_and_never_a_waiter():
-    from remote_gevent.relay_pending import PendingTable
+    from remote_gevent.relay.pending import PendingTable
     table = PendingTable(max_total=4, max_per_source=2)
     assert table.make_room("a") == []
     table.add("a1", "a")
@@ -661,7 +663,7 @@ def test_max_paired_gives_busy(make_relay, client_ctx):
 
 
 def test_idle_timeout_closes_a_silent_session(make_relay, client_ctx, caplog):
-    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay.server")
     server = make_relay(idle_timeout=0.5)
     (agent, _), (console, _) = pair(server, client_ctx)
     agent.settimeout(WAIT)
@@ -673,7 +675,7 @@ def test_idle_timeout_closes_a_silent_session(make_relay, client_ctx, caplog):
 
 
 def test_stop_drains_then_closes_after_grace(make_relay, client_ctx, caplog):
-    caplog.set_level(logging.INFO, logger="remote_gevent.relay")
+    caplog.set_level(logging.INFO, logger="remote_gevent.relay.server")
     server = make_relay()
     (agent, _), (console, _) = pair(server, client_ctx)
     waiter = gevent.spawn(dial, server, client_ctx, "agent", *new_session())
@@ -864,7 +866,7 @@ def test_a_failed_pairing_is_one_line_without_traceback_or_ticket(
         failure, make_relay, client_ctx, pki, tmp_path, capfd, caplog, monkeypatch):
     """Issue 10 item 13: the agent's log of a failed pairing is one line naming the session
     and the reason: no traceback (a greenlet's repr printed a prefix of the ticket)."""
-    from remote_gevent import tunnels
+    from remote_gevent.agent import tunnels
     caplog.set_level(logging.DEBUG)
     fake = squatter = None
     expect = {"ticket_mismatch": "ticket_mismatch", "relay_timeout": "console never came",
@@ -915,7 +917,7 @@ def test_a_failed_pairing_is_one_line_without_traceback_or_ticket(
     for piece in _ticket_traces(console.ticket):
         assert piece not in text, (piece, text)
     agent_lines = [r.getMessage() for r in caplog.records
-                   if r.name != "remote_gevent.relay" and expect[failure] in r.getMessage()]
+                   if r.name != "remote_gevent.relay.server" and expect[failure] in r.getMessage()]
     assert len(agent_lines) == 1, agent_lines
     assert console.session_id in agent_lines[0]
     assert "\n" not in agent_lines[0] and "\x1b" not in agent_lines[0]
@@ -1006,7 +1008,7 @@ def start_cli(tmp_path, pki, extra_yaml=""):
     conf = tmp_path / "relay.yaml"
     conf.write_text("listen: 127.0.0.1:0\ncert: %s\nkey: %s\n%s"
                     % (pki["cert"].cert_file, pki["cert"].key_file, extra_yaml))
-    proc = subprocess.Popen([sys.executable, "-m", "remote_gevent.relay_cli",
+    proc = subprocess.Popen([sys.executable, "-m", "remote_gevent.relay.cli",
                              "--config", str(conf)],
                             stderr=subprocess.PIPE, universal_newlines=True)
     lines = []
@@ -1073,7 +1075,7 @@ def _refused(port):
 def test_cli_refuses_unknown_keys_and_bad_values(tmp_path, pki):
     conf = tmp_path / "relay.yaml"
     conf.write_text("listen: 127.0.0.1:0\ncert: c\nkey: k\nmax_pendign: 5\ngrace: -1\n")
-    result = subprocess.run([sys.executable, "-m", "remote_gevent.relay_cli", "--config",
+    result = subprocess.run([sys.executable, "-m", "remote_gevent.relay.cli", "--config",
                              str(conf)], stderr=subprocess.PIPE, universal_newlines=True,
                             timeout=WAIT)
     assert result.returncode == 1
@@ -1082,7 +1084,7 @@ def test_cli_refuses_unknown_keys_and_bad_values(tmp_path, pki):
 
 
 def test_cli_hello_timeout_and_per_source_limit_from_yaml_and_flags(tmp_path):
-    from remote_gevent.relay_cli import build_settings, load_config
+    from remote_gevent.relay.cli import build_settings, load_config
     conf = tmp_path / "relay.yaml"
     conf.write_text("cert: c\nkey: k\nhello_timeout: 2.5\nmax_pending_per_ip: 7\n")
     settings = build_settings(load_config(str(conf)), None, None, None)
@@ -1093,7 +1095,7 @@ def test_cli_hello_timeout_and_per_source_limit_from_yaml_and_flags(tmp_path):
     defaults = build_settings({}, None, "c", "k")
     assert defaults.hello_timeout == relay.DEFAULT_HELLO_TIMEOUT == 5.0
     assert defaults.max_pending_per_ip == relay.DEFAULT_MAX_PENDING_PER_IP == 50
-    result = subprocess.run([sys.executable, "-m", "remote_gevent.relay_cli", "--config",
+    result = subprocess.run([sys.executable, "-m", "remote_gevent.relay.cli", "--config",
                              str(conf), "--max-pending-per-ip", "0", "--hello-timeout", "-1"],
                             stderr=subprocess.PIPE, universal_newlines=True, timeout=WAIT)
     assert result.returncode == 1, result.stderr
@@ -1102,7 +1104,7 @@ def test_cli_hello_timeout_and_per_source_limit_from_yaml_and_flags(tmp_path):
 
 
 def test_cli_listen_forms():
-    from remote_gevent.relay_cli import parse_listen
+    from remote_gevent.relay.cli import parse_listen
     assert parse_listen("[::1]:8443") == ("::1", 8443)
     assert parse_listen("relay.example.org:443") == ("relay.example.org", 443)
     assert parse_listen(":8443") == ("0.0.0.0", 8443)
@@ -1112,7 +1114,7 @@ def test_cli_listen_forms():
 
 
 def test_cli_patches_gevent_before_anything_else():
-    code = ("import remote_gevent.relay_cli, gevent.monkey, sys; "
+    code = ("import remote_gevent.relay.cli, gevent.monkey, sys; "
             "sys.exit(0 if gevent.monkey.is_module_patched('socket') and "
             "gevent.monkey.is_module_patched('ssl') else 3)")
     assert subprocess.run([sys.executable, "-c", code], timeout=WAIT).returncode == 0
@@ -1122,4 +1124,4 @@ def test_cli_patches_gevent_before_anything_else():
 
 def relay_cli_path():
     import remote_gevent
-    return os.path.join(os.path.dirname(remote_gevent.__file__), "relay_cli.py")
+    return os.path.join(os.path.dirname(remote_gevent.__file__), "relay", "cli.py")

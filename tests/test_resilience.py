@@ -30,9 +30,11 @@ import pytest
 import yaml
 from gevent.queue import Empty, Queue
 
-from remote_gevent import history, identity, protocol
-from remote_gevent import tunnel_crypto as tc
-from remote_gevent.amqplink import AmqpLink
+from remote_gevent.agent import history
+from remote_gevent.crypto import identity
+from remote_gevent.wire import protocol
+from remote_gevent.crypto import tunnel_crypto as tc
+from remote_gevent.common.amqplink import AmqpLink
 from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.platform import DemoPlatform, port_open
 from echo_server import EchoServer

@@ -7,7 +7,7 @@ import gevent
 import pytest
 from gevent.event import Event
 
-from remote_gevent.retry import Backoff, sleep_or_stop
+from remote_gevent.common.retry import Backoff, sleep_or_stop
 
 
 def test_plain_exponential_is_capped():

@@ -22,7 +22,10 @@ import pytest
 from paramiko import SFTP_FAILURE, SFTP_NO_SUCH_FILE, SFTP_OK, SFTP_PERMISSION_DENIED
 from paramiko import SFTPAttributes
 
-from remote_gevent import identity, sftp, transfer, transfer_partials
+from remote_gevent.crypto import identity
+from remote_gevent.agent.files import sftp
+from remote_gevent.agent.files import transfer
+from remote_gevent.agent.files import transfer_partials
 from test_transfer import FORGED, make_old, make_tree
 
 SFTP = shutil.which("sftp")
@@ -222,7 +225,7 @@ def test_garbage_ends_quietly(server):
 
 @needs_sftp
 def test_hard_links_refused(server, caplog):
-    caplog.set_level(logging.INFO, logger="remote_gevent.sftp")
+    caplog.set_level(logging.INFO, logger="remote_gevent.agent.files.sftp")
     s = server
     secret = s.outside / "secret"
     link = s.rw / "hl"

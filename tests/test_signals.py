@@ -11,14 +11,15 @@ import pytest
 from agent_helpers import (CLI, WAIT, kill_quietly, read, run_cli, wait_for, wait_log,
                            write_config)
 
-from remote_gevent import identity
+from remote_gevent.crypto import identity
 
 # An agent with one extra service, to exercise the graceful and the forced stop.
 SCRIPT = r"""
 from gevent import monkey; monkey.patch_all()
 import sys, gevent
-from remote_gevent import config, logs
-from remote_gevent.agent import Agent
+from remote_gevent.agent import config
+from remote_gevent.common import logs
+from remote_gevent.agent.runtime import Agent
 
 mode, path, log_file = sys.argv[1:4]
 

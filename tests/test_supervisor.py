@@ -5,7 +5,7 @@ import logging
 import gevent
 import pytest
 
-from remote_gevent.supervisor import EXIT_SERVICE_FAILED, Supervisor
+from remote_gevent.agent.supervisor import EXIT_SERVICE_FAILED, Supervisor
 
 
 def make(**kw):
@@ -24,7 +24,7 @@ def test_crashing_service_is_logged_and_restarted(caplog):
             raise RuntimeError("boom %d" % len(runs))
         sup.stop_event.wait()
 
-    with caplog.at_level(logging.WARNING, logger="remote_gevent.supervisor"):
+    with caplog.at_level(logging.WARNING, logger="remote_gevent.agent.supervisor"):
         sup.add("flaky", flaky)
         with gevent.Timeout(5):
             while len(runs) < 3:
@@ -42,7 +42,7 @@ def test_repeated_failure_shuts_down_with_nonzero_exit(caplog):
     def always():
         raise ValueError("nope")
 
-    with caplog.at_level(logging.CRITICAL, logger="remote_gevent.supervisor"):
+    with caplog.at_level(logging.CRITICAL, logger="remote_gevent.agent.supervisor"):
         sup.add("bad", always)
         with gevent.Timeout(5):
             while not fatal:
@@ -55,7 +55,7 @@ def test_repeated_failure_shuts_down_with_nonzero_exit(caplog):
 
 def test_unexpected_return_is_logged(caplog):
     sup, fatal = make(max_failures=2)
-    with caplog.at_level(logging.ERROR, logger="remote_gevent.supervisor"):
+    with caplog.at_level(logging.ERROR, logger="remote_gevent.agent.supervisor"):
         sup.add("quitter", lambda: None)
         with gevent.Timeout(5):
             while not fatal:
@@ -90,7 +90,7 @@ def test_transient_error_ends_only_that_greenlet(caplog):
         raise ConnectionResetError("tunnel %d" % n)
 
     sup.add("svc", service)
-    with caplog.at_level(logging.ERROR, logger="remote_gevent.supervisor"):
+    with caplog.at_level(logging.ERROR, logger="remote_gevent.agent.supervisor"):
         bad = sup.spawn_transient("tunnel-1", tunnel, 1)
         good = sup.spawn_transient("tunnel-2", gevent.sleep, 0.05)
         gevent.joinall([bad, good], timeout=5)

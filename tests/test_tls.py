@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from remote_gevent import tls
+from remote_gevent.common import tls
 from remote_gevent.demo.pki import CertificateAuthority
 
 

@@ -21,10 +21,13 @@ import time
 import gevent
 import pytest
 
-from remote_gevent import config, identity, mux, transfer
-from remote_gevent import tunnel_crypto as tc
+from remote_gevent.agent import config
+from remote_gevent.crypto import identity
+from remote_gevent.wire import mux
+from remote_gevent.agent.files import transfer
+from remote_gevent.crypto import tunnel_crypto as tc
 from remote_gevent.console import transfer as ct
-from remote_gevent.transfer import TransferError
+from remote_gevent.agent.files.transfer import TransferError
 
 MIB = 1024 * 1024
 SIZE_MIB = int(os.environ.get("RG_TRANSFER_TEST_MIB", "64"))
@@ -558,10 +561,10 @@ def test_no_space_during_write(env, tiny_fs, monkeypatch):
 # --------------------------------------------------------------------------- issue 10
 
 # A file name a hostile operator could pick to forge a second agent log line.
-FORGED = "\n2026-11-30 10:00:00,000 INFO remote_gevent.agent: forged"
+FORGED = "\n2026-11-30 10:00:00,000 INFO remote_gevent.agent.runtime: forged"
 
 
-def agent_records(caplog, needle, logger="remote_gevent.transfer"):
+def agent_records(caplog, needle, logger="remote_gevent.agent.files.transfer"):
     return [r.getMessage() for r in caplog.records
             if r.name == logger and needle in r.getMessage()]
 
@@ -597,7 +600,7 @@ def test_client_names_escaped_in_the_log(env, caplog):
 
 
 def test_hard_links_not_served_or_replaced(env, caplog):
-    caplog.set_level(logging.INFO, logger="remote_gevent.transfer")
+    caplog.set_level(logging.INFO, logger="remote_gevent.agent.files.transfer")
     secret = env.outside / "secret"
     link = env.rw / "hl"
     os.link(str(secret), str(link))
@@ -638,7 +641,7 @@ def test_hard_linked_partial_never_written(env):
 
 
 def test_expired_partials_swept_fresh_ones_kept(env, caplog):
-    caplog.set_level(logging.INFO, logger="remote_gevent.transfer")
+    caplog.set_level(logging.INFO, logger="remote_gevent.agent.files.transfer")
     env.state["tcfg_kw"] = {"partial_ttl": 3600}
     (env.rw / "sub" / "deeper").mkdir(parents=True)
     stale = [env.rw / ".gone.bin.rgpart", env.rw / "sub" / ".deep.bin.rgpart",

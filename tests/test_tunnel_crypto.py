@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from remote_gevent import tunnel_crypto as tc
+from remote_gevent.crypto import tunnel_crypto as tc
 
 SID = "0123456789abcdef0123456789abcdef"
 

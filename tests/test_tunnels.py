@@ -18,13 +18,18 @@ import gevent.event
 import gevent.server
 import pytest
 
-from remote_gevent import config as config_mod
-from remote_gevent import history as history_mod
-from remote_gevent import mux, protocol, relay, tls, tunnel_crypto, tunnels
-from remote_gevent.authkeys import AuthorizedKeys
+from remote_gevent.agent import config as config_mod
+from remote_gevent.agent import history as history_mod
+from remote_gevent.wire import mux
+from remote_gevent.wire import protocol
+from remote_gevent.relay import server as relay
+from remote_gevent.common import tls
+from remote_gevent.crypto import tunnel_crypto
+from remote_gevent.agent import tunnels
+from remote_gevent.crypto.authkeys import AuthorizedKeys
 from remote_gevent.demo.pki import CertificateAuthority
-from remote_gevent.identity import IdentityKey
-from remote_gevent.protocol import CloseCode, Reason
+from remote_gevent.crypto.identity import IdentityKey
+from remote_gevent.wire.protocol import CloseCode, Reason
 from echo_server import echo
 
 T = 10.0  # generous bound for any single wait
@@ -778,7 +783,7 @@ def test_operator_share_configurable_and_freed_on_end(make_env):
 
 
 def test_operator_rate_token_bucket():
-    from remote_gevent.fairness import OperatorRates, operator_share
+    from remote_gevent.agent.fairness import OperatorRates, operator_share
 
     rates = OperatorRates(clock=lambda: 0.0)
     assert [rates.take("A", 6, 2, now=0.0) for _ in range(3)] == [True, True, False]

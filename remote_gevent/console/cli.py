@@ -163,7 +163,7 @@ def keygen(ctx: click.Context, path: Optional[str], comment: Optional[str], forc
         import getpass
         import socket
 
-        from remote_gevent import identity
+        from remote_gevent.crypto import identity
         from remote_gevent.console.config import EXIT_ERROR, ConsoleError
 
         key_path = path or _cfg(ctx, allow_missing=True).operator_key
@@ -703,7 +703,7 @@ def pin(ctx: click.Context, device: str, key_line: Optional[str], fingerprint: O
             KnownDevices,
             KnownDevicesError,
         )
-        from remote_gevent.identity import fingerprint_of, parse_ssh_ed25519_line
+        from remote_gevent.crypto.identity import fingerprint_of, parse_ssh_ed25519_line
 
         cfg = _cfg(ctx)
         known = KnownDevices(cfg.known_devices)

@@ -1,6 +1,6 @@
 """Operator console configuration (``console.yaml``) and the console's exit codes.
 
-Keys are declared once, with the agent's machinery (:func:`remote_gevent.config.key`:
+Keys are declared once, with the agent's machinery (:func:`remote_gevent.agent.config.key`:
 default, validator, type, help), so validation, defaults and ``iter_keys()`` cannot
 disagree. Every problem is collected and reported at once, each message naming the
 file, the dotted key and the bad value (the password is never echoed).
@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Tuple
 
-from remote_gevent.config import (
+from remote_gevent.agent.config import (
     AmqpConfig,
     ConfigError,
     Invalid,

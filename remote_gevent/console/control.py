@@ -1,6 +1,6 @@
 """Operator side of the control plane: session requests, status, close, device state.
 
-``ConsoleControl(cfg)`` owns one :class:`remote_gevent.amqplink.AmqpLink` logged in with
+``ConsoleControl(cfg)`` owns one :class:`remote_gevent.common.amqplink.AmqpLink` logged in with
 the operator's broker user. On every (re)connect its ``setup``:
 
 - declares an exclusive, auto-delete, server-named **reply queue** (``x-expires`` 10 min,
@@ -48,8 +48,9 @@ import gevent
 import gevent.event
 import gevent.queue
 
-from remote_gevent import fsutil, protocol
-from remote_gevent.amqplink import AmqpLink, LinkConfigError, LinkError, LoginRefused
+from remote_gevent.common import fsutil
+from remote_gevent.wire import protocol
+from remote_gevent.common.amqplink import AmqpLink, LinkConfigError, LinkError, LoginRefused
 from remote_gevent.console.config import (
     EXIT_BROKER,
     EXIT_CONFIG,
@@ -418,7 +419,7 @@ class ConsoleControl:
     def start_request(self, device: str, targets: Sequence[str],
                       relay: Optional[str] = None) -> PendingSession:
         """Sign and publish a ``session.request``; return what the answer is matched to."""
-        from remote_gevent import tunnel_crypto
+        from remote_gevent.crypto import tunnel_crypto
 
         pin = self.require_pin(device)
         pk, sk = tunnel_crypto.kx_keypair()
@@ -721,7 +722,7 @@ def _health_check(properties: Dict[str, Any], body: Dict[str, Any],
 
 
 def load_operator_key(cfg: ConsoleConfig) -> Any:
-    from remote_gevent import identity
+    from remote_gevent.crypto import identity
 
     try:
         return identity.load(cfg.operator_key)

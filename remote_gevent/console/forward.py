@@ -117,7 +117,7 @@ def make_target(host: str, port: int) -> str:
     """``host:port`` as the agent expects it: IPv6 in brackets, names lowercased."""
     host = host.lower()
     target = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-    from remote_gevent.authkeys import Target, TargetError
+    from remote_gevent.crypto.authkeys import Target, TargetError
 
     try:
         return str(Target.parse(target))
@@ -220,7 +220,7 @@ class Forwarder:
         self.group.spawn(self._handle, conn, target)
 
     def _handle(self, conn: socket.socket, target: str) -> None:
-        from remote_gevent import mux
+        from remote_gevent.wire import mux
 
         try:
             stream = self.session.open_stream(target)

@@ -12,7 +12,7 @@ Rules (docs/protocol.md §3 and the ``key`` message):
 
 - first sight of a device's self-signed ``key`` announcement pins it (TOFU);
 - afterwards a different key is pinned **only** through a rotation signed by the pinned
-  key (:func:`remote_gevent.protocol.verify_key_rotation`); anything else raises
+  key (:func:`remote_gevent.wire.protocol.verify_key_rotation`); anything else raises
   :class:`KeyChanged` — "device key changed without a valid rotation — possible
   impersonation" — and the pin stays;
 - an operator may pin by hand (``pin DEVICE --key LINE``) after checking the fingerprint
@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from remote_gevent import fsutil
-from remote_gevent.identity import fingerprint_of, parse_ssh_ed25519_line, public_line_of
+from remote_gevent.common import fsutil
+from remote_gevent.crypto.identity import fingerprint_of, parse_ssh_ed25519_line, public_line_of
 
 _DEVICE_RE = re.compile(r"^([A-Za-z0-9_-]{1,32})/([A-Za-z0-9_-]{1,64})$")
 _FIELD_RE = re.compile(r"^[a-z_]{1,32}=[A-Za-z0-9_.:+/=-]{0,128}$")
@@ -256,7 +256,7 @@ class KnownDevices:
         or ``rotated`` (valid rotation: new key pinned). Raises :class:`KeyChanged`
         (pin kept) or ``protocol.ProtocolError`` for a broken/self-inconsistent message.
         """
-        from remote_gevent import protocol
+        from remote_gevent.wire import protocol
 
         ann = protocol.verify_key_announcement(message)
         current = self.get(ann.server_id, ann.ident)

@@ -705,7 +705,7 @@ class Master:
     def _serve_client(self, conn: socket.socket) -> None:
         import gevent
 
-        from remote_gevent import mux
+        from remote_gevent.wire import mux
 
         if not peer_allowed(conn):
             _send_quietly(conn, b"ERR %s only uid %d may use this socket\n"

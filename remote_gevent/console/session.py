@@ -108,7 +108,7 @@ _RELAY_CONTEXTS_LOCK = threading.Lock()
 
 def relay_context(ca_file: Optional[str]) -> Any:
     """The cached relay ``SSLContext`` for ``ca_file`` (``tls.client_context``)."""
-    from remote_gevent import tls
+    from remote_gevent.common import tls
 
     ctx = _RELAY_CONTEXTS.get(ca_file)
     if ctx is None:
@@ -136,7 +136,10 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
     closed once the tunnel is up: the tunnel does not need the broker). Raises
     :class:`ConsoleError` with the exit code for every expected failure.
     """
-    from remote_gevent import mux, relay, tls, tunnel_crypto
+    from remote_gevent.wire import mux
+    from remote_gevent.relay import server as relay
+    from remote_gevent.common import tls
+    from remote_gevent.crypto import tunnel_crypto
     from remote_gevent.console.control import ConsoleControl
 
     err = err if err is not None else sys.stderr
@@ -235,7 +238,7 @@ def _abandon(control: Any, device: str, session_id: str, reason: str) -> None:
 
 
 def _split(address: str) -> Tuple[str, int]:
-    from remote_gevent.config import Invalid, split_host_port
+    from remote_gevent.agent.config import Invalid, split_host_port
 
     try:
         host, port = split_host_port(address)

@@ -187,7 +187,7 @@ class SocksServer:
 
     def handle(self, conn: Any) -> None:
         """One client: handshake, open the stream, reply, splice."""
-        from remote_gevent import mux
+        from remote_gevent.wire import mux
 
         try:
             with gevent.Timeout(HANDSHAKE_TIMEOUT, SocksError("handshake timed out")):

@@ -64,7 +64,7 @@ def pump_stdin(fd: int, stream: Any) -> None:
     """stdin → stream, then the stream's EOF (half-close)."""
     from gevent import os as gos
 
-    from remote_gevent import mux
+    from remote_gevent.wire import mux
 
     try:
         while True:
@@ -85,7 +85,7 @@ def pump_stdin(fd: int, stream: Any) -> None:
 def run_stdio(session: Any, target: str, stdin_fd: int = 0, stdout_fd: int = 1,
               err: Any = None) -> int:
     """Open one stream to ``target`` and connect it to stdin/stdout; return the exit code."""
-    from remote_gevent import mux
+    from remote_gevent.wire import mux
 
     err = err if err is not None else sys.stderr
     try:

@@ -24,8 +24,8 @@ from typing import IO, Any, Callable, Dict, Optional
 import gevent
 import gevent.event
 
-from remote_gevent import fsutil
-from remote_gevent.transfer import (
+from remote_gevent.common import fsutil
+from remote_gevent.agent.files.transfer import (
     BAD_REQUEST,
     CHUNK,
     CONNECTION_LOST,
@@ -193,7 +193,7 @@ class _Conn:
     """One ``@transfer`` stream with line framing; mux errors become TransferError."""
 
     def __init__(self, stream_factory: StreamFactory) -> None:
-        from remote_gevent import mux  # late: mux is heavy and not needed for exit codes
+        from remote_gevent.wire import mux  # late: mux is heavy and not needed for exit codes
         self._mux = mux
         try:
             self.stream = stream_factory()

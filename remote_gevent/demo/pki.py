@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from remote_gevent import fsutil
+from remote_gevent.common import fsutil
 
 VALIDITY = datetime.timedelta(days=825)
 # Backdate a little so a clock that is slightly behind still accepts the certificate.

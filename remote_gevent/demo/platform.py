@@ -58,7 +58,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from remote_gevent import fsutil, identity
+from remote_gevent.common import fsutil
+from remote_gevent.crypto import identity
 from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.pki import CertificateAuthority
 
@@ -348,7 +349,7 @@ class DemoPlatform:
     def start_relay(self, timeout: float = READY_TIMEOUT) -> None:
         """Start (or restart) the relay process on :attr:`relay_port`."""
         assert self.relay_cert is not None
-        argv = entry_argv("remote-gevent-relay", "remote_gevent.relay_cli") + [
+        argv = entry_argv("remote-gevent-relay", "remote_gevent.relay.cli") + [
             "--listen", self.relay_address, "--cert", self.relay_cert[0],
             "--key", self.relay_cert[1]]
         self.relay_proc = self._spawn(argv, self.relay_log)
@@ -369,7 +370,7 @@ class DemoPlatform:
 
     def start_agent(self, timeout: float = READY_TIMEOUT) -> None:
         """Start the agent and wait until it consumes its command queue."""
-        argv = entry_argv("remote-gevent", "remote_gevent.cli") + [
+        argv = entry_argv("remote-gevent", "remote_gevent.agent.cli") + [
             "--foreground", "--config", self.agent_config, "--log-level", self.log_level]
         with open(self.agent_log, "ab") as f:
             f.write(b"---- agent start %s\n" % time.strftime("%Y-%m-%d %H:%M:%S").encode())
@@ -394,7 +395,7 @@ class DemoPlatform:
         """Consumers on the device's command queue (0 when it does not exist yet)."""
         from amqp.exceptions import NotFound
 
-        from remote_gevent.amqplink import AmqpLink, LinkError
+        from remote_gevent.common.amqplink import AmqpLink, LinkError
 
         assert self.node is not None
         link = AmqpLink([self.broker_url], self.node.admin_user, self.node.admin_password,

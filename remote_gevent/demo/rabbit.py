@@ -50,7 +50,7 @@ import weakref
 from typing import Dict, List, Optional, Sequence
 from urllib.parse import quote
 
-from remote_gevent import fsutil
+from remote_gevent.common import fsutil
 
 log = logging.getLogger(__name__)
 

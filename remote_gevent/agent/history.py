@@ -16,7 +16,7 @@ import logging
 import os
 from typing import List, Optional, Sequence
 
-from remote_gevent.logs import escape
+from remote_gevent.common.logs import escape
 
 log = logging.getLogger(__name__)
 

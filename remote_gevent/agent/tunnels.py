@@ -25,7 +25,7 @@
 - Trust is live: :meth:`TunnelManager.apply_trust` (called whenever the trusted keys
   change, and the GC consults them every pass) ends every running and waiting
   session of an operator that is no longer trusted, close code ``revoked``.
-- Fairness (:mod:`remote_gevent.fairness`): :meth:`TunnelManager.submit` refuses a
+- Fairness (:mod:`remote_gevent.agent.fairness`): :meth:`TunnelManager.submit` refuses a
   request beyond the operator's share of ``max_session`` (``operator_limit``) or its
   request rate (``operator_rate_limited``), before any session exists.
 - Exactly one history row and one ``publish_close`` per submitted session, whatever
@@ -50,9 +50,16 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 
-from . import authkeys, fairness, mux, mux_limits, protocol, relay, tls, tunnel_crypto
-from .history import History, record_safely
-from .protocol import CloseCode, Reason, Refused
+from remote_gevent.crypto import authkeys
+from remote_gevent.agent import fairness
+from remote_gevent.wire import mux
+from remote_gevent.wire import mux_limits
+from remote_gevent.wire import protocol
+from remote_gevent.relay import server as relay
+from remote_gevent.common import tls
+from remote_gevent.crypto import tunnel_crypto
+from remote_gevent.agent.history import History, record_safely
+from remote_gevent.wire.protocol import CloseCode, Reason, Refused
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +145,7 @@ def device_allow(cfg: Any) -> Tuple[str, ...]:
 
 def configured_relay(cfg: Any) -> Tuple[str, int]:
     """``(host, port)`` of the relay configured for our server id."""
-    from .config import split_host_port
+    from remote_gevent.agent.config import split_host_port
 
     host, port = split_host_port(cfg.remote.relays[cfg.remote.server_id])
     assert port is not None
@@ -146,7 +153,7 @@ def configured_relay(cfg: Any) -> Tuple[str, int]:
 
 
 def _same_relay(named: str, configured: Tuple[str, int]) -> bool:
-    from .config import Invalid, split_host_port
+    from remote_gevent.agent.config import Invalid, split_host_port
 
     try:
         host, port = split_host_port(named)
@@ -657,7 +664,7 @@ class TunnelManager:
         return sock
 
     def _open_virtual(self, s: _Session, target: str) -> Any:
-        from . import transfer
+        from remote_gevent.agent.files import transfer
 
         def on_result(result: Dict[str, Any]) -> None:
             s.transfers += 1

@@ -57,9 +57,9 @@ from paramiko import (
     SFTPServerInterface,
 )
 
-from remote_gevent import transfer as tr
-from remote_gevent import transfer_partials as partials
-from remote_gevent.logs import escape
+from remote_gevent.agent.files import transfer as tr
+from remote_gevent.agent.files import transfer_partials as partials
+from remote_gevent.common.logs import escape
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,11 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 import yaml  # noqa: E402
 
-from remote_gevent import __version__, relay, tls  # noqa: E402
+from remote_gevent import __version__  # noqa: E402
+from remote_gevent.relay import server as relay  # noqa: E402
+from remote_gevent.common import tls  # noqa: E402
 
-log = logging.getLogger("remote_gevent.relay")
+log = logging.getLogger("remote_gevent.relay.server")
 
 
 class ConfigError(Exception):

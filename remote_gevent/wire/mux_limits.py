@@ -3,7 +3,7 @@
 Issue 10 item 3: a trusted operator opened 4,000 idle streams (84 KiB and one fd each,
 allocated eagerly, not given back after close), and 1-byte DATA frames to a target
 that never reads cost ~406 bytes of memory per payload byte, because the flow-control
-window counts payload only.  :mod:`remote_gevent.mux` uses what is here to bound both:
+window counts payload only.  :mod:`remote_gevent.wire.mux` uses what is here to bound both:
 
 - **Stream caps.**  ``max_streams`` per session (a ``Tunnel`` argument) and one
   :class:`StreamCounter` shared by every tunnel of the agent.  An OPEN over either cap
@@ -23,7 +23,7 @@ window counts payload only.  :mod:`remote_gevent.mux` uses what is here to bound
   session over ``buffer_budget`` resets its stream (RESET "receive buffer budget
   exceeded"); the window still bounds each stream as before.
 - **Memory back after a burst of closes.**  :func:`note_streams_closed` schedules one
-  :func:`remote_gevent.memory.release` (``gc.collect`` + glibc ``malloc_trim``) a moment
+  :func:`remote_gevent.agent.memory.release` (``gc.collect`` + glibc ``malloc_trim``) a moment
   after :data:`TRIM_AFTER_CLOSES` streams ended, at most once per
   :data:`TRIM_MIN_INTERVAL`: freed stream memory sits in malloc's arenas otherwise.
 """
@@ -124,7 +124,7 @@ class _Trimmer:
         self.pending = gevent.spawn_later(delay, self._run)
 
     def _run(self) -> None:
-        from . import memory
+        from remote_gevent.agent import memory
 
         self.pending = None
         self.closed = 0

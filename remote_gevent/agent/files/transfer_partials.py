@@ -34,9 +34,9 @@ from typing import Any, Dict, List, Optional
 import gevent
 import gevent.lock
 
-from remote_gevent.logs import escape
+from remote_gevent.common.logs import escape
 
-log = logging.getLogger("remote_gevent.transfer")
+log = logging.getLogger("remote_gevent.agent.files.transfer")
 
 SWEEP_INTERVAL = 600.0          # seconds between two sweeps of one root
 MAX_SWEEP_ENTRIES = 200000      # directory entries visited by one sweep
@@ -73,7 +73,7 @@ class Ledger:
 
     def reserve(self, key: str, nbytes: int, quota: int, shown: str) -> None:
         """Account ``nbytes`` for the upload writing ``key``, or refuse it (NO_SPACE)."""
-        from remote_gevent import transfer as tr
+        from remote_gevent.agent.files import transfer as tr
         others = self.held(exclude=key)
         if others + nbytes > quota:
             raise tr.TransferError(
@@ -108,7 +108,7 @@ class Ledger:
     def sweep(self, root: Any, ttl: float) -> int:
         """Remove expired partials below ``root``, re-count the others; returns the
         number removed (one log line if any)."""
-        from remote_gevent.transfer import TransferError
+        from remote_gevent.agent.files.transfer import TransferError
         found: Dict[str, int] = {}
         removed = 0
         freed = 0
@@ -202,7 +202,7 @@ def remove_if_unused(dfd: int, name: str, st: os.stat_result) -> bool:
 
 
 def _is_part_name(name: str) -> bool:
-    from remote_gevent.transfer import is_part_name
+    from remote_gevent.agent.files.transfer import is_part_name
     return is_part_name(name)
 
 

@@ -55,8 +55,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 import gevent
 
-from remote_gevent import transfer_partials as partials
-from remote_gevent.logs import escape
+from remote_gevent.agent.files import transfer_partials as partials
+from remote_gevent.common.logs import escape
 
 log = logging.getLogger(__name__)
 
@@ -1128,13 +1128,13 @@ def open_virtual_target(target: str, cfg: Any, identity: Any = None,
                             "(remote.transfer.roots is empty)")
     host_key = None
     if target == VIRTUAL_SFTP:
-        from remote_gevent import sftp
+        from remote_gevent.agent.files import sftp
         host_key = sftp.host_key_of(identity() if callable(identity) else identity)
     ours, theirs = socket.socketpair()
     if target == VIRTUAL_TRANSFER:
         gevent.spawn(_serve_guarded, serve_transfer_stream, ours, roots, log_ctx, on_result)
     else:
-        from remote_gevent import sftp
+        from remote_gevent.agent.files import sftp
         gevent.spawn(_serve_guarded, sftp.serve_sftp, ours, roots, log_ctx, on_result,
                      host_key)
     return theirs

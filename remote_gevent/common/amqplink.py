@@ -4,14 +4,14 @@ Shape (kombu's ``ConsumerMixin`` without kombu): :meth:`AmqpLink.run` is the bod
 supervised greenlet. It connects (URLs tried in turn), calls ``setup(link)`` to declare
 topology and register consumers, then loops ``drain_events(timeout=1)`` +
 ``heartbeat_tick()`` until the stop event is set. On a recoverable error it logs one line,
-waits (:class:`remote_gevent.retry.Backoff`, jittered, first retry within ~1 s, capped
+waits (:class:`remote_gevent.common.retry.Backoff`, jittered, first retry within ~1 s, capped
 at ``reconnect_max_delay``, interruptible by the stop event), moves to the next URL and
 starts over — ``setup`` runs again, so topology and consumers are restored.
 
 TLS: py-amqp silently ignores an ``ssl.SSLContext`` passed as ``ssl=`` and its dict
 ``context`` form leaves ``check_hostname`` off. We therefore plug our own transport into
 py-amqp (``Connection.Transport``) which wraps the socket with
-:func:`remote_gevent.tls.client_context` (chain *and* host name verified, TLS >= 1.2)
+:func:`remote_gevent.common.tls.client_context` (chain *and* host name verified, TLS >= 1.2)
 and ``server_hostname`` = the URL's host. There is no switch to turn verification off.
 
 Concurrency rules (py-amqp is not safe for concurrent writers):
@@ -52,9 +52,9 @@ from gevent.event import Event
 from gevent.lock import RLock
 
 from remote_gevent import __version__
-from remote_gevent import tls
-from remote_gevent.amqp_inbound import DEFAULT_MAX_BODY, PoisonMemory, frame_handler
-from remote_gevent.retry import Backoff, sleep_or_stop
+from remote_gevent.common import tls
+from remote_gevent.common.amqp_inbound import DEFAULT_MAX_BODY, PoisonMemory, frame_handler
+from remote_gevent.common.retry import Backoff, sleep_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class AmqpLink:
     ``on_connect(link)`` is called after ``setup`` succeeded, ``on_disconnect(link, exc)``
     when an established or half-established connection is lost (exc None on stop).
 
-    Inbound deliveries go through :mod:`remote_gevent.amqp_inbound`: bodies stay raw
+    Inbound deliveries go through :mod:`remote_gevent.common.amqp_inbound`: bodies stay raw
     bytes, a body over ``max_body`` bytes is counted but not buffered, and a delivery
     whose properties do not decode is refused (see :meth:`consume`) instead of raising
     out of ``drain_events``.
@@ -611,7 +611,7 @@ class AmqpLink:
         errors which propagate to the loop (reconnect). Call from ``setup`` so that the
         consumer is restored after a reconnect. Returns the consumer tag.
 
-        Messages are :class:`~remote_gevent.amqp_inbound.Delivery` objects: ``body`` is
+        Messages are :class:`~remote_gevent.common.amqp_inbound.Delivery` objects: ``body`` is
         raw bytes. One whose properties do not decode or whose body is over
         ``max_body`` has a ``problem``; such a delivery is logged once and rejected
         without requeue here, unless ``handles_problems`` (the callback then gets it,

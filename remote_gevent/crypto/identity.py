@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import nacl.exceptions
 import nacl.signing
 
-from remote_gevent import fsutil
+from remote_gevent.common import fsutil
 
 log = logging.getLogger(__name__)
 

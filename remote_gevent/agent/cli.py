@@ -21,14 +21,16 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence  # noqa: E402
 
-from . import __version__  # noqa: E402
-from . import config as config_mod  # noqa: E402
-from . import daemon, identity, logs  # noqa: E402
+from remote_gevent import __version__  # noqa: E402
+from remote_gevent.agent import config as config_mod  # noqa: E402
+from remote_gevent.agent import daemon  # noqa: E402
+from remote_gevent.crypto import identity  # noqa: E402
+from remote_gevent.common import logs  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
     import click
 
-log = logging.getLogger("remote_gevent.cli")
+log = logging.getLogger("remote_gevent.agent.cli")
 
 DEFAULT_PIDFILE = "/var/run/remote-gevent.pid"
 
@@ -160,7 +162,8 @@ def run_agent(path: str, foreground: bool, pidfile: Optional[str], log_file: Opt
     if not foreground:
         readiness = daemon.daemonize()
     logs.setup(log_level, log_file, foreground=foreground)
-    from .agent import Agent  # after the fork: nothing gevent-bound is created before
+    # after the fork: nothing gevent-bound is created before
+    from remote_gevent.agent.runtime import Agent
 
     try:
         if pidfile:

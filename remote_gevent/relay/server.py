@@ -84,8 +84,10 @@ import gevent.socket
 from gevent.hub import get_hub
 from gevent.server import StreamServer
 
-from remote_gevent import relay_pending, splicer, tls
-from remote_gevent.logs import escape
+from remote_gevent.relay import pending as relay_pending
+from remote_gevent.relay import splicer
+from remote_gevent.common import tls
+from remote_gevent.common.logs import escape
 
 log = logging.getLogger(__name__)
 

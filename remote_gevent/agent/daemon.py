@@ -22,7 +22,7 @@ from typing import Optional
 import gevent
 from gevent import monkey
 
-from remote_gevent import fsutil
+from remote_gevent.common import fsutil
 
 READY_TIMEOUT = 30.0  # seconds the launching process waits for the daemon
 

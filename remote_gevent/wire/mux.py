@@ -40,7 +40,7 @@ Why it is shaped this way:
   ~10-20%; batching WINDOW credit at 1/2, 1/4 or 1/8 of the window made no
   measurable difference.
 
-- **What a peer can make us hold is bounded** (:mod:`remote_gevent.mux_limits`):
+- **What a peer can make us hold is bounded** (:mod:`remote_gevent.wire.mux_limits`):
   streams per session and per agent (OPEN_FAIL ``too_many_streams``), read buffers
   taken lazily from a small pool, queued bytes counted in real bytes against a
   session budget (small frames coalesced), control replies queued by the reader
@@ -69,10 +69,10 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 
-from . import mux_limits
-from .logs import escape
-from .mux_limits import CHUNK_OVERHEAD, COALESCE_BELOW
-from .protocol import CloseCode, Reason
+from remote_gevent.wire import mux_limits
+from remote_gevent.common.logs import escape
+from remote_gevent.wire.mux_limits import CHUNK_OVERHEAD, COALESCE_BELOW
+from remote_gevent.wire.protocol import CloseCode, Reason
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ class Tunnel:
     on both sides an idle peer still sends a PING each interval.  ``last_activity``
     is the time of the last DATA frame either way (the idle GC's clock).
 
-    Limits (agent side, see :mod:`remote_gevent.mux_limits`): ``max_streams`` streams
+    Limits (agent side, see :mod:`remote_gevent.wire.mux_limits`): ``max_streams`` streams
     the peer may have open in this tunnel and ``agent_streams``, a
     ``mux_limits.StreamCounter`` shared by all tunnels of the agent (None: no agent-wide
     cap); an OPEN over either is refused OPEN_FAIL ``too_many_streams``.

@@ -14,7 +14,7 @@ same state machine with these differences:
   not decode leaves ``properties`` empty and sets :attr:`Delivery.problem`; a body
   announced larger than ``max_body`` is counted, not kept (``body`` stays ``b""``), and
   sets ``problem`` too. The body is always raw ``bytes``. The consumer (see
-  :meth:`remote_gevent.amqplink.AmqpLink.consume`) then rejects the delivery without
+  :meth:`remote_gevent.common.amqplink.AmqpLink.consume`) then rejects the delivery without
   requeue: by then its delivery tag is known.
 - A ``basic.deliver`` whose handling raises anyway (its method arguments do not decode,
   or a bug) is rejected without requeue by its delivery tag, read from the raw method
@@ -36,7 +36,7 @@ from amqp import spec
 from amqp.basic_message import Message
 from amqp.exceptions import AMQPError, UnexpectedFrame
 
-from .logs import escape
+from remote_gevent.common.logs import escape
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import nacl.exceptions
 import nacl.signing
 
-from .authkeys import (
+from remote_gevent.crypto.authkeys import (
     AuthorizedKeys,
     OperatorKey,
     TargetError,

@@ -31,14 +31,16 @@ from typing import Any, Callable, Deque, List, Optional, Tuple
 import gevent
 import gevent.event
 
-from . import __version__, identity, memory
-from . import config as config_mod
-from .config import AgentConfig
-from .control import ControlPlane
-from .history import History
-from .identity import IdentityKey
-from .supervisor import Supervisor
-from .tunnels import TunnelManager
+from remote_gevent import __version__
+from remote_gevent.crypto import identity
+from remote_gevent.agent import memory
+from remote_gevent.agent import config as config_mod
+from remote_gevent.agent.config import AgentConfig
+from remote_gevent.agent.control import ControlPlane
+from remote_gevent.agent.history import History
+from remote_gevent.crypto.identity import IdentityKey
+from remote_gevent.agent.supervisor import Supervisor
+from remote_gevent.agent.tunnels import TunnelManager
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ STOP_GRACE = 10.0  # seconds services and tunnels get to end after SIGTERM
 MAIN_TICK = 1.0  # seconds; the main loop wakes at least this often
 KEY_ROTATION_CHECK = 3600.0  # seconds between two checks of the key's age
 #: Seconds after the control plane is first ready (connected, key published) before the
-#: memory freed during start-up is handed back to the OS (:mod:`remote_gevent.memory`).
+#: memory freed during start-up is handed back to the OS (:mod:`remote_gevent.agent.memory`).
 RELEASE_MEMORY_DELAY = 2.0
 
 EXIT_OK = 0

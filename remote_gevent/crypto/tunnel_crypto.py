@@ -4,7 +4,7 @@ The relay only ever sees the wire frames produced here. Each session:
 
 1. the console sends its ephemeral curve25519 public key in the signed
    ``session.request``; the agent answers with its own in the signed
-   ``session.accept`` (see :mod:`remote_gevent.protocol`);
+   ``session.accept`` (see :mod:`remote_gevent.wire.protocol`);
 2. both run libsodium ``crypto_kx`` (console = client, agent = server), which
    yields one key per direction, already bound to both public keys;
 3. each kx key is then hashed with keyed BLAKE2b over ``session_id`` and a

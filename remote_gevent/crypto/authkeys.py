@@ -59,7 +59,12 @@ import stat
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from .identity import fingerprint_of, parse_ssh_ed25519_line, public_line_of, ssh_pubkey_blob
+from remote_gevent.crypto.identity import (
+    fingerprint_of,
+    parse_ssh_ed25519_line,
+    public_line_of,
+    ssh_pubkey_blob,
+)
 
 __all__ = [
     "AuthorizedKeys", "AuthorizedKeysError", "OperatorKey", "Target", "TargetError",

@@ -26,7 +26,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from .retry import Backoff
+from remote_gevent.common.retry import Backoff
 
 log = logging.getLogger(__name__)
 

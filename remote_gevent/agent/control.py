@@ -1,6 +1,6 @@
 """Agent side of the control plane: consume requests, reply, close, status, alive, key.
 
-One :class:`ControlPlane` per agent, on one :class:`~remote_gevent.amqplink.AmqpLink`
+One :class:`ControlPlane` per agent, on one :class:`~remote_gevent.common.amqplink.AmqpLink`
 logged in with the device's ``ident``/``token``. Two supervised services:
 
 - ``control`` (:meth:`ControlPlane.run`): the link's greenlet. On every (re)connect
@@ -43,12 +43,12 @@ import gevent
 import gevent.lock
 from amqp.exceptions import NotFound, PreconditionFailed
 
-from . import protocol
-from .amqplink import AmqpLink, LinkError, NotConnected
-from .authkeys import AuthorizedKeys, AuthorizedKeysError, trust_stamp
-from .logs import escape
-from .protocol import CloseCode, MsgType, ProtocolError, Reason, Refused
-from .tunnels import device_allow
+from remote_gevent.wire import protocol
+from remote_gevent.common.amqplink import AmqpLink, LinkError, NotConnected
+from remote_gevent.crypto.authkeys import AuthorizedKeys, AuthorizedKeysError, trust_stamp
+from remote_gevent.common.logs import escape
+from remote_gevent.wire.protocol import CloseCode, MsgType, ProtocolError, Reason, Refused
+from remote_gevent.agent.tunnels import device_allow
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class ControlPlane:
 
     ``agent`` provides ``cfg``, ``topic``, ``version``, ``uptime``, ``stop_event``,
     ``get_identity()`` and the ``on_key_rotated`` hook list; ``tunnels`` is the
-    :class:`~remote_gevent.tunnels.TunnelManager` (settable after construction, since
+    :class:`~remote_gevent.agent.tunnels.TunnelManager` (settable after construction, since
     the manager needs :meth:`publish_close`). ``link`` defaults to the device's link
     from the config.
     """
@@ -187,7 +187,7 @@ class ControlPlane:
         """The operator keys in force, re-read when the file (or its configured path) changes.
 
         Two ``stat`` calls per trust decision (each request, each stream open, each GC
-        pass; see :func:`~remote_gevent.authkeys.trust_stamp`): editing, replacing or
+        pass; see :func:`~remote_gevent.crypto.authkeys.trust_stamp`): editing, replacing or
         ``chmod``-ing ``remote.authorized_keys`` or its directory takes effect without a
         restart; ``force`` (SIGHUP) re-reads it anyway. An unusable or unsafe (group- or
         world-writable) file trusts nobody (logged once per change). Whenever the keys

@@ -1,0 +1,1 @@
+"""File access on the device: the ``@transfer`` server and the ``@sftp`` server."""
