@@ -218,3 +218,49 @@ def test_sizes_and_host_port():
     for bad in ("h:*", "h:0", "h:70000", ":22", "*:22"):
         with pytest.raises(config.Invalid):
             config.split_host_port(bad)
+
+
+# The broker URL used to be parsed by config validation and by the AMQP link with
+# different rules: "amqps://host/vh?heartbeat=5" passed check-config, then the agent
+# stopped at start (after the daemon's readiness pipe had said "started").
+BROKER_URLS = [
+    ("amqps://broker.example/", True),
+    ("amqps://broker.example:5671/rg%2Ftest", True),
+    ("amqps://[::1]:5671/x", True),
+    ("amqp://127.0.0.1:5672/", True),
+    ("amqp://localhost/", True),
+    ("amqps://broker.example/vh?heartbeat=5", False),
+    ("amqps://broker.example/#frag", False),
+    ("amqps://user:secret-token@broker.example/", False),
+    ("amqp://broker.example/", False),
+    ("http://broker.example/", False),
+    ("amqps://[::1/", False),
+    ("amqps://broker.example:99999/", False),
+    ("amqps://broker.example:port/", False),
+    ("amqps:///vh", False),
+]
+
+
+@pytest.mark.parametrize("url,valid", BROKER_URLS)
+def test_check_config_and_the_link_accept_exactly_the_same_broker_urls(tmp_path, url, valid):
+    from remote_gevent.common.amqplink import LinkConfigError, parse_url
+    from agent_helpers import run_cli
+
+    path = write(tmp_path, """\
+        ident: dev1
+        token: t0k3n
+        amqp:
+          urls: ["%s"]
+        remote:
+          enabled: true
+    """ % url)
+    checked = run_cli("check-config", "--config", path)
+    try:
+        parse_url(url)
+        link_ok = True
+    except LinkConfigError as exc:
+        link_ok = False
+        assert "secret-token" not in str(exc)
+    assert (checked.returncode == 0) is valid, checked.stdout + checked.stderr
+    assert link_ok is valid
+    assert "secret-token" not in checked.stdout + checked.stderr  # never echo a password

@@ -16,15 +16,16 @@ Relative paths in the file are resolved against the directory of the config file
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
-from urllib.parse import urlsplit
 
 import yaml
+
+from remote_gevent.common import addresses
+from remote_gevent.common.addresses import AddressError, BrokerURL, parse_broker_url, redact_url
 
 DEFAULT_PATH = "/etc/alemca/config.yaml"
 ENV_CONFIG = "REMOTE_GEVENT_CONFIG"
@@ -174,41 +175,12 @@ def v_server_id(value: Any, base: str) -> str:
     return value
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def parse_amqp_url(url: str) -> BrokerURL:
+    """The broker URL parser the AMQP link uses (one set of rules); raises Invalid."""
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def parse_amqp_url(url: str) -> Tuple[str, str, int, str]:
-    """Split ``amqps://host:port/vhost`` into (scheme, host, port, vhost); raises Invalid."""
-    if not isinstance(url, str):
-        raise Invalid("expected a URL string")
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # e.g. "amqps://[::1": an unclosed IPv6 bracket
-        raise Invalid("expected an amqps://host:port/vhost URL") from None
-    if parts.scheme not in ("amqps", "amqp"):
-        raise Invalid("expected an amqps://host:port/vhost URL")
-    if parts.username or parts.password:
-        raise Invalid("credentials belong in ident/token, not in the URL")
-    host = parts.hostname
-    if not host:
-        raise Invalid("URL has no host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise Invalid("URL has an invalid port") from None
-    if port is None:
-        port = 5671 if parts.scheme == "amqps" else 5672
-    vhost = parts.path[1:] if parts.path.startswith("/") else parts.path
-    vhost = vhost or "/"
-    if parts.scheme == "amqp" and not _is_loopback(host):
-        raise Invalid("plain amqp:// is only allowed to a loopback address; use amqps://")
-    return parts.scheme, host, port, vhost
+        return parse_broker_url(url)
+    except AddressError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def v_urls(value: Any, base: str) -> Tuple[str, ...]:
@@ -219,31 +191,17 @@ def v_urls(value: Any, base: str) -> Tuple[str, ...]:
     for i, url in enumerate(value):
         try:
             parse_amqp_url(url)
-        except Invalid as exc:
-            raise _item_error(exc, "[%d]" % i, url) from None
+        except Invalid as exc:  # the value shown without any user:password@
+            raise _item_error(exc, "[%d]" % i, redact_url(url)) from None
     return tuple(value)
 
 
 def split_host_port(value: str, wildcard_port: bool = False) -> Tuple[str, Optional[int]]:
-    """``host:port`` / ``[v6]:port`` → (host, port); port None means ``*``. Raises Invalid."""
-    if not isinstance(value, str) or ":" not in value:
-        raise Invalid("expected host:port")
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0 or value[end + 1:end + 2] != ":":
-            raise Invalid("expected [ipv6]:port")
-        host, port_s = value[1:end], value[end + 2:]
-    else:
-        host, _, port_s = value.rpartition(":")
-    if not host or any(c.isspace() for c in host) or ("*" in host):
-        raise Invalid("expected host:port with a host name or address")
-    if port_s == "*" and wildcard_port:
-        return host, None
-    # isdigit() is also true for "²" and 5000 digits, which int() refuses (ValueError)
-    if not (port_s.isascii() and port_s.isdigit() and len(port_s) <= 5) \
-            or not 0 < int(port_s) < 65536:
-        raise Invalid("expected a port 1-65535%s" % (" or *" if wildcard_port else ""))
-    return host, int(port_s)
+    """:func:`addresses.split_host_port` raising Invalid (port None means ``*``)."""
+    try:
+        return addresses.split_host_port(value, wildcard_port)
+    except AddressError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def v_allow(value: Any, base: str) -> Tuple[str, ...]:

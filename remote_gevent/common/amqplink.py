@@ -32,15 +32,13 @@ Concurrency rules (py-amqp is not safe for concurrent writers):
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import os
 import socket
 import ssl
 import sys
 import time
-from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
-from urllib.parse import quote, unquote, urlsplit
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import amqp
 import gevent
@@ -53,12 +51,17 @@ from gevent.lock import RLock
 
 from remote_gevent import __version__
 from remote_gevent.common import tls
+from remote_gevent.common.addresses import (
+    AddressError,
+    BrokerURL,
+    parse_broker_url,
+    redact_url,
+)
 from remote_gevent.common.amqp_inbound import DEFAULT_MAX_BODY, PoisonMemory, frame_handler
 from remote_gevent.common.retry import Backoff, sleep_or_stop
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORTS = {"amqps": 5671, "amqp": 5672}
 #: drain_events timeout: how often the loop wakes up to tick heartbeats and check stop.
 DRAIN_TIMEOUT = 1.0
 #: A connection that stayed up this long resets the backoff (no fast flapping loop).
@@ -92,72 +95,14 @@ class NotConnected(LinkError):
     """The link is down (publish with ``wait=0``, or the wait ran out)."""
 
 
-class BrokerURL(NamedTuple):
-    scheme: str
-    host: str
-    port: int
-    vhost: str
-
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "amqps"
-
-    @property
-    def address(self) -> str:
-        """``host:port`` as py-amqp wants it (IPv6 literal in brackets)."""
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return "%s:%d" % (host, self.port)
-
-    def __str__(self) -> str:
-        return "%s://%s/%s" % (self.scheme, self.address, quote(self.vhost, safe=""))
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_url(url: str) -> BrokerURL:
-    """Parse ``amqps://host[:port]/vhost`` (vhost URL-decoded; empty or ``/`` = ``/``).
-
-    Plain ``amqp://`` is accepted only for loopback hosts (127.0.0.0/8, ::1, localhost)
-    and logs a warning; anywhere else it raises :class:`LinkConfigError`. Credentials,
-    query strings and fragments are refused: the login comes from ``ident``/``token``.
-    """
+    """:func:`addresses.parse_broker_url` (the one parser config validation uses too),
+    raising :class:`LinkConfigError`; warns about plain ``amqp://`` (loopback only)."""
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise LinkConfigError("bad broker URL %r: %s" % (url, exc)) from exc
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        raise LinkConfigError("bad broker URL %r: scheme must be amqps:// (or amqp:// to "
-                              "loopback)" % url)
-    if parts.username is not None or parts.password is not None:
-        raise LinkConfigError("bad broker URL %s://%s: credentials do not belong in the URL, "
-                              "use ident/token" % (scheme, parts.hostname))
-    if parts.query or parts.fragment:
-        raise LinkConfigError("bad broker URL %r: no query or fragment allowed" % url)
-    host = parts.hostname
-    if not host:
-        raise LinkConfigError("bad broker URL %r: no host" % url)
-    path = parts.path
-    if path in ("", "/"):
-        vhost = "/"
-    else:
-        vhost = unquote(path[1:])
-        if not vhost:
-            vhost = "/"
-    result = BrokerURL(scheme, host, port or DEFAULT_PORTS[scheme], vhost)
-    if scheme == "amqp":
-        if not is_loopback(host):
-            raise LinkConfigError(
-                "refusing plain amqp:// to %s: unencrypted AMQP is allowed only to loopback "
-                "addresses, use amqps://" % result.address)
+        result = parse_broker_url(url)
+    except AddressError as exc:
+        raise LinkConfigError("bad broker URL %s: %s" % (redact_url(url), exc)) from None
+    if not result.tls:
         log.warning("broker URL %s is NOT encrypted (plain amqp:// on loopback)", result)
     return result
 

@@ -374,7 +374,8 @@ def _parse_stream_target(v: str) -> str:
 
 def _listen(host: str, port: int) -> Any:
     from remote_gevent.console.config import EXIT_ERROR, ConsoleError
-    from remote_gevent.console.forward import format_address, listen
+    from remote_gevent.common.addresses import format_address
+    from remote_gevent.console.forward import listen
 
     try:
         return listen(host, port)

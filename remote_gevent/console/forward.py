@@ -20,6 +20,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import gevent
 import gevent.pool
 
+from remote_gevent.common.addresses import format_address
+
 DEFAULT_BIND = "127.0.0.1"
 LISTEN_BACKLOG = 128
 ACCEPT_RETRY = 0.1  # s after a failed accept (e.g. EMFILE): neither spin nor stall
@@ -55,10 +57,6 @@ class ForwardSpec:
 
     def __str__(self) -> str:
         return "%s -> %s" % (format_address(self.bind_host or "*", self.bind_port), self.target)
-
-
-def format_address(host: str, port: int) -> str:
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
 def split_fields(spec: str) -> List[str]:

@@ -21,31 +21,13 @@ import yaml  # noqa: E402
 from remote_gevent import __version__  # noqa: E402
 from remote_gevent.relay import server as relay  # noqa: E402
 from remote_gevent.common import tls  # noqa: E402
+from remote_gevent.common.addresses import parse_listen  # noqa: E402
 
 log = logging.getLogger("remote_gevent.relay.server")
 
 
 class ConfigError(Exception):
     """The relay configuration is unusable; the message names the key and the value."""
-
-
-def parse_listen(value: str) -> Tuple[str, int]:
-    """``HOST:PORT`` or ``[v6]:PORT`` → (host, port); ``:PORT`` means all interfaces."""
-    value = value.strip()
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError("expected [IPV6]:PORT")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = value.rpartition(":")
-        if not sep:
-            raise ValueError("expected HOST:PORT")
-        if ":" in host:
-            raise ValueError("IPv6 addresses must be bracketed: [::1]:8443")
-    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise ValueError("port must be 0-65535 (0: any free port)")
-    return host or "0.0.0.0", int(port_text)
 
 
 def _positive_number(key: str, value: Any) -> float:

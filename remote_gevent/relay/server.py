@@ -88,6 +88,7 @@ from remote_gevent.relay import pending as relay_pending
 from remote_gevent.relay import splicer
 from remote_gevent.common import tls
 from remote_gevent.common.logs import escape
+from remote_gevent.common.addresses import format_address
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +256,6 @@ def _set_nodelay(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port`` with IPv6 literals bracketed."""
-    if ":" in host and not host.startswith("["):
-        return "[%s]:%d" % (host, port)
-    return "%s:%d" % (host, port)
 
 
 class Hello(NamedTuple):
