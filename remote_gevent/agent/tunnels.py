@@ -60,6 +60,7 @@ from remote_gevent.common import tls
 from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.agent.history import History, record_safely
 from remote_gevent.wire.protocol import CloseCode, Reason, Refused
+from remote_gevent.common.sockets import close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -501,7 +502,7 @@ class TunnelManager:
         try:
             self._check_close(s)
         except _End:
-            _close_quietly(sock)
+            close_quietly(sock)
             raise
         tunnel = mux.Tunnel(
             sock, sealer, opener, "agent", on_open=lambda target: self._open_target(s, target),
@@ -619,7 +620,7 @@ class TunnelManager:
         if _returned(dialer):
             sock, peer_ip = dialer.value
             if s.close_request is not None:
-                _close_quietly(sock)
+                close_quietly(sock)
                 raise _End(*s.close_request)
             s.remote_ip = str(peer_ip)
             log.info("session %s: paired at relay %s with %s", s.id,
@@ -659,7 +660,7 @@ class TunnelManager:
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
-            _close_quietly(sock)
+            close_quietly(sock)
             raise
         return sock
 
@@ -708,9 +709,3 @@ def _returned(g: gevent.Greenlet) -> bool:
     """The greenlet returned normally (a killed one is "successful" with GreenletExit)."""
     return g.successful() and not isinstance(g.value, BaseException)
 
-
-def _close_quietly(sock: Any) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass

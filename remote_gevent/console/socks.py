@@ -28,6 +28,7 @@ from remote_gevent.console.forward import (
     bound_address,
     make_target,
 )
+from remote_gevent.common.sockets import close_quietly
 
 SOCKS_VERSION = 5
 METHOD_NO_AUTH = 0x00
@@ -195,7 +196,7 @@ class SocksServer:
         except (SocksError, OSError) as exc:
             if self.verbose:
                 self.say("socks: %s" % exc)
-            _close(conn)
+            close_quietly(conn)
             return
         try:
             stream = self.session.open_stream(target)
@@ -214,7 +215,7 @@ class SocksServer:
             send_reply(conn, REP_SUCCEEDED)
         except OSError:
             stream.close()
-            _close(conn)
+            close_quietly(conn)
             return
         self.session.tunnel.splice(stream, conn)
 
@@ -222,11 +223,6 @@ class SocksServer:
         self.group.kill(block=False)
 
 
-def _close(conn: Any) -> None:
-    try:
-        conn.close()
-    except OSError:
-        pass
 
 
 def _reply_and_close(conn: Any, rep: int) -> None:
@@ -234,7 +230,7 @@ def _reply_and_close(conn: Any, rep: int) -> None:
         send_reply(conn, rep)
     except OSError:
         pass
-    _close(conn)
+    close_quietly(conn)
 
 
 def run_socks(session: Any, listener: socket.socket, err: Any = None,

@@ -89,6 +89,7 @@ from remote_gevent.relay import splicer
 from remote_gevent.common import tls
 from remote_gevent.common.logs import escape
 from remote_gevent.common.addresses import format_address
+from remote_gevent.common.sockets import close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -241,13 +242,6 @@ def _tcp_abort(sock: socket.socket) -> None:
             return
 
 
-def _close_quietly(sock: Optional[socket.socket]) -> None:
-    if sock is None:
-        return
-    try:
-        sock.close()
-    except OSError:
-        pass
 
 
 def _set_nodelay(sock: socket.socket) -> None:
@@ -484,7 +478,7 @@ class Relay:
             self._serve(conn)
         finally:
             self._leave_pending(conn)
-            _close_quietly(conn.sock)
+            close_quietly(conn.sock)
 
     def _enter_pending(self, conn: _Conn) -> None:
         conn.pending = True
@@ -526,7 +520,7 @@ class Relay:
             sock = self._tls_accept(raw, time.monotonic() + REJECT_TIMEOUT)
             if sock is not None:
                 self._refuse(sock, "busy", ip, None, why)
-                _close_quietly(sock)
+                close_quietly(sock)
         finally:
             self._rejecting -= 1
 
@@ -548,7 +542,7 @@ class Relay:
             # wrap_socket took raw's descriptor: close it here. Relying on garbage
             # collection left it open on Python 3.8 (the traceback keeps ``sock`` alive),
             # so a client that never starts TLS held its connection past the timeout.
-            _close_quietly(sock)
+            close_quietly(sock)
             return None
 
     def _read_hello(self, sock: ssl.SSLSocket, deadline: float) -> Tuple[bytes, bytes]:
@@ -895,8 +889,8 @@ class Relay:
         if not session.outcome:
             session.outcome = "normal"
         self._sessions.pop(session.session_id, None)
-        _close_quietly(session.agent.sock)
-        _close_quietly(session.console.sock)
+        close_quietly(session.agent.sock)
+        close_quietly(session.console.sock)
         session.done.set()
         log.info("session %s ended: %s; agent %s, console %s; agent->console %d bytes, "
                  "console->agent %d bytes; %.1fs", session.session_id, session.outcome,
@@ -996,8 +990,8 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
                          % (where, escape(line, 80)))
     finally:
         if not handed_over:
-            _close_quietly(sock)
-            _close_quietly(raw)  # no-op once wrap_socket has taken its descriptor over
+            close_quietly(sock)
+            close_quietly(raw)  # no-op once wrap_socket has taken its descriptor over
 
 
 def ok_line(peer_ip: str) -> bytes:

@@ -73,6 +73,7 @@ from remote_gevent.wire import mux_limits
 from remote_gevent.common.logs import escape
 from remote_gevent.wire.mux_limits import CHUNK_OVERHEAD, COALESCE_BELOW
 from remote_gevent.wire.protocol import CloseCode, Reason
+from remote_gevent.common.sockets import abort_quietly, close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -674,7 +675,7 @@ class Tunnel:
         """
         stream._local = sock
         if stream._reset is not None or self.closed:
-            _close_quietly(sock)
+            close_quietly(sock)
             return
         _set_sockopts(sock, buffers=True)
         up = self._group.spawn(self._pump_up, stream, sock)
@@ -687,7 +688,7 @@ class Tunnel:
                 if not stream.finished:
                     self._reset_stream(stream, "splice interrupted", send=True)
             stream._local = None
-            _close_quietly(sock)
+            close_quietly(sock)
 
     def _pump_up(self, stream: Stream, sock: Any) -> None:
         """local socket -> tunnel (DATA frames, then EOF).
@@ -861,7 +862,7 @@ class Tunnel:
         stream._wake()
         local = stream._local
         if local is not None:
-            _abort_quietly(local)
+            abort_quietly(local)
 
     def _reset_stream(self, stream: Stream, reason: str, send: bool) -> None:
         """Abort one stream; the tunnel continues."""
@@ -1178,13 +1179,13 @@ class Tunnel:
                     pass
             return
         if stream._reset is not None or self.closed:
-            _close_quietly(sock)
+            close_quietly(sock)
             return
         log.info("%s: stream %d open to %s", self.name, sid, escape(target))
         try:
             self._send_frame(OPEN_OK, sid, b"")
         except TunnelClosed:
-            _close_quietly(sock)
+            close_quietly(sock)
             return
         self.splice(stream, sock)
         log.debug("%s: stream %d to %s done (in %d, out %d)", self.name, sid, escape(target),
@@ -1240,17 +1241,4 @@ def _write_now(sock: Any, data: Any) -> int:
         return 0
 
 
-def _close_quietly(sock: Any) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass
 
-
-def _abort_quietly(sock: Any) -> None:
-    """Abort a local connection (the peer's RESET): RST rather than FIN where we can."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except (OSError, AttributeError, ValueError):
-        pass
-    _close_quietly(sock)
