@@ -5,7 +5,8 @@ import logging
 import gevent
 import pytest
 
-from remote_gevent.agent.supervisor import EXIT_SERVICE_FAILED, Supervisor
+from remote_gevent.agent.supervisor import Supervisor
+from remote_gevent.wire.codes import AGENT_EXIT_SERVICE_FAILED
 
 
 def make(**kw):
@@ -47,7 +48,7 @@ def test_repeated_failure_shuts_down_with_nonzero_exit(caplog):
         with gevent.Timeout(5):
             while not fatal:
                 gevent.sleep(0.01)
-    assert fatal == [EXIT_SERVICE_FAILED]
+    assert fatal == [AGENT_EXIT_SERVICE_FAILED]
     assert sup.failed == "bad"
     assert any("failed 3 times" in r.getMessage() for r in caplog.records)
     sup.stop(grace=1)
@@ -74,7 +75,7 @@ def test_non_restartable_failure_is_fatal():
     with gevent.Timeout(5):
         while not fatal:
             gevent.sleep(0.01)
-    assert fatal == [EXIT_SERVICE_FAILED]
+    assert fatal == [AGENT_EXIT_SERVICE_FAILED]
 
 
 def test_transient_error_ends_only_that_greenlet(caplog):

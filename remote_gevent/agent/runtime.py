@@ -5,7 +5,7 @@ the requests queued by the signal handlers (which do nothing else):
 
 - SIGTERM / SIGINT: graceful stop — ``stop_event`` is set, services and tunnels get
   ``STOP_GRACE`` seconds to end, then are killed; exit 0.  A second SIGTERM/SIGINT
-  during the grace period forces the exit at once (exit ``EXIT_FORCED``).
+  during the grace period forces the exit at once (exit ``AGENT_EXIT_FORCED``).
 - SIGHUP: reload the config file.  An invalid file is logged and the running config
   kept; keys in ``LIVE_KEYS`` take effect at once (callbacks in ``on_config_changed``
   adapt the services), every other change is logged as needing a restart.  Whatever
@@ -41,6 +41,7 @@ from remote_gevent.agent.history import History
 from remote_gevent.crypto.identity import IdentityKey
 from remote_gevent.agent.supervisor import Supervisor
 from remote_gevent.agent.tunnels import TunnelManager
+from remote_gevent.wire.codes import AGENT_EXIT_FORCED, AGENT_EXIT_OK
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,6 @@ KEY_ROTATION_CHECK = 3600.0  # seconds between two checks of the key's age
 #: memory freed during start-up is handed back to the OS (:mod:`remote_gevent.agent.memory`).
 RELEASE_MEMORY_DELAY = 2.0
 
-EXIT_OK = 0
-EXIT_FORCED = 2  # second SIGTERM/SIGINT during the graceful stop
-# supervisor.EXIT_SERVICE_FAILED (3): a service kept failing
 
 #: Keys a SIGHUP applies to the running agent.  ``remote.max_session`` only when it
 #: grows (shrinking the semaphore under running tunnels needs a restart).
@@ -105,7 +103,7 @@ class Agent:
         self.on_config_changed: List[ConfigHook] = []
         self.on_key_rotated: List[RotationHook] = []
         self.on_stopping: List[Callable[[], None]] = []
-        self.exit_code = EXIT_OK
+        self.exit_code = AGENT_EXIT_OK
         self._pending: Deque[str] = deque()
         self._wake = gevent.event.Event()
         self._force = gevent.event.Event()
@@ -132,12 +130,12 @@ class Agent:
         self._pending.append(what)
         self._wake.set()
 
-    def request_stop(self, exit_code: int = EXIT_OK) -> None:
+    def request_stop(self, exit_code: int = AGENT_EXIT_OK) -> None:
         """Ask for a graceful stop; a second request during the stop forces it."""
         if self._stopping:
             self._force.set()
             return
-        if exit_code != EXIT_OK and self.exit_code == EXIT_OK:
+        if exit_code != AGENT_EXIT_OK and self.exit_code == AGENT_EXIT_OK:
             self.exit_code = exit_code
         self._request("stop")
 
@@ -271,7 +269,7 @@ class Agent:
         clean = self.supervisor.stop(self.stop_grace, force=self._force)
         if self._force.is_set():
             log.warning("second stop signal: forced exit")
-            self.exit_code = EXIT_FORCED
+            self.exit_code = AGENT_EXIT_FORCED
         elif not clean:
             log.warning("grace period over: remaining greenlets were killed")
         log.info("agent stopped (exit %d)", self.exit_code)

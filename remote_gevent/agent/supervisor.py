@@ -27,6 +27,7 @@ import gevent.event
 import gevent.pool
 
 from remote_gevent.common.retry import Backoff
+from remote_gevent.wire.codes import AGENT_EXIT_SERVICE_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ MAX_FAILURES = 5  # failures within FAILURE_WINDOW that shut the agent down
 FAILURE_WINDOW = 60.0
 KILL_TIMEOUT = 2.0  # seconds to wait for killed greenlets to unwind
 
-EXIT_SERVICE_FAILED = 3
 
 
 class Service:
@@ -128,7 +128,7 @@ class Supervisor:
         if self.failed is None:
             self.failed = svc.name
             if self.on_fatal is not None:
-                self.on_fatal(EXIT_SERVICE_FAILED)
+                self.on_fatal(AGENT_EXIT_SERVICE_FAILED)
 
     def _runner_crashed(self, greenlet: gevent.Greenlet) -> None:
         # Only a bug in _run itself gets here; still never lose it silently.
@@ -136,7 +136,7 @@ class Supervisor:
         if self.failed is None:
             self.failed = greenlet.name
             if self.on_fatal is not None:
-                self.on_fatal(EXIT_SERVICE_FAILED)
+                self.on_fatal(AGENT_EXIT_SERVICE_FAILED)
 
     # ------------------------------------------------------------------ transients
 

@@ -57,6 +57,7 @@ import os  # noqa: E402
 from typing import Any, Callable, List, Optional  # noqa: E402
 
 import click  # noqa: E402
+from remote_gevent.wire.codes import VIRTUAL_TARGETS  # noqa: E402
 
 PROG = "remote-gevent-console"
 ENV_CONFIG = "REMOTE_GEVENT_CONSOLE_CONFIG"  # = console.config.ENV_CONFIG (kept import-free)
@@ -364,7 +365,7 @@ def _parse_listen(v: str) -> Any:
 def _parse_stream_target(v: str) -> str:
     from remote_gevent.console.forward import SpecError, make_target, split_fields
 
-    if v in ("@sftp", "@transfer"):
+    if v in VIRTUAL_TARGETS:
         return v
     fields = split_fields(v)
     if len(fields) != 2 or not fields[1].isdigit():

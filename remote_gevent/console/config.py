@@ -61,30 +61,25 @@ DEFAULT_RELAYS = {"fr04": "relay.fr04.alemca.net:8443"}
 _USER_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 
-# --------------------------------------------------------------------------- exit codes
-# 0-6 are shared with push/pull (console/transfer.py, docs/transfer.md).
-EXIT_OK = 0
-EXIT_ERROR = 1          # anything unexpected
-EXIT_USAGE = 2          # bad command line (click) or bad -L/-D spec
-EXIT_REFUSED = 3        # the device refused the session / a stream (reason code printed)
-EXIT_INTEGRITY = 4      # transfer: sha256 mismatch
-EXIT_CONNECTION = 5     # tunnel or relay lost after the session was up
-EXIT_NO_SPACE = 6       # transfer: local or remote disk full
-EXIT_CONFIG = 7         # console.yaml unreadable / invalid, operator key unusable
-EXIT_BROKER = 8         # broker unreachable, TLS verification failed
-EXIT_LOGIN = 9          # broker refused user/password (or vhost access)
-EXIT_OFFLINE = 10       # no reply from the device within the timeout
-EXIT_KEY = 11           # device key not pinned, changed without rotation, bad signature
-EXIT_RELAY = 12         # relay unreachable, TLS failed, refused the pairing
-EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM
-
-EXIT_NAMES = {
-    EXIT_OK: "ok", EXIT_ERROR: "error", EXIT_USAGE: "usage", EXIT_REFUSED: "refused",
-    EXIT_INTEGRITY: "integrity", EXIT_CONNECTION: "connection lost",
-    EXIT_NO_SPACE: "no space", EXIT_CONFIG: "config", EXIT_BROKER: "broker",
-    EXIT_LOGIN: "login refused", EXIT_OFFLINE: "device offline", EXIT_KEY: "device key",
-    EXIT_RELAY: "relay", EXIT_INTERRUPTED: "interrupted",
-}
+# Exit codes are defined in remote_gevent.wire.codes (master.py needs them without
+# importing this module); the console's modules import them from here.
+from remote_gevent.wire.codes import (  # noqa: E402,F401
+    EXIT_BROKER,
+    EXIT_CONFIG,
+    EXIT_CONNECTION,
+    EXIT_ERROR,
+    EXIT_INTEGRITY,
+    EXIT_INTERRUPTED,
+    EXIT_KEY,
+    EXIT_LOGIN,
+    EXIT_NAMES,
+    EXIT_NO_SPACE,
+    EXIT_OFFLINE,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_RELAY,
+    EXIT_USAGE,
+)
 
 
 class ConsoleError(Exception):

@@ -38,6 +38,14 @@ import socket
 import struct
 import sys
 from typing import Any, Dict, List, Optional, Tuple
+from remote_gevent.wire.codes import (
+    EXIT_CONNECTION,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    VIRTUAL_TARGETS,
+)
 
 PROG = "remote-gevent-console"
 ENV_CONFIG = "REMOTE_GEVENT_CONSOLE_CONFIG"  # = console.config.ENV_CONFIG
@@ -64,8 +72,6 @@ ERR_TUNNEL_CLOSED = "tunnel_closed"
 ERR_OPEN_FAILED = "open_failed"
 _FALLBACK_CODES = (ERR_TUNNEL_CLOSED, ERR_NOT_PERMITTED)
 
-# Exit codes (= console.config.EXIT_*; repeated to keep this module import-free).
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_CONNECTION = 0, 1, 2, 3, 5
 
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SIMPLE_TARGET_RE = re.compile(r"^[A-Za-z0-9_.-]{1,253}:[0-9]{1,5}$")
@@ -503,7 +509,7 @@ def _parse_fast_argv(args: List[str]) -> Optional[Tuple[Optional[str], str, str,
     device, target = positional
     if not _DEVICE_RE.match(device):
         return None
-    if target not in ("@sftp", "@transfer"):
+    if target not in VIRTUAL_TARGETS:
         if not _SIMPLE_TARGET_RE.match(target) or not 0 < int(target.rsplit(":", 1)[1]) < 65536:
             return None  # IPv6 and other forms are normalized by the full path
     return config, device, target, mode

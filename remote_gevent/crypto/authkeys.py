@@ -65,6 +65,7 @@ from remote_gevent.crypto.identity import (
     public_line_of,
     ssh_pubkey_blob,
 )
+from remote_gevent.wire.codes import VIRTUAL_TARGETS
 
 __all__ = [
     "AuthorizedKeys", "AuthorizedKeysError", "OperatorKey", "Target", "TargetError",
@@ -76,7 +77,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SSH_ED25519 = "ssh-ed25519"
-VIRTUAL_TARGETS = frozenset({"@sftp", "@transfer"})
 WILDCARD = "*"
 MAX_TARGET_CHARS = 262  # "[" + 45-char IPv6 + "]:" ... or a 253-char name + ":65535"
 MAX_LINE_CHARS = 16384

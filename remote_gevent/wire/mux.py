@@ -72,7 +72,7 @@ import gevent.pool
 from remote_gevent.wire import mux_limits
 from remote_gevent.common.logs import escape
 from remote_gevent.wire.mux_limits import CHUNK_OVERHEAD, COALESCE_BELOW
-from remote_gevent.wire.protocol import CloseCode, Reason
+from remote_gevent.wire.codes import STREAM_TOO_MANY, CloseCode, Reason
 from remote_gevent.common.sockets import abort_quietly, close_quietly
 
 log = logging.getLogger(__name__)
@@ -123,22 +123,11 @@ RECV_BUFFER = 2 * MAX_FRAME_LEN        # tunnel receive buffer (~128 KiB: per-se
 
 ROLES = ("console", "agent")
 
-# Close codes used here (strings of protocol.CloseCode).
-CODE_NORMAL = "normal"
-CODE_RELAY_LOST = "relay_lost"
-CODE_CRYPTO_ERROR = "crypto_error"
-CODE_PROTOCOL_ERROR = "protocol_error"
-CODE_TARGET_REFUSED = "target_refused"
-CODE_IDLE_TIMEOUT = "idle_timeout"
-CODE_ACK_LOST = "ack_lost"
-CODE_ERROR = "error"
-# OPEN_FAIL code of an OPEN over the session's or the agent's stream cap (mux_limits).
-CODE_TOO_MANY_STREAMS = "too_many_streams"
 # Codes a peer may send: CLOSE carries a close code; OPEN_FAIL a close code, a refusal
 # reason (target_not_permitted) or too_many_streams.  Anything else becomes
 # protocol_error: a peer's text never becomes a code (history rows, session.close).
 CLOSE_CODES = CloseCode.ALL
-OPEN_FAIL_CODES = CloseCode.ALL | Reason.ALL | frozenset({CODE_TOO_MANY_STREAMS})
+OPEN_FAIL_CODES = CloseCode.ALL | Reason.ALL | frozenset({STREAM_TOO_MANY})
 RESET_BUDGET = "receive buffer budget exceeded"
 
 _HDR = struct.Struct(">BI")
@@ -183,7 +172,7 @@ class _TunnelFailure(Exception):
 
 
 def _protocol_error(reason: str) -> _TunnelFailure:
-    return _TunnelFailure(CODE_PROTOCOL_ERROR, reason)
+    return _TunnelFailure(CloseCode.PROTOCOL_ERROR, reason)
 
 
 def _json_payload(payload: bytes, what: str) -> Dict[str, Any]:
@@ -548,9 +537,9 @@ class Tunnel:
         if now is None:
             now = time.monotonic()
         if ack_timeout and ack_timeout > 0 and now - self.last_ack > ack_timeout:
-            return CODE_ACK_LOST
+            return CloseCode.ACK_LOST
         if idle_timeout and idle_timeout > 0 and now - self.last_activity > idle_timeout:
-            return CODE_IDLE_TIMEOUT
+            return CloseCode.IDLE_TIMEOUT
         return None
 
     # -- running ----------------------------------------------------------------
@@ -558,7 +547,7 @@ class Tunnel:
     def run(self) -> Tuple[str, str]:
         """Handshake, then read frames until the session ends; return (code, reason)."""
         self.started = time.time()
-        code, reason = CODE_NORMAL, ""
+        code, reason = CloseCode.NORMAL, ""
         try:
             if self.closed:
                 raise TunnelClosed("closed before run")
@@ -572,18 +561,19 @@ class Tunnel:
         except _TunnelFailure as e:
             code, reason = e.code, e.reason
         except TunnelClosed as e:
-            code, reason = CODE_RELAY_LOST, str(e)
+            code, reason = CloseCode.RELAY_LOST, str(e)
         except OSError as e:
-            code, reason = CODE_RELAY_LOST, "tunnel socket: %s" % (e.strerror or e,)
+            code, reason = CloseCode.RELAY_LOST, "tunnel socket: %s" % (e.strerror or e,)
         if not self.closed:
-            level = logging.INFO if code in (CODE_NORMAL, CODE_RELAY_LOST) else logging.WARNING
+            quiet = (CloseCode.NORMAL, CloseCode.RELAY_LOST)
+            level = logging.INFO if code in quiet else logging.WARNING
             log.log(level, "%s: tunnel ends: %s (%s)", self.name, code, reason)
         self.close(code, reason)
         self._done.wait()
         assert self._close_code is not None
         return self._close_code, self._close_reason
 
-    def close(self, code: str = CODE_NORMAL, reason: str = "") -> None:
+    def close(self, code: str = CloseCode.NORMAL, reason: str = "") -> None:
         """End the session: CLOSE (best effort), reset all streams, close the socket.
 
         Idempotent; the first code wins.  Safe to call from any greenlet, including
@@ -642,7 +632,7 @@ class Tunnel:
             raise MuxError("only the console opens streams")
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._ready.wait(timeout):
-            raise StreamRefused(CODE_ERROR, "tunnel not up after %ss" % timeout)
+            raise StreamRefused(CloseCode.ERROR, "tunnel not up after %ss" % timeout)
         if self.closed:
             raise TunnelClosed("tunnel closed: %s" % self._close_code)
         sid = self._next_id
@@ -653,7 +643,8 @@ class Tunnel:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not stream._open_event.wait(remaining):
             self._reset_stream(stream, "open timed out", send=True)
-            raise StreamRefused(CODE_ERROR, "no answer to OPEN %s within %ss" % (target, timeout))
+            raise StreamRefused(CloseCode.ERROR,
+                                "no answer to OPEN %s within %ss" % (target, timeout))
         if stream._open_error is not None:
             raise StreamRefused(*stream._open_error)
         if self.closed:
@@ -806,13 +797,13 @@ class Tunnel:
             try:
                 frame = self._sealer.seal(plaintext)
             except Exception as e:  # noqa: BLE001 - any sealer failure ends the tunnel
-                gevent.spawn(self.close, CODE_CRYPTO_ERROR, "seal failed: %s" % e)
+                gevent.spawn(self.close, CloseCode.CRYPTO_ERROR, "seal failed: %s" % e)
                 raise TunnelClosed("seal failed") from None
             try:
                 _send_all(self._sock.send, frame)
             except OSError as e:
                 if self._close_code is None:
-                    gevent.spawn(self.close, CODE_RELAY_LOST, "tunnel send: %s" % _err(e))
+                    gevent.spawn(self.close, CloseCode.RELAY_LOST, "tunnel send: %s" % _err(e))
                 raise TunnelClosed("tunnel send: %s" % _err(e)) from None
 
     def _send_data_frame(self, stream: Stream, plaintext: Any, n: int) -> None:
@@ -912,7 +903,7 @@ class Tunnel:
             k = recv_into(view[self._rend:], RECV_BUFFER - self._rend)
             if not k:
                 if self._close_code is None:
-                    raise _TunnelFailure(CODE_RELAY_LOST,
+                    raise _TunnelFailure(CloseCode.RELAY_LOST,
                                          "tunnel socket closed without CLOSE")
                 raise TunnelClosed("closed")
             self._rend += k
@@ -935,7 +926,7 @@ class Tunnel:
             # returns a fresh plaintext object (tunnel_crypto: a bytearray).
             return self._opener.open(view[start:start + 4], view[start + 4:start + 4 + n])
         except Exception as e:  # noqa: BLE001 - mux treats any opener failure as crypto
-            raise _TunnelFailure(CODE_CRYPTO_ERROR,
+            raise _TunnelFailure(CloseCode.CRYPTO_ERROR,
                                  "frame failed authentication (%s)" % type(e).__name__) from None
 
     def _handshake(self) -> None:
@@ -1064,8 +1055,8 @@ class Tunnel:
                 if code not in CLOSE_CODES:
                     log.warning("%s: peer closed the tunnel with an unknown code %s (%s): "
                                 "recorded as %s", self.name, escape(code), reason,
-                                CODE_PROTOCOL_ERROR)
-                    code, reason = CODE_PROTOCOL_ERROR, "peer closed with an unknown code"
+                                CloseCode.PROTOCOL_ERROR)
+                    code, reason = CloseCode.PROTOCOL_ERROR, "peer closed with an unknown code"
                 else:
                     log.info("%s: peer closed the tunnel: %s (%s)", self.name, code, reason)
                 self._closing_by_peer = True
@@ -1104,12 +1095,12 @@ class Tunnel:
             raise _protocol_error("stream %d: second OPEN reply" % sid)
         if ftype == OPEN_FAIL:
             info = _json_payload(payload, "OPEN_FAIL")
-            code = _json_str(info, "code", "OPEN_FAIL", CODE_TARGET_REFUSED)
+            code = _json_str(info, "code", "OPEN_FAIL", CloseCode.TARGET_REFUSED)
             reason = escape(info.get("reason", ""))
             if code not in OPEN_FAIL_CODES:
                 log.warning("%s: stream %d: OPEN_FAIL with an unknown code %s (%s): taken as %s",
-                            self.name, sid, escape(code), reason, CODE_PROTOCOL_ERROR)
-                code = CODE_PROTOCOL_ERROR
+                            self.name, sid, escape(code), reason, CloseCode.PROTOCOL_ERROR)
+                code = CloseCode.PROTOCOL_ERROR
             stream._open_error = (code, reason)
             stream._reset = "open refused: %s" % code
             self._forget(stream)
@@ -1148,8 +1139,8 @@ class Tunnel:
         if self.streams_refused == 1:
             log.warning("%s: stream %d to %s refused: %s (%s); further refusals in this "
                         "session are counted", self.name, sid, escape(target),
-                        CODE_TOO_MANY_STREAMS, reason)
-        self._send_async(OPEN_FAIL, sid, _dump({"code": CODE_TOO_MANY_STREAMS,
+                        STREAM_TOO_MANY, reason)
+        self._send_async(OPEN_FAIL, sid, _dump({"code": STREAM_TOO_MANY,
                                                 "reason": reason}))
 
     def _serve_open(self, stream: Stream) -> None:
@@ -1163,11 +1154,11 @@ class Tunnel:
             if isinstance(code, str):
                 reason = str(getattr(e, "reason", "") or e)
             elif isinstance(e, OSError):
-                code, reason = CODE_TARGET_REFUSED, _err(e)
+                code, reason = CloseCode.TARGET_REFUSED, _err(e)
             else:
                 log.exception("%s: stream %d: on_open(%s) failed", self.name, sid,
                               escape(target))
-                code, reason = CODE_ERROR, "internal error"
+                code, reason = CloseCode.ERROR, "internal error"
             log.info("%s: stream %d to %s refused: %s (%s)", self.name, sid, escape(target),
                      code, escape(reason))
             stream._reset = "refused"

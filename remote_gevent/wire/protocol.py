@@ -50,6 +50,7 @@ from remote_gevent.crypto.authkeys import (
     parse_ssh_ed25519_line,
     ssh_pubkey_line,
 )
+from remote_gevent.wire.codes import CloseCode, Reason
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024
@@ -79,61 +80,6 @@ class MsgType:
     ALL = frozenset({
         SESSION_REQUEST, SESSION_QUEUED, SESSION_ACCEPT, SESSION_REFUSE, SESSION_CLOSE, ALIVE, KEY,
         STATUS_REQUEST, STATUS,
-    })
-
-
-class CloseCode:
-    """Why a session ended (``session.close`` ``code``, tunnel CLOSE, history rows)."""
-
-    NORMAL = "normal"
-    CLOSED_BY_OPERATOR = "closed_by_operator"
-    CLOSED_BY_AGENT = "closed_by_agent"
-    IDLE_TIMEOUT = "idle_timeout"
-    ACK_LOST = "ack_lost"
-    REFUSED = "refused"
-    QUEUE_TIMEOUT = "queue_timeout"
-    RELAY_LOST = "relay_lost"
-    RELAY_REFUSED = "relay_refused"
-    SHUTDOWN = "shutdown"
-    CRYPTO_ERROR = "crypto_error"
-    PROTOCOL_ERROR = "protocol_error"
-    TARGET_REFUSED = "target_refused"
-    ERROR = "error"
-    # The operator's key left authorized_keys (or the file became unusable): its open and
-    # waiting sessions end at once.
-    REVOKED = "revoked"
-    ALL = frozenset({
-        NORMAL, CLOSED_BY_OPERATOR, CLOSED_BY_AGENT, IDLE_TIMEOUT, ACK_LOST, REFUSED,
-        QUEUE_TIMEOUT, RELAY_LOST, RELAY_REFUSED, SHUTDOWN, CRYPTO_ERROR, PROTOCOL_ERROR,
-        TARGET_REFUSED, ERROR, REVOKED,
-    })
-
-
-class Reason:
-    """Refusal reasons (``session.refuse`` ``code``; also ProtocolError.reason)."""
-
-    BAD_SIGNATURE = "bad_signature"
-    UNKNOWN_OPERATOR = "unknown_operator"
-    EXPIRED = "expired"
-    REPLAYED = "replayed"
-    MALFORMED = "malformed"
-    TOO_LARGE = "too_large"
-    WRONG_DEVICE = "wrong_device"
-    TARGET_NOT_PERMITTED = "target_not_permitted"
-    QUEUE_TIMEOUT = "queue_timeout"
-    SHUTTING_DOWN = "shutting_down"
-    # Added to design.md's list: the replay cache is full of unexpired ids.
-    RATE_LIMITED = "rate_limited"
-    # Fairness between operators: this operator already holds its share of max_session
-    # (remote.max_session_per_operator), or sent requests faster than remote.operator_rate.
-    OPERATOR_LIMIT = "operator_limit"
-    OPERATOR_RATE = "operator_rate_limited"
-    # A close of another operator's session by a key without the admin option.
-    NOT_OWNER = "not_session_owner"
-    ALL = frozenset({
-        BAD_SIGNATURE, UNKNOWN_OPERATOR, EXPIRED, REPLAYED, MALFORMED, TOO_LARGE, WRONG_DEVICE,
-        TARGET_NOT_PERMITTED, QUEUE_TIMEOUT, SHUTTING_DOWN, RATE_LIMITED, OPERATOR_LIMIT,
-        OPERATOR_RATE, NOT_OWNER,
     })
 
 

@@ -57,12 +57,10 @@ import gevent
 
 from remote_gevent.agent.files import transfer_partials as partials
 from remote_gevent.common.logs import escape
+from remote_gevent.wire.codes import VIRTUAL_SFTP, VIRTUAL_TARGETS, VIRTUAL_TRANSFER
 
 log = logging.getLogger(__name__)
 
-VIRTUAL_TRANSFER = "@transfer"
-VIRTUAL_SFTP = "@sftp"
-VIRTUAL_TARGETS = (VIRTUAL_TRANSFER, VIRTUAL_SFTP)
 
 CHUNK = 256 * 1024                 # file read/write size
 MAX_LINE = 4096                    # header / reply / trailer JSON line
