@@ -35,6 +35,7 @@ from benchmarks.suite_common import cpu_seconds, raise_nofile, rss_kib  # noqa: 
 from remote_gevent.relay import server as relay  # noqa: E402
 from remote_gevent.common import tls  # noqa: E402
 from remote_gevent.demo.pki import CertificateAuthority  # noqa: E402
+from remote_gevent.wire import rendezvous  # noqa: E402
 
 CHUNK = 256 * 1024
 READY_TIMEOUT = 20.0
@@ -57,13 +58,13 @@ def client_main(argv) -> None:
     a = p.parse_args(argv)
     if a.kind == "relay":
         ctx = tls.client_context(a.ca)
-        sock, _ = relay.dial_relay("127.0.0.1", a.port, ctx, "127.0.0.1", a.role, a.sid,
+        sock, _ = rendezvous.dial_relay("127.0.0.1", a.port, ctx, "127.0.0.1", a.role, a.sid,
                                    a.ticket, timeout=10, pair_timeout=30)
     else:
         sock = socket.create_connection(("127.0.0.1", a.port), timeout=10)
         sock.settimeout(None)
         if a.kind == "tls":
-            ctx = relay.allow_half_close(tls.client_context(a.ca))
+            ctx = rendezvous.allow_half_close(tls.client_context(a.ca))
             sock = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
     print("ready", flush=True)
     sys.stdin.readline()  # go
@@ -76,7 +77,7 @@ def client_main(argv) -> None:
             n = min(left, CHUNK)
             sock.sendall(view[:n])
             left -= n
-        relay.half_close(sock)
+        rendezvous.half_close(sock)
         while sock.recv(4096):
             pass
         total = a.bytes
@@ -233,9 +234,9 @@ def idle_pairs(port: int, ca_file: str, pairs: int, pid: int) -> dict:
     def one_pair(_i: int) -> None:
         sid = os.urandom(16).hex()
         ticket = os.urandom(32)
-        a = gevent.spawn(relay.dial_relay, "127.0.0.1", port, ctx, "127.0.0.1", "agent",
+        a = gevent.spawn(rendezvous.dial_relay, "127.0.0.1", port, ctx, "127.0.0.1", "agent",
                          sid, ticket, 10)
-        c = gevent.spawn(relay.dial_relay, "127.0.0.1", port, ctx, "127.0.0.1", "console",
+        c = gevent.spawn(rendezvous.dial_relay, "127.0.0.1", port, ctx, "127.0.0.1", "console",
                          sid, ticket, 10)
         gevent.joinall([a, c], raise_error=True)
         socks.append((a.value[0], c.value[0]))

@@ -189,6 +189,9 @@ def test_running_agent_imports_neither_click_nor_session_only_modules(tmp_path):
         kill_quietly(proc.pid)
     modules = set(json.loads(out.read_text()))
     assert "remote_gevent.agent.runtime" in modules and "remote_gevent.agent.tunnels" in modules
+    # nor the relay server or its splicer: the agent only dials (wire.rendezvous)
+    assert "remote_gevent.wire.rendezvous" in modules
     for name in ("click", "paramiko", "remote_gevent.agent.files.sftp",
-                 "remote_gevent.agent.files.transfer"):
+                 "remote_gevent.agent.files.transfer", "remote_gevent.relay.server",
+                 "remote_gevent.relay.splicer", "remote_gevent.relay.pending"):
         assert name not in modules, name

@@ -29,6 +29,7 @@ import pytest
 from remote_gevent.agent import history
 from remote_gevent.demo.platform import DemoPlatform, port_open
 from echo_server import EchoServer
+from remote_gevent.wire import rendezvous
 
 pytestmark = pytest.mark.e2e
 
@@ -720,7 +721,6 @@ def test_tampered_frame_ends_tunnel_with_crypto_error(hooked, procs):
 
 
 def test_wrong_ticket_at_the_relay_is_refused(hooked, procs):
-    from remote_gevent.relay import server as relay_mod
     from remote_gevent.common import tls
 
     p, relay, echo = hooked
@@ -731,8 +731,8 @@ def test_wrong_ticket_at_the_relay_is_refused(hooked, procs):
     live = relay.session_ids()
     assert live
     for role in ("console", "agent"):
-        with pytest.raises(relay_mod.RelayError):
-            relay_mod.dial_relay("127.0.0.1", relay.port, tls.client_context(p.ca.cert_file),
+        with pytest.raises(rendezvous.RelayError):
+            rendezvous.dial_relay("127.0.0.1", relay.port, tls.client_context(p.ca.cert_file),
                                  None, role, live[-1], secrets.token_bytes(32), timeout=5,
                                  pair_timeout=8)
     # the legitimate session is untouched

@@ -18,26 +18,26 @@ from fuzz_settings import examples
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from remote_gevent.relay import server as relay
+from remote_gevent.wire import rendezvous
 
 SID = "0123456789abcdef0123456789abcdef"
-VALID = relay.build_hello("agent", SID, bytes(range(32)))[:-1]
+VALID = rendezvous.build_hello("agent", SID, bytes(range(32)))[:-1]
 
 
 def _parse(line: bytes):
     try:
-        hello = relay.parse_hello(line)
-    except relay._BadHello as exc:
+        hello = rendezvous.parse_hello(line)
+    except rendezvous.BadHello as exc:
         assert str(exc)
         return None
-    assert hello.role in relay.ROLES
-    assert len(hello.ticket) == relay.TICKET_BYTES
-    assert relay.build_hello(hello.role, hello.session_id, hello.ticket)  # re-encodable
+    assert hello.role in rendezvous.ROLES
+    assert len(hello.ticket) == rendezvous.TICKET_BYTES
+    assert rendezvous.build_hello(hello.role, hello.session_id, hello.ticket)  # re-encodable
     return hello
 
 
 @examples(300)
-@given(st.binary(max_size=relay.MAX_HELLO))
+@given(st.binary(max_size=rendezvous.MAX_HELLO))
 @example(b"")
 @example(b"RG1 agent x y")
 @example(b"RG99999999999999999999 agent")
@@ -65,12 +65,12 @@ def test_parse_hello_near_valid(pieces, sep):
 
 
 @examples(150)
-@given(st.sampled_from(relay.ROLES), st.from_regex(r"\A[0-9a-f]{32}\Z"),
+@given(st.sampled_from(rendezvous.ROLES), st.from_regex(r"\A[0-9a-f]{32}\Z"),
        st.binary(min_size=32, max_size=32))
 def test_valid_hello_round_trips(role, sid, ticket):
-    line = relay.build_hello(role, sid, ticket)
-    assert line.endswith(b"\n") and len(line) <= relay.MAX_HELLO
-    assert relay.parse_hello(line[:-1]) == relay.Hello(role, sid, ticket)
+    line = rendezvous.build_hello(role, sid, ticket)
+    assert line.endswith(b"\n") and len(line) <= rendezvous.MAX_HELLO
+    assert rendezvous.parse_hello(line[:-1]) == rendezvous.Hello(role, sid, ticket)
 
 
 @examples(300)
@@ -82,8 +82,8 @@ def test_valid_hello_round_trips(role, sid, ticket):
 @example("1.2.3.4\n5")
 def test_peer_ip(value):
     try:
-        ip = relay.parse_peer_ip(value, "relay.example:8443")
-    except relay.RelayError as exc:
+        ip = rendezvous.parse_peer_ip(value, "relay.example:8443")
+    except rendezvous.RelayError as exc:
         assert exc.code == "protocol" and not exc.remote
         return
     assert str(ipaddress.ip_address(ip)) == ip
@@ -110,14 +110,14 @@ class _FakeSock:
 
 
 @examples(200)
-@given(st.binary(max_size=relay.MAX_HELLO + 20), st.booleans())
+@given(st.binary(max_size=rendezvous.MAX_HELLO + 20), st.booleans())
 @example(b"OK 1.2.3.4\nrest", True)
-@example(b"x" * (relay.MAX_HELLO + 5), False)
+@example(b"x" * (rendezvous.MAX_HELLO + 5), False)
 def test_read_answer_line(data, eof):
     sock = _FakeSock(data, eof)
     try:
-        line = relay._read_line(sock, time.monotonic() + 5)
+        line = rendezvous._read_line(sock, time.monotonic() + 5)
     except OSError:  # socket.timeout is an OSError: no line, closed, or too long
         return
-    assert "\n" not in line and len(line) < relay.MAX_HELLO
+    assert "\n" not in line and len(line) < rendezvous.MAX_HELLO
     assert len(line) == data.index(b"\n")  # exactly the first line, nothing after it

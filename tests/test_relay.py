@@ -27,6 +27,7 @@ from remote_gevent.relay import server as relay
 from remote_gevent.relay import splicer
 from remote_gevent.common import tls
 from remote_gevent.demo.pki import CertificateAuthority
+from remote_gevent.wire import rendezvous
 
 WAIT = 10.0  # seconds: bound for anything that should happen "soon"
 
@@ -72,7 +73,7 @@ def dial(server, ctx, role, sid, ticket, **kw):
     host, port = server.address
     kw.setdefault("timeout", WAIT)
     kw.setdefault("pair_timeout", WAIT)
-    return relay.dial_relay(host, port, ctx, "127.0.0.1", role, sid, ticket, **kw)
+    return rendezvous.dial_relay(host, port, ctx, "127.0.0.1", role, sid, ticket, **kw)
 
 
 def pair(server, ctx, sid=None, ticket=None):
@@ -124,7 +125,7 @@ def send_all_then_half_close(sock, size, seed):
         sock.sendall(chunk)
         digest.update(chunk)
         sent += len(chunk)
-    relay.half_close(sock)
+    rendezvous.half_close(sock)
     return digest.hexdigest()
 
 
@@ -217,7 +218,7 @@ def test_bytes_sent_right_after_dial_returns_are_not_lost(make_relay, client_ctx
 
     for _ in range(20):
         sid, ticket = new_session()
-        jobs = [gevent.spawn(dial_and_send, role, sid, ticket) for role in relay.ROLES]
+        jobs = [gevent.spawn(dial_and_send, role, sid, ticket) for role in rendezvous.ROLES]
         with gevent.Timeout(WAIT):
             gevent.joinall(jobs, raise_error=True)
         for job, other in ((jobs[0], "console"), (jobs[1], "agent")):
@@ -345,7 +346,7 @@ def test_bytes_sent_with_the_hello_are_refused(make_relay, client_ctx):
     server = make_relay()
     sid, ticket = new_session()
     eager = raw_tls(server, client_ctx)
-    eager.sendall(relay.build_hello("console", sid, ticket) + b"pipelined")
+    eager.sendall(rendezvous.build_hello("console", sid, ticket) + b"pipelined")
     assert answer(eager) == b"ERR bad_hello\n"
     assert wait_until(lambda: server.pending == 0)
 
@@ -354,7 +355,7 @@ def test_a_waiter_that_sends_before_ok_is_refused(make_relay, client_ctx):
     server = make_relay()
     sid, ticket = new_session()
     eager = raw_tls(server, client_ctx)
-    eager.sendall(relay.build_hello("agent", sid, ticket))
+    eager.sendall(rendezvous.build_hello("agent", sid, ticket))
     assert wait_until(lambda: server.pending == 1)
     eager.sendall(b"too early")
     assert answer(eager) == b"ERR bad_hello\n"
@@ -374,7 +375,7 @@ def test_wrong_ticket_is_never_paired_and_the_waiter_still_pairs(make_relay, cli
     agent = gevent.spawn(dial, server, client_ctx, "agent", sid, ticket)
     assert wait_until(lambda: server.pending == 1)
     for role in ("console", "agent"):  # stranger in either role: mismatch, waiter untouched
-        with pytest.raises(relay.RelayError) as err:
+        with pytest.raises(rendezvous.RelayError) as err:
             dial(server, client_ctx, role, sid, os.urandom(32))
         assert err.value.code == "ticket_mismatch" and err.value.remote
         assert "127.0.0.1:%d" % server.address[1] in str(err.value)
@@ -392,7 +393,7 @@ def test_same_role_twice_is_a_duplicate(make_relay, client_ctx):
     sid, ticket = new_session()
     first = gevent.spawn(dial, server, client_ctx, "console", sid, ticket)
     assert wait_until(lambda: server.pending == 1)
-    with pytest.raises(relay.RelayError) as err:
+    with pytest.raises(rendezvous.RelayError) as err:
         dial(server, client_ctx, "console", sid, ticket)
     assert err.value.code == "duplicate"
     pair_agent = dial(server, client_ctx, "agent", sid, ticket)
@@ -474,8 +475,8 @@ def test_client_reports_the_relay_version_on_a_version_refusal(client_ctx, pki):
             tconn.sendall(b"ERR bad_hello RG3\n")
 
     fake = gevent.spawn(fake_relay)
-    with pytest.raises(relay.RelayError) as err:
-        relay.dial_relay("127.0.0.1", listener.getsockname()[1], client_ctx, "127.0.0.1",
+    with pytest.raises(rendezvous.RelayError) as err:
+        rendezvous.dial_relay("127.0.0.1", listener.getsockname()[1], client_ctx, "127.0.0.1",
                          "agent", *new_session(), timeout=WAIT)
     fake.get(timeout=WAIT)
     listener.close()
@@ -487,7 +488,7 @@ def test_pairing_timeout(make_relay, client_ctx):
     server = make_relay(pairing_timeout=0.5)
     sid, ticket = new_session()
     start = time.monotonic()
-    with pytest.raises(relay.RelayError) as err:
+    with pytest.raises(rendezvous.RelayError) as err:
         dial(server, client_ctx, "agent", sid, ticket)
     assert err.value.code == "timeout" and err.value.remote
     assert 0.4 < time.monotonic() - start < 5
@@ -510,7 +511,7 @@ def test_max_pending_gives_busy(make_relay, client_ctx):
     waiters = [gevent.spawn(dial, server, client_ctx, "agent", *new_session())
                for _ in range(2)]
     assert wait_until(lambda: server.pending == 2)
-    with pytest.raises(relay.RelayError) as err:
+    with pytest.raises(rendezvous.RelayError) as err:
         dial(server, client_ctx, "agent", *new_session())
     assert err.value.code == "busy"
     gevent.killall(waiters)
@@ -521,7 +522,7 @@ def test_per_ip_pending_limit_gives_busy(make_relay, client_ctx):
     waiters = [gevent.spawn(dial, server, client_ctx, "console", *new_session())
                for _ in range(2)]
     assert wait_until(lambda: server.pending == 2)
-    with pytest.raises(relay.RelayError) as err:
+    with pytest.raises(rendezvous.RelayError) as err:
         dial(server, client_ctx, "console", *new_session())
     assert err.value.code == "busy"
     gevent.killall(waiters)
@@ -541,7 +542,7 @@ def half_open(server, ctx, n, kind):
         if kind != "tcp":
             sock = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
         if kind == "partial":
-            sock.sendall(relay.build_hello("agent", *new_session())[:40])
+            sock.sendall(rendezvous.build_hello("agent", *new_session())[:40])
         socks.append(sock)
     return socks
 
@@ -604,7 +605,7 @@ def test_waiters_with_a_valid_hello_are_never_displaced_by_half_open(make_relay,
     held = [gevent.spawn(dial, server, client_ctx, "console", *new_session())
             for _ in range(3)]
     assert wait_until(lambda: len(server._waiting) == 3)
-    with pytest.raises(relay.RelayError) as err:
+    with pytest.raises(rendezvous.RelayError) as err:
         dial(server, client_ctx, "agent", *new_session())
     assert err.value.code == "busy"
     assert len(server._waiting) == 3 and not any(g.ready() for g in held)
@@ -656,7 +657,7 @@ def test_max_paired_gives_busy(make_relay, client_ctx):
     server = make_relay(max_paired=1)
     held = pair(server, client_ctx)  # keep the sockets: dropping them would end the session
     assert server.paired == 1
-    with pytest.raises(relay.RelayError) as err:
+    with pytest.raises(rendezvous.RelayError) as err:
         dial(server, client_ctx, "agent", *new_session())
     assert err.value.code == "busy"
     assert held[0][0].fileno() != -1
@@ -681,7 +682,7 @@ def test_stop_drains_then_closes_after_grace(make_relay, client_ctx, caplog):
     waiter = gevent.spawn(dial, server, client_ctx, "agent", *new_session())
     assert wait_until(lambda: server.pending == 1)
     stopper = gevent.spawn(server.stop, 0.5)
-    with pytest.raises(relay.RelayError) as err:
+    with pytest.raises(rendezvous.RelayError) as err:
         waiter.get(timeout=WAIT)
     assert err.value.code == "busy"  # unpaired clients are sent away at once
     console.sendall(b"still flowing")  # paired sessions keep working during the grace
@@ -698,14 +699,14 @@ def test_stop_drains_then_closes_after_grace(make_relay, client_ctx, caplog):
 def test_client_verifies_the_relay_certificate(make_relay, pki):
     server = make_relay()
     wrong_ca = tls.client_context(pki["other"].cert_file)
-    with pytest.raises(relay.RelayError) as err:
-        relay.dial_relay("127.0.0.1", server.address[1], wrong_ca, "127.0.0.1", "agent",
+    with pytest.raises(rendezvous.RelayError) as err:
+        rendezvous.dial_relay("127.0.0.1", server.address[1], wrong_ca, "127.0.0.1", "agent",
                          *new_session(), timeout=WAIT)
     assert err.value.code == "tls" and not err.value.remote
     assert "wrong CA" in str(err.value)
     right_ca = tls.client_context(pki["ca"].cert_file)
-    with pytest.raises(relay.RelayError) as err:
-        relay.dial_relay("127.0.0.1", server.address[1], right_ca, "relay.example.org",
+    with pytest.raises(rendezvous.RelayError) as err:
+        rendezvous.dial_relay("127.0.0.1", server.address[1], right_ca, "relay.example.org",
                          "agent", *new_session(), timeout=WAIT)
     assert err.value.code == "tls" and "host name" in str(err.value)
 
@@ -715,8 +716,8 @@ def test_unreachable_relay_names_host_and_port(client_ctx):
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    with pytest.raises(relay.RelayError) as err:
-        relay.dial_relay("127.0.0.1", port, client_ctx, None, "agent", *new_session(),
+    with pytest.raises(rendezvous.RelayError) as err:
+        rendezvous.dial_relay("127.0.0.1", port, client_ctx, None, "agent", *new_session(),
                          timeout=2)
     assert err.value.code == "unreachable"
     assert "127.0.0.1:%d" % port in str(err.value)
@@ -768,8 +769,8 @@ def test_ok_without_an_ip_address_is_a_protocol_failure(pki, client_ctx, value):
     """Issue 10 item 7: the OK value becomes the history's remote_ip: only an IP passes."""
     fake = FakeRelay(pki, ("OK %s\n" % value).encode("latin-1"), unwrap=True)
     try:
-        with pytest.raises(relay.RelayError) as err:
-            relay.dial_relay("127.0.0.1", fake.port, client_ctx, "127.0.0.1", "agent",
+        with pytest.raises(rendezvous.RelayError) as err:
+            rendezvous.dial_relay("127.0.0.1", fake.port, client_ctx, "127.0.0.1", "agent",
                              *new_session(), timeout=WAIT, pair_timeout=WAIT)
     finally:
         fake.close()
@@ -785,7 +786,7 @@ def test_ok_with_an_ip_address_pairs_and_returns_it_normalised(pki, client_ctx, 
                                                                expected):
     fake = FakeRelay(pki, ("OK %s\n" % value).encode("ascii"), unwrap=True)
     try:
-        sock, peer = relay.dial_relay("127.0.0.1", fake.port, client_ctx, "127.0.0.1",
+        sock, peer = rendezvous.dial_relay("127.0.0.1", fake.port, client_ctx, "127.0.0.1",
                                       "agent", *new_session(), timeout=WAIT,
                                       pair_timeout=WAIT)
         sock.close()
@@ -796,7 +797,7 @@ def test_ok_with_an_ip_address_pairs_and_returns_it_normalised(pki, client_ctx, 
 
 def test_a_parsed_hello_never_shows_its_ticket():
     sid, ticket = new_session()
-    hello = relay.parse_hello(relay.build_hello("agent", sid, ticket)[:-1])
+    hello = rendezvous.parse_hello(rendezvous.build_hello("agent", sid, ticket)[:-1])
     assert hello.ticket == ticket and sid in repr(hello)
     for piece in _ticket_traces(ticket):
         assert piece not in repr(hello) and piece not in str(hello)
@@ -805,16 +806,16 @@ def test_a_parsed_hello_never_shows_its_ticket():
 def test_the_relay_sends_an_ok_its_clients_accept():
     for seen, sent in (("192.0.2.7", "192.0.2.7"), ("2001:db8::7", "2001:db8::7"),
                        ("fe80::1%eth0", "fe80::1"), ("::ffff:192.0.2.7", "::ffff:192.0.2.7")):
-        line = relay.ok_line(seen)
+        line = rendezvous.ok_line(seen)
         assert line == b"OK %s\n" % sent.encode()
-        relay.parse_peer_ip(line[3:-1].decode())  # no RelayError
+        rendezvous.parse_peer_ip(line[3:-1].decode())  # no RelayError
 
 
 def test_peer_text_in_relay_errors_is_escaped(pki, client_ctx):
     fake = FakeRelay(pki, b"ERR evil\x1b[2Jcode\r\n")
     try:
-        with pytest.raises(relay.RelayError) as err:
-            relay.dial_relay("127.0.0.1", fake.port, client_ctx, "127.0.0.1", "agent",
+        with pytest.raises(rendezvous.RelayError) as err:
+            rendezvous.dial_relay("127.0.0.1", fake.port, client_ctx, "127.0.0.1", "agent",
                              *new_session(), timeout=WAIT, pair_timeout=WAIT)
     finally:
         fake.close()
@@ -824,11 +825,11 @@ def test_peer_text_in_relay_errors_is_escaped(pki, client_ctx):
 
 def test_dial_validates_its_input(client_ctx):
     with pytest.raises(ValueError):
-        relay.dial_relay("127.0.0.1", 1, client_ctx, None, "operator", *new_session())
+        rendezvous.dial_relay("127.0.0.1", 1, client_ctx, None, "operator", *new_session())
     with pytest.raises(ValueError):
-        relay.dial_relay("127.0.0.1", 1, client_ctx, None, "agent", "XYZ", os.urandom(32))
+        rendezvous.dial_relay("127.0.0.1", 1, client_ctx, None, "agent", "XYZ", os.urandom(32))
     with pytest.raises(ValueError):
-        relay.dial_relay("127.0.0.1", 1, client_ctx, None, "agent", new_session()[0],
+        rendezvous.dial_relay("127.0.0.1", 1, client_ctx, None, "agent", new_session()[0],
                          os.urandom(16))
 
 
@@ -893,7 +894,7 @@ def test_a_failed_pairing_is_one_line_without_traceback_or_ticket(
     env, console = _agent_env(tmp_path, pki, address)
     try:
         if failure == "ticket_mismatch":  # a stranger waits there with the id, not the ticket
-            squatter = gevent.spawn(relay.dial_relay, *address, client_ctx, "127.0.0.1",
+            squatter = gevent.spawn(rendezvous.dial_relay, *address, client_ctx, "127.0.0.1",
                                     "console", console.session_id, os.urandom(32),
                                     timeout=WAIT, pair_timeout=WAIT)
             assert wait_until(lambda: console.session_id in server._waiting)
@@ -975,7 +976,7 @@ def test_a_failed_pairing_on_the_console_prints_no_traceback_or_ticket(
         def start_request(device, targets):
             nonlocal squatter
             pending = real_start(device, targets)
-            squatter = gevent.spawn(relay.dial_relay, *address, client_ctx, "127.0.0.1",
+            squatter = gevent.spawn(rendezvous.dial_relay, *address, client_ctx, "127.0.0.1",
                                     "agent", pending.session_id, os.urandom(32),
                                     timeout=WAIT, pair_timeout=WAIT)
             assert wait_until(lambda: pending.session_id in server._waiting)
@@ -1047,7 +1048,7 @@ def test_cli_sigterm_lets_the_session_finish_and_logs_no_payload(tmp_path, pki, 
         sender = gevent.spawn(send_all_then_half_close, agent, size, b"after-term")
         with gevent.Timeout(WAIT):
             assert receive_all(console) == (size, sender.get())
-        relay.half_close(console)
+        rendezvous.half_close(console)
         agent.settimeout(WAIT)
         assert agent.recv(10) == b""
         agent.close()

@@ -31,6 +31,7 @@ from remote_gevent.demo.pki import CertificateAuthority
 from remote_gevent.crypto.identity import IdentityKey
 from remote_gevent.wire.protocol import CloseCode, Reason
 from echo_server import echo
+from remote_gevent.wire import rendezvous
 
 T = 10.0  # generous bound for any single wait
 DEVICE = "dev1"
@@ -233,7 +234,7 @@ class Console:
     def dial(self) -> Any:
         ctx = tls.client_context(self.env.ca_file)
         host, port = self.env.relay.address
-        self.sock, self.agent_ip = relay.dial_relay(
+        self.sock, self.agent_ip = rendezvous.dial_relay(
             host, port, ctx, "localhost", "console", self.session_id, self.ticket, timeout=T,
             pair_timeout=T)
         return self.sock

@@ -55,19 +55,20 @@ from remote_gevent.agent import fairness
 from remote_gevent.wire import mux
 from remote_gevent.wire import mux_limits
 from remote_gevent.wire import protocol
-from remote_gevent.relay import server as relay
+from remote_gevent.common.addresses import format_address
 from remote_gevent.common import tls
 from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.agent.history import History, record_safely
 from remote_gevent.wire.protocol import CloseCode, Reason, Refused
 from remote_gevent.common.sockets import close_quietly
+from remote_gevent.wire import rendezvous
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # seconds to connect a TCP target for one stream
 RELAY_CONNECT_TIMEOUT = 10.0  # seconds for TCP connect + TLS handshake + hello to the relay
 # Seconds we wait for the relay's OK (the console to arrive). Longer than the relay's
-# own pairing timeout (relay.DEFAULT_PAIRING_TIMEOUT, 30 s) so that normally the relay
+# own pairing timeout (rendezvous.DEFAULT_PAIRING_TIMEOUT, 30 s) so that normally the relay
 # says "ERR timeout" first and we know why.
 PAIRING_TIMEOUT = 60.0
 PAIRING_GRACE = 5.0
@@ -608,9 +609,9 @@ class TunnelManager:
             # expected failure is returned instead, so it prints nothing: _finish logs it
             # once, with the session id and the reason (issue 10, item 13).
             try:
-                return relay.dial_relay(host, port, ctx, host, "agent", s.id, ticket,
+                return rendezvous.dial_relay(host, port, ctx, host, "agent", s.id, ticket,
                                         RELAY_CONNECT_TIMEOUT, PAIRING_TIMEOUT)
-            except (relay.RelayError, ValueError) as e:
+            except (rendezvous.RelayError, ValueError) as e:
                 return e
 
         dialer = gevent.spawn(dial)
@@ -624,12 +625,12 @@ class TunnelManager:
                 raise _End(*s.close_request)
             s.remote_ip = str(peer_ip)
             log.info("session %s: paired at relay %s with %s", s.id,
-                     relay.format_address(host, port), peer_ip)
+                     format_address(host, port), peer_ip)
             return sock
         if s.close_request is not None:
             raise _End(*s.close_request)
         exc = dialer.value if dialer.successful() else dialer.exception
-        if isinstance(exc, relay.RelayError):
+        if isinstance(exc, rendezvous.RelayError):
             if exc.code == "protocol" and not exc.remote:
                 raise _End(CloseCode.RELAY_LOST, str(exc))
             if exc.code == "timeout" and exc.remote:

@@ -42,6 +42,7 @@ from remote_gevent.console.config import (
     ConsoleConfig,
     ConsoleError,
 )
+from remote_gevent.wire import rendezvous
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,6 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
     :class:`ConsoleError` with the exit code for every expected failure.
     """
     from remote_gevent.wire import mux
-    from remote_gevent.relay import server as relay
     from remote_gevent.common import tls
     from remote_gevent.crypto import tunnel_crypto
     from remote_gevent.console.control import ConsoleControl
@@ -158,7 +158,7 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
         host, port = _split(pending.relay)
 
         def do_dial() -> Tuple[Any, str]:
-            return relay.dial_relay(host, port, ctx, host, "console", pending.session_id,
+            return rendezvous.dial_relay(host, port, ctx, host, "console", pending.session_id,
                                     pending.ticket, timeout=cfg.relay_timeout)
 
         def early_dial() -> Any:
@@ -166,11 +166,11 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
             # dies of an exception as a traceback on the terminal (issue 10, item 13).
             try:
                 return do_dial()
-            except relay.RelayError as exc:
+            except rendezvous.RelayError as exc:
                 return exc
 
         def dial_failure(g: gevent.Greenlet) -> Optional[BaseException]:
-            return g.value if isinstance(g.value, relay.RelayError) else g.exception
+            return g.value if isinstance(g.value, rendezvous.RelayError) else g.exception
 
         def on_dial_done(g: gevent.Greenlet) -> None:
             exc = dial_failure(g)
@@ -181,7 +181,7 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
         dial.link(on_dial_done)
         try:
             offer = control.wait_offer(pending)
-        except relay.RelayError as exc:
+        except rendezvous.RelayError as exc:
             _abandon(control, device, pending.session_id, "console could not reach the relay")
             raise _relay_error(exc) from None
         dial.join()
@@ -192,7 +192,7 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
                      offer.session_id)
             try:
                 sock, peer_ip = do_dial()
-            except relay.RelayError as exc:
+            except rendezvous.RelayError as exc:
                 raise _relay_error(exc) from None
         else:
             raise _relay_error(dial_failure(dial))

@@ -21,7 +21,7 @@ import yaml  # noqa: E402
 from remote_gevent import __version__  # noqa: E402
 from remote_gevent.relay import server as relay  # noqa: E402
 from remote_gevent.common import tls  # noqa: E402
-from remote_gevent.common.addresses import parse_listen  # noqa: E402
+from remote_gevent.common.addresses import format_address, parse_listen  # noqa: E402
 
 log = logging.getLogger("remote_gevent.relay.server")
 
@@ -196,10 +196,10 @@ def main(listen: Optional[str], cert: Optional[str], key: Optional[str],
         server.start()
     except OSError as exc:
         raise click.ClickException("cannot listen on %s: %s" % (
-            relay.format_address(settings.host, settings.port), exc)) from None
+            format_address(settings.host, settings.port), exc)) from None
     if not log.isEnabledFor(logging.INFO):
         # Scripts and tests wait for this line whatever the log level.
-        click.echo("relay listening on %s" % relay.format_address(*server.address), err=True)
+        click.echo("relay listening on %s" % format_address(*server.address), err=True)
     stop.wait()
     log.info("signal %d: stopping (grace %.0fs)", signals[0], settings.grace)
     server.stop()
