@@ -27,7 +27,7 @@ from remote_gevent.crypto import authkeys
 from remote_gevent.agent import daemon
 from remote_gevent.agent import history
 from remote_gevent.crypto import identity
-from remote_gevent.agent import memory
+from remote_gevent.common import memory
 from remote_gevent.wire import protocol
 from remote_gevent.agent import config as config_mod
 from remote_gevent.crypto import tunnel_crypto as tc

@@ -17,7 +17,7 @@ from typing import List
 import pytest
 from test_e2e import MIB, WAIT, make_platform, random_file, sha256_file, wait_for
 
-from remote_gevent.agent.files.transfer import part_name
+from remote_gevent.wire.transfer_lines import part_name
 
 pytestmark = pytest.mark.e2e
 

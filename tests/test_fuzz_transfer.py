@@ -3,7 +3,7 @@
 An operator's console sends a JSON header line (then data and a trailer for ``put``).
 Documented outcome (transfer.py, docs/transfer.md): ``serve_transfer_stream`` returns a
 result whose ``code`` is ``transfer_ok`` or ``transfer_<code>`` with ``<code>`` in
-``transfer.CODES``; every refusal it sends is one JSON line ``{"ok": false, "code",
+``transfer_lines.CODES``; every refusal it sends is one JSON line ``{"ok": false, "code",
 "message"}`` with a code from the same set; no other exception escapes, nothing is
 written outside the roots, and nothing hangs. Valid puts round-trip through get.
 """
@@ -24,7 +24,9 @@ from fuzz_settings import examples
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from remote_gevent.agent.files import roots
 from remote_gevent.agent.files import transfer
+from remote_gevent.wire import transfer_lines
 
 LIMIT = 5.0
 PROD_RECURSION = 1000
@@ -41,8 +43,8 @@ with open(os.path.join(RO, "readme.txt"), "wb") as _f:
 with open(os.path.join(OUTSIDE, "secret"), "wb") as _f:
     _f.write(b"secret\n")
 os.symlink(OUTSIDE, os.path.join(RW, "escape"))
-ROOTS = transfer.Roots([transfer.Root(RW, writable=True, max_size=1 << 20),
-                        transfer.Root(RO)], overwrite=True)
+ROOTS = roots.Roots([roots.Root(RW, writable=True, max_size=1 << 20),
+                        roots.Root(RO)], overwrite=True)
 OUTSIDE_BEFORE = sorted(os.listdir(OUTSIDE))
 
 
@@ -78,7 +80,7 @@ def _serve(wire: bytes):
     return result, reply
 
 
-_KNOWN = {transfer.RESULT_OK} | {transfer.result_code(c) for c in transfer.CODES}
+_KNOWN = {transfer_lines.RESULT_OK} | {transfer_lines.result_code(c) for c in transfer_lines.CODES}
 
 
 def _check(result, reply: bytes) -> None:
@@ -91,7 +93,7 @@ def _check(result, reply: bytes) -> None:
         obj = json.loads(first)
         assert isinstance(obj, dict)
         if obj.get("ok") is False:
-            assert obj.get("code") in transfer.CODES, obj
+            assert obj.get("code") in transfer_lines.CODES, obj
 
 
 _NAMES = st.sampled_from(["a", "b.txt", ".a.rgpart", "..", ".", "escape", "escape/secret",
@@ -108,7 +110,7 @@ _VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan
                     st.text(max_size=10), st.lists(st.integers(), max_size=2),
                     st.sampled_from(["0" * 64, "f" * 64, "F" * 64, 10 ** 30, -1, 2 ** 63]))
 _HEADERS = st.fixed_dictionaries(
-    {"op": st.one_of(st.sampled_from(transfer.OPS), _VALUES)},
+    {"op": st.one_of(st.sampled_from(transfer_lines.OPS), _VALUES)},
     optional={"path": st.one_of(_PATHS, _VALUES), "size": st.one_of(st.integers(0, 64), _VALUES),
               "sha256": _VALUES, "overwrite": _VALUES, "resume": _VALUES, "parents": _VALUES,
               "offset": _VALUES, "extra": _VALUES})
@@ -133,7 +135,7 @@ def test_any_header(header, rest):
 @given(st.binary(max_size=200))
 @example(b"[" * 2040 + b"\n")
 @example(b'{"op":' * 700 + b"\n")
-@example(b"x" * (transfer.MAX_LINE + 10))
+@example(b"x" * (transfer_lines.MAX_LINE + 10))
 @example(b"\xff\xfe\n")
 @example(b'{"op": "stat", "op": "get", "path": "/"}\n')
 def test_any_bytes(wire):
@@ -151,9 +153,9 @@ def test_valid_put_round_trips(data, name, send_sha):
         header["sha256"] = digest
     trailer = _header_line({"sha256": digest})
     result, reply = _serve(_header_line(header) + data + trailer)
-    assert result["code"] == transfer.RESULT_OK, (result, reply)
+    assert result["code"] == transfer_lines.RESULT_OK, (result, reply)
     result, reply = _serve(_header_line({"op": "get", "path": path}))
-    assert result["code"] == transfer.RESULT_OK, (result, reply)
+    assert result["code"] == transfer_lines.RESULT_OK, (result, reply)
     assert data in reply
 
 

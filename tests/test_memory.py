@@ -1,11 +1,11 @@
-"""remote_gevent.agent.memory: gc + glibc malloc_trim, never fatal."""
+"""remote_gevent.common.memory: gc + glibc malloc_trim, never fatal."""
 
 import os
 import sys
 
 import pytest
 
-from remote_gevent.agent import memory
+from remote_gevent.common import memory
 
 GLIBC = bool(getattr(os, "confstr", None) and os.confstr("CS_GNU_LIBC_VERSION"))
 

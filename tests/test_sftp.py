@@ -24,7 +24,8 @@ from paramiko import SFTPAttributes
 
 from remote_gevent.crypto import identity
 from remote_gevent.agent.files import sftp
-from remote_gevent.agent.files import transfer
+from remote_gevent.agent.files import roots as roots_mod
+from remote_gevent.wire import transfer_lines
 from remote_gevent.agent.files import transfer_partials
 from test_transfer import FORGED, make_old, make_tree
 
@@ -58,8 +59,8 @@ TIMEOUT = 60
 def server(tmp_path):
     rw, ro, outside, local = make_tree(tmp_path)
     os.symlink(str(outside), str(rw / "out_link"))
-    roots = transfer.Roots([transfer.Root(str(rw), writable=True),
-                            transfer.Root(str(ro), writable=False)])
+    roots = roots_mod.Roots([roots_mod.Root(str(rw), writable=True),
+                            roots_mod.Root(str(ro), writable=False)])
     key = identity.IdentityKey.generate()
     results = []
 
@@ -102,7 +103,7 @@ def sha(path):
 
 
 def leftovers(d):
-    return [n for n in os.listdir(str(d)) if n.endswith(transfer.PART_SUFFIX)]
+    return [n for n in os.listdir(str(d)) if n.endswith(transfer_lines.PART_SUFFIX)]
 
 
 @needs_sftp
@@ -252,8 +253,8 @@ def test_hard_links_refused(server, caplog):
 def direct(tmp_path, **root_kw):
     """A ``RootsSFTPServer`` called directly (no SSH): the rw and ro roots of make_tree."""
     rw, ro, outside, local = make_tree(tmp_path)
-    roots = transfer.Roots([transfer.Root(str(rw), writable=True, **root_kw),
-                            transfer.Root(str(ro), writable=False)],
+    roots = roots_mod.Roots([roots_mod.Root(str(rw), writable=True, **root_kw),
+                            roots_mod.Root(str(ro), writable=False)],
                            partial_ttl=3600)
     srv = sftp.RootsSFTPServer(None, roots, log_ctx="unit")
     return srv, rw, ro, outside

@@ -24,10 +24,14 @@ import pytest
 from remote_gevent.agent import config
 from remote_gevent.crypto import identity
 from remote_gevent.wire import mux
+from remote_gevent.agent.files import dispatch
+from remote_gevent.agent.files import fsops
+from remote_gevent.agent.files import roots as roots_mod
 from remote_gevent.agent.files import transfer
+from remote_gevent.wire import transfer_lines
 from remote_gevent.crypto import tunnel_crypto as tc
 from remote_gevent.console import transfer as ct
-from remote_gevent.agent.files.transfer import TransferError
+from remote_gevent.wire.transfer_lines import TransferError
 
 MIB = 1024 * 1024
 SIZE_MIB = int(os.environ.get("RG_TRANSFER_TEST_MIB", "64"))
@@ -75,7 +79,7 @@ class Pair:
     host_identity = identity.IdentityKey.generate()  # the @sftp host key
 
     def on_open(self, target):
-        return transfer.open_virtual_target(target, self.tcfg, self.host_identity,
+        return dispatch.open_virtual_target(target, self.tcfg, self.host_identity,
                                             on_result=self.results.append, log_ctx=SID)
 
     def factory(self):
@@ -150,7 +154,7 @@ def wait_results(e, n, timeout=10):
 
 
 def no_partials(d):
-    return [p for p in os.listdir(str(d)) if p.endswith(transfer.PART_SUFFIX)] == []
+    return [p for p in os.listdir(str(d)) if p.endswith(transfer_lines.PART_SUFFIX)] == []
 
 
 # --------------------------------------------------------------------------- happy paths
@@ -732,14 +736,14 @@ def test_new_keys_reach_the_roots(tmp_path):
                    "partial_quota": "1M"},
                   {"path": str(tmp_path), "mode": "ro"}]}}}
     cfg = config.parse(raw, str(tmp_path / "c.yaml"))
-    roots = transfer.Roots.from_config(cfg.remote.transfer)
+    roots = roots_mod.Roots.from_config(cfg.remote.transfer)
     assert roots.partial_ttl == 7200
     by_path = {r.real: r for r in roots.roots}
     assert by_path[os.path.realpath(str(rw))].allow_hardlinks is True
     assert by_path[os.path.realpath(str(rw))].partial_quota == MIB
     assert by_path[os.path.realpath(str(tmp_path))].allow_hardlinks is False
     assert by_path[os.path.realpath(str(tmp_path))].partial_quota == 3 * MIB
-    defaults = transfer.Roots.from_config(config.parse(
+    defaults = roots_mod.Roots.from_config(config.parse(
         {"remote": {"transfer": {"roots": [{"path": str(rw), "mode": "rw"}]}}},
         str(tmp_path / "c.yaml")).remote.transfer)
     assert defaults.partial_ttl == 86400
@@ -758,7 +762,7 @@ def test_roots_resolve_unit(tmp_path):
     root = tmp_path / "r"
     (root / "d").mkdir(parents=True)
     os.symlink("d", str(root / "inner"))   # symlink inside the root: allowed
-    roots = transfer.Roots([transfer.Root(str(root), writable=False)])
+    roots = roots_mod.Roots([roots_mod.Root(str(root), writable=False)])
     assert roots.resolve(str(root / "inner")).path == os.path.realpath(str(root / "d"))
     assert roots.resolve(str(root) + "//d/./").path == os.path.realpath(str(root / "d"))
     for path, code in [("", "bad_request"), ("a", "not_absolute"),
@@ -781,8 +785,8 @@ def test_rename_noreplace(tmp_path):
     dfd = os.open(str(tmp_path), os.O_RDONLY)
     try:
         with pytest.raises(FileExistsError):
-            transfer.rename_noreplace(dfd, "a", dfd, "b")
-        transfer.rename_noreplace(dfd, "a", dfd, "c")
+            fsops.rename_noreplace(dfd, "a", dfd, "b")
+        fsops.rename_noreplace(dfd, "a", dfd, "c")
     finally:
         os.close(dfd)
     assert (tmp_path / "b").read_bytes() == b"b" and (tmp_path / "c").read_bytes() == b"a"

@@ -33,7 +33,7 @@ import gevent.event
 
 from remote_gevent import __version__
 from remote_gevent.crypto import identity
-from remote_gevent.agent import memory
+from remote_gevent.common import memory
 from remote_gevent.agent import config as config_mod
 from remote_gevent.agent.config import AgentConfig
 from remote_gevent.agent.control import ControlPlane
@@ -49,7 +49,7 @@ STOP_GRACE = 10.0  # seconds services and tunnels get to end after SIGTERM
 MAIN_TICK = 1.0  # seconds; the main loop wakes at least this often
 KEY_ROTATION_CHECK = 3600.0  # seconds between two checks of the key's age
 #: Seconds after the control plane is first ready (connected, key published) before the
-#: memory freed during start-up is handed back to the OS (:mod:`remote_gevent.agent.memory`).
+#: memory freed during start-up is handed back to the OS (:mod:`remote_gevent.common.memory`).
 RELEASE_MEMORY_DELAY = 2.0
 
 

@@ -666,7 +666,7 @@ class TunnelManager:
         return sock
 
     def _open_virtual(self, s: _Session, target: str) -> Any:
-        from remote_gevent.agent.files import transfer
+        from remote_gevent.agent.files import dispatch
 
         def on_result(result: Dict[str, Any]) -> None:
             s.transfers += 1
@@ -675,7 +675,7 @@ class TunnelManager:
                      result.get("bytes"))
 
         # Raises TransferError (code target_refused) when transfer is disabled.
-        return transfer.open_virtual_target(target, self._cfg, self._get_identity,
+        return dispatch.open_virtual_target(target, self._cfg, self._get_identity,
                                             on_result=on_result, log_ctx="session %s" % s.id)
 
     # -- the end --------------------------------------------------------------------

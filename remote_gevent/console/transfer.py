@@ -25,7 +25,7 @@ import gevent
 import gevent.event
 
 from remote_gevent.common import fsutil
-from remote_gevent.agent.files.transfer import (
+from remote_gevent.wire.transfer_lines import (
     BAD_REQUEST,
     CHUNK,
     CONNECTION_LOST,

@@ -23,7 +23,7 @@ window counts payload only.  :mod:`remote_gevent.wire.mux` uses what is here to 
   session over ``buffer_budget`` resets its stream (RESET "receive buffer budget
   exceeded"); the window still bounds each stream as before.
 - **Memory back after a burst of closes.**  :func:`note_streams_closed` schedules one
-  :func:`remote_gevent.agent.memory.release` (``gc.collect`` + glibc ``malloc_trim``) a moment
+  :func:`remote_gevent.common.memory.release` (``gc.collect`` + glibc ``malloc_trim``) a moment
   after :data:`TRIM_AFTER_CLOSES` streams ended, at most once per
   :data:`TRIM_MIN_INTERVAL`: freed stream memory sits in malloc's arenas otherwise.
 """
@@ -124,7 +124,7 @@ class _Trimmer:
         self.pending = gevent.spawn_later(delay, self._run)
 
     def _run(self) -> None:
-        from remote_gevent.agent import memory
+        from remote_gevent.common import memory
 
         self.pending = None
         self.closed = 0

@@ -57,7 +57,10 @@ from paramiko import (
     SFTPServerInterface,
 )
 
-from remote_gevent.agent.files import transfer as tr
+from remote_gevent.agent.files import fsops
+from remote_gevent.agent.files import roots
+from remote_gevent.agent.files import transfer
+from remote_gevent.wire import transfer_lines as tl
 from remote_gevent.agent.files import transfer_partials as partials
 from remote_gevent.common.logs import escape
 
@@ -65,30 +68,30 @@ log = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 30.0          # client must open its session channel within this
 MAX_CHANNELS = 4             # session channels per SSH connection
-COPY_CHUNK = tr.CHUNK
+COPY_CHUNK = tl.CHUNK
 
 # TransferError code -> SFTP status (SFTP v3 has only a handful of codes).
 STATUS_OF = {
-    tr.NOT_FOUND: SFTP_NO_SUCH_FILE,
-    tr.OUTSIDE_ROOT: SFTP_PERMISSION_DENIED,
-    tr.NOT_ABSOLUTE: SFTP_PERMISSION_DENIED,
-    tr.SYMLINK_ESCAPE: SFTP_PERMISSION_DENIED,
-    tr.READ_ONLY: SFTP_PERMISSION_DENIED,
-    tr.NOT_REGULAR_FILE: SFTP_PERMISSION_DENIED,
-    tr.EXISTS: SFTP_FAILURE,
-    tr.TOO_LARGE: SFTP_FAILURE,
-    tr.NO_SPACE: SFTP_FAILURE,
-    tr.INTEGRITY: SFTP_FAILURE,
-    tr.IO_ERROR: SFTP_FAILURE,
-    tr.BAD_REQUEST: SFTP_FAILURE,
-    tr.BUSY: SFTP_FAILURE,
-    tr.HARD_LINK: SFTP_PERMISSION_DENIED,
+    tl.NOT_FOUND: SFTP_NO_SUCH_FILE,
+    tl.OUTSIDE_ROOT: SFTP_PERMISSION_DENIED,
+    tl.NOT_ABSOLUTE: SFTP_PERMISSION_DENIED,
+    tl.SYMLINK_ESCAPE: SFTP_PERMISSION_DENIED,
+    tl.READ_ONLY: SFTP_PERMISSION_DENIED,
+    tl.NOT_REGULAR_FILE: SFTP_PERMISSION_DENIED,
+    tl.EXISTS: SFTP_FAILURE,
+    tl.TOO_LARGE: SFTP_FAILURE,
+    tl.NO_SPACE: SFTP_FAILURE,
+    tl.INTEGRITY: SFTP_FAILURE,
+    tl.IO_ERROR: SFTP_FAILURE,
+    tl.BAD_REQUEST: SFTP_FAILURE,
+    tl.BUSY: SFTP_FAILURE,
+    tl.HARD_LINK: SFTP_PERMISSION_DENIED,
 }
 
 OnResult = Optional[Callable[[Dict[str, Any]], None]]
 
 
-def status_of(e: tr.TransferError) -> int:
+def status_of(e: tl.TransferError) -> int:
     return STATUS_OF.get(e.code, SFTP_FAILURE)
 
 
@@ -185,16 +188,16 @@ class _Entry:
     """A directory entry addressed *without* following its last component (for
     lstat, remove, rename, mkdir, rmdir): the parent resolved inside a root."""
 
-    def __init__(self, parent: tr.Resolved, name: str) -> None:
+    def __init__(self, parent: roots.Resolved, name: str) -> None:
         self.parent = parent
         self.name = name
         self.path = parent.path.rstrip("/") + "/" + name
 
 
 class RootsSFTPServer(SFTPServerInterface):
-    """paramiko SFTP server interface confined to ``transfer.Roots``."""
+    """paramiko SFTP server interface confined to ``roots.Roots``."""
 
-    def __init__(self, server: Any, roots: tr.Roots, log_ctx: str = "",
+    def __init__(self, server: Any, roots: roots.Roots, log_ctx: str = "",
                  on_result: OnResult = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(server, *args, **kwargs)
         self.roots = roots
@@ -225,12 +228,12 @@ class RootsSFTPServer(SFTPServerInterface):
         norm = self.roots.check_path(self.canonicalize(path))
         parent_path, name = posixpath.split(norm)
         if not name:
-            raise tr.TransferError(tr.READ_ONLY, "/ is virtual")
+            raise tl.TransferError(tl.READ_ONLY, "/ is virtual")
         if self.roots.root_of(norm) is None or self.roots.root_of(parent_path) is None:
             # A root itself or a virtual ancestor: not removable/renamable.
             if self.roots.root_of(norm) is None:
-                raise tr.TransferError(tr.OUTSIDE_ROOT, "%s is outside the roots" % norm)
-            raise tr.TransferError(tr.READ_ONLY, "%s is a transfer root" % norm)
+                raise tl.TransferError(tl.OUTSIDE_ROOT, "%s is outside the roots" % norm)
+            raise tl.TransferError(tl.READ_ONLY, "%s is a transfer root" % norm)
         parent = self.roots.resolve(parent_path, want_write=want_write)
         return _Entry(parent, name)
 
@@ -246,14 +249,14 @@ class RootsSFTPServer(SFTPServerInterface):
             dfd = res.open_self_dir()
             try:
                 out = []
-                for name in sorted(os.listdir(dfd))[:tr.MAX_LIST_ENTRIES]:
-                    st = tr.lstat_in(dfd, name)
+                for name in sorted(os.listdir(dfd))[:transfer.MAX_LIST_ENTRIES]:
+                    st = fsops.lstat_in(dfd, name)
                     if st is not None:
                         out.append(_attrs(st, name))
                 return out
             finally:
                 os.close(dfd)
-        except tr.TransferError as e:
+        except tl.TransferError as e:
             return status_of(e)
         except OSError as e:
             return SFTPServer.convert_errno(e.errno)
@@ -268,13 +271,13 @@ class RootsSFTPServer(SFTPServerInterface):
                 return _attrs(os.stat(res.root.real), posixpath.basename(norm))
             dfd = res.open_parent()
             try:
-                st = tr.lstat_in(dfd, res.name)
+                st = fsops.lstat_in(dfd, res.name)
             finally:
                 os.close(dfd)
             if st is None:
                 return SFTP_NO_SUCH_FILE
             return _attrs(st, res.name)
-        except tr.TransferError as e:
+        except tl.TransferError as e:
             return status_of(e)
         except OSError as e:
             return SFTPServer.convert_errno(e.errno)
@@ -288,11 +291,11 @@ class RootsSFTPServer(SFTPServerInterface):
             ent = self._entry(norm, want_write=False)
             dfd = ent.parent.open_self_dir()
             try:
-                st = tr.lstat_in(dfd, ent.name)
+                st = fsops.lstat_in(dfd, ent.name)
             finally:
                 os.close(dfd)
             return SFTP_NO_SUCH_FILE if st is None else _attrs(st, ent.name)
-        except tr.TransferError as e:
+        except tl.TransferError as e:
             return status_of(e)
         except OSError as e:
             return SFTPServer.convert_errno(e.errno)
@@ -314,14 +317,14 @@ class RootsSFTPServer(SFTPServerInterface):
                 return SFTP_PERMISSION_DENIED
             dfd = res.open_parent()
             try:
-                fd, st = tr.open_regular(res, dfd)
+                fd, st = roots.open_regular(res, dfd)
             finally:
                 os.close(dfd)
             if st.st_size > res.root.max_size:
                 os.close(fd)
-                raise tr.TransferError(tr.TOO_LARGE, "%s is larger than the limit" % res.path)
+                raise tl.TransferError(tl.TOO_LARGE, "%s is larger than the limit" % res.path)
             return _ReadHandle(self, fd, res.path, flags)
-        except tr.TransferError as e:
+        except tl.TransferError as e:
             log.info("%s: sftp open %s refused: %s", self.log_ctx, escape(path), escape(e))
             return status_of(e)
         except OSError as e:
@@ -331,26 +334,26 @@ class RootsSFTPServer(SFTPServerInterface):
         res = self.roots.resolve(self.canonicalize(path), want_write=True)
         name = res.name
         if name is None:
-            raise tr.TransferError(tr.NOT_REGULAR_FILE, "%s is a transfer root" % res.path)
-        if tr.is_part_name(name):
-            raise tr.TransferError(tr.BAD_REQUEST, "reserved name %s" % name)
+            raise tl.TransferError(tl.NOT_REGULAR_FILE, "%s is a transfer root" % res.path)
+        if tl.is_part_name(name):
+            raise tl.TransferError(tl.BAD_REQUEST, "reserved name %s" % name)
         dfd = res.open_parent()
         try:
-            st = tr.lstat_in(dfd, name)
+            st = fsops.lstat_in(dfd, name)
             if st is not None:
                 if not stat.S_ISREG(st.st_mode):
-                    raise tr.TransferError(tr.NOT_REGULAR_FILE, "%s is not a regular file"
+                    raise tl.TransferError(tl.NOT_REGULAR_FILE, "%s is not a regular file"
                                            % res.path)
                 if flags & os.O_EXCL or not self.roots.overwrite:
-                    raise tr.TransferError(tr.EXISTS, "%s already exists" % res.path)
-                tr.check_links(st, res.path, res.root.allow_hardlinks)
+                    raise tl.TransferError(tl.EXISTS, "%s already exists" % res.path)
+                fsops.check_links(st, res.path, res.root.allow_hardlinks)
             elif not flags & os.O_CREAT:
-                raise tr.TransferError(tr.NOT_FOUND, "%s does not exist" % res.path)
+                raise tl.TransferError(tl.NOT_FOUND, "%s does not exist" % res.path)
             ledger = partials.ledger_of(res.root)
             ledger.maybe_sweep(res.root, self.roots.partial_ttl)
-            tmp = ".%s.%s%s" % (name, binascii.hexlify(os.urandom(4)).decode(), tr.PART_SUFFIX)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | tr._O_NOFOLLOW
-                         | tr._O_CLOEXEC, tr.PART_MODE, dir_fd=dfd)
+            tmp = ".%s.%s%s" % (name, binascii.hexlify(os.urandom(4)).decode(), tl.PART_SUFFIX)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | fsops.O_NOFOLLOW
+                         | fsops.O_CLOEXEC, fsops.PART_MODE, dir_fd=dfd)
             # Ours alone (O_EXCL): the lock tells a sweep that this partial is in use,
             # however long the client stays idle.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -369,7 +372,7 @@ class RootsSFTPServer(SFTPServerInterface):
         try:
             fn()
             return SFTP_OK
-        except tr.TransferError as e:
+        except tl.TransferError as e:
             log.info("%s: sftp %s refused: %s", self.log_ctx, escape(what), escape(e))
             return status_of(e)
         except OSError as e:
@@ -382,7 +385,7 @@ class RootsSFTPServer(SFTPServerInterface):
         dfd = ent.parent.open_self_dir()
         try:
             fn(dfd)
-            tr._fsync_dir(dfd)
+            fsops.fsync_dirfd(dfd)
         finally:
             os.close(dfd)
 
@@ -391,15 +394,15 @@ class RootsSFTPServer(SFTPServerInterface):
             ent = self._entry(path, want_write=True)
 
             def rm(dfd: int) -> None:
-                st = tr.lstat_in(dfd, ent.name)
+                st = fsops.lstat_in(dfd, ent.name)
                 if st is None:
-                    raise tr.TransferError(tr.NOT_FOUND, "%s: no such file" % ent.path)
+                    raise tl.TransferError(tl.NOT_FOUND, "%s: no such file" % ent.path)
                 if stat.S_ISDIR(st.st_mode):
-                    raise tr.TransferError(tr.NOT_REGULAR_FILE, "%s is a directory" % ent.path)
+                    raise tl.TransferError(tl.NOT_REGULAR_FILE, "%s is a directory" % ent.path)
                 os.unlink(ent.name, dir_fd=dfd)
             self._with_parent(ent, rm)
             self.report({"op": "sftp_remove", "path": ent.path, "bytes": 0,
-                         "code": tr.RESULT_OK})
+                         "code": tl.RESULT_OK})
         return self._namespace_op("remove %s" % path, do)
 
     def rename(self, oldpath: str, newpath: str) -> int:
@@ -412,24 +415,24 @@ class RootsSFTPServer(SFTPServerInterface):
         def do() -> None:
             src = self._entry(oldpath, want_write=True)
             dst = self._entry(newpath, want_write=True)
-            if tr.is_part_name(dst.name):
-                raise tr.TransferError(tr.BAD_REQUEST, "reserved name %s" % dst.name)
+            if tl.is_part_name(dst.name):
+                raise tl.TransferError(tl.BAD_REQUEST, "reserved name %s" % dst.name)
             sfd = src.parent.open_self_dir()
             try:
                 dfd = dst.parent.open_self_dir()
                 try:
-                    if tr.lstat_in(sfd, src.name) is None:
-                        raise tr.TransferError(tr.NOT_FOUND, "%s: no such file" % src.path)
-                    old = tr.lstat_in(dfd, dst.name) if replace else None
+                    if fsops.lstat_in(sfd, src.name) is None:
+                        raise tl.TransferError(tl.NOT_FOUND, "%s: no such file" % src.path)
+                    old = fsops.lstat_in(dfd, dst.name) if replace else None
                     if old is not None:
-                        tr.check_links(old, dst.path, dst.parent.root.allow_hardlinks)
+                        fsops.check_links(old, dst.path, dst.parent.root.allow_hardlinks)
                     if replace:
                         os.rename(src.name, dst.name, src_dir_fd=sfd, dst_dir_fd=dfd)
                     else:
-                        tr.rename_noreplace(sfd, src.name, dfd, dst.name)
-                    tr._fsync_dir(dfd)
+                        fsops.rename_noreplace(sfd, src.name, dfd, dst.name)
+                    fsops.fsync_dirfd(dfd)
                     if dfd != sfd:
-                        tr._fsync_dir(sfd)
+                        fsops.fsync_dirfd(sfd)
                 finally:
                     os.close(dfd)
             finally:
@@ -439,7 +442,7 @@ class RootsSFTPServer(SFTPServerInterface):
     def mkdir(self, path: str, attr: SFTPAttributes) -> int:
         def do() -> None:
             ent = self._entry(path, want_write=True)
-            self._with_parent(ent, lambda dfd: os.mkdir(ent.name, tr.DIR_MODE, dir_fd=dfd))
+            self._with_parent(ent, lambda dfd: os.mkdir(ent.name, fsops.DIR_MODE, dir_fd=dfd))
         return self._namespace_op("mkdir %s" % path, do)
 
     def rmdir(self, path: str) -> int:
@@ -452,10 +455,10 @@ class RootsSFTPServer(SFTPServerInterface):
         def do() -> None:
             res = self.roots.resolve(self.canonicalize(path), want_write=True)
             if res.name is None:
-                raise tr.TransferError(tr.READ_ONLY, "%s is a transfer root" % res.path)
+                raise tl.TransferError(tl.READ_ONLY, "%s is a transfer root" % res.path)
             dfd = res.open_parent()
             try:
-                fd, _ = tr.open_regular(res, dfd)
+                fd, _ = roots.open_regular(res, dfd)
             finally:
                 os.close(dfd)
             try:
@@ -474,7 +477,7 @@ def _apply_attrs(fd: int, attr: SFTPAttributes) -> None:
     if attr.st_atime is not None and attr.st_mtime is not None:
         os.utime(fd, (attr.st_atime, attr.st_mtime))
     if attr.st_size is not None and attr.st_size != os.fstat(fd).st_size:
-        raise tr.TransferError(tr.BAD_REQUEST, "truncate via setstat is not supported")
+        raise tl.TransferError(tl.BAD_REQUEST, "truncate via setstat is not supported")
 
 
 class _ReadHandle(SFTPHandle):
@@ -511,7 +514,7 @@ class _ReadHandle(SFTPHandle):
         os.close(self.fd)
         self.fd = -1
         self.server.report({"op": "sftp_get", "path": self.path, "bytes": self.bytes,
-                            "code": tr.RESULT_OK,
+                            "code": tl.RESULT_OK,
                             "duration": round(time.monotonic() - self.started, 3)})
 
 
@@ -519,7 +522,7 @@ class _WriteHandle(SFTPHandle):
     """Writes land in a temp file renamed into place on a client CLOSE."""
 
     def __init__(self, server: RootsSFTPServer, dfd: int, fd: int, tmp: str, name: str,
-                 res: tr.Resolved, flags: int, attr: SFTPAttributes) -> None:
+                 res: roots.Resolved, flags: int, attr: SFTPAttributes) -> None:
         super().__init__(flags)
         self.server = server
         self.dfd = dfd
@@ -531,7 +534,7 @@ class _WriteHandle(SFTPHandle):
         self.attr = attr
         self.size = 0
         self.cap = res.root.max_size
-        self.error: Optional[tr.TransferError] = None
+        self.error: Optional[tl.TransferError] = None
         self.bytes = 0
         self.started = time.monotonic()
         self.ledger = partials.ledger_of(res.root)
@@ -543,17 +546,17 @@ class _WriteHandle(SFTPHandle):
         self.ledger.reserve(self.key, end, self.res.root.partial_quota, self.res.path)
 
     def copy_existing(self) -> None:
-        src = os.open(self.name, os.O_RDONLY | tr._O_NOFOLLOW | os.O_NONBLOCK | tr._O_CLOEXEC,
+        src = os.open(self.name, os.O_RDONLY | fsops.O_NOFOLLOW | os.O_NONBLOCK | fsops.O_CLOEXEC,
                       dir_fd=self.dfd)
         try:
             st = os.fstat(src)
             if not stat.S_ISREG(st.st_mode):
-                self._fail(tr.TransferError(tr.NOT_REGULAR_FILE, "%s is not a regular file"
+                self._fail(tl.TransferError(tl.NOT_REGULAR_FILE, "%s is not a regular file"
                                             % self.res.path))
                 return
             try:
-                tr.check_links(st, self.res.path, self.res.root.allow_hardlinks)
-            except tr.TransferError as e:
+                fsops.check_links(st, self.res.path, self.res.root.allow_hardlinks)
+            except tl.TransferError as e:
                 self._fail(e)
                 return
             pos = 0
@@ -562,12 +565,12 @@ class _WriteHandle(SFTPHandle):
                 if not data:
                     break
                 if pos + len(data) > self.cap:
-                    self._fail(tr.TransferError(tr.TOO_LARGE, "%s exceeds the limit"
+                    self._fail(tl.TransferError(tl.TOO_LARGE, "%s exceeds the limit"
                                                 % self.res.path))
                     return
                 try:
                     self.account(pos + len(data))
-                except tr.TransferError as e:
+                except tl.TransferError as e:
                     self._fail(e)
                     return
                 os.pwrite(self.fd, data, pos)
@@ -576,7 +579,7 @@ class _WriteHandle(SFTPHandle):
         finally:
             os.close(src)
 
-    def _fail(self, e: tr.TransferError) -> int:
+    def _fail(self, e: tl.TransferError) -> int:
         if self.error is None:
             self.error = e
             log.info("%s: sftp write %s failed: %s", self.server.log_ctx,
@@ -597,12 +600,12 @@ class _WriteHandle(SFTPHandle):
             offset = self.size
         end = offset + len(data)
         if end > self.cap:
-            return self._fail(tr.TransferError(tr.TOO_LARGE, "%s: more than %d bytes"
+            return self._fail(tl.TransferError(tl.TOO_LARGE, "%s: more than %d bytes"
                                                % (self.res.path, self.cap)))
         if end > self.size:
             try:
                 self.account(end)
-            except tr.TransferError as e:
+            except tl.TransferError as e:
                 return self._fail(e)
         try:
             view = memoryview(data)
@@ -612,7 +615,7 @@ class _WriteHandle(SFTPHandle):
                 view = view[n:]
                 pos += n
         except OSError as e:
-            return self._fail(tr._os_error(e, self.res.path))
+            return self._fail(fsops.os_error(e, self.res.path))
         self.size = max(self.size, end)
         self.bytes += len(data)
         return SFTP_OK
@@ -631,46 +634,46 @@ class _WriteHandle(SFTPHandle):
         keep = False
         try:
             if self.server.ended and self.error is None:
-                self.error = tr.TransferError(tr.INCOMPLETE, "session ended before close")
+                self.error = tl.TransferError(tl.INCOMPLETE, "session ended before close")
             if self.error is not None:
                 code = status_of(self.error)
                 return code
             try:
-                os.fchmod(self.fd, tr.FILE_MODE)
+                os.fchmod(self.fd, fsops.FILE_MODE)
                 if self.attr is not None and self.attr.st_mode is not None:
                     os.fchmod(self.fd, stat.S_IMODE(self.attr.st_mode) & 0o1777)
-                tr._fsync(self.fd)
+                fsops.fsync_fd(self.fd)
                 if self.server.roots.overwrite:
-                    st = tr.lstat_in(self.dfd, self.name)
+                    st = fsops.lstat_in(self.dfd, self.name)
                     if st is not None and not stat.S_ISREG(st.st_mode):
-                        raise tr.TransferError(tr.NOT_REGULAR_FILE, "%s is not a regular file"
+                        raise tl.TransferError(tl.NOT_REGULAR_FILE, "%s is not a regular file"
                                                % self.res.path)
                     if st is not None:
-                        tr.check_links(st, self.res.path, self.res.root.allow_hardlinks)
+                        fsops.check_links(st, self.res.path, self.res.root.allow_hardlinks)
                     os.rename(self.tmp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
                 else:
-                    tr.rename_noreplace(self.dfd, self.tmp, self.dfd, self.name)
+                    fsops.rename_noreplace(self.dfd, self.tmp, self.dfd, self.name)
                 keep = True
-                tr._fsync_dir(self.dfd)
-            except tr.TransferError as e:
+                fsops.fsync_dirfd(self.dfd)
+            except tl.TransferError as e:
                 code = self._fail(e)
             except OSError as e:
-                code = self._fail(tr._os_error(e, self.res.path))
+                code = self._fail(fsops.os_error(e, self.res.path))
             return code
         finally:
             os.close(self.fd)
             self.fd = -1
             if not keep:
-                tr._unlink_quietly(self.tmp, self.dfd)
+                fsops.unlink_quietly(self.tmp, self.dfd)
             self.ledger.release(self.key, None)
             os.close(self.dfd)
             self.server.report({
                 "op": "sftp_put", "path": self.res.path, "bytes": self.bytes,
-                "code": tr.result_code(self.error.code if self.error else None),
+                "code": tl.result_code(self.error.code if self.error else None),
                 "duration": round(time.monotonic() - self.started, 3)})
 
 
-def serve_sftp(sock: Any, roots: tr.Roots, host_key: Any, log_ctx: str = "",
+def serve_sftp(sock: Any, roots: roots.Roots, host_key: Any, log_ctx: str = "",
                on_result: OnResult = None, auth_timeout: float = AUTH_TIMEOUT) -> None:
     """Run an SSH server with only the sftp subsystem on ``sock`` until the client
     leaves; ``on_result`` gets one dict per file read, written or removed."""

@@ -35,6 +35,7 @@ import gevent
 import gevent.lock
 
 from remote_gevent.common.logs import escape
+from remote_gevent.wire import transfer_lines as tl
 
 log = logging.getLogger("remote_gevent.agent.files.transfer")
 
@@ -73,11 +74,10 @@ class Ledger:
 
     def reserve(self, key: str, nbytes: int, quota: int, shown: str) -> None:
         """Account ``nbytes`` for the upload writing ``key``, or refuse it (NO_SPACE)."""
-        from remote_gevent.agent.files import transfer as tr
         others = self.held(exclude=key)
         if others + nbytes > quota:
-            raise tr.TransferError(
-                tr.NO_SPACE, "%s: partial uploads in this root already hold %d bytes; %d more "
+            raise tl.TransferError(
+                tl.NO_SPACE, "%s: partial uploads in this root already hold %d bytes; %d more "
                 "would pass its partial quota of %d (remote.transfer.partial_quota); resume "
                 "them or wait until they expire (remote.transfer.partial_ttl)"
                 % (shown, others, nbytes, quota))
@@ -108,7 +108,6 @@ class Ledger:
     def sweep(self, root: Any, ttl: float) -> int:
         """Remove expired partials below ``root``, re-count the others; returns the
         number removed (one log line if any)."""
-        from remote_gevent.agent.files.transfer import TransferError
         found: Dict[str, int] = {}
         removed = 0
         freed = 0
@@ -119,7 +118,7 @@ class Ledger:
             parts = pending.pop()
             try:
                 dfd = root.open_dir(parts)
-            except (TransferError, OSError):
+            except (tl.TransferError, OSError):
                 continue    # gone, or swapped for a symlink since it was listed: skip it
             try:
                 with os.scandir(dfd) as it:
@@ -202,8 +201,7 @@ def remove_if_unused(dfd: int, name: str, st: os.stat_result) -> bool:
 
 
 def _is_part_name(name: str) -> bool:
-    from remote_gevent.agent.files.transfer import is_part_name
-    return is_part_name(name)
+    return tl.is_part_name(name)
 
 
 _LEDGERS: Dict[str, Ledger] = {}
