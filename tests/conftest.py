@@ -13,6 +13,17 @@ import pytest
 from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.pki import CertificateAuthority
 
+# A test that uses one of these fixtures needs RabbitMQ: marked ``broker`` so that
+# ``./scripts/test -m "not broker and not e2e"`` runs the fast tier without it.
+BROKER_FIXTURES = frozenset({"rabbit", "own_rabbit", "device", "operator"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+
+
 TEST_VHOST = "rg/test"  # a "/" inside on purpose: exercises URL-encoding of the vhost
 SERVER_ID = "fr04"
 
