@@ -15,193 +15,48 @@ Relative paths in the file are resolved against the directory of the config file
 
 from __future__ import annotations
 
+from __future__ import annotations
 import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-import yaml
-
-from remote_gevent.common import addresses
-from remote_gevent.common.addresses import AddressError, BrokerURL, parse_broker_url, redact_url
+from remote_gevent.common.configschema import (
+    v_server_id,
+    AmqpConfig,
+    ConfigError,
+    GIB,
+    Invalid,
+    Problems,
+    build_section,
+    declared_fields,
+    field_default,
+    item_error,
+    key,
+    parse_amqp_url,
+    parse_size,
+    read_document,
+    split_host_port,
+    unreadable,
+    v_bool,
+    v_int,
+    v_matching,
+    v_opt_existing_file,
+    v_opt_size,
+    v_path,
+    v_size,
+    v_token,
+)
 
 DEFAULT_PATH = "/etc/alemca/config.yaml"
 ENV_CONFIG = "REMOTE_GEVENT_CONFIG"
 
-SUPPORTED_SERVER_IDS = ("fr04",)
 IDENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-GIB = 1024 ** 3
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; ``problems`` lists every reason, one per line."""
-
-    def __init__(self, problems: List[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
-
-
-class Invalid(ValueError):
-    """Raised by a validator: the message says what is expected.
-
-    ``where`` (e.g. ``"[2]"``) and ``value`` narrow the problem to one item of a list
-    or map, so the error names ``remote.allow[2]`` and that item's value.
-    """
-
-    def __init__(self, message: str, where: str = "", value: Any = None,
-                 has_value: bool = False) -> None:
-        super().__init__(message)
-        self.where = where
-        self.value = value
-        self.has_value = has_value
-
-
-def _item_error(exc: Invalid, where: str, value: Any) -> Invalid:
-    return Invalid(str(exc), where=where, value=value, has_value=True)
-
-
-# --------------------------------------------------------------------------- validators
-# A validator receives the raw YAML value and the directory of the config file and
-# returns the normalised value, or raises Invalid.
-
-Validator = Callable[[Any, str], Any]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def v_bool(value: Any, base: str) -> bool:
-    if not isinstance(value, bool):
-        raise Invalid("expected true or false")
-    return value
-
-
-def v_int(minimum: int, maximum: Optional[int] = None) -> Validator:
-    def check(value: Any, base: str) -> int:
-        if not _is_int(value):
-            raise Invalid("expected an integer")
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = "" if maximum is None else " and <= %d" % maximum
-            raise Invalid("expected an integer >= %d%s" % (minimum, upper))
-        return int(value)
-
-    return check
-
-
-def v_float(minimum: float, maximum: Optional[float] = None) -> Validator:
-    """A number of seconds in (minimum, maximum]."""
-
-    def check(value: Any, base: str) -> float:
-        if not (_is_int(value) or isinstance(value, float)):
-            raise Invalid("expected a number of seconds")
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = "" if maximum is None else " and <= %g" % maximum
-            raise Invalid("expected a number >= %g%s" % (minimum, upper))
-        return float(value)
-
-    return check
-
-
-def v_str(value: Any, base: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise Invalid("expected a non-empty string")
-    return value
-
-
-def v_matching(pattern: "re.Pattern[str]", message: str) -> Validator:
-    """An optional string (None stays None) that ``pattern`` must match."""
-    def check(value: Any, base: str) -> Optional[str]:
-        if value is None:
-            return None
-        if not isinstance(value, str) or not pattern.match(value):
-            raise Invalid(message)
-        return value
-    return check
-
-
 v_ident = v_matching(IDENT_RE, "expected 1 to 64 characters among A-Z a-z 0-9 _ -")
 
 
-def v_token(value: Any, base: str) -> Optional[str]:
-    if value is None:
-        return None
-    if _is_int(value):  # an all-digits token written without quotes
-        value = str(value)
-    if not isinstance(value, str) or not value:
-        raise Invalid("expected a non-empty string")
-    return value
-
-
-def _resolve(path: str, base: str) -> str:
-    path = os.path.expanduser(path)
-    if not os.path.isabs(path):
-        path = os.path.normpath(os.path.join(base, path))
-    return path
-
-
-def v_path(value: Any, base: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise Invalid("expected a file path")
-    return _resolve(value, base)
-
-
-def v_opt_path(value: Any, base: str) -> Optional[str]:
-    if value is None:
-        return None
-    return v_path(value, base)
-
-
-def v_opt_existing_file(value: Any, base: str) -> Optional[str]:
-    """An optional path that must name a readable file when set (CA, certificate)."""
-    if value is None:
-        return None
-    path = v_path(value, base)
-    if not os.path.isfile(path):
-        raise Invalid("file does not exist")
-    if not os.access(path, os.R_OK):
-        raise Invalid("file is not readable")
-    return path
-
-
-def v_server_id(value: Any, base: str) -> str:
-    if value not in SUPPORTED_SERVER_IDS:
-        raise Invalid("unsupported server id; supported: %s" % ", ".join(SUPPORTED_SERVER_IDS))
-    return value
-
-
-def parse_amqp_url(url: str) -> BrokerURL:
-    """The broker URL parser the AMQP link uses (one set of rules); raises Invalid."""
-    try:
-        return parse_broker_url(url)
-    except AddressError as exc:
-        raise Invalid(str(exc)) from None
-
-
-def v_urls(value: Any, base: str) -> Tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise Invalid("expected a non-empty list of amqps:// URLs")
-    for i, url in enumerate(value):
-        try:
-            parse_amqp_url(url)
-        except Invalid as exc:  # the value shown without any user:password@
-            raise _item_error(exc, "[%d]" % i, redact_url(url)) from None
-    return tuple(value)
-
-
-def split_host_port(value: str, wildcard_port: bool = False) -> Tuple[str, Optional[int]]:
-    """:func:`addresses.split_host_port` raising Invalid (port None means ``*``)."""
-    try:
-        return addresses.split_host_port(value, wildcard_port)
-    except AddressError as exc:
-        raise Invalid(str(exc)) from None
 
 
 def v_allow(value: Any, base: str) -> Tuple[str, ...]:
@@ -211,7 +66,7 @@ def v_allow(value: Any, base: str) -> Tuple[str, ...]:
         try:
             split_host_port(item, wildcard_port=True)
         except Invalid as exc:
-            raise _item_error(exc, "[%d]" % i, item) from None
+            raise item_error(exc, "[%d]" % i, item) from None
     return tuple(value)
 
 
@@ -225,36 +80,8 @@ def v_relays(value: Any, base: str) -> Mapping[str, str]:
         try:
             split_host_port(addr)
         except Invalid as exc:
-            raise _item_error(exc, ".%s" % sid, addr) from None
+            raise item_error(exc, ".%s" % sid, addr) from None
     return MappingProxyType(dict(value))
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from an int or a string like ``512M`` / ``4GiB`` (binary units)."""
-    if _is_int(value):
-        if value <= 0:
-            raise Invalid("expected a positive size")
-        return int(value)
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m and len(m.group(1)) <= 30:  # int() refuses over 4300 digits (ValueError)
-            size = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
-            if size > 0:
-                return size
-    raise Invalid("expected a positive size in bytes (or with K/M/G/T suffix)")
-
-
-# --------------------------------------------------------------------------- declarations
-
-
-def key(default: Any, validator: Validator, type_name: str, help: str,
-        secret: bool = False) -> Any:
-    """Declare one config key: its default, validator, type (for docs) and help text."""
-    meta = {"validator": validator, "type": type_name, "help": help, "secret": secret}
-    if isinstance(default, (list, dict)):
-        frozen = tuple(default) if isinstance(default, list) else MappingProxyType(default)
-        return field(default_factory=lambda: frozen, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -276,14 +103,6 @@ def v_roots(value: Any, base: str) -> Tuple[TransferRoot, ...]:
     if not isinstance(value, list):
         raise Invalid("expected a list of {path, mode: ro|rw, max_size}")
     return tuple(value)
-
-
-def v_size(value: Any, base: str) -> int:
-    return parse_size(value)
-
-
-def v_opt_size(value: Any, base: str) -> Optional[int]:
-    return None if value is None else parse_size(value)
 
 
 def v_buffer_budget(value: Any, base: str) -> int:
@@ -312,25 +131,6 @@ class TransferConfig:
         None, v_opt_size, "size|null",
         "most bytes partial uploads may hold in one rw root (a root's own partial_quota "
         "wins); null: twice the root's max_size")
-
-
-@dataclass(frozen=True)
-class AmqpConfig:
-    urls: Tuple[str, ...] = key(
-        ["amqps://localhost:5671/"], v_urls, "list of URL",
-        "broker URLs amqps://host:port/vhost, tried in turn; amqp:// only to loopback")
-    ca_file: Optional[str] = key(
-        None, v_opt_existing_file, "path|null",
-        "CA bundle that signs the broker certificate; null: the system store")
-    cert_file: Optional[str] = key(
-        None, v_opt_existing_file, "path|null", "optional TLS client certificate (PEM)")
-    key_file: Optional[str] = key(
-        None, v_opt_existing_file, "path|null", "private key of cert_file (PEM)")
-    heartbeat: int = key(30, v_int(0, 3600), "int s", "AMQP heartbeat in seconds (0: off)")
-    connect_timeout: float = key(
-        10.0, v_float(0.001, 600), "float s", "TCP+TLS+AMQP connect timeout in seconds")
-    reconnect_max_delay: float = key(
-        60.0, v_float(0.001, 3600), "float s", "cap of the reconnect backoff in seconds")
 
 
 @dataclass(frozen=True)
@@ -422,25 +222,17 @@ SECTIONS = (("amqp", AmqpConfig), ("remote", RemoteConfig))
 TOP_LEVEL_KEYS = ("ident", "token")
 
 
-def _declared(cls: type) -> List[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if "validator" in f.metadata]
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
-
-
 def iter_keys() -> Iterator[Tuple[str, str, Any, str]]:
     """Yield (dotted key, type, default, help) for every key: the reference docs."""
-    for f in _declared(AgentConfig):
-        yield f.name, f.metadata["type"], _default(f), f.metadata["help"]
+    for f in declared_fields(AgentConfig):
+        yield f.name, f.metadata["type"], field_default(f), f.metadata["help"]
     for section, cls in SECTIONS:
-        for f in _declared(cls):
-            yield "%s.%s" % (section, f.name), f.metadata["type"], _default(f), f.metadata["help"]
-    for f in _declared(TransferConfig):
-        yield "remote.transfer.%s" % f.name, f.metadata["type"], _default(f), f.metadata["help"]
+        for f in declared_fields(cls):
+            yield ("%s.%s" % (section, f.name), f.metadata["type"], field_default(f),
+                   f.metadata["help"])
+    for f in declared_fields(TransferConfig):
+        yield ("remote.transfer.%s" % f.name, f.metadata["type"], field_default(f),
+               f.metadata["help"])
 
 
 # --------------------------------------------------------------------------- loading
@@ -456,49 +248,9 @@ def topic(cfg: AgentConfig) -> str:
     return "remote.%s.%s" % (cfg.remote.server_id, cfg.ident)
 
 
-class _Problems:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.items: List[str] = []
-
-    def add(self, dotted: str, message: str, value: Any = dataclasses.MISSING,
-            secret: bool = False) -> None:
-        if value is dataclasses.MISSING:
-            self.items.append("%s: %s: %s" % (self.path, dotted, message))
-            return
-        shown = "<redacted %s>" % type(value).__name__ if secret else repr(value)
-        self.items.append("%s: %s: %s (got %s)" % (self.path, dotted, message, shown))
-
-
-def _build(cls: type, section: str, raw: Any, base: str, problems: _Problems,
-           skip: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """Validate a mapping against the declared fields of ``cls``; return kwargs."""
-    values: Dict[str, Any] = {}
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        problems.add(section, "expected a mapping of keys", raw)
-        return values
-    declared = {f.name: f for f in _declared(cls)}
-    for name in raw:
-        if name not in declared:
-            problems.add("%s.%s" % (section, name),
-                         "unknown key; known keys: %s" % ", ".join(sorted(declared)),
-                         raw[name])
-    for name, f in declared.items():
-        if name in skip or name not in raw:
-            continue
-        try:
-            values[name] = f.metadata["validator"](raw[name], base)
-        except Invalid as exc:
-            problems.add("%s.%s%s" % (section, name, exc.where), str(exc),
-                         exc.value if exc.has_value else raw[name], f.metadata["secret"])
-    return values
-
-
-def _build_transfer(raw: Any, base: str, problems: _Problems) -> TransferConfig:
+def _build_transfer(raw: Any, base: str, problems: Problems) -> TransferConfig:
     prefix = "remote.transfer"
-    values = _build(TransferConfig, prefix, raw, base, problems, skip=("roots",))
+    values = build_section(TransferConfig, prefix, raw, base, problems, skip=("roots",))
     roots: List[TransferRoot] = []
     raw_roots = raw.get("roots", []) if isinstance(raw, dict) else []
     if raw_roots is None:
@@ -548,7 +300,7 @@ def _build_transfer(raw: Any, base: str, problems: _Problems) -> TransferConfig:
 
 def parse(data: Any, path: str) -> AgentConfig:
     """Validate already-parsed YAML ``data`` read from ``path``; raise ConfigError."""
-    problems = _Problems(path)
+    problems = Problems(path)
     base = os.path.dirname(os.path.abspath(path))
     warnings: List[str] = []
     if data is None:
@@ -558,16 +310,17 @@ def parse(data: Any, path: str) -> AgentConfig:
                            % (path, type(data).__name__)])
 
     top: Dict[str, Any] = {}
-    for f in _declared(AgentConfig):
+    for f in declared_fields(AgentConfig):
         if f.name in data:
             try:
                 top[f.name] = f.metadata["validator"](data[f.name], base)
             except Invalid as exc:
                 problems.add(f.name, str(exc), data[f.name], f.metadata["secret"])
 
-    amqp_kw = _build(AmqpConfig, "amqp", data.get("amqp"), base, problems)
+    amqp_kw = build_section(AmqpConfig, "amqp", data.get("amqp"), base, problems)
     raw_remote = data.get("remote")
-    remote_kw = _build(RemoteConfig, "remote", raw_remote, base, problems, skip=("transfer",))
+    remote_kw = build_section(RemoteConfig, "remote", raw_remote, base, problems,
+                              skip=("transfer",))
     if isinstance(raw_remote, dict) and raw_remote.get("transfer") is not None:
         remote_kw["transfer"] = _build_transfer(raw_remote["transfer"], base, problems)
 
@@ -608,28 +361,6 @@ def parse(data: Any, path: str) -> AgentConfig:
     return AgentConfig(path=path, amqp=amqp, remote=remote, warnings=tuple(warnings), **top)
 
 
-def read_document(path: str) -> Any:
-    """The YAML document in ``path``: ConfigError naming the file when it cannot be read
-    or is not YAML. FileNotFoundError is left to the caller (agent and console word it
-    differently)."""
-    try:
-        with open(path, "rb") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise ConfigError([_unreadable(path, exc)]) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(["%s: invalid YAML: %s" % (path, " ".join(str(exc).split()))]) \
-            from None
-
-
-def _unreadable(path: str, exc: OSError) -> str:
-    return "%s: cannot read config file: %s" % (path, exc.strerror or exc)
-
-
 def load(path: Optional[str] = None) -> AgentConfig:
     """Read and validate the config file (default: ``default_path()``)."""
     if path is None:
@@ -637,7 +368,7 @@ def load(path: Optional[str] = None) -> AgentConfig:
     try:
         data = read_document(path)
     except FileNotFoundError as exc:
-        raise ConfigError([_unreadable(path, exc)]) from None
+        raise ConfigError([unreadable(path, exc)]) from None
     return parse(data, path)
 
 

@@ -1,6 +1,6 @@
 """Operator console configuration (``console.yaml``) and the console's exit codes.
 
-Keys are declared once, with the agent's machinery (:func:`remote_gevent.agent.config.key`:
+Keys are declared once, with the shared machinery (:func:`remote_gevent.common.configschema.key`:
 default, validator, type, help), so validation, defaults and ``iter_keys()`` cannot
 disagree. Every problem is collected and reported at once, each message naming the
 file, the dotted key and the bad value (the password is never echoed).
@@ -26,14 +26,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Tuple
 
-from remote_gevent.agent.config import (
+from remote_gevent.common.configschema import (
     AmqpConfig,
     ConfigError,
     Invalid,
-    _build,
-    _declared,
-    _default,
-    _Problems,
+    build_section,
+    declared_fields,
+    field_default,
+    Problems,
     key,
     parse_amqp_url,
     read_document,
@@ -210,10 +210,10 @@ class ConsoleConfig:
 
 def iter_keys() -> Iterator[Tuple[str, str, Any, str]]:
     """(dotted key, type, default, help) of every console key: the reference docs."""
-    for f in _declared(ConsoleConfig):
-        yield f.name, f.metadata["type"], _default(f), f.metadata["help"]
-    for f in _declared(ConsoleAmqpConfig):
-        yield "amqp.%s" % f.name, f.metadata["type"], _default(f), f.metadata["help"]
+    for f in declared_fields(ConsoleConfig):
+        yield f.name, f.metadata["type"], field_default(f), f.metadata["help"]
+    for f in declared_fields(ConsoleAmqpConfig):
+        yield "amqp.%s" % f.name, f.metadata["type"], field_default(f), f.metadata["help"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -229,14 +229,14 @@ _PATH_DEFAULTS = ("operator_key", "known_devices", "state_file")
 
 def parse(data: Any, path: str) -> ConsoleConfig:
     """Validate parsed YAML ``data`` read from ``path``; raise ConfigError listing every problem."""
-    problems = _Problems(path)
+    problems = Problems(path)
     base = os.path.dirname(os.path.abspath(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["%s: expected a YAML mapping at the top level (got %s)"
                            % (path, type(data).__name__)])
-    declared = {f.name: f for f in _declared(ConsoleConfig)}
+    declared = {f.name: f for f in declared_fields(ConsoleConfig)}
     known = sorted(list(declared) + ["amqp"])
     top: Dict[str, Any] = {}
     for name, value in data.items():
@@ -253,8 +253,8 @@ def parse(data: Any, path: str) -> ConsoleConfig:
                          f.metadata["secret"])
     for name in _PATH_DEFAULTS:
         if name not in data:
-            top[name] = v_path(_default(declared[name]), base)
-    amqp = ConsoleAmqpConfig(**_build(ConsoleAmqpConfig, "amqp", data.get("amqp"), base,
+            top[name] = v_path(field_default(declared[name]), base)
+    amqp = ConsoleAmqpConfig(**build_section(ConsoleAmqpConfig, "amqp", data.get("amqp"), base,
                                       problems))
     if (amqp.cert_file is None) != (amqp.key_file is None):
         problems.add("amqp.key_file" if amqp.key_file is None else "amqp.cert_file",

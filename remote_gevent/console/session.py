@@ -238,7 +238,7 @@ def _abandon(control: Any, device: str, session_id: str, reason: str) -> None:
 
 
 def _split(address: str) -> Tuple[str, int]:
-    from remote_gevent.agent.config import Invalid, split_host_port
+    from remote_gevent.common.configschema import Invalid, split_host_port
 
     try:
         host, port = split_host_port(address)
