@@ -40,6 +40,7 @@ import gevent.server  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from remote_gevent.wire import mux  # noqa: E402
+from remote_gevent.wire import mux_frames  # noqa: E402
 from remote_gevent.crypto import tunnel_crypto  # noqa: E402
 
 SID = "0123456789abcdef0123456789abcdef"
@@ -57,7 +58,7 @@ class QueueWriterTunnel(mux.Tunnel):
 
     def _send_plain(self, plaintext):
         if self._close_code is not None:
-            raise mux.TunnelClosed("closed")
+            raise mux_frames.TunnelClosed("closed")
         self._wq.put(bytes(plaintext))  # callers reuse their buffers: copy
 
     def _write_loop(self):

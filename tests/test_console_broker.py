@@ -229,11 +229,11 @@ def test_stream_refusal_code_for_closed_port(platform):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    from remote_gevent.wire import mux
+    from remote_gevent.wire import mux_frames
 
     session = open_session(platform.cfg, platform.device.ident, ["127.0.0.1:%d" % port])
     try:
-        with pytest.raises(mux.StreamRefused) as info:
+        with pytest.raises(mux_frames.StreamRefused) as info:
             session.open_stream("127.0.0.1:%d" % port)
         assert info.value.code == "target_refused" and "ECONNREFUSED" in info.value.reason
     finally:

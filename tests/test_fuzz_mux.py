@@ -25,6 +25,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from remote_gevent.wire import mux
+from remote_gevent.wire import mux_frames as mf
 from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.wire.protocol import CloseCode
 
@@ -44,9 +45,9 @@ def frame(ftype: int, sid: int, payload: bytes = b"") -> bytes:
 
 
 def hello(role: str, **extra) -> bytes:
-    body = {"role": role, "version": mux.PROTOCOL_VERSION}
+    body = {"role": role, "version": mf.PROTOCOL_VERSION}
     body.update(extra)
-    return frame(mux.HELLO, 0, json.dumps(body).encode())
+    return frame(mf.HELLO, 0, json.dumps(body).encode())
 
 
 # ---------------------------------------------------------------- strategies
@@ -73,12 +74,13 @@ _CONTROL_PAYLOAD = st.one_of(
     _JSON.map(_json_bytes),
     st.integers(1, 2100).map(lambda d: b"[" * d + b"]" * d),
     st.integers(1, 1000).map(lambda d: b'{"a":' * d + b"1" + b"}" * d),
-    st.integers(0, mux.MAX_CONTROL_PAYLOAD + 10).map(lambda n: b'{"target":"' + b"a" * n + b'"}'),
+    st.integers(0, mf.MAX_CONTROL_PAYLOAD + 10).map(
+        lambda n: b'{"target":"' + b"a" * n + b'"}'),
     st.binary(max_size=40),
 )
 _BINARY = st.one_of(
     st.binary(max_size=64), st.binary(max_size=64),
-    st.integers(0, mux.MAX_DATA + 64).map(lambda n: b"d" * n),
+    st.integers(0, mf.MAX_DATA + 64).map(lambda n: b"d" * n),
 )
 # Mostly ids of the streams the scenario opened (1-3), so frames reach the stream logic.
 _SID = st.one_of(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(0, 6),
@@ -86,19 +88,19 @@ _SID = st.one_of(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.int
 _TARGET = st.one_of(st.sampled_from(["127.0.0.1:22", "127.0.0.1:22", "refuse", "oserror",
                                      "boom", "@sftp"]), _TEXT)
 _FRAME = st.one_of(
-    st.tuples(st.just(mux.OPEN), _SID, _CONTROL_PAYLOAD),
-    st.tuples(st.just(mux.DATA), _SID, _BINARY),
-    st.tuples(st.just(mux.DATA), _SID, _BINARY),
-    st.tuples(st.sampled_from([mux.EOF, mux.WINDOW, mux.RESET]), _SID,
+    st.tuples(st.just(mf.OPEN), _SID, _CONTROL_PAYLOAD),
+    st.tuples(st.just(mf.DATA), _SID, _BINARY),
+    st.tuples(st.just(mf.DATA), _SID, _BINARY),
+    st.tuples(st.sampled_from([mf.EOF, mf.WINDOW, mf.RESET]), _SID,
               st.sampled_from([b"", _LEN.pack(1), _LEN.pack(65536), b'{"reason":"x"}'])),
-    st.tuples(st.sampled_from([mux.RESET, mux.CLOSE, mux.OPEN_FAIL, mux.HELLO]), _SID,
+    st.tuples(st.sampled_from([mf.RESET, mf.CLOSE, mf.OPEN_FAIL, mf.HELLO]), _SID,
               _CONTROL_PAYLOAD),
-    st.tuples(st.just(mux.DATA), _SID, _BINARY),
-    st.tuples(st.just(mux.WINDOW), _SID,
+    st.tuples(st.just(mf.DATA), _SID, _BINARY),
+    st.tuples(st.just(mf.WINDOW), _SID,
               st.one_of(st.integers(0, 2 ** 32 - 1).map(_LEN.pack), st.binary(max_size=6))),
-    st.tuples(st.sampled_from([mux.PING, mux.PONG]), _SID,
+    st.tuples(st.sampled_from([mf.PING, mf.PONG]), _SID,
               st.one_of(st.binary(min_size=8, max_size=8), st.binary(max_size=10))),
-    st.tuples(st.sampled_from([mux.EOF, mux.OPEN_OK]), _SID, st.binary(max_size=4)),
+    st.tuples(st.sampled_from([mf.EOF, mf.OPEN_OK]), _SID, st.binary(max_size=4)),
     st.tuples(st.integers(0, 255), _SID, st.binary(max_size=16)),
 )
 _BAD_HELLO = st.one_of(
@@ -116,7 +118,7 @@ def _encode_frames(frames) -> bytes:
 
 # Streams opened validly before the fuzzed frames (ids 1..n), so those reach live streams.
 _OPENS = st.lists(_TARGET, max_size=3).map(
-    lambda targets: [(mux.OPEN, i, _json_bytes({"target": t})) for i, t in enumerate(targets, 1)])
+    lambda targets: [(mf.OPEN, i, _json_bytes({"target": t})) for i, t in enumerate(targets, 1)])
 
 
 # ---------------------------------------------------------------- driver
@@ -139,7 +141,7 @@ def _drive(role: str, first: bytes, body: bytes, ending: str, close_targets: boo
 
     def on_open(target: str):
         if target == "refuse":
-            raise mux.StreamRefused(CloseCode.TARGET_REFUSED, "no")
+            raise mf.StreamRefused(CloseCode.TARGET_REFUSED, "no")
         if target == "oserror":
             raise ConnectionRefusedError(111, "refused")
         if target == "boom":
@@ -162,7 +164,7 @@ def _drive(role: str, first: bytes, body: bytes, ending: str, close_targets: boo
 
     hub.handle_error = handle_error
     recorder = _Recorder()
-    mux.log.addHandler(recorder)
+    mf.log.addHandler(recorder)
     old_limit = sys.getrecursionlimit()
     sys.setrecursionlimit(PROD_RECURSION)
     drain = None
@@ -181,9 +183,9 @@ def _drive(role: str, first: bytes, body: bytes, ending: str, close_targets: boo
             try:
                 peer.sendall(first + body)
                 if ending == "close_normal":
-                    peer.sendall(frame(mux.CLOSE, 0, b'{"code":"normal","reason":"bye"}'))
+                    peer.sendall(frame(mf.CLOSE, 0, b'{"code":"normal","reason":"bye"}'))
                 elif ending == "close_odd":
-                    peer.sendall(frame(mux.CLOSE, 0, b'{"code":"=cmd|x","reason":"\\n2026"}'))
+                    peer.sendall(frame(mf.CLOSE, 0, b'{"code":"=cmd|x","reason":"\\n2026"}'))
                 elif ending == "garbage":
                     peer.sendall(_LEN.pack(0xFFFFFFFF) + b"junk")
                 elif ending == "short":
@@ -195,7 +197,7 @@ def _drive(role: str, first: bytes, body: bytes, ending: str, close_targets: boo
     finally:
         sys.setrecursionlimit(old_limit)
         hub.handle_error = original
-        mux.log.removeHandler(recorder)
+        mf.log.removeHandler(recorder)
         peer.close()
         for s in locals_:
             s.close()
@@ -214,11 +216,11 @@ _SEQUENCE = st.tuples(_OPENS, st.lists(_FRAME, max_size=10)).map(lambda t: t[0] 
 
 @examples(200, slow=True)
 @given(_SEQUENCE, _RAW_TAIL, _ENDING, st.booleans())
-@example([(mux.OPEN, 1, b"[" * 2000 + b"]" * 2000)], b"", "eof", False)
-@example([(mux.CLOSE, 0, b'{"code": "=HYPERLINK(1)"}')], b"", "eof", False)
-@example([(mux.OPEN, 1, b'{"target": "boom"}')], b"", "eof", False)
-@example([(mux.OPEN, 1, b'{"target": "127.0.0.1:22"}'), (mux.DATA, 1, b"x" * 100),
-          (mux.EOF, 1, b""), (mux.RESET, 1, b'{"reason": "\\n"}')], b"", "close_normal", True)
+@example([(mf.OPEN, 1, b"[" * 2000 + b"]" * 2000)], b"", "eof", False)
+@example([(mf.CLOSE, 0, b'{"code": "=HYPERLINK(1)"}')], b"", "eof", False)
+@example([(mf.OPEN, 1, b'{"target": "boom"}')], b"", "eof", False)
+@example([(mf.OPEN, 1, b'{"target": "127.0.0.1:22"}'), (mf.DATA, 1, b"x" * 100),
+          (mf.EOF, 1, b""), (mf.RESET, 1, b'{"reason": "\\n"}')], b"", "close_normal", True)
 def test_agent_any_frame_sequence_ends_cleanly(frames, tail, ending, close_targets):
     """What a hostile console can send the agent after a valid HELLO."""
     code, _ = _drive("agent", hello("console"), _encode_frames(frames) + tail, ending,
@@ -241,7 +243,7 @@ def test_bad_hello_ends_cleanly(first, frames, ending):
     if first[0] == "window":
         first_bytes = hello("console", window=first[1])
     elif first[0] == "fields":
-        first_bytes = frame(mux.HELLO, 0, _json_bytes({"role": first[1], "version": first[2]}))
+        first_bytes = frame(mf.HELLO, 0, _json_bytes({"role": first[1], "version": first[2]}))
     else:
         first_bytes = frame(*first[1])
     _drive("agent", first_bytes, _encode_frames(frames), ending, False)
@@ -278,8 +280,8 @@ def test_valid_streams_deliver_their_bytes(streams):
         sid += n
         target = "t%d" % sid
         expected[target] = data
-        wire += [frame(mux.OPEN, sid, json.dumps({"target": target}).encode()),
-                 frame(mux.DATA, sid, data), frame(mux.EOF, sid)]
+        wire += [frame(mf.OPEN, sid, json.dumps({"target": target}).encode()),
+                 frame(mf.DATA, sid, data), frame(mf.EOF, sid)]
     try:
         with gevent.Timeout(LIMIT, AssertionError("no delivery within %ss" % LIMIT)):
             peer.sendall(b"".join(wire))
@@ -293,7 +295,7 @@ def test_valid_streams_deliver_their_bytes(streams):
                         break
                     buf += chunk
                 assert buf == data, target
-            peer.sendall(frame(mux.CLOSE, 0, b'{"code":"normal","reason":""}'))
+            peer.sendall(frame(mf.CLOSE, 0, b'{"code":"normal","reason":""}'))
             code, _ = runner.get()
         assert code == CloseCode.NORMAL
     finally:

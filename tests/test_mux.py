@@ -21,6 +21,10 @@ import gevent.server
 import pytest
 
 from remote_gevent.wire import mux
+from remote_gevent.wire import mux_stream
+from remote_gevent.wire import mux_frames
+from remote_gevent.wire import mux_io
+from remote_gevent.wire import mux_receive
 from remote_gevent.wire import mux_limits
 from remote_gevent.crypto import tunnel_crypto
 
@@ -190,7 +194,7 @@ def _recv_all(stream_or_sock, limit=None):
     chunks = []
     total = 0
     while True:
-        data = stream_or_sock.recv() if isinstance(stream_or_sock, mux.Stream) \
+        data = stream_or_sock.recv() if isinstance(stream_or_sock, mux_stream.Stream) \
             else stream_or_sock.recv(1 << 16)
         if not data:
             return b"".join(chunks)
@@ -222,7 +226,7 @@ class RawPeer:
         self.send(ftype, sid, json.dumps(obj).encode())
 
     def hello(self):
-        self.send_json(mux.HELLO, 0, {"role": self.role, "version": 1})
+        self.send_json(mux_frames.HELLO, 0, {"role": self.role, "version": 1})
 
     def recv(self):
         hdr = self._exact(4)
@@ -415,7 +419,7 @@ def test_slow_reader_does_not_stall_other_stream(pair_factory):
                 gevent.sleep(0.01)
         stalled.set()
         buffered = sum(len(c) for c in slow._rx_chunks)
-        assert buffered <= mux.INITIAL_WINDOW
+        assert buffered <= mux_frames.INITIAL_WINDOW
         # the fast stream still moves 32 MiB while the slow one is stalled
         got = 0
         with gevent.Timeout(30):
@@ -430,14 +434,14 @@ def test_slow_reader_does_not_stall_other_stream(pair_factory):
 def test_direct_delivery_writes_from_the_reader(pair_factory, echo_server, monkeypatch):
     """Small interactive chunks reach an idle local socket straight from the reader."""
     taken = []
-    real = mux._write_now
+    real = mux_io.write_now
 
     def counting(sock, data):
         n = real(sock, data)
         taken.append(n)
         return n
 
-    monkeypatch.setattr(mux, "_write_now", counting)
+    monkeypatch.setattr(mux_receive, "write_now", counting)  # the reader calls it
     p = pair_factory(tcp=True)
     stream, client, g = _spliced_client(p, echo_server)
     for i in range(20):
@@ -490,12 +494,12 @@ def test_direct_delivery_keeps_order_when_the_local_socket_fills(pair_factory):
 def test_write_now_never_touches_a_closed_socket():
     a, b = socket.socketpair()
     try:
-        assert mux._write_now(a, b"x") == 1
+        assert mux_io.write_now(a, b"x") == 1
         assert b.recv(1) == b"x"
         a.close()
         assert a.fileno() == -1
-        assert mux._write_now(a, b"x") == 0
-        assert mux._write_now(object(), b"x") == 0   # not a socket: left to the writer
+        assert mux_io.write_now(a, b"x") == 0
+        assert mux_io.write_now(object(), b"x") == 0   # not a socket: left to the writer
     finally:
         b.close()
 
@@ -506,15 +510,15 @@ def test_write_now_never_touches_a_closed_socket():
 def test_open_refused_with_code(pair_factory):
     def on_open(target):
         if target == "nope:1":
-            raise mux.StreamRefused("target_not_permitted", "not in allow-list")
+            raise mux_frames.StreamRefused("target_not_permitted", "not in allow-list")
         raise ConnectionRefusedError(111, "Connection refused")
 
     p = pair_factory(on_open=on_open)
-    with pytest.raises(mux.StreamRefused) as ei:
+    with pytest.raises(mux_frames.StreamRefused) as ei:
         p.console.open_stream("nope:1", timeout=T)
     assert ei.value.code == "target_not_permitted"
     assert "allow-list" in ei.value.reason
-    with pytest.raises(mux.StreamRefused) as ei:
+    with pytest.raises(mux_frames.StreamRefused) as ei:
         p.console.open_stream("127.0.0.1:1", timeout=T)
     assert ei.value.code == "target_refused"
     assert p.console.is_up and p.agent.is_up
@@ -527,7 +531,7 @@ def test_real_connection_refused(pair_factory):
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     p = pair_factory()
-    with pytest.raises(mux.StreamRefused) as ei:
+    with pytest.raises(mux_frames.StreamRefused) as ei:
         p.console.open_stream("127.0.0.1:%d" % port, timeout=T)
     assert ei.value.code == "target_refused"
 
@@ -558,7 +562,7 @@ def test_peer_reset_reaches_programmatic_stream(pair_factory, echo_server):
     agent_stream = p.agent._streams[s.id]
     p.agent._reset_stream(agent_stream, "test abort", send=True)
     with gevent.Timeout(T):
-        with pytest.raises(mux.StreamReset):
+        with pytest.raises(mux_frames.StreamReset):
             while True:
                 s.recv()
     assert p.console.is_up
@@ -581,10 +585,10 @@ def test_close_wakes_streams(pair_factory, echo_server):
     waiter = gevent.spawn(s.recv)
     gevent.sleep(0.05)
     p.console.close("closed_by_operator", "bye")
-    with pytest.raises((mux.StreamReset, mux.TunnelClosed)):
+    with pytest.raises((mux_frames.StreamReset, mux_frames.TunnelClosed)):
         waiter.get(timeout=T)
     assert p.results()[1][0] == "closed_by_operator"
-    with pytest.raises(mux.TunnelClosed):
+    with pytest.raises(mux_frames.TunnelClosed):
         p.console.open_stream(echo_server, timeout=T)
 
 
@@ -651,7 +655,7 @@ def test_wrong_keys_fail_at_hello(kind):
 def test_replayed_frame_is_crypto_error():
     tun, peer, g = _raw_against("agent")
     peer.hello()
-    frame = peer.sealer.seal(struct.pack(">BI", mux.PING, 0) + struct.pack(">Q", 1))
+    frame = peer.sealer.seal(struct.pack(">BI", mux_frames.PING, 0) + struct.pack(">Q", 1))
     peer.sock.sendall(frame)
     peer.sock.sendall(frame)  # replay
     assert g.get(timeout=T)[0] == "crypto_error"
@@ -689,14 +693,14 @@ class _StuckSocket:
 def test_window_violation_is_protocol_error():
     tun, peer, g = _raw_against("agent", on_open=lambda target: _StuckSocket())
     peer.hello()
-    peer.send_json(mux.OPEN, 1, {"target": "stuck:1"})
-    assert peer.recv_until(mux.OPEN_OK)[1] == 1
-    chunk = b"w" * mux.MAX_DATA
-    for _ in range(mux.INITIAL_WINDOW // mux.MAX_DATA):  # exactly the window: fine
-        peer.send(mux.DATA, 1, chunk)
+    peer.send_json(mux_frames.OPEN, 1, {"target": "stuck:1"})
+    assert peer.recv_until(mux_frames.OPEN_OK)[1] == 1
+    chunk = b"w" * mux_frames.MAX_DATA
+    for _ in range(mux_frames.INITIAL_WINDOW // mux_frames.MAX_DATA):  # exactly the window: fine
+        peer.send(mux_frames.DATA, 1, chunk)
     gevent.sleep(0.05)
     assert not tun.closed
-    peer.send(mux.DATA, 1, b"!")  # one byte beyond the window
+    peer.send(mux_frames.DATA, 1, b"!")  # one byte beyond the window
     code, reason = g.get(timeout=T)
     assert code == "protocol_error", reason
     assert "window" in reason
@@ -705,20 +709,20 @@ def test_window_violation_is_protocol_error():
 def test_oversized_data_frame_is_protocol_error():
     tun, peer, g = _raw_against("agent", on_open=_connect_local, kind="plain")
     peer.hello()
-    peer.sock.sendall(struct.pack(">I", mux.MAX_FRAME_LEN + 1))
+    peer.sock.sendall(struct.pack(">I", mux_frames.MAX_FRAME_LEN + 1))
     code, reason = g.get(timeout=T)
     assert code == "protocol_error" and "length" in reason
 
 
 @pytest.mark.parametrize("frame,needle", [
     ((99, 0, b""), "unknown frame type"),
-    ((mux.OPEN, 1, b"not json"), "JSON"),
-    ((mux.OPEN, 1, b'{"target": 5}'), "target"),
-    ((mux.WINDOW, 0, b"\0\0\0\1"), "unknown stream"),
-    ((mux.DATA, 7, b"x"), "unknown stream"),
-    ((mux.PING, 0, b"short"), "PING"),
-    ((mux.HELLO, 0, b'{"role":"console","version":1}'), "second HELLO"),
-    ((mux.OPEN_OK, 1, b""), "received by the agent"),
+    ((mux_frames.OPEN, 1, b"not json"), "JSON"),
+    ((mux_frames.OPEN, 1, b'{"target": 5}'), "target"),
+    ((mux_frames.WINDOW, 0, b"\0\0\0\1"), "unknown stream"),
+    ((mux_frames.DATA, 7, b"x"), "unknown stream"),
+    ((mux_frames.PING, 0, b"short"), "PING"),
+    ((mux_frames.HELLO, 0, b'{"role":"console","version":1}'), "second HELLO"),
+    ((mux_frames.OPEN_OK, 1, b""), "received by the agent"),
 ])
 def test_malformed_frames_are_protocol_errors(frame, needle):
     tun, peer, g = _raw_against("agent", on_open=_connect_local)
@@ -732,23 +736,23 @@ def test_malformed_frames_are_protocol_errors(frame, needle):
 def test_duplicate_stream_id_is_protocol_error(echo_server):
     tun, peer, g = _raw_against("agent", on_open=_connect_local)
     peer.hello()
-    peer.send_json(mux.OPEN, 1, {"target": echo_server})
-    peer.recv_until(mux.OPEN_OK)
-    peer.send_json(mux.OPEN, 1, {"target": echo_server})
+    peer.send_json(mux_frames.OPEN, 1, {"target": echo_server})
+    peer.recv_until(mux_frames.OPEN_OK)
+    peer.send_json(mux_frames.OPEN, 1, {"target": echo_server})
     code, reason = g.get(timeout=T)
     assert code == "protocol_error" and "stream id" in reason
 
 
 def test_wrong_peer_role_is_protocol_error():
     tun, peer, g = _raw_against("agent")
-    peer.send_json(mux.HELLO, 0, {"role": "agent", "version": 1})
+    peer.send_json(mux_frames.HELLO, 0, {"role": "agent", "version": 1})
     code, reason = g.get(timeout=T)
     assert code == "protocol_error" and "role" in reason
 
 
 def test_first_frame_not_hello():
     tun, peer, g = _raw_against("console")
-    peer.send(mux.PING, 0, struct.pack(">Q", 1))
+    peer.send(mux_frames.PING, 0, struct.pack(">Q", 1))
     assert g.get(timeout=T)[0] == "protocol_error"
 
 
@@ -756,10 +760,10 @@ def test_window_credit_overflow_is_protocol_error(echo_server):
     tun, peer, g = _raw_against("console")
     peer.hello()
     opener = gevent.spawn(tun.open_stream, "x:1", T)
-    ftype, sid, _ = peer.recv_until(mux.OPEN)
-    peer.send(mux.OPEN_OK, sid)
+    ftype, sid, _ = peer.recv_until(mux_frames.OPEN)
+    peer.send(mux_frames.OPEN_OK, sid)
     opener.get(timeout=T)
-    peer.send(mux.WINDOW, sid, struct.pack(">I", 1))  # window already full
+    peer.send(mux_frames.WINDOW, sid, struct.pack(">I", 1))  # window already full
     code, reason = g.get(timeout=T)
     assert code == "protocol_error" and "window" in reason
 
@@ -780,9 +784,9 @@ def test_keepalive_pong_updates_last_ack(pair_factory):
 def test_ping_answered_by_pong():
     tun, peer, g = _raw_against("agent", keepalive_interval=0)
     peer.hello()
-    peer.recv_until(mux.HELLO)
-    peer.send(mux.PING, 0, struct.pack(">Q", 42))
-    ftype, sid, payload = peer.recv_until(mux.PONG)
+    peer.recv_until(mux_frames.HELLO)
+    peer.send(mux_frames.PING, 0, struct.pack(">Q", 42))
+    ftype, sid, payload = peer.recv_until(mux_frames.PONG)
     assert struct.unpack(">Q", payload)[0] == 42
     tun.close()
     g.get(timeout=T)
@@ -892,7 +896,7 @@ def _open_many(tunnel, n, target="idle:1"):
     jobs = [gevent.spawn(tunnel.open_stream, target, T) for _ in range(n)]
     gevent.joinall(jobs, timeout=30)
     opened = [j.value for j in jobs if j.successful()]
-    refused = [j.exception for j in jobs if isinstance(j.exception, mux.StreamRefused)]
+    refused = [j.exception for j in jobs if isinstance(j.exception, mux_frames.StreamRefused)]
     return opened, refused
 
 
@@ -929,7 +933,7 @@ def test_stream_cap_per_agent_spans_tunnels(pair_factory):
     p1.console.open_stream("idle:1", timeout=T)
     p2.console.open_stream("idle:1", timeout=T)
     assert counter.count == 3
-    with pytest.raises(mux.StreamRefused) as ei:
+    with pytest.raises(mux_frames.StreamRefused) as ei:
         p2.console.open_stream("idle:1", timeout=T)
     assert ei.value.code == "too_many_streams" and "max_streams" in ei.value.reason
     assert p2.agent.is_up
@@ -950,19 +954,19 @@ def _stuck_stream(**kw):
     tun, peer, g = _raw_against("agent", on_open=lambda target: _StuckSocket(), kind="plain",
                                 **kw)
     peer.hello()
-    peer.send_json(mux.OPEN, 1, {"target": "stuck:1"})
-    assert peer.recv_until(mux.OPEN_OK)[1] == 1
+    peer.send_json(mux_frames.OPEN, 1, {"target": "stuck:1"})
+    assert peer.recv_until(mux_frames.OPEN_OK)[1] == 1
     return tun, peer, g
 
 
 def _sync(peer, seq=7):
     """Every frame sent before is processed once the PONG to this PING comes back
     (frames received meanwhile are dropped)."""
-    peer.send(mux.PING, 0, struct.pack(">Q", seq))
+    peer.send(mux_frames.PING, 0, struct.pack(">Q", seq))
     with gevent.Timeout(T):
         while True:
             ftype, _, payload = peer.recv()
-            if ftype == mux.PONG and payload == struct.pack(">Q", seq):
+            if ftype == mux_frames.PONG and payload == struct.pack(">Q", seq):
                 return
 
 
@@ -973,7 +977,7 @@ def test_one_byte_frames_cost_about_a_byte_each():
 
     tun, peer, g = _stuck_stream()
     count = 20000
-    frames = b"".join(peer.sealer.seal(struct.pack(">BI", mux.DATA, 1) + b"x")
+    frames = b"".join(peer.sealer.seal(struct.pack(">BI", mux_frames.DATA, 1) + b"x")
                       for _ in range(count))
     gevent.sleep(0.05)
     tracemalloc.start()
@@ -991,17 +995,17 @@ def test_one_byte_frames_cost_about_a_byte_each():
     g.get(timeout=T)
 
 
-@pytest.mark.parametrize("size", [1, mux.MAX_DATA])
+@pytest.mark.parametrize("size", [1, mux_frames.MAX_DATA])
 def test_buffer_budget_resets_the_stream_not_the_session(size):
     """Queued bytes (frame overhead included) never exceed the session's budget: the
     stream that would exceed it is reset (RESET with the reason), the session goes on."""
     budget = 256 * 1024
     tun, peer, g = _stuck_stream(buffer_budget=budget)
     count = 2 * budget // size if size > 1 else budget + 1000
-    frame = peer.sealer.seal(struct.pack(">BI", mux.DATA, 1) + b"y" * size)
+    frame = peer.sealer.seal(struct.pack(">BI", mux_frames.DATA, 1) + b"y" * size)
     sender = gevent.spawn(peer.sock.sendall, frame * count)
     with gevent.Timeout(T):
-        ftype, sid, payload = peer.recv_until(mux.RESET)
+        ftype, sid, payload = peer.recv_until(mux_frames.RESET)
     assert sid == 1 and "budget" in json.loads(payload)["reason"]
     sender.get(timeout=30)
     _sync(peer, 8)
@@ -1049,7 +1053,7 @@ def test_unknown_close_code_becomes_protocol_error(caplog):
     would land in the history and in session.close): protocol_error, text escaped."""
     tun, peer, g = _raw_against("agent", on_open=_connect_local)
     peer.hello()
-    peer.send_json(mux.CLOSE, 0, {"code": '=HYPERLINK("http://x")',
+    peer.send_json(mux_frames.CLOSE, 0, {"code": '=HYPERLINK("http://x")',
                                   "reason": "bye\n2026-01-01 INFO forged line"})
     code, reason = g.get(timeout=T)
     assert code == "protocol_error"
@@ -1062,7 +1066,7 @@ def test_unknown_close_code_becomes_protocol_error(caplog):
 def test_known_close_code_from_peer_still_propagates():
     tun, peer, g = _raw_against("agent", on_open=_connect_local)
     peer.hello()
-    peer.send_json(mux.CLOSE, 0, {"code": "closed_by_operator", "reason": "done"})
+    peer.send_json(mux_frames.CLOSE, 0, {"code": "closed_by_operator", "reason": "done"})
     assert g.get(timeout=T) == ("closed_by_operator", "done")
 
 
@@ -1070,9 +1074,9 @@ def test_unknown_open_fail_code_becomes_protocol_error(caplog):
     tun, peer, g = _raw_against("console")
     peer.hello()
     opener = gevent.spawn(tun.open_stream, "x:1", T)
-    _, sid, _ = peer.recv_until(mux.OPEN)
-    peer.send_json(mux.OPEN_FAIL, sid, {"code": "@SUM(1+1)\r", "reason": "no\x1b[31m"})
-    with pytest.raises(mux.StreamRefused) as ei:
+    _, sid, _ = peer.recv_until(mux_frames.OPEN)
+    peer.send_json(mux_frames.OPEN_FAIL, sid, {"code": "@SUM(1+1)\r", "reason": "no\x1b[31m"})
+    with pytest.raises(mux_frames.StreamRefused) as ei:
         opener.get(timeout=T)
     assert ei.value.code == "protocol_error"
     assert "\x1b" not in ei.value.reason
@@ -1086,9 +1090,9 @@ def test_reset_reason_is_escaped_in_the_log(caplog, echo_server):
     caplog.set_level(logging.INFO, logger="remote_gevent.wire.mux")
     tun, peer, g = _raw_against("agent", on_open=_connect_local)
     peer.hello()
-    peer.send_json(mux.OPEN, 1, {"target": echo_server})
-    peer.recv_until(mux.OPEN_OK)
-    peer.send_json(mux.RESET, 1, {"reason": "x\nERROR forged"})
+    peer.send_json(mux_frames.OPEN, 1, {"target": echo_server})
+    peer.recv_until(mux_frames.OPEN_OK)
+    peer.send_json(mux_frames.RESET, 1, {"reason": "x\nERROR forged"})
     _sync(peer, 9)
     resets = [r.getMessage() for r in caplog.records if "reset by peer" in r.getMessage()]
     assert resets and not any("\n" in m for m in resets)
@@ -1101,7 +1105,7 @@ def test_peer_that_never_reads_cannot_pile_up_replies():
     reader stops reading), not one parked greenlet per PING."""
     tun, peer, g = _raw_against("agent", on_open=_connect_local, kind="plain")
     peer.hello()
-    ping = peer.sealer.seal(struct.pack(">BI", mux.PING, 0) + struct.pack(">Q", 1))
+    ping = peer.sealer.seal(struct.pack(">BI", mux_frames.PING, 0) + struct.pack(">Q", 1))
     sender = gevent.spawn(peer.sock.sendall, ping * 60000)
     gevent.sleep(1.0)
     assert len(tun._group) <= mux_limits.ASYNC_PENDING_MAX + 8

@@ -24,6 +24,7 @@ import pytest
 from remote_gevent.agent import config
 from remote_gevent.crypto import identity
 from remote_gevent.wire import mux
+from remote_gevent.wire import mux_frames
 from remote_gevent.agent.files import dispatch
 from remote_gevent.agent.files import fsops
 from remote_gevent.agent.files import roots as roots_mod
@@ -377,18 +378,18 @@ def raw_request(p, header, data=b""):
     if data:
         try:
             s.send(data)
-        except (mux.MuxError, OSError):
+        except (mux_frames.MuxError, OSError):
             pass
     try:
         s.shutdown_write()
-    except (mux.MuxError, OSError):
+    except (mux_frames.MuxError, OSError):
         pass
     buf = b""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
             chunk = s.recv()
-        except (mux.MuxError, OSError):
+        except (mux_frames.MuxError, OSError):
             break
         if not chunk:
             break

@@ -21,6 +21,7 @@ import pytest
 from remote_gevent.agent import config as config_mod
 from remote_gevent.agent import history as history_mod
 from remote_gevent.wire import mux
+from remote_gevent.wire import mux_frames
 from remote_gevent.wire import protocol
 from remote_gevent.relay import server as relay
 from remote_gevent.common import tls
@@ -352,12 +353,12 @@ def test_targets_checked_per_stream(make_env, echo_port):
     long_stream = tunnel.open_stream(good, timeout=T)
     long_stream.send(b"first")
     # Outside the operator's permitopen (device would allow it).
-    with pytest.raises(mux.StreamRefused) as e1:
+    with pytest.raises(mux_frames.StreamRefused) as e1:
         tunnel.open_stream("127.0.0.1:%d" % (other_port + 1 if other_port < 65535 else 1),
                            timeout=T)
     assert e1.value.code == Reason.TARGET_NOT_PERMITTED
     # Outside the device allow-list (operator would allow it).
-    with pytest.raises(mux.StreamRefused) as e2:
+    with pytest.raises(mux_frames.StreamRefused) as e2:
         tunnel.open_stream("localhost:%d" % echo_port, timeout=T)
     assert e2.value.code == Reason.TARGET_NOT_PERMITTED
     # A SIGHUP narrowing the allow-list applies to new streams of a running session.
@@ -366,7 +367,7 @@ def test_targets_checked_per_stream(make_env, echo_port):
         "allow": ["127.0.0.1:%d" % echo_port], "relays": {SERVER_ID: env.relay_addr},
         "relay_ca_file": env.ca_file}}, env.cfg.path)
     env.manager.apply_config(narrowed)
-    with pytest.raises(mux.StreamRefused) as e3:
+    with pytest.raises(mux_frames.StreamRefused) as e3:
         tunnel.open_stream("127.0.0.1:%d" % other_port, timeout=T)
     assert e3.value.code == Reason.TARGET_NOT_PERMITTED
     other.close()
@@ -485,8 +486,8 @@ def test_ack_lost(make_env):
     accepted = c.accept()
     sealer, _ = c.keys(accepted)
     sock = c.dial()
-    hello = b'{"role":"console","version":%d}' % mux.PROTOCOL_VERSION
-    sock.sendall(sealer.seal(bytes([mux.HELLO]) + b"\0\0\0\0" + hello))
+    hello = b'{"role":"console","version":%d}' % mux_frames.PROTOCOL_VERSION
+    sock.sendall(sealer.seal(bytes([mux_frames.HELLO]) + b"\0\0\0\0" + hello))
     call = env.closes.wait_for(c.session_id, timeout=8)
     assert call[1] == CloseCode.ACK_LOST, call
     _assert_one_close(env, c.session_id, CloseCode.ACK_LOST)
@@ -623,7 +624,7 @@ def test_transfer_virtual_target(make_env, tmp_path):
                           str(root / "upload.bin"))
     assert (root / "upload.bin").read_bytes() == data
     # @sftp is allowed by the device but was not requested: refused per stream.
-    with pytest.raises(mux.StreamRefused) as e:
+    with pytest.raises(mux_frames.StreamRefused) as e:
         tunnel.open_stream("@sftp", timeout=T)
     assert e.value.code == Reason.TARGET_NOT_PERMITTED
     tunnel.close(CloseCode.NORMAL, "")
@@ -696,7 +697,7 @@ def test_revoked_operator_sessions_end_at_once(make_env):
     assert refuse.body["code"] == Reason.UNKNOWN_OPERATOR
     _assert_one_close(env, a2.session_id, CloseCode.REVOKED)
     assert env.row(a1.session_id)["reason"].startswith("operator key no longer trusted")
-    with pytest.raises((mux.StreamRefused, mux.TunnelClosed)):
+    with pytest.raises((mux_frames.StreamRefused, mux_frames.TunnelClosed)):
         ta.open_stream(target, timeout=T)
     # Operator B is untouched and keeps its tunnel.
     assert _roundtrip(tb, target, b"still here") == b"still here"
@@ -713,9 +714,9 @@ def test_revocation_noticed_at_the_next_stream_open(make_env):
     tunnel = c.connect()
     assert _roundtrip(tunnel, target, b"x") == b"x"
     env.trust([_line(IdentityKey.generate())], consult=False)
-    with pytest.raises((mux.StreamRefused, mux.TunnelClosed)) as e:
+    with pytest.raises((mux_frames.StreamRefused, mux_frames.TunnelClosed)) as e:
         tunnel.open_stream(target, timeout=T)
-    if isinstance(e.value, mux.StreamRefused):
+    if isinstance(e.value, mux_frames.StreamRefused):
         assert e.value.code == CloseCode.REVOKED
     assert c.result(timeout=5)[0] == CloseCode.REVOKED
     _assert_one_close(env, c.session_id, CloseCode.REVOKED)
@@ -733,7 +734,7 @@ def test_narrowed_permitopen_refuses_new_streams(make_env, echo_port):
         tunnel = c.connect()
         assert _roundtrip(tunnel, second, b"allowed") == b"allowed"
         env.trust([_line(env.operator_key, 'permitopen="%s"' % good)])
-        with pytest.raises(mux.StreamRefused) as e:
+        with pytest.raises(mux_frames.StreamRefused) as e:
             tunnel.open_stream(second, timeout=T)
         assert e.value.code == Reason.TARGET_NOT_PERMITTED
         # The session goes on for what the key still permits.

@@ -218,17 +218,17 @@ class Forwarder:
         self.group.spawn(self._handle, conn, target)
 
     def _handle(self, conn: socket.socket, target: str) -> None:
-        from remote_gevent.wire import mux
+        from remote_gevent.wire import mux_frames
 
         try:
             stream = self.session.open_stream(target)
-        except mux.StreamRefused as exc:
+        except mux_frames.StreamRefused as exc:
             self.say("session %s: stream to %s refused by %s: %s"
                      % (self.session.session_id, target, self.session.device,
                         _describe_refusal(exc)))
             conn.close()
             return
-        except (mux.MuxError, OSError) as exc:
+        except (mux_frames.MuxError, OSError) as exc:
             self.say("session %s: cannot open a stream to %s: %s"
                      % (self.session.session_id, target, exc))
             conn.close()

@@ -711,7 +711,7 @@ class Master:
     def _serve_client(self, conn: socket.socket) -> None:
         import gevent
 
-        from remote_gevent.wire import mux
+        from remote_gevent.wire import mux_frames
 
         if not peer_allowed(conn):
             _send_quietly(conn, b"ERR %s only uid %d may use this socket\n"
@@ -741,10 +741,10 @@ class Master:
             return
         try:
             stream = self.session.open_stream(arg)
-        except mux.StreamRefused as exc:
+        except mux_frames.StreamRefused as exc:
             _send_quietly(conn, ("ERR %s %s\n" % (exc.code, _one_line(exc.reason))).encode())
             return
-        except (mux.MuxError, OSError) as exc:
+        except (mux_frames.MuxError, OSError) as exc:
             _send_quietly(conn, ("ERR %s %s\n" % (ERR_TUNNEL_CLOSED, _one_line(str(exc))))
                           .encode())
             return
@@ -753,7 +753,7 @@ class Master:
             conn.sendall(b"OK\n")
             if rest:
                 stream.send(rest)
-        except (mux.MuxError, OSError):
+        except (mux_frames.MuxError, OSError):
             stream.close()
             return
         self.session.tunnel.splice(stream, conn)

@@ -82,8 +82,8 @@ class ConsoleSession:
     def open_stream(self, target: str, timeout: Optional[float] = 30.0) -> Any:
         """A new stream to ``target`` (``host:port``, ``@transfer``, ``@sftp``).
 
-        Raises ``mux.StreamRefused`` (``.code``/``.reason`` from the agent's OPEN_FAIL)
-        or ``mux.TunnelClosed``.
+        Raises ``mux_frames.StreamRefused`` (``.code``/``.reason`` from the agent's OPEN_FAIL)
+        or ``mux_frames.TunnelClosed``.
         """
         return self.tunnel.open_stream(target, timeout=timeout)
 
@@ -138,6 +138,7 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
     :class:`ConsoleError` with the exit code for every expected failure.
     """
     from remote_gevent.wire import mux
+    from remote_gevent.wire import mux_frames
     from remote_gevent.common import tls
     from remote_gevent.crypto import tunnel_crypto
     from remote_gevent.console.control import ConsoleControl
@@ -203,7 +204,7 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
                             keepalive_interval=cfg.keepalive_interval)
         handed = True  # the tunnel owns the socket now
         runner = gevent.spawn(tunnel.run)
-        if not tunnel.wait_up(mux.DEFAULT_HANDSHAKE_TIMEOUT + HANDSHAKE_SLACK):
+        if not tunnel.wait_up(mux_frames.DEFAULT_HANDSHAKE_TIMEOUT + HANDSHAKE_SLACK):
             tunnel.close("error", "no HELLO from the agent")
             code, reason = runner.get()
             exit_code = EXIT_KEY if code == "crypto_error" else EXIT_CONNECTION

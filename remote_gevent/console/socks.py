@@ -188,7 +188,7 @@ class SocksServer:
 
     def handle(self, conn: Any) -> None:
         """One client: handshake, open the stream, reply, splice."""
-        from remote_gevent.wire import mux
+        from remote_gevent.wire import mux_frames
 
         try:
             with gevent.Timeout(HANDSHAKE_TIMEOUT, SocksError("handshake timed out")):
@@ -200,14 +200,14 @@ class SocksServer:
             return
         try:
             stream = self.session.open_stream(target)
-        except mux.StreamRefused as exc:
+        except mux_frames.StreamRefused as exc:
             rep = reply_for_refusal(exc.code, exc.reason)
             self.say("socks: %s refused by %s: %s%s" % (target, self.session.device, exc.code,
                                                        " (%s)" % exc.reason if exc.reason
                                                        else ""))
             _reply_and_close(conn, rep)
             return
-        except (mux.MuxError, OSError) as exc:
+        except (mux_frames.MuxError, OSError) as exc:
             self.say("socks: cannot open a stream to %s: %s" % (target, exc))
             _reply_and_close(conn, REP_GENERAL_FAILURE)
             return

@@ -64,7 +64,7 @@ def pump_stdin(fd: int, stream: Any) -> None:
     """stdin → stream, then the stream's EOF (half-close)."""
     from gevent import os as gos
 
-    from remote_gevent.wire import mux
+    from remote_gevent.wire import mux_frames
 
     try:
         while True:
@@ -73,28 +73,29 @@ def pump_stdin(fd: int, stream: Any) -> None:
                 stream.shutdown_write()
                 return
             stream.send(data)
-    except (mux.StreamReset, mux.TunnelClosed):
+    except (mux_frames.StreamReset, mux_frames.TunnelClosed):
         return
     except OSError:
         try:
             stream.close()
-        except (mux.MuxError, OSError):
+        except (mux_frames.MuxError, OSError):
             pass
 
 
 def run_stdio(session: Any, target: str, stdin_fd: int = 0, stdout_fd: int = 1,
               err: Any = None) -> int:
     """Open one stream to ``target`` and connect it to stdin/stdout; return the exit code."""
-    from remote_gevent.wire import mux
+
+    from remote_gevent.wire import mux_frames
 
     err = err if err is not None else sys.stderr
     try:
         stream = session.open_stream(target)
-    except mux.StreamRefused as exc:
+    except mux_frames.StreamRefused as exc:
         raise ConsoleError("stream to %s refused by %s: %s%s" % (
             target, session.device, exc.code, " (%s)" % exc.reason if exc.reason else ""),
             EXIT_REFUSED, exc.code) from None
-    except (mux.MuxError, OSError) as exc:
+    except (mux_frames.MuxError, OSError) as exc:
         raise ConsoleError("cannot open a stream to %s: %s" % (target, exc), EXIT_CONNECTION,
                            "relay_lost") from None
     with _NonBlocking(stdin_fd), _NonBlocking(stdout_fd):
@@ -106,7 +107,7 @@ def run_stdio(session: Any, target: str, stdin_fd: int = 0, stdout_fd: int = 1,
                 if not chunk:
                     break
                 _write_all(stdout_fd, chunk)
-        except (mux.StreamReset, mux.TunnelClosed) as exc:
+        except (mux_frames.StreamReset, mux_frames.TunnelClosed) as exc:
             if not session.closed or session.exit_code:
                 err.write("remote-gevent-console stdio: stream to %s lost: %s\n" % (target, exc))
             code = EXIT_CONNECTION

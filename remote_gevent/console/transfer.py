@@ -194,14 +194,15 @@ class _Conn:
 
     def __init__(self, stream_factory: StreamFactory) -> None:
         from remote_gevent.wire import mux  # late: mux is heavy and not needed for exit codes
+        from remote_gevent.wire import mux_frames
         self._mux = mux
         try:
             self.stream = stream_factory()
-        except mux.StreamRefused as e:
+        except mux_frames.StreamRefused as e:
             raise TransferError(TARGET_REFUSED if e.code == "target_refused" else e.code,
                                 "@transfer refused by the device: %s" % (e.reason or e.code)) \
                 from None
-        except (mux.MuxError, OSError) as e:
+        except (mux_frames.MuxError, OSError) as e:
             raise _lost(e) from None
         self.ch = LineChannel(self._recv, self._send)
 

@@ -52,17 +52,12 @@ The tunnel does not enforce idle / ACK timeouts itself; the agent's GC greenlet 
 ``check_timeouts`` (unit-testable with an explicit ``now``).
 """
 
+
 from __future__ import annotations
 
-import collections
-import errno
-import json
 import logging
-import os
-import socket
-import struct
 import time
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -70,330 +65,53 @@ import gevent.lock
 import gevent.pool
 
 from remote_gevent.wire import mux_limits
-from remote_gevent.common.logs import escape
-from remote_gevent.wire.mux_limits import CHUNK_OVERHEAD, COALESCE_BELOW
-from remote_gevent.wire.codes import STREAM_TOO_MANY, CloseCode, Reason
-from remote_gevent.common.sockets import abort_quietly, close_quietly
+from remote_gevent.wire.codes import CloseCode
+from remote_gevent.common.sockets import abort_quietly
+from remote_gevent.wire.mux_frames import (
+    CLOSE,
+    CLOSE_JOIN_TIMEOUT,
+    CLOSE_SEND_TIMEOUT,
+    DATA,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_KEEPALIVE_INTERVAL,
+    DEFAULT_OPEN_TIMEOUT,
+    HDR,
+    HEADER_LEN,
+    HELLO,
+    INITIAL_WINDOW,
+    LEGACY_WINDOW,
+    MAX_DATA,
+    MuxError,
+    OPEN,
+    OnOpen,
+    PING,
+    PROTOCOL_VERSION,
+    RECV_BUFFER,
+    RESET,
+    ROLES,
+    StreamRefused,
+    StreamReset,
+    TunnelClosed,
+    TunnelFailure,
+    U64,
+    WINDOW_UPDATE_THRESHOLD,
+    dump_json,
+)
+from remote_gevent.wire.mux_io import (
+    os_err,
+    send_all,
+    set_sockopts,
+)
+from remote_gevent.wire.mux_stream import (
+    Stream,
+)
+from remote_gevent.wire.mux_receive import FrameReceiving
+from remote_gevent.wire.mux_splice import StreamSplicing
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 
-# Frame types (docs/design.md, "Tunnel framing").
-HELLO = 1
-OPEN = 2
-OPEN_OK = 3
-OPEN_FAIL = 4
-DATA = 5
-WINDOW = 6
-EOF = 7
-RESET = 8
-PING = 9
-PONG = 10
-CLOSE = 11
-
-FRAME_NAMES = {
-    HELLO: "HELLO", OPEN: "OPEN", OPEN_OK: "OPEN_OK", OPEN_FAIL: "OPEN_FAIL",
-    DATA: "DATA", WINDOW: "WINDOW", EOF: "EOF", RESET: "RESET", PING: "PING",
-    PONG: "PONG", CLOSE: "CLOSE",
-}
-
-MAX_DATA = 65536                       # largest DATA payload
-HEADER_LEN = 5                         # type:u8 | stream:u32be
-MAX_FRAME_LEN = MAX_DATA + HEADER_LEN + 64   # bound on the wire ``len`` (AEAD overhead)
-# Per-stream flow-control window: a bound on the bytes buffered per stream on the
-# receiving side (chunks queued until the local socket takes them), not preallocated.
-# Each side announces the window it grants in its HELLO ("window"); a peer that does not
-# (before this field existed) gets and grants LEGACY_WINDOW, so mixed versions interoperate.
-LEGACY_WINDOW = 1 << 20
-INITIAL_WINDOW = 4 << 20               # receive window we grant per stream, bytes
-MAX_WINDOW = 1 << 30                   # largest window a peer may announce
-# Credit is granted back in batches: one WINDOW frame per this many consumed bytes.
-# Must stay <= the window (else a sender could wait for credit never sent).
-WINDOW_UPDATE_THRESHOLD = INITIAL_WINDOW // 4
-MAX_CONTROL_PAYLOAD = 4096             # JSON payloads (HELLO, OPEN, OPEN_FAIL, RESET, CLOSE)
-
-DEFAULT_KEEPALIVE_INTERVAL = 15.0
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-DEFAULT_OPEN_TIMEOUT = 30.0
-CLOSE_SEND_TIMEOUT = 1.0               # best-effort CLOSE must not hang on a full socket
-CLOSE_JOIN_TIMEOUT = 5.0
-LOCAL_SOCKET_BUFFER = 4 * MAX_DATA     # SO_SNDBUF/SO_RCVBUF hint for spliced sockets
-RECV_BUFFER = 2 * MAX_FRAME_LEN        # tunnel receive buffer (~128 KiB: per-session RSS)
-
-ROLES = ("console", "agent")
-
-# Codes a peer may send: CLOSE carries a close code; OPEN_FAIL a close code, a refusal
-# reason (target_not_permitted) or too_many_streams.  Anything else becomes
-# protocol_error: a peer's text never becomes a code (history rows, session.close).
-CLOSE_CODES = CloseCode.ALL
-OPEN_FAIL_CODES = CloseCode.ALL | Reason.ALL | frozenset({STREAM_TOO_MANY})
-RESET_BUDGET = "receive buffer budget exceeded"
-
-_HDR = struct.Struct(">BI")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-
-OnOpen = Callable[[str], Any]
-
-
-class MuxError(Exception):
-    """Base class of the tunnel's own errors."""
-
-
-class StreamRefused(MuxError):
-    """The far side refused to open a stream (OPEN_FAIL).
-
-    Agents' ``on_open`` callbacks may raise it (or any exception with a ``code``
-    attribute) to refuse with a specific code.
-    """
-
-    def __init__(self, code: str, reason: str = "") -> None:
-        super().__init__("%s: %s" % (code, reason) if reason else code)
-        self.code = code
-        self.reason = reason
-
-
-class TunnelClosed(MuxError, ConnectionError):
-    """The tunnel is closed (or closing); nothing more can be sent."""
-
-
-class StreamReset(MuxError, ConnectionResetError):
-    """The stream was aborted (RESET from the peer, a local error, or tunnel close)."""
-
-
-class _TunnelFailure(Exception):
-    """Internal: ends the read loop with a close code."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-def _protocol_error(reason: str) -> _TunnelFailure:
-    return _TunnelFailure(CloseCode.PROTOCOL_ERROR, reason)
-
-
-def _json_payload(payload: bytes, what: str) -> Dict[str, Any]:
-    if len(payload) > MAX_CONTROL_PAYLOAD:
-        raise _protocol_error("%s payload too large" % what)
-    try:
-        obj = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # nesting: 2 bytes a level
-        raise _protocol_error("%s payload is not JSON: %s" % (what, e)) from None
-    if not isinstance(obj, dict):
-        raise _protocol_error("%s payload is not a JSON object" % what)
-    return obj
-
-
-def _json_str(obj: Dict[str, Any], key: str, what: str, default: Optional[str] = None) -> str:
-    value = obj.get(key, default)
-    if not isinstance(value, str):
-        raise _protocol_error("%s: %r must be a string" % (what, key))
-    return value
-
-
-def _dump(obj: Dict[str, Any]) -> bytes:
-    data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
-    if len(data) > MAX_CONTROL_PAYLOAD:
-        # Only reasons can be long; cut them rather than send an invalid frame.
-        obj = dict(obj)
-        obj["reason"] = str(obj.get("reason", ""))[:256]
-        data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
-    return data
-
-
-def _set_sockopts(sock: Any, buffers: bool) -> None:
-    """Best effort: TCP_NODELAY (interactive streams) and socket buffer sizes."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError, ValueError):
-        pass  # not TCP (socketpair, pipe-like object)
-    if buffers:
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            try:
-                if sock.getsockopt(socket.SOL_SOCKET, opt) < LOCAL_SOCKET_BUFFER:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, LOCAL_SOCKET_BUFFER)
-            except (OSError, AttributeError, ValueError):
-                pass
-
-
-class Stream:
-    """One bidirectional byte stream inside a tunnel.
-
-    Either spliced with a local socket (``Tunnel.splice``, and automatically on the
-    agent side) or used programmatically with ``send`` / ``recv`` /
-    ``shutdown_write`` / ``close``: one sending and one receiving greenlet at a time.
-    """
-
-    def __init__(self, tunnel: "Tunnel", stream_id: int, target: str) -> None:
-        self.tunnel = tunnel
-        self.id = stream_id
-        self.target = target
-        self.bytes_in = 0          # payload delivered to the local side
-        self.bytes_out = 0         # payload sent into the tunnel
-        # send side
-        self._send_window = tunnel.peer_window
-        self._tx_event = gevent.event.Event()
-        self._tx_event.set()
-        self._eof_sent = False
-        # receive side
-        self._rx_chunks: Deque[Any] = collections.deque()
-        self._rx_event = gevent.event.Event()
-        self._rx_allowed = tunnel.recv_window   # bytes the peer may still send
-        self._rx_unacked = 0                # consumed, credit not yet granted
-        self._rx_cost = 0                   # real bytes queued (payload + per-chunk cost)
-        self._eof_received = False
-        self._counted = False               # holds a slot of the agent's StreamCounter
-        # lifecycle
-        self._open_event = gevent.event.Event()
-        self._open_error: Optional[Tuple[str, str]] = None
-        self._reset: Optional[str] = None
-        self._local: Any = None             # spliced local socket
-        self._writing = False               # _pump_down is inside a write to _local
-
-    def __repr__(self) -> str:
-        return "<Stream %s#%d %s>" % (self.tunnel.name, self.id, self.target)
-
-    @property
-    def finished(self) -> bool:
-        return self._reset is not None or (self._eof_sent and self._eof_received)
-
-    @property
-    def reset_reason(self) -> Optional[str]:
-        return self._reset
-
-    # -- programmatic API -------------------------------------------------------
-
-    def send(self, data: bytes) -> None:
-        """Send all of ``data``, blocking while the peer's window is exhausted."""
-        view = memoryview(data)
-        total = len(view)
-        pos = 0
-        while pos < total:
-            allowed = self._wait_window()
-            n = min(allowed, total - pos, MAX_DATA)
-            self.tunnel._send_data(self, view[pos:pos + n])
-            pos += n
-
-    def recv(self) -> bytes:
-        """Next chunk from the peer; ``b""`` at EOF; raises ``StreamReset`` if aborted."""
-        chunk = self._rx_pop()
-        if chunk is None:
-            return b""
-        self._rx_done(chunk)
-        n = len(chunk)
-        self.bytes_in += n
-        self.tunnel.bytes_in += n
-        self._consumed(n)
-        return bytes(chunk)
-
-    def shutdown_write(self) -> None:
-        """Half-close: tell the peer we will send nothing more (EOF frame)."""
-        if self._eof_sent or self._reset is not None:
-            return
-        self._eof_sent = True
-        self.tunnel._send_frame(EOF, self.id, b"")
-        self.tunnel._maybe_forget(self)
-
-    def close(self) -> None:
-        """Finish the stream: EOF if only our side is open, RESET if data may be lost."""
-        if self.finished:
-            return
-        if self._eof_received:
-            try:
-                self.shutdown_write()
-            except TunnelClosed:
-                pass
-        else:
-            self.tunnel._reset_stream(self, "closed", send=True)
-
-    # -- internals --------------------------------------------------------------
-
-    def _check_alive(self) -> None:
-        if self._reset is not None:
-            raise StreamReset("stream %d reset: %s" % (self.id, self._reset))
-        if self.tunnel.closed:
-            raise TunnelClosed("tunnel closed")
-
-    def _wait_window(self) -> int:
-        """Block until at least one byte of send window; return the window."""
-        while True:
-            self._check_alive()
-            if self._eof_sent:
-                raise StreamReset("stream %d: write side already shut down" % self.id)
-            if self._send_window > 0:
-                return self._send_window
-            self._tx_event.clear()
-            self._tx_event.wait()
-
-    def _rx_queue(self, payload: Any) -> None:
-        """Queue ``payload`` for the local side, counted in real bytes (mux_limits).
-
-        Small payloads are copied into the tail chunk (a bytearray of ours, never
-        exported while queued) rather than each keeping its own frame object alive."""
-        n = len(payload)
-        chunks = self._rx_chunks
-        if n < COALESCE_BELOW:
-            tail = chunks[-1] if chunks else None
-            if type(tail) is bytearray and len(tail) + n <= MAX_DATA:
-                tail += payload
-                cost = n
-            else:
-                chunks.append(bytearray(payload))
-                cost = n + CHUNK_OVERHEAD
-        else:
-            chunks.append(payload)
-            cost = n + CHUNK_OVERHEAD
-        self._rx_cost += cost
-        self.tunnel.rx_buffered += cost
-
-    def _rx_done(self, chunk: Any) -> None:
-        """A popped chunk left our hands (written out or returned by ``recv``): it no
-        longer counts against the budget.  Until then it does, in flight included."""
-        cost = min(len(chunk) + CHUNK_OVERHEAD, self._rx_cost)
-        self._rx_cost -= cost
-        self.tunnel.rx_buffered -= cost
-
-    def _rx_pop(self) -> Any:
-        """Next received chunk (a memoryview/bytes), or None at EOF."""
-        while True:
-            if self._rx_chunks:
-                return self._rx_chunks.popleft()
-            if self._reset is not None:
-                raise StreamReset("stream %d reset: %s" % (self.id, self._reset))
-            if self._eof_received:
-                return None
-            if self.tunnel.closed:
-                raise TunnelClosed("tunnel closed")
-            self._rx_event.clear()
-            self._rx_event.wait()
-
-    def _consumed(self, n: int, from_reader: bool = False) -> None:
-        """``n`` bytes left our buffer: grant credit back in batches.
-
-        The reader greenlet (direct delivery) must not write to the tunnel itself, so
-        its WINDOW frames go through ``_send_async``."""
-        self._rx_unacked += n
-        if self._rx_unacked >= self.tunnel.window_update_threshold \
-                and not self._eof_received \
-                and self._reset is None:
-            credit = self._rx_unacked
-            self._rx_unacked = 0
-            self._rx_allowed += credit
-            if from_reader:
-                self.tunnel._send_async(WINDOW, self.id, _U32.pack(credit))
-            else:
-                self.tunnel._send_frame(WINDOW, self.id, _U32.pack(credit))
-
-    def _wake(self) -> None:
-        self._tx_event.set()
-        self._rx_event.set()
-        self._open_event.set()
-
-
-class Tunnel:
+class Tunnel(FrameReceiving, StreamSplicing):
     """A multiplexed tunnel over one connected socket.
 
     ``role`` is ``"console"`` (opens streams) or ``"agent"`` (accepts them through
@@ -455,7 +173,7 @@ class Tunnel:
         self._async_pending = 0          # control frames queued by _send_async
         self._async_drained = gevent.event.Event()
         self._async_drained.set()
-        _set_sockopts(sock, buffers=False)
+        set_sockopts(sock, buffers=False)
 
         self._wlock = gevent.lock.Semaphore()
         self._group = gevent.pool.Group()
@@ -551,14 +269,14 @@ class Tunnel:
         try:
             if self.closed:
                 raise TunnelClosed("closed before run")
-            self._send_frame(HELLO, 0, _dump({"role": self.role, "version": PROTOCOL_VERSION,
+            self._send_frame(HELLO, 0, dump_json({"role": self.role, "version": PROTOCOL_VERSION,
                                               "window": self.recv_window}))
             self._hello_sent = True
             self._handshake()
             if self.keepalive_interval and self.keepalive_interval > 0:
                 self._group.spawn(self._keepalive)
             self._read_loop()
-        except _TunnelFailure as e:
+        except TunnelFailure as e:
             code, reason = e.code, e.reason
         except TunnelClosed as e:
             code, reason = CloseCode.RELAY_LOST, str(e)
@@ -611,8 +329,8 @@ class Tunnel:
             self._done.set()
 
     def _send_close_frame(self, code: str, reason: str) -> None:
-        payload = _dump({"code": code, "reason": reason})
-        frame_pt = _HDR.pack(CLOSE, 0) + payload
+        payload = dump_json({"code": code, "reason": reason})
+        frame_pt = HDR.pack(CLOSE, 0) + payload
         acquired = self._wlock.acquire(timeout=CLOSE_SEND_TIMEOUT)
         if not acquired:
             return
@@ -639,7 +357,7 @@ class Tunnel:
         self._next_id += 1
         stream = Stream(self, sid, target)
         self._streams[sid] = stream
-        self._send_frame(OPEN, sid, _dump({"target": target}))
+        self._send_frame(OPEN, sid, dump_json({"target": target}))
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not stream._open_event.wait(remaining):
             self._reset_stream(stream, "open timed out", send=True)
@@ -657,133 +375,8 @@ class Tunnel:
 
     # -- splicing -------------------------------------------------------------
 
-    def splice(self, stream: Stream, sock: Any) -> None:
-        """Pump ``stream`` <-> ``sock`` both ways until both directions are done.
-
-        Half-close aware; an error on ``sock`` resets this stream only.  Closes
-        ``sock`` at the end.  The tunnel->local direction runs in the calling
-        greenlet, local->tunnel in one spawned into the tunnel's group.
-        """
-        stream._local = sock
-        if stream._reset is not None or self.closed:
-            close_quietly(sock)
-            return
-        _set_sockopts(sock, buffers=True)
-        up = self._group.spawn(self._pump_up, stream, sock)
-        try:
-            self._pump_down(stream, sock)
-            up.join()
-        finally:
-            if not up.dead:
-                up.kill(block=False)
-                if not stream.finished:
-                    self._reset_stream(stream, "splice interrupted", send=True)
-            stream._local = None
-            close_quietly(sock)
-
-    def _pump_up(self, stream: Stream, sock: Any) -> None:
-        """local socket -> tunnel (DATA frames, then EOF).
-
-        The read buffer is taken from the tunnel's pool only while there is something
-        to read (mux_limits): an idle stream waits for readability with a 1-byte
-        ``MSG_PEEK`` and holds no buffer; while data flows, non-blocking ``os.readv``
-        fills the buffer (no copy: the sealer gets a view of it), and a read that would
-        block, or an exhausted send window, gives it back.  Objects other than plain
-        sockets (test doubles) keep one buffer for the whole stream.
-        """
-        pool = self._pool
-        plain = type(sock) is socket.socket
-        buf: Optional[bytearray] = None
-        view: Any = None
-        recv_into = getattr(sock, "recv_into", None)
-        try:
-            while True:
-                if buf is not None and plain and stream._send_window <= 0:
-                    pool.give(buf)
-                    buf = view = None
-                allowed = stream._wait_window()
-                want = allowed if allowed < MAX_DATA else MAX_DATA
-                try:
-                    if buf is None:
-                        if plain and sock.recv_into(self._peek, 1, socket.MSG_PEEK) == 0:
-                            stream.shutdown_write()
-                            return
-                        buf = pool.take()
-                        view = memoryview(buf)
-                        _HDR.pack_into(buf, 0, DATA, stream.id)
-                    if plain:
-                        try:
-                            n = os.readv(sock.fileno(), (view[HEADER_LEN:HEADER_LEN + want],))
-                        except BlockingIOError:
-                            pool.give(buf)
-                            buf = view = None
-                            continue
-                    elif recv_into is not None:
-                        n = recv_into(view[HEADER_LEN:HEADER_LEN + want], want)
-                    else:
-                        data = sock.recv(want)
-                        n = len(data)
-                        view[HEADER_LEN:HEADER_LEN + n] = data
-                except OSError as e:
-                    if stream._reset is None and not self.closed:
-                        self._reset_stream(stream, "local read: %s" % _err(e), send=True)
-                    return
-                if n == 0:
-                    stream.shutdown_write()
-                    return
-                # The sealer copies into its own output frame: pass a view, no copy.
-                self._send_data_frame(stream, view[:HEADER_LEN + n], n)
-        except (StreamReset, TunnelClosed):
-            return
-        except Exception:  # noqa: BLE001 - a stream's bug ends that stream only
-            log.exception("%s: stream %d: local->tunnel failed", self.name, stream.id)
-            self._reset_stream(stream, "internal error", send=True)
-        finally:
-            if buf is not None:
-                view = None
-                pool.give(buf)
-
-    def _pump_down(self, stream: Stream, sock: Any) -> None:
-        """tunnel -> local socket (sendall, credit back, shutdown(SHUT_WR) at EOF)."""
-        send = getattr(sock, "send", None)
-        if send is None:  # a file-like test double
-            sendall = sock.sendall
-        else:
-            def sendall(data: Any) -> None:
-                _send_all(send, data)
-        try:
-            while True:
-                chunk = stream._rx_pop()
-                if chunk is None:
-                    try:
-                        sock.shutdown(socket.SHUT_WR)
-                    except (OSError, AttributeError):
-                        pass
-                    return
-                n = len(chunk)
-                stream._writing = True
-                try:
-                    sendall(chunk)
-                except OSError as e:
-                    if stream._reset is None and not self.closed:
-                        self._reset_stream(stream, "local write: %s" % _err(e), send=True)
-                    return
-                finally:
-                    stream._writing = False
-                    stream._rx_done(chunk)
-                stream.bytes_in += n
-                self.bytes_in += n
-                stream._consumed(n)
-        except (StreamReset, TunnelClosed):
-            return
-        except Exception:  # noqa: BLE001 - a stream's bug ends that stream only
-            log.exception("%s: stream %d: tunnel->local failed", self.name, stream.id)
-            self._reset_stream(stream, "internal error", send=True)
-
-    # -- sending ----------------------------------------------------------------
-
     def _send_frame(self, ftype: int, sid: int, payload: Any) -> None:
-        self._send_plain(_HDR.pack(ftype, sid) + payload)
+        self._send_plain(HDR.pack(ftype, sid) + payload)
 
     def _send_plain(self, plaintext: Any) -> None:
         # Sealing and sending under one lock keeps frames in counter order.  A
@@ -800,11 +393,11 @@ class Tunnel:
                 gevent.spawn(self.close, CloseCode.CRYPTO_ERROR, "seal failed: %s" % e)
                 raise TunnelClosed("seal failed") from None
             try:
-                _send_all(self._sock.send, frame)
+                send_all(self._sock.send, frame)
             except OSError as e:
                 if self._close_code is None:
-                    gevent.spawn(self.close, CloseCode.RELAY_LOST, "tunnel send: %s" % _err(e))
-                raise TunnelClosed("tunnel send: %s" % _err(e)) from None
+                    gevent.spawn(self.close, CloseCode.RELAY_LOST, "tunnel send: %s" % os_err(e))
+                raise TunnelClosed("tunnel send: %s" % os_err(e)) from None
 
     def _send_data_frame(self, stream: Stream, plaintext: Any, n: int) -> None:
         stream._send_window -= n
@@ -814,7 +407,7 @@ class Tunnel:
         self.last_activity = time.monotonic()
 
     def _send_data(self, stream: Stream, data: Any) -> None:
-        self._send_data_frame(stream, _HDR.pack(DATA, stream.id) + data, len(data))
+        self._send_data_frame(stream, HDR.pack(DATA, stream.id) + data, len(data))
 
     def _send_async(self, ftype: int, sid: int, payload: bytes) -> None:
         """Send from the reader without blocking it (see module docstring).
@@ -864,7 +457,7 @@ class Tunnel:
             return
         log.info("%s: stream %d reset: %s", self.name, stream.id, reason)
         if send and not self.closed:
-            self._send_async(RESET, stream.id, _dump({"reason": reason}))
+            self._send_async(RESET, stream.id, dump_json({"reason": reason}))
 
     def _forget(self, stream: Stream) -> None:
         """``stream`` leaves the tunnel: out of the table, its stream-cap slot back."""
@@ -884,306 +477,6 @@ class Tunnel:
 
     # -- reading ----------------------------------------------------------------
 
-    def _fill(self, need: int) -> None:
-        """Make ``need`` bytes available at ``_rstart`` in the receive buffer.
-
-        One ``recv_into`` takes whatever the kernel has (up to RECV_BUFFER), so
-        several frames are usually parsed per system call.
-        """
-        view = self._rview
-        if self._rstart == self._rend:
-            self._rstart = self._rend = 0
-        elif self._rstart + need > RECV_BUFFER:
-            # compact: move the partial frame to the front (at most one frame)
-            left = self._rend - self._rstart
-            view[:left] = view[self._rstart:self._rend]
-            self._rstart, self._rend = 0, left
-        recv_into = self._sock.recv_into
-        while self._rend - self._rstart < need:
-            k = recv_into(view[self._rend:], RECV_BUFFER - self._rend)
-            if not k:
-                if self._close_code is None:
-                    raise _TunnelFailure(CloseCode.RELAY_LOST,
-                                         "tunnel socket closed without CLOSE")
-                raise TunnelClosed("closed")
-            self._rend += k
-
-    def _read_frame(self) -> Any:
-        """Next authenticated plaintext frame (a fresh object from the opener)."""
-        if self._rend - self._rstart < 4:
-            self._fill(4)
-        start = self._rstart
-        n = _U32.unpack_from(self._rbuf, start)[0]
-        if n > MAX_FRAME_LEN or n < HEADER_LEN:
-            raise _protocol_error("frame length %d out of bounds" % n)
-        if self._rend - start < 4 + n:
-            self._fill(4 + n)
-            start = self._rstart
-        view = self._rview
-        self._rstart = start + 4 + n
-        try:
-            # The opener gets views of the reused receive buffer (no copy) and
-            # returns a fresh plaintext object (tunnel_crypto: a bytearray).
-            return self._opener.open(view[start:start + 4], view[start + 4:start + 4 + n])
-        except Exception as e:  # noqa: BLE001 - mux treats any opener failure as crypto
-            raise _TunnelFailure(CloseCode.CRYPTO_ERROR,
-                                 "frame failed authentication (%s)" % type(e).__name__) from None
-
-    def _handshake(self) -> None:
-        timer = gevent.Timeout(self.handshake_timeout)
-        timer.start()
-        try:
-            pt = self._read_frame()
-        except gevent.Timeout as t:
-            if t is not timer:
-                raise
-            raise _protocol_error("no HELLO within %ss" % self.handshake_timeout) from None
-        finally:
-            timer.close()
-        if len(pt) < HEADER_LEN:
-            raise _protocol_error("short frame")
-        ftype, sid = _HDR.unpack_from(pt)
-        if ftype != HELLO or sid != 0:
-            raise _protocol_error("first frame is %s, not HELLO"
-                                  % FRAME_NAMES.get(ftype, ftype))
-        hello = _json_payload(pt[HEADER_LEN:], "HELLO")
-        role = hello.get("role")
-        version = hello.get("version")
-        if role != self.peer_role:
-            raise _protocol_error("peer role %s, expected %r" % (escape(repr(role), 60),
-                                                                  self.peer_role))
-        if version != PROTOCOL_VERSION:
-            raise _protocol_error("peer protocol version %s, expected %d"
-                                  % (escape(repr(version), 60), PROTOCOL_VERSION))
-        window = hello.get("window", LEGACY_WINDOW)
-        if type(window) is not int or not MAX_DATA <= window <= MAX_WINDOW:
-            raise _protocol_error("peer window %s not in [%d, %d]"
-                                  % (escape(repr(window), 60), MAX_DATA, MAX_WINDOW))
-        self.peer_window = window
-        self.last_ack = time.monotonic()
-        self._up.set()
-        self._ready.set()
-        log.debug("%s: tunnel up (%s)", self.name, self.role)
-
-    def _read_loop(self) -> None:
-        monotonic = time.monotonic
-        drained = self._async_drained
-        while True:
-            if not drained.is_set():
-                self._wait_async_drained()
-            pt = self._read_frame()
-            if len(pt) < HEADER_LEN:
-                raise _protocol_error("short frame")
-            ftype, sid = _HDR.unpack_from(pt)
-            now = monotonic()
-            self.last_ack = now
-            if ftype == DATA:
-                stream = self._peer_stream(sid, ftype)
-                if stream is None:
-                    continue
-                payload = memoryview(pt)[HEADER_LEN:]
-                n = len(payload)
-                if n > stream._rx_allowed:
-                    raise _protocol_error("stream %d: %d bytes beyond window %d"
-                                          % (sid, n, stream._rx_allowed))
-                if stream._eof_received:
-                    raise _protocol_error("stream %d: DATA after EOF" % sid)
-                stream._rx_allowed -= n
-                self.last_activity = now
-                if n:
-                    local = stream._local
-                    if local is not None and not stream._writing and not stream._rx_chunks:
-                        k = _write_now(local, payload)
-                        if k:
-                            stream.bytes_in += k
-                            self.bytes_in += k
-                            stream._consumed(k, from_reader=True)
-                            if k == n:
-                                continue
-                            payload = payload[k:]
-                    if self.rx_buffered + len(payload) + CHUNK_OVERHEAD > self.buffer_budget:
-                        self._over_budget(stream)
-                        continue
-                    stream._rx_queue(payload)
-                    stream._rx_event.set()
-            elif ftype == WINDOW:
-                stream = self._peer_stream(sid, ftype)
-                if stream is None:
-                    continue
-                if len(pt) != HEADER_LEN + 4:
-                    raise _protocol_error("WINDOW payload size")
-                credit = _U32.unpack_from(pt, HEADER_LEN)[0]
-                if credit == 0 or stream._send_window + credit > self.peer_window:
-                    raise _protocol_error("stream %d: bad window credit %d" % (sid, credit))
-                stream._send_window += credit
-                stream._tx_event.set()
-            elif ftype == EOF:
-                stream = self._peer_stream(sid, ftype)
-                if stream is None:
-                    continue
-                if stream._eof_received:
-                    raise _protocol_error("stream %d: second EOF" % sid)
-                stream._eof_received = True
-                stream._rx_event.set()
-                self._maybe_forget(stream)
-            elif ftype == PING:
-                if sid != 0 or len(pt) != HEADER_LEN + 8:
-                    raise _protocol_error("bad PING")
-                self._send_async(PONG, 0, pt[HEADER_LEN:])
-            elif ftype == PONG:
-                if sid != 0 or len(pt) != HEADER_LEN + 8:
-                    raise _protocol_error("bad PONG")
-                self.last_pong = now
-            elif ftype == OPEN:
-                self._on_peer_open(sid, pt[HEADER_LEN:])
-            elif ftype == OPEN_OK or ftype == OPEN_FAIL:
-                self._on_open_reply(ftype, sid, pt[HEADER_LEN:])
-            elif ftype == RESET:
-                stream = self._peer_stream(sid, ftype)
-                info = _json_payload(pt[HEADER_LEN:], "RESET")
-                if stream is not None:
-                    reason = escape(info.get("reason", ""))
-                    log.info("%s: stream %d reset by peer: %s", self.name, sid, reason)
-                    self._mark_reset(stream, "by peer: %s" % reason)
-                    self._forget(stream)
-            elif ftype == CLOSE:
-                if sid != 0:
-                    raise _protocol_error("CLOSE on stream %d" % sid)
-                info = _json_payload(pt[HEADER_LEN:], "CLOSE")
-                code = _json_str(info, "code", "CLOSE")
-                reason = escape(info.get("reason", ""))
-                if code not in CLOSE_CODES:
-                    log.warning("%s: peer closed the tunnel with an unknown code %s (%s): "
-                                "recorded as %s", self.name, escape(code), reason,
-                                CloseCode.PROTOCOL_ERROR)
-                    code, reason = CloseCode.PROTOCOL_ERROR, "peer closed with an unknown code"
-                else:
-                    log.info("%s: peer closed the tunnel: %s (%s)", self.name, code, reason)
-                self._closing_by_peer = True
-                raise _TunnelFailure(code, reason)
-            elif ftype == HELLO:
-                raise _protocol_error("second HELLO")
-            else:
-                raise _protocol_error("unknown frame type %d" % ftype)
-
-    def _over_budget(self, stream: Stream) -> None:
-        """A DATA frame would take the queued bytes over ``buffer_budget``: the stream
-        is reset (its queue freed), the session goes on."""
-        log.warning("%s: stream %d: %d bytes queued for local sockets, budget %d: "
-                    "resetting the stream", self.name, stream.id, self.rx_buffered,
-                    self.buffer_budget)
-        self._reset_stream(stream, RESET_BUDGET, send=True)
-
-    def _peer_stream(self, sid: int, ftype: int) -> Optional[Stream]:
-        """The stream a per-stream frame refers to; None for late frames of a
-        stream we already finished; protocol error for ids never opened."""
-        stream = self._streams.get(sid)
-        if stream is not None:
-            return stream
-        known = self._next_id - 1 if self.role == "console" else self._last_peer_id
-        if sid == 0 or sid > known:
-            raise _protocol_error("%s for unknown stream %d" % (FRAME_NAMES[ftype], sid))
-        return None
-
-    def _on_open_reply(self, ftype: int, sid: int, payload: bytes) -> None:
-        if self.role != "console":
-            raise _protocol_error("%s received by the agent" % FRAME_NAMES[ftype])
-        stream = self._peer_stream(sid, ftype)
-        if stream is None:
-            return
-        if stream._open_event.is_set():
-            raise _protocol_error("stream %d: second OPEN reply" % sid)
-        if ftype == OPEN_FAIL:
-            info = _json_payload(payload, "OPEN_FAIL")
-            code = _json_str(info, "code", "OPEN_FAIL", CloseCode.TARGET_REFUSED)
-            reason = escape(info.get("reason", ""))
-            if code not in OPEN_FAIL_CODES:
-                log.warning("%s: stream %d: OPEN_FAIL with an unknown code %s (%s): taken as %s",
-                            self.name, sid, escape(code), reason, CloseCode.PROTOCOL_ERROR)
-                code = CloseCode.PROTOCOL_ERROR
-            stream._open_error = (code, reason)
-            stream._reset = "open refused: %s" % code
-            self._forget(stream)
-        elif payload:
-            raise _protocol_error("OPEN_OK with payload")
-        stream._open_event.set()
-
-    def _on_peer_open(self, sid: int, payload: bytes) -> None:
-        if self.role != "agent":
-            raise _protocol_error("OPEN received by the console")
-        if sid <= self._last_peer_id:
-            raise _protocol_error("OPEN reuses stream id %d" % sid)
-        info = _json_payload(payload, "OPEN")
-        target = _json_str(info, "target", "OPEN")
-        self._last_peer_id = sid
-        refusal = None
-        if len(self._streams) >= self.max_streams:
-            refusal = ("%d streams open in this session (remote.max_streams_per_session)"
-                       % len(self._streams))
-        elif self.agent_streams is not None and not self.agent_streams.try_acquire():
-            refusal = ("%d streams open on this device (remote.max_streams)"
-                       % self.agent_streams.count)
-        if refusal is not None:
-            self._refuse_open(sid, target, refusal)
-            return
-        stream = Stream(self, sid, target)
-        stream._counted = True
-        self._streams[sid] = stream
-        self.streams_opened += 1
-        self._group.spawn(self._serve_open, stream)
-
-    def _refuse_open(self, sid: int, target: str, reason: str) -> None:
-        """OPEN over a stream cap: OPEN_FAIL too_many_streams; the first one of the
-        session is logged, the others counted (the total is logged at close)."""
-        self.streams_refused += 1
-        if self.streams_refused == 1:
-            log.warning("%s: stream %d to %s refused: %s (%s); further refusals in this "
-                        "session are counted", self.name, sid, escape(target),
-                        STREAM_TOO_MANY, reason)
-        self._send_async(OPEN_FAIL, sid, _dump({"code": STREAM_TOO_MANY,
-                                                "reason": reason}))
-
-    def _serve_open(self, stream: Stream) -> None:
-        """Agent side: connect the target through ``on_open`` and splice it."""
-        assert self._on_open is not None
-        sid, target = stream.id, stream.target
-        try:
-            sock = self._on_open(target)
-        except Exception as e:  # noqa: BLE001 - every refusal becomes OPEN_FAIL
-            code = getattr(e, "code", None)
-            if isinstance(code, str):
-                reason = str(getattr(e, "reason", "") or e)
-            elif isinstance(e, OSError):
-                code, reason = CloseCode.TARGET_REFUSED, _err(e)
-            else:
-                log.exception("%s: stream %d: on_open(%s) failed", self.name, sid,
-                              escape(target))
-                code, reason = CloseCode.ERROR, "internal error"
-            log.info("%s: stream %d to %s refused: %s (%s)", self.name, sid, escape(target),
-                     code, escape(reason))
-            stream._reset = "refused"
-            self._forget(stream)
-            if not self.closed:
-                try:
-                    self._send_frame(OPEN_FAIL, sid, _dump({"code": code, "reason": reason}))
-                except TunnelClosed:
-                    pass
-            return
-        if stream._reset is not None or self.closed:
-            close_quietly(sock)
-            return
-        log.info("%s: stream %d open to %s", self.name, sid, escape(target))
-        try:
-            self._send_frame(OPEN_OK, sid, b"")
-        except TunnelClosed:
-            close_quietly(sock)
-            return
-        self.splice(stream, sock)
-        log.debug("%s: stream %d to %s done (in %d, out %d)", self.name, sid, escape(target),
-                  stream.bytes_in, stream.bytes_out)
-
-    # -- keepalive --------------------------------------------------------------
-
     def _keepalive(self) -> None:
         while not self.closed:
             gevent.sleep(self.keepalive_interval)
@@ -1193,43 +486,6 @@ class Tunnel:
         """Send one PING now (the keepalive greenlet does this every interval)."""
         self._ping_seq += 1
         try:
-            self._send_frame(PING, 0, _U64.pack(self._ping_seq))
+            self._send_frame(PING, 0, U64.pack(self._ping_seq))
         except TunnelClosed:
             pass
-
-
-def _err(e: OSError) -> str:
-    if e.errno is not None and e.errno in errno.errorcode:
-        return "%s %s" % (errno.errorcode[e.errno], e.strerror or "")
-    return str(e) or type(e).__name__
-
-
-def _send_all(send: Callable[[Any], int], data: Any) -> None:
-    """``sendall`` without gevent's per-call ``getsockopt(SO_SNDBUF)`` and chunking:
-    the first ``send`` nearly always takes the whole frame."""
-    sent = send(data)
-    total = len(data)
-    if sent < total:
-        view = memoryview(data)
-        while sent < total:
-            sent += send(view[sent:])
-
-
-def _write_now(sock: Any, data: Any) -> int:
-    """Bytes of ``data`` the kernel takes right now from a non-blocking ``os.write`` to
-    ``sock`` (gevent keeps its sockets' descriptors non-blocking); 0 if it would block,
-    on any error (the stream's writer meets it again and resets the stream), and for
-    anything but a plain socket.  ``fileno()`` is asked every time: a closed socket
-    answers -1, so a descriptor number reused after a close is never written to."""
-    if type(sock) is not socket.socket:
-        return 0
-    fd = sock.fileno()
-    if fd < 0:
-        return 0
-    try:
-        return os.write(fd, data)
-    except OSError:
-        return 0
-
-
-
