@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from remote_gevent.crypto import authkeys as ak
 from remote_gevent.crypto import identity
 from remote_gevent.wire import protocol as p
+from remote_gevent.wire import envelope
 from remote_gevent.crypto import tunnel_crypto as tc
 from remote_gevent.wire.protocol import MsgType, Reason
 
@@ -65,7 +66,7 @@ def _valid_messages():
                                     session_id=SID)
     _, status_req = p.make_status_request(OP, DEVICE, SERVER, request_id=RID, now=NOW)
     accept = p.make_session_accept(DEV, SID, tc.kx_keypair()[0], CONSOLE_EPK, "aes256gcm")
-    close = p.make_session_close(OP, SID, p.CloseCode.CLOSED_BY_OPERATOR, "bye", ts=NOW)
+    close = p.make_session_close(OP, SID, envelope.CloseCode.CLOSED_BY_OPERATOR, "bye", ts=NOW)
     key = p.make_key_announcement(NEW_DEV, DEVICE, SERVER, previous_key=DEV, ts=NOW)
     status = p.make_status(DEV, RID, DEVICE, SERVER, "1.0", 12.5, 1, 0, 10, [{
         "session_id": SID, "state": "open", "since": NOW, "operator": OP.fingerprint,
@@ -96,7 +97,7 @@ def _every_reader(raw) -> None:
     _outcome(p.verify_key_rotation, raw, DEV.public_bytes)
     msg = _outcome(p.decode, raw)
     if msg is not None:
-        _outcome(p.verify_with_authorized, msg, TRUSTED)
+        _outcome(envelope.verify_with_authorized, msg, TRUSTED)
         _outcome(p.verify, msg, OP.public_bytes)
     sid = p.best_effort_session_id(raw)
     assert sid is None or (isinstance(sid, str) and len(sid) == 32)
@@ -122,7 +123,8 @@ JSON_VALUES = st.recursive(
                            st.dictionaries(st.one_of(_ANY_TEXT, _SPECIAL_TEXT), kids, max_size=4)),
     max_leaves=8)
 
-_FIELD_NAMES = sorted({name for req, opt in p.SCHEMAS.values() for name in list(req) + list(opt)}
+_FIELD_NAMES = sorted({name for req, opt in envelope.SCHEMAS.values()
+                       for name in list(req) + list(opt)}
                       | {"v", "type", "body", "sig", "signer"})
 
 
@@ -291,7 +293,7 @@ _TARGETS = st.one_of(
 
 
 @examples(150)
-@given(st.lists(_TARGETS, min_size=1, max_size=p.MAX_TARGETS, unique=True),
+@given(st.lists(_TARGETS, min_size=1, max_size=envelope.MAX_TARGETS, unique=True),
        st.integers(1, p.MAX_SESSION_LIFETIME), st.sampled_from(["aes256gcm", "xchacha20poly1305"]),
        st.binary(min_size=32, max_size=32), st.integers(0, 300))
 def test_valid_request_round_trips(targets, ttl, cipher, ticket, age):

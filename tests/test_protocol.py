@@ -9,6 +9,7 @@ import pytest
 from remote_gevent.crypto import authkeys as ak
 from remote_gevent.crypto import identity
 from remote_gevent.wire import protocol as p
+from remote_gevent.wire import envelope
 from remote_gevent.crypto import tunnel_crypto as tc
 from remote_gevent.wire.protocol import Reason
 
@@ -99,7 +100,7 @@ def test_socks_wildcard_request_gets_per_stream_checks(op, limited_op, trusted):
 def test_signature_is_domain_separated(op):
     _, raw = request(op)
     msg = p.decode(raw)
-    data = b"remote-gevent/v1/session.request\0" + p.canonical(msg.body)
+    data = b"remote-gevent/v1/session.request\0" + envelope.canonical(msg.body)
     assert msg.signed_bytes() == data
     nacl.signing.VerifyKey(op.public_bytes).verify(data, msg.sig)
     assert p.verify(msg, op.public_bytes)
@@ -286,7 +287,7 @@ FIELD_CASES = [
     ("ticket", base64.b64encode(b"\0" * 16).decode()),
     ("ticket", "A" * 5000),
     ("targets", []),
-    ("targets", ["127.0.0.1:%d" % (i + 1) for i in range(p.MAX_TARGETS + 1)]),
+    ("targets", ["127.0.0.1:%d" % (i + 1) for i in range(envelope.MAX_TARGETS + 1)]),
     ("targets", "127.0.0.1:22"),
     ("targets", [22]),
     ("targets", ["127.0.0.1:0"]),
@@ -441,7 +442,7 @@ def test_queued_refuse_close_alive_round_trip(op):
     for raw in (
         p.make_session_queued(device, sid, 3),
         p.make_session_refuse(device, sid, Reason.TARGET_NOT_PERMITTED, "10.0.0.1:22\x00"),
-        p.make_session_close(device, sid, p.CloseCode.IDLE_TIMEOUT, "idle 1800s"),
+        p.make_session_close(device, sid, envelope.CloseCode.IDLE_TIMEOUT, "idle 1800s"),
         p.make_alive(device, "demo", "fr04", "0.1.0", 12.5, 1, 0, 10, seq=7, event="started"),
     ):
         msg = p.decode(raw)
@@ -458,16 +459,16 @@ def test_queued_refuse_close_alive_round_trip(op):
 
 def test_close_from_console_verified_against_authorized_keys(op, trusted):
     sid = p.new_session_id()
-    msg = p.decode(p.make_session_close(op, sid, p.CloseCode.CLOSED_BY_OPERATOR, "done"))
-    assert p.verify_with_authorized(msg, trusted).fingerprint == op.fingerprint
+    msg = p.decode(p.make_session_close(op, sid, envelope.CloseCode.CLOSED_BY_OPERATOR, "done"))
+    assert envelope.verify_with_authorized(msg, trusted).fingerprint == op.fingerprint
     stranger = p.decode(p.make_session_close(Signer(), sid, "normal"))
     with pytest.raises(p.Refused) as ei:
-        p.verify_with_authorized(stranger, trusted)
+        envelope.verify_with_authorized(stranger, trusted)
     assert ei.value.reason == Reason.UNKNOWN_OPERATOR
 
 
 def test_codes_match_design():
-    assert p.CloseCode.ALL == {
+    assert envelope.CloseCode.ALL == {
         "normal", "closed_by_operator", "closed_by_agent", "idle_timeout", "ack_lost", "refused",
         "queue_timeout", "relay_lost", "relay_refused", "shutdown", "crypto_error",
         "protocol_error", "target_refused", "error", "revoked"}

@@ -44,10 +44,17 @@ import gevent.lock
 from amqp.exceptions import NotFound, PreconditionFailed
 
 from remote_gevent.wire import protocol
+from remote_gevent.wire import envelope
 from remote_gevent.common.amqplink import AmqpLink, LinkError, NotConnected
 from remote_gevent.crypto.authkeys import AuthorizedKeys, AuthorizedKeysError, trust_stamp
 from remote_gevent.common.logs import escape
-from remote_gevent.wire.protocol import CloseCode, MsgType, ProtocolError, Reason, Refused
+from remote_gevent.wire.protocol import (
+    MsgType,
+    ProtocolError,
+    Reason,
+    Refused,
+)
+from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.agent.tunnels import device_allow
 
 log = logging.getLogger(__name__)
@@ -392,7 +399,7 @@ class ControlPlane:
                 self._handle_status(message, raw)
             else:
                 raise Refused(Reason.MALFORMED, "unexpected routing key %s"
-                              % protocol.short(routing_key))
+                              % envelope.short(routing_key))
         except ProtocolError as exc:
             self._refuse(message, raw, kind, exc)
         except Exception:  # noqa: BLE001 - boundary: one message must not stop the consumer
@@ -470,7 +477,7 @@ class ControlPlane:
         msg = protocol.decode(raw)
         if msg.type != MsgType.SESSION_CLOSE:
             raise Refused(Reason.MALFORMED, "expected session.close, got %s" % msg.type)
-        op = protocol.verify_with_authorized(msg, self.trusted_keys())
+        op = envelope.verify_with_authorized(msg, self.trusted_keys())
         sid = msg.body["session_id"]
         found = False
         owner = self.tunnels.operator_of(sid) if self.tunnels is not None else None

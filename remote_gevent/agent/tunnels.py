@@ -55,11 +55,13 @@ from remote_gevent.agent import fairness
 from remote_gevent.wire import mux
 from remote_gevent.wire import mux_limits
 from remote_gevent.wire import protocol
+from remote_gevent.wire import envelope
 from remote_gevent.common.addresses import format_address
 from remote_gevent.common import tls
 from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.agent.history import History, record_safely
-from remote_gevent.wire.protocol import CloseCode, Reason, Refused
+from remote_gevent.wire.protocol import Reason, Refused
+from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.common.sockets import close_quietly
 from remote_gevent.wire import rendezvous
 
@@ -110,7 +112,7 @@ class TargetNotPermitted(Exception):
     code = Reason.TARGET_NOT_PERMITTED
 
     def __init__(self, target: str) -> None:
-        self.reason = "%s not permitted" % protocol.short(target)
+        self.reason = "%s not permitted" % envelope.short(target)
         super().__init__(self.reason)
 
 
@@ -472,10 +474,10 @@ class TunnelManager:
             self._refuse(s, CloseCode.RELAY_REFUSED, "no relay configured: %s" % e)
         if not _same_relay(req.relay, relay_addr):
             log.warning("session %s: refused: relay %s is not %s:%d (configured for %s)",
-                        s.id, protocol.short(req.relay), relay_addr[0], relay_addr[1],
+                        s.id, envelope.short(req.relay), relay_addr[0], relay_addr[1],
                         cfg.remote.server_id)
             self._refuse(s, CloseCode.RELAY_REFUSED, "relay %s is not this device's relay"
-                         % protocol.short(req.relay, 80))
+                         % envelope.short(req.relay, 80))
 
         self._admit(s)
         s.state = ADMITTED
@@ -671,7 +673,7 @@ class TunnelManager:
         def on_result(result: Dict[str, Any]) -> None:
             s.transfers += 1
             log.info("session %s: %s %s %s: %s (%s bytes)", s.id, target, result.get("op"),
-                     protocol.short(result.get("path")), result.get("code"),
+                     envelope.short(result.get("path")), result.get("code"),
                      result.get("bytes"))
 
         # Raises TransferError (code target_refused) when transfer is disabled.

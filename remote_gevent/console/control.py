@@ -50,6 +50,7 @@ import gevent.queue
 
 from remote_gevent.common import fsutil
 from remote_gevent.wire import protocol
+from remote_gevent.wire import envelope
 from remote_gevent.common.amqplink import AmqpLink, LinkConfigError, LinkError, LoginRefused
 from remote_gevent.console.config import (
     EXIT_BROKER,
@@ -382,7 +383,7 @@ class ConsoleControl:
         corr = message.properties.get("correlation_id")
         queue = self._waiters.get(corr) if isinstance(corr, str) else None
         if queue is None:
-            log.debug("reply for unknown request %s dropped", protocol.short(corr))
+            log.debug("reply for unknown request %s dropped", envelope.short(corr))
             return
         queue.put(_raw_body(message))
 
@@ -570,7 +571,7 @@ class ConsoleControl:
     def close_session(self, device: str, session_id: str, reason: str = "") -> None:
         """Ask the device to close a session (``session.close`` on ``remote.down``)."""
         raw = protocol.make_session_close(self.operator_key, session_id,
-                                          protocol.CloseCode.CLOSED_BY_OPERATOR,
+                                          envelope.CloseCode.CLOSED_BY_OPERATOR,
                                           reason or "closed by operator")
         self._publish(self.cfg.topic(device) + ".close", raw, correlation_id=session_id)
 
@@ -628,7 +629,7 @@ def handle_up_message(known: KnownDevices, states: DeviceStates, server_id: str,
     parts = routing_key.split(".")
     if len(parts) != 4 or parts[0] != "remote" or parts[1] != server_id \
             or parts[3] not in UP_KINDS:
-        log.debug("status queue: unexpected routing key %s", protocol.short(routing_key))
+        log.debug("status queue: unexpected routing key %s", envelope.short(routing_key))
         return None
     ident, kind = parts[2], parts[3]
     did = "%s/%s" % (server_id, ident)
@@ -640,7 +641,7 @@ def handle_up_message(known: KnownDevices, states: DeviceStates, server_id: str,
     body = msg.body
     if body.get("ident", ident) != ident or body.get("server_id", server_id) != server_id:
         log.warning("%s: ignoring %s naming another device (%s/%s)", did, kind,
-                    protocol.short(body.get("server_id")), protocol.short(body.get("ident")))
+                    envelope.short(body.get("server_id")), envelope.short(body.get("ident")))
         return None
     if kind == "key" and msg.type == protocol.MsgType.KEY:
         try:
