@@ -71,13 +71,12 @@ import os
 import socket
 import ssl
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import gevent
 import gevent.event
 import gevent.pool
 import gevent.socket
-from gevent.hub import get_hub
 from gevent.server import StreamServer
 
 from remote_gevent.relay import pending as relay_pending
@@ -98,6 +97,8 @@ from remote_gevent.wire.rendezvous import (
     parse_hello,
     set_nodelay,
 )
+
+from remote_gevent.relay.forwarding import BufferPool, Forwarding, _tcp_abort
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,6 @@ REJECT_TIMEOUT = 5.0
 LINGER_TIMEOUT = 1.0
 LINGER_MAX_BYTES = 64 * 1024
 #: How many spare copy buffers the pool keeps (the rest are freed).
-SPARE_BUFFERS = 32
 
 
 def splice_available() -> bool:
@@ -155,51 +155,10 @@ class RelaySettings(NamedTuple):
 # --------------------------------------------------------------------------- helpers
 
 
-class BufferPool:
-    """Large forwarding buffers lent to whichever direction is moving data right now.
-
-    Idle directions hold none, so memory follows the number of *active* transfers, not the
-    number of sessions. At most ``spare`` buffers are kept when returned.
-    """
-
-    def __init__(self, size: int, spare: int = SPARE_BUFFERS) -> None:
-        self.size = size
-        self.spare = spare
-        self._free: List[bytearray] = []
-        self.allocated = 0
-
-    def acquire(self) -> bytearray:
-        if self._free:
-            return self._free.pop()
-        self.allocated += 1
-        return bytearray(self.size)
-
-    def release(self, buf: bytearray) -> None:
-        if len(self._free) < self.spare:
-            self._free.append(buf)
-        else:
-            self.allocated -= 1
-
-
-def _tcp_abort(sock: socket.socket) -> None:
-    """Shut down both ways at the TCP level; wakes every greenlet blocked on ``sock``."""
-    for klass in type(sock).__mro__:
-        if "SSLSocket" in klass.__name__:
-            continue
-        if "shutdown" in klass.__dict__:
-            try:
-                klass.shutdown(sock, socket.SHUT_RDWR)  # type: ignore[attr-defined]
-            except OSError:
-                pass
-            return
-
-
-
-
 # --------------------------------------------------------------------------- relay
 
 
-class _Conn:
+class Conn:
     """One accepted connection from handshake to close."""
 
     __slots__ = ("sock", "ip", "hello", "early", "event", "peer", "failed", "pending",
@@ -211,7 +170,7 @@ class _Conn:
         self.hello: Optional[Hello] = None
         self.early = False  # sent bytes before OK (forbidden since RG2)
         self.event: Optional[gevent.event.Event] = None
-        self.peer: Optional[_Session] = None  # set when paired
+        self.peer: Optional[PairedSession] = None  # set when paired
         self.failed = ""  # set when the waiter must give up (shutdown)
         self.pending = False
         self.claimed = False  # a newcomer took us out of the table and is sending our OK
@@ -220,12 +179,12 @@ class _Conn:
         self.since = time.monotonic()
 
 
-class _Session:
+class PairedSession:
     __slots__ = ("session_id", "agent", "console", "started", "last_activity", "bytes",
                  "outcome", "running", "done", "unwrapped", "plain", "pair", "forwarded",
                  "copy")
 
-    def __init__(self, session_id: str, agent: _Conn, console: _Conn) -> None:
+    def __init__(self, session_id: str, agent: Conn, console: Conn) -> None:
         self.session_id = session_id
         self.agent = agent
         self.console = console
@@ -242,7 +201,7 @@ class _Session:
         self.plain = gevent.event.Event()  # both legs plain (or the session failed)
 
 
-class Relay:
+class Relay(Forwarding):
     """The relay server. ``start()``, then ``stop()``; ``pending``/``paired`` for tests.
 
     ``ssl_context`` defaults to ``tls.server_context(cert_file, key_file)``. ``splice``
@@ -265,8 +224,8 @@ class Relay:
             splice = splice_available()
         self.splice = bool(splice) and splicer.SPLICE is not None
         self._plane: Optional[splicer.SplicePlane] = None  # started at the first pair
-        self._waiting: Dict[str, _Conn] = {}
-        self._sessions: Dict[str, _Session] = {}
+        self._waiting: Dict[str, Conn] = {}
+        self._sessions: Dict[str, PairedSession] = {}
         self._table = relay_pending.PendingTable(settings.max_pending,
                                                  settings.max_pending_per_ip)
         self._rejecting = 0
@@ -352,9 +311,9 @@ class Relay:
             self._reject_busy(raw, ip, self._full_reason(ip))
             return
         for victim in victims:
-            assert isinstance(victim, _Conn)
+            assert isinstance(victim, Conn)
             self._evict(victim)
-        conn = _Conn(raw, ip)
+        conn = Conn(raw, ip)
         self._enter_pending(conn)
         try:
             self._serve(conn)
@@ -362,11 +321,11 @@ class Relay:
             self._leave_pending(conn)
             close_quietly(conn.sock)
 
-    def _enter_pending(self, conn: _Conn) -> None:
+    def _enter_pending(self, conn: Conn) -> None:
         conn.pending = True
         self._table.add(conn, conn.ip)
 
-    def _leave_pending(self, conn: _Conn) -> None:
+    def _leave_pending(self, conn: Conn) -> None:
         if not conn.pending:
             return
         conn.pending = False
@@ -379,7 +338,7 @@ class Relay:
                     % s.max_pending_per_ip)
         return "max_pending %d reached, every one has sent its hello" % s.max_pending
 
-    def _evict(self, conn: _Conn) -> None:
+    def _evict(self, conn: Conn) -> None:
         """Close a half-open connection (no valid hello yet) to make room for a newcomer:
         its slot is free at once, its greenlet notices the closed socket and just ends."""
         self._count("evicted")
@@ -407,7 +366,7 @@ class Relay:
             self._rejecting -= 1
 
     def _tls_accept(self, raw: socket.socket, deadline: float,
-                    conn: Optional[_Conn] = None) -> Optional[ssl.SSLSocket]:
+                    conn: Optional[Conn] = None) -> Optional[ssl.SSLSocket]:
         """TLS handshake in this connection's greenlet, bounded by ``deadline``."""
         set_nodelay(raw)
         sock = None
@@ -440,7 +399,7 @@ class Relay:
         line, _, rest = data.partition(b"\n")
         return line, rest
 
-    def _serve(self, conn: _Conn) -> None:
+    def _serve(self, conn: Conn) -> None:
         s = self.settings
         hello_timeout = min(s.hello_timeout, s.handshake_timeout)
         deadline = time.monotonic() + hello_timeout
@@ -464,7 +423,7 @@ class Relay:
         self._table.authenticated(conn)
         self._pair(conn)
 
-    def _bad_hello(self, conn: _Conn, exc: Exception, hello_timeout: float) -> None:
+    def _bad_hello(self, conn: Conn, exc: Exception, hello_timeout: float) -> None:
         """Refuse a connection whose hello failed (one log line, in ``_refuse``)."""
         sock = conn.sock
         if isinstance(exc, BadVersion):
@@ -477,7 +436,7 @@ class Relay:
         else:
             log.debug("connection from %s lost before its hello: %s", conn.ip, exc)
 
-    def _pair(self, conn: _Conn) -> None:
+    def _pair(self, conn: Conn) -> None:
         hello = conn.hello
         assert hello is not None
         sid = hello.session_id
@@ -516,7 +475,7 @@ class Relay:
             if conn.failed:
                 return
         agent, console = (conn, waiter) if hello.role == "agent" else (waiter, conn)
-        session = _Session(sid, agent, console)
+        session = PairedSession(sid, agent, console)
         self._sessions[sid] = session
         self._count("sessions")
         for c in (agent, console):
@@ -526,7 +485,7 @@ class Relay:
         waiter.event.set()
         self._run_leg(session, conn)
 
-    def _send_ok(self, conn: _Conn, peer_ip: str) -> bool:
+    def _send_ok(self, conn: Conn, peer_ip: str) -> bool:
         try:
             conn.sock.settimeout(self.settings.handshake_timeout)
             conn.sock.sendall(ok_line(peer_ip))
@@ -538,7 +497,7 @@ class Relay:
             conn.failed = "gone"
             return False
 
-    def _wait_for_peer(self, conn: _Conn) -> None:
+    def _wait_for_peer(self, conn: Conn) -> None:
         """First arrival: wait for the peer, noticing if our own client goes away.
 
         A helper greenlet watches the client meanwhile: EOF there means the client gave up,
@@ -577,7 +536,7 @@ class Relay:
         self._refuse(conn.sock, "timeout", conn.ip, sid,
                      "no peer within %.0fs" % self.settings.pairing_timeout)
 
-    def _read_early(self, conn: _Conn) -> None:
+    def _read_early(self, conn: Conn) -> None:
         try:
             conn.sock.settimeout(None)
             while True:
@@ -616,176 +575,6 @@ class Relay:
             pass
 
     # ---- TLS off, then splice
-    def _run_leg(self, session: _Session, conn: _Conn) -> None:
-        """Forward ``conn``'s bytes to its peer; the last leg to finish ends the session."""
-        src_role = conn.hello.role if conn.hello else "?"
-        dst = session.console if conn is session.agent else session.agent
-        try:
-            if self._go_plain(session, conn, src_role):
-                if self.splice:
-                    self._forward_in_thread(session, conn)  # may set session.copy
-                if session.copy or not self.splice:
-                    self._pump(session, conn, dst, src_role)
-        except socket.timeout:
-            self._abort(session, "timeout (peer stopped reading)")
-        except (ssl.SSLError, OSError) as exc:
-            if not session.outcome:
-                self._abort(session, "error (%s side: %s)" % (src_role, _describe(exc)))
-        finally:
-            session.running -= 1
-            if session.running == 0:
-                self._finish(session)
-            else:
-                # Keep our socket open for the other direction until it is done too.
-                session.done.wait()
-
-    def _go_plain(self, session: _Session, conn: _Conn, role: str) -> bool:
-        """Shut TLS down on ``conn`` (close_notify both ways), swap in the plain socket,
-        then wait until the other leg is plain too. False: the session is over."""
-        if conn.early:
-            self._abort(session, "refused (%s sent bytes before OK, which %s forbids)"
-                        % (role, PROTOCOL_VERSION))
-            session.plain.set()
-            return False
-        sock = conn.sock
-        timeout = self.settings.handshake_timeout
-        try:
-            sock.settimeout(timeout)
-            with gevent.Timeout(timeout, socket.timeout("timed out")):
-                sock.unwrap()
-            plain = gevent.socket.socket(sock.family, sock.type, sock.proto,
-                                         fileno=sock.detach())
-            conn.sock = plain
-            set_nodelay(plain)
-        except (ssl.SSLError, OSError, ValueError) as exc:  # socket.timeout is an OSError
-            log.warning("session %s: TLS shutdown (close_notify) with the %s from %s failed "
-                        "within %.0fs: %s", session.session_id, role, conn.ip, timeout,
-                        _describe(exc))
-            self._abort(session, "error (%s side: TLS shutdown failed: %s)"
-                        % (role, _describe(exc)))
-            session.plain.set()
-            return False
-        session.unwrapped += 1
-        if session.unwrapped == 2:
-            session.plain.set()
-        session.plain.wait()  # the other leg's unwrap is bounded the same way
-        return not session.outcome
-
-    def _sweep_idle(self) -> None:
-        """End sessions that moved no byte for ``idle_timeout``.
-
-        One timer for the whole relay rather than one armed and cancelled around every
-        wait for readability. ``_abort`` shuts both sockets down, which wakes whatever
-        forwards them. A session ends between ``idle_timeout`` and 1.25 x
-        ``idle_timeout`` after its last byte.
-        """
-        idle = self.settings.idle_timeout
-        period = min(idle / 4, 5.0)
-        while True:
-            gevent.sleep(period)
-            now = time.monotonic()
-            for session in list(self._sessions.values()):
-                pair = session.pair
-                last = pair.last_activity if pair is not None else session.last_activity
-                if not session.outcome and now - last >= idle:
-                    self._abort(session, "timeout (idle %.0fs)" % idle)
-
-    def _forward_in_thread(self, session: _Session, conn: _Conn) -> None:
-        """Both legs come here; the agent's hands the pair to the splice thread, both wait
-        until the thread is done with it. ``session.copy`` if splice refused the sockets."""
-        if conn is session.agent:
-            if self._plane is None or not self._plane.running:
-                self._plane = splicer.SplicePlane(self.pipes)  # first pair, or it failed
-            session.pair = splicer.Pair(
-                session.agent.sock.fileno(), "agent", session.console.sock.fileno(),
-                "console", on_done=lambda _pair: session.forwarded.set())
-            self._plane.forward(session.pair)
-        session.forwarded.wait()
-        pair = session.pair
-        assert pair is not None
-        session.bytes["agent"] = pair.moved("agent")
-        session.bytes["console"] = pair.moved("console")
-        if pair.nosplice:
-            log.info("session %s: os.splice refused (%s); copying instead",
-                     session.session_id, pair.error)
-            session.copy = True
-        elif pair.error and not session.outcome:
-            self._abort(session, "error (%s)" % pair.error)
-
-    def _pump(self, session: _Session, src: _Conn, dst: _Conn, src_role: str) -> None:
-        """One direction in greenlets (no splice): wait holding nothing, then copy what is
-        there through a pooled buffer and give it back; EOF → ``SHUT_WR``."""
-        s_sock = src.sock
-        d_sock = dst.sock
-        s_sock.settimeout(self.settings.idle_timeout)
-        d_sock.settimeout(self.settings.idle_timeout)
-        hub = get_hub()
-        readable = hub.loop.io(s_sock.fileno(), 1)
-        try:
-            while True:
-                hub.wait(readable)  # no timer per wait: _sweep_idle ends idle sessions
-                if session.outcome:
-                    return
-                eof = self._move_copy(session, s_sock, d_sock, src_role)
-                if session.outcome:
-                    return
-                if eof:
-                    break
-        finally:
-            readable.close()
-        try:
-            d_sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the other side is gone; its own leg will notice
-
-    def _move_copy(self, session: _Session, s_sock: socket.socket, d_sock: socket.socket,
-                   src_role: str) -> bool:
-        """The fallback: one ``recv_into`` a pooled buffer, ``sendall``; True at EOF."""
-        buf = self.buffers.acquire()
-        try:
-            try:
-                n = s_sock.recv_into(buf)
-            except BlockingIOError:
-                return False
-            if not n:
-                return True
-            self._send_chunk(d_sock, memoryview(buf)[:n], src_role)
-        finally:
-            self.buffers.release(buf)
-        session.bytes[src_role] += n
-        session.last_activity = time.monotonic()
-        return False
-
-    def _send_chunk(self, d_sock: socket.socket, data: memoryview, src_role: str) -> None:
-        """Copy path only (tests hook it to look at the bytes the relay forwards)."""
-        d_sock.sendall(data)
-
-    def _abort(self, session: _Session, outcome: str) -> None:
-        if session.outcome:
-            return
-        session.outcome = outcome
-        for conn in (session.agent, session.console):
-            _tcp_abort(conn.sock)
-
-    def _finish(self, session: _Session) -> None:
-        if not session.outcome:
-            session.outcome = "normal"
-        self._sessions.pop(session.session_id, None)
-        close_quietly(session.agent.sock)
-        close_quietly(session.console.sock)
-        session.done.set()
-        log.info("session %s ended: %s; agent %s, console %s; agent->console %d bytes, "
-                 "console->agent %d bytes; %.1fs", session.session_id, session.outcome,
-                 session.agent.ip, session.console.ip, session.bytes["agent"],
-                 session.bytes["console"], time.monotonic() - session.started)
-        if self._stopping and not self._sessions:
-            self._drained.set()
-
-
-def _describe(exc: BaseException) -> str:
-    return "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
-
-
 def raw_peer(sock: socket.socket) -> str:
     try:
         return str(sock.getpeername()[0])
