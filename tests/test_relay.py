@@ -867,7 +867,7 @@ def test_a_failed_pairing_is_one_line_without_traceback_or_ticket(
         failure, make_relay, client_ctx, pki, tmp_path, capfd, caplog, monkeypatch):
     """Issue 10 item 13: the agent's log of a failed pairing is one line naming the session
     and the reason: no traceback (a greenlet's repr printed a prefix of the ticket)."""
-    from remote_gevent.agent import tunnels
+    from remote_gevent.agent import session_run, tunnels
     caplog.set_level(logging.DEBUG)
     fake = squatter = None
     expect = {"ticket_mismatch": "ticket_mismatch", "relay_timeout": "console never came",
@@ -890,7 +890,7 @@ def test_a_failed_pairing_is_one_line_without_traceback_or_ticket(
                          unwrap=True, tls_on=failure != "no_tls")
         address = fake.address
     if failure == "local_timeout":
-        monkeypatch.setattr(tunnels, "PAIRING_TIMEOUT", 0.5)
+        monkeypatch.setattr(session_run, "PAIRING_TIMEOUT", 0.5)
     env, console = _agent_env(tmp_path, pki, address)
     try:
         if failure == "ticket_mismatch":  # a stranger waits there with the id, not the ticket

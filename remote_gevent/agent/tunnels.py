@@ -41,7 +41,6 @@ unreachable or not pairing in time → ``relay_refused``; pairing connection dro
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -50,121 +49,43 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 
-from remote_gevent.crypto import authkeys
 from remote_gevent.agent import fairness
-from remote_gevent.wire import mux
 from remote_gevent.wire import mux_limits
 from remote_gevent.wire import protocol
-from remote_gevent.wire import envelope
-from remote_gevent.common.addresses import format_address
-from remote_gevent.common import tls
-from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.agent.history import History, record_safely
 from remote_gevent.wire.protocol import Reason, Refused
 from remote_gevent.wire.envelope import CloseCode
-from remote_gevent.common.sockets import close_quietly
-from remote_gevent.wire import rendezvous
+
+from remote_gevent.agent.session_run import (
+    Reply,
+    DIALING,
+    DIAL_BOUND,
+    ENDED,
+    REVOKED_TEXT,
+    RUNNING,
+    SessionRun,
+    _Session,
+    _returned,
+    device_allow,
+)
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 10.0  # seconds to connect a TCP target for one stream
-RELAY_CONNECT_TIMEOUT = 10.0  # seconds for TCP connect + TLS handshake + hello to the relay
 # Seconds we wait for the relay's OK (the console to arrive). Longer than the relay's
 # own pairing timeout (rendezvous.DEFAULT_PAIRING_TIMEOUT, 30 s) so that normally the relay
 # says "ERR timeout" first and we know why.
-PAIRING_TIMEOUT = 60.0
-PAIRING_GRACE = 5.0
 # GC backstop: a session still dialing after this is an orphan, whatever the relay does.
-DIAL_BOUND = RELAY_CONNECT_TIMEOUT + PAIRING_TIMEOUT + PAIRING_GRACE
 GC_MIN_INTERVAL = 0.2  # seconds; GC period bounds
 GC_MAX_INTERVAL = 5.0
 GC_FRACTION = 4  # GC period = smallest timeout / GC_FRACTION, within the bounds
-REPLY_TIMEOUT = 10.0  # seconds a reply() publish may take before the session gives up
 SHUTDOWN_KILL_TIMEOUT = 2.0  # seconds for killed session greenlets to unwind
 
 # Session states (``sessions()`` reports them).
-WAITING = "waiting"  # for a slot
-ADMITTED = "admitted"  # slot taken, accept being sent / keys derived
-DIALING = "dialing"  # TLS to the relay and pairing
-RUNNING = "running"  # tunnel handshake and streams
-ENDED = "ended"
-
 # ``session.refuse`` must carry a refusal reason (protocol.Reason), not a close code.
 # Close codes without a refusal counterpart get one if protocol.py grows it; until then
 # a wrong relay is a malformed request and an operator's close of a waiting session
 # is answered by session.close only (the operator asked for it).
-_REFUSE_FOR_CLOSE = {
-    CloseCode.QUEUE_TIMEOUT: Reason.QUEUE_TIMEOUT,
-    CloseCode.SHUTDOWN: Reason.SHUTTING_DOWN,
-    CloseCode.RELAY_REFUSED: getattr(Reason, "RELAY_REFUSED", Reason.MALFORMED),
-    CloseCode.CLOSED_BY_OPERATOR: getattr(Reason, "CLOSED_BY_OPERATOR", None),
-    CloseCode.REVOKED: Reason.UNKNOWN_OPERATOR,
-}
-REVOKED_TEXT = "operator key no longer trusted"
-
-Reply = Callable[[bytes], Any]
 PublishClose = Callable[[str, str, str], Any]
-
-
-class TargetNotPermitted(Exception):
-    """Raised by ``on_open``: the mux turns ``.code`` / ``.reason`` into OPEN_FAIL."""
-
-    code = Reason.TARGET_NOT_PERMITTED
-
-    def __init__(self, target: str) -> None:
-        self.reason = "%s not permitted" % envelope.short(target)
-        super().__init__(self.reason)
-
-
-class OperatorRevoked(Exception):
-    """Raised by ``on_open`` when the session's operator is no longer trusted."""
-
-    code = CloseCode.REVOKED
-    reason = REVOKED_TEXT
-
-
-class _End(Exception):
-    """Ends a session before its tunnel runs, with a close code."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__("%s: %s" % (code, reason))
-        self.code = code
-        self.reason = reason
-
-
-def device_allow(cfg: Any) -> Tuple[str, ...]:
-    """The device allow-list as the agent enforces it.
-
-    ``remote.allow`` plus the virtual targets ``@transfer`` and ``@sftp`` when the
-    device has transfer roots configured (configuring a root is the device owner's
-    consent to file transfer; ``remote.allow`` holds ``host:port`` items only).
-    The control plane should pass the same list to ``check_session_request``.
-    """
-    allow = tuple(cfg.remote.allow)
-    transfer = getattr(cfg.remote, "transfer", None)
-    if transfer is not None and getattr(transfer, "roots", ()):
-        allow += tuple(sorted(authkeys.VIRTUAL_TARGETS))
-    return allow
-
-
-def configured_relay(cfg: Any) -> Tuple[str, int]:
-    """``(host, port)`` of the relay configured for our server id."""
-    from remote_gevent.agent.config import split_host_port
-
-    host, port = split_host_port(cfg.remote.relays[cfg.remote.server_id])
-    assert port is not None
-    return host, port
-
-
-def _same_relay(named: str, configured: Tuple[str, int]) -> bool:
-    from remote_gevent.agent.config import Invalid, split_host_port
-
-    try:
-        host, port = split_host_port(named)
-    except Invalid:
-        return False
-    return host.lower().rstrip(".") == configured[0].lower().rstrip(".") \
-        and port == configured[1]
 
 
 def gc_interval(cfg: Any) -> float:
@@ -173,35 +94,7 @@ def gc_interval(cfg: Any) -> float:
     return max(GC_MIN_INTERVAL, min(GC_MAX_INTERVAL, float(shortest) / GC_FRACTION))
 
 
-class _Session:
-    """Book-keeping for one submitted session (owned by its greenlet)."""
-
-    def __init__(self, request: Any, reply: Reply) -> None:
-        self.request = request
-        self.reply = reply
-        self.id: str = request.session_id
-        self.since = time.time()
-        self.state = WAITING
-        self.admitted = False
-        self.sem: Optional[Any] = None  # the semaphore we hold a permit of, if any
-        self.close_request: Optional[Tuple[str, str]] = None
-        self.wake = gevent.event.Event()
-        self.tunnel: Optional[mux.Tunnel] = None
-        self.remote_ip = ""
-        self.dial_started: Optional[float] = None
-        self.transfers = 0
-        self.greenlet: Optional[gevent.Greenlet] = None
-
-    @property
-    def operator(self) -> str:
-        return self.request.operator.fingerprint
-
-    @property
-    def targets(self) -> List[str]:
-        return [str(t) for t in self.request.targets]
-
-
-class TunnelManager:
+class TunnelManager(SessionRun):
     """All agent-side sessions of one agent process (see the module docstring)."""
 
     def __init__(self, cfg: Any, get_identity: Callable[[], Any], history: Optional[History],
@@ -448,107 +341,6 @@ class TunnelManager:
                 return
         sem.release()
 
-    def _session_main(self, s: _Session) -> None:
-        code, reason = CloseCode.ERROR, "internal error"
-        try:
-            code, reason = self._serve(s)
-        except _End as e:
-            code, reason = e.code, e.reason
-        except gevent.GreenletExit:
-            code, reason = s.close_request or (CloseCode.SHUTDOWN, "killed")
-            raise
-        except Exception:  # noqa: BLE001 - a session's bug ends that session only
-            log.exception("session %s: failed", s.id)
-            code, reason = CloseCode.ERROR, "internal error"
-        finally:
-            self._finish(s, code, reason)
-
-    def _serve(self, s: _Session) -> Tuple[str, str]:
-        req = s.request
-        cfg = self._cfg
-        if self._shutting_down:
-            self._refuse(s, CloseCode.SHUTDOWN, "agent stopping")
-        try:
-            relay_addr = configured_relay(cfg)
-        except (KeyError, ValueError) as e:
-            self._refuse(s, CloseCode.RELAY_REFUSED, "no relay configured: %s" % e)
-        if not _same_relay(req.relay, relay_addr):
-            log.warning("session %s: refused: relay %s is not %s:%d (configured for %s)",
-                        s.id, envelope.short(req.relay), relay_addr[0], relay_addr[1],
-                        cfg.remote.server_id)
-            self._refuse(s, CloseCode.RELAY_REFUSED, "relay %s is not this device's relay"
-                         % envelope.short(req.relay, 80))
-
-        self._admit(s)
-        s.state = ADMITTED
-        self._check_close(s)
-
-        # Keys: ephemeral, fresh per session; the secret never leaves this frame.
-        pk, sk = tunnel_crypto.kx_keypair()
-        cipher = tunnel_crypto.choose_cipher(req.cipher)
-        try:
-            tx, rx = tunnel_crypto.derive_keys("agent", pk, sk, req.epk, s.id)
-        except Exception as e:  # noqa: BLE001 - nacl CryptoError / ValueError: bad epk
-            self._refuse(s, CloseCode.CRYPTO_ERROR, "console key unusable (%s)"
-                         % type(e).__name__, Reason.MALFORMED)
-        del sk
-        sealer, opener = tunnel_crypto.make_sealer_opener(tx, rx, cipher)
-        # Signed by the identity in force *now*: a rotation applies to new sessions.
-        accept = protocol.make_session_accept(self._get_identity(), s.id, pk, req.epk, cipher)
-        if not self._send_reply(s, accept, "accept"):
-            raise _End(CloseCode.ERROR, "could not send session.accept")
-        log.info("session %s: accepted for %s (%s), targets %s", s.id, s.operator, cipher,
-                 " ".join(s.targets))
-        self._check_close(s)
-
-        sock = self._dial(s, relay_addr)
-        try:
-            self._check_close(s)
-        except _End:
-            close_quietly(sock)
-            raise
-        tunnel = mux.Tunnel(
-            sock, sealer, opener, "agent", on_open=lambda target: self._open_target(s, target),
-            name="session %s" % s.id, keepalive_interval=float(cfg.remote.keepalive_interval),
-            max_streams=cfg.remote.max_streams_per_session, agent_streams=self._agent_streams,
-            buffer_budget=cfg.remote.max_buffered_per_session)
-        s.tunnel = tunnel
-        s.state = RUNNING
-        if s.close_request is not None:  # raced with the assignment above
-            tunnel.close(*s.close_request)
-        return tunnel.run()
-
-    def _check_close(self, s: _Session) -> None:
-        if s.close_request is not None:
-            raise _End(*s.close_request)
-
-    def _refuse(self, s: _Session, code: str, reason: str,
-                refusal: Optional[str] = None) -> None:
-        """Answer ``session.refuse`` (when a refusal reason fits) and end with ``code``."""
-        refusal = refusal or _REFUSE_FOR_CLOSE.get(code)
-        if refusal is not None:
-            try:
-                raw = protocol.make_session_refuse(self._get_identity(), s.id, refusal, reason)
-            except protocol.ProtocolError as e:
-                log.error("session %s: cannot build refusal: %s", s.id, e)
-            else:
-                self._send_reply(s, raw, "refuse")
-        log.info("session %s: refused: %s (%s)", s.id, code, reason)
-        raise _End(code, reason)
-
-    def _send_reply(self, s: _Session, raw: bytes, what: str) -> bool:
-        try:
-            with gevent.Timeout(REPLY_TIMEOUT):
-                s.reply(raw)
-            return True
-        except gevent.Timeout:
-            log.error("session %s: %s reply timed out", s.id, what)
-        except Exception as e:  # noqa: BLE001 - the broker link's errors vary
-            log.error("session %s: cannot send %s reply: %s", s.id, what, e)
-        return False
-
-    # -- admission --------------------------------------------------------------
-
     def _admit(self, s: _Session) -> None:
         """Take a slot, or wait for one (``session.queued``); raise _End if we don't get one."""
         if self._sem.acquire(blocking=False):
@@ -587,128 +379,3 @@ class TunnelManager:
                 self._waiting.remove(s)
 
     # -- relay --------------------------------------------------------------------
-
-    def _relay_ssl_context(self) -> Any:
-        if self._relay_context is None:
-            r = self._cfg.remote
-            self._relay_context = tls.client_context(r.relay_ca_file or self._cfg.amqp.ca_file)
-        return self._relay_context
-
-    def _dial(self, s: _Session, addr: Tuple[str, int]) -> Any:
-        """TLS to the relay, hello, wait for the pairing; return the socket or raise _End."""
-        try:
-            ctx = self._relay_ssl_context()
-        except tls.TLSConfigError as e:
-            raise _End(CloseCode.RELAY_REFUSED, str(e)) from None
-        host, port = addr
-        s.state = DIALING
-        s.dial_started = time.monotonic()
-        ticket = s.request.ticket
-
-        def dial() -> Any:
-            # A closure, not spawn(dial_relay, ..., ticket): gevent prints a greenlet that
-            # dies of an exception with its repr, call arguments (the ticket) included. An
-            # expected failure is returned instead, so it prints nothing: _finish logs it
-            # once, with the session id and the reason (issue 10, item 13).
-            try:
-                return rendezvous.dial_relay(host, port, ctx, host, "agent", s.id, ticket,
-                                        RELAY_CONNECT_TIMEOUT, PAIRING_TIMEOUT)
-            except (rendezvous.RelayError, ValueError) as e:
-                return e
-
-        dialer = gevent.spawn(dial)
-        gevent.wait([dialer, s.wake], count=1)
-        if not dialer.ready():
-            dialer.kill()
-        if _returned(dialer):
-            sock, peer_ip = dialer.value
-            if s.close_request is not None:
-                close_quietly(sock)
-                raise _End(*s.close_request)
-            s.remote_ip = str(peer_ip)
-            log.info("session %s: paired at relay %s with %s", s.id,
-                     format_address(host, port), peer_ip)
-            return sock
-        if s.close_request is not None:
-            raise _End(*s.close_request)
-        exc = dialer.value if dialer.successful() else dialer.exception
-        if isinstance(exc, rendezvous.RelayError):
-            if exc.code == "protocol" and not exc.remote:
-                raise _End(CloseCode.RELAY_LOST, str(exc))
-            if exc.code == "timeout" and exc.remote:
-                raise _End(CloseCode.RELAY_REFUSED, "console never came to the relay: %s"
-                           % exc)
-            raise _End(CloseCode.RELAY_REFUSED, str(exc))
-        raise _End(CloseCode.ERROR, "relay dial failed: %r" % (exc,))
-
-    # -- streams --------------------------------------------------------------------
-
-    def _open_target(self, s: _Session, target: str) -> Any:
-        """``on_open`` of the tunnel: permission at stream time, then the connection.
-
-        Trust, the key's permitopen and the device allow-list are those in force now."""
-        trusted = self._trusted_now()
-        op = s.request.operator if trusted is None else trusted.get(s.operator)
-        if op is None:
-            self._request_close(s, CloseCode.REVOKED, REVOKED_TEXT)
-            raise OperatorRevoked()
-        if not s.request.permits(target) or not authkeys.permits(self._device_allow, target) \
-                or (op.permitopen and not authkeys.permits(op.permitopen, target)):
-            raise TargetNotPermitted(target)
-        if target in authkeys.VIRTUAL_TARGETS:
-            return self._open_virtual(s, target)
-        host, port = authkeys.Target.parse(target).address
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
-        try:
-            sock.settimeout(None)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            close_quietly(sock)
-            raise
-        return sock
-
-    def _open_virtual(self, s: _Session, target: str) -> Any:
-        from remote_gevent.agent.files import dispatch
-
-        def on_result(result: Dict[str, Any]) -> None:
-            s.transfers += 1
-            log.info("session %s: %s %s %s: %s (%s bytes)", s.id, target, result.get("op"),
-                     envelope.short(result.get("path")), result.get("code"),
-                     result.get("bytes"))
-
-        # Raises TransferError (code target_refused) when transfer is disabled.
-        return dispatch.open_virtual_target(target, self._cfg, self._get_identity,
-                                            on_result=on_result, log_ctx="session %s" % s.id)
-
-    # -- the end --------------------------------------------------------------------
-
-    def _finish(self, s: _Session, code: str, reason: str) -> None:
-        """Exactly once per session: slot, history row, close publication."""
-        t = s.tunnel
-        if t is not None and not t.closed:
-            t.close(code, reason)
-        s.state = ENDED
-        if s in self._waiting:
-            self._waiting.remove(s)
-        self._release_slot(s)
-        duration = max(0.0, time.time() - s.since)
-        log.info("session %s: ended: %s (%s) after %.1f s, in %d out %d bytes, %d streams",
-                 s.id, code, reason, duration, t.bytes_in if t else 0, t.bytes_out if t else 0,
-                 t.streams_opened if t else 0)
-        record_safely(
-            self._history, start=s.since, session_id=s.id, remote_ip=s.remote_ip,
-            duration=duration, close_code=code, operator=s.operator, targets=s.targets,
-            bytes_in=t.bytes_in if t else 0, bytes_out=t.bytes_out if t else 0,
-            streams=t.streams_opened if t else 0, reason=reason)
-        if self._sessions.get(s.id) is s:
-            del self._sessions[s.id]
-        try:
-            self._publish_close(s.id, code, reason)
-        except Exception as e:  # noqa: BLE001 - the broker link's errors vary
-            log.error("session %s: cannot publish close %s: %s", s.id, code, e)
-
-
-def _returned(g: gevent.Greenlet) -> bool:
-    """The greenlet returned normally (a killed one is "successful" with GreenletExit)."""
-    return g.successful() and not isinstance(g.value, BaseException)
-
