@@ -867,7 +867,7 @@ def test_a_failed_pairing_is_one_line_without_traceback_or_ticket(
         failure, make_relay, client_ctx, pki, tmp_path, capfd, caplog, monkeypatch):
     """Issue 10 item 13: the agent's log of a failed pairing is one line naming the session
     and the reason: no traceback (a greenlet's repr printed a prefix of the ticket)."""
-    from remote_gevent.agent import session_run, tunnels
+    from remote_gevent.agent import session_run
     caplog.set_level(logging.DEBUG)
     fake = squatter = None
     expect = {"ticket_mismatch": "ticket_mismatch", "relay_timeout": "console never came",
