@@ -57,7 +57,7 @@ from paramiko import (
 
 from remote_gevent.agent.files import fsops
 from remote_gevent.agent.files import roots
-from remote_gevent.agent.files import transfer
+from remote_gevent.agent.files import lookups
 from remote_gevent.wire import transfer_lines as tl
 from remote_gevent.agent.files import transfer_partials as partials
 from remote_gevent.common.logs import escape
@@ -227,7 +227,7 @@ class RootsSFTPServer(SFTPServerInterface):
             dfd = res.open_self_dir()
             try:
                 out = []
-                for name in sorted(os.listdir(dfd))[:transfer.MAX_LIST_ENTRIES]:
+                for name in sorted(os.listdir(dfd))[:lookups.MAX_LIST_ENTRIES]:
                     st = fsops.lstat_in(dfd, name)
                     if st is not None:
                         out.append(_attrs(st, name))

@@ -39,7 +39,6 @@ it is not used because Python 3.8 has no binding for it.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import logging
@@ -48,7 +47,7 @@ import socket
 import stat
 import struct
 import time
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Optional
 import gevent
 
 from remote_gevent.agent.files import transfer_partials as partials
@@ -63,7 +62,6 @@ from remote_gevent.wire.transfer_lines import (
     INTEGRITY,
     IO_ERROR,
     LineChannel,
-    NOT_FOUND,
     NOT_REGULAR_FILE,
     NO_SPACE,
     OPS,
@@ -78,12 +76,10 @@ from remote_gevent.wire.transfer_lines import (
     result_code,
 )
 from remote_gevent.agent.files.fsops import (
-    DIR_MODE,
     FILE_MODE,
     PART_MODE,
     YIELD_EVERY,
     O_CLOEXEC,
-    O_DIRECTORY,
     O_NOFOLLOW,
     check_links,
     close_fd,
@@ -92,7 +88,6 @@ from remote_gevent.agent.files.fsops import (
     fsync_fd,
     hash_fd_prefix,
     lstat_in,
-    open_checked,
     os_error,
     rename_noreplace,
     unlink_quietly,
@@ -103,13 +98,18 @@ from remote_gevent.agent.files.roots import (
     Roots,
 )
 
+from remote_gevent.agent.files.lookups import (
+    list_path,
+    make_dirs,
+    stat_path,
+)
+
 log = logging.getLogger(__name__)
 
 HEADER_TIMEOUT = 30.0              # waiting for the console's header
 IDLE_TIMEOUT = 300.0               # no byte either way for this long: give up
 BUSY_WAIT = 5.0                    # wait this long for another stream's lock on a partial
 DRAIN_TIMEOUT = 10.0               # after an error reply, wait this long for the console's EOF
-MAX_LIST_ENTRIES = 100000
 QUIET_OPS = ("stat", "list")       # lookups, not transfers: not passed to on_result
 
 def _bool(req: Dict[str, Any], key: str) -> bool:
@@ -133,8 +133,6 @@ def _sha(value: Any, key: str) -> Optional[str]:
             or any(c not in "0123456789abcdef" for c in value):
         raise TransferError(BAD_REQUEST, "%r must be 64 lowercase hex digits" % key)
     return value
-
-
 
 
 class _Session:
@@ -466,97 +464,6 @@ def _available(dfd: int) -> Optional[int]:
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
-
-
-def stat_path(roots: Roots, path: Any) -> Dict[str, Any]:
-    """``{"ok", "type", "size", "mtime", "mode", "path"}`` of a path (virtual dirs too)."""
-    if roots.virtual_children(roots.check_path(path)) is not None:
-        return {"ok": True, "type": "dir", "size": 0, "mtime": 0, "mode": 0o555,
-                "path": roots.check_path(path), "virtual": True}
-    res = roots.resolve(path)
-    if res.name is None:
-        st = os.stat(res.root.real)
-    else:
-        dfd = res.open_parent()
-        try:
-            st = lstat_in(dfd, res.name)
-        finally:
-            close_fd(dfd)
-        if st is None:
-            raise TransferError(NOT_FOUND, "%s: no such file or directory" % res.path)
-    return {"ok": True, "type": file_type(st.st_mode), "size": st.st_size,
-            "mtime": int(st.st_mtime), "mode": stat.S_IMODE(st.st_mode), "path": res.path,
-            "writable": res.root.writable}
-
-
-def list_path(roots: Roots, path: Any) -> Iterator[Dict[str, Any]]:
-    """Directory entries ``{"name", "type", "size", "mtime", "mode"}`` (partials hidden).
-
-    Raises before yielding anything, so callers can reply first.
-    """
-    virtual = roots.virtual_children(roots.check_path(path))
-    if virtual is not None:
-        return iter([{"name": n, "type": "dir", "size": 0, "mtime": 0, "mode": 0o555}
-                     for n in virtual])
-    res = roots.resolve(path)
-    dfd = res.open_self_dir()
-    try:
-        names = sorted(os.listdir(dfd))[:MAX_LIST_ENTRIES]
-        out = []
-        for i, name in enumerate(names):
-            if is_part_name(name):
-                continue
-            st = lstat_in(dfd, name)
-            if st is None:
-                continue
-            out.append({"name": name, "type": file_type(st.st_mode), "size": st.st_size,
-                        "mtime": int(st.st_mtime), "mode": stat.S_IMODE(st.st_mode)})
-            if i % 1000 == 999:
-                gevent.sleep(0)
-    except OSError as e:
-        raise os_error(e, res.path) from None
-    finally:
-        close_fd(dfd)
-    return iter(out)
-
-
-def make_dirs(res: Resolved, parents: bool) -> bool:
-    """mkdir ``res`` (and missing parents if asked) with O_NOFOLLOW discipline;
-    True if created, False if it already was a directory."""
-    if res.name is None:
-        return False
-    created = False
-    fd = res.root.open_dir([])
-    try:
-        for i, comp in enumerate(res.parts):
-            last = i == len(res.parts) - 1
-            flags = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
-            try:
-                nfd = os.open(comp, flags, dir_fd=fd)
-            except FileNotFoundError:
-                if not (last or parents):
-                    raise TransferError(NOT_FOUND, "%s: parent directory missing" % res.path) \
-                        from None
-                try:
-                    os.mkdir(comp, DIR_MODE, dir_fd=fd)
-                    created = created or last
-                except FileExistsError:
-                    pass
-                except OSError as e:
-                    raise os_error(e, res.path) from None
-                nfd = open_checked(comp, flags, fd, res.path)
-            except OSError as e:
-                if e.errno == errno.ENOTDIR:
-                    raise TransferError(NOT_REGULAR_FILE, "%s exists and is not a directory"
-                                        % res.path) from None
-                raise os_error(e, res.path) from None
-            os.close(fd)
-            fd = nfd
-        if created:
-            fsync_dirfd(fd)
-    finally:
-        close_fd(fd)
-    return created
 
 
 def serve_transfer_stream(sock: Any, roots: Roots, log_ctx: str = "",
