@@ -32,7 +32,7 @@ from remote_gevent.wire import protocol
 from remote_gevent.agent import config as config_mod
 from remote_gevent.crypto import tunnel_crypto as tc
 from remote_gevent.agent.runtime import Agent
-from remote_gevent.wire.protocol import Reason
+from remote_gevent.wire.codes import Reason
 
 WAIT = 10.0  # bound for anything that should take milliseconds
 CLI = [sys.executable, "-m", "remote_gevent.agent.cli"]

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from remote_gevent.wire import mux
 from remote_gevent.wire import mux_frames as mf
 from remote_gevent.crypto import tunnel_crypto
-from remote_gevent.wire.protocol import CloseCode
+from remote_gevent.wire.codes import CloseCode
 
 LIMIT = 5.0          # seconds one example may take before it counts as a hang
 PROD_RECURSION = 1000

@@ -21,7 +21,8 @@ from remote_gevent.crypto import identity
 from remote_gevent.wire import protocol as p
 from remote_gevent.wire import envelope
 from remote_gevent.crypto import tunnel_crypto as tc
-from remote_gevent.wire.protocol import MsgType, Reason
+from remote_gevent.wire.protocol import MsgType
+from remote_gevent.wire.codes import Reason
 
 NOW = 1700000000
 DEVICE = "demo"

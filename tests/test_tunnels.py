@@ -30,7 +30,7 @@ from remote_gevent.agent import tunnels
 from remote_gevent.crypto.authkeys import AuthorizedKeys
 from remote_gevent.demo.pki import CertificateAuthority
 from remote_gevent.crypto.identity import IdentityKey
-from remote_gevent.wire.protocol import Reason
+from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
 from echo_server import echo
 from remote_gevent.wire import rendezvous

@@ -48,12 +48,8 @@ from remote_gevent.wire import envelope
 from remote_gevent.common.amqplink import AmqpLink, LinkError, NotConnected
 from remote_gevent.crypto.authkeys import AuthorizedKeys, AuthorizedKeysError, trust_stamp
 from remote_gevent.common.logs import escape
-from remote_gevent.wire.protocol import (
-    MsgType,
-    ProtocolError,
-    Reason,
-    Refused,
-)
+from remote_gevent.wire.protocol import MsgType, ProtocolError, Refused
+from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.agent.tunnels import device_allow
 

@@ -22,7 +22,7 @@ from remote_gevent.common.addresses import format_address
 from remote_gevent.common import tls
 from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.agent.history import record_safely
-from remote_gevent.wire.protocol import Reason
+from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.common.sockets import close_quietly
 from remote_gevent.wire import rendezvous

@@ -53,7 +53,8 @@ from remote_gevent.agent import fairness
 from remote_gevent.wire import mux_limits
 from remote_gevent.wire import protocol
 from remote_gevent.agent.history import History, record_safely
-from remote_gevent.wire.protocol import Reason, Refused
+from remote_gevent.wire.codes import Reason
+from remote_gevent.wire.protocol import Refused
 from remote_gevent.wire.envelope import CloseCode
 
 from remote_gevent.agent.session_run import (
