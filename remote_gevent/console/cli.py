@@ -476,6 +476,7 @@ def master(ctx: click.Context, device: str, targets: List[str], persist: Optiona
 
         from remote_gevent.console import master as cm
         from remote_gevent.console.config import EXIT_ERROR, ConsoleError
+        from remote_gevent.console.master_server import Master
         from remote_gevent.console.session import open_session
 
         cfg = _cfg(ctx)
@@ -487,7 +488,7 @@ def master(ctx: click.Context, device: str, targets: List[str], persist: Optiona
             _say("master of %s asked to exit" % device)
             return 0
         wait = cm.DEFAULT_PERSIST if persist is None else persist
-        server = cm.Master(path, wait)
+        server = Master(path, wait)
         try:
             locked = server.lock()
         except (cm.ControlError, OSError) as exc:
