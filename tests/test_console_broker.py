@@ -22,7 +22,8 @@ from remote_gevent.relay import server as relay_mod
 from remote_gevent.agent.runtime import Agent
 from remote_gevent.console import config as cconfig
 from remote_gevent.console.config import ConsoleError
-from remote_gevent.console.control import ConsoleControl, DeviceStates, device_status
+from remote_gevent.console.control import ConsoleControl
+from remote_gevent.console.device_states import DeviceStates, device_status
 from remote_gevent.console.known_devices import KnownDevices
 from remote_gevent.console.session import open_session
 from echo_server import echo

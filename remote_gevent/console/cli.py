@@ -238,7 +238,7 @@ def devices(ctx: click.Context, as_json: bool, cached: bool) -> None:
         import time
 
         from remote_gevent.console.config import ConsoleError
-        from remote_gevent.console.control import DeviceStates, summarize
+        from remote_gevent.console.device_states import DeviceStates, summarize
         from remote_gevent.console.known_devices import KnownDevices
 
         cfg = _cfg(ctx)
@@ -275,12 +275,8 @@ def watch(ctx: click.Context) -> None:
 
         import gevent
 
-        from remote_gevent.console.control import (
-            ConsoleControl,
-            DeviceEvent,
-            device_status,
-            offline_at,
-        )
+        from remote_gevent.console.control import ConsoleControl
+        from remote_gevent.console.device_states import DeviceEvent, device_status, offline_at
 
         cfg = _cfg(ctx)
         printed = {}
