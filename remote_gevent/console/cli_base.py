@@ -1,0 +1,114 @@
+"""The console's click group and what every command shares: config loading, one-line
+errors with their exit codes, logging, the device argument.
+
+Imported by :mod:`remote_gevent.console.cli` after its monkey patch; the commands live
+in ``cli.py`` (sessions and transfers) and ``cli_keys.py`` (keys and devices).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional
+import click
+
+
+PROG = "remote-gevent-console"
+ENV_CONFIG = "REMOTE_GEVENT_CONSOLE_CONFIG"  # = console.config.ENV_CONFIG (kept import-free)
+
+
+def _version() -> str:
+    from remote_gevent import __version__
+
+    return __version__
+
+
+def _say(text: str) -> None:
+    sys.stderr.write("%s: %s\n" % (PROG, text))
+    sys.stderr.flush()
+
+
+def _setup_logging(verbose: int) -> None:
+    import logging
+
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%s: %%(levelname)s %%(name)s: %%(message)s" % PROG)
+
+
+def _install_sigterm() -> None:
+    """SIGTERM behaves like Ctrl-C: KeyboardInterrupt in the main greenlet."""
+    import signal
+
+    import gevent
+
+    main = gevent.getcurrent()
+    gevent.signal_handler(signal.SIGTERM, gevent.kill, main, KeyboardInterrupt)
+
+
+def _run(fn: Callable[[], Optional[int]], interrupted_code: Optional[int] = None) -> None:
+    """Run a command body; turn expected failures into one line and an exit code."""
+    from remote_gevent.console.config import (
+        EXIT_CONFIG,
+        EXIT_INTERRUPTED,
+        ConfigError,
+        ConsoleError,
+    )
+
+    try:
+        code = fn()
+    except ConsoleError as exc:
+        _say(exc.message)
+        sys.exit(exc.exit_code)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _say(problem)
+        sys.exit(EXIT_CONFIG)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED if interrupted_code is None else interrupted_code)
+    sys.exit(code or 0)
+
+
+def _cfg(ctx: click.Context, allow_missing: bool = False) -> Any:
+    from remote_gevent.console import config
+
+    obj = ctx.find_root().obj
+    cfg = config.load(obj["config_path"], allow_missing=allow_missing)
+    for warning in cfg.warnings:
+        _say("warning: %s" % warning)
+    return cfg
+
+
+def _device_arg(ctx: click.Context, param: Any, value: str) -> str:
+    import re
+
+    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", value or ""):
+        raise click.BadParameter("expected a device ident ([A-Za-z0-9_-]{1,64})")
+    return value
+
+
+device_argument = click.argument("device", callback=_device_arg)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "config_path", metavar="PATH", envvar=ENV_CONFIG, default=None,
+              help="Console config (default: $%s or ~/.config/remote-gevent/console.yaml)."
+              % ENV_CONFIG)
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv: debug).")
+@click.version_option(version=_version(), prog_name=PROG, message="%(prog)s %(version)s")
+@click.pass_context
+def main(ctx: click.Context, config_path: Optional[str], verbose: int) -> None:
+    """Operator console: tunnels to devices behind NAT (forward, socks, stdio, push, pull)."""
+    _setup_logging(verbose)
+    ctx.obj = {"config_path": config_path, "verbose": verbose}
+
+def _ago(ts: Optional[float], now: float) -> str:
+    if ts is None:
+        return "never"
+    d = max(0, int(now - ts))
+    if d < 120:
+        return "%ds ago" % d
+    if d < 7200:
+        return "%dm ago" % (d // 60)
+    if d < 172800:
+        return "%dh ago" % (d // 3600)
+    return "%dd ago" % (d // 86400)

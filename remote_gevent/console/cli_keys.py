@@ -1,0 +1,265 @@
+"""Console commands for keys and devices: ``keygen``, ``devices``, ``watch``, ``pin``
+(registered on the click group when :mod:`remote_gevent.console.cli` imports this)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+import click
+
+from remote_gevent.console.cli_base import (
+    _ago,
+    _cfg,
+    _install_sigterm,
+    _run,
+    _say,
+    device_argument,
+    main,
+)
+
+# ----------------------------------------------------------------------------- keygen
+
+
+@main.command()
+@click.option("-f", "--file", "path", metavar="PATH", default=None,
+              help="Key file (default: operator_key of the console config).")
+@click.option("-C", "--comment", default=None, help="Comment of the public line.")
+@click.option("--force", is_flag=True, help="Replace an existing key.")
+@click.pass_context
+def keygen(ctx: click.Context, path: Optional[str], comment: Optional[str], force: bool) -> None:
+    """Create the operator ED25519 key (0600) and print its ssh-ed25519 line."""
+    def body() -> int:
+        import getpass
+        import socket
+
+        from remote_gevent.crypto import identity
+        from remote_gevent.console.config import EXIT_ERROR, ConsoleError
+
+        key_path = path or _cfg(ctx, allow_missing=True).operator_key
+        if os.path.lexists(key_path) and not force:
+            raise ConsoleError("%s already exists; use --force to replace it (devices that "
+                               "trust the old key will refuse the new one)" % key_path,
+                               EXIT_ERROR, "exists")
+        key = identity.IdentityKey.generate()
+        try:
+            identity.write(key, key_path)
+        except identity.IdentityError as exc:
+            raise ConsoleError(str(exc), EXIT_ERROR, "io_error") from None
+        line = key.public_line(comment or "%s@%s" % (getpass.getuser(), socket.gethostname()))
+        try:
+            with open(key_path + ".pub", "w") as fh:
+                fh.write(line + "\n")
+        except OSError as exc:
+            _say("warning: cannot write %s.pub: %s" % (key_path, exc.strerror))
+        click.echo(line)
+        sys.stderr.write(
+            "wrote %s (%s)\nAdd the line above to each device's remote.authorized_keys; to "
+            "limit what this key may open, prefix it with permitopen options, e.g.:\n"
+            "  permitopen=\"127.0.0.1:22\",permitopen=\"@transfer\" %s\n"
+            % (key_path, key.fingerprint, line))
+        return 0
+
+    _run(body)
+
+
+# ----------------------------------------------------------------------------- devices / watch
+
+
+
+
+def _print_devices(rows: List[dict], now: float) -> None:
+    header = ("DEVICE", "STATE", "LAST ALIVE", "HEALTH", "SESSIONS", "VERSION", "KEY")
+    table = [header]
+    for r in rows:
+        key = (r["fingerprint"] or "-") + ("" if r["pinned"] else " (not pinned)")
+        if r.get("key_warning"):
+            key += " KEY CHANGED WITHOUT VALID ROTATION"
+        sessions = "-" if r["sessions_active"] is None else "%s/%s" % (r["sessions_active"],
+                                                                        r["max_session"])
+        table.append((r["device"], r["state"], _ago(r["last_alive"], now),
+                      "-" if r["health_check"] is None else "%gs" % r["health_check"],
+                      sessions, r["version"] or "-", key))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--cached", is_flag=True, help="Do not contact the broker; show the state file.")
+@click.pass_context
+def devices(ctx: click.Context, as_json: bool, cached: bool) -> None:
+    """Devices seen: state (online/offline), last alive, health check, key fingerprint."""
+    def body() -> int:
+        import json
+        import time
+
+        from remote_gevent.console.config import ConsoleError
+        from remote_gevent.console.device_states import DeviceStates, summarize
+        from remote_gevent.console.known_devices import KnownDevices
+
+        cfg = _cfg(ctx)
+        failure: Optional[ConsoleError] = None
+        if not cached:
+            from remote_gevent.console.control import ConsoleControl
+
+            try:
+                with ConsoleControl(cfg, consume_status=True) as control:
+                    control.sync_status()
+            except ConsoleError as exc:
+                failure = exc
+                _say("%s; showing the cached state" % exc.message)
+        now = time.time()
+        rows = summarize(DeviceStates(cfg.state_file), KnownDevices(cfg.known_devices), now)
+        if as_json:
+            click.echo(json.dumps({"now": now, "devices": rows}, indent=1, sort_keys=True))
+        elif rows:
+            _print_devices(rows, now)
+        else:
+            _say("no device seen yet (devices announce themselves when their agent connects "
+                 "and every health_check seconds)")
+        return failure.exit_code if failure else 0
+
+    _run(body)
+
+
+@main.command()
+@click.pass_context
+def watch(ctx: click.Context) -> None:
+    """Follow alive/key/close messages; print state changes as they happen (Ctrl-C ends)."""
+    def body() -> int:
+        import time
+
+        import gevent
+
+        from remote_gevent.console.control import ConsoleControl
+        from remote_gevent.console.device_states import DeviceEvent, device_status, offline_at
+
+        cfg = _cfg(ctx)
+        printed = {}
+
+        def stamp() -> str:
+            return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+
+        def on_event(ev: DeviceEvent) -> None:
+            if ev.transition is not None:
+                printed[ev.device] = ev.transition
+                click.echo("%s %s %s: %s" % (stamp(), ev.device, ev.transition.upper(), ev.text))
+            elif ev.kind == "warning":
+                click.echo("%s %s WARNING: %s" % (stamp(), ev.device, ev.text))
+            elif ev.kind != "alive":
+                click.echo("%s %s %s" % (stamp(), ev.device, ev.text))
+            sys.stdout.flush()
+
+        control = ConsoleControl(cfg, consume_status=True, on_event=on_event)
+        for did, entry in sorted(control.states.devices.items()):
+            printed[did] = device_status(entry)
+            click.echo("%s %s %s (last alive %s)" % (stamp(), did, printed[did],
+                                                     _ago(entry.get("last_alive"), time.time())))
+        _install_sigterm()
+        control.start()
+        try:
+            while True:
+                gevent.sleep(1.0)
+                now = time.time()
+                for did, entry in list(control.states.devices.items()):
+                    state = device_status(entry, now)
+                    if printed.get(did) not in (None, state) and state in ("offline",
+                                                                           "stopped"):
+                        limit = offline_at(entry)
+                        click.echo("%s %s %s: no alive since %s (health_check %gs, offline "
+                                   "after 3 missed)" % (
+                                       stamp(), did, state.upper(),
+                                       _ago(entry.get("last_alive"), now),
+                                       entry.get("health_check") or 0)
+                                   if limit else "%s %s %s" % (stamp(), did, state.upper()))
+                        sys.stdout.flush()
+                    printed[did] = state
+                control.states.flush()
+        finally:
+            control.close()
+
+    _run(body, interrupted_code=0)
+
+
+# ----------------------------------------------------------------------------- pin
+
+
+@main.command()
+@device_argument
+@click.option("--key", "key_line", metavar="'ssh-ed25519 AAAA...'", default=None,
+              help="Pin this key (from `remote-gevent pubkey` on the device).")
+@click.option("--fingerprint", default=None, help="Require the key to have this fingerprint.")
+@click.option("--replace", is_flag=True, help="With --key: replace a different pinned key.")
+@click.option("--wait", "wait", type=float, default=0.0, metavar="SECONDS",
+              help="Wait this long for the device's key announcement (agent (re)start).")
+@click.option("--forget", is_flag=True, help="Remove the pin.")
+@click.pass_context
+def pin(ctx: click.Context, device: str, key_line: Optional[str], fingerprint: Optional[str],
+        replace: bool, wait: float, forget: bool) -> None:
+    """Pin DEVICE's key: from its key announcement (TOFU) or given with --key."""
+    def body() -> int:
+        import time
+
+        import gevent
+
+        from remote_gevent.console.config import EXIT_KEY, ConsoleError
+        from remote_gevent.console.known_devices import (
+            VIA_MANUAL,
+            KeyChanged,
+            KnownDevices,
+            KnownDevicesError,
+        )
+        from remote_gevent.crypto.identity import fingerprint_of, parse_ssh_ed25519_line
+
+        cfg = _cfg(ctx)
+        known = KnownDevices(cfg.known_devices)
+        try:
+            if forget:
+                done = known.forget(cfg.server_id, device)
+                _say("%s/%s: %s" % (cfg.server_id, device, "pin removed" if done
+                                    else "was not pinned"))
+                return 0
+            if key_line:
+                try:
+                    raw, _ = parse_ssh_ed25519_line(key_line)
+                except ValueError as exc:
+                    raise click.BadParameter(str(exc), param_hint="--key") from None
+                if fingerprint and fingerprint_of(raw) != fingerprint:
+                    raise ConsoleError("key %s does not have fingerprint %s"
+                                       % (fingerprint_of(raw), fingerprint), EXIT_KEY,
+                                       "fingerprint")
+                p = known.pin(cfg.server_id, device, raw, VIA_MANUAL, replace=replace)
+                click.echo("%s %s (pinned by hand)" % (p.device_id, p.fingerprint))
+                return 0
+            from remote_gevent.console.control import ConsoleControl
+
+            with ConsoleControl(cfg, consume_status=True) as control:
+                control.sync_status()
+                deadline = time.monotonic() + wait
+                p = known.get(cfg.server_id, device)
+                while p is None and time.monotonic() < deadline:
+                    gevent.sleep(0.2)
+                    p = known.get(cfg.server_id, device)
+            if p is None:
+                raise ConsoleError(
+                    "no key announcement from %s/%s in the status queue%s; the agent announces "
+                    "its key when it connects: restart it and use --wait, or pin by hand with "
+                    "--key after checking `remote-gevent pubkey` on the device"
+                    % (cfg.server_id, device, " within %gs" % wait if wait else ""),
+                    EXIT_KEY, "not_pinned")
+            if fingerprint and p.fingerprint != fingerprint:
+                raise ConsoleError("pinned key of %s is %s, not %s" % (
+                    p.device_id, p.fingerprint, fingerprint), EXIT_KEY, "fingerprint")
+            click.echo("%s %s (via %s)" % (p.device_id, p.fingerprint, p.via or "?"))
+            return 0
+        except KeyChanged as exc:
+            raise ConsoleError(str(exc), EXIT_KEY, "key_changed") from None
+        except KnownDevicesError as exc:
+            from remote_gevent.console.config import EXIT_CONFIG
+
+            raise ConsoleError(str(exc), EXIT_CONFIG, "known_devices") from None
+
+    _run(body)
