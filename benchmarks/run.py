@@ -121,7 +121,8 @@ class Bench:
 
     # ------------------------------------------------------------------ bring-up
     def start(self) -> None:
-        from remote_gevent.demo.platform import DemoPlatform, entry_argv
+        from remote_gevent.demo.platform import DemoPlatform
+        from remote_gevent.demo.processes import entry_argv
 
         raise_nofile()
         sessions = int(self.opt("sessions"))

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from remote_gevent.demo.platform import die_with_parent
+from remote_gevent.demo.processes import die_with_parent
 
 WAIT = 30.0
 

@@ -27,7 +27,8 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from remote_gevent.agent import history
-from remote_gevent.demo.platform import DemoPlatform, port_open
+from remote_gevent.demo.platform import DemoPlatform
+from remote_gevent.demo.processes import port_open
 from echo_server import EchoServer
 from remote_gevent.wire import rendezvous
 

@@ -36,7 +36,8 @@ from remote_gevent.wire import protocol
 from remote_gevent.crypto import tunnel_crypto as tc
 from remote_gevent.common.amqplink import AmqpLink
 from remote_gevent.demo import rabbit as demo_rabbit
-from remote_gevent.demo.platform import DemoPlatform, port_open
+from remote_gevent.demo.platform import DemoPlatform
+from remote_gevent.demo.processes import port_open
 from echo_server import EchoServer
 from test_e2e import Procs, free_port, stdio
 

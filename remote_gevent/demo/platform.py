@@ -43,14 +43,12 @@ if __name__ == "__main__":  # run as a program: patch before socket/ssl/amqp loa
 # ruff: noqa: E402  (imports follow the monkey patch when run as a program)
 
 import argparse
-import ctypes
 import logging
 import os
 import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -58,10 +56,24 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from remote_gevent.common import fsutil
 from remote_gevent.crypto import identity
 from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.pki import CertificateAuthority
+
+from remote_gevent.demo.processes import (
+    _running_platform,
+    _alive,
+    _deep_merge,
+    _ours,
+    _read_pids,
+    _tail,
+    _terminate,
+    _user_defs,
+    _write_text,
+    die_with_parent,
+    entry_argv,
+    port_open,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,74 +89,6 @@ RELAY_STOP_TIMEOUT = 10.0
 DETACH_TIMEOUT = 120.0  # broker boot (~5 s) + provisioning (~2 s) + agent, with margin
 STOP_TIMEOUT = 60.0
 POLL = 0.1
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Child dies with us (SIGTERM) even if we are SIGKILLed: no stray agent or relay."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def entry_argv(script: str, module: str) -> List[str]:
-    """The command running ``script`` with *this* interpreter and *this* package.
-
-    The console script next to ``sys.executable`` when installed there, else
-    ``python -m module`` (the package is then found through ``PYTHONPATH``/cwd).
-    """
-    candidate = os.path.join(os.path.dirname(sys.executable), script)
-    if os.access(candidate, os.X_OK):
-        return [candidate]
-    return [sys.executable, "-m", module]
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _tail(path: str, size: int = 2000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - size))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def _write_text(path: str, text: str, mode: int = 0o644) -> None:
-    fsutil.write_atomic(path, text, mode)
-
-
-def _deep_merge(base: Dict[str, Any], extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    out = dict(base)
-    for k, v in (extra or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _user_defs(vhost: str, user: str, password: str, perms: Dict[str, Any]
-               ) -> Dict[str, List[Dict[str, Any]]]:
-    return {
-        "users": [{"name": user, "password_hash": demo_rabbit.rabbit_password_hash(password),
-                   "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": [],
-                   "limits": {}}],
-        "permissions": [{"user": user, "vhost": vhost, "configure": perms["configure"],
-                         "write": perms["write"], "read": perms["read"]}],
-        "topic_permissions": [dict(tp, user=user, vhost=vhost) for tp in perms["topic"]],
-    }
-
 
 class PlatformError(RuntimeError):
     """The platform could not be brought up (message says which piece and where its log is)."""
@@ -517,74 +461,7 @@ class DemoPlatform:
         return "\n".join(lines)
 
 
-def _terminate(proc: Optional[subprocess.Popen], sig: int, timeout: float) -> Optional[int]:
-    """Signal a process (its whole group), wait ``timeout``, then SIGKILL the group."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("pid %d did not end within %.0f s of signal %d: killing it",
-                        proc.pid, timeout, sig)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of its group, if any
-    except OSError:
-        pass
-    return proc.wait(10.0)
-
-
 # --------------------------------------------------------------------------- the program
-
-
-def _read_pids(path: str) -> List[Tuple[str, int]]:
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 2 and parts[1].isdigit():
-                    out.append((parts[0], int(parts[1])))
-    except OSError:
-        pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            state = f.read().rsplit(")", 1)[-1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
-def _ours(pid: int) -> bool:
-    """Does ``pid`` still run one of our programs (not a recycled pid)?"""
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            cmd = f.read().decode("utf-8", "replace")
-    except OSError:
-        return False
-    return any(word in cmd for word in ("remote_gevent", "remote-gevent", "rabbit", "beam",
-                                        "epmd", "erl"))
-
-
-def _running_platform(directory: str) -> Optional[int]:
-    for name, pid in _read_pids(os.path.join(directory, "pids")):
-        if name == "platform" and _alive(pid) and _ours(pid):
-            return pid
-    return None
 
 
 def stop_detached(directory: str, timeout: float = STOP_TIMEOUT) -> int:
