@@ -31,6 +31,7 @@ from remote_gevent.agent.files import roots as roots_mod
 from remote_gevent.agent.files import transfer
 from remote_gevent.wire import transfer_lines
 from remote_gevent.crypto import tunnel_crypto as tc
+from remote_gevent.console import progress
 from remote_gevent.console import transfer as ct
 from remote_gevent.wire.transfer_lines import TransferError
 
@@ -272,7 +273,7 @@ def test_list_and_stat_virtual_root(env):
 # --------------------------------------------------------------------------- resume
 
 
-class KillAfter(ct.Progress):
+class KillAfter(progress.Progress):
     """Progress hook that cuts the tunnel after ``limit`` bytes and checks, at every
     update, that the final name never holds a partial file."""
 
@@ -795,12 +796,12 @@ def test_rename_noreplace(tmp_path):
 
 def test_progress_quiet_unless_tty():
     out = io.StringIO()
-    p = ct.Progress(out=out)
+    p = progress.Progress(out=out)
     p.start("f", 100)
     p.update(50)
     p.finish()
     assert out.getvalue() == ""
-    p = ct.Progress(out=out, enabled=True)
+    p = progress.Progress(out=out, enabled=True)
     p.start("f", 100)
     p.update(100)
     p.finish()
