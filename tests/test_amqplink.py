@@ -738,3 +738,13 @@ def test_queue_with_older_arguments_is_replaced_on_declare(rabbit, device, caplo
         assert link.reconnects == 0
     finally:
         stop(link, g)
+
+
+def test_not_connected_names_the_broker_it_was_connected_to():
+    # Found by mypy: the URL is a BrokerURL (a NamedTuple), so "%s" % url raised
+    # TypeError ("not all arguments converted") instead of NotConnected.
+    link = AmqpLink(["amqps://broker.example/"], "u", "p")
+    link.url = link.urls[0]
+    with pytest.raises(NotConnected) as err:
+        link._channel_or_raise()
+    assert "broker.example:5671" in str(err.value)

@@ -126,7 +126,7 @@ def _load_or_exit(path: str) -> config_mod.AgentConfig:
     return cfg
 
 
-def run_agent(path: str, foreground: bool, pidfile: Optional[str], log_file: Optional[str],
+def run_agent(path: str, foreground: bool, pidfile: Optional[str], log_file: Optional[str],  # noqa: C901 - to split (issue 11): start-up sequence, each step with its own failure exit
               log_level: str) -> int:
     """Run the agent until stopped; return the exit status."""
     path = os.path.abspath(path)  # the daemon chdirs to / and re-reads it on SIGHUP

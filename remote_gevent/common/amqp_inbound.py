@@ -30,7 +30,7 @@ import collections
 import hashlib
 import logging
 import struct
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from amqp import spec
 from amqp.basic_message import Message
@@ -62,6 +62,8 @@ class Delivery(Message):
         self.problem: Optional[str] = None
         self.max_body = max_body
         self.raw_header = b""
+        self.properties: Dict[str, Any] = {}
+        self._pending_chunks: List[bytes] = []
 
     def inbound_header(self, buf: Any, offset: int = 0) -> int:
         try:
@@ -143,7 +145,7 @@ def delivery_tag(frame_args: Any) -> Optional[int]:
     return int(tag)
 
 
-def frame_handler(max_body: int, poison: PoisonMemory,
+def frame_handler(max_body: int, poison: PoisonMemory,  # noqa: C901 - one branch per AMQP frame kind, in py-amqp's order
                   reject: Callable[[Any, int, int], None]
                   ) -> Callable[[Any, Callable[..., Any]], Callable[[Any], bool]]:
     """A py-amqp ``frame_handler`` factory (see the module docstring).

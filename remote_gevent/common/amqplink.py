@@ -447,7 +447,8 @@ class AmqpLink:
 
     def _channel_or_raise(self) -> amqp.Channel:
         if self.channel is None:
-            raise NotConnected("AMQP link to %s is down" % (self.url or self.urls[0]))
+            # self.url is a BrokerURL, a NamedTuple: formatted as one value, not four
+            raise NotConnected("AMQP link to %s is down" % ((self.url or self.urls[0]),))
         return self.channel
 
     def consume(self, queue: str, callback: Callback, exclusive: bool = False,
@@ -497,7 +498,7 @@ class AmqpLink:
     def _settle(self, message: amqp.Message, ack: bool, requeue: bool) -> bool:
         with self.lock:
             channel = message.channel
-            if channel is None or channel is not self.channel or self.connection is None:
+            if channel is not self.channel or channel is None or self.connection is None:
                 # Delivered on a connection that is gone: the broker requeued it already.
                 log.debug("not settling delivery %s from a previous connection",
                           message.delivery_tag)
@@ -519,7 +520,7 @@ class AmqpLink:
         """Reject a delivery by tag, without requeue (inbound frame handler's hook)."""
         with self.lock:
             channel = (connection.channels or {}).get(channel_id)
-            if channel is not None and channel is self.channel:
+            if channel is self.channel and channel is not None:
                 channel.basic_reject(tag, False)
 
     def ack(self, message: amqp.Message) -> bool:

@@ -252,7 +252,7 @@ def declared_fields(cls: type) -> List[dataclasses.Field]:
 def field_default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    return f.default_factory()  # type: ignore[misc]
+    return f.default_factory()  # type: ignore[operator]
 
 
 class Problems:

@@ -129,7 +129,7 @@ def _retryable(exc: BaseException) -> bool:
     return getattr(exc, "code", None) == "timeout"
 
 
-def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
+def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],  # noqa: C901 - to split (issue 11): request, reply wait, relay dial
                  control: Any = None, err: Any = None) -> ConsoleSession:
     """Request a session on ``device`` for ``targets`` and bring its tunnel up.
 

@@ -500,7 +500,7 @@ def trust_stamp(path: str) -> Tuple[object, ...]:
         except OSError as exc:
             stamp.append(("error", exc.errno))
             continue
-        item = (st.st_dev, st.st_ino, st.st_mode, st.st_uid)
+        item: Tuple[int, ...] = (st.st_dev, st.st_ino, st.st_mode, st.st_uid)
         if name == path:  # not the directory's times: files come and go beside ours
             item += (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         stamp.append(item)

@@ -255,10 +255,14 @@ def parse_openssh_private(data: bytes) -> Tuple[bytes, str]:
 
 def _load_pkcs8(data: bytes) -> bytes:
     """Seed of a PKCS#8 PEM ed25519 key (imports ``cryptography`` only now)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    priv = serialization.load_pem_private_key(data, password=None)
+    try:
+        priv = serialization.load_pem_private_key(data, password=None)
+    except UnsupportedAlgorithm as exc:  # a key type this cryptography cannot load
+        raise ValueError(str(exc)) from None
     if not isinstance(priv, Ed25519PrivateKey):
         raise _NotEd25519(type(priv).__name__)
     return priv.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
@@ -314,10 +318,6 @@ def load(path: str) -> IdentityKey:
         raise IdentityError("cannot read identity key %s: %s (an unencrypted OpenSSH or "
                             "PKCS#8 PEM ed25519 key is expected)"
                             % (path, str(exc).split("\n")[0])) from None
-    except IdentityError:
-        raise
-    except Exception as exc:  # cryptography raises UnsupportedAlgorithm etc.
-        raise IdentityError("cannot read identity key %s: %s" % (path, exc)) from None
     return IdentityKey.from_seed(seed, path)
 
 

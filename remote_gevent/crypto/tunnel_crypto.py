@@ -44,7 +44,7 @@ ROLE_AGENT = "agent"
 
 KEY_BYTES = 32
 TAG_BYTES = 16  # both ciphers
-FRAME_HEADER_BYTES = 5  # type:u8 | stream:u32be (parsed by mux, counted here)
+FRAME_HEADER_BYTES = 5  # frame type u8, stream id u32be (parsed by mux, counted here)
 MAX_PAYLOAD = 65536
 MAX_PLAINTEXT = MAX_PAYLOAD + FRAME_HEADER_BYTES
 MAX_CIPHERTEXT = MAX_PLAINTEXT + TAG_BYTES  # largest legal value of ``len``

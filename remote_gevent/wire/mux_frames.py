@@ -37,7 +37,7 @@ FRAME_NAMES = {
 }
 
 MAX_DATA = 65536                       # largest DATA payload
-HEADER_LEN = 5                         # type:u8 | stream:u32be
+HEADER_LEN = 5                         # frame type (u8) and stream id (u32be)
 MAX_FRAME_LEN = MAX_DATA + HEADER_LEN + 64   # bound on the wire ``len`` (AEAD overhead)
 # Per-stream flow-control window: a bound on the bytes buffered per stream on the
 # receiving side (chunks queued until the local socket takes them), not preallocated.

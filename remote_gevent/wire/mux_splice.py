@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 
 from remote_gevent.common.logs import escape
@@ -35,11 +35,16 @@ from remote_gevent.wire.mux_stream import (
     Stream,
 )
 
+from remote_gevent.wire.mux_state import TunnelState
+
+if TYPE_CHECKING:
+    from remote_gevent.wire.mux import Tunnel
+
 # One logger for the whole tunnel (its modules are one concern): "remote_gevent.wire.mux".
 log = logging.getLogger("remote_gevent.wire.mux")
 
 
-class StreamSplicing:
+class StreamSplicing(TunnelState):
     """The agent's half of streams, mixed into :class:`Tunnel`: serve a peer's OPEN
     (``on_open`` → a local socket) and splice a stream to a local socket, both ways,
     half-close aware, with direct delivery to an idle local socket."""
@@ -187,7 +192,7 @@ class StreamSplicing:
         if refusal is not None:
             self._refuse_open(sid, target, refusal)
             return
-        stream = Stream(self, sid, target)
+        stream = Stream(cast("Tunnel", self), sid, target)  # this half is a Tunnel's
         stream._counted = True
         self._streams[sid] = stream
         self.streams_opened += 1

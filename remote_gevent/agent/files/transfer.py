@@ -192,7 +192,7 @@ class _Session:
             raise TransferError(EXISTS, "%s already exists; %s" % (res.path, why))
         check_links(st, res.path, res.root.allow_hardlinks)
 
-    def _put_in(self, dfd: int, res: Resolved, name: str, size: int,
+    def _put_in(self, dfd: int, res: Resolved, name: str, size: int,  # noqa: C901 - to split (issue 11): resume, quota, lock and write of one upload
                 header_sha: Optional[str], overwrite: bool, want_overwrite: bool,
                 resume: bool) -> None:
         self._check_final(dfd, res, name, overwrite, want_overwrite)
