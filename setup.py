@@ -28,7 +28,8 @@ setup(
         "PyYAML>=5.3",
         "click>=7.1",
     ],
-    extras_require={"test": ["pytest>=6", "hypothesis>=6"], "lint": ["ruff", "vermin", "mypy", "types-PyYAML"]},
+    extras_require={"test": ["pytest>=6", "hypothesis>=6"],
+                    "lint": ["ruff", "vermin", "mypy", "types-PyYAML"]},
     entry_points={
         "console_scripts": [
             "remote-gevent=remote_gevent.agent.cli:main",
