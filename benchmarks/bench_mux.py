@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from remote_gevent.wire import mux  # noqa: E402
 from remote_gevent.wire import mux_frames  # noqa: E402
+from benchmarks import plain_frames  # noqa: E402
 from remote_gevent.crypto import tunnel_crypto  # noqa: E402
 
 SID = "0123456789abcdef0123456789abcdef"
@@ -72,8 +73,8 @@ class QueueWriterTunnel(mux.Tunnel):
 
 def _sealers(cipher):
     if cipher == "plain":
-        return (tunnel_crypto.PlainSealer(), tunnel_crypto.PlainOpener(),
-                tunnel_crypto.PlainSealer(), tunnel_crypto.PlainOpener())
+        return (plain_frames.PlainSealer(), plain_frames.PlainOpener(),
+                plain_frames.PlainSealer(), plain_frames.PlainOpener())
     cpk, csk = tunnel_crypto.kx_keypair()
     apk, ask = tunnel_crypto.kx_keypair()
     ctx, crx = tunnel_crypto.derive_keys("console", cpk, csk, apk, SID)
@@ -163,7 +164,7 @@ def agent_child(port, cipher, keys_hex, writer):
     cls = QueueWriterTunnel if writer == "queue" else mux.Tunnel
     tx, rx = (bytes.fromhex(k) for k in keys_hex.split(":"))
     if cipher == "plain":
-        sealer, opener = tunnel_crypto.PlainSealer(), tunnel_crypto.PlainOpener()
+        sealer, opener = plain_frames.PlainSealer(), plain_frames.PlainOpener()
     else:
         sealer = tunnel_crypto.FrameSealer(tx, cipher)
         opener = tunnel_crypto.FrameOpener(rx, cipher)
@@ -202,7 +203,7 @@ def run_one(cipher, direction, size, writer, inproc):
         gevent.spawn(agent.run)
     else:
         if cipher == "plain":
-            cs, co = tunnel_crypto.PlainSealer(), tunnel_crypto.PlainOpener()
+            cs, co = plain_frames.PlainSealer(), plain_frames.PlainOpener()
             keys = "00:00"
         else:
             k1, k2 = os.urandom(32), os.urandom(32)

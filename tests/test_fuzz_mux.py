@@ -6,8 +6,8 @@ any frame sequence is either processed or ends the tunnel cleanly, ``run()`` ret
 close code from ``protocol.CloseCode.ALL``; no exception escapes the reader or the
 tunnel's greenlets, no internal-error log line, no hang, no stream left behind.
 
-The frames are sealed with the no-crypto ``PlainSealer`` (a length prefix), so what the
-tunnel's reader sees is exactly the generated plaintext. The recursion limit is the
+The frames are sealed with the no-crypto ``PlainSealer`` of benchmarks/plain_frames.py
+(a length prefix), so what the tunnel's reader sees is exactly the generated plaintext. The recursion limit is the
 production default while the tunnel runs (hypothesis raises it during a test).
 """
 
@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from remote_gevent.wire import mux
 from remote_gevent.wire import mux_frames as mf
-from remote_gevent.crypto import tunnel_crypto
+from benchmarks import plain_frames
 from remote_gevent.wire.codes import CloseCode
 
 LIMIT = 5.0          # seconds one example may take before it counts as a hang
@@ -152,7 +152,7 @@ def _drive(role: str, first: bytes, body: bytes, ending: str, close_targets: boo
             theirs.close()
         return mine
 
-    tunnel = mux.Tunnel(ours, tunnel_crypto.PlainSealer(), tunnel_crypto.PlainOpener(), role,
+    tunnel = mux.Tunnel(ours, plain_frames.PlainSealer(), plain_frames.PlainOpener(), role,
                         on_open=on_open if role == "agent" else None, name="fuzz",
                         keepalive_interval=0, handshake_timeout=LIMIT / 2)
     hub = gevent.get_hub()
@@ -269,7 +269,7 @@ def test_valid_streams_deliver_their_bytes(streams):
         got[target] = theirs
         return mine
 
-    tunnel = mux.Tunnel(ours, tunnel_crypto.PlainSealer(), tunnel_crypto.PlainOpener(), "agent",
+    tunnel = mux.Tunnel(ours, plain_frames.PlainSealer(), plain_frames.PlainOpener(), "agent",
                         on_open=on_open, name="fuzz-valid", keepalive_interval=0)
     runner = gevent.spawn(tunnel.run)
     drain = gevent.spawn(lambda: [None for _ in iter(lambda: peer.recv(65536), b"")])

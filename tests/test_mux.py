@@ -26,6 +26,7 @@ from remote_gevent.wire import mux_frames
 from remote_gevent.wire import mux_io
 from remote_gevent.wire import mux_receive
 from remote_gevent.wire import mux_limits
+from benchmarks import plain_frames
 from remote_gevent.crypto import tunnel_crypto
 
 SID = "0123456789abcdef0123456789abcdef"
@@ -78,8 +79,8 @@ def _pairs(kind):
         k1, k2 = os.urandom(32), os.urandom(32)
         return _MacSealer(k1), _MacOpener(k2), _MacSealer(k2), _MacOpener(k1)
     if kind == "plain":
-        return (tunnel_crypto.PlainSealer(), tunnel_crypto.PlainOpener(),
-                tunnel_crypto.PlainSealer(), tunnel_crypto.PlainOpener())
+        return (plain_frames.PlainSealer(), plain_frames.PlainOpener(),
+                plain_frames.PlainSealer(), plain_frames.PlainOpener())
     cpk, csk = tunnel_crypto.kx_keypair()
     apk, ask = tunnel_crypto.kx_keypair()
     ctx, crx = tunnel_crypto.derive_keys("console", cpk, csk, apk, SID)
