@@ -8,7 +8,8 @@ tunnel's greenlets, no internal-error log line, no hang, no stream left behind.
 
 The frames are sealed with the no-crypto ``PlainSealer`` of benchmarks/plain_frames.py
 (a length prefix), so what the tunnel's reader sees is exactly the generated plaintext.
-The recursion limit is the production default while the tunnel runs (hypothesis raises it during a test).
+The recursion limit is the production default while the tunnel runs (hypothesis raises
+it during a test).
 """
 
 from __future__ import annotations
