@@ -53,8 +53,9 @@ KEY_ROTATION_CHECK = 3600.0  # seconds between two checks of the key's age
 RELEASE_MEMORY_DELAY = 2.0
 
 
-#: Keys a SIGHUP applies to the running agent.  ``remote.max_session`` only when it
-#: grows (shrinking the semaphore under running tunnels needs a restart).
+#: Keys a SIGHUP applies to the running agent (README, "Signals"). ``remote.max_session``
+#: either way: raising it admits waiting requests at once; lowering it cuts nothing, new
+#: sessions wait until fewer than the new cap run (TunnelManager.apply_config).
 LIVE_KEYS = (
     "remote.health_check",
     "remote.max_session",
@@ -310,11 +311,7 @@ class Agent:
         live = {}
         for dotted in changed:
             name = dotted.partition(".")[2]
-            if dotted == "remote.max_session" and new.remote.max_session < old.remote.max_session:
-                log.warning("reload: remote.max_session lowered %d -> %d needs a restart; "
-                            "keeping %d", old.remote.max_session, new.remote.max_session,
-                            old.remote.max_session)
-            elif dotted in LIVE_KEYS:
+            if dotted in LIVE_KEYS:
                 live[name] = getattr(new.remote, name)
             else:
                 # Only the key's name is logged: values may be credentials.
