@@ -269,6 +269,10 @@ class Problems:
         self.items.append("%s: %s: %s (got %s)" % (self.path, dotted, message, shown))
 
 
+def _dotted(section: str, name: str) -> str:
+    return "%s.%s" % (section, name) if section else name
+
+
 def build_section(cls: type, section: str, raw: Any, base: str, problems: Problems,
            skip: Tuple[str, ...] = ()) -> Dict[str, Any]:
     """Validate a mapping against the declared fields of ``cls``; return kwargs."""
@@ -281,7 +285,7 @@ def build_section(cls: type, section: str, raw: Any, base: str, problems: Proble
     declared = {f.name: f for f in declared_fields(cls)}
     for name in raw:
         if name not in declared:
-            problems.add("%s.%s" % (section, name),
+            problems.add(_dotted(section, name),
                          "unknown key; known keys: %s" % ", ".join(sorted(declared)),
                          raw[name])
     for name, f in declared.items():
@@ -290,7 +294,7 @@ def build_section(cls: type, section: str, raw: Any, base: str, problems: Proble
         try:
             values[name] = f.metadata["validator"](raw[name], base)
         except Invalid as exc:
-            problems.add("%s.%s%s" % (section, name, exc.where), str(exc),
+            problems.add(_dotted(section, name) + exc.where, str(exc),
                          exc.value if exc.has_value else raw[name], f.metadata["secret"])
     return values
 

@@ -11,96 +11,104 @@ import os  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any, Dict, List, Optional, Tuple  # noqa: E402
 
 import click  # noqa: E402
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
-import yaml  # noqa: E402
 
 from remote_gevent import __version__  # noqa: E402
 from remote_gevent.relay import server as relay  # noqa: E402
 from remote_gevent.common import tls  # noqa: E402
-from remote_gevent.common.addresses import format_address, parse_listen  # noqa: E402
+from remote_gevent.common.addresses import (  # noqa: E402
+    AddressError,
+    format_address,
+    parse_listen,
+)
+from remote_gevent.common.configschema import key as config_key  # noqa: E402
+from remote_gevent.common.configschema import (  # noqa: E402
+    ConfigError,
+    Invalid,
+    Problems,
+    build_section,
+    declared_fields,
+    read_document,
+    v_float,
+    v_int,
+    v_opt_path,
+)
 
 log = logging.getLogger("remote_gevent.relay.server")
 
 
-class ConfigError(Exception):
-    """The relay configuration is unusable; the message names the key and the value."""
-
-
-def _positive_number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError("%s: must be a positive number of seconds, not %r" % (key, value))
-    return float(value)
-
-
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError("%s: must be a positive integer, not %r" % (key, value))
-    return value
-
-
-def _file(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError("%s: must be a file path, not %r" % (key, value))
-    return value
-
-
-def _listen(key: str, value: Any) -> Tuple[str, int]:
+def v_listen(value: Any, base: str) -> Optional[Tuple[str, int]]:
+    if value is None:
+        return None
     if not isinstance(value, str):
-        raise ConfigError("%s: must be HOST:PORT, not %r" % (key, value))
+        raise Invalid("expected HOST:PORT")
     try:
         return parse_listen(value)
-    except ValueError as exc:
-        raise ConfigError("%s: %r: %s" % (key, value, exc)) from None
+    except AddressError as exc:
+        raise Invalid(str(exc)) from None
 
 
-#: Every key of the YAML form: validator and what it maps to in RelaySettings.
-KEYS = {
-    "listen": _listen,
-    "cert": _file,
-    "key": _file,
-    "pairing_timeout": _positive_number,
-    "handshake_timeout": _positive_number,
-    "hello_timeout": _positive_number,
-    "idle_timeout": _positive_number,
-    "grace": _positive_number,
-    "max_pending": _positive_int,
-    "max_paired": _positive_int,
-    "max_pending_per_ip": _positive_int,
-}
+@dataclass(frozen=True)
+class RelayFileConfig:
+    """The keys of ``relay.yaml`` (conf/relay.yaml documents each); flags win over them.
+
+    Declared with the same framework as the agent's and the console's configs
+    (:mod:`remote_gevent.common.configschema`): every problem is reported at once,
+    naming the file, the key and the value; relative paths are resolved against the
+    directory of the file."""
+
+    listen: Optional[Tuple[str, int]] = config_key(
+        None, v_listen, "host:port", "address to listen on; :PORT means all interfaces")
+    cert: Optional[str] = config_key(None, v_opt_path, "path", "PEM certificate chain (leaf first)")
+    # (the key field's name shadows nothing: the declaring function is config_key)
+    key: Optional[str] = config_key(None, v_opt_path, "path", "PEM private key of cert (0600)")
+    pairing_timeout: float = config_key(relay.DEFAULT_PAIRING_TIMEOUT, v_float(0.001), "float s",
+                                 "longest wait of the first party for the second")
+    handshake_timeout: float = config_key(relay.DEFAULT_HANDSHAKE_TIMEOUT, v_float(0.001),
+                                   "float s", "TLS handshake and TLS shutdown bound")
+    hello_timeout: float = config_key(relay.DEFAULT_HELLO_TIMEOUT, v_float(0.001), "float s",
+                               "TLS + hello of a new connection")
+    idle_timeout: float = config_key(relay.DEFAULT_IDLE_TIMEOUT, v_float(0.001), "float s",
+                              "end a paired session without traffic for this long")
+    grace: float = config_key(relay.DEFAULT_GRACE, v_float(0.001), "float s",
+                       "SIGTERM: how long paired sessions may drain")
+    max_pending: int = config_key(relay.DEFAULT_MAX_PENDING, v_int(1), "int",
+                           "connections not yet paired, in all")
+    max_paired: int = config_key(relay.DEFAULT_MAX_PAIRED, v_int(1), "int", "paired sessions")
+    max_pending_per_ip: int = config_key(relay.DEFAULT_MAX_PENDING_PER_IP, v_int(1), "int",
+                                  "connections not yet paired, per source address")
+
+
+KEYS = tuple(f.name for f in declared_fields(RelayFileConfig))
 
 
 def load_config(path: str) -> Dict[str, Any]:
-    """Read and validate the YAML config; unknown keys and bad values are refused."""
+    """The keys ``path`` sets, validated; ConfigError lists every problem."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise ConfigError("cannot read %s: %s" % (path, exc)) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError("%s is not valid YAML: %s" % (path, exc)) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError("%s: top level must be a mapping, not %r" % (path, data))
-    values = {}
-    problems: List[str] = []
-    for key, value in data.items():
-        validator = KEYS.get(key)
-        if validator is None:
-            problems.append("%s: unknown key %r (value %r); known keys: %s"
-                            % (path, key, value, ", ".join(sorted(KEYS))))
-            continue
-        try:
-            values[key] = validator(key, value)
-        except ConfigError as exc:
-            problems.append("%s: %s" % (path, exc))
-    if problems:
-        raise ConfigError("\n".join(problems))
+        data = read_document(path)
+    except FileNotFoundError:
+        raise ConfigError(["%s: no such file" % path]) from None
+    problems = Problems(path)
+    values = build_section(RelayFileConfig, "", data, os.path.dirname(os.path.abspath(path)),
+                           problems)
+    if problems.items:
+        raise ConfigError(problems.items)
     return values
+
+
+def _validated(name: str, value: Any) -> Any:
+    """One key's value from a command-line flag, with the file's validator."""
+    f = next(f for f in declared_fields(RelayFileConfig) if f.name == name)
+    try:
+        return f.metadata["validator"](value, os.getcwd())
+    except Invalid as exc:
+        raise ConfigError(["%s: %s (got %r)" % (LIMIT_FLAGS.get(name, "--" + name), exc,
+                                                value)]) from None
 
 
 #: Limits that also have a command-line flag: key -> flag (the flag wins over the file).
@@ -111,19 +119,18 @@ def build_settings(config: Dict[str, Any], listen: Optional[str], cert: Optional
                    key: Optional[str], limits: Optional[Dict[str, Any]] = None
                    ) -> relay.RelaySettings:
     """``RelaySettings`` from the validated YAML ``config`` and the flags (which win)."""
-    values = dict(config)
-    problems = []
-    for name, value in (limits or {}).items():
+    values = {k: v for k, v in config.items() if v is not None}
+    flags = dict((limits or {}), listen=listen)
+    problems: List[str] = []
+    for name, value in flags.items():
         if value is None:
             continue
         try:
-            values[name] = KEYS[name](LIMIT_FLAGS.get(name, name), value)
-        except ConfigError as exc:
-            problems.append(str(exc))
+            values[name] = _validated(name, value)
+        except ConfigError as exc:  # every bad flag is reported, not only the first
+            problems.extend(exc.problems)
     if problems:
-        raise ConfigError("\n".join(problems))
-    if listen is not None:
-        values["listen"] = _listen("--listen", listen)
+        raise ConfigError(problems)
     if cert is not None:
         values["cert"] = cert
     if key is not None:
@@ -132,8 +139,8 @@ def build_settings(config: Dict[str, Any], listen: Optional[str], cert: Optional
     cert_file = values.pop("cert", None)
     key_file = values.pop("key", None)
     if not cert_file or not key_file:
-        raise ConfigError("a certificate and a key are required (--cert/--key or cert:/key: "
-                          "in the config file): the relay only speaks TLS")
+        raise ConfigError(["a certificate and a key are required (--cert/--key or cert:/key: "
+                           "in the config file): the relay only speaks TLS"])
     return relay.RelaySettings(host=host, port=port, cert_file=cert_file, key_file=key_file,
                                **values)
 
