@@ -1,4 +1,4 @@
-"""The agent: wires config, identity key, supervisor and (later) control plane and tunnels.
+"""The agent: wires config, identity key, supervisor, control plane and tunnels.
 
 The main greenlet runs ``Agent.run()``: it waits on one wake-up event and handles
 the requests queued by the signal handlers (which do nothing else):

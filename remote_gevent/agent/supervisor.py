@@ -10,7 +10,8 @@ service added with ``restart=False``) makes the supervisor give up: it calls
 A service that returns while the agent is not stopping is logged and restarted
 the same way: it never disappears silently.
 
-*Transient* greenlets (one per tunnel) go into ``self.transients``, a
+*Transient* greenlets (one-off jobs such as the start-up memory release; tunnels run
+in the TunnelManager's own greenlets) go into ``self.transients``, a
 ``gevent.pool.Group``: ``spawn_transient(name, func, *args)`` logs their error and
 ends only that greenlet.
 """

@@ -1,6 +1,6 @@
 """The one retry helper: exponential backoff, capped, jittered, interruptible.
 
-Every reconnect loop in the project (AMQP link, relay dial, supervisor restarts) uses
+Every reconnect loop in the project (the AMQP link, supervisor restarts) uses
 :class:`Backoff` for *how long* to wait and :func:`sleep_or_stop` for *waiting*, so that
 a shutdown request breaks in at once instead of after a 60 s sleep.
 
