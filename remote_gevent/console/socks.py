@@ -18,7 +18,7 @@ import ipaddress
 import socket
 import struct
 import sys
-from typing import Any, Tuple
+from typing import Any
 
 import gevent
 
@@ -248,9 +248,3 @@ def run_socks(session: Any, listener: socket.socket, err: Any = None,
     if session.exit_code:
         server.say("session %s ended: %s (%s)" % (session.session_id, code, reason))
     return session.exit_code
-
-
-def parse_target_addr(target: str) -> Tuple[str, int]:
-    """Inverse of make_target (tests/logs)."""
-    host, _, port = target.rpartition(":")
-    return host.strip("[]"), int(port)

@@ -176,6 +176,8 @@ class TargetPattern:
             raise TargetError("bad target %s" % _short(text))
         if text in VIRTUAL_TARGETS:
             return cls(text, None)
+        # Not addresses.split_host_port: a pattern's host may be "*" and its port "*",
+        # and an unbracketed IPv6 target is refused here (it would be ambiguous).
         host, sep, port = text.rpartition(":")
         if not sep or not host:
             raise TargetError("target %s is not host:port" % _short(text))
