@@ -11,9 +11,9 @@ Envelope::
 
 The signature is ED25519 over ``b"remote-gevent/v1/" + type + b"\\0" +
 canonical(body)``; the type in the signed input stops a signature made for one message
-type from being replayed as another. A *signer* is any object with
-``.sign(data: bytes) -> bytes`` and ``.fingerprint`` (``SHA256:...``); for ``key``
-announcements it must also expose its public key.
+type from being replayed as another. A *signer* is a
+:class:`remote_gevent.crypto.interfaces.Signer` (the agent's identity key, an operator's
+key).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from remote_gevent.crypto.authkeys import (
     parse_ssh_ed25519_line,
 )
 from remote_gevent.wire.codes import CloseCode, Reason
+from remote_gevent.crypto.interfaces import Signer
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024
@@ -113,10 +114,8 @@ def b64e(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def sign_with(signer: Any, data: bytes) -> bytes:
-    sig = signer.sign(data)
-    sig = getattr(sig, "signature", sig)  # PyNaCl SignedMessage
-    sig = bytes(sig)
+def sign_with(signer: Signer, data: bytes) -> bytes:
+    sig = bytes(signer.sign(data))
     if len(sig) != 64:
         raise ValueError("signer returned %d bytes, expected a 64-byte ed25519 signature"
                          % len(sig))
@@ -132,19 +131,13 @@ def verify_raw(public_raw32: bytes, data: bytes, sig: bytes) -> bool:
         return False
 
 
-def public_raw_of(key: Any) -> bytes:
-    """The 32-byte ED25519 public key of a signer object (several spellings accepted)."""
-    for attr in ("public_bytes", "public_raw", "public_raw32", "public_key", "verify_key"):
-        value = getattr(key, attr, None)
-        if value is None:
-            continue
-        if callable(value) and not isinstance(value, (bytes, bytearray)):
-            value = value()
-        if isinstance(value, nacl.signing.VerifyKey):
-            value = bytes(value)
-        if isinstance(value, (bytes, bytearray)) and len(value) == 32:
-            return bytes(value)
-    raise TypeError("cannot find the 32-byte public key of %r" % type(key).__name__)
+def public_raw_of(key: Signer) -> bytes:
+    """The 32-byte ED25519 public key of a :class:`Signer`."""
+    raw = bytes(key.public_bytes)
+    if len(raw) != 32:
+        raise TypeError("%s.public_bytes is %d bytes, not a 32-byte ed25519 key"
+                        % (type(key).__name__, len(raw)))
+    return raw
 
 
 # ---------------------------------------------------------------- message + codec
@@ -169,7 +162,7 @@ class Message:
         return signing_input(self.type, self.body)
 
 
-def encode(msg_type: str, body: Dict[str, Any], signer: Any = None) -> bytes:
+def encode(msg_type: str, body: Dict[str, Any], signer: Optional[Signer] = None) -> bytes:
     """Serialize (and sign, when ``signer`` is given) one message.
 
     The body is validated against its schema first, so we never publish

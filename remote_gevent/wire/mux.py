@@ -107,6 +107,7 @@ from remote_gevent.wire.mux_stream import (
 )
 from remote_gevent.wire.mux_receive import FrameReceiving
 from remote_gevent.wire.mux_splice import StreamSplicing
+from remote_gevent.crypto.interfaces import Opener, Sealer
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,8 @@ class Tunnel(FrameReceiving, StreamSplicing):
     def __init__(
         self,
         sock: Any,
-        sealer: Any,
-        opener: Any,
+        sealer: Sealer,
+        opener: Opener,
         role: str,
         on_open: Optional[OnOpen] = None,
         name: str = "",

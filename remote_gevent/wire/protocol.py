@@ -71,6 +71,7 @@ from remote_gevent.wire.envelope import (
     verify,
     verify_raw,
 )
+from remote_gevent.crypto.interfaces import Signer
 
 # ---------------------------------------------------------------- replay cache
 
@@ -143,7 +144,7 @@ def new_ticket() -> bytes:
 
 
 def make_session_request(
-    operator_key: Any,
+    operator_key: Signer,
     device: str,
     server_id: str,
     epk: bytes,
@@ -278,7 +279,7 @@ def check_session_request(
 # ---------------------------------------------------------------- agent replies
 
 
-def make_session_accept(identity: Any, session_id: str, epk: bytes, console_epk: bytes,
+def make_session_accept(identity: Signer, session_id: str, epk: bytes, console_epk: bytes,
                         cipher: str) -> bytes:
     """Signed ``session.accept``: binds session id, both ephemeral keys and the cipher
     to the device's identity key."""
@@ -320,25 +321,25 @@ def verify_session_accept(msg: Any, pinned_device_raw32: bytes, session_id: str,
     return Accepted(session_id, base64.b64decode(b["epk"]), b["cipher"])
 
 
-def make_session_queued(identity: Any, session_id: str, position: int) -> bytes:
+def make_session_queued(identity: Signer, session_id: str, position: int) -> bytes:
     return encode(MsgType.SESSION_QUEUED, {"session_id": session_id, "position": position},
                   identity)
 
 
-def make_session_refuse(identity: Any, session_id: str, code: str, reason: str = "") -> bytes:
+def make_session_refuse(identity: Signer, session_id: str, code: str, reason: str = "") -> bytes:
     """Signed refusal; ``reason`` (human text) is sanitized and truncated, never echoed raw."""
     return encode(MsgType.SESSION_REFUSE, {"session_id": session_id, "code": code,
                                            "reason": _clean(reason)}, identity)
 
 
-def make_session_close(signer: Any, session_id: str, code: str, reason: str = "",
+def make_session_close(signer: Signer, session_id: str, code: str, reason: str = "",
                        ts: Optional[float] = None) -> bytes:
     body = {"session_id": session_id, "code": code, "reason": _clean(reason),
             "ts": int(time.time()) if ts is None else ts}
     return encode(MsgType.SESSION_CLOSE, body, signer)
 
 
-def make_alive(identity: Any, ident: str, server_id: str, version: str, uptime: float,
+def make_alive(identity: Signer, ident: str, server_id: str, version: str, uptime: float,
                sessions_active: int, sessions_waiting: int, max_session: int, seq: int,
                event: str = "periodic", ts: Optional[float] = None) -> bytes:
     body = {
@@ -363,7 +364,8 @@ def _rotation_body(ident: str, new_fp: str, old_fp: str, ts: Any) -> Dict[str, A
     return {"ident": ident, "new": new_fp, "old": old_fp, "ts": ts}
 
 
-def make_key_announcement(new_key: Any, ident: str, server_id: str, previous_key: Any = None,
+def make_key_announcement(new_key: Signer, ident: str, server_id: str,
+                          previous_key: Optional[Signer] = None,
                           ts: Optional[float] = None) -> bytes:
     """Signed ``key`` message. With ``previous_key`` it is a rotation: it carries the
     old fingerprint and the old key's signature over
@@ -443,7 +445,7 @@ def verify_key_rotation(msg: Any, pinned_raw32: bytes) -> bytes:
 # ---------------------------------------------------------------- status
 
 
-def make_status_request(operator_key: Any, device: str, server_id: str,
+def make_status_request(operator_key: Signer, device: str, server_id: str,
                         ttl: int = DEFAULT_REQUEST_TTL, request_id: Optional[str] = None,
                         now: Optional[float] = None) -> Tuple[str, bytes]:
     """Signed ``status.request`` (console side); returns ``(request_id, raw)``.
@@ -485,7 +487,7 @@ def check_status_request(msg: Any, device: str, server_id: str, trusted: Authori
     return StatusRequest(rid, op, msg.body["iat"], msg.body["exp"], msg)
 
 
-def make_status(identity: Any, request_id: str, ident: str, server_id: str, version: str,
+def make_status(identity: Signer, request_id: str, ident: str, server_id: str, version: str,
                 uptime: float, sessions_active: int, sessions_waiting: int, max_session: int,
                 sessions: Sequence[Dict[str, Any]], ts: Optional[float] = None) -> bytes:
     """Signed ``status`` reply. ``sessions`` entries follow the ``status`` schema
@@ -495,7 +497,7 @@ def make_status(identity: Any, request_id: str, ident: str, server_id: str, vers
     would exceed 16 KiB; ``sessions_total`` always says how many there were.
     """
     entries = list(sessions)
-    body = {
+    body: Dict[str, Any] = {
         "request_id": request_id, "ident": ident, "server_id": server_id,
         "fingerprint": identity.fingerprint, "version": version,
         "uptime": round(float(uptime), 3), "sessions_active": sessions_active,
