@@ -33,7 +33,7 @@ def operator_share(cfg: Any, trusted_count: int) -> Optional[int]:
     is nobody else to protect, and its requests beyond max_session queue as before).
     """
     r = cfg.remote
-    configured = int(getattr(r, "max_session_per_operator", 0) or 0)
+    configured = r.max_session_per_operator
     if configured > 0:
         return configured
     if trusted_count <= 1:

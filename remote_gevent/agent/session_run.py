@@ -68,8 +68,9 @@ ENDED = "ended"
 _REFUSE_FOR_CLOSE = {
     CloseCode.QUEUE_TIMEOUT: Reason.QUEUE_TIMEOUT,
     CloseCode.SHUTDOWN: Reason.SHUTTING_DOWN,
-    CloseCode.RELAY_REFUSED: getattr(Reason, "RELAY_REFUSED", Reason.MALFORMED),
-    CloseCode.CLOSED_BY_OPERATOR: getattr(Reason, "CLOSED_BY_OPERATOR", None),
+    # A request naming another relay is malformed for this device; a session the
+    # operator closed while it waited needs no refusal (the operator knows).
+    CloseCode.RELAY_REFUSED: Reason.MALFORMED,
     CloseCode.REVOKED: Reason.UNKNOWN_OPERATOR,
 }
 
@@ -121,8 +122,7 @@ def device_allow(cfg: Any) -> Tuple[str, ...]:
     The control plane should pass the same list to ``check_session_request``.
     """
     allow = tuple(cfg.remote.allow)
-    transfer = getattr(cfg.remote, "transfer", None)
-    if transfer is not None and getattr(transfer, "roots", ()):
+    if cfg.remote.transfer.roots:
         allow += tuple(sorted(authkeys.VIRTUAL_TARGETS))
     return allow
 

@@ -146,8 +146,7 @@ class TunnelManager(SessionRun):
         """Raise Refused if ``request``'s operator is over its rate or its share."""
         r = self._cfg.remote
         fp = request.operator.fingerprint
-        if not self._rates.take(fp, int(getattr(r, "operator_rate", 0) or 0),
-                                int(getattr(r, "operator_burst", 1) or 1)):
+        if not self._rates.take(fp, r.operator_rate, r.operator_burst):
             raise Refused(Reason.OPERATOR_RATE, "session %s: operator %s over %s requests "
                           "per minute (burst %s)" % (request.session_id, fp, r.operator_rate,
                                                      r.operator_burst))
