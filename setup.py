@@ -29,7 +29,7 @@ setup(
         "click>=7.1",
     ],
     extras_require={"test": ["pytest>=6", "hypothesis>=6"],
-                    "lint": ["ruff", "vermin", "mypy", "types-PyYAML"]},
+                    "lint": ["ruff", "vermin", "mypy==2.4.1", "types-PyYAML"]},
     entry_points={
         "console_scripts": [
             "remote-gevent=remote_gevent.agent.cli:main",

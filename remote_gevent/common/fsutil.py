@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Union
+from typing import Callable, Union
 
 
 def write_atomic(path: str, data: Union[bytes, str], mode: int = 0o644) -> None:
@@ -46,3 +46,27 @@ def fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def read_checked(path: str, check: Callable[[os.stat_result], None],
+                 follow_symlinks: bool = False) -> bytes:
+    """The bytes of the file ``path``, read only after ``check(fstat)`` accepted it.
+
+    The one way to read a file whose owner and mode matter (the identity key,
+    ``authorized_keys``): checked on the opened descriptor (so a file swapped after the
+    check is never read), closed in every case; a symlink is refused unless
+    ``follow_symlinks`` (``authorized_keys`` may be one, as OpenSSH allows). ``check``
+    raises to refuse; OSError from opening or reading reaches the caller.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    try:
+        check(os.fstat(fd))
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1
+            return fh.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)

@@ -59,6 +59,7 @@ import stat
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from remote_gevent.common import fsutil
 from remote_gevent.crypto.identity import (
     fingerprint_of,
     parse_ssh_ed25519_line,
@@ -418,12 +419,7 @@ class AuthorizedKeys:
         """Read and parse ``path``. Raises AuthorizedKeysError if missing,
         unreadable, not a regular file, or writable by others (anyone who can
         write the file can grant themselves access to the device)."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise AuthorizedKeysError("%s: cannot open: %s" % (path, exc.strerror)) from None
-        try:
-            st = os.fstat(fd)
+        def check(st: os.stat_result) -> None:
             if not stat.S_ISREG(st.st_mode):
                 raise AuthorizedKeysError("%s: not a regular file" % path)
             if st.st_mode & _UNSAFE_MODE:
@@ -433,12 +429,11 @@ class AuthorizedKeys:
             _check_directory(path)
             if st.st_size > 4 * 1024 * 1024:
                 raise AuthorizedKeysError("%s: file too large (%d bytes)" % (path, st.st_size))
-            with os.fdopen(fd, "rb") as f:
-                fd = -1
-                data = f.read()
-        finally:
-            if fd >= 0:
-                os.close(fd)
+
+        try:
+            data = fsutil.read_checked(path, check, follow_symlinks=True)
+        except OSError as exc:
+            raise AuthorizedKeysError("%s: cannot open: %s" % (path, exc.strerror)) from None
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:

@@ -289,17 +289,9 @@ def _check_permissions(path: str, st: os.stat_result) -> None:
 def load(path: str) -> IdentityKey:
     """Load an ED25519 private key (OpenSSH or PKCS#8 PEM, unencrypted)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        data = fsutil.read_checked(path, lambda st: _check_permissions(path, st))
     except OSError as exc:
         raise IdentityError("cannot open identity key %s: %s" % (path, exc.strerror)) from None
-    try:
-        _check_permissions(path, os.fstat(fd))
-        with os.fdopen(fd, "rb") as fh:
-            fd = -1
-            data = fh.read()
-    finally:
-        if fd >= 0:
-            os.close(fd)
     try:
         if _OPENSSH_BEGIN in data:
             try:
