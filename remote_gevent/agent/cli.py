@@ -126,7 +126,7 @@ def _load_or_exit(path: str) -> config_mod.AgentConfig:
     return cfg
 
 
-def run_agent(path: str, foreground: bool, pidfile: Optional[str], log_file: Optional[str],  # noqa: C901 - to split (issue 11): start-up sequence, each step with its own failure exit
+def run_agent(path: str, foreground: bool, pidfile: Optional[str], log_file: Optional[str],
               log_level: str) -> int:
     """Run the agent until stopped; return the exit status."""
     path = os.path.abspath(path)  # the daemon chdirs to / and re-reads it on SIGHUP
@@ -139,48 +139,57 @@ def run_agent(path: str, foreground: bool, pidfile: Optional[str], log_file: Opt
         return 0
     if not foreground and pidfile is None:
         pidfile = DEFAULT_PIDFILE
-    if pidfile:
-        pidfile = os.path.abspath(pidfile)
-    if log_file:
-        log_file = os.path.abspath(log_file)
-    # Everything that can fail is checked while stderr still reaches the user.
+    pidfile = os.path.abspath(pidfile) if pidfile else None
+    log_file = os.path.abspath(log_file) if log_file else None
+    problem = _preflight(cfg, pidfile, log_file)
+    if problem:
+        _err("remote-gevent: %s" % problem)
+        return 1
+    readiness = None if foreground else daemon.daemonize()
+    logs.setup(log_level, log_file, foreground=foreground)
+    return _serve(cfg, path, pidfile, readiness)
+
+
+def _preflight(cfg: config_mod.AgentConfig, pidfile: Optional[str], log_file: Optional[str]) -> str:
+    """Everything that can fail before the fork, checked while stderr still reaches the
+    user: what is wrong, or "" if nothing is."""
     try:
         if pidfile:
             daemon.check_pidfile(pidfile)
         identity.load_or_create(cfg.remote.key_path)
     except (daemon.PidfileError, identity.IdentityError) as exc:
-        _err("remote-gevent: %s" % exc)
-        return 1
+        return str(exc)
     if log_file:
         try:
             open(log_file, "a").close()
         except OSError as exc:
-            _err("remote-gevent: cannot open log file %s: %s" % (log_file, exc.strerror))
-            return 1
+            return "cannot open log file %s: %s" % (log_file, exc.strerror)
+    return ""
 
-    readiness = None
-    if not foreground:
-        readiness = daemon.daemonize()
-    logs.setup(log_level, log_file, foreground=foreground)
-    # after the fork: nothing gevent-bound is created before
+
+def _serve(cfg: config_mod.AgentConfig, path: str, pidfile: Optional[str],
+           readiness: Optional[daemon.Readiness]) -> int:
+    """After the fork: write the pidfile, build the agent, report readiness (a daemon's
+    parent exits with it), run until stopped; the pidfile goes away in every case."""
+    # Nothing gevent-bound is created before the fork.
     from remote_gevent.agent.runtime import Agent
+
+    def failed(exc: Exception) -> int:
+        log.error("%s", exc)
+        if readiness is not None:
+            readiness.fail(str(exc))
+        return 1
 
     try:
         if pidfile:
             daemon.write_pidfile(pidfile)
     except daemon.PidfileError as exc:
-        log.error("%s", exc)
-        if readiness is not None:
-            readiness.fail(str(exc))
-        return 1
+        return failed(exc)
     try:
         try:
             agent = Agent(cfg, path)
         except identity.IdentityError as exc:
-            log.error("%s", exc)
-            if readiness is not None:
-                readiness.fail(str(exc))
-            return 1
+            return failed(exc)
         if readiness is not None:
             readiness.ok()
         try:

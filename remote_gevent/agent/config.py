@@ -31,11 +31,12 @@ from remote_gevent.common.configschema import (
     Invalid,
     Problems,
     build_section,
+    check_amqp,
+    top_mapping,
     declared_fields,
     field_default,
     item_error,
     key,
-    parse_amqp_url,
     parse_size,
     read_document,
     split_host_port,
@@ -298,17 +299,11 @@ def _build_transfer(raw: Any, base: str, problems: Problems) -> TransferConfig:
     return TransferConfig(**values)
 
 
-def parse(data: Any, path: str) -> AgentConfig:  # noqa: C901 - to split (issue 11): cross-key checks after the sections
+def parse(data: Any, path: str) -> AgentConfig:
     """Validate already-parsed YAML ``data`` read from ``path``; raise ConfigError."""
     problems = Problems(path)
     base = os.path.dirname(os.path.abspath(path))
-    warnings: List[str] = []
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(["%s: expected a YAML mapping at the top level (got %s)"
-                           % (path, type(data).__name__)])
-
+    data = top_mapping(data, path)
     top: Dict[str, Any] = {}
     for f in declared_fields(AgentConfig):
         if f.name in data:
@@ -317,48 +312,40 @@ def parse(data: Any, path: str) -> AgentConfig:  # noqa: C901 - to split (issue 
             except Invalid as exc:
                 problems.add(f.name, str(exc), data[f.name], f.metadata["secret"])
 
-    amqp_kw = build_section(AmqpConfig, "amqp", data.get("amqp"), base, problems)
+    amqp = AmqpConfig(**build_section(AmqpConfig, "amqp", data.get("amqp"), base, problems))
     raw_remote = data.get("remote")
     remote_kw = build_section(RemoteConfig, "remote", raw_remote, base, problems,
                               skip=("transfer",))
     if isinstance(raw_remote, dict) and raw_remote.get("transfer") is not None:
         remote_kw["transfer"] = _build_transfer(raw_remote["transfer"], base, problems)
-
-    amqp = AmqpConfig(**amqp_kw)
     remote = RemoteConfig(**remote_kw)
 
-    # Cross-key rules.
-    if (amqp.cert_file is None) != (amqp.key_file is None):
-        problems.add("amqp.key_file" if amqp.key_file is None else "amqp.cert_file",
-                     "cert_file and key_file go together")
+    warnings = check_amqp(amqp, path, problems)
     bad_server_id = isinstance(raw_remote, dict) and "server_id" in raw_remote \
         and "server_id" not in remote_kw
     if not bad_server_id and remote.server_id not in remote.relays:
         problems.add("remote.relays", "no relay for server_id %s" % remote.server_id,
                      dict(remote.relays))
     if remote.enabled:
-        if not top.get("ident"):
-            if "ident" not in data:
-                problems.add("ident", "required when remote.enabled is true (missing)")
-            elif data.get("ident") is None:
-                problems.add("ident", "required when remote.enabled is true", None)
-        if not top.get("token"):
-            if "token" not in data:
-                problems.add("token", "required when remote.enabled is true (missing)")
-            elif data.get("token") is None:
-                problems.add("token", "required when remote.enabled is true", None)
-    for url in amqp.urls:
-        try:
-            if parse_amqp_url(url)[0] == "amqp":
-                warnings.append("%s: amqp.urls: %s is not encrypted (loopback only)" % (path, url))
-        except Invalid:
-            pass
+        _check_credentials(data, top, problems)
     if remote.relay_ca_file is None and amqp.ca_file is not None:
         remote = dataclasses.replace(remote, relay_ca_file=amqp.ca_file)
 
     if problems.items:
         raise ConfigError(problems.items)
-    return AgentConfig(path=path, amqp=amqp, remote=remote, warnings=tuple(warnings), **top)
+    return AgentConfig(path=path, amqp=amqp, remote=remote, warnings=warnings, **top)
+
+
+def _check_credentials(data: Dict[str, Any], top: Dict[str, Any], problems: Problems) -> None:
+    """An enabled agent needs its ident and token (a missing key and a null one are
+    told apart: the second is usually an unquoted empty value)."""
+    for name in ("ident", "token"):
+        if top.get(name):
+            continue
+        if name not in data:
+            problems.add(name, "required when remote.enabled is true (missing)")
+        elif data.get(name) is None:
+            problems.add(name, "required when remote.enabled is true", None)
 
 
 def load(path: Optional[str] = None) -> AgentConfig:

@@ -299,6 +299,33 @@ def build_section(cls: type, section: str, raw: Any, base: str, problems: Proble
     return values
 
 
+def top_mapping(data: Any, path: str) -> Dict[str, Any]:
+    """The document's top level as a mapping (an empty file is an empty mapping)."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(["%s: expected a YAML mapping at the top level (got %s)"
+                           % (path, type(data).__name__)])
+    return data
+
+
+def check_amqp(amqp: Any, path: str, problems: Problems) -> Tuple[str, ...]:
+    """The rules across an ``amqp`` section's keys, the same for agent and console:
+    record problems; return the warnings (a plain-text URL, allowed only to loopback)."""
+    if (amqp.cert_file is None) != (amqp.key_file is None):
+        problems.add("amqp.key_file" if amqp.key_file is None else "amqp.cert_file",
+                     "cert_file and key_file go together")
+    warnings = []
+    for url in amqp.urls:
+        try:
+            if parse_amqp_url(url)[0] == "amqp":
+                warnings.append("%s: amqp.urls: %s is not encrypted (loopback only)"
+                                % (path, url))
+        except Invalid:
+            pass  # already a problem of v_urls
+    return tuple(warnings)
+
+
 def read_document(path: str) -> Any:
     """The YAML document in ``path``: ConfigError naming the file when it cannot be read
     or is not YAML. FileNotFoundError is left to the caller (agent and console word it

@@ -31,11 +31,12 @@ from remote_gevent.common.configschema import (
     ConfigError,
     Invalid,
     build_section,
+    check_amqp,
+    top_mapping,
     declared_fields,
     field_default,
     Problems,
     key,
-    parse_amqp_url,
     read_document,
     split_host_port,
     v_float,
@@ -227,15 +228,28 @@ def default_path() -> str:
 _PATH_DEFAULTS = ("operator_key", "known_devices", "state_file")
 
 
-def parse(data: Any, path: str) -> ConsoleConfig:  # noqa: C901 - to split (issue 11): cross-key checks after the sections
+def parse(data: Any, path: str) -> ConsoleConfig:
     """Validate parsed YAML ``data`` read from ``path``; raise ConfigError listing every problem."""
     problems = Problems(path)
     base = os.path.dirname(os.path.abspath(path))
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(["%s: expected a YAML mapping at the top level (got %s)"
-                           % (path, type(data).__name__)])
+    data = top_mapping(data, path)
+    top = _parse_top(data, base, problems)
+    amqp = ConsoleAmqpConfig(**build_section(ConsoleAmqpConfig, "amqp", data.get("amqp"), base,
+                                             problems))
+    warnings = check_amqp(amqp, path, problems)
+    server_id = top.get("server_id", "fr04")
+    if top.get("relay") is None and server_id not in DEFAULT_RELAYS:
+        problems.add("relay", "no default relay for server_id %s; set relay: host:port"
+                     % server_id)
+    if top.get("relay_ca_file") is None and amqp.ca_file is not None:
+        top["relay_ca_file"] = amqp.ca_file
+    if problems.items:
+        raise ConfigError(problems.items)
+    return ConsoleConfig(path=path, amqp=amqp, warnings=warnings, **top)
+
+
+def _parse_top(data: Dict[str, Any], base: str, problems: Problems) -> Dict[str, Any]:
+    """The top-level keys (all but ``amqp``), validated; paths default beside ``base``."""
     declared = {f.name: f for f in declared_fields(ConsoleConfig)}
     known = sorted(list(declared) + ["amqp"])
     top: Dict[str, Any] = {}
@@ -254,28 +268,7 @@ def parse(data: Any, path: str) -> ConsoleConfig:  # noqa: C901 - to split (issu
     for name in _PATH_DEFAULTS:
         if name not in data:
             top[name] = v_path(field_default(declared[name]), base)
-    amqp = ConsoleAmqpConfig(**build_section(ConsoleAmqpConfig, "amqp", data.get("amqp"), base,
-                                      problems))
-    if (amqp.cert_file is None) != (amqp.key_file is None):
-        problems.add("amqp.key_file" if amqp.key_file is None else "amqp.cert_file",
-                     "cert_file and key_file go together")
-    warnings = []
-    for url in amqp.urls:
-        try:
-            if parse_amqp_url(url)[0] == "amqp":
-                warnings.append("%s: amqp.urls: %s is not encrypted (loopback only)"
-                                % (path, url))
-        except Invalid:
-            pass
-    server_id = top.get("server_id", "fr04")
-    if top.get("relay") is None and server_id not in DEFAULT_RELAYS:
-        problems.add("relay", "no default relay for server_id %s; set relay: host:port"
-                     % server_id)
-    if top.get("relay_ca_file") is None and amqp.ca_file is not None:
-        top["relay_ca_file"] = amqp.ca_file
-    if problems.items:
-        raise ConfigError(problems.items)
-    return ConsoleConfig(path=path, amqp=amqp, warnings=tuple(warnings), **top)
+    return top
 
 
 def load(path: Optional[str] = None, allow_missing: bool = False) -> ConsoleConfig:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 
@@ -42,6 +42,7 @@ from remote_gevent.console.config import (
     ConsoleConfig,
     ConsoleError,
 )
+from remote_gevent.common.sockets import close_quietly
 from remote_gevent.wire import rendezvous
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,71 @@ def _retryable(exc: BaseException) -> bool:
     return getattr(exc, "code", None) == "timeout"
 
 
-def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],  # noqa: C901 - to split (issue 11): request, reply wait, relay dial
+class _RelayDial:
+    """The console's leg of the relay, dialled as soon as the request is sent so that
+    the dial overlaps the wait for the agent's offer. A dial that only timed out waiting
+    for a queued agent is made once more; any other failure wakes the offer wait at once
+    (fail now, not at the reply timeout)."""
+
+    def __init__(self, cfg: ConsoleConfig, ctx: Any, pending: Any) -> None:
+        self._host, self._port = _split(pending.relay)
+        self._cfg, self._ctx, self._pending = cfg, ctx, pending
+        self._sockets: List[Any] = []
+        self._greenlet = gevent.spawn(self._early)
+        self._greenlet.link(self._on_early_done)
+
+    def _dial(self) -> Tuple[Any, str]:
+        sock, peer_ip = rendezvous.dial_relay(
+            self._host, self._port, self._ctx, self._host, "console",
+            self._pending.session_id, self._pending.ticket, timeout=self._cfg.relay_timeout)
+        self._sockets.append(sock)
+        return sock, peer_ip
+
+    def _early(self) -> Any:
+        # An expected failure is returned, not raised: gevent prints a greenlet that
+        # dies of an exception as a traceback on the terminal (issue 10, item 13).
+        try:
+            return self._dial()
+        except rendezvous.RelayError as exc:
+            return exc
+
+    def _early_failure(self) -> Optional[BaseException]:
+        g = self._greenlet
+        return g.value if isinstance(g.value, rendezvous.RelayError) else g.exception
+
+    def _on_early_done(self, _g: gevent.Greenlet) -> None:
+        exc = self._early_failure()
+        if exc is not None and not _retryable(exc):
+            self._pending.replies.put(exc)
+
+    def connected(self, session_id: str) -> Tuple[Any, str]:
+        """The relay socket and the agent's address; ConsoleError if the relay refused."""
+        self._greenlet.join()
+        failure = self._early_failure()
+        if failure is None:
+            return self._greenlet.value
+        if not _retryable(failure):
+            raise _relay_error(failure)
+        log.info("session %s: early relay dial timed out (queued); dialing again", session_id)
+        try:
+            return self._dial()
+        except rendezvous.RelayError as exc:
+            raise _relay_error(exc) from None
+
+    def discard(self) -> None:
+        """Stop a dial still under way and close what it connected (not handed over)."""
+        if not self._greenlet.ready():
+            self._greenlet.kill(block=True, timeout=2.0)
+        for sock in self._sockets:
+            close_quietly(sock)
+        self._sockets = []
+
+    def handed_over(self) -> None:
+        """The tunnel owns the socket now."""
+        self._sockets = []
+
+
+def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
                  control: Any = None, err: Any = None) -> ConsoleSession:
     """Request a session on ``device`` for ``targets`` and bring its tunnel up.
 
@@ -137,97 +202,59 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],  # noq
     closed once the tunnel is up: the tunnel does not need the broker). Raises
     :class:`ConsoleError` with the exit code for every expected failure.
     """
-    from remote_gevent.wire import mux
-    from remote_gevent.wire import mux_frames
     from remote_gevent.common import tls
-    from remote_gevent.crypto import tunnel_crypto
     from remote_gevent.console.control import ConsoleControl
 
     err = err if err is not None else sys.stderr
     own = control is None
     if own:
         control = ConsoleControl(cfg, err=err).start()
-    dial: Optional[gevent.Greenlet] = None
-    sock = None
-    handed = False
+    dial: Optional[_RelayDial] = None
     try:
         try:
             ctx = relay_context(cfg.relay_ca_file)
         except tls.TLSConfigError as exc:
             raise ConsoleError("relay_ca_file: %s" % exc, EXIT_CONFIG, "config") from None
         pending = control.start_request(device, targets)
-        host, port = _split(pending.relay)
-
-        def do_dial() -> Tuple[Any, str]:
-            return rendezvous.dial_relay(host, port, ctx, host, "console", pending.session_id,
-                                    pending.ticket, timeout=cfg.relay_timeout)
-
-        def early_dial() -> Any:
-            # An expected failure is returned, not raised: gevent prints a greenlet that
-            # dies of an exception as a traceback on the terminal (issue 10, item 13).
-            try:
-                return do_dial()
-            except rendezvous.RelayError as exc:
-                return exc
-
-        def dial_failure(g: gevent.Greenlet) -> Optional[BaseException]:
-            return g.value if isinstance(g.value, rendezvous.RelayError) else g.exception
-
-        def on_dial_done(g: gevent.Greenlet) -> None:
-            exc = dial_failure(g)
-            if exc is not None and not _retryable(exc):
-                pending.replies.put(exc)  # wakes wait_offer: fail now, not at the timeout
-
-        dial = gevent.spawn(early_dial)
-        dial.link(on_dial_done)
+        dial = _RelayDial(cfg, ctx, pending)
         try:
             offer = control.wait_offer(pending)
         except rendezvous.RelayError as exc:
             _abandon(control, device, pending.session_id, "console could not reach the relay")
             raise _relay_error(exc) from None
-        dial.join()
-        if dial_failure(dial) is None:
-            sock, peer_ip = dial.value
-        elif _retryable(dial_failure(dial)):
-            log.info("session %s: early relay dial timed out (queued); dialing again",
-                     offer.session_id)
-            try:
-                sock, peer_ip = do_dial()
-            except rendezvous.RelayError as exc:
-                raise _relay_error(exc) from None
-        else:
-            raise _relay_error(dial_failure(dial))
-        tx, rx = tunnel_crypto.derive_keys("console", offer.console_pk, offer.console_sk,
-                                           offer.agent_epk, offer.session_id)
-        sealer, opener = tunnel_crypto.make_sealer_opener(tx, rx, offer.cipher)
-        tunnel = mux.Tunnel(sock, sealer, opener, role="console", name=offer.session_id,
-                            keepalive_interval=cfg.keepalive_interval)
-        handed = True  # the tunnel owns the socket now
-        runner = gevent.spawn(tunnel.run)
-        if not tunnel.wait_up(mux_frames.DEFAULT_HANDSHAKE_TIMEOUT + HANDSHAKE_SLACK):
-            tunnel.close("error", "no HELLO from the agent")
-            code, reason = runner.get()
-            exit_code = EXIT_KEY if code == "crypto_error" else EXIT_CONNECTION
-            raise ConsoleError("session %s: tunnel to %s did not come up: %s (%s)"
-                               % (offer.session_id, device, code, reason), exit_code, code)
+        sock, peer_ip = dial.connected(offer.session_id)
+        dial.handed_over()
+        session = _start_tunnel(cfg, device, offer, sock, peer_ip)
         log.info("session %s: tunnel to %s up via %s (%s, agent at %s)", offer.session_id,
                  device, pending.relay, offer.cipher, peer_ip)
-        return ConsoleSession(offer, tunnel, runner, peer_ip)
+        return session
     finally:
-        if dial is not None and not dial.ready():
-            dial.kill(block=True, timeout=2.0)
-        if not handed:
-            early = dial.value if dial is not None and dial.successful() else None
-            if not isinstance(early, tuple):  # a killed greenlet's value is GreenletExit
-                early = None
-            for candidate in (sock, early[0] if early else None):
-                if candidate is not None:
-                    try:
-                        candidate.close()
-                    except OSError:
-                        pass
+        if dial is not None:
+            dial.discard()
         if own:
             control.close()
+
+
+def _start_tunnel(cfg: ConsoleConfig, device: str, offer: Any, sock: Any,
+                  peer_ip: str) -> ConsoleSession:
+    """Run the tunnel on ``sock`` (which it owns from here on) until the agent's HELLO."""
+    from remote_gevent.wire import mux
+    from remote_gevent.wire import mux_frames
+    from remote_gevent.crypto import tunnel_crypto
+
+    tx, rx = tunnel_crypto.derive_keys("console", offer.console_pk, offer.console_sk,
+                                       offer.agent_epk, offer.session_id)
+    sealer, opener = tunnel_crypto.make_sealer_opener(tx, rx, offer.cipher)
+    tunnel = mux.Tunnel(sock, sealer, opener, role="console", name=offer.session_id,
+                        keepalive_interval=cfg.keepalive_interval)
+    runner = gevent.spawn(tunnel.run)
+    if not tunnel.wait_up(mux_frames.DEFAULT_HANDSHAKE_TIMEOUT + HANDSHAKE_SLACK):
+        tunnel.close("error", "no HELLO from the agent")
+        code, reason = runner.get()
+        exit_code = EXIT_KEY if code == "crypto_error" else EXIT_CONNECTION
+        raise ConsoleError("session %s: tunnel to %s did not come up: %s (%s)"
+                           % (offer.session_id, device, code, reason), exit_code, code)
+    return ConsoleSession(offer, tunnel, runner, peer_ip)
 
 
 def _abandon(control: Any, device: str, session_id: str, reason: str) -> None:

@@ -192,41 +192,21 @@ class _Session:
             raise TransferError(EXISTS, "%s already exists; %s" % (res.path, why))
         check_links(st, res.path, res.root.allow_hardlinks)
 
-    def _put_in(self, dfd: int, res: Resolved, name: str, size: int,  # noqa: C901 - to split (issue 11): resume, quota, lock and write of one upload
+    def _put_in(self, dfd: int, res: Resolved, name: str, size: int,
                 header_sha: Optional[str], overwrite: bool, want_overwrite: bool,
                 resume: bool) -> None:
+        """One upload into directory ``dfd``: resume or restart the partial file, reserve
+        its quota, receive, verify and rename it into place."""
         self._check_final(dfd, res, name, overwrite, want_overwrite)
         part = part_name(name)
-        ttl = self.roots.partial_ttl
         ledger = partials.ledger_of(res.root)
-        ledger.maybe_sweep(res.root, ttl)          # cheap: at most once per SWEEP_INTERVAL
+        ledger.maybe_sweep(res.root, self.roots.partial_ttl)  # at most once per SWEEP_INTERVAL
         key = "/".join(res.parts[:-1] + [part])
-        try:
-            pfd = os.open(part, os.O_RDWR | os.O_CREAT | O_NOFOLLOW | os.O_NONBLOCK | O_CLOEXEC,
-                          PART_MODE, dir_fd=dfd)
-        except OSError as e:
-            raise os_error(e, res.path) from None
+        pfd = _open_partial(dfd, part, res)
         keep = True   # keep the partial unless the transfer failed for good
         reserved = False
         try:
-            st = os.fstat(pfd)
-            if not stat.S_ISREG(st.st_mode):
-                keep = True  # not ours to delete
-                raise TransferError(NOT_REGULAR_FILE, "partial file of %s is not a regular file"
-                                    % res.path)
-            if st.st_nlink > 1:
-                keep = True  # not ours: never truncate, hash or write a file linked elsewhere
-                raise TransferError(HARD_LINK, "partial file of %s has %d hard links; refused"
-                                    % (res.path, st.st_nlink))
-            _lock_partial(pfd, res)
-            st = os.fstat(pfd)
-            fresh = not partials.expired(st, ttl)
-            if resume and st.st_size and not fresh:
-                log.info("%s: put %s: partial older than partial_ttl (%d s): starting over",
-                         self.log_ctx, escape(res.path), ttl)
-            offset = st.st_size if resume and fresh and st.st_size <= size else 0
-            if offset == 0 and st.st_size:
-                os.ftruncate(pfd, 0)
+            offset = self._resume_offset(pfd, res, size, resume)
             keep = offset > 0
             ledger.reserve(key, size, res.root.partial_quota, res.path)
             reserved = True
@@ -235,39 +215,22 @@ class _Session:
                 hash_fd_prefix(pfd, offset, h)
             avail = _available(dfd)
             if avail is not None and size - offset > avail:
-                keep = offset > 0
                 raise TransferError(NO_SPACE, "%s: %d bytes needed, %d available on the device"
                                     % (res.path, size - offset, avail))
             self.reply({"ok": True, "offset": offset, "prefix_sha256": h.hexdigest(),
                         "path": res.path})
             keep = False
-            received = self._receive(pfd, offset, size, h, res)
-            if received is None:        # interrupted: keep the verified prefix for resume
-                keep = True
+            if self._receive(pfd, offset, size, h, res) is None:
+                keep = True     # interrupted: keep the verified prefix for resume
                 return
-            sha = self._read_put_trailer(header_sha, res, size)
-            digest = h.hexdigest()
-            if sha != digest:
-                raise TransferError(INTEGRITY, "%s: sha256 mismatch (console %s, device %s); "
-                                    "nothing kept" % (res.path, sha, digest))
+            digest = self._verify_put(h, header_sha, res, size)
             os.fchmod(pfd, FILE_MODE)
             fsync_fd(pfd)
             self._check_final(dfd, res, name, overwrite, want_overwrite)
-            try:
-                if overwrite:
-                    os.rename(part, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-                else:
-                    rename_noreplace(dfd, part, dfd, name)
-            except OSError as e:
-                raise os_error(e, res.path) from None
+            _rename_into_place(dfd, part, name, overwrite, res)
             keep = True   # renamed: nothing left to remove
             fsync_dirfd(dfd)
-            self.result["bytes"] = size - offset
-            self.result["sha256"] = digest
-            self.reply({"ok": True, "sha256": digest, "bytes": size, "received": size - offset,
-                        "path": res.path})
-            log.info("%s: put %s: %d bytes (from offset %d) sha256 %s", self.log_ctx,
-                     escape(res.path), size, offset, digest)
+            self._report_put(res, size, offset, digest)
         except _KeepPartial:
             keep = True
             raise
@@ -279,6 +242,38 @@ class _Session:
             close_fd(pfd)
             if reserved:
                 ledger.release(key, _partial_size(dfd, part))
+
+    def _resume_offset(self, pfd: int, res: Resolved, size: int, resume: bool) -> int:
+        """Lock the partial file and say where this upload starts: its size when resuming
+        a fresh partial no larger than the file, else 0 (the partial is emptied)."""
+        _lock_partial(pfd, res)
+        st = os.fstat(pfd)
+        ttl = self.roots.partial_ttl
+        fresh = not partials.expired(st, ttl)
+        if resume and st.st_size and not fresh:
+            log.info("%s: put %s: partial older than partial_ttl (%d s): starting over",
+                     self.log_ctx, escape(res.path), ttl)
+        offset = st.st_size if resume and fresh and st.st_size <= size else 0
+        if offset == 0 and st.st_size:
+            os.ftruncate(pfd, 0)
+        return offset
+
+    def _verify_put(self, h: Any, header_sha: Optional[str], res: Resolved, size: int) -> str:
+        """The sha256 of what was written, checked against the console's."""
+        sha = self._read_put_trailer(header_sha, res, size)
+        digest = h.hexdigest()
+        if sha != digest:
+            raise TransferError(INTEGRITY, "%s: sha256 mismatch (console %s, device %s); "
+                                "nothing kept" % (res.path, sha, digest))
+        return digest
+
+    def _report_put(self, res: Resolved, size: int, offset: int, digest: str) -> None:
+        self.result["bytes"] = size - offset
+        self.result["sha256"] = digest
+        self.reply({"ok": True, "sha256": digest, "bytes": size, "received": size - offset,
+                    "path": res.path})
+        log.info("%s: put %s: %d bytes (from offset %d) sha256 %s", self.log_ctx,
+                 escape(res.path), size, offset, digest)
 
     def _receive(self, pfd: int, offset: int, size: int, h: Any,
                  res: Resolved) -> Optional[int]:
@@ -554,3 +549,39 @@ def _finish(sock: Any, abort: bool) -> None:
         sock.close()
     except OSError:
         pass
+
+
+def _open_partial(dfd: int, part: str, res: Resolved) -> int:
+    """Open (or create) the partial file of ``res``; refuse one that is not ours to
+    write: not a regular file, or linked elsewhere (never truncated, hashed or written)."""
+    try:
+        pfd = os.open(part, os.O_RDWR | os.O_CREAT | O_NOFOLLOW | os.O_NONBLOCK | O_CLOEXEC,
+                      PART_MODE, dir_fd=dfd)
+    except OSError as e:
+        raise os_error(e, res.path) from None
+    try:
+        st = os.fstat(pfd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TransferError(NOT_REGULAR_FILE, "partial file of %s is not a regular file"
+                                % res.path)
+        if st.st_nlink > 1:
+            raise TransferError(HARD_LINK, "partial file of %s has %d hard links; refused"
+                                % (res.path, st.st_nlink))
+    except OSError as e:
+        close_fd(pfd)
+        raise os_error(e, res.path) from None
+    except BaseException:
+        close_fd(pfd)
+        raise
+    return pfd
+
+
+def _rename_into_place(dfd: int, part: str, name: str, overwrite: bool,
+                       res: Resolved) -> None:
+    try:
+        if overwrite:
+            os.rename(part, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        else:
+            rename_noreplace(dfd, part, dfd, name)
+    except OSError as e:
+        raise os_error(e, res.path) from None
