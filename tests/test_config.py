@@ -7,6 +7,7 @@ import textwrap
 import pytest
 
 from remote_gevent.agent import config
+from remote_gevent.common.configschema import parse_amqp_url
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "conf", "config.yaml")
@@ -171,7 +172,7 @@ def test_amqp_urls_and_tls_files(tmp_path):
     assert cfg.amqp.ca_file == str(ca)
     assert cfg.remote.relay_ca_file == str(ca)  # null → amqp.ca_file
     assert any("not encrypted" in w for w in cfg.warnings)
-    assert config.parse_amqp_url("amqps://b1/") == ("amqps", "b1", 5671, "/")
+    assert parse_amqp_url("amqps://b1/") == ("amqps", "b1", 5671, "/")
     problems = problems_of(write(tmp_path, """
         amqp: {ca_file: missing.pem, cert_file: ca.pem, urls: ["amqps://u:p@h/"]}
     """))
