@@ -51,7 +51,7 @@ from remote_gevent.common.logs import escape
 from remote_gevent.wire.protocol import MsgType, ProtocolError, Refused
 from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
-from remote_gevent.agent.tunnels import device_allow
+from remote_gevent.agent.tunnels import TunnelManager, device_allow
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,8 @@ class ControlPlane:
     from the config.
     """
 
-    def __init__(self, agent: Any, tunnels: Any = None, link: Optional[AmqpLink] = None) -> None:
+    def __init__(self, agent: Any, tunnels: Optional[TunnelManager] = None,
+                 link: Optional[AmqpLink] = None) -> None:
         self.agent = agent
         self.tunnels = tunnels
         self.link = link if link is not None else AmqpLink.from_config(
@@ -207,9 +208,8 @@ class ControlPlane:
             except AuthorizedKeysError as exc:
                 log.error("%s: no operator is trusted until this is fixed", exc)
                 self._trusted = AuthorizedKeys(source=path)
-            apply_trust = getattr(self.tunnels, "apply_trust", None)
-            if apply_trust is not None:
-                apply_trust(self._trusted)
+            if self.tunnels is not None:
+                self.tunnels.apply_trust(self._trusted)
         return self._trusted
 
     def _stats(self) -> Tuple[int, int]:
@@ -457,15 +457,15 @@ class ControlPlane:
 
         Only for requests that passed checks 1-6 of docs/protocol.md §4 (see
         RECORDED_REFUSALS); everything else is only logged. Never raises."""
-        record = getattr(self.tunnels, "record_refusal", None)
-        if record is None:
+        if self.tunnels is None:
             return
         try:
             body = protocol.decode(raw).body  # validated already: cannot fail here
             text = REFUSE_TEXT.get(refusal, refusal)
             if refusal == Reason.TARGET_NOT_PERMITTED:
                 text = _targets_text(detail) or text
-            record(body["session_id"], body["operator"], body["targets"], refusal, text)
+            self.tunnels.record_refusal(body["session_id"], body["operator"], body["targets"],
+                                        refusal, text)
         except (ProtocolError, KeyError, TypeError, ValueError) as exc:
             log.error("cannot record refused request in history: %s", exc)
 

@@ -110,6 +110,10 @@ class Agent:
         self._force = gevent.event.Event()
         self._stopping = False
         self._signal_handles: List[Any] = []
+        # Built by _start_services (the control plane opens the broker link).
+        self.control: Optional[ControlPlane] = None
+        self.tunnels: Optional[TunnelManager] = None
+        self.history: Optional[History] = None
 
     # ------------------------------------------------------------------ accessors
 
@@ -187,33 +191,34 @@ class Agent:
         # The tunnel manager does not depend on the AMQP link: losing the link never
         # disturbs open tunnels. It needs control.publish_close, hence the late binding.
         self.history = History(self.cfg.remote.history_path)
-        self.control = ControlPlane(self)
-        self.tunnels = TunnelManager(self.cfg, self.get_identity, self.history,
-                                     self.control.publish_close,
-                                     trusted_keys=self.control.trusted_keys)
-        self.control.tunnels = self.tunnels
-        self.on_config_changed.append(lambda old, new: self.tunnels.apply_config(new))
-        self.on_stopping.append(self._stop_control)
-        self.supervisor.add("control", self.control.run)
-        self.supervisor.add("heartbeat", self.control.heartbeat_loop)
-        self.supervisor.add("tunnel-gc", lambda: self.tunnels.gc_loop(self.stop_event))
-        self.supervisor.spawn_transient("release-memory", self._release_memory_when_ready)
+        control = self.control = ControlPlane(self)
+        tunnels = self.tunnels = TunnelManager(self.cfg, self.get_identity, self.history,
+                                               control.publish_close,
+                                               trusted_keys=control.trusted_keys)
+        control.tunnels = tunnels
+        self.on_config_changed.append(lambda old, new: tunnels.apply_config(new))
+        self.on_stopping.append(lambda: self._stop_control(control, tunnels))
+        self.supervisor.add("control", control.run)
+        self.supervisor.add("heartbeat", control.heartbeat_loop)
+        self.supervisor.add("tunnel-gc", lambda: tunnels.gc_loop(self.stop_event))
+        self.supervisor.spawn_transient("release-memory",
+                                        lambda: self._release_memory_when_ready(control))
 
-    def _release_memory_when_ready(self) -> None:
+    def _release_memory_when_ready(self, control: ControlPlane) -> None:
         """Once the control plane is first ready and settled: gc + ``malloc_trim``."""
-        gevent.wait([self.control.link.connected, self.stop_event], count=1)
+        gevent.wait([control.link.connected, self.stop_event], count=1)
         if self.stop_event.wait(RELEASE_MEMORY_DELAY):
             return
         before = memory.rss_kib()
         if memory.release():
             log.debug("start-up memory released: RSS %s -> %s KiB", before, memory.rss_kib())
 
-    def _stop_control(self) -> None:
+    def _stop_control(self, control: ControlPlane, tunnels: TunnelManager) -> None:
         """``on_stopping`` hook, while the link is still up: refuse new requests, end every
         tunnel with ``shutdown`` (history row + session.close each), then ``alive stopping``."""
-        self.control.begin_stop()
-        self.tunnels.shutdown(self.stop_grace)
-        self.control.send_alive("stopping", wait=1.0)
+        control.begin_stop()
+        tunnels.shutdown(self.stop_grace)
+        control.send_alive("stopping", wait=1.0)
 
     def _key_rotation_service(self) -> None:
         """Ask for a rotation when the key file is older than ``key_rotation_days``."""
@@ -288,7 +293,7 @@ class Agent:
             self._reload_trust()
 
     def _reload_trust(self) -> None:
-        control = getattr(self, "control", None)
+        control = self.control
         if control is None:
             return
         try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -26,6 +26,11 @@ from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.common.sockets import close_quietly
 from remote_gevent.wire import rendezvous
+
+if TYPE_CHECKING:
+    from remote_gevent.agent.config import AgentConfig
+    from remote_gevent.agent.history import History
+    from remote_gevent.wire.mux_limits import StreamCounter
 
 # The agent's tunnel lines keep one logger name: "remote_gevent.agent.tunnels".
 log = logging.getLogger("remote_gevent.agent.tunnels")
@@ -188,7 +193,31 @@ def _returned(g: gevent.Greenlet) -> bool:
     return g.successful() and not isinstance(g.value, BaseException)
 
 
-class SessionRun:
+class ManagerState:
+    """The state :class:`tunnels.TunnelManager` sets in ``__init__`` and the methods of
+    it that :class:`SessionRun` calls, written down for readers and the type checker
+    (declarations only: the annotations create nothing at run time and the methods exist
+    only for the checker, so a call always reaches the manager's own method)."""
+
+    _cfg: AgentConfig
+    _get_identity: Callable[[], Any]
+    _history: Optional[History]
+    _publish_close: Callable[..., None]
+    _relay_context: Any
+    _sessions: Dict[str, _Session]
+    _waiting: List[_Session]
+    _device_allow: Tuple[str, ...]
+    _shutting_down: bool
+    _agent_streams: StreamCounter
+
+    if TYPE_CHECKING:
+        def _admit(self, s: _Session) -> None: ...
+        def _trusted_now(self) -> Any: ...
+        def _request_close(self, s: _Session, code: str, reason: str) -> None: ...
+        def _release_slot(self, s: _Session) -> None: ...
+
+
+class SessionRun(ManagerState):
     """Methods of :class:`tunnels.TunnelManager` that run one session (a mixin)."""
 
     def _session_main(self, s: _Session) -> None:
@@ -381,7 +410,7 @@ class SessionRun:
                      result.get("bytes"))
 
         # Raises TransferError (code target_refused) when transfer is disabled.
-        return dispatch.open_virtual_target(target, self._cfg, self._get_identity,
+        return dispatch.open_virtual_target(target, self._cfg.remote.transfer, self._get_identity,
                                             on_result=on_result, log_ctx="session %s" % s.id)
 
     # -- the end --------------------------------------------------------------------

@@ -211,6 +211,7 @@ def pin(ctx: click.Context, device: str, key_line: Optional[str], fingerprint: O
             KeyChanged,
             KnownDevices,
             KnownDevicesError,
+            Pin,
         )
         from remote_gevent.crypto.identity import fingerprint_of, parse_ssh_ed25519_line
 
@@ -231,7 +232,9 @@ def pin(ctx: click.Context, device: str, key_line: Optional[str], fingerprint: O
                     raise ConsoleError("key %s does not have fingerprint %s"
                                        % (fingerprint_of(raw), fingerprint), EXIT_KEY,
                                        "fingerprint")
-                p = known.pin(cfg.server_id, device, raw, VIA_MANUAL, replace=replace)
+                p: Optional[Pin] = known.pin(cfg.server_id, device, raw, VIA_MANUAL,
+                                             replace=replace)
+                assert p is not None  # narrowed for the checker: pin() returns the pin
                 click.echo("%s %s (pinned by hand)" % (p.device_id, p.fingerprint))
                 return 0
             from remote_gevent.console.control import ConsoleControl

@@ -177,18 +177,18 @@ def handle_up_message(known: KnownDevices, states: DeviceStates, server_id: str,
                 }[outcome]
         return DeviceEvent(did, "key", text, entry=dict(entry))
     try:
-        pin = known.get(server_id, ident)
+        pinned = known.get(server_id, ident)
     except KnownDevicesError as exc:
         log.error("%s: %s", did, exc)
         return None
     verified = False
-    if pin is not None:
+    if pinned is not None:
         try:
-            protocol.verify(msg, pin.public_raw32)
+            protocol.verify(msg, pinned.public_raw32)
             verified = True
         except protocol.ProtocolError as exc:
             text = ("%s not signed by the pinned key %s — possible impersonation, ignored (%s)"
-                    % (msg.type, pin.fingerprint, exc.detail or exc.reason))
+                    % (msg.type, pinned.fingerprint, exc.detail or exc.reason))
             return DeviceEvent(did, "warning", text)
     if kind == "alive" and msg.type == protocol.MsgType.ALIVE:
         before = states.get(did)

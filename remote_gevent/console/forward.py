@@ -159,6 +159,7 @@ def parse_listen_spec(spec: str) -> Tuple[str, int]:
 
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket (``""`` = every interface, IPv6 dual stack when possible)."""
+    candidates: List[Tuple[Any, socket.AddressFamily]]
     if host == "":
         candidates = [("::", socket.AF_INET6), ("0.0.0.0", socket.AF_INET)]
     else:

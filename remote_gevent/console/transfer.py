@@ -19,7 +19,7 @@ import os
 import stat
 import sys
 import time
-from typing import IO, Any, Callable, Dict, Optional
+from typing import IO, Any, Callable, Dict, List, Optional
 
 import gevent
 import gevent.event
@@ -200,7 +200,7 @@ def remote_list(stream_factory: StreamFactory, remote: str) -> list:
     conn = _Conn(stream_factory)
     try:
         conn.request({"op": "list", "path": remote}, half_close=True)
-        entries = []
+        entries: List[Dict[str, Any]] = []
         while True:
             obj = conn.ch.read_json("entry")
             if obj is None:

@@ -57,7 +57,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from remote_gevent.common import fsutil
 from remote_gevent.crypto.identity import (
@@ -151,6 +151,9 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "...(%d chars)" % len(text)
 
 
+_T = TypeVar("_T", bound="TargetPattern")
+
+
 @dataclass(frozen=True)
 class TargetPattern:
     """``host:port`` where host and/or port may be ``*``; or a virtual target.
@@ -172,7 +175,7 @@ class TargetPattern:
         return self.virtual or (self.host != WILDCARD and self.port is not None)
 
     @classmethod
-    def parse(cls, text: str, pattern: bool = True) -> "TargetPattern":
+    def parse(cls: Type[_T], text: str, pattern: bool = True) -> _T:
         if not isinstance(text, str) or not text or len(text) > MAX_TARGET_CHARS:
             raise TargetError("bad target %s" % _short(text))
         if text in VIRTUAL_TARGETS:
@@ -228,7 +231,7 @@ class Target(TargetPattern):
     """A concrete target (no wildcard): what one stream opens."""
 
     @classmethod
-    def parse(cls, text: str, pattern: bool = False) -> "TargetPattern":
+    def parse(cls, text: str, pattern: bool = False) -> "Target":
         return super().parse(text, pattern=False)
 
     @property

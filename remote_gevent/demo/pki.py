@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from typing import Iterable, NamedTuple
+from typing import Iterable, List, NamedTuple, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -67,13 +67,16 @@ class CertificateAuthority:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         if os.path.exists(self.cert_file) and os.path.exists(self.key_file):
             with open(self.key_file, "rb") as f:
-                self._key = serialization.load_pem_private_key(f.read(), password=None)
+                loaded = serialization.load_pem_private_key(f.read(), password=None)
+            if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+                raise ValueError("%s: not the EC key this CA writes" % self.key_file)
+            self._key = loaded
             with open(self.cert_file, "rb") as f:
                 self._cert = x509.load_pem_x509_certificate(f.read())
         else:
             self._key, self._cert = self._create(name)
 
-    def _create(self, name: str):
+    def _create(self, name: str) -> Tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = _name(name)
         cert = (
@@ -111,7 +114,7 @@ class CertificateAuthority:
         """
         key = ec.generate_private_key(ec.SECP256R1())
         hosts = list(hosts)
-        sans = []
+        sans: List[x509.GeneralName] = []
         for host in hosts:
             try:
                 sans.append(x509.IPAddress(ipaddress.ip_address(host)))

@@ -165,6 +165,7 @@ class DemoPlatform:
 
     @property
     def relay_address(self) -> str:
+        assert self.relay_port is not None, "prepare() chooses the relay port"
         return "127.0.0.1:%d" % self.relay_port
 
     def prepare(self) -> "DemoPlatform":
@@ -298,6 +299,7 @@ class DemoPlatform:
             "--key", self.relay_cert[1]]
         self.relay_proc = self._spawn(argv, self.relay_log)
         deadline = time.monotonic() + timeout
+        assert self.relay_port is not None
         while not port_open("127.0.0.1", self.relay_port):
             if self.relay_proc.poll() is not None:
                 raise PlatformError("the relay exited with %s; see %s:\n%s" % (

@@ -47,7 +47,7 @@ import socket
 import subprocess
 import time
 import weakref
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 from urllib.parse import quote
 
 from remote_gevent.common import fsutil
@@ -132,7 +132,7 @@ def device_topic(server_id: str, ident: str) -> str:
     return "remote.%s.%s" % (server_id, ident)
 
 
-def device_permissions(server_id: str, ident: str) -> Dict[str, object]:
+def device_permissions(server_id: str, ident: str) -> Dict[str, Any]:
     """The confining permission set of design.md for one device (regexes)."""
     t = _escape(device_topic(server_id, ident))
     return {
@@ -147,7 +147,7 @@ def device_permissions(server_id: str, ident: str) -> Dict[str, object]:
     }
 
 
-def operator_permissions(user: str) -> Dict[str, object]:
+def operator_permissions(user: str) -> Dict[str, Any]:
     """Console permissions: own queues, publish down / read up for any device topic."""
     own = r"console\.%s\..*" % _escape(user)
     return {
@@ -466,11 +466,12 @@ class RabbitNode:
         return "amqp://127.0.0.1:%d/%s" % (self.amqp_port, quote(vhost, safe=""))
 
     # ------------------------------------------------------------------ provisioning
-    def import_definitions(self, definitions: Dict[str, object]) -> None:
+    def import_definitions(self, definitions: Mapping[str, Any]) -> None:
         """Additive import (users, vhosts, permissions, exchanges …) in one CLI call, via stdin."""
-        body = {"rabbit_version": "3.10.0", "users": [], "vhosts": [], "permissions": [],
-                "topic_permissions": [], "parameters": [], "global_parameters": [],
-                "policies": [], "queues": [], "exchanges": [], "bindings": []}
+        body: Dict[str, Any] = {
+            "rabbit_version": "3.10.0", "users": [], "vhosts": [], "permissions": [],
+            "topic_permissions": [], "parameters": [], "global_parameters": [],
+            "policies": [], "queues": [], "exchanges": [], "bindings": []}
         body.update(definitions)
         self.ctl("import_definitions", "--format", "json", input=json.dumps(body))
 
@@ -486,22 +487,21 @@ class RabbitNode:
         })
 
     @staticmethod
-    def _user_defs(vhost: str, user: str, password: str, perms: Dict[str, object],
-                   tags: Sequence[str] = ()) -> Dict[str, List[Dict[str, object]]]:
+    def _user_defs(vhost: str, user: str, password: str, perms: Dict[str, Any],
+                   tags: Sequence[str] = ()) -> Dict[str, List[Dict[str, Any]]]:
         return {
             "users": [{"name": user, "password_hash": rabbit_password_hash(password),
                        "hashing_algorithm": "rabbit_password_hashing_sha256",
                        "tags": list(tags), "limits": {}}],
             "permissions": [{"user": user, "vhost": vhost, "configure": perms["configure"],
                              "write": perms["write"], "read": perms["read"]}],
-            "topic_permissions": [dict(tp, user=user, vhost=vhost)  # type: ignore[arg-type]
-                                  for tp in perms["topic"]],  # type: ignore[union-attr]
+            "topic_permissions": [dict(tp, user=user, vhost=vhost) for tp in perms["topic"]],
         }
 
     @staticmethod
-    def _merge(parts: Sequence[Dict[str, List[Dict[str, object]]]]
-               ) -> Dict[str, List[Dict[str, object]]]:
-        merged: Dict[str, List[Dict[str, object]]] = {}
+    def _merge(parts: Sequence[Dict[str, List[Dict[str, Any]]]]
+               ) -> Dict[str, List[Dict[str, Any]]]:
+        merged: Dict[str, List[Dict[str, Any]]] = {}
         for part in parts:
             for key, items in part.items():
                 merged.setdefault(key, []).extend(items)

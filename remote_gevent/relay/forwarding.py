@@ -8,7 +8,7 @@ import logging
 import socket
 import ssl
 import time
-from typing import List, TYPE_CHECKING
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import gevent
 import gevent.event
@@ -24,7 +24,7 @@ from remote_gevent.wire.rendezvous import (
 )
 
 if TYPE_CHECKING:  # the server owns connections and sessions; annotations only
-    from remote_gevent.relay.server import Conn, PairedSession
+    from remote_gevent.relay.server import Conn, PairedSession, RelaySettings
 
 # The relay logs as one component: "remote_gevent.relay.server" (filters and tests rely on it).
 log = logging.getLogger("remote_gevent.relay.server")
@@ -83,7 +83,20 @@ def _describe(exc: BaseException) -> str:
 
 
 class Forwarding:
-    """Methods of :class:`server.Relay` for a paired session (a mixin)."""
+    """Methods of :class:`server.Relay` for a paired session (a mixin).
+
+    The annotations declare the state :class:`server.Relay` sets in ``__init__`` that
+    these methods use, for readers and the type checker; they create nothing at run time.
+    """
+
+    settings: RelaySettings
+    splice: bool
+    buffers: BufferPool
+    pipes: splicer.PipePool
+    _plane: Optional[splicer.SplicePlane]
+    _sessions: Dict[str, PairedSession]
+    _stopping: bool
+    _drained: gevent.event.Event
 
     def _run_leg(self, session: PairedSession, conn: Conn) -> None:
         """Forward ``conn``'s bytes to its peer; the last leg to finish ends the session."""

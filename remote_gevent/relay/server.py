@@ -71,7 +71,7 @@ import os
 import socket
 import ssl
 import time
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -165,7 +165,9 @@ class Conn:
                  "claimed", "gone", "evicted", "since")
 
     def __init__(self, sock: socket.socket, ip: str) -> None:
-        self.sock = sock
+        #: The TLS socket until the pair goes plain (``Forwarding._go_plain``), then the
+        #: plain socket under it.
+        self.sock: Any = sock
         self.ip = ip
         self.hello: Optional[Hello] = None
         self.early = False  # sent bytes before OK (forbidden since RG2)
@@ -553,7 +555,7 @@ class Relay(Forwarding):
             if not conn.claimed:
                 conn.gone = True
 
-    def _refuse(self, sock: ssl.SSLSocket, code: str, ip: str, sid: Optional[str],
+    def _refuse(self, sock: socket.socket, code: str, ip: str, sid: Optional[str],
                 why: str = "", detail: str = "") -> None:
         self._count("refused_" + code)
         log.info("refused %s from %s (session %s)%s", code, ip, sid or "-",

@@ -33,7 +33,7 @@ import errno
 import logging
 import os
 import time
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import gevent
 from gevent import monkey
@@ -41,7 +41,8 @@ from gevent.hub import get_hub
 
 log = logging.getLogger(__name__)
 
-SPLICE = getattr(os, "splice", None)
+#: ``os.splice`` (Linux, Python 3.10+) or None; only called once checked not None.
+SPLICE: Any = getattr(os, "splice", None)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _F_SETPIPE_SZ = 1031  # fcntl constants (Linux); fcntl.F_SETPIPE_SZ only from Python 3.10
 _F_GETPIPE_SZ = 1032

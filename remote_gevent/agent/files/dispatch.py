@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 import gevent
 
 from remote_gevent.wire.codes import VIRTUAL_SFTP, VIRTUAL_TARGETS, VIRTUAL_TRANSFER
@@ -23,21 +23,22 @@ from remote_gevent.agent.files.transfer import (
     serve_transfer_stream,
 )
 
+if TYPE_CHECKING:
+    from remote_gevent.agent.config import TransferConfig
+
 log = logging.getLogger(__name__)
 
-def open_virtual_target(target: str, cfg: Any, identity: Any = None,
+def open_virtual_target(target: str, transfer_cfg: "TransferConfig", identity: Any = None,
                         on_result: Optional[Callable[[Dict[str, Any]], None]] = None,
                         log_ctx: str = "") -> socket.socket:
     """Serve ``@transfer`` / ``@sftp`` in-process; return the socket for the mux to splice.
 
-    ``cfg`` is the agent config (``cfg.remote.transfer`` is used) or a
-    ``TransferConfig`` itself; ``identity`` the agent's ``IdentityKey`` (or a callable
-    returning it, or a paramiko key) — the SFTP host key.  Raises ``TransferError``
-    (code ``target_refused``) when transfers are disabled or the target is unknown;
-    mux turns it into OPEN_FAIL.
+    ``transfer_cfg`` is the agent's ``remote.transfer`` section; ``identity`` the
+    agent's ``IdentityKey`` (or a callable returning it, or a paramiko key) — the SFTP
+    host key. Raises ``TransferError`` (code ``target_refused``) when transfers are
+    disabled or the target is unknown; mux turns it into OPEN_FAIL.
     """
-    tcfg = getattr(getattr(cfg, "remote", None), "transfer", None) or cfg
-    roots = Roots.from_config(tcfg)
+    roots = Roots.from_config(transfer_cfg)
     if target not in VIRTUAL_TARGETS:
         raise TransferError(TARGET_REFUSED, "unknown virtual target %s" % target)
     if not roots:

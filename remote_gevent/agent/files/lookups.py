@@ -8,7 +8,7 @@ import errno
 import logging
 import os
 import stat
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 import gevent
 
 from remote_gevent.wire.transfer_lines import (
@@ -46,6 +46,7 @@ def stat_path(roots: Roots, path: Any) -> Dict[str, Any]:
         return {"ok": True, "type": "dir", "size": 0, "mtime": 0, "mode": 0o555,
                 "path": roots.check_path(path), "virtual": True}
     res = roots.resolve(path)
+    st: Optional[os.stat_result]
     if res.name is None:
         st = os.stat(res.root.real)
     else:

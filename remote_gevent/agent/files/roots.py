@@ -10,7 +10,7 @@ import logging
 import os
 import posixpath
 import stat
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple
 
 from remote_gevent.wire.transfer_lines import (
     BAD_REQUEST,
@@ -30,6 +30,9 @@ from remote_gevent.agent.files.fsops import (
     file_type,
     open_checked,
 )
+
+if TYPE_CHECKING:
+    from remote_gevent.agent.config import TransferConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +120,15 @@ class Roots:
         self.partial_ttl = partial_ttl
 
     @classmethod
-    def from_config(cls, transfer_cfg: Any) -> "Roots":
-        """From ``cfg.remote.transfer`` (roots of {path, mode, max_size, partial_quota,
-        allow_hardlinks}, max_size, overwrite, partial_ttl, partial_quota)."""
-        default_cap = getattr(transfer_cfg, "max_size", DEFAULT_MAX_SIZE) or DEFAULT_MAX_SIZE
-        default_quota = getattr(transfer_cfg, "partial_quota", None)
-        roots = []
-        for r in getattr(transfer_cfg, "roots", ()) or ():
-            get = r.get if isinstance(r, dict) else (lambda k, d=None, r=r: getattr(r, k, d))
-            roots.append(Root(get("path"), writable=(get("mode", "ro") == "rw"),
-                              max_size=get("max_size") or default_cap,
-                              allow_hardlinks=bool(get("allow_hardlinks", False)),
-                              partial_quota=get("partial_quota") or default_quota))
-        return cls(roots, overwrite=bool(getattr(transfer_cfg, "overwrite", False)),
-                   partial_ttl=getattr(transfer_cfg, "partial_ttl", None)
-                   or DEFAULT_PARTIAL_TTL)
+    def from_config(cls, transfer_cfg: "TransferConfig") -> "Roots":
+        """From the agent's ``remote.transfer`` section."""
+        default_cap = transfer_cfg.max_size or DEFAULT_MAX_SIZE
+        roots = [Root(r.path, writable=r.writable, max_size=r.max_size or default_cap,
+                      allow_hardlinks=r.allow_hardlinks,
+                      partial_quota=r.partial_quota or transfer_cfg.partial_quota)
+                 for r in transfer_cfg.roots]
+        return cls(roots, overwrite=transfer_cfg.overwrite,
+                   partial_ttl=transfer_cfg.partial_ttl or DEFAULT_PARTIAL_TTL)
 
     def __bool__(self) -> bool:
         return bool(self.roots)
