@@ -226,7 +226,7 @@ def command() -> "click.Group":
                   type=click.Choice(logs.LEVELS, case_sensitive=False))
     @click.version_option(__version__, "--version", prog_name="remote-gevent")
     @click.pass_context
-    def main(ctx: click.Context, config_path: Optional[str], foreground: bool,
+    def main(ctx: "click.Context", config_path: Optional[str], foreground: bool,
              pidfile: Optional[str], log_file: Optional[str], log_level: str) -> None:
         """remote-gevent agent: end-to-end encrypted tunnels to this device, on request."""
         if ctx.invoked_subcommand is not None:
@@ -237,7 +237,7 @@ def command() -> "click.Group":
     @main.command("check-config")
     @config_option
     @click.pass_context
-    def check_config(ctx: click.Context, local_config: Optional[str]) -> None:
+    def check_config(ctx: "click.Context", local_config: Optional[str]) -> None:
         """Validate the config: exit 0 with a summary, or 1 listing every problem."""
         cfg = _load_or_exit(_config_path(ctx, local_config))
         click.echo(config_mod.summary(cfg))
@@ -246,7 +246,7 @@ def command() -> "click.Group":
     @config_option
     @click.option("--fingerprint", is_flag=True, help="Print the SHA256 fingerprint instead.")
     @click.pass_context
-    def pubkey(ctx: click.Context, local_config: Optional[str], fingerprint: bool) -> None:
+    def pubkey(ctx: "click.Context", local_config: Optional[str], fingerprint: bool) -> None:
         """Print the identity public key (generating the key if it does not exist yet)."""
         cfg = _load_or_exit(_config_path(ctx, local_config))
         try:
@@ -261,7 +261,7 @@ def command() -> "click.Group":
 
     @main.command("rotate-key")
     @click.pass_context
-    def rotate_key(ctx: click.Context) -> None:
+    def rotate_key(ctx: "click.Context") -> None:
         """Ask the running agent (via --pidfile) to rotate its identity key (SIGUSR1)."""
         pidfile = ctx.find_root().params.get("pidfile") or DEFAULT_PIDFILE
         pid = daemon.running_pid(pidfile)

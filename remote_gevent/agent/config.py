@@ -13,9 +13,6 @@ dotted key and the bad value (credentials are never echoed).
 Relative paths in the file are resolved against the directory of the config file.
 """
 
-from __future__ import annotations
-
-from __future__ import annotations
 import dataclasses
 import os
 import re
@@ -98,7 +95,7 @@ class TransferRoot:
         return self.mode == "rw"
 
 
-def v_roots(value: Any, base: str) -> Tuple[TransferRoot, ...]:
+def v_roots(value: Any, base: str) -> "Tuple[TransferRoot, ...]":
     # Per-item problems are reported by _validate_transfer with precise keys;
     # this only runs for the shape.
     if not isinstance(value, list):
@@ -116,7 +113,7 @@ def v_buffer_budget(value: Any, base: str) -> int:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    roots: Tuple[TransferRoot, ...] = key(
+    roots: "Tuple[TransferRoot, ...]" = key(
         [], v_roots, "list",
         "directories the operator may read (ro) or write (rw) with @transfer/@sftp; "
         "each item {path, mode: ro|rw, max_size, partial_quota, allow_hardlinks (serve or "
@@ -194,7 +191,7 @@ class RemoteConfig:
         "included (>= 1M); a stream that would exceed it is reset")
     key_rotation_days: int = key(
         0, v_int(0, 36500), "int days", "rotate the identity key this often; 0: never")
-    transfer: TransferConfig = key(
+    transfer: "TransferConfig" = key(
         TransferConfig(), lambda v, b: v, "map", "targeted file transfer: roots, max_size, "
         "overwrite")
 
@@ -207,7 +204,7 @@ class AgentConfig:
     token: Optional[str] = key(
         None, v_token, "str", "broker password (never logged)", secret=True)
     amqp: AmqpConfig = field(default_factory=AmqpConfig)
-    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    remote: "RemoteConfig" = field(default_factory=RemoteConfig)
     warnings: Tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never show the token
@@ -244,12 +241,12 @@ def default_path() -> str:
     return os.environ.get(ENV_CONFIG) or DEFAULT_PATH
 
 
-def topic(cfg: AgentConfig) -> str:
+def topic(cfg: "AgentConfig") -> str:
     """The device's topic: ``remote.<server_id>.<ident>``."""
     return "remote.%s.%s" % (cfg.remote.server_id, cfg.ident)
 
 
-def _build_transfer(raw: Any, base: str, problems: Problems) -> TransferConfig:
+def _build_transfer(raw: Any, base: str, problems: Problems) -> "TransferConfig":
     prefix = "remote.transfer"
     values = build_section(TransferConfig, prefix, raw, base, problems, skip=("roots",))
     roots: List[TransferRoot] = []
@@ -299,7 +296,7 @@ def _build_transfer(raw: Any, base: str, problems: Problems) -> TransferConfig:
     return TransferConfig(**values)
 
 
-def parse(data: Any, path: str) -> AgentConfig:
+def parse(data: Any, path: str) -> "AgentConfig":
     """Validate already-parsed YAML ``data`` read from ``path``; raise ConfigError."""
     problems = Problems(path)
     base = os.path.dirname(os.path.abspath(path))
@@ -348,7 +345,7 @@ def _check_credentials(data: Dict[str, Any], top: Dict[str, Any], problems: Prob
             problems.add(name, "required when remote.enabled is true", None)
 
 
-def load(path: Optional[str] = None) -> AgentConfig:
+def load(path: Optional[str] = None) -> "AgentConfig":
     """Read and validate the config file (default: ``default_path()``)."""
     if path is None:
         path = default_path()
@@ -359,7 +356,7 @@ def load(path: Optional[str] = None) -> AgentConfig:
     return parse(data, path)
 
 
-def summary(cfg: AgentConfig) -> str:
+def summary(cfg: "AgentConfig") -> str:
     """One line for ``check-config`` and start-up logs (no credentials)."""
     return ("%s: OK ident=%s server_id=%s topic=%s enabled=%s brokers=%d max_session=%d "
             "allow=%d transfer_roots=%d" % (

@@ -29,8 +29,6 @@ never an open tunnel; ``session.close`` messages published while it is down wait
 link's bounded outbox.
 """
 
-from __future__ import annotations
-
 import collections
 import json
 import logging

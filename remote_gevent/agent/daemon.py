@@ -11,8 +11,6 @@ process refuses the start (EPERM from ``kill(pid, 0)`` means alive); a stale one
 is replaced; at exit it is removed only if it still holds our pid.
 """
 
-from __future__ import annotations
-
 import errno
 import os
 import sys
@@ -169,7 +167,7 @@ def _wait_ready(fd: int, timeout: float) -> int:
     return 1
 
 
-def daemonize(ready_timeout: float = READY_TIMEOUT) -> Readiness:
+def daemonize(ready_timeout: float = READY_TIMEOUT) -> "Readiness":
     """Double fork; returns (in the daemon) the Readiness to report to the launcher.
 
     The launching process never returns: it exits 0 once the daemon calls ``ok()``,

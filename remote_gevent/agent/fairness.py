@@ -17,8 +17,6 @@ forgotten (it is the state of an operator that never asked), so the table is bou
 the operators active within the time a bucket takes to refill, and by MAX_BUCKETS.
 """
 
-from __future__ import annotations
-
 import time
 from typing import Any, Dict, Optional, Tuple
 

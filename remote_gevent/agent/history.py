@@ -7,8 +7,6 @@ written, never corrupt an earlier one. If a previous crash left a partial last l
 the next row starts on a fresh line so it stays parseable.
 """
 
-from __future__ import annotations
-
 import csv
 import datetime
 import io
@@ -107,7 +105,7 @@ def read(path: str) -> List[dict]:
     return [row for row in rows if row.get("session_id")]
 
 
-def record_safely(history: Optional[History], **fields: object) -> None:
+def record_safely(history: "Optional[History]", **fields: object) -> None:
     """Append, logging (not raising) on I/O failure: losing a row must not kill a tunnel."""
     if history is None:
         return

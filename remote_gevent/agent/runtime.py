@@ -18,8 +18,6 @@ Extension point: ``_start_services()`` adds the long-lived services to
 ``self.supervisor``; the control plane and tunnel manager are hooked in there.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import logging
 import os

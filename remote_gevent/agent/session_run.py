@@ -2,8 +2,6 @@
 open each stream's target (trust and permitopen re-checked every time), and finish with
 one close code, one session.close and one history row."""
 
-from __future__ import annotations
-
 import logging
 import socket
 import time
@@ -199,28 +197,28 @@ class ManagerState:
     (declarations only: the annotations create nothing at run time and the methods exist
     only for the checker, so a call always reaches the manager's own method)."""
 
-    _cfg: AgentConfig
+    _cfg: "AgentConfig"
     _get_identity: Callable[[], Any]
-    _history: Optional[History]
+    _history: "Optional[History]"
     _publish_close: Callable[..., None]
     _relay_context: Any
-    _sessions: Dict[str, _Session]
-    _waiting: List[_Session]
+    _sessions: "Dict[str, _Session]"
+    _waiting: "List[_Session]"
     _device_allow: Tuple[str, ...]
     _shutting_down: bool
-    _agent_streams: StreamCounter
+    _agent_streams: "StreamCounter"
 
     if TYPE_CHECKING:
-        def _admit(self, s: _Session) -> None: ...
+        def _admit(self, s: "_Session") -> None: ...
         def _trusted_now(self) -> Any: ...
-        def _request_close(self, s: _Session, code: str, reason: str) -> None: ...
-        def _release_slot(self, s: _Session) -> None: ...
+        def _request_close(self, s: "_Session", code: str, reason: str) -> None: ...
+        def _release_slot(self, s: "_Session") -> None: ...
 
 
 class SessionRun(ManagerState):
     """Methods of :class:`tunnels.TunnelManager` that run one session (a mixin)."""
 
-    def _session_main(self, s: _Session) -> None:
+    def _session_main(self, s: "_Session") -> None:
         code, reason = CloseCode.ERROR, "internal error"
         try:
             code, reason = self._serve(s)
@@ -235,7 +233,7 @@ class SessionRun(ManagerState):
         finally:
             self._finish(s, code, reason)
 
-    def _serve(self, s: _Session) -> Tuple[str, str]:
+    def _serve(self, s: "_Session") -> Tuple[str, str]:
         req = s.request
         cfg = self._cfg
         if self._shutting_down:
@@ -290,11 +288,11 @@ class SessionRun(ManagerState):
             tunnel.close(*s.close_request)
         return tunnel.run()
 
-    def _check_close(self, s: _Session) -> None:
+    def _check_close(self, s: "_Session") -> None:
         if s.close_request is not None:
             raise _End(*s.close_request)
 
-    def _refuse(self, s: _Session, code: str, reason: str,
+    def _refuse(self, s: "_Session", code: str, reason: str,
                 refusal: Optional[str] = None) -> None:
         """Answer ``session.refuse`` (when a refusal reason fits) and end with ``code``."""
         refusal = refusal or _REFUSE_FOR_CLOSE.get(code)
@@ -308,7 +306,7 @@ class SessionRun(ManagerState):
         log.info("session %s: refused: %s (%s)", s.id, code, reason)
         raise _End(code, reason)
 
-    def _send_reply(self, s: _Session, raw: bytes, what: str) -> bool:
+    def _send_reply(self, s: "_Session", raw: bytes, what: str) -> bool:
         try:
             with gevent.Timeout(REPLY_TIMEOUT):
                 s.reply(raw)
@@ -327,7 +325,7 @@ class SessionRun(ManagerState):
             self._relay_context = tls.client_context(r.relay_ca_file or self._cfg.amqp.ca_file)
         return self._relay_context
 
-    def _dial(self, s: _Session, addr: Tuple[str, int]) -> Any:
+    def _dial(self, s: "_Session", addr: Tuple[str, int]) -> Any:
         """TLS to the relay, hello, wait for the pairing; return the socket or raise _End."""
         try:
             ctx = self._relay_ssl_context()
@@ -376,7 +374,7 @@ class SessionRun(ManagerState):
 
     # -- streams --------------------------------------------------------------------
 
-    def _open_target(self, s: _Session, target: str) -> Any:
+    def _open_target(self, s: "_Session", target: str) -> Any:
         """``on_open`` of the tunnel: permission at stream time, then the connection.
 
         Trust, the key's permitopen and the device allow-list are those in force now."""
@@ -400,7 +398,7 @@ class SessionRun(ManagerState):
             raise
         return sock
 
-    def _open_virtual(self, s: _Session, target: str) -> Any:
+    def _open_virtual(self, s: "_Session", target: str) -> Any:
         from remote_gevent.agent.files import dispatch
 
         def on_result(result: Dict[str, Any]) -> None:
@@ -415,7 +413,7 @@ class SessionRun(ManagerState):
 
     # -- the end --------------------------------------------------------------------
 
-    def _finish(self, s: _Session, code: str, reason: str) -> None:
+    def _finish(self, s: "_Session", code: str, reason: str) -> None:
         """Exactly once per session: slot, history row, close publication."""
         t = s.tunnel
         if t is not None and not t.closed:

@@ -16,8 +16,6 @@ in the TunnelManager's own greenlets) go into ``self.transients``, a
 ends only that greenlet.
 """
 
-from __future__ import annotations
-
 import logging
 import time
 from collections import deque
@@ -70,7 +68,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ services
 
-    def add(self, name: str, func: Callable[[], Any], restart: bool = True) -> Service:
+    def add(self, name: str, func: Callable[[], Any], restart: bool = True) -> "Service":
         """Start ``func`` as the supervised service ``name``."""
         if name in self.services:
             raise ValueError("service %r already added" % name)
@@ -83,7 +81,7 @@ class Supervisor:
         svc.greenlet.link_exception(self._runner_crashed)
         return svc
 
-    def _run(self, svc: Service) -> None:
+    def _run(self, svc: "Service") -> None:
         backoff = Backoff(first=self.backoff_initial, cap=self.backoff_max, jitter="equal",
                           minimum=min(0.01, self.backoff_initial))
         while not self.stop_event.is_set():
@@ -124,7 +122,7 @@ class Supervisor:
                 return
             svc.restarts += 1
 
-    def _give_up(self, svc: Service, reason: str) -> None:
+    def _give_up(self, svc: "Service", reason: str) -> None:
         log.critical("%s: shutting the agent down", reason)
         if self.failed is None:
             self.failed = svc.name

@@ -38,8 +38,6 @@ unreachable or not pairing in time → ``relay_refused``; pairing connection dro
 ``relay_lost``; queue → ``queue_timeout``; shutdown → ``shutdown``.
 """
 
-from __future__ import annotations
-
 import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple

@@ -9,8 +9,6 @@ Errors are :class:`AddressError` (a ``ValueError``) with a message that says wha
 expected; callers wrap it in their own error type (config ``Invalid``, ``LinkConfigError``).
 """
 
-from __future__ import annotations
-
 import ipaddress
 from typing import NamedTuple, Optional, Tuple
 from urllib.parse import quote, unquote, urlsplit
@@ -123,7 +121,7 @@ class BrokerURL(NamedTuple):
         return "%s://%s/%s" % (self.scheme, self.address, quote(self.vhost, safe=""))
 
 
-def parse_broker_url(url: str) -> BrokerURL:
+def parse_broker_url(url: str) -> "BrokerURL":
     """``amqps://host[:port]/vhost`` (vhost URL-decoded; empty or ``/`` = ``/``).
 
     Plain ``amqp://`` only to a loopback host. Credentials (the login is ``ident`` /

@@ -2,8 +2,6 @@
 :mod:`addresses`), a TLS transport that really uses our verifying context (py-amqp
 ignores an ``SSLContext`` passed as ``ssl=``), and one-line descriptions of failures."""
 
-from __future__ import annotations
-
 import logging
 import socket
 import ssl
@@ -111,7 +109,7 @@ def describe_error(exc: BaseException, url: Optional[BrokerURL] = None,
     where = url.address if url is not None else "broker"
     if isinstance(exc, LinkError):
         return str(exc)
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if tls.is_verify_error(exc):
         return "%s: %s" % (where, tls.describe_verify_error(exc))
     if isinstance(exc, AccessRefused):
         text = _reply_text(exc)

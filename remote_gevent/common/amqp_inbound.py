@@ -24,8 +24,6 @@ same state machine with these differences:
   that broke the link once cannot do it again and again.
 """
 
-from __future__ import annotations
-
 import collections
 import hashlib
 import logging
@@ -145,7 +143,7 @@ def delivery_tag(frame_args: Any) -> Optional[int]:
     return int(tag)
 
 
-def frame_handler(max_body: int, poison: PoisonMemory,  # noqa: C901 - one branch per AMQP frame kind, in py-amqp's order
+def frame_handler(max_body: int, poison: "PoisonMemory",  # noqa: C901 - one branch per AMQP frame kind, in py-amqp's order
                   reject: Callable[[Any, int, int], None]
                   ) -> Callable[[Any, Callable[..., Any]], Callable[[Any], bool]]:
     """A py-amqp ``frame_handler`` factory (see the module docstring).
@@ -157,7 +155,7 @@ def frame_handler(max_body: int, poison: PoisonMemory,  # noqa: C901 - one branc
         expected: Dict[int, int] = {}
         partial: Dict[int, Delivery] = {}
 
-        def deliver(channel: int, msg: Delivery) -> None:
+        def deliver(channel: int, msg: "Delivery") -> None:
             if msg.frame_method != spec.Basic.Deliver:
                 callback(channel, msg.frame_method, msg.frame_args, msg)
                 return

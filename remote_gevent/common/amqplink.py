@@ -29,8 +29,6 @@ Concurrency rules (py-amqp is not safe for concurrent writers):
   off); long work must be spawned elsewhere, or heartbeats and other deliveries stall.
 """
 
-from __future__ import annotations
-
 import collections
 import logging
 import os
@@ -210,7 +208,7 @@ class AmqpLink:
         except RECOVERABLE as exc:
             _drop(conn)
             message = describe_error(exc, url, self.userid)
-            if isinstance(exc, ssl.SSLCertVerificationError):
+            if tls.is_verify_error(exc):
                 raise TLSVerifyError(message) from None
             if isinstance(exc, AccessRefused):
                 raise LoginRefused(message) from None

@@ -11,9 +11,6 @@ console; broker URLs and ``host:port`` go through :mod:`remote_gevent.common.add
 the parser the code that dials uses too.
 """
 
-from __future__ import annotations
-
-from __future__ import annotations
 import dataclasses
 import os
 import re
@@ -56,7 +53,7 @@ class Invalid(ValueError):
         self.has_value = has_value
 
 
-def item_error(exc: Invalid, where: str, value: Any) -> Invalid:
+def item_error(exc: "Invalid", where: str, value: Any) -> "Invalid":
     return Invalid(str(exc), where=where, value=value, has_value=True)
 
 
@@ -273,7 +270,7 @@ def _dotted(section: str, name: str) -> str:
     return "%s.%s" % (section, name) if section else name
 
 
-def build_section(cls: type, section: str, raw: Any, base: str, problems: Problems,
+def build_section(cls: type, section: str, raw: Any, base: str, problems: "Problems",
            skip: Tuple[str, ...] = ()) -> Dict[str, Any]:
     """Validate a mapping against the declared fields of ``cls``; return kwargs."""
     values: Dict[str, Any] = {}
@@ -309,7 +306,7 @@ def top_mapping(data: Any, path: str) -> Dict[str, Any]:
     return data
 
 
-def check_amqp(amqp: Any, path: str, problems: Problems) -> Tuple[str, ...]:
+def check_amqp(amqp: Any, path: str, problems: "Problems") -> Tuple[str, ...]:
     """The rules across an ``amqp`` section's keys, the same for agent and console:
     record problems; return the warnings (a plain-text URL, allowed only to loopback)."""
     if (amqp.cert_file is None) != (amqp.key_file is None):

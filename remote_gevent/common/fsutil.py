@@ -1,7 +1,5 @@
 """Durable file writes: the one place that knows how to replace a file safely."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 import tempfile

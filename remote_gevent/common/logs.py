@@ -5,8 +5,6 @@ when that socket exists and to stderr otherwise (which, for a daemon, is
 /dev/null: use ``--log-file`` on systems without syslog).
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import re

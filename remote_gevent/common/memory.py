@@ -9,8 +9,6 @@ and idle. Anywhere but glibc, or if anything goes wrong, it does nothing: this i
 optimisation, never a reason to fail.
 """
 
-from __future__ import annotations
-
 import gc
 import logging
 import os

@@ -16,8 +16,6 @@ jitter they all come back in lock-step waves (kombu's ``retry_over_time`` has no
 - ``None``: plain capped exponential (tests, or when determinism is wanted).
 """
 
-from __future__ import annotations
-
 import random
 import time
 from typing import Any, Optional

@@ -1,7 +1,5 @@
 """Socket helpers every role needs: closing without caring whether it is still open."""
 
-from __future__ import annotations
-
 import socket
 import struct
 from typing import Any

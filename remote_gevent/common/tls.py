@@ -4,8 +4,6 @@ Client contexts always verify the certificate chain *and* the host name; there i
 deliberately no switch to turn either off. Minimum protocol is TLS 1.2.
 """
 
-from __future__ import annotations
-
 import ssl
 from typing import Optional
 
@@ -22,7 +20,7 @@ def client_context(ca_file: Optional[str] = None, cert_file: Optional[str] = Non
     client certificate for brokers that require mutual TLS.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname + CERT_REQUIRED
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _require_tls12(ctx)
     try:
         if ca_file:
             ctx.load_verify_locations(cafile=ca_file)
@@ -40,7 +38,7 @@ def server_context(cert_file: str, key_file: str, client_ca_file: Optional[str] 
                    ) -> ssl.SSLContext:
     """Context for the relay's listener; ``client_ca_file`` makes client certs mandatory."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _require_tls12(ctx)
     _load_chain(ctx, cert_file, key_file)
     if client_ca_file:
         try:
@@ -60,10 +58,32 @@ def _load_chain(ctx: ssl.SSLContext, cert_file: str, key_file: Optional[str]) ->
         ) from exc
 
 
+def _require_tls12(ctx: ssl.SSLContext) -> None:
+    """TLS 1.2 or newer: ``minimum_version`` where Python has it (3.7+), else the
+    OpenSSL options that turn the older versions off (3.6, same effect)."""
+    if hasattr(ssl, "TLSVersion"):
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin - guarded by hasattr
+    else:
+        ctx.options |= ssl.OP_NO_SSLv3 | ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+
+
+#: What a failed certificate check raises: its own class from Python 3.7, a plain
+#: SSLError (reason CERTIFICATE_VERIFY_FAILED) on 3.6.
+_VERIFY_ERROR = getattr(ssl, "SSLCertVerificationError", None)
+
+
+def is_verify_error(exc: BaseException) -> bool:
+    """True if ``exc`` says the peer's certificate or host name did not verify."""
+    if _VERIFY_ERROR is not None:
+        return isinstance(exc, _VERIFY_ERROR)
+    return isinstance(exc, ssl.SSLError) and \
+        getattr(exc, "reason", None) == "CERTIFICATE_VERIFY_FAILED"
+
+
 def describe_verify_error(exc: BaseException) -> str:
     """One line saying *why* verification failed: wrong CA or wrong host name."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        message = exc.verify_message or str(exc)
+    if is_verify_error(exc):
+        message = getattr(exc, "verify_message", None) or str(exc)
         if "hostname" in message.lower() or "ip address mismatch" in message.lower():
             return "TLS host name mismatch: %s" % message
         return "TLS certificate not trusted (wrong CA?): %s" % message

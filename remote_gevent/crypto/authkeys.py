@@ -49,8 +49,6 @@ grant themselves access to the device. An unsafe file trusts nobody until fixed.
 decision, so a ``chmod`` is noticed at once, not only when the content changes.
 """
 
-from __future__ import annotations
-
 import ipaddress
 import logging
 import os
@@ -242,11 +240,11 @@ class Target(TargetPattern):
         return self.host.strip("[]"), self.port
 
 
-def parse_patterns(texts: Iterable[str]) -> List[TargetPattern]:
+def parse_patterns(texts: Iterable[str]) -> "List[TargetPattern]":
     return [TargetPattern.parse(t) for t in texts]
 
 
-def _as_patterns(items: Iterable) -> List[TargetPattern]:
+def _as_patterns(items: Iterable) -> "List[TargetPattern]":
     return [i if isinstance(i, TargetPattern) else TargetPattern.parse(i) for i in items]
 
 
@@ -289,7 +287,7 @@ def is_target_allowed(
 
 def effective_targets(
     requested: Sequence, device_allow: Sequence, operator_permitopen: Sequence
-) -> Tuple[List[TargetPattern], List[TargetPattern]]:
+) -> "Tuple[List[TargetPattern], List[TargetPattern]]":
     """Intersect a request's targets with what the device and the operator permit.
 
     Returns ``(effective, refused)``: ``effective`` is the de-duplicated list
@@ -335,7 +333,7 @@ class OperatorKey:
     public_raw32: bytes
     fingerprint: str
     comment: str = ""
-    permitopen: Tuple[TargetPattern, ...] = ()
+    permitopen: "Tuple[TargetPattern, ...]" = ()
     line_no: int = 0
     admin: bool = False  # ADMIN_OPTION: may list and close every operator's sessions
 
@@ -397,7 +395,7 @@ class AuthorizedKeys:
     makes the other keys unusable.
     """
 
-    def __init__(self, keys: Iterable[OperatorKey] = (), source: str = "<memory>",
+    def __init__(self, keys: "Iterable[OperatorKey]" = (), source: str = "<memory>",
                  warnings: Optional[List[str]] = None) -> None:
         self.source = source
         self.warnings: List[str] = list(warnings or [])
@@ -408,13 +406,13 @@ class AuthorizedKeys:
     def __len__(self) -> int:
         return len(self._by_fp)
 
-    def __iter__(self) -> Iterator[OperatorKey]:
+    def __iter__(self) -> "Iterator[OperatorKey]":
         return iter(self._by_fp.values())
 
     def __contains__(self, fingerprint: object) -> bool:
         return fingerprint in self._by_fp
 
-    def get(self, fingerprint: str) -> Optional[OperatorKey]:
+    def get(self, fingerprint: str) -> "Optional[OperatorKey]":
         return self._by_fp.get(fingerprint)
 
     @classmethod
@@ -507,7 +505,7 @@ def trust_stamp(path: str) -> Tuple[object, ...]:
     return tuple(stamp)
 
 
-def _parse_line(line: str, line_no: int, warn) -> Optional[OperatorKey]:
+def _parse_line(line: str, line_no: int, warn) -> "Optional[OperatorKey]":
     first = line.split(None, 1)[0]
     options: List[Tuple[str, Optional[str]]] = []
     if _KEY_TYPE_RE.match(first):

@@ -14,8 +14,6 @@ Module functions about ssh-wire public keys (``ssh_pubkey_blob``, ``fingerprint_
 ``parse_ssh_ed25519_line``) are shared with the authorized_keys and protocol code.
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 import hashlib
@@ -286,7 +284,7 @@ def _check_permissions(path: str, st: os.stat_result) -> None:
             "run: chmod 600 %s" % (stat.S_IMODE(st.st_mode), path, path))
 
 
-def load(path: str) -> IdentityKey:
+def load(path: str) -> "IdentityKey":
     """Load an ED25519 private key (OpenSSH or PKCS#8 PEM, unencrypted)."""
     try:
         data = fsutil.read_checked(path, lambda st: _check_permissions(path, st))
@@ -327,7 +325,7 @@ def _ensure_parent(path: str) -> str:
     return parent
 
 
-def write(key: IdentityKey, path: str) -> None:
+def write(key: "IdentityKey", path: str) -> None:
     """Atomically write ``key`` to ``path`` (0600 from creation, fsynced, renamed)."""
     _ensure_parent(path)
     try:
@@ -338,7 +336,7 @@ def write(key: IdentityKey, path: str) -> None:
     key.path = path
 
 
-def load_or_create(path: str) -> IdentityKey:
+def load_or_create(path: str) -> "IdentityKey":
     """Load the key at ``path``; generate and store a new one if the file is missing."""
     if not os.path.lexists(path):
         key = IdentityKey.generate()
@@ -348,7 +346,7 @@ def load_or_create(path: str) -> IdentityKey:
     return load(path)
 
 
-def rotate(path: str) -> Tuple[IdentityKey, IdentityKey]:
+def rotate(path: str) -> "Tuple[IdentityKey, IdentityKey]":
     """Replace the key at ``path`` with a new one; return (old, new).
 
     The old key is kept in memory so the caller can sign the rotation statement.

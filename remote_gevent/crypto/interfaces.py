@@ -6,9 +6,16 @@ class: the agent's :class:`identity.IdentityKey` and an operator's key are both 
 :class:`Sealer`/:class:`Opener` (and so are the no-crypto doubles the benchmarks use).
 """
 
-from __future__ import annotations
+import sys
+from typing import TYPE_CHECKING
 
-from typing import Protocol
+if TYPE_CHECKING or sys.version_info >= (3, 8):
+    from typing import Protocol  # novermin - 3.6/3.7 take the branch below
+else:
+    # The agent runs on 3.6 and 3.7 too (issue 16). These classes are only ever read by
+    # people and the type checker, never instantiated or checked with isinstance, so a
+    # plain base is all that old interpreters need.
+    Protocol = object
 
 
 class Signer(Protocol):

@@ -25,8 +25,6 @@ its Python wrappers because those allocate a zeroed cffi buffer and then
 copy it into ``bytes``: about 30% slower for AES-256-GCM on 64 KiB frames.
 """
 
-from __future__ import annotations
-
 import struct
 from typing import Optional, Tuple
 

@@ -11,8 +11,6 @@ This module imports nothing, so anything may import it (the console's fast ``std
 path included).
 """
 
-from __future__ import annotations
-
 
 class CloseCode:
     """Why a session ended (``session.close`` ``code``, tunnel CLOSE, history rows)."""

@@ -16,8 +16,6 @@ type from being replayed as another. A *signer* is a
 key).
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 import json
@@ -196,7 +194,7 @@ def _bad_constant(name: str) -> Any:
     raise ValueError("non-finite number %s" % name)
 
 
-def decode(raw: bytes, require_signature: bool = True) -> Message:
+def decode(raw: bytes, require_signature: bool = True) -> "Message":
     """Parse and schema-check one message. Raises ProtocolError(reason, detail)."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise ProtocolError(Reason.MALFORMED, "message is not bytes")
@@ -234,7 +232,7 @@ def decode(raw: bytes, require_signature: bool = True) -> Message:
     return Message(msg_type, body, sig, signer, v, raw)
 
 
-def verify(message: Message, public_raw32: bytes) -> bool:
+def verify(message: "Message", public_raw32: bytes) -> bool:
     """Check ``message``'s signature with ``public_raw32``; True or ProtocolError.
 
     Also requires the envelope's ``signer`` to be that key's fingerprint.
@@ -249,7 +247,7 @@ def verify(message: Message, public_raw32: bytes) -> bool:
     return True
 
 
-def verify_with_authorized(message: Message, trusted: AuthorizedKeys) -> OperatorKey:
+def verify_with_authorized(message: "Message", trusted: AuthorizedKeys) -> OperatorKey:
     """Verify a console-signed message (e.g. ``session.close``) against the trusted keys."""
     op = trusted.get(message.signer or "")
     if op is None:
@@ -274,7 +272,7 @@ _CIPHERS = ("aes256gcm", "xchacha20poly1305")
 Validator = Callable[[str, str, Any], None]
 
 
-def _fail(where: str, name: str, what: str, value: Any) -> ProtocolError:
+def _fail(where: str, name: str, what: str, value: Any) -> "ProtocolError":
     return ProtocolError(Reason.MALFORMED, "%s.%s: %s (got %s)" % (where, name, what, short(value)))
 
 

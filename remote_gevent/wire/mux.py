@@ -53,8 +53,6 @@ The tunnel does not enforce idle / ACK timeouts itself; the agent's GC greenlet 
 """
 
 
-from __future__ import annotations
-
 import logging
 import time
 from typing import Any, Dict, Optional, Tuple

@@ -1,8 +1,6 @@
 """The tunnel's plaintext frames (docs/protocol.md, section 7): frame types, sizes,
 windows, timeouts, the errors a tunnel raises, and the JSON control payloads."""
 
-from __future__ import annotations
-
 import json
 import logging
 import struct
@@ -109,7 +107,7 @@ class TunnelFailure(Exception):
         self.reason = reason
 
 
-def protocol_error(reason: str) -> TunnelFailure:
+def protocol_error(reason: str) -> "TunnelFailure":
     return TunnelFailure(CloseCode.PROTOCOL_ERROR, reason)
 
 

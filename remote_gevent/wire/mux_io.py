@@ -1,8 +1,6 @@
 """Socket plumbing of the tunnel: option tuning, a lean ``sendall``, and the
 non-blocking direct write to an idle local socket."""
 
-from __future__ import annotations
-
 import errno
 import logging
 import os

@@ -28,8 +28,6 @@ window counts payload only.  :mod:`remote_gevent.wire.mux` uses what is here to 
   :data:`TRIM_MIN_INTERVAL`: freed stream memory sits in malloc's arenas otherwise.
 """
 
-from __future__ import annotations
-
 import logging
 import time
 from typing import List, Optional

@@ -2,8 +2,6 @@
 HELLO, reading and opening frames, and dispatching each frame to its stream (with the
 receive budget and the known-code checks of docs/protocol.md, section 7)."""
 
-from __future__ import annotations
-
 import logging
 import time
 from typing import Any, Optional

@@ -1,7 +1,5 @@
 """Serving and splicing streams on the agent side (a mixin of :class:`mux.Tunnel`)."""
 
-from __future__ import annotations
-
 
 import logging
 import os

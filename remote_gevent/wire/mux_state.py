@@ -9,8 +9,6 @@ signatures exist only for the type checker, so a method is always the one the tu
 really defines.
 """
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import gevent.event
@@ -30,7 +28,7 @@ class TunnelState:
     peer_role: str
     handshake_timeout: Optional[float]
     max_streams: int
-    agent_streams: Optional[StreamCounter]
+    agent_streams: "Optional[StreamCounter]"
     buffer_budget: int
     rx_buffered: int
     recv_window: int
@@ -43,12 +41,12 @@ class TunnelState:
     rtt: Optional[float]
     _sock: Any
     _opener: Any
-    _on_open: Optional[OnOpen]
-    _pool: BufferPool
+    _on_open: "Optional[OnOpen]"
+    _pool: "BufferPool"
     _peek: bytearray
     _async_drained: gevent.event.Event
     _group: gevent.pool.Group
-    _streams: Dict[int, Stream]
+    _streams: "Dict[int, Stream]"
     _next_id: int
     _last_peer_id: int
     _up: gevent.event.Event
@@ -63,11 +61,11 @@ class TunnelState:
         @property
         def closed(self) -> bool: ...
         def _send_frame(self, ftype: int, sid: int, payload: Any) -> None: ...
-        def _send_data_frame(self, stream: Stream, plaintext: Any, n: int) -> None: ...
+        def _send_data_frame(self, stream: "Stream", plaintext: Any, n: int) -> None: ...
         def _send_async(self, ftype: int, sid: int, payload: bytes) -> None: ...
         def _wait_async_drained(self) -> None: ...
-        def _mark_reset(self, stream: Stream, reason: str) -> None: ...
-        def _reset_stream(self, stream: Stream, reason: str, send: bool) -> None: ...
-        def _forget(self, stream: Stream) -> None: ...
-        def _maybe_forget(self, stream: Stream) -> None: ...
+        def _mark_reset(self, stream: "Stream", reason: str) -> None: ...
+        def _reset_stream(self, stream: "Stream", reason: str, send: bool) -> None: ...
+        def _forget(self, stream: "Stream") -> None: ...
+        def _maybe_forget(self, stream: "Stream") -> None: ...
         def _on_peer_open(self, sid: int, payload: bytes) -> None: ...

@@ -1,7 +1,5 @@
 """One multiplexed stream: its receive queue, send window and half-close state."""
 
-from __future__ import annotations
-
 import collections
 import logging
 from typing import Any, Deque, Optional, TYPE_CHECKING, Tuple
@@ -36,7 +34,7 @@ class Stream:
     ``shutdown_write`` / ``close``: one sending and one receiving greenlet at a time.
     """
 
-    def __init__(self, tunnel: Tunnel, stream_id: int, target: str) -> None:
+    def __init__(self, tunnel: "Tunnel", stream_id: int, target: str) -> None:
         self.tunnel = tunnel
         self.id = stream_id
         self.target = target

@@ -23,8 +23,6 @@ key (``public_raw``, ``public_key`` or ``verify_key``).
 """
 
 
-from __future__ import annotations
-
 import base64
 import hashlib
 import heapq
@@ -193,7 +191,7 @@ class SessionRequest:
 
 def _check_operator_request(msg: Any, msg_type: str, id_field: str, label: str,
                             device: str, server_id: str, trusted: AuthorizedKeys,
-                            replay_cache: ReplayCache, now: Optional[float]
+                            replay_cache: "ReplayCache", now: Optional[float]
                             ) -> Tuple[Message, OperatorKey, str]:
     """The trust checks shared by every operator-signed request, in their fixed order:
     schema, signer = operator, device, operator trusted, signature, time window, replay.
@@ -244,9 +242,9 @@ def check_session_request(
     server_id: str,
     trusted: AuthorizedKeys,
     allow: Sequence[Any],
-    replay_cache: ReplayCache,
+    replay_cache: "ReplayCache",
     now: Optional[float] = None,
-) -> SessionRequest:
+) -> "SessionRequest":
     """Decide whether the agent serves a session request; raise Refused(reason, detail) if not.
 
     ``msg`` is raw bytes or a decoded Message. Checks, in order: schema
@@ -296,7 +294,7 @@ class Accepted:
 
 
 def verify_session_accept(msg: Any, pinned_device_raw32: bytes, session_id: str,
-                          console_epk: bytes) -> Accepted:
+                          console_epk: bytes) -> "Accepted":
     """Console side: accept only a reply signed by the pinned device key for *this* request.
 
     Raises ProtocolError: ``bad_signature`` (not the pinned key, bad
@@ -397,7 +395,7 @@ class KeyAnnouncement:
     ts: float
 
 
-def verify_key_announcement(msg: Any) -> KeyAnnouncement:
+def verify_key_announcement(msg: Any) -> "KeyAnnouncement":
     """Check a ``key`` message is self-consistent and signed by the key it announces.
 
     This alone proves possession, not authenticity: use it for trust on
@@ -472,8 +470,8 @@ class StatusRequest:
 
 
 def check_status_request(msg: Any, device: str, server_id: str, trusted: AuthorizedKeys,
-                         replay_cache: ReplayCache, now: Optional[float] = None
-                         ) -> StatusRequest:
+                         replay_cache: "ReplayCache", now: Optional[float] = None
+                         ) -> "StatusRequest":
     """Decide whether the agent answers a ``status.request``; raise Refused if not.
 
     Same rules and order as :func:`check_session_request` (schema, signer =

@@ -9,8 +9,6 @@ answers with :func:`ok_line`. Living here, the client half costs an agent or a c
 nothing of the relay server or its splicer.
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 import ipaddress
@@ -111,7 +109,7 @@ class BadVersion(BadHello):
     """Another protocol version: refused with ``ERR bad_hello RG2`` (names ours)."""
 
 
-def parse_hello(line: bytes) -> Hello:
+def parse_hello(line: bytes) -> "Hello":
     """Parse one hello line (without the newline); raises ``BadHello``."""
     try:
         text = line.decode("ascii")
@@ -196,13 +194,13 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
                                            do_handshake_on_connect=False)
             sock.settimeout(timeout)
             sock.do_handshake()
-        except ssl.SSLCertVerificationError as exc:
-            raise RelayError("tls", "relay %s: %s" % (where, tls.describe_verify_error(exc))
-                             ) from None
         except socket.timeout:
             raise RelayError("timeout", "relay %s: no TLS handshake within %.1fs"
                              % (where, timeout)) from None
         except (ssl.SSLError, OSError) as exc:
+            if tls.is_verify_error(exc):
+                raise RelayError("tls", "relay %s: %s" % (where, tls.describe_verify_error(exc))
+                                 ) from None
             raise RelayError("tls", "relay %s: TLS handshake failed: %s" % (where, exc)
                              ) from None
         try:

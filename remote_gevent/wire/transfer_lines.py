@@ -5,8 +5,6 @@ bytes. This module has what the console and the agent share: the operations, the
 result codes, :class:`TransferError`, the partial-file name and :class:`LineChannel`.
 """
 
-from __future__ import annotations
-
 import json
 import logging
 from typing import Any, Callable, Dict, Optional
@@ -161,5 +159,5 @@ def dump_line(obj: Dict[str, Any]) -> bytes:
     return data
 
 
-def error_obj(e: TransferError) -> Dict[str, Any]:
+def error_obj(e: "TransferError") -> Dict[str, Any]:
     return {"ok": False, "code": e.code, "message": e.message}

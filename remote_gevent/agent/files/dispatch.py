@@ -4,8 +4,6 @@ The tunnel hands the agent's end of a socket pair to the server of the named tar
 (:mod:`transfer` or :mod:`sftp`), in a guarded greenlet.
 """
 
-from __future__ import annotations
-
 import logging
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional

@@ -3,8 +3,6 @@ never follow a symlink, fsync, ``renameat2(RENAME_NOREPLACE)``, hashing a prefix
 hard-link check (docs/transfer.md, "Path policy").
 """
 
-from __future__ import annotations
-
 import ctypes
 import ctypes.util
 import errno

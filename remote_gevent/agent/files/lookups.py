@@ -2,8 +2,6 @@
 ``mkdir`` inside the roots (entries from ``lstat`` on the opened directory; at most
 ``MAX_LIST_ENTRIES`` a listing)."""
 
-from __future__ import annotations
-
 import errno
 import logging
 import os

@@ -3,8 +3,6 @@ a remote path is resolved inside one (lexical normalisation, realpath confinemen
 an fd walk with ``O_NOFOLLOW``; docs/transfer.md, "Path policy").
 """
 
-from __future__ import annotations
-
 import fcntl
 import logging
 import os
@@ -90,7 +88,7 @@ class Resolved:
     ``name`` is the last one (``None`` for the root), ``path`` the real absolute path.
     """
 
-    def __init__(self, root: Root, parts: List[str]) -> None:
+    def __init__(self, root: "Root", parts: List[str]) -> None:
         self.root = root
         self.parts = parts
         self.path = root.real if not parts else root.real.rstrip("/") + "/" + "/".join(parts)
@@ -113,7 +111,7 @@ class Resolved:
 class Roots:
     """The transfer policy: which absolute paths may be read or written."""
 
-    def __init__(self, roots: Iterable[Root], overwrite: bool = False,
+    def __init__(self, roots: "Iterable[Root]", overwrite: bool = False,
                  partial_ttl: float = DEFAULT_PARTIAL_TTL) -> None:
         self.roots = list(roots)
         self.overwrite = overwrite
@@ -161,7 +159,7 @@ class Roots:
             return None
         return sorted(names)
 
-    def root_of(self, norm: str) -> Optional[Tuple[Root, str]]:
+    def root_of(self, norm: str) -> "Optional[Tuple[Root, str]]":
         """(most specific root containing ``norm``, path relative to it) or None."""
         best: Optional[Tuple[Root, str]] = None
         best_len = -1
@@ -171,7 +169,7 @@ class Roots:
                     best, best_len = (root, norm[len(top):].lstrip("/")), len(top)
         return best
 
-    def resolve(self, remote_path: Any, want_write: bool = False) -> Resolved:
+    def resolve(self, remote_path: Any, want_write: bool = False) -> "Resolved":
         """Resolve ``remote_path`` inside a root or raise ``TransferError``.
 
         Refuses (in this order) malformed paths, relative paths, paths outside every
@@ -195,7 +193,7 @@ class Roots:
         return Resolved(root, parts)
 
 
-def open_regular(res: Resolved, dfd: int, flags: int = os.O_RDONLY) -> Tuple[int, os.stat_result]:
+def open_regular(res: "Resolved", dfd: int, flags: int = os.O_RDONLY) -> Tuple[int, os.stat_result]:
     """Open ``res.name`` in ``dfd`` (O_NOFOLLOW, O_NONBLOCK so a fifo can't hang us)
     and insist on a regular file."""
     assert res.name is not None

@@ -27,8 +27,6 @@ client are the real absolute device paths; ``/`` and the other ancestors of the
 roots are virtual read-only directories leading to them.
 """
 
-from __future__ import annotations
-
 import binascii
 import errno
 import fcntl
@@ -202,7 +200,7 @@ class RootsSFTPServer(SFTPServerInterface):
             path = "/" + path
         return "/" + posixpath.normpath(path).lstrip("/")
 
-    def _entry(self, path: str, want_write: bool) -> _Entry:
+    def _entry(self, path: str, want_write: bool) -> "_Entry":
         norm = self.roots.check_path(self.canonicalize(path))
         parent_path, name = posixpath.split(norm)
         if not name:
@@ -359,7 +357,7 @@ class RootsSFTPServer(SFTPServerInterface):
                 return SFTP_FAILURE
             return SFTPServer.convert_errno(e.errno)
 
-    def _with_parent(self, ent: _Entry, fn: Callable[[int], None]) -> None:
+    def _with_parent(self, ent: "_Entry", fn: Callable[[int], None]) -> None:
         dfd = ent.parent.open_self_dir()
         try:
             fn(dfd)

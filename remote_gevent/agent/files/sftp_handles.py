@@ -2,8 +2,6 @@
 temporary file that replaces the target only on a clean close (counted against the
 root's partial quota); SFTP status codes for our transfer errors."""
 
-from __future__ import annotations
-
 import logging
 import os
 import posixpath
@@ -80,7 +78,7 @@ def _apply_attrs(fd: int, attr: SFTPAttributes) -> None:
 
 
 class _ReadHandle(SFTPHandle):
-    def __init__(self, server: RootsSFTPServer, fd: int, path: str, flags: int) -> None:
+    def __init__(self, server: "RootsSFTPServer", fd: int, path: str, flags: int) -> None:
         super().__init__(flags)
         self.server = server
         self.fd = fd
@@ -121,7 +119,7 @@ class _ReadHandle(SFTPHandle):
 class _WriteHandle(SFTPHandle):
     """Writes land in a temp file renamed into place on a client CLOSE."""
 
-    def __init__(self, server: RootsSFTPServer, dfd: int, fd: int, tmp: str, name: str,
+    def __init__(self, server: "RootsSFTPServer", dfd: int, fd: int, tmp: str, name: str,
                  res: roots.Resolved, flags: int, attr: SFTPAttributes) -> None:
         super().__init__(flags)
         self.server = server

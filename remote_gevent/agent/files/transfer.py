@@ -37,8 +37,6 @@ it is not used because Python 3.8 has no binding for it.
 """
 
 
-from __future__ import annotations
-
 import fcntl
 import hashlib
 import logging
@@ -514,7 +512,7 @@ def serve_transfer_stream(sock: Any, roots: Roots, log_ctx: str = "",
     return s.result
 
 
-def _send_error(s: _Session, e: TransferError) -> None:
+def _send_error(s: "_Session", e: TransferError) -> None:
     """Error reply (or trailer), then drain the console's remaining bytes until its
     EOF so the mux delivers our line instead of resetting the stream under it."""
     try:

@@ -21,8 +21,6 @@ entry types from ``scandir`` (no stat per entry: only partials are stat'ed), vis
 at most ``MAX_SWEEP_ENTRIES`` entries and yields to the hub as it goes.
 """
 
-from __future__ import annotations
-
 import errno
 import fcntl
 import logging
@@ -204,10 +202,10 @@ def _is_part_name(name: str) -> bool:
     return tl.is_part_name(name)
 
 
-_LEDGERS: Dict[str, Ledger] = {}
+_LEDGERS: "Dict[str, Ledger]" = {}
 
 
-def ledger_of(root: Any) -> Ledger:
+def ledger_of(root: Any) -> "Ledger":
     """The process-wide ledger of ``root`` (by real path: ``Roots`` are rebuilt for
     every stream, the bytes on disk are not)."""
     led = _LEDGERS.get(root.real)
