@@ -43,7 +43,7 @@ def test_cheap_settings_parse(tmp_path):
                    "amqp:\n  server_id: nested\n")
     s = cm.read_settings(str(cfg))
     assert s["control_socket_dir"] == "ctl" and s["server_id"] == "fr04"  # nested ignored
-    assert cm.settings_socket(s, "dev1") == str(tmp_path / "ctl" / "fr04-dev1.sock")
+    assert cm.settings_socket(s, "dev1").startswith(str(tmp_path / "ctl" / "fr04-dev1-"))
     cfg.write_text("control_socket_dir: {a: 1}\n")
     assert cm.read_settings(str(cfg)) is None  # not understood: the full path decides
     cfg.write_text("control_socket_dir: null\n")
@@ -82,7 +82,7 @@ def test_control_dir_must_be_private(tmp_path):
     with pytest.raises(cm.ControlError, match="accessible by others"):
         cm.ensure_dir(str(d))
     with pytest.raises(cm.ControlError, match="too long"):
-        cm.socket_path("/" + "x" * 120, "fr04", "dev")
+        cm.socket_path("/" + "x" * 120, "fr04", "dev", "0" * 16)
 
 
 # --------------------------------------------------------------------------- platform
@@ -141,7 +141,12 @@ def procs():
 
 
 def sock_path(p, ctl_dir: str) -> str:
-    return os.path.join(ctl_dir, "fr04-%s.sock" % p.ident)
+    """The master socket of ``p``'s device, as the full path computes it."""
+    from remote_gevent.console import config
+
+    path = cm.config_socket(config.load(p.console_config), p.ident)
+    assert os.path.dirname(path) == ctl_dir
+    return path
 
 
 def debug_env(**extra: str) -> Dict[str, str]:

@@ -58,11 +58,13 @@ from typing import Any, Callable, List, Optional  # noqa: E402
 
 import click  # noqa: E402
 
-# cli_keys registers keygen, devices, watch and pin on the group when imported.
-from remote_gevent.console import cli_keys  # noqa: E402,F401
+# cli_keys registers keygen, devices, watch and pin on the group when imported; cli_tools
+# check-config, doctor, ssh-config and completion.
+from remote_gevent.console import cli_keys, cli_tools  # noqa: E402,F401
 from remote_gevent.console.cli_base import (  # noqa: E402
     _ago,
     _cfg,
+    _device_arg,
     _install_sigterm,
     _run,
     _say,
@@ -175,10 +177,10 @@ def socks(ctx: click.Context, device: str, spec: Any) -> None:
 
 def _control_path(cfg: Any, device: str) -> str:
     from remote_gevent.console.config import EXIT_ERROR, ConsoleError
-    from remote_gevent.console.master import ControlError, socket_path
+    from remote_gevent.console.control_paths import ControlError, config_socket
 
     try:
-        return socket_path(cfg.control_socket_dir, cfg.server_id, device)
+        return config_socket(cfg, device)
     except ControlError as exc:
         raise ConsoleError(str(exc), EXIT_ERROR, "control_socket") from None
 
@@ -306,41 +308,85 @@ def stdio(ctx: click.Context, device: str, target: str, master_mode: Optional[st
     _run(body)
 
 
+def _print_status(status: dict) -> None:
+    import time
+
+    click.echo("%s/%s: %d active, %d waiting (max_session %d), version %s, up %ds, key %s"
+               % (status["server_id"], status["ident"], status["sessions_active"],
+                  status["sessions_waiting"], status["max_session"], status["version"],
+                  int(status["uptime"]), status["fingerprint"]))
+    now = time.time()
+    rows = [("SESSION", "STATE", "SINCE", "OPERATOR", "REMOTE IP", "IN", "OUT", "TARGETS")]
+    for s in status["sessions"]:
+        rows.append((s["session_id"], s["state"], _ago(s["since"], now), s["operator"] or "-",
+                     s["remote_ip"] or "-", str(s["bytes_in"]), str(s["bytes_out"]),
+                     ",".join(s["targets"])))
+    if len(rows) > 1:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if status["sessions_total"] > len(status["sessions"]):
+        click.echo("(%d more not listed)" % (status["sessions_total"] - len(status["sessions"])))
+
+
+def _all_statuses(control: Any, devices: List[str]) -> List[Any]:
+    """``status`` of every device at once; a failure is kept as its ConsoleError."""
+    import gevent
+
+    from remote_gevent.console.config import ConsoleError
+
+    def one(device: str) -> Any:
+        try:
+            return control.status(device)
+        except ConsoleError as exc:
+            return exc
+
+    jobs = [gevent.spawn(one, d) for d in devices]
+    gevent.joinall(jobs)
+    return [j.value for j in jobs]
+
+
 @main.command()
-@device_argument
+@click.argument("device", required=False, callback=_device_arg)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def sessions(ctx: click.Context, device: str, as_json: bool) -> None:
-    """Sessions open (and waiting) on DEVICE, from its signed status reply."""
+def sessions(ctx: click.Context, device: Optional[str], as_json: bool) -> None:
+    """Sessions open (and waiting) on DEVICE, from its signed status reply; without
+    DEVICE, on every pinned device (asked at once)."""
     def body() -> int:
         import json
-        import time
 
+        from remote_gevent.console.cli_tools import _pinned_devices
+        from remote_gevent.console.config import ConsoleError
         from remote_gevent.console.control import ConsoleControl
 
-        with ConsoleControl(_cfg(ctx)) as control:
-            status = control.status(device)
-        if as_json:
-            click.echo(json.dumps(status, indent=1, sort_keys=True))
+        cfg = _cfg(ctx)
+        if device is not None:
+            with ConsoleControl(cfg) as control:
+                status = control.status(device)
+            if as_json:
+                click.echo(json.dumps(status, indent=1, sort_keys=True))
+            else:
+                _print_status(status)
             return 0
-        click.echo("%s/%s: %d active, %d waiting (max_session %d), version %s, up %ds, key %s"
-                   % (status["server_id"], status["ident"], status["sessions_active"],
-                      status["sessions_waiting"], status["max_session"], status["version"],
-                      int(status["uptime"]), status["fingerprint"]))
-        now = time.time()
-        rows = [("SESSION", "STATE", "SINCE", "OPERATOR", "REMOTE IP", "IN", "OUT", "TARGETS")]
-        for s in status["sessions"]:
-            rows.append((s["session_id"], s["state"], _ago(s["since"], now), s["operator"] or "-",
-                         s["remote_ip"] or "-", str(s["bytes_in"]), str(s["bytes_out"]),
-                         ",".join(s["targets"])))
-        if len(rows) > 1:
-            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-            for r in rows:
-                click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        if status["sessions_total"] > len(status["sessions"]):
-            click.echo("(%d more not listed)" % (status["sessions_total"]
-                                                  - len(status["sessions"])))
-        return 0
+        names = _pinned_devices(cfg)
+        if not names:
+            _say("no device pinned in %s yet (see `devices`)" % cfg.known_devices)
+            return 0
+        with ConsoleControl(cfg) as control:
+            results = _all_statuses(control, names)
+        failed = [(n, r) for n, r in zip(names, results) if isinstance(r, ConsoleError)]
+        if as_json:
+            click.echo(json.dumps({n: (r if not isinstance(r, ConsoleError) else
+                                       {"error": r.message, "exit_code": r.exit_code})
+                                   for n, r in zip(names, results)}, indent=1, sort_keys=True))
+        else:
+            for name, result in zip(names, results):
+                if isinstance(result, ConsoleError):
+                    click.echo("%s/%s: %s" % (cfg.server_id, name, result.message))
+                else:
+                    _print_status(result)
+        return failed[0][1].exit_code if len(failed) == len(names) else 0
 
     _run(body)
 

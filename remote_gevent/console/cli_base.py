@@ -57,7 +57,7 @@ def _run(fn: Callable[[], Optional[int]], interrupted_code: Optional[int] = None
     try:
         code = fn()
     except ConsoleError as exc:
-        _say(exc.message)
+        _say(_explain(exc))
         sys.exit(exc.exit_code)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -68,21 +68,42 @@ def _run(fn: Callable[[], Optional[int]], interrupted_code: Optional[int] = None
     sys.exit(code or 0)
 
 
+def _explain(exc: Any) -> str:
+    """The error's line; a device never pinned nor seen is called unknown (a typo?), with
+    the devices that are known, instead of advice to pin it."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    if exc.code != "not_pinned" or not obj or not obj.get("cfg") or not obj.get("device"):
+        return exc.message
+    from remote_gevent.console.cli_tools import unknown_device_message
+
+    try:
+        return unknown_device_message(obj["cfg"], obj["device"]) or exc.message
+    except (OSError, ValueError, KeyError):  # a hint must never hide the real error
+        return exc.message
+
+
 def _cfg(ctx: click.Context, allow_missing: bool = False) -> Any:
     from remote_gevent.console import config
 
     obj = ctx.find_root().obj
     cfg = config.load(obj["config_path"], allow_missing=allow_missing)
+    obj["cfg"] = cfg
     for warning in cfg.warnings:
         _say("warning: %s" % warning)
     return cfg
 
 
-def _device_arg(ctx: click.Context, param: Any, value: str) -> str:
+def _device_arg(ctx: click.Context, param: Any, value: Optional[str]) -> Optional[str]:
     import re
 
+    if value is None and not param.required:
+        return None
     if not re.match(r"^[A-Za-z0-9_-]{1,64}$", value or ""):
         raise click.BadParameter("expected a device ident ([A-Za-z0-9_-]{1,64})")
+    obj = ctx.find_root().obj
+    if isinstance(obj, dict):
+        obj["device"] = value  # for _explain
     return value
 
 
@@ -100,6 +121,7 @@ def main(ctx: click.Context, config_path: Optional[str], verbose: int) -> None:
     """Operator console: tunnels to devices behind NAT (forward, socks, stdio, push, pull)."""
     _setup_logging(verbose)
     ctx.obj = {"config_path": config_path, "verbose": verbose}
+
 
 def _ago(ts: Optional[float], now: float) -> str:
     if ts is None:

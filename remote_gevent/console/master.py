@@ -3,8 +3,10 @@
 A *master* (``remote-gevent-console master DEVICE``, or started in the background by
 ``stdio``/``forward --master auto``) holds one session to a device, requested for
 ``*:*`` plus any virtual target named (``@sftp``, ``@transfer``), and listens on
-``<control_socket_dir>/<server_id>-<device>.sock``. Each connection to that socket is
-one stream (docs/console.md, "Session reuse"):
+``<control_socket_dir>/<server_id>-<device>-<identity>.sock`` (:mod:`control_paths`:
+the identity digests broker, operator, server id and device, so a console with another
+config never rides this master). Each connection to that socket is one stream
+(docs/console.md, "Session reuse"):
 
     client → master   OPEN host:port\\n          (or @sftp / @transfer; or WAIT\\n)
     master → client   OK\\n   |   ERR <code> <reason>\\n
@@ -37,7 +39,19 @@ import re
 import socket
 import struct
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
+from remote_gevent.console.control_paths import (  # noqa: F401  (re-exported)
+    DEFAULT_CONFIG,
+    ENV_CONFIG,
+    ControlError,
+    check_dir,
+    config_socket,
+    default_control_dir,
+    ensure_dir,
+    read_settings,
+    settings_socket,
+    socket_path,
+)
 from remote_gevent.wire.codes import (
     EXIT_CONNECTION,
     EXIT_ERROR,
@@ -48,8 +62,6 @@ from remote_gevent.wire.codes import (
 )
 
 PROG = "remote-gevent-console"
-ENV_CONFIG = "REMOTE_GEVENT_CONSOLE_CONFIG"  # = console.config.ENV_CONFIG
-DEFAULT_CONFIG = os.path.join("~", ".config", "remote-gevent", "console.yaml")
 #: Printed by a fast-path client that used a master, to stderr, when this is set (tests).
 ENV_DEBUG = "REMOTE_GEVENT_CONSOLE_DEBUG_MODULES"
 
@@ -63,7 +75,6 @@ ANSWER_TIMEOUT = 60.0       # client: longest wait for OK/ERR (the agent's OPEN 
 REQUEST_TIMEOUT = 10.0      # master: a client must send its request line within this
 READY_TIMEOUT = 600.0       # auto start: bound on the wait for a new master (queue_wait)
 IDLE_TICK = 0.5             # master: how often the persist deadline is checked
-UNIX_PATH_MAX = 107
 
 # ERR codes of the master itself (the agent's OPEN_FAIL codes pass through unchanged).
 ERR_BAD_REQUEST = "bad_request"
@@ -76,12 +87,6 @@ _FALLBACK_CODES = (ERR_TUNNEL_CLOSED, ERR_NOT_PERMITTED)
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SIMPLE_TARGET_RE = re.compile(r"^[A-Za-z0-9_.-]{1,253}:[0-9]{1,5}$")
 _TARGET_RE = re.compile(r"^[^\s\x00-\x1f]{1,300}$")
-_SCALAR_RE = re.compile(r"^(control_socket_dir|server_id)"
-                        r"[ \t]*:[ \t]*(.*?)[ \t]*$")
-
-
-class ControlError(Exception):
-    """A control directory or socket we must not use (message says why)."""
 
 
 def _say(text: str) -> None:
@@ -89,51 +94,6 @@ def _say(text: str) -> None:
         os.write(2, ("%s: %s\n" % (PROG, text)).encode("utf-8", "replace"))
     except OSError:
         pass
-
-
-# --------------------------------------------------------------------------- paths
-
-
-def default_control_dir() -> str:
-    """``$XDG_RUNTIME_DIR/remote-gevent``, else ``/tmp/remote-gevent-<uid>`` (short: sun_path)."""
-    run = os.environ.get("XDG_RUNTIME_DIR")
-    if run and os.path.isabs(run) and os.path.isdir(run):
-        return os.path.join(run, "remote-gevent")
-    return "/tmp/remote-gevent-%d" % os.getuid()
-
-
-def socket_path(control_dir: Optional[str], server_id: str, device: str) -> str:
-    """``<control_dir>/<server_id>-<device>.sock``; ControlError if too long for AF_UNIX."""
-    path = os.path.join(control_dir or default_control_dir(), "%s-%s.sock" % (server_id, device))
-    if len(os.fsencode(path)) > UNIX_PATH_MAX:
-        raise ControlError("control socket path too long for a Unix socket (%d > %d bytes): "
-                           "%s; set a shorter control_socket_dir" % (
-                               len(os.fsencode(path)), UNIX_PATH_MAX, path))
-    return path
-
-
-def check_dir(path: str) -> None:
-    """Raise ControlError unless ``path`` is a directory of ours that nobody else may use."""
-    import stat
-
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ControlError("%s is not a directory" % path)
-    if st.st_uid != os.getuid():
-        raise ControlError("%s belongs to uid %d, not to us (%d)" % (path, st.st_uid,
-                                                                     os.getuid()))
-    if st.st_mode & 0o077:
-        raise ControlError("%s is accessible by others (mode %04o; expected 0700)"
-                           % (path, stat.S_IMODE(st.st_mode)))
-
-
-def ensure_dir(path: str) -> None:
-    """Create the control directory 0700 (parents too) and check it."""
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise ControlError("cannot create %s: %s" % (path, exc.strerror or exc)) from None
-    check_dir(path)
 
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -152,57 +112,6 @@ def peer_allowed(sock: Any, uid: Optional[int] = None) -> bool:
         return peer_cred(sock)[1] == (os.getuid() if uid is None else uid)
     except OSError:
         return False
-
-
-# --------------------------------------------------------------------------- cheap config
-
-
-def read_settings(config_path: Optional[str]) -> Optional[Dict[str, str]]:
-    """The few top-level scalars the fast path needs, without YAML; None if unsure.
-
-    Only plain ``key: value`` lines at column 0 are understood; anything fancier for
-    these keys (flow style, anchors, block scalars, escapes) returns None and the full
-    path (real YAML, full validation) takes over.
-    """
-    path = os.path.expanduser(config_path or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
-    try:
-        with open(path, "rb") as fh:
-            text = fh.read().decode("utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-    found: Dict[str, str] = {"_path": path}
-    for line in text.splitlines():
-        m = _SCALAR_RE.match(line)
-        if m is None:
-            continue
-        key, value = m.group(1), m.group(2)
-        if value.startswith("#"):
-            value = ""
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        if value[:1] in ("'", '"'):
-            if len(value) < 2 or value[-1] != value[0] or "\\" in value or "''" in value:
-                return None
-            value = value[1:-1]
-        elif value[:1] in ("{", "[", "&", "*", "|", ">", "!", "%", "@", "`"):
-            return None
-        if key in found:
-            return None
-        found[key] = "" if value in ("null", "~", "Null", "NULL") else value
-    return found
-
-
-def settings_socket(settings: Dict[str, str], device: str) -> Optional[str]:
-    """Socket path from :func:`read_settings` output (relative dirs: against the file's)."""
-    d = settings.get("control_socket_dir") or ""
-    if d:
-        d = os.path.expanduser(d)
-        if not os.path.isabs(d):
-            d = os.path.join(os.path.dirname(os.path.abspath(settings["_path"])), d)
-    try:
-        return socket_path(d or None, settings.get("server_id") or "fr04", device)
-    except ControlError:
-        return None
 
 
 # --------------------------------------------------------------------------- client
@@ -359,13 +268,21 @@ class ControlRefused(Exception):
         self.reason = reason
 
 
+#: :func:`stdio_via_master`: a master runs, but its session lacks the virtual target
+#: asked for (``ssh`` started it, now ``sftp`` wants ``@sftp``): use an own session.
+OWN_SESSION = -1
+
+
 def stdio_via_master(path: str, device: str, target: str) -> Optional[int]:
-    """Run ``stdio`` through the master at ``path``: exit code, or None (no master)."""
+    """Run ``stdio`` through the master at ``path``: exit code, None (no master) or
+    :data:`OWN_SESSION`."""
     try:
         s, rest = open_via_master(path, target)
     except _Fallback:
         return None
     except ControlRefused as exc:
+        if exc.code == "target_not_permitted" and target in VIRTUAL_TARGETS:
+            return OWN_SESSION  # that master's session was not opened for this target
         _say("stream to %s refused by %s: %s" % (target, device, exc))
         return EXIT_USAGE if exc.code == ERR_BAD_REQUEST else EXIT_REFUSED
     if os.environ.get(ENV_DEBUG):
@@ -455,6 +372,8 @@ def run_stdio_client(path: str, device: str, target: str, mode: str, config_path
     if mode == "no":
         return None
     code = stdio_via_master(path, device, target)
+    if code == OWN_SESSION:
+        return None
     if code is not None or mode != "auto":
         return code
     started, message = start_background(config_path, device, path, persist,
@@ -462,7 +381,8 @@ def run_stdio_client(path: str, device: str, target: str, mode: str, config_path
     if started:
         _say(message)
         return started
-    return stdio_via_master(path, device, target)
+    code = stdio_via_master(path, device, target)
+    return None if code == OWN_SESSION else code
 
 
 # --------------------------------------------------------------------------- fast path
