@@ -38,15 +38,11 @@ def check_config(ctx: click.Context) -> None:
     def body() -> int:
         from remote_gevent.console.config import ConfigError
 
-        cfg = _cfg(ctx)
         try:
-            cfg.require_broker()
-        except ConfigError as exc:
-            problems = list(exc.problems)
-        else:
-            problems = []
-        if problems:
-            raise ConfigError(problems)
+            cfg = _cfg(ctx)
+        except ConfigError as exc:  # add the missing login, so that every problem is listed
+            raise ConfigError(list(exc.problems) + _missing_login(ctx, exc)) from None
+        cfg.require_broker()
         click.echo("%s: ok (server_id %s, broker %s as %s, relay %s, operator key %s, "
                    "known devices %s)" % (cfg.path, cfg.server_id, ", ".join(cfg.amqp.urls),
                                           cfg.user, cfg.relay_address, cfg.operator_key,
@@ -54,6 +50,23 @@ def check_config(ctx: click.Context) -> None:
         return 0
 
     _run(body)
+
+
+def _missing_login(ctx: click.Context, exc: Any) -> List[str]:
+    """``require_broker``'s problems for a file that failed validation elsewhere."""
+    from remote_gevent.common.configschema import read_document
+    from remote_gevent.console.config import default_path
+
+    path = ctx.find_root().obj["config_path"] or default_path()
+    try:
+        data = read_document(path)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, dict):
+        return []
+    return ["%s: %s: required to talk to the broker (missing)" % (path, k)
+            for k in ("user", "password") if not data.get(k)
+            and not any(p.startswith("%s: %s:" % (path, k)) for p in exc.problems)]
 
 
 # ----------------------------------------------------------------------------- doctor

@@ -112,14 +112,17 @@ def ensure_dir(path: str) -> None:
 
 def _scalar(value: str) -> Tuple[bool, Optional[str]]:
     """A plain or simply quoted YAML scalar: (understood, value; None for null)."""
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        rest = value[end + 1:].strip() if end > 0 else ""
+        if end < 0 or "\\" in value[:end] or value[end + 1:end + 2] == value[0] or (
+                rest and not rest.startswith("#")):
+            return False, None
+        return True, value[1:end]
     if value.startswith("#"):
         value = ""
     elif " #" in value:
         value = value.split(" #", 1)[0].rstrip()
-    if value[:1] in ("'", '"'):
-        if len(value) < 2 or value[-1] != value[0] or "\\" in value or "''" in value:
-            return False, None
-        return True, value[1:-1]
     if value[:1] in ("{", "[", "&", "*", "|", ">", "!", "%", "@", "`"):
         return False, None
     if value in ("", "null", "~", "Null", "NULL"):

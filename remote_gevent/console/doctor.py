@@ -124,8 +124,6 @@ def check_relay(cfg: ConsoleConfig) -> Check:
 
 def check_devices(cfg: ConsoleConfig, control: Any, devices: Sequence[str]) -> List[Check]:
     """Pinned and online, per device (after reading the status queue)."""
-    from remote_gevent.console.cli_base import _ago
-    from remote_gevent.console.device_states import device_status
     from remote_gevent.console.known_devices import KnownDevicesError
 
     checks: List[Check] = []
@@ -148,18 +146,37 @@ def check_devices(cfg: ConsoleConfig, control: Any, devices: Sequence[str]) -> L
         else:
             checks.append(Check("pinned", True, "%s key %s (via %s)" % (did, pin.fingerprint,
                                                                        pin.via or "?")))
-        entry = states.get(did)
         if control is None:
             continue
-        state = device_status(entry) if entry else "unknown"
-        seen = _ago(entry.get("last_alive"), time.time()) if entry else "never"
-        if state == "online":
-            checks.append(Check("online", True, "%s online (last alive %s)" % (did, seen)))
-        else:
-            checks.append(Check("online", False, "%s %s (last alive %s)" % (did, state, seen),
-                                "start its agent (remote-gevent) and check that it reaches the "
-                                "broker (its log)", EXIT_OFFLINE))
+        entry = states.get(did) or {}
+        checks.append(_online(cfg, control, device, did, entry if pin is not None else None))
     return checks
+
+
+def _online(cfg: ConsoleConfig, control: Any, device: str, did: str, entry: Any) -> Check:
+    """A live signed ``status`` round trip (the device takes commands now), else the last
+    alive the status queue brought. ``entry`` None: not pinned, no request possible."""
+    from remote_gevent.console.cli_base import _ago
+    from remote_gevent.console.device_states import device_status
+
+    state = device_status(entry) if entry else "unknown"
+    seen = _ago(entry.get("last_alive"), time.time()) if entry else "never"
+    failure = ""
+    if entry is not None:
+        started = time.monotonic()
+        try:
+            status = control.status(device)
+        except ConsoleError as exc:
+            failure = exc.message
+        else:
+            return Check("online", True, "%s online: answered a status request in %.2f s "
+                         "(%d sessions active)" % (did, time.monotonic() - started,
+                                                   status["sessions_active"]))
+    return Check("online", False, "%s %s (last alive %s)%s" % (
+        did, state if state != "online" else "not answering",
+        seen, ": %s" % failure if failure else ""),
+        "start its agent (remote-gevent) and check in its log that it reaches the broker",
+        EXIT_OFFLINE)
 
 
 def run(cfg: ConsoleConfig, devices: Sequence[str], echo: Callable[[str], None],

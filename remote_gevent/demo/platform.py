@@ -57,6 +57,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from remote_gevent.crypto import identity
+from remote_gevent.console.ssh_config import host_key_alias
 from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.pki import CertificateAuthority
 
@@ -449,15 +450,17 @@ class DemoPlatform:
             "  files   %s (transfer root, read-write)" % self.files_dir,
             "",
             "Try (any user/password of this machine's sshd; the tunnel ends at 127.0.0.1):",
-            "  ssh -o ProxyCommand=%s %s@%s" % (proxy("127.0.0.1:22"),
-                                                 os.environ.get("USER", "root"), self.ident),
+            "  ssh -o HostKeyAlias=%s -o ProxyCommand=%s %s@%s" % (
+                host_key_alias(SERVER_ID, self.ident), proxy("127.0.0.1:22"),
+                os.environ.get("USER", "root"), self.ident),
             "  %s forward %s -L 2222:127.0.0.1:22     # then: ssh -p 2222 127.0.0.1"
             % (c, self.ident),
             "  %s socks %s -D 1080                    # then: curl --socks5-hostname "
             "127.0.0.1:1080 http://127.0.0.1:8000/" % (c, self.ident),
             "  %s push %s ./some-file %s/some-file" % (c, self.ident, self.files_dir),
             "  %s pull %s %s/some-file ./copy" % (c, self.ident, self.files_dir),
-            "  sftp -o ProxyCommand=%s x@%s" % (proxy("@sftp"), self.ident),
+            "  sftp -o HostKeyAlias=%s -o ProxyCommand=%s x@%s" % (
+                host_key_alias(SERVER_ID, self.ident, "@sftp"), proxy("@sftp"), self.ident),
             "  %s sessions %s" % (c, self.ident),
         ]
         return "\n".join(lines)
