@@ -329,8 +329,8 @@ def test_scripts_demo_detach_and_stop(tmp_path):
         assert up.returncode == 0, up.stderr + up.stdout
         assert "ProxyCommand=" in up.stdout and " forward demo -L " in up.stdout
         with open(os.path.join(directory, "pids")) as f:
-            pids = {name: int(pid) for name, pid in (line.split() for line in f)}
-        assert set(pids) == {"platform", "rabbit", "epmd", "relay", "agent"}
+            pids = {name: int(pid) for name, pid, _ in (line.split() for line in f)}
+        assert set(pids) == {"platform", "watchdog", "rabbit", "epmd", "relay", "agent"}
         assert all(_alive(pid) for pid in pids.values()), pids
         for name in ("agent.yaml", "console.yaml", "operator_ed25519", "pki/ca.pem",
                      "agent/authorized_keys"):

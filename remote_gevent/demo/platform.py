@@ -62,10 +62,13 @@ from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.pki import CertificateAuthority
 
 from remote_gevent.demo.processes import (
+    Watchdog,
     _running_platform,
-    _alive,
+    format_entries,
+    reap_previous,
+    say,
+    stop_detached,
     _deep_merge,
-    _ours,
     _read_pids,
     _tail,
     _terminate,
@@ -116,8 +119,11 @@ class DemoPlatform:
                  console: Optional[Dict[str, Any]] = None,
                  operator: str = DEFAULT_OPERATOR,
                  start_relay: bool = True, relay_port: Optional[int] = None,
-                 start_agent: bool = True, log_level: str = "INFO") -> None:
+                 start_agent: bool = True, log_level: str = "INFO",
+                 watchdog: bool = False) -> None:
         self.dir = os.path.abspath(directory)
+        self.use_watchdog = watchdog  # scripts/demo: a Watchdog ends our children if we die
+        self.watchdog: Optional[Watchdog] = None
         self.ident = ident
         self.vhost = vhost
         self.topic = "remote.%s.%s" % (SERVER_ID, ident)
@@ -372,22 +378,36 @@ class DemoPlatform:
     # ------------------------------------------------------------------ whole platform
     def start(self, timeout: float = READY_TIMEOUT) -> "DemoPlatform":
         self.prepare()
+        if self.use_watchdog and self.watchdog is None:
+            self.watchdog = Watchdog(os.path.join(self.dir, "watchdog.log"))
         try:
             self._start_broker()
+            self._track()
             self._provision()
             self.write_configs()
             if self.run_relay:
                 self.start_relay(timeout)
+                self._track()
             if self.run_agent:
                 self.start_agent(timeout)
+                self._track()
         except BaseException:
             self.stop()
             raise
         self.write_pids()
         return self
 
+    def _track(self) -> None:
+        """Tell the watchdog about every child started so far (it ignores repeats)."""
+        if self.watchdog is not None:
+            for name, pid in self.pids()[1:]:
+                if name != "watchdog":
+                    self.watchdog.track(name, pid)
+
     def pids(self) -> List[Tuple[str, int]]:
         out = [("platform", os.getpid())]
+        if self.watchdog is not None:
+            out.append(("watchdog", self.watchdog.proc.pid))
         node = self.node
         if self._own_node and node is not None:
             for name, attr in (("rabbit", "_proc"), ("epmd", "_epmd")):
@@ -400,7 +420,7 @@ class DemoPlatform:
         return out
 
     def write_pids(self) -> None:
-        _write_text(self.pids_file, "".join("%s %d\n" % p for p in self.pids()), 0o644)
+        _write_text(self.pids_file, format_entries(self.pids()), 0o644)
 
     def stop(self) -> None:
         """Agent, then relay, then (our own) broker; each bounded, then killed."""
@@ -414,10 +434,13 @@ class DemoPlatform:
         try:
             with open(self.pids_file) as f:
                 mine = f.readline().split()
-            if mine[1:] == [str(os.getpid())]:
+            if mine[1:2] == [str(os.getpid())]:
                 os.unlink(self.pids_file)
         except (OSError, IndexError):
             pass
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
 
     def __enter__(self) -> "DemoPlatform":
         return self.start()
@@ -469,38 +492,6 @@ class DemoPlatform:
 # --------------------------------------------------------------------------- the program
 
 
-def stop_detached(directory: str, timeout: float = STOP_TIMEOUT) -> int:
-    """``--stop``: SIGTERM the platform supervisor, wait; kill leftovers from ``pids``."""
-    pids_file = os.path.join(directory, "pids")
-    entries = _read_pids(pids_file)
-    if not entries:
-        print("demo: no platform running in %s (no %s)" % (directory, pids_file))
-        return 1
-    supervisor = dict(entries).get("platform")
-    if supervisor and _alive(supervisor) and _ours(supervisor):
-        os.kill(supervisor, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(supervisor) and time.monotonic() < deadline:
-            time.sleep(POLL)
-    leftovers = [(n, p) for n, p in entries if n != "platform" and _alive(p) and _ours(p)]
-    for name, pid in leftovers:
-        print("demo: %s (pid %d) still running: killing its process group" % (name, pid))
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except OSError:
-                break
-            end = time.monotonic() + 5.0
-            while _alive(pid) and time.monotonic() < end:
-                time.sleep(POLL)
-    try:
-        os.unlink(pids_file)
-    except OSError:
-        pass
-    print("demo: platform in %s stopped" % directory)
-    return 0
-
-
 def run_attached(directory: str) -> int:
     """Bring the platform up, print how to use it, tear it down on SIGINT/SIGTERM."""
     import gevent
@@ -510,31 +501,30 @@ def run_attached(directory: str) -> int:
         print("demo: a platform already runs in %s (scripts/demo --dir %s --stop)"
               % (directory, directory), file=sys.stderr)
         return 1
+    reap_previous(directory, say=say)
     stop = gevent.event.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: terminal closed
         gevent.signal_handler(sig, stop.set)
-    platform = DemoPlatform(directory)
-    print("demo: starting in %s (broker boot takes a few seconds) …" % platform.dir,
-          flush=True)
+    platform = DemoPlatform(directory, watchdog=True)
+    say("demo: starting in %s (broker boot takes a few seconds) …" % platform.dir)
     try:
         platform.start()
     except (PlatformError, demo_rabbit.RabbitError, OSError) as exc:
-        print("demo: could not start: %s" % exc, file=sys.stderr)
+        say("demo: could not start: %s" % exc)
         return 1
-    print(platform.usage(), flush=True)
-    print("\nCtrl-C (or scripts/demo --dir %s --stop) tears it all down." % directory,
-          flush=True)
+    say(platform.usage())
+    say("\nCtrl-C (or scripts/demo --dir %s --stop) tears it all down." % directory)
     try:
         while not stop.wait(1.0):
             for name, proc in (("agent", platform.agent_proc), ("relay", platform.relay_proc)):
                 if proc is not None and proc.poll() is not None:
-                    print("demo: the %s exited (%s); see its log. Stopping." % (
-                        name, proc.returncode), file=sys.stderr, flush=True)
+                    say("demo: the %s exited (%s); see its log. Stopping." % (
+                        name, proc.returncode))
                     stop.set()
     finally:
-        print("demo: tearing down (agent, relay, broker) …", flush=True)
+        say("demo: tearing down (agent, relay, broker) …")
         platform.stop()
-        print("demo: stopped", flush=True)
+        say("demo: stopped")
     return 0
 
 
@@ -545,10 +535,7 @@ def run_detached(directory: str) -> int:
         return 1
     os.makedirs(directory, mode=0o700, exist_ok=True)
     pids_file = os.path.join(directory, "pids")
-    try:
-        os.unlink(pids_file)
-    except OSError:
-        pass
+    reap_previous(directory, say=print)
     log_path = os.path.join(directory, "demo.log")
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(

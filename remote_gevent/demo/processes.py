@@ -126,16 +126,8 @@ def _terminate(proc: Optional[subprocess.Popen], sig: int, timeout: float) -> Op
 
 
 def _read_pids(path: str) -> List[Tuple[str, int]]:
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 2 and parts[1].isdigit():
-                    out.append((parts[0], int(parts[1])))
-    except OSError:
-        pass
-    return out
+    """``(name, pid)`` of the pids file (see :func:`read_entries`)."""
+    return [(name, pid) for name, pid, _ in read_entries(path)]
 
 
 
@@ -166,7 +158,175 @@ def _ours(pid: int) -> bool:
                                         "epmd", "erl"))
 
 def _running_platform(directory: str) -> Optional[int]:
-    for name, pid in _read_pids(os.path.join(directory, "pids")):
-        if name == "platform" and _alive(pid) and _ours(pid):
+    for name, pid, started in read_entries(os.path.join(directory, "pids")):
+        if name == "platform" and still_ours(pid, started):
             return pid
     return None
+
+
+def say(text: str) -> None:
+    """Print for the user; a closed terminal (SIGHUP, EIO) must not stop the teardown."""
+    try:
+        print(text, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+# --------------------------------------------------------------------------- previous runs
+#
+# A pid alone is not an identity: a pid recorded by a run killed hours ago may name an
+# unrelated process now. Each ``DIR/pids`` line therefore carries the process's start
+# time (``/proc/<pid>/stat`` field 22, clock ticks since boot): a pid is ours only while
+# the process it names still has that start time.
+
+
+def start_time(pid: int) -> Optional[int]:
+    """The start time of ``pid`` (clock ticks since boot), None if it does not exist."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[19])  # field 22 of stat; the list starts at field 3
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+Entry = Tuple[str, int, Optional[int]]
+
+
+def read_entries(path: str) -> List[Entry]:
+    """``DIR/pids`` lines ``name pid [start_time]``."""
+    out: List[Entry] = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) in (2, 3) and all(p.isdigit() for p in parts[1:]):
+                    out.append((parts[0], int(parts[1]),
+                                int(parts[2]) if len(parts) == 3 else None))
+    except OSError:
+        pass
+    return out
+
+
+def format_entries(entries: List[Tuple[str, int]]) -> str:
+    return "".join("%s %d %s\n" % (name, pid, start_time(pid) or 0) for name, pid in entries)
+
+
+def still_ours(pid: int, started: Optional[int]) -> bool:
+    """``pid`` runs and is the process recorded (same start time; else: our programs)."""
+    if pid <= 1 or pid == os.getpid() or not _alive(pid):
+        return False
+    if started:
+        return start_time(pid) == started
+    return _ours(pid)
+
+
+def end_process(pid: int, started: Optional[int], grace: float = 5.0) -> None:
+    """SIGTERM the process group of ``pid`` (its own session), then SIGKILL after ``grace``."""
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not still_ours(pid, started):
+            return
+        try:
+            os.killpg(pid, sig)
+        except OSError:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                return
+        end = time.monotonic() + grace
+        while still_ours(pid, started) and time.monotonic() < end:
+            time.sleep(0.05)
+
+
+def end_leftovers(entries: List[Entry], say: Any = None, grace: float = 5.0) -> List[str]:
+    """End every recorded process but the supervisor that still runs; their names."""
+    ended = []
+    for name, pid, started in entries:
+        if name == "platform" or not still_ours(pid, started):
+            continue
+        if say is not None:
+            say("demo: %s (pid %d) still running: ending it" % (name, pid))
+        end_process(pid, started, grace)
+        ended.append(name)
+    return ended
+
+
+def reap_previous(directory: str, say: Any = None) -> List[str]:
+    """Before a start: end what a dead supervisor's run left (its pids file lists it)."""
+    pids_file = os.path.join(directory, "pids")
+    entries = read_entries(pids_file)
+    if any(n == "platform" and still_ours(p, s) for n, p, s in entries):
+        return []  # a live platform: the caller refuses to start
+    ended = end_leftovers(entries, say)
+    try:
+        os.unlink(pids_file)
+    except OSError:
+        pass
+    return ended
+
+
+class Watchdog:
+    """A small process (``python -m remote_gevent.demo.watchdog``, own session) that ends
+    the processes we tell it about as soon as we die, however we die (SIGKILL included):
+    it reads ``name pid start`` lines from a pipe whose only write end we hold, and the
+    kernel closes that end with our last breath. The broker needs it: PR_SET_PDEATHSIG
+    does not reach the Erlang VM (started through a shell script) nor its epmd."""
+
+    def __init__(self, log_path: str) -> None:
+        read_end, self._write_end = os.pipe()  # both non-inheritable: children never hold it
+        try:
+            with open(log_path, "ab") as log_file:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "remote_gevent.demo.watchdog"], stdin=read_end,
+                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError:
+            os.close(self._write_end)
+            raise
+        finally:
+            os.close(read_end)
+
+    def track(self, name: str, pid: int) -> None:
+        try:
+            os.write(self._write_end, ("%s %d %d\n" % (name, pid, start_time(pid) or 0))
+                     .encode())
+        except OSError as exc:  # the watchdog died: nothing else to do than say it
+            log.warning("demo watchdog: cannot track %s (pid %d): %s", name, pid, exc)
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Orderly end (after our own teardown): EOF, it checks and exits."""
+        if self._write_end >= 0:
+            os.close(self._write_end)
+            self._write_end = -1
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5.0)
+
+
+def stop_detached(directory: str, timeout: float = 60.0) -> int:
+    """``--stop``: SIGTERM the platform supervisor, wait; end what ``pids`` still lists
+    (a supervisor killed by SIGKILL left them: only the recorded processes, checked by
+    their start time)."""
+    import time
+
+    pids_file = os.path.join(directory, "pids")
+    entries = read_entries(pids_file)
+    if not entries:
+        print("demo: no platform running in %s (no %s)" % (directory, pids_file))
+        return 1
+    for name, pid, started in entries:
+        if name == "platform" and still_ours(pid, started):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while still_ours(pid, started) and time.monotonic() < deadline:
+                time.sleep(0.1)
+    end_leftovers(entries, say=print)
+    try:
+        os.unlink(pids_file)
+    except OSError:
+        pass
+    print("demo: platform in %s stopped" % directory)
+    return 0
