@@ -468,4 +468,4 @@ def pull(ctx: click.Context, device: str, remote: str, local: str, resume: bool,
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="remote-gevent-console")  # also names the shell-completion variable
