@@ -100,10 +100,10 @@ def test_stop_ends_what_a_killed_run_recorded(tmp_path):
 def test_sigkill_of_the_supervisor_leaves_nothing(tmp_path):
     directory = str(tmp_path / "demo")
     up = demo(directory, "--detach")
-    assert up.returncode == 0, up.stderr + up.stdout
     pids = read_pids(directory)
-    assert set(pids) == {"platform"} | set(CHILDREN), pids
     try:
+        assert up.returncode == 0, up.stderr + up.stdout
+        assert set(pids) == {"platform"} | set(CHILDREN), pids
         os.kill(pids["platform"], signal.SIGKILL)
         gone(pids)  # the watchdog ended broker, epmd, relay and agent, then itself
         assert "ended" in (tmp_path / "demo" / "watchdog.log").read_text()
@@ -120,10 +120,10 @@ def test_next_start_and_stop_end_a_dead_runs_processes(tmp_path):
     broker and its epmd would stay; the next start ends them by their recorded pids."""
     directory = str(tmp_path / "demo")
     up = demo(directory, "--detach")
-    assert up.returncode == 0, up.stderr + up.stdout
     old = read_pids(directory)
     new: Dict[str, int] = {}
     try:
+        assert up.returncode == 0, up.stderr + up.stdout
         for name in ("platform", "watchdog"):
             os.kill(old[name], signal.SIGKILL)
         time.sleep(2.0)
