@@ -17,7 +17,6 @@ YAML and returns None when unsure, which sends the caller to the full path (real
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -51,10 +50,23 @@ def default_control_dir() -> str:
     return "/tmp/remote-gevent-%d" % os.getuid()
 
 
+def _sha256(data: bytes) -> Any:
+    """SHA-256 without loading OpenSSL when the builtin module exists (~15 ms of the fast
+    path's ~70)."""
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]  # Python < 3.12
+    except ImportError:
+        try:
+            from _sha2 import sha256  # type: ignore[import-not-found,no-redef]  # 3.12+
+        except ImportError:
+            from hashlib import sha256  # type: ignore[assignment]
+    return sha256(data)
+
+
 def identity(server_id: str, device: str, user: Optional[str], password: Optional[str],
              urls: Sequence[str], operator_key: str) -> str:
     """16 hex digits naming the (broker, operator, server id, device) a master serves."""
-    h = hashlib.sha256(b"remote-gevent master identity 1\0")
+    h = _sha256(b"remote-gevent master identity 1\0")
     for part in [server_id, device, user or "", password or "", operator_key] + list(urls):
         h.update(part.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()[:16]
