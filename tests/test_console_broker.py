@@ -123,8 +123,9 @@ def platform(tmp_path, rabbit, device, operator, relay_server):
 
 
 def test_unpinned_device_key_learnt_from_status_queue_then_refusal(platform):
-    # The console declares its status queue first: from then on announcements are kept.
-    with ConsoleControl(platform.cfg) as control:
+    # A console that needs it (devices, watch, pin) declares its status queue: from then
+    # on announcements are kept.
+    with ConsoleControl(platform.cfg, consume_status=True) as control:
         pass
     agent = platform.start_agent()
     with ConsoleControl(platform.cfg) as control:
