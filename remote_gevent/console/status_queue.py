@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 import gevent
-from amqp.exceptions import NotFound
+from amqp.exceptions import NotFound, PreconditionFailed
 
 from remote_gevent.common.amqplink import AmqpLink, LinkError
 from remote_gevent.console import presence
@@ -73,18 +73,31 @@ class StatusQueueMixin:
         a server-named exclusive queue on the node we are connected to (announcements
         sent while no console ran are not seen until that node is back; presence probes
         still give online/offline).
+
+        Not auto-delete (py-amqp's default): earlier versions' queue was, so it vanished
+        when the first ``devices`` ended and announcements between runs were lost; one
+        found with those arguments is re-created.
         """
         name, args = self.cfg.status_queue_name, self._status_args()
         with link.lock:
-            assert link.channel is not None
+            channel = link.channel
+            assert channel is not None
             try:
-                ok = link.channel.queue_declare(name, durable=True, arguments=args)
+                try:
+                    ok = channel.queue_declare(name, durable=True, auto_delete=False,
+                                               arguments=args)
+                except PreconditionFailed as exc:
+                    log.warning("status queue %s re-created (%s)", name, exc)
+                    channel.basic_qos(0, link.prefetch, False)
+                    channel.queue_delete(name)
+                    ok = channel.queue_declare(name, durable=True, auto_delete=False,
+                                               arguments=args)
             except NotFound as exc:
                 log.warning("status queue %s unavailable (%s); using a temporary queue for "
                             "this run", name, exc)
-                link.channel.basic_qos(0, link.prefetch, False)
-                ok = link.channel.queue_declare("", durable=False, exclusive=True,
-                                                auto_delete=True, arguments=args)
+                channel.basic_qos(0, link.prefetch, False)
+                ok = channel.queue_declare("", durable=False, exclusive=True,
+                                           auto_delete=True, arguments=args)
                 name = ok.queue
         self.status_queue = name
         self.status_backlog = int(getattr(ok, "message_count", 0) or 0)
@@ -101,7 +114,7 @@ class StatusQueueMixin:
             try:
                 if not declared:
                     self.link.declare_queue(self.status_queue, durable=True,
-                                            arguments=self._status_args())
+                                            auto_delete=False, arguments=self._status_args())
                     for kind in UP_KINDS:
                         self.link.bind(self.status_queue, EXCHANGE_UP,
                                        "remote.%s.*.%s" % (self.cfg.server_id, kind))
