@@ -1,0 +1,80 @@
+"""Online/offline as fast as the broker knows it (issue 13): a real agent process is
+SIGKILLed; a real `remote-gevent-console watch` shows it OFFLINE within 2 × the AMQP
+heartbeat although its ``health_check`` stays at 600 s (the alive rule alone would wait
+3 × 600 s). The broker deletes the agent's per-connection queue when the connection
+dies; `watch` probes the queues every heartbeat / 2."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from test_e2e import make_platform
+
+pytestmark = [pytest.mark.slow, pytest.mark.broker]
+
+HEARTBEAT = 10  # s, the console's AMQP heartbeat: watch probes every 5 s
+
+
+class Lines:
+    """A child's stdout, read by a thread, searchable while it runs."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            self.lines.append((time.monotonic(), raw.decode("utf-8", "replace").rstrip()))
+
+    def wait_for(self, needle: str, timeout: float, since: float = 0.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for at, line in list(self.lines):
+                if at >= since and needle in line:
+                    return at
+            time.sleep(0.1)
+        raise AssertionError("no %r within %.0f s in watch output:\n%s"
+                             % (needle, timeout, "\n".join(text for _, text in self.lines)))
+
+
+def test_sigkilled_agent_shows_offline_in_watch_within_two_heartbeats(rabbit, tmp_path):
+    p = make_platform(rabbit, str(tmp_path / "platform"), start_agent=False,
+                      console={"amqp": {"heartbeat": HEARTBEAT},
+                                         "state_file": str(tmp_path / "state.json")})
+    p.start()
+    watch = None
+    try:
+        assert p._agent_yaml()["remote"]["health_check"] == 600
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        watch = subprocess.Popen(p.console_argv("watch"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, env=env)
+        out = Lines(watch)
+        time.sleep(3.0)  # watch is up (its status queue collects the agent's announcements)
+        p.start_agent()
+        device = "fr04/%s" % p.ident
+        out.wait_for("%s ONLINE" % device, 30)
+        p.agent_proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        seen = out.wait_for("%s OFFLINE" % device, 2 * HEARTBEAT + 10, since=killed)
+        print("offline shown %.1f s after SIGKILL" % (seen - killed))
+        print("\n".join(text for _, text in out.lines))
+        assert seen - killed < 2 * HEARTBEAT
+        assert watch.poll() is None  # watch keeps running
+        assert not any("Traceback" in line for _, line in out.lines)
+    finally:
+        if watch is not None:
+            watch.send_signal(signal.SIGTERM)
+            try:
+                watch.wait(10)
+            except subprocess.TimeoutExpired:
+                watch.kill()
+                watch.wait(5)
+        p.stop()
