@@ -71,7 +71,7 @@ import os
 import socket
 import ssl
 import time
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -235,6 +235,8 @@ class Relay(Forwarding):
         self._drained = gevent.event.Event()
         self._sweeper: Optional[gevent.Greenlet] = None
         self.counters: Dict[str, int] = {"accepted": 0, "sessions": 0}
+        #: ``observer(event, session)`` for "paired" and "ended" (relay/metrics.py).
+        self.observers: List[Callable[[str, PairedSession], None]] = []
         size = settings.max_pending + 2 * settings.max_paired + REJECT_SLOTS
         self._pool = gevent.pool.Pool(size)
         self._server = StreamServer((settings.host, settings.port), self._handle,
@@ -299,6 +301,13 @@ class Relay(Forwarding):
     # ---- connection handling
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
+
+    def _observe(self, event: str, session: PairedSession) -> None:
+        for observer in self.observers:
+            try:
+                observer(event, session)
+            except Exception:  # noqa: BLE001 - metrics must never end a session
+                log.exception("relay observer failed on %s", event)
 
     def _handle(self, raw: socket.socket, address: tuple) -> None:
         ip = address[0]
@@ -480,6 +489,7 @@ class Relay(Forwarding):
         session = PairedSession(sid, agent, console)
         self._sessions[sid] = session
         self._count("sessions")
+        self._observe("paired", session)
         for c in (agent, console):
             c.peer = session
             self._leave_pending(c)
