@@ -16,8 +16,6 @@ import pytest
 
 from test_e2e import make_platform
 
-pytestmark = [pytest.mark.slow, pytest.mark.broker]
-
 HEARTBEAT = 10  # s, the console's AMQP heartbeat: watch probes every 5 s
 
 
@@ -45,6 +43,8 @@ class Lines:
                              % (needle, timeout, "\n".join(text for _, text in self.lines)))
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigkilled_agent_shows_offline_in_watch_within_two_heartbeats(rabbit, tmp_path):
     p = make_platform(rabbit, str(tmp_path / "platform"), start_agent=False,
                       console={"amqp": {"heartbeat": HEARTBEAT},
@@ -78,3 +78,24 @@ def test_sigkilled_agent_shows_offline_in_watch_within_two_heartbeats(rabbit, tm
                 watch.kill()
                 watch.wait(5)
         p.stop()
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def test_presence_newer_than_the_last_alive_decides():
+    from remote_gevent.console.device_states import device_status
+
+    now = 1_000_000.0
+    alive = {"last_alive": now - 10, "health_check": 600, "event": "periodic"}
+    assert device_status(alive, now) == "online"  # the alive rule alone: online
+    assert device_status(dict(alive, presence="gone", presence_at=now - 5), now) == "offline"
+    # An alive after the probe (the device came back) wins over the older "gone".
+    assert device_status(dict(alive, presence="gone", presence_at=now - 20), now) == "online"
+    assert device_status(dict(alive, event="stopping", presence="gone",
+                              presence_at=now - 5), now) == "stopped"
+    # "connected" with no alive ever seen: online, for three intervals only.
+    seen = {"presence": "connected", "presence_at": now - 5}
+    assert device_status(seen, now) == "online"
+    assert device_status({"presence": "connected", "presence_at": now - 3 * 600 - 1},
+                         now) == "unknown"
