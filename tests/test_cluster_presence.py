@@ -99,3 +99,46 @@ def test_presence_newer_than_the_last_alive_decides():
     assert device_status(seen, now) == "online"
     assert device_status({"presence": "connected", "presence_at": now - 3 * 600 - 1},
                          now) == "unknown"
+
+
+def test_status_queue_of_older_versions_is_recreated_not_auto_delete(rabbit, operator,
+                                                                      tmp_path, caplog):
+    """Older consoles declared the status queue auto-delete (py-amqp's default): it
+    vanished after the first `devices`. Now it is re-created durable, not auto-delete,
+    and survives the console that declared it."""
+    import json
+
+    from amqp.exceptions import NotFound
+
+    from remote_gevent.common.amqplink import AmqpLink
+    from remote_gevent.console import config as cconfig
+    from remote_gevent.console.control import ConsoleControl
+
+    path = tmp_path / "console.yaml"
+    path.write_text(json.dumps({
+        "user": operator.user, "password": operator.password,
+        "amqp": {"urls": [operator.url], "ca_file": operator.ca_file, "connect_timeout": 5},
+        "operator_key": str(tmp_path / "op"), "known_devices": str(tmp_path / "kd"),
+        "state_file": str(tmp_path / "state.json")}))
+    cfg = cconfig.load(str(path))
+    name = cfg.status_queue_name
+    old = rabbit.link(operator)
+    old.connect()
+    old.channel.queue_declare(name, durable=True, auto_delete=True, arguments={
+        "x-max-length": cfg.status_queue_max_length, "x-overflow": "drop-head",
+        "x-message-ttl": cfg.status_queue_ttl * 1000, "x-expires": 30 * 86400 * 1000})
+    old.close()
+    with ConsoleControl(cfg, consume_status=True) as control:
+        assert control.status_queue == name
+    assert "status queue %s re-created" % name in caplog.text
+    admin = AmqpLink([rabbit.amqps_url()], rabbit.node.admin_user, rabbit.node.admin_password,
+                     ca_file=rabbit.ca_file, heartbeat=0, prefetch=0)
+    admin.connect()
+    try:
+        try:
+            ok = admin.channel.queue_declare(name, passive=True)
+        except NotFound:
+            raise AssertionError("the status queue vanished with its consumer") from None
+        assert ok.consumer_count == 0
+    finally:
+        admin.close()
