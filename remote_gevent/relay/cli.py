@@ -34,6 +34,7 @@ from remote_gevent.common.configschema import (  # noqa: E402
     build_section,
     declared_fields,
     read_document,
+    v_bool,
     v_float,
     v_int,
     v_opt_path,
@@ -82,6 +83,10 @@ class RelayFileConfig:
     max_paired: int = config_key(relay.DEFAULT_MAX_PAIRED, v_int(1), "int", "paired sessions")
     max_pending_per_ip: int = config_key(relay.DEFAULT_MAX_PENDING_PER_IP, v_int(1), "int",
                                   "connections not yet paired, per source address")
+    proxy_protocol: bool = config_key(
+        False, v_bool, "bool", "every connection starts with a PROXY v1/v2 header (the relay "
+        "is behind a load balancer that sends one: haproxy send-proxy-v2); its client "
+        "address is used in logs and per-source limits")
     metrics_listen: Optional[Tuple[str, int]] = config_key(
         None, v_listen, "host:port", "serve Prometheus metrics (/metrics, plain HTTP) here; "
         "unset: no metrics listener (needs the relay extra: prometheus_client)")

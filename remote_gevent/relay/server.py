@@ -80,6 +80,7 @@ import gevent.socket
 from gevent.server import StreamServer
 
 from remote_gevent.relay import pending as relay_pending
+from remote_gevent.relay import proxy_protocol
 from remote_gevent.relay import splicer
 from remote_gevent.common import tls
 from remote_gevent.common.addresses import format_address
@@ -150,6 +151,7 @@ class RelaySettings(NamedTuple):
     #: TLS handshake + hello of a new connection (and never longer than
     #: ``handshake_timeout``); short, because a half-open connection holds a pending slot.
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    proxy_protocol: bool = False  # a PROXY v1/v2 header first (relay/proxy_protocol.py)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -235,8 +237,7 @@ class Relay(Forwarding):
         self._drained = gevent.event.Event()
         self._sweeper: Optional[gevent.Greenlet] = None
         self.counters: Dict[str, int] = {"accepted": 0, "sessions": 0}
-        #: ``observer(event, session)`` for "paired" and "ended" (relay/metrics.py).
-        self.observers: List[Callable[[str, PairedSession], None]] = []
+        self.observers: List[Callable[[str, PairedSession], None]] = []  # relay/metrics.py
         size = settings.max_pending + 2 * settings.max_paired + REJECT_SLOTS
         self._pool = gevent.pool.Pool(size)
         self._server = StreamServer((settings.host, settings.port), self._handle,
@@ -313,6 +314,11 @@ class Relay(Forwarding):
         ip = address[0]
         self._count("accepted")
         s = self.settings
+        if s.proxy_protocol:  # the client's address from the load balancer's header
+            ip = proxy_protocol.client_ip(raw, ip, s.hello_timeout)
+            if ip is None:  # logged and closed
+                self._count("refused_proxy_header")
+                return
         if self._stopping or len(self._sessions) >= s.max_paired:
             self._reject_busy(raw, ip, "relay stopping" if self._stopping
                               else "max_paired %d reached" % s.max_paired)
