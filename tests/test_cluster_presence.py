@@ -142,3 +142,27 @@ def test_status_queue_of_older_versions_is_recreated_not_auto_delete(rabbit, ope
         assert ok.consumer_count == 0
     finally:
         admin.close()
+
+
+def test_known_devices_cache_sees_every_change(tmp_path):
+    """The parse cache (issue 13: 31 ms per message at 1,000 pins) never hides an edit
+    made by another process, another instance, or by hand."""
+    from remote_gevent.console.known_devices import KnownDevices
+    from remote_gevent.crypto.identity import IdentityKey
+
+    path = str(tmp_path / "known_devices")
+    reader, writer = KnownDevices(path), KnownDevices(path)
+    a, b = IdentityKey.generate(), IdentityKey.generate()
+    assert reader.get("fr04", "dev") is None
+    writer.pin("fr04", "dev", a.public_bytes)
+    assert reader.get("fr04", "dev").fingerprint == a.fingerprint
+    writer.pin("fr04", "dev", b.public_bytes, replace=True)
+    assert reader.get("fr04", "dev").fingerprint == b.fingerprint
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:  # by hand, in place (same inode)
+        f.write(text.replace("fr04/dev", "fr04/other"))
+    assert reader.get("fr04", "dev") is None
+    assert [p.device_id for p in reader.all()] == ["fr04/other"]
+    assert writer.forget("fr04", "other")
+    assert reader.all() == []
