@@ -38,6 +38,7 @@ from remote_gevent.common.configschema import (
     read_document,
     split_host_port,
     unreadable,
+    v_opt_path,
     v_bool,
     v_int,
     v_matching,
@@ -154,6 +155,9 @@ class RemoteConfig:
         "fr04", v_server_id, "str", "platform the device belongs to; only fr04 is supported")
     health_check: int = key(
         600, v_int(1, 86400), "int s", "seconds between two alive messages")
+    metrics_textfile: Optional[str] = key(
+        None, v_opt_path, "path|null", "node-exporter textfile (*.prom) rewritten at every "
+        "alive with the agent's counters; null: none")
     max_session: int = key(
         10, v_int(1, 10000), "int", "simultaneous tunnels; further requests wait for a slot")
     max_session_per_operator: int = key(

@@ -51,6 +51,7 @@ from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.agent.tunnels import TunnelManager, device_allow
 from remote_gevent.agent.command_queue import declare_command_queue, drop_legacy_queue
+from remote_gevent.agent.metrics_textfile import write_textfile
 from remote_gevent.common.broker_topology import (
     EXCHANGE_DOWN,
     EXCHANGE_REPLY,
@@ -293,9 +294,15 @@ class ControlPlane:
             except NotConnected as exc:
                 self.counters["alive_dropped"] += 1
                 log.debug("alive %d (%s) not sent: %s", self._seq, event, exc)
+                self._write_metrics()
                 return False
             self.counters["alive_sent"] += 1
+            self._write_metrics()
             return True
+
+    def _write_metrics(self) -> None:
+        """node-exporter textfile at every alive (issue 13; agent/metrics_textfile.py)."""
+        write_textfile(self.agent.cfg.remote.metrics_textfile, self)
 
     def publish_close(self, session_id: str, code: str, reason: str = "") -> None:
         """``session.close`` on ``remote.up`` ``<topic>.close`` (the tunnel manager's
