@@ -101,6 +101,8 @@ class Balancer:
         self.proc.wait(10)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_fifty_sessions_pair_through_three_relays_behind_haproxy(rabbit, device, operator,
                                                                   pki, tmp_path):
     if HAPROXY is None:
