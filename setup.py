@@ -28,7 +28,10 @@ setup(
         "PyYAML>=5.3",
         "click>=7.1",
     ],
-    extras_require={"test": ["pytest>=6", "hypothesis>=6"],
+    # relay: its optional Prometheus listener (metrics_listen); prometheus_client is the
+    # reference exposition library every scraper reads.
+    extras_require={"test": ["pytest>=6", "hypothesis>=6", "prometheus_client>=0.16"],
+                    "relay": ["prometheus_client>=0.16"],
                     "lint": ["ruff", "vermin", "mypy==2.4.1", "types-PyYAML"]},
     entry_points={
         "console_scripts": [

@@ -123,8 +123,9 @@ def platform(tmp_path, rabbit, device, operator, relay_server):
 
 
 def test_unpinned_device_key_learnt_from_status_queue_then_refusal(platform):
-    # The console declares its status queue first: from then on announcements are kept.
-    with ConsoleControl(platform.cfg) as control:
+    # A console that needs it (devices, watch, pin) declares its status queue: from then
+    # on announcements are kept.
+    with ConsoleControl(platform.cfg, consume_status=True) as control:
         pass
     agent = platform.start_agent()
     with ConsoleControl(platform.cfg) as control:
@@ -186,16 +187,22 @@ def test_accept_signed_by_another_key_is_refused(platform, echo_port):
     assert "possible impersonation" in info.value.message
 
 
-def test_offline_device_times_out(platform):
+def test_offline_device_fails_fast_not_connected(platform):
+    """No agent connected: no <topic>.conn queue, the mandatory request comes back and
+    the console says so at once, long before its 30 s reply timeout (issue 13)."""
     KnownDevices(platform.cfg.known_devices).pin(
         platform.device.server_id, platform.device.ident,
         identity.IdentityKey.generate().public_bytes)
-    cfg = cconfig.replace(platform.cfg, reply_timeout=1.0)
+    cfg = cconfig.replace(platform.cfg, reply_timeout=30.0)
     with ConsoleControl(cfg) as control:
         t0 = time.monotonic()
         with pytest.raises(ConsoleError) as info:
             control.request_session(platform.device.ident, ["127.0.0.1:22"])
+        with pytest.raises(ConsoleError) as status_info:
+            control.status(platform.device.ident)
     assert info.value.exit_code == cconfig.EXIT_OFFLINE
+    assert info.value.code == status_info.value.code == "not_connected"
+    assert "not connected" in info.value.message
     assert time.monotonic() - t0 < 5
 
 
@@ -208,7 +215,7 @@ def test_wrong_password_is_exit_9(platform):
 
 
 def test_devices_state_from_alive(platform):
-    with ConsoleControl(platform.cfg):
+    with ConsoleControl(platform.cfg, consume_status=True):
         pass
     agent = platform.start_agent()
     with ConsoleControl(platform.cfg, consume_status=True) as control:

@@ -18,6 +18,7 @@ import time
 
 import gevent
 import pytest
+from amqp.exceptions import NotFound
 
 import poison
 from echo_server import EchoServer
@@ -153,7 +154,17 @@ def test_poison_messages_refused_once_same_agent_open_tunnel_never_stalls(hostil
     p = hostile
     log_path = p.agent_log
     pid = p.agent_proc.pid
-    assert "existed with other arguments" in read_log(log_path)  # the old queue upgraded
+    # The durable <topic>.cmd an older version left is gone (issue 13: the agent now
+    # consumes its per-connection <topic>.conn and deletes the legacy queue).
+    admin = AmqpLink([p.broker_url], p.node.admin_user, p.node.admin_password,
+                     ca_file=p.broker_ca_file, heartbeat=0, prefetch=0)
+    admin.connect()
+    try:
+        with pytest.raises(NotFound):
+            admin.channel.queue_declare(p.topic + ".cmd", passive=True)
+        assert admin.channel.queue_declare(p.topic + ".conn", passive=True).consumer_count == 1
+    finally:
+        admin.close()
     echo = EchoServer()
     procs = Procs()
     pinger = None

@@ -249,7 +249,7 @@ def queue_depth(p: DemoPlatform) -> "tuple[int, int]":
                     name="rs-admin")
     link.connect()
     try:
-        r = link.channel.queue_declare(p.topic + ".cmd", passive=True)
+        r = link.channel.queue_declare(p.topic + ".conn", passive=True)
         return int(r.message_count), int(r.consumer_count)
     finally:
         link.close()

@@ -38,6 +38,7 @@ from remote_gevent.common.configschema import (
     read_document,
     split_host_port,
     unreadable,
+    v_opt_path,
     v_bool,
     v_int,
     v_matching,
@@ -68,18 +69,33 @@ def v_allow(value: Any, base: str) -> Tuple[str, ...]:
     return tuple(value)
 
 
-def v_relays(value: Any, base: str) -> Mapping[str, str]:
+def v_relays(value: Any, base: str) -> Mapping[str, Any]:
+    """server_id -> ``host:port``, or a list of them (a relay pool: the agent accepts
+    any of them that a request names; agent/relay_accept.py)."""
     if not isinstance(value, dict) or not value:
-        raise Invalid("expected a map server_id: host:port")
+        raise Invalid("expected a map server_id: host:port (or a list of host:port)")
+    out: Dict[str, Any] = {}
     for sid, addr in value.items():
         if not isinstance(sid, str):
             raise Invalid("server ids must be strings", where=".%s" % (sid,), value=sid,
                           has_value=True)
+        if isinstance(addr, list):
+            if not addr:
+                raise Invalid("empty relay list", where=".%s" % sid, value=addr,
+                              has_value=True)
+            for i, item in enumerate(addr):
+                try:
+                    split_host_port(item)
+                except Invalid as exc:
+                    raise item_error(exc, ".%s[%d]" % (sid, i), item) from None
+            out[sid] = tuple(addr)
+            continue
         try:
             split_host_port(addr)
         except Invalid as exc:
             raise item_error(exc, ".%s" % sid, addr) from None
-    return MappingProxyType(dict(value))
+        out[sid] = addr
+    return MappingProxyType(out)
 
 
 @dataclass(frozen=True)
@@ -139,6 +155,9 @@ class RemoteConfig:
         "fr04", v_server_id, "str", "platform the device belongs to; only fr04 is supported")
     health_check: int = key(
         600, v_int(1, 86400), "int s", "seconds between two alive messages")
+    metrics_textfile: Optional[str] = key(
+        None, v_opt_path, "path|null", "node-exporter textfile (*.prom) rewritten at every "
+        "alive with the agent's counters; null: none")
     max_session: int = key(
         10, v_int(1, 10000), "int", "simultaneous tunnels; further requests wait for a slot")
     max_session_per_operator: int = key(
@@ -164,9 +183,10 @@ class RemoteConfig:
     allow: Tuple[str, ...] = key(
         ["127.0.0.1:22"], v_allow, "list of host:port",
         "targets this device may open; port * is a wildcard")
-    relays: Mapping[str, str] = key(
+    relays: Mapping[str, Any] = key(
         {"fr04": "relay.fr04.alemca.net:8443"}, v_relays, "map",
-        "relay (exit node) host:port per server id")
+        "relay (exit node) host:port per server id, or a list of them (a pool: a request "
+        "may name any)")
     relay_ca_file: Optional[str] = key(
         None, v_opt_existing_file, "path|null",
         "CA for the relay certificate; null: amqp.ca_file")

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import amqp
 import gevent
 import gevent.lock
-from amqp.exceptions import NotFound, PreconditionFailed
+from amqp.exceptions import NotFound
 
 from remote_gevent.wire import protocol
 from remote_gevent.wire import envelope
@@ -50,24 +50,17 @@ from remote_gevent.wire.protocol import MsgType, ProtocolError, Refused
 from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.agent.tunnels import TunnelManager, device_allow
+from remote_gevent.agent.command_queue import declare_command_queue, drop_legacy_queue
+from remote_gevent.agent.metrics_textfile import write_textfile
+from remote_gevent.common.broker_topology import (
+    EXCHANGE_DOWN,
+    EXCHANGE_REPLY,
+    EXCHANGE_UP,
+    command_queue,
+)
 
 log = logging.getLogger(__name__)
 
-EXCHANGE_DOWN = "remote.down"
-EXCHANGE_UP = "remote.up"
-EXCHANGE_REPLY = "remote.reply"  # replies, routed by the console's reply queue name
-#: ``<topic>.cmd`` arguments (docs/protocol.md §1): unused 1 day → deleted; a request
-#: older than 2 min is useless; a flood is refused at the broker (publisher nacked), in
-#: count and in bytes: 100 messages of the 16 KiB maximum fit, so the byte cap never
-#: refuses what the count cap would take, while oversized bodies (up to the broker's
-#: ``max_message_size``) cannot make the broker hold more than 1.6 MB for a device.
-#: A queue declared with older arguments is re-created (see :meth:`ControlPlane._setup`).
-CMD_QUEUE_MAX_LENGTH = 100
-CMD_QUEUE_ARGS = {"x-expires": 86400000, "x-message-ttl": 120000,
-                  "x-max-length": CMD_QUEUE_MAX_LENGTH,
-                  "x-max-length-bytes": CMD_QUEUE_MAX_LENGTH * protocol.MAX_MESSAGE_BYTES,
-                  "x-overflow": "reject-publish"}
-COMMANDS = ("session", "close", "status")  # routing-key suffixes bound to <topic>.cmd
 PREFETCH = 10
 REPLY_EXPIRATION_MS = 60000
 UP_EXPIRATION_MS = 600000  # key, close
@@ -180,7 +173,7 @@ class ControlPlane:
 
     @property
     def queue(self) -> str:
-        return self.topic + ".cmd"
+        return command_queue(self.topic)
 
     def _in_link_greenlet(self) -> bool:
         return gevent.getcurrent() is self._link_greenlet
@@ -238,16 +231,10 @@ class ControlPlane:
             except NotFound:
                 raise LinkError("exchange %s does not exist on vhost %r: the platform has not "
                                 "provisioned it" % (exchange, vhost)) from None
-        try:
-            # An older version's queue (other arguments) is replaced: its pending
-            # requests, at most 2 min old, are dropped (logged).
-            link.declare_queue(self.queue, durable=True, arguments=CMD_QUEUE_ARGS,
-                               replace_mismatch=True)
-        except PreconditionFailed as exc:
-            raise LinkError("queue %s exists on vhost %r with other arguments than %s: %s"
-                            % (self.queue, vhost, CMD_QUEUE_ARGS, exc)) from None
-        for suffix in COMMANDS:
-            link.bind(self.queue, EXCHANGE_DOWN, "%s.%s" % (self.topic, suffix))
+        # Per-connection queue on this node; the durable queue of older versions goes
+        # first (a refused delete reopens the channel: no consumer may exist yet).
+        drop_legacy_queue(link, self.topic)
+        declare_command_queue(link, self.topic)
         link.consume(self.queue, self._on_message, handles_problems=True)
         for raw in list(self._unsent_keys) or [self._key_message]:
             link.publish(EXCHANGE_UP, self.topic + ".key", raw, expiration=UP_EXPIRATION_MS)
@@ -307,9 +294,15 @@ class ControlPlane:
             except NotConnected as exc:
                 self.counters["alive_dropped"] += 1
                 log.debug("alive %d (%s) not sent: %s", self._seq, event, exc)
+                self._write_metrics()
                 return False
             self.counters["alive_sent"] += 1
+            self._write_metrics()
             return True
+
+    def _write_metrics(self) -> None:
+        """node-exporter textfile at every alive (issue 13; agent/metrics_textfile.py)."""
+        write_textfile(self.agent.cfg.remote.metrics_textfile, self)
 
     def publish_close(self, session_id: str, code: str, reason: str = "") -> None:
         """``session.close`` on ``remote.up`` ``<topic>.close`` (the tunnel manager's

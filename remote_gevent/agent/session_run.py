@@ -19,6 +19,7 @@ from remote_gevent.wire import envelope
 from remote_gevent.common.addresses import format_address
 from remote_gevent.common import tls
 from remote_gevent.crypto import tunnel_crypto
+from remote_gevent.agent.relay_accept import RelayNotAdmitted, admit_relay, admitted_relays
 from remote_gevent.agent.history import record_safely
 from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
@@ -133,12 +134,8 @@ def device_allow(cfg: Any) -> Tuple[str, ...]:
 
 
 def configured_relay(cfg: Any) -> Tuple[str, int]:
-    """``(host, port)`` of the relay configured for our server id."""
-    from remote_gevent.agent.config import split_host_port
-
-    host, port = split_host_port(cfg.remote.relays[cfg.remote.server_id])
-    assert port is not None
-    return host, port
+    """``(host, port)`` of the (first) relay configured for our server id."""
+    return admitted_relays(cfg)[0]
 
 
 
@@ -238,16 +235,14 @@ class SessionRun(ManagerState):
         cfg = self._cfg
         if self._shutting_down:
             self._refuse(s, CloseCode.SHUTDOWN, "agent stopping")
-        try:
-            relay_addr = configured_relay(cfg)
-        except (KeyError, ValueError) as e:
-            self._refuse(s, CloseCode.RELAY_REFUSED, "no relay configured: %s" % e)
-        if not _same_relay(req.relay, relay_addr):
-            log.warning("session %s: refused: relay %s is not %s:%d (configured for %s)",
-                        s.id, envelope.short(req.relay), relay_addr[0], relay_addr[1],
-                        cfg.remote.server_id)
+        try:  # the relay the request names, if remote.relays lists it (a pool: issue 13)
+            relay_addr = admit_relay(cfg, req.relay)
+        except RelayNotAdmitted as e:
+            log.warning("session %s: refused: %s", s.id, e)
             self._refuse(s, CloseCode.RELAY_REFUSED, "relay %s is not this device's relay"
                          % envelope.short(req.relay, 80))
+        except (KeyError, ValueError) as e:
+            self._refuse(s, CloseCode.RELAY_REFUSED, "no relay configured: %s" % e)
 
         self._admit(s)
         s.state = ADMITTED

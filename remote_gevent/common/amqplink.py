@@ -41,7 +41,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import amqp
 import gevent
 from amqp import spec
-from amqp.exceptions import AccessRefused, AMQPError, PreconditionFailed
+from amqp.exceptions import AccessRefused, AMQPError
 from amqp.method_framing import frame_writer as _amqp_frame_writer
 from gevent.event import Event
 from gevent.lock import RLock
@@ -51,6 +51,7 @@ from remote_gevent.common import tls
 from remote_gevent.common.addresses import (
     BrokerURL,
 )
+from remote_gevent.common.amqp_topology import TopologyMixin
 from remote_gevent.common.amqp_inbound import DEFAULT_MAX_BODY, PoisonMemory, frame_handler
 from remote_gevent.common.retry import Backoff, sleep_or_stop
 
@@ -61,7 +62,6 @@ from remote_gevent.common.amqp_connection import (
     NotConnected,
     TLSVerifyError,
     _Connection,
-    _reply_text,
     describe_error,
     parse_url,
 )
@@ -88,7 +88,7 @@ RECOVERABLE = tuple(set(amqp.Connection.recoverable_connection_errors) | {
 })
 
 
-class AmqpLink:
+class AmqpLink(TopologyMixin):
     """One AMQP-over-TLS connection with one channel, reconnecting forever in :meth:`run`.
 
     ``urls``: ``amqps://host:port/vhost`` strings tried in turn. ``userid``/``password``:
@@ -98,6 +98,9 @@ class AmqpLink:
 
     ``on_connect(link)`` is called after ``setup`` succeeded, ``on_disconnect(link, exc)``
     when an established or half-established connection is lost (exc None on stop).
+    ``on_return(message)`` (link greenlet) gets a ``mandatory`` publish the broker could
+    not route (``basic.return``; ``message.delivery_info`` has ``reply_code``); without
+    it a return is logged and dropped (py-amqp would raise it out of the drain loop).
 
     Inbound deliveries go through :mod:`remote_gevent.common.amqp_inbound`: bodies stay raw
     bytes, a body over ``max_body`` bytes is counted but not buffered, and a delivery
@@ -114,7 +117,8 @@ class AmqpLink:
                  on_disconnect: Optional[Callable[["AmqpLink", Optional[BaseException]],
                                                   None]] = None,
                  prefetch: int = 32, first_retry: float = FIRST_RETRY,
-                 outbox_max: int = OUTBOX_MAX, max_body: int = DEFAULT_MAX_BODY) -> None:
+                 outbox_max: int = OUTBOX_MAX, max_body: int = DEFAULT_MAX_BODY,
+                 on_return: Optional[Callable[[amqp.Message], None]] = None) -> None:
         if isinstance(urls, str):
             urls = [urls]
         if not urls:
@@ -131,6 +135,7 @@ class AmqpLink:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.prefetch = prefetch
+        self.on_return = on_return
         self.first_retry = first_retry
         self.max_body = int(max_body)
         self._poison = PoisonMemory()
@@ -203,6 +208,7 @@ class AmqpLink:
                 # Bodies stay raw bytes: decoding by the publisher's content_encoding
                 # (any codec, any cost) is the consumer's business, after its size check.
                 channel.auto_decode = False
+                channel.events["basic_return"].add(self._returned)
                 if self.prefetch:
                     channel.basic_qos(0, self.prefetch, False)
         except RECOVERABLE as exc:
@@ -214,6 +220,20 @@ class AmqpLink:
                 raise LoginRefused(message) from None
             raise LinkError(message) from None
         self.connection, self.channel, self.url = conn, channel, url
+
+    def _returned(self, exc: Exception, exchange: str, routing_key: str,
+                  message: amqp.Message) -> None:
+        """``basic.return`` handler: hand the unroutable message to ``on_return``."""
+        info = getattr(message, "delivery_info", None)
+        if not isinstance(info, dict):
+            info = message.delivery_info = {}
+        info.update(reply_code=getattr(exc, "code", None), exchange=exchange,
+                    routing_key=routing_key)
+        if self.on_return is None:
+            log.warning("AMQP: message to %s/%s returned unroutable (%s)", exchange,
+                        routing_key, exc)
+            return
+        self.on_return(message)
 
     def _locked_frame_writer(self, connection: amqp.Connection, transport: Any
                              ) -> Callable[..., Any]:
@@ -528,57 +548,6 @@ class AmqpLink:
     def reject(self, message: amqp.Message, requeue: bool = False) -> bool:
         """Reject (default: without requeue → dropped or dead-lettered)."""
         return self._settle(message, ack=False, requeue=requeue)
-
-    # ------------------------------------------------------------------ topology helpers
-    def declare_exchange(self, exchange: str, type: str = "topic", passive: bool = False,
-                         durable: bool = True) -> None:
-        with self.lock:
-            self._channel_or_raise().exchange_declare(
-                exchange, type, passive=passive, durable=durable, auto_delete=False,
-                nowait=not self._in_link_greenlet())
-
-    def declare_queue(self, queue: str = "", durable: bool = True, exclusive: bool = False,
-                      auto_delete: bool = False, arguments: Optional[Dict[str, Any]] = None,
-                      passive: bool = False, replace_mismatch: bool = False) -> str:
-        """Declare a queue; returns its name (server-named when ``queue`` is empty).
-
-        ``replace_mismatch`` (link greenlet only): if the queue exists with other
-        arguments (the broker answers PRECONDITION_FAILED, e.g. declared by an older
-        version), delete it — its pending messages are lost, which is logged — and
-        declare it again with ``arguments``. Without it the error propagates.
-        """
-        nowait = not self._in_link_greenlet()
-        if nowait and (not queue or replace_mismatch):
-            raise ValueError("a server-named queue, or replace_mismatch, needs the link "
-                             "greenlet")
-        with self.lock:
-            try:
-                result = self._channel_or_raise().queue_declare(
-                    queue, passive=passive, durable=durable, exclusive=exclusive,
-                    auto_delete=auto_delete, arguments=arguments, nowait=nowait)
-            except PreconditionFailed as exc:
-                if not replace_mismatch or passive:
-                    raise
-                self._replace_queue(queue, exc)
-                result = self._channel_or_raise().queue_declare(
-                    queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete,
-                    arguments=arguments)
-        return result.queue if result is not None else queue
-
-    def _replace_queue(self, queue: str, exc: PreconditionFailed) -> None:
-        # py-amqp has reopened the channel the broker closed (so its qos is gone).
-        channel = self._channel_or_raise()
-        if self.prefetch:
-            channel.basic_qos(0, self.prefetch, False)
-        dropped = channel.queue_delete(queue)
-        log.warning("queue %s existed with other arguments (%s): re-created it with the "
-                    "current ones, %s pending message(s) dropped", queue, _reply_text(exc),
-                    dropped)
-
-    def bind(self, queue: str, exchange: str, routing_key: str) -> None:
-        with self.lock:
-            self._channel_or_raise().queue_bind(queue, exchange, routing_key,
-                                                nowait=not self._in_link_greenlet())
 
 
 def _drop(conn: Optional[amqp.Connection]) -> None:

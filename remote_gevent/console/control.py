@@ -6,13 +6,16 @@ the operator's broker user. On every (re)connect its ``setup``:
 - declares an exclusive, auto-delete, server-named **reply queue** (``x-expires`` 10 min,
   docs/protocol.md §1) and consumes it: replies (``session.queued`` / ``accept`` /
   ``refuse``, ``status``) are routed by ``correlation_id`` to the waiting request;
-- declares the operator's durable **status queue** (``console.<user>.status`` by
-  default; bounded by ``x-max-length`` with drop-head and ``x-message-ttl``, unused for
-  30 days → deleted) bound to ``remote.up`` ``remote.<sid>.*.alive`` / ``.key`` /
-  ``.close``. Declaring it on every command means announcements are collected from the
-  first console run on; it is only *consumed* by ``devices``, ``watch``, ``pin`` and when
-  a session needs a device key that is not pinned yet (several consumers would share the
-  messages round-robin).
+- only for the commands that need it (``devices``, ``watch``, ``pin``, and a session to a
+  device whose key is not pinned yet), declares and consumes the operator's durable
+  **status queue** (``console.<user>.status`` by default; bounded by ``x-max-length``
+  with drop-head and ``x-message-ttl``, unused for 30 days → deleted) bound to
+  ``remote.up`` ``remote.<sid>.*.alive`` / ``.key`` / ``.close``. Other commands do not
+  depend on the node it lives on; if that node is down, a temporary queue serves the run.
+
+Session and status requests are published ``mandatory``: a device that is not connected
+has no ``<topic>.conn`` queue, the broker returns the request at once and the console
+fails with "device ... is not connected" instead of waiting for a reply timeout.
 
 Nothing a device says is believed unless it is signed by the key pinned in
 ``known_devices`` (``key`` announcements: TOFU or a valid rotation signature, see
@@ -48,6 +51,7 @@ import gevent.queue
 
 from remote_gevent.wire import protocol
 from remote_gevent.wire import envelope
+
 from remote_gevent.common.amqplink import AmqpLink, LinkConfigError, LinkError, LoginRefused
 from remote_gevent.console.config import (
     EXIT_BROKER,
@@ -60,11 +64,18 @@ from remote_gevent.console.config import (
     ConsoleError,
 )
 from remote_gevent.console.known_devices import KnownDevices, KnownDevicesError, Pin
+from remote_gevent.console import presence
+from remote_gevent.console.status_queue import (  # noqa: F401 - DRAIN_*: re-exported
+    DRAIN_IDLE,
+    DRAIN_MAX,
+    STATUS_QUEUE_EXPIRES_MS,
+    StatusQueueMixin,
+    _raw_body,
+)
 
 from remote_gevent.console.device_states import (
     DeviceEvent,
     DeviceStates,
-    UP_KINDS,
     device_status,
     handle_up_message,
     summarize,
@@ -76,19 +87,7 @@ EXCHANGE_DOWN = "remote.down"
 EXCHANGE_UP = "remote.up"
 EXCHANGE_REPLY = "remote.reply"  # devices answer here, keyed by our reply queue name
 REPLY_QUEUE_EXPIRES_MS = 600000
-STATUS_QUEUE_EXPIRES_MS = 30 * 86400 * 1000
-#: Draining the status queue stops after this long without a delivery ...
-DRAIN_IDLE = 0.3
-#: ... or after this long in total.
-DRAIN_MAX = 5.0
 START_SLACK = 5.0
-
-
-def _raw_body(message: Any) -> bytes:
-    body = message.body
-    if isinstance(body, str):
-        return body.encode("utf-8", "surrogateescape")
-    return bytes(body)
 
 
 def link_error(exc: BaseException) -> ConsoleError:
@@ -159,7 +158,7 @@ class _ConsoleLink(AmqpLink):
             raise
 
 
-class ConsoleControl:
+class ConsoleControl(StatusQueueMixin):
     """The console's control-plane client (see the module docstring).
 
     ``on_event(DeviceEvent)`` is called (in the link greenlet) for every status-queue
@@ -179,6 +178,12 @@ class ConsoleControl:
         self.known = KnownDevices(cfg.known_devices)
         self.states = DeviceStates(cfg.state_file)
         self.reply_queue: Optional[str] = None
+        self.status_queue = cfg.status_queue_name
+        # devices/pin probe presence once per sync_status, watch all along.
+        self.probe_presence = consume_status
+        self.watch_presence = consume_status and on_event is not None
+        self._presence: Optional[gevent.Greenlet] = None
+        self._closing = gevent.event.Event()
         self.status_backlog = 0
         self.status_handled = 0
         self._last_status = 0.0
@@ -193,7 +198,7 @@ class ConsoleControl:
                 a.urls, cfg.user or "", cfg.password or "", ca_file=a.ca_file,
                 cert_file=a.cert_file, key_file=a.key_file, heartbeat=a.heartbeat,
                 connect_timeout=a.connect_timeout, reconnect_max_delay=a.reconnect_max_delay,
-                name="console %s" % cfg.user, prefetch=64)
+                name="console %s" % cfg.user, prefetch=64, on_return=self._on_return)
         except LinkError as exc:
             raise link_error(exc) from None
 
@@ -213,6 +218,9 @@ class ConsoleControl:
         self._greenlet = gevent.spawn(self._run)
         gevent.wait([self._ready, self._greenlet], count=1, timeout=timeout)
         if self._ready.is_set() and self.link.connected.is_set():
+            if self.watch_presence:  # watch: online/offline from the broker (presence.py)
+                self._presence = gevent.spawn(presence.presence_loop, self.cfg, self.states,
+                                              self.known, self.on_event, self._closing)
             return self
         error = self.link.first_error or self._setup_error
         if error is None and self._greenlet.dead and self._greenlet.exception is not None:
@@ -235,6 +243,9 @@ class ConsoleControl:
             self.link.first_error = self.link.first_error or exc
 
     def close(self) -> None:
+        self._closing.set()
+        if self._presence is not None:
+            self._presence.kill(block=True, timeout=3.0)
         self.states.flush()
         self.link.stop()
         g = self._greenlet
@@ -251,14 +262,17 @@ class ConsoleControl:
 
     def _setup(self, link: AmqpLink) -> None:
         try:
+            # The status queue first: should its home node be down, the refused declare
+            # reopens the channel, which would cancel a consumer registered before it.
+            if self.consume_status:
+                self._declare_status_queue(link)
             self.reply_queue = link.declare_queue(
                 "", durable=False, exclusive=True, auto_delete=True,
                 arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS})
             link.bind(self.reply_queue, EXCHANGE_REPLY, self.reply_queue)
             link.consume(self.reply_queue, self._on_reply, exclusive=True)
-            self._declare_status_queue(link)
             if self.consume_status:
-                self._status_tag = link.consume(self.cfg.status_queue_name, self._on_status)
+                self._status_tag = link.consume(self.status_queue, self._on_status)
         except Exception as exc:
             if not self.link.ever_up:
                 self._setup_error = exc
@@ -266,18 +280,6 @@ class ConsoleControl:
             raise
         self.link.ever_up = True
         self._ready.set()
-
-    def _declare_status_queue(self, link: AmqpLink) -> None:
-        name = self.cfg.status_queue_name
-        args = {"x-max-length": self.cfg.status_queue_max_length, "x-overflow": "drop-head",
-                "x-message-ttl": self.cfg.status_queue_ttl * 1000,
-                "x-expires": STATUS_QUEUE_EXPIRES_MS}
-        with link.lock:
-            assert link.channel is not None
-            ok = link.channel.queue_declare(name, durable=True, arguments=args)
-        self.status_backlog = int(getattr(ok, "message_count", 0) or 0)
-        for kind in UP_KINDS:
-            link.bind(name, EXCHANGE_UP, "remote.%s.*.%s" % (self.cfg.server_id, kind))
 
     # ------------------------------------------------------------------ replies
     def _on_reply(self, message: Any) -> None:
@@ -289,12 +291,28 @@ class ConsoleControl:
             return
         queue.put(_raw_body(message))
 
+    def _on_return(self, message: Any) -> None:
+        """A ``mandatory`` request came back unroutable: no ``<topic>.conn`` queue is
+        bound, i.e. the device is not connected to the broker (link greenlet)."""
+        corr = message.properties.get("correlation_id")
+        queue = self._waiters.get(corr) if isinstance(corr, str) else None
+        routing_key = str(message.delivery_info.get("routing_key") or "")
+        device = routing_key.split(".")[2] if routing_key.count(".") >= 3 else "?"
+        if queue is None:
+            log.debug("returned message for unknown request %s dropped", envelope.short(corr))
+            return
+        queue.put(ConsoleError(  # type: ignore[arg-type]
+            "device %s is not connected to the broker (request returned unroutable: no "
+            "command queue; see `remote-gevent-console devices`)" % device, EXIT_OFFLINE,
+            "not_connected"))
+
     def _publish(self, routing_key: str, raw: bytes, correlation_id: Optional[str] = None,
-                 reply_to: Optional[str] = None) -> None:
+                 reply_to: Optional[str] = None, mandatory: bool = False) -> None:
         try:
             self.link.publish(EXCHANGE_DOWN, routing_key, raw, correlation_id=correlation_id,
                               reply_to=reply_to, expiration=self.cfg.request_ttl * 1000,
-                              delivery_mode=1, wait=self.cfg.amqp.connect_timeout)
+                              delivery_mode=1, wait=self.cfg.amqp.connect_timeout,
+                              mandatory=mandatory)
         except LinkError as exc:
             raise link_error(exc) from None
 
@@ -339,7 +357,7 @@ class ConsoleControl:
                                  ticket, pk, sk, pin, gevent.queue.Queue())
         self._waiters[sid] = pending.replies
         self._publish(self.cfg.topic(device) + ".session", raw, correlation_id=sid,
-                      reply_to=self.reply_queue)
+                      reply_to=self.reply_queue, mandatory=True)
         log.info("session %s: requested %s on %s via relay %s", sid, ",".join(targets),
                  device, relay)
         return pending
@@ -441,7 +459,7 @@ class ConsoleControl:
         self._waiters[rid] = replies
         try:
             self._publish(self.cfg.topic(device) + ".status", raw, correlation_id=rid,
-                          reply_to=self.reply_queue)
+                          reply_to=self.reply_queue, mandatory=True)
             deadline = time.monotonic() + self.cfg.reply_timeout
             while True:
                 try:
@@ -451,6 +469,8 @@ class ConsoleControl:
                                        "%.0f s: offline or not consuming"
                                        % (device, self.cfg.reply_timeout), EXIT_OFFLINE,
                                        "no_reply") from None
+                if isinstance(data, BaseException):
+                    raise data
                 try:
                     msg = protocol.decode(data)
                     protocol.verify(msg, pin.public_raw32)
@@ -476,52 +496,6 @@ class ConsoleControl:
                                           envelope.CloseCode.CLOSED_BY_OPERATOR,
                                           reason or "closed by operator")
         self._publish(self.cfg.topic(device) + ".close", raw, correlation_id=session_id)
-
-    # ------------------------------------------------------------------ status queue
-    def start_status_consumer(self) -> None:
-        if self._status_tag is None:
-            self.consume_status = True
-            try:
-                self._status_tag = self.link.consume(self.cfg.status_queue_name,
-                                                     self._on_status)
-            except LinkError as exc:
-                raise link_error(exc) from None
-
-    def sync_status(self, idle: float = DRAIN_IDLE, limit: float = DRAIN_MAX) -> int:
-        """Consume what the status queue holds now (until ``idle`` s without a message,
-        at most ``limit`` s); update pins and the state file. Returns messages handled."""
-        before = self.status_handled
-        expected = max(0, self.status_backlog - self.status_handled)
-        self.start_status_consumer()
-        start = time.monotonic()
-        self._last_status = start
-        while time.monotonic() - start < limit:
-            gevent.sleep(min(idle, 0.05))
-            quiet = time.monotonic() - self._last_status
-            if quiet >= idle and (self.status_handled - before >= expected or quiet >= 3 * idle):
-                break
-        self.states.flush()
-        return self.status_handled - before
-
-    def _on_status(self, message: Any) -> None:
-        try:
-            event = self.handle_up_message(_raw_body(message),
-                                           message.delivery_info.get("routing_key") or "",
-                                           message.properties)
-        finally:
-            self.link.ack(message)
-            self.status_handled += 1
-            self._last_status = time.monotonic()
-        if event is not None and self.on_event is not None:
-            self.on_event(event)
-
-    def handle_up_message(self, raw: bytes, routing_key: str,
-                          properties: Optional[Dict[str, Any]] = None,
-                          now: Optional[float] = None) -> Optional[DeviceEvent]:
-        """Handle one ``alive`` / ``key`` / ``close`` message from ``remote.up``."""
-        return handle_up_message(self.known, self.states, self.cfg.server_id, raw,
-                                 routing_key, properties or {}, now)
-
 
 def load_operator_key(cfg: ConsoleConfig) -> Any:
     from remote_gevent.crypto import identity

@@ -36,14 +36,26 @@ def _now() -> float:
 
 
 def device_status(entry: Dict[str, Any], now: Optional[float] = None) -> str:
-    """``online``, ``offline`` or ``stopped`` for one state entry."""
+    """``online``, ``offline`` or ``stopped`` for one state entry.
+
+    The broker's view (``presence``, from :mod:`remote_gevent.console.presence`) wins
+    when it is newer than the last ``alive``: ``gone`` is offline at once; ``connected``
+    is online for as long as an alive would count (three intervals), then the alive
+    rule applies again."""
     now = _now() if now is None else now
     last = entry.get("last_alive")
+    presence, seen = entry.get("presence"), entry.get("presence_at")
+    hc = float(entry.get("health_check") or DEFAULT_HEALTH_CHECK)
+    if presence in ("connected", "gone") and seen is not None \
+            and (last is None or float(seen) >= float(last)):
+        if presence == "gone":
+            return "stopped" if entry.get("event") == "stopping" else "offline"
+        if now - float(seen) <= MISSED_INTERVALS * hc:
+            return "online"
     if last is None:
         return "unknown"
     if entry.get("event") == "stopping":
         return "stopped"
-    hc = float(entry.get("health_check") or DEFAULT_HEALTH_CHECK)
     return "online" if now - float(last) <= MISSED_INTERVALS * hc else "offline"
 
 

@@ -127,14 +127,40 @@ def parse_line(line: str) -> Optional[Pin]:
 
 
 class KnownDevices:
-    """The known-devices file at ``path`` (read on every call: it is small and shared)."""
+    """The known-devices file at ``path`` (shared: re-read whenever it changed).
+
+    Parsed again only when its ``stat`` (inode, size, mtime) changed: with a fleet of
+    1,000 pinned devices, parsing it for every status-queue message (31 ms each) held
+    the console to 17 alive messages/s (benchmarks/bench_fleet.py, issue 13).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.warnings: List[str] = []
+        self._cache: Optional[Tuple[Tuple[int, int, int], List[str], Dict[str, Pin]]] = None
 
     # ------------------------------------------------------------------ reading
     def _read(self) -> Tuple[List[str], Dict[str, Pin]]:
+        """Lines and pins, copies the caller may edit."""
+        lines, pins = self._current()
+        return list(lines), dict(pins)
+
+    def _current(self) -> Tuple[List[str], Dict[str, Pin]]:
+        """Lines and pins as cached: read only, never edit them."""
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        cached = self._cache
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1], cached[2]
+        lines, pins = self._parse()
+        if stamp is not None:
+            self._cache = (stamp, lines, pins)
+        return lines, pins
+
+    def _parse(self) -> Tuple[List[str], Dict[str, Pin]]:
         try:
             with open(self.path, "r", encoding="utf-8", errors="replace") as fh:
                 lines = fh.read().splitlines()
@@ -162,10 +188,10 @@ class KnownDevices:
         return lines, pins
 
     def get(self, server_id: str, ident: str) -> Optional[Pin]:
-        return self._read()[1].get(device_id(server_id, ident))
+        return self._current()[1].get(device_id(server_id, ident))
 
     def all(self) -> List[Pin]:
-        return sorted(self._read()[1].values(), key=lambda p: p.device_id)
+        return sorted(self._current()[1].values(), key=lambda p: p.device_id)
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager

@@ -339,7 +339,7 @@ class DemoPlatform:
             if self.command_queue_consumers() > 0:
                 return
             if time.monotonic() > deadline:
-                raise PlatformError("the agent did not consume %s.cmd within %.0f s; see "
+                raise PlatformError("the agent did not consume %s.conn within %.0f s; see "
                                     "%s:\n%s" % (self.topic, timeout, self.agent_log,
                                                  _tail(self.agent_log)))
             time.sleep(0.2)
@@ -349,6 +349,7 @@ class DemoPlatform:
         from amqp.exceptions import NotFound
 
         from remote_gevent.common.amqplink import AmqpLink, LinkError
+        from remote_gevent.common.broker_topology import command_queue
 
         assert self.node is not None
         link = AmqpLink([self.broker_url], self.node.admin_user, self.node.admin_password,
@@ -362,7 +363,7 @@ class DemoPlatform:
         try:
             assert link.channel is not None
             try:
-                result = link.channel.queue_declare(self.topic + ".cmd", passive=True)
+                result = link.channel.queue_declare(command_queue(self.topic), passive=True)
             except NotFound:
                 return 0
             return int(result.consumer_count)

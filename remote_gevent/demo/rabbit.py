@@ -186,7 +186,9 @@ class RabbitNode:
     def __init__(self, base_dir: str, node_name: Optional[str] = None, amqps_port: int = 0,
                  amqp_port: Optional[int] = None, dist_port: int = 0,
                  ca_file: Optional[str] = None, cert_file: Optional[str] = None,
-                 key_file: Optional[str] = None, host: str = "127.0.0.1") -> None:
+                 key_file: Optional[str] = None, host: str = "127.0.0.1",
+                 epmd_port: int = 0, cookie: Optional[str] = None,
+                 extra_conf: Sequence[str] = ()) -> None:
         if not (ca_file and cert_file and key_file):
             raise RabbitError("RabbitNode needs ca_file, cert_file and key_file for TLS")
         self.base_dir = os.path.abspath(base_dir)
@@ -196,7 +198,12 @@ class RabbitNode:
         self.amqps_port = amqps_port or free_port(host)
         self.amqp_port = (amqp_port or free_port(host)) if amqp_port is not None else None
         self.dist_port = dist_port or free_port("127.0.0.1", below=55000)
-        self.epmd_port = free_port("127.0.0.1")
+        # A cluster's nodes share one epmd (the first node's) and one cookie: Erlang
+        # finds its peers through the epmd port in ERL_EPMD_PORT.
+        self.owns_epmd = not epmd_port
+        self.epmd_port = epmd_port or free_port("127.0.0.1")
+        self.cookie = cookie or secrets.token_hex(20).upper()
+        self.extra_conf = list(extra_conf)  # more rabbitmq.conf lines (cluster formation)
         self.ca_file = os.path.abspath(ca_file)
         self.cert_file = os.path.abspath(cert_file)
         self.key_file = os.path.abspath(key_file)
@@ -222,7 +229,7 @@ class RabbitNode:
         if not os.path.exists(cookie):
             fd = os.open(cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
             with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(20).upper())
+                f.write(self.cookie)
         lines = [
             "# written by remote_gevent.demo.rabbit — private node %s" % self.node_name,
             "listeners.tcp = none" if self.amqp_port is None
@@ -245,8 +252,7 @@ class RabbitNode:
             "log.file = rabbit.log",
             "log.file.level = info",
             "log.console = false",
-            "",
-        ]
+        ] + self.extra_conf + [""]
         self._write(os.path.join(self.base_dir, "rabbitmq.conf"), "\n".join(lines), 0o600)
         self._write(os.path.join(self.base_dir, "enabled_plugins"), "[].\n", 0o600)
         # Our own env file, so /etc/rabbitmq/rabbitmq-env.conf (the system node's) is not read.
@@ -328,6 +334,10 @@ class RabbitNode:
     def _start_epmd(self) -> None:
         if self._epmd is not None and self._epmd.poll() is None:
             return
+        if not self.owns_epmd:  # a cluster peer's epmd: it must be up already
+            if not self._wait_epmd(5.0):
+                raise RabbitError("shared epmd on 127.0.0.1:%d is not up" % self.epmd_port)
+            return
         epmd = _epmd_binary()
         if epmd is None:
             raise RabbitError("epmd not found (is Erlang installed?)")
@@ -337,16 +347,20 @@ class RabbitNode:
             stderr=subprocess.DEVNULL, start_new_session=True,
         )
         # The VM starts an epmd of its own if ours is not listening yet: wait for it.
-        deadline = time.monotonic() + 10.0
+        if not self._wait_epmd(10.0):
+            raise RabbitError("epmd did not start on 127.0.0.1:%d" % self.epmd_port)
+
+    def _wait_epmd(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.epmd_port), timeout=0.5):
-                    return
+                    return True
             except OSError:
-                if self._epmd.poll() is not None:
-                    break
+                if self._epmd is not None and self._epmd.poll() is not None:
+                    return False
                 time.sleep(0.02)
-        raise RabbitError("epmd did not start on 127.0.0.1:%d" % self.epmd_port)
+        return False
 
     def _log_tail(self) -> str:
         for path in (self.log_file, os.path.join(self.log_dir, "startup.log")):
@@ -360,6 +374,15 @@ class RabbitNode:
             except OSError:
                 continue
         return self.log_dir
+
+    def wait_port(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until the TLS listener accepts connections (after ``start_app``)."""
+        deadline = time.monotonic() + timeout
+        while not self._port_open():
+            if time.monotonic() > deadline:
+                raise RabbitError("node %s: %s:%d not open after %.0f s; see %s" % (
+                    self.node_name, self.host, self.amqps_port, timeout, self._log_tail()))
+            time.sleep(POLL_INTERVAL)
 
     def _port_open(self) -> bool:
         try:

@@ -34,6 +34,7 @@ from remote_gevent.common.configschema import (  # noqa: E402
     build_section,
     declared_fields,
     read_document,
+    v_bool,
     v_float,
     v_int,
     v_opt_path,
@@ -82,6 +83,13 @@ class RelayFileConfig:
     max_paired: int = config_key(relay.DEFAULT_MAX_PAIRED, v_int(1), "int", "paired sessions")
     max_pending_per_ip: int = config_key(relay.DEFAULT_MAX_PENDING_PER_IP, v_int(1), "int",
                                   "connections not yet paired, per source address")
+    proxy_protocol: bool = config_key(
+        False, v_bool, "bool", "every connection starts with a PROXY v1/v2 header (the relay "
+        "is behind a load balancer that sends one: haproxy send-proxy-v2); its client "
+        "address is used in logs and per-source limits")
+    metrics_listen: Optional[Tuple[str, int]] = config_key(
+        None, v_listen, "host:port", "serve Prometheus metrics (/metrics, plain HTTP) here; "
+        "unset: no metrics listener (needs the relay extra: prometheus_client)")
 
 
 KEYS = tuple(f.name for f in declared_fields(RelayFileConfig))
@@ -181,6 +189,7 @@ def main(listen: Optional[str], cert: Optional[str], key: Optional[str],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_path) if config_path else {}
+        metrics_at = config.pop("metrics_listen", None)
         settings = build_settings(config, listen, cert, key, {
             "max_pending_per_ip": max_pending_per_ip, "hello_timeout": hello_timeout})
         server = relay.Relay(settings)
@@ -204,12 +213,30 @@ def main(listen: Optional[str], cert: Optional[str], key: Optional[str],
     except OSError as exc:
         raise click.ClickException("cannot listen on %s: %s" % (
             format_address(settings.host, settings.port), exc)) from None
+    metrics = _start_metrics(server, metrics_at) if metrics_at else None
     if not log.isEnabledFor(logging.INFO):
         # Scripts and tests wait for this line whatever the log level.
         click.echo("relay listening on %s" % format_address(*server.address), err=True)
     stop.wait()
     log.info("signal %d: stopping (grace %.0fs)", signals[0], settings.grace)
     server.stop()
+    if metrics is not None:
+        metrics.stop()
+
+
+def _start_metrics(server: relay.Relay, at: Tuple[str, int]) -> Any:
+    try:
+        from remote_gevent.relay.metrics import RelayMetrics
+    except ImportError as exc:
+        raise click.ClickException("metrics_listen needs prometheus_client (pip install "
+                                   "'remote-gevent[relay]'): %s" % exc) from None
+    metrics = RelayMetrics(server)
+    try:
+        metrics.serve(*at)
+    except OSError as exc:
+        raise click.ClickException("cannot serve metrics on %s: %s"
+                                   % (format_address(*at), exc)) from None
+    return metrics
 
 
 if __name__ == "__main__":

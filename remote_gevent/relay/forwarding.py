@@ -98,6 +98,9 @@ class Forwarding:
     _stopping: bool
     _drained: gevent.event.Event
 
+    def _observe(self, event: str, session: PairedSession) -> None:
+        raise NotImplementedError  # Relay._observe (metrics hook)
+
     def _run_leg(self, session: PairedSession, conn: Conn) -> None:
         """Forward ``conn``'s bytes to its peer; the last leg to finish ends the session."""
         src_role = conn.hello.role if conn.hello else "?"
@@ -256,6 +259,7 @@ class Forwarding:
         close_quietly(session.agent.sock)
         close_quietly(session.console.sock)
         session.done.set()
+        self._observe("ended", session)
         log.info("session %s ended: %s; agent %s, console %s; agent->console %d bytes, "
                  "console->agent %d bytes; %.1fs", session.session_id, session.outcome,
                  session.agent.ip, session.console.ip, session.bytes["agent"],

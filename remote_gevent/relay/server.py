@@ -71,7 +71,7 @@ import os
 import socket
 import ssl
 import time
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -80,6 +80,7 @@ import gevent.socket
 from gevent.server import StreamServer
 
 from remote_gevent.relay import pending as relay_pending
+from remote_gevent.relay import proxy_protocol
 from remote_gevent.relay import splicer
 from remote_gevent.common import tls
 from remote_gevent.common.addresses import format_address
@@ -150,6 +151,7 @@ class RelaySettings(NamedTuple):
     #: TLS handshake + hello of a new connection (and never longer than
     #: ``handshake_timeout``); short, because a half-open connection holds a pending slot.
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    proxy_protocol: bool = False  # a PROXY v1/v2 header first (relay/proxy_protocol.py)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -235,6 +237,7 @@ class Relay(Forwarding):
         self._drained = gevent.event.Event()
         self._sweeper: Optional[gevent.Greenlet] = None
         self.counters: Dict[str, int] = {"accepted": 0, "sessions": 0}
+        self.observers: List[Callable[[str, PairedSession], None]] = []  # relay/metrics.py
         size = settings.max_pending + 2 * settings.max_paired + REJECT_SLOTS
         self._pool = gevent.pool.Pool(size)
         self._server = StreamServer((settings.host, settings.port), self._handle,
@@ -300,10 +303,22 @@ class Relay(Forwarding):
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
 
+    def _observe(self, event: str, session: PairedSession) -> None:
+        for observer in self.observers:
+            try:
+                observer(event, session)
+            except Exception:  # noqa: BLE001 - metrics must never end a session
+                log.exception("relay observer failed on %s", event)
+
     def _handle(self, raw: socket.socket, address: tuple) -> None:
         ip = address[0]
         self._count("accepted")
         s = self.settings
+        if s.proxy_protocol:  # the client's address from the load balancer's header
+            ip = proxy_protocol.client_ip(raw, ip, s.hello_timeout)
+            if ip is None:  # logged and closed
+                self._count("refused_proxy_header")
+                return
         if self._stopping or len(self._sessions) >= s.max_paired:
             self._reject_busy(raw, ip, "relay stopping" if self._stopping
                               else "max_paired %d reached" % s.max_paired)
@@ -480,6 +495,7 @@ class Relay(Forwarding):
         session = PairedSession(sid, agent, console)
         self._sessions[sid] = session
         self._count("sessions")
+        self._observe("paired", session)
         for c in (agent, console):
             c.peer = session
             self._leave_pending(c)

@@ -1,0 +1,50 @@
+"""Which relay a session may use: the one a signed request names, if this device's
+config admits it (issue 13, relay pools).
+
+``remote.relays`` maps the server id to one ``host:port`` or to a list of them. The
+console signs the exact relay into ``session.request`` (docs/protocol.md §4); the agent
+dials that relay only if it is in the list (host compared case-insensitively, without a
+trailing dot; port exactly), and verifies its certificate as for a single relay
+(``relay_ca_file``, host name checked). So a platform can run several relays for one
+server id and each console (or each request) can use any of them, while a request can
+never send the device to a relay its owner did not list.
+"""
+
+from typing import Any, List, Tuple
+
+from remote_gevent.common.addresses import AddressError, split_host_port
+
+
+class RelayNotAdmitted(ValueError):
+    """The request names a relay this device's config does not list."""
+
+
+def _normal(host: str, port: int) -> Tuple[str, int]:
+    return host.lower().rstrip("."), port
+
+
+def admitted_relays(cfg: Any) -> List[Tuple[str, int]]:
+    """``(host, port)`` of every relay configured for our server id (KeyError if none)."""
+    value = cfg.remote.relays[cfg.remote.server_id]
+    out = []
+    for item in ([value] if isinstance(value, str) else list(value)):
+        host, port = split_host_port(item)
+        assert port is not None
+        out.append((host, port))
+    return out
+
+
+def admit_relay(cfg: Any, named: str) -> Tuple[str, int]:
+    """The ``(host, port)`` to dial for a request naming ``named``; raises
+    :class:`RelayNotAdmitted` (one-line message) or KeyError (no relay configured)."""
+    admitted = admitted_relays(cfg)
+    try:
+        host, port = split_host_port(named)
+    except AddressError:
+        raise RelayNotAdmitted("relay %r is not host:port" % (named[:80],)) from None
+    wanted = _normal(host, port or -1)
+    for relay in admitted:
+        if _normal(*relay) == wanted:
+            return relay
+    raise RelayNotAdmitted("relay %s is not one of this device's relays (%s)" % (
+        named[:80], ", ".join("%s:%d" % r for r in admitted)))
