@@ -380,6 +380,10 @@ def _transfer(ctx: click.Context, device: str, run: Callable[[Callable[[], Any]]
         session.close("normal")
 
 
+quiet_option = click.option("-q", "--quiet", is_flag=True,
+                            help="No progress bar and no summary line (errors only).")
+
+
 @main.command()
 @device_argument
 @click.argument("local")
@@ -387,16 +391,18 @@ def _transfer(ctx: click.Context, device: str, run: Callable[[Callable[[], Any]]
 @click.option("--overwrite", is_flag=True, help="Replace an existing remote file.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted upload.")
 @click.option("-r", "recursive", is_flag=True, help="Copy a directory tree.")
+@quiet_option
 @click.pass_context
 def push(ctx: click.Context, device: str, local: str, remote: str, overwrite: bool,
-         resume: bool, recursive: bool) -> None:
+         resume: bool, recursive: bool, quiet: bool) -> None:
     """Upload LOCAL to the absolute path REMOTE on DEVICE (@transfer)."""
     def body() -> int:
         from remote_gevent.console.transfer import run_push
 
         _install_sigterm()
         return _transfer(ctx, device, lambda factory: run_push(
-            factory, local, remote, overwrite=overwrite, resume=resume, recursive=recursive))
+            factory, local, remote, overwrite=overwrite, resume=resume, recursive=recursive,
+            quiet=quiet))
 
     _run(body)
 
@@ -405,18 +411,21 @@ def push(ctx: click.Context, device: str, local: str, remote: str, overwrite: bo
 @device_argument
 @click.argument("remote")
 @click.argument("local")
+@click.option("--overwrite", is_flag=True, help="Replace an existing local file.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted download.")
 @click.option("-r", "recursive", is_flag=True, help="Copy a directory tree.")
+@quiet_option
 @click.pass_context
-def pull(ctx: click.Context, device: str, remote: str, local: str, resume: bool,
-         recursive: bool) -> None:
+def pull(ctx: click.Context, device: str, remote: str, local: str, overwrite: bool,
+         resume: bool, recursive: bool, quiet: bool) -> None:
     """Download the absolute path REMOTE on DEVICE to LOCAL (@transfer)."""
     def body() -> int:
         from remote_gevent.console.transfer import run_pull
 
         _install_sigterm()
         return _transfer(ctx, device, lambda factory: run_pull(
-            factory, remote, local, resume=resume, recursive=recursive))
+            factory, remote, local, resume=resume, recursive=recursive, overwrite=overwrite,
+            quiet=quiet))
 
     _run(body)
 

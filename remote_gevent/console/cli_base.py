@@ -36,13 +36,20 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _install_sigterm() -> None:
-    """SIGTERM behaves like Ctrl-C: KeyboardInterrupt in the main greenlet."""
+    """SIGTERM and Ctrl-C (SIGINT): KeyboardInterrupt in the main greenlet.
+
+    Python's own SIGINT handler raises KeyboardInterrupt in whichever greenlet happens
+    to run (often the tunnel's reader): gevent then prints that greenlet's traceback and
+    a bare "<timestamp> <Greenlet …> failed with KeyboardInterrupt" line, and the
+    command's cleanup (keeping a pull's partial) never sees it (issue 15).
+    """
     import signal
 
     import gevent
 
     main = gevent.getcurrent()
-    gevent.signal_handler(signal.SIGTERM, gevent.kill, main, KeyboardInterrupt)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(sig, gevent.kill, main, KeyboardInterrupt)
 
 
 def _run(fn: Callable[[], Optional[int]], interrupted_code: Optional[int] = None) -> None:
@@ -64,6 +71,7 @@ def _run(fn: Callable[[], Optional[int]], interrupted_code: Optional[int] = None
             _say(problem)
         sys.exit(EXIT_CONFIG)
     except KeyboardInterrupt:
+        _say("interrupted")
         sys.exit(EXIT_INTERRUPTED if interrupted_code is None else interrupted_code)
     sys.exit(code or 0)
 

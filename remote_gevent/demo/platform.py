@@ -207,7 +207,7 @@ class DemoPlatform:
             "relays": {SERVER_ID: self.relay_address},
             "relay_ca_file": self.ca.cert_file if self.ca else None,
             "transfer": {"roots": [{"path": self.files_dir, "mode": "rw"}],
-                         "max_size": "8G", "overwrite": False},
+                         "max_size": "8G", "overwrite": True},
         }
         amqp = {
             "urls": [self.broker_url],
