@@ -20,7 +20,7 @@ from remote_gevent.common.addresses import format_address
 from remote_gevent.common import tls
 from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.agent.history import record_safely
-from remote_gevent.wire.codes import Reason
+from remote_gevent.wire.codes import RELAY_MISMATCH_TEXT, Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.common.sockets import close_quietly
 from remote_gevent.wire import rendezvous
@@ -87,8 +87,9 @@ class TargetNotPermitted(Exception):
 
     code = Reason.TARGET_NOT_PERMITTED
 
-    def __init__(self, target: str) -> None:
-        self.reason = "%s not permitted" % envelope.short(target)
+    def __init__(self, target: str, rule: str = "") -> None:
+        self.reason = "%s not permitted%s" % (envelope.short(target),
+                                              " by " + rule if rule else "")
         super().__init__(self.reason)
 
 
@@ -246,8 +247,8 @@ class SessionRun(ManagerState):
             log.warning("session %s: refused: relay %s is not %s:%d (configured for %s)",
                         s.id, envelope.short(req.relay), relay_addr[0], relay_addr[1],
                         cfg.remote.server_id)
-            self._refuse(s, CloseCode.RELAY_REFUSED, "relay %s is not this device's relay"
-                         % envelope.short(req.relay, 80))
+            self._refuse(s, CloseCode.RELAY_REFUSED, "relay %s %s"
+                         % (envelope.short(req.relay, 80), RELAY_MISMATCH_TEXT))
 
         self._admit(s)
         s.state = ADMITTED
@@ -383,9 +384,14 @@ class SessionRun(ManagerState):
         if op is None:
             self._request_close(s, CloseCode.REVOKED, REVOKED_TEXT)
             raise OperatorRevoked()
-        if not s.request.permits(target) or not authkeys.permits(self._device_allow, target) \
-                or (op.permitopen and not authkeys.permits(op.permitopen, target)):
-            raise TargetNotPermitted(target)
+        # Name the rule that refused (issue 15), so the operator knows what to change.
+        if not s.request.permits(target):
+            raise TargetNotPermitted(target, "this session's targets (request it when "
+                                             "opening the session)")
+        if not authkeys.permits(self._device_allow, target):
+            raise TargetNotPermitted(target, "the device's remote.allow")
+        if op.permitopen and not authkeys.permits(op.permitopen, target):
+            raise TargetNotPermitted(target, "this operator's permitopen")
         if target in authkeys.VIRTUAL_TARGETS:
             return self._open_virtual(s, target)
         host, port = authkeys.Target.parse(target).address

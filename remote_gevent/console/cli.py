@@ -358,9 +358,20 @@ def close(ctx: click.Context, device: str, session_id: str) -> None:
                                  param_hint="SESSION_ID")
 
     def body() -> int:
+        from remote_gevent.console.config import EXIT_ERROR, ConsoleError
         from remote_gevent.console.control import ConsoleControl
 
         with ConsoleControl(_cfg(ctx)) as control:
+            # A close has no reply: ask the signed status first, so that a mistyped or
+            # finished session (or another operator's) is an error, not a silent 0.
+            status = control.status(device)
+            ours = [s["session_id"] for s in status["sessions"]]
+            listed_all = status["sessions_total"] <= len(ours)
+            if session_id not in ours and listed_all:
+                raise ConsoleError("no session %s on %s that you may close (open: %s; see "
+                                   "`sessions %s`)" % (session_id, device,
+                                                       ", ".join(ours) or "none", device),
+                                   EXIT_ERROR, "no_such_session")
             control.close_session(device, session_id)
         _say("close of session %s requested on %s (the device confirms with a session.close on "
              "remote.up: see `watch`)" % (session_id, device))

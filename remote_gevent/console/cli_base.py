@@ -64,7 +64,7 @@ def _run(fn: Callable[[], Optional[int]], interrupted_code: Optional[int] = None
     try:
         code = fn()
     except ConsoleError as exc:
-        _say(exc.message)
+        _say(exc.message + _next_step(exc))
         sys.exit(exc.exit_code)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -74,6 +74,33 @@ def _run(fn: Callable[[], Optional[int]], interrupted_code: Optional[int] = None
         _say("interrupted")
         sys.exit(EXIT_INTERRUPTED if interrupted_code is None else interrupted_code)
     sys.exit(code or 0)
+
+
+def _config_shown() -> str:
+    """The console config in use, for hints (``-c``, else the env/default path)."""
+    from remote_gevent.console.config import default_path
+
+    ctx = click.get_current_context(silent=True)
+    path = ctx.find_root().obj.get("config_path") if ctx is not None and ctx.find_root().obj \
+        else None
+    return path or default_path()
+
+
+def _next_step(exc: Any) -> str:
+    """What to check next, for the failures whose bare text names only an address
+    (issue 15: "cannot connect to 127.0.0.1:55729" said neither what nor where)."""
+    from remote_gevent.console.config import EXIT_BROKER, EXIT_RELAY
+
+    text = exc.message.lower()
+    if exc.exit_code == EXIT_BROKER and "broker" not in text.split(":", 1)[0]:
+        if "certificate" in text or "tls" in text:
+            return " (broker TLS: check amqp.ca_file and the host in amqp.urls in %s)" \
+                % _config_shown()
+        return " (the broker: check amqp.urls in %s and that the broker runs)" \
+            % _config_shown()
+    if exc.exit_code == EXIT_RELAY and "relay" not in text:
+        return " (the relay: check relay and relay_ca_file in %s)" % _config_shown()
+    return ""
 
 
 def _cfg(ctx: click.Context, allow_missing: bool = False) -> Any:
