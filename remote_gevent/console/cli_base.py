@@ -22,17 +22,22 @@ def _version() -> str:
     return __version__
 
 
+def _version_message() -> str:
+    from remote_gevent import VERSION_MESSAGE
+
+    return VERSION_MESSAGE
+
+
 def _say(text: str) -> None:
     sys.stderr.write("%s: %s\n" % (PROG, text))
     sys.stderr.flush()
 
 
 def _setup_logging(verbose: int) -> None:
-    import logging
+    """Log records only with -v; without it, errors as plain ``PROG: message`` lines."""
+    from remote_gevent.common import logs
 
-    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%s: %%(levelname)s %%(name)s: %%(message)s" % PROG)
+    logs.setup_console(PROG, verbose)
 
 
 def _install_sigterm() -> None:
@@ -129,7 +134,7 @@ device_argument = click.argument("device", callback=_device_arg)
               help="Console config (default: $%s or ~/.config/remote-gevent/console.yaml)."
               % ENV_CONFIG)
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv: debug).")
-@click.version_option(version=_version(), prog_name=PROG, message="%(prog)s %(version)s")
+@click.version_option(version=_version(), prog_name=PROG, message=_version_message())
 @click.pass_context
 def main(ctx: click.Context, config_path: Optional[str], verbose: int) -> None:
     """Operator console: tunnels to devices behind NAT (forward, socks, stdio, push, pull)."""

@@ -46,7 +46,6 @@ import argparse
 import logging
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import subprocess
@@ -58,6 +57,7 @@ import yaml
 
 from remote_gevent.crypto import identity
 from remote_gevent.demo import rabbit as demo_rabbit
+from remote_gevent.demo.banner import ATTACHED_HINT
 from remote_gevent.demo.pki import CertificateAuthority
 
 from remote_gevent.demo.processes import (
@@ -431,36 +431,10 @@ class DemoPlatform:
             "-c", self.console_config] + list(args)
 
     def usage(self) -> str:
-        console = "remote-gevent-console"
-        if shutil.which(console) is None:
-            console = " ".join(shlex.quote(a) for a in entry_argv(
-                "remote-gevent-console", "remote_gevent.console.cli"))
-        c = "%s -c %s" % (console, shlex.quote(self.console_config))
-        proxy = lambda target: shlex.quote("%s stdio %%n %s" % (c, target))  # noqa: E731
-        pids = dict(self.pids())
-        lines = [
-            "remote-gevent demo platform is up in %s" % self.dir,
-            "  broker  %s  (private RabbitMQ node, logs in %s/rabbit/log)"
-            % (self.broker_url, self.dir),
-            "  relay   %s  (pid %s, log %s)" % (self.relay_address, pids.get("relay", "-"),
-                                                self.relay_log),
-            "  agent   device %r (pid %s, log %s, history %s)"
-            % (self.ident, pids.get("agent", "-"), self.agent_log, self.history_path),
-            "  files   %s (transfer root, read-write)" % self.files_dir,
-            "",
-            "Try (any user/password of this machine's sshd; the tunnel ends at 127.0.0.1):",
-            "  ssh -o ProxyCommand=%s %s@%s" % (proxy("127.0.0.1:22"),
-                                                 os.environ.get("USER", "root"), self.ident),
-            "  %s forward %s -L 2222:127.0.0.1:22     # then: ssh -p 2222 127.0.0.1"
-            % (c, self.ident),
-            "  %s socks %s -D 1080                    # then: curl --socks5-hostname "
-            "127.0.0.1:1080 http://127.0.0.1:8000/" % (c, self.ident),
-            "  %s push %s ./some-file %s/some-file" % (c, self.ident, self.files_dir),
-            "  %s pull %s %s/some-file ./copy" % (c, self.ident, self.files_dir),
-            "  sftp -o ProxyCommand=%s x@%s" % (proxy("@sftp"), self.ident),
-            "  %s sessions %s" % (c, self.ident),
-        ]
-        return "\n".join(lines)
+        """The start-up banner (:mod:`remote_gevent.demo.banner`)."""
+        from remote_gevent.demo.banner import usage
+
+        return usage(self)
 
 
 # --------------------------------------------------------------------------- the program
@@ -519,8 +493,8 @@ def run_attached(directory: str) -> int:
         print("demo: could not start: %s" % exc, file=sys.stderr)
         return 1
     print(platform.usage(), flush=True)
-    print("\nCtrl-C (or scripts/demo --dir %s --stop) tears it all down." % directory,
-          flush=True)
+    print("\n%s (or scripts/demo --dir %s --stop) tears it all down." % (ATTACHED_HINT,
+                                                                        directory), flush=True)
     try:
         while not stop.wait(1.0):
             for name, proc in (("agent", platform.agent_proc), ("relay", platform.relay_proc)):
@@ -562,7 +536,9 @@ def run_detached(directory: str) -> int:
             platform = DemoPlatform(directory)
             text = _tail(log_path, 8000)
             start = text.rfind("remote-gevent demo platform is up")
-            print(text[start:] if start >= 0 else platform.usage())
+            banner = text[start:] if start >= 0 else platform.usage()
+            # The attached supervisor's "Ctrl-C tears it all down" is not true here.
+            print(banner.split(ATTACHED_HINT, 1)[0].rstrip())
             print("demo: running detached (pid %d, log %s); stop it with: scripts/demo "
                   "--dir %s --stop" % (proc.pid, log_path, directory))
             return 0
