@@ -16,6 +16,9 @@ from remote_gevent.demo.processes import entry_argv
 #: The banner's last line when attached; ``--detach`` cuts it (no Ctrl-C there).
 ATTACHED_HINT = "Ctrl-C"
 
+#: The banner's first words (``--detach`` finds the banner in the supervisor's log).
+BANNER_START = "remote-gevent demo platform is up in"
+
 #: Where a command line ends and its explanation starts, in :func:`usage`.
 COMMENT = "  # "
 
@@ -57,7 +60,7 @@ def usage(p: Any) -> str:
     c = console_command(p.console_config)
     pids = dict(p.pids())
     lines = [
-        "remote-gevent demo platform is up in %s" % p.dir,
+        "%s %s" % (BANNER_START, p.dir),
         "  broker  %s  (private RabbitMQ node, logs in %s/rabbit/log)" % (p.broker_url, p.dir),
         "  relay   %s  (pid %s, log %s)" % (p.relay_address, pids.get("relay", "-"),
                                             p.relay_log),
@@ -75,6 +78,15 @@ def usage(p: Any) -> str:
         else:
             lines.append(("  " + cmd.ljust(width) + COMMENT + note) if note else "  " + cmd)
     return "\n".join(lines)
+
+
+def detached_banner(log_text: str) -> str:
+    """The banner as the attached supervisor logged it, minus its "Ctrl-C tears it all
+    down" line, which is not true of a detached platform (``--stop`` is the way)."""
+    start = log_text.rfind(BANNER_START)
+    if start < 0:
+        return ""
+    return log_text[start:].split("\n" + ATTACHED_HINT, 1)[0].rstrip()
 
 
 def banner_commands(text: str) -> List[str]:

@@ -57,7 +57,7 @@ import yaml
 
 from remote_gevent.crypto import identity
 from remote_gevent.demo import rabbit as demo_rabbit
-from remote_gevent.demo.banner import ATTACHED_HINT
+from remote_gevent.demo.banner import ATTACHED_HINT, detached_banner
 from remote_gevent.demo.pki import CertificateAuthority
 
 from remote_gevent.demo.processes import (
@@ -535,10 +535,7 @@ def run_detached(directory: str) -> int:
         if dict(_read_pids(pids_file)).get("platform") == proc.pid:
             platform = DemoPlatform(directory)
             text = _tail(log_path, 8000)
-            start = text.rfind("remote-gevent demo platform is up")
-            banner = text[start:] if start >= 0 else platform.usage()
-            # The attached supervisor's "Ctrl-C tears it all down" is not true here.
-            print(banner.split(ATTACHED_HINT, 1)[0].rstrip())
+            print(detached_banner(text) or platform.usage())
             print("demo: running detached (pid %d, log %s); stop it with: scripts/demo "
                   "--dir %s --stop" % (proc.pid, log_path, directory))
             return 0
