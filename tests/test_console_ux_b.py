@@ -7,6 +7,8 @@ console/agent pair over a socketpair, the stock ``sftp`` against ``serve_sftp``)
 
 from __future__ import annotations
 
+# ruff: noqa: F811  (the env and server fixtures are imported from their modules)
+
 import io
 import logging
 import os
@@ -205,7 +207,7 @@ def test_detached_banner_does_not_say_ctrl_c():
 
 
 @needs_sftp
-def test_sftp_starts_in_the_writable_root(server):  # noqa: F811 - fixture
+def test_sftp_starts_in_the_writable_root(server):
     s = server
     (s.local / "up.txt").write_bytes(b"hello\n")
     done = run_batch(s, ["pwd", "put %s up.txt" % (s.local / "up.txt"), "ls"])
@@ -215,7 +217,7 @@ def test_sftp_starts_in_the_writable_root(server):  # noqa: F811 - fixture
 
 
 @needs_sftp
-def test_sftp_starts_in_the_only_root_even_read_only(server):  # noqa: F811 - fixture
+def test_sftp_starts_in_the_only_root_even_read_only(server):
     s = server
     s.roots.roots[:] = [r for r in s.roots.roots if not r.writable]
     done = run_batch(s, ["pwd", "get readme.txt %s" % (s.local / "got.txt")])
@@ -225,7 +227,7 @@ def test_sftp_starts_in_the_only_root_even_read_only(server):  # noqa: F811 - fi
 
 
 @needs_sftp
-def test_sftp_starts_in_virtual_root_with_several_read_only_roots(server):  # noqa: F811
+def test_sftp_starts_in_virtual_root_with_several_read_only_roots(server):
     s = server
     s.roots.roots[:] = [r for r in s.roots.roots if not r.writable] + [
         roots_mod.Root(str(s.outside), writable=False)]
