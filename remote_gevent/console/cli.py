@@ -258,6 +258,7 @@ def master(ctx: click.Context, device: str, targets: List[str], persist: Optiona
             raise
         gevent.signal_handler(signal.SIGTERM, server.stop, "SIGTERM")
         gevent.signal_handler(signal.SIGHUP, server.stop, "SIGHUP")
+        gevent.signal_handler(signal.SIGINT, server.stop, "SIGINT")  # Ctrl-C: no traceback
         _say("master of %s on %s (session %s, persist %s)" % (
             device, path, server.session.session_id,
             "%gs" % wait if wait > 0 else "until stopped"))
