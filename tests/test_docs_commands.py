@@ -39,7 +39,7 @@ from test_e2e import SSHD, WAIT, Sshd, free_port, unique, wait_for
 from remote_gevent.demo.banner import banner_commands
 from remote_gevent.demo.platform import DemoPlatform
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -60,7 +60,7 @@ NOT_RUN = {
 }
 
 READY = {"forward": "forwarding ", "socks": "SOCKS5 on ", "master": "master of ",
-         "watch": None}
+         "watch": "fr04/"}
 
 
 # --------------------------------------------------------------------------- extraction

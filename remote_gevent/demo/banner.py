@@ -47,7 +47,7 @@ def _commands(c: str, ident: str, files_dir: str) -> List[Tuple[str, str]]:
         ("sftp -o ProxyCommand=%s x@%s" % (proxy("@sftp"), ident), "starts in the root"),
         ("", ""),
         ("%s devices" % c, "state, last alive, key fingerprint"),
-        ("%s watch" % c, "follows ONLINE/OFFLINE changes until Ctrl-C"),
+        ("%s watch" % c, "follows ONLINE/OFFLINE changes as they happen"),
         ("%s sessions %s" % (c, ident), "what is open on the device"),
         ("%s close %s SESSION_ID" % (c, ident), "a SESSION_ID from sessions"),
         ("%s master %s --persist 600" % (c, ident), "stdio/ssh/sftp then reuse its session"),
@@ -70,13 +70,8 @@ def usage(p: Any) -> str:
         "",
         "Try (any user/password of this machine's sshd; the tunnel ends at 127.0.0.1):",
     ]
-    commands = _commands(c, p.ident, p.files_dir)
-    width = max(len(cmd) for cmd, _ in commands)
-    for cmd, note in commands:
-        if not cmd:
-            lines.append("")
-        else:
-            lines.append(("  " + cmd.ljust(width) + COMMENT + note) if note else "  " + cmd)
+    for cmd, note in _commands(c, p.ident, p.files_dir):
+        lines.append(("  " + cmd + COMMENT + note) if note else ("  " + cmd).rstrip())
     return "\n".join(lines)
 
 
