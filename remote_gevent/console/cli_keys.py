@@ -77,8 +77,6 @@ def _mtime(path: str) -> Optional[float]:
         return None
 
 
-
-
 def _print_devices(rows: List[dict], now: float, stale: bool = False) -> None:
     """The devices table; ``stale``: the broker was not read now, so every state is the
     cached one and says so (issue 15: a device behind a dead broker showed "online")."""

@@ -8,7 +8,12 @@ on stderr and an exit code scripts can rely on (``EXIT_*``).
 Local writes on pull are as careful as the agent's: ``.<name>.rgpart`` next to the
 target, fsynced, sha256 checked against the agent's trailer, then renamed.  The
 partial is kept when the stream is lost, so ``resume=True`` continues it after the
-agent confirmed (prefix sha256) that it is a prefix of the same file.
+agent confirmed (prefix sha256) that it is a prefix of the same file; Ctrl-C / SIGTERM
+(KeyboardInterrupt in the main greenlet, cli_base) keeps it too. An existing local file
+is replaced only with ``overwrite``, as ``push`` does on the device.
+
+The stream itself and the one-request operations (stat, list, mkdir) are in
+:mod:`remote_gevent.console.transfer_conn`.
 """
 
 from __future__ import annotations
