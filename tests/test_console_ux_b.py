@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -291,10 +292,30 @@ def test_relay_mismatch_refusal_is_a_relay_exit():
     assert codes.refusal_exit("target_not_permitted", "x") == (codes.EXIT_REFUSED, "")
 
 
-def test_docs_say_what_the_programs_do():
+def _console_md() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "..", "docs", "console.md")) as f:
-        console_md = f.read()
-    # the master's log file, as master.start_background names it
-    assert "<server_id>-<DEVICE>.log" in console_md
+        return f.read()
+
+
+def test_master_log_file_is_where_the_docs_say(tmp_path):
+    """``stdio --master auto`` starts a master whose log is the file docs/console.md
+    names (a master that cannot start still leaves its reason there)."""
+    from remote_gevent.console import master
+
+    control = tmp_path / "ctl"
+    path = master.socket_path(str(control), "fr04", "dev1")
+    code, message = master.start_background(str(tmp_path / "missing.yaml"), "dev1", path,
+                                            1.0, [])
+    assert code != 0, message
+    documented = re.search(r"its log in\s+`([^`]+)` beside the socket", _console_md())
+    assert documented, "docs/console.md no longer says where the master logs"
+    name = documented.group(1).replace("<server_id>", "fr04").replace("<DEVICE>", "dev1")
+    assert sorted(os.listdir(str(control))) == [name], os.listdir(str(control))
+    with open(str(control / name)) as f:
+        assert "missing.yaml" in f.read()
+
+
+def test_docs_say_what_the_programs_do():
+    console_md = _console_md()
     assert "--quiet" in console_md and "pull DEVICE REMOTE LOCAL [--overwrite]" in console_md

@@ -77,10 +77,11 @@ def usage(p: Any) -> str:
 
 def detached_banner(log_text: str) -> str:
     """The banner as the attached supervisor logged it, minus its "Ctrl-C tears it all
-    down" line, which is not true of a detached platform (``--stop`` is the way)."""
+    down" line, which is not true of a detached platform (``--stop`` is the way); "" until
+    that last line is logged (the banner is complete)."""
     start = log_text.rfind(BANNER_START)
-    if start < 0:
-        return ""
+    if start < 0 or "\n" + ATTACHED_HINT not in log_text[start:]:
+        return ""  # not (completely) printed yet
     return log_text[start:].split("\n" + ATTACHED_HINT, 1)[0].rstrip()
 
 

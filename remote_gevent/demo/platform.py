@@ -509,6 +509,15 @@ def run_attached(directory: str) -> int:
     return 0
 
 
+def _log_since(path: str, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(64 * 1024).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def run_detached(directory: str) -> int:
     """Run the attached supervisor in the background; return once it is ready."""
     if _running_platform(directory):
@@ -522,6 +531,7 @@ def run_detached(directory: str) -> int:
         pass
     log_path = os.path.join(directory, "demo.log")
     with open(log_path, "ab") as out:
+        logged_before = out.tell()  # an earlier run's banner is further up: not ours
         proc = subprocess.Popen(
             [sys.executable, "-m", "remote_gevent.demo.platform", "--dir", directory],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -532,10 +542,10 @@ def run_detached(directory: str) -> int:
             print("demo: the platform failed to start (exit %s); %s:\n%s"
                   % (proc.returncode, log_path, _tail(log_path)), file=sys.stderr)
             return 1
-        if dict(_read_pids(pids_file)).get("platform") == proc.pid:
-            platform = DemoPlatform(directory)
-            text = _tail(log_path, 8000)
-            print(detached_banner(text) or platform.usage())
+        # pids are written before the banner: wait for the whole banner of this run
+        banner = detached_banner(_log_since(log_path, logged_before))
+        if banner and dict(_read_pids(pids_file)).get("platform") == proc.pid:
+            print(banner)
             print("demo: running detached (pid %d, log %s); stop it with: scripts/demo "
                   "--dir %s --stop" % (proc.pid, log_path, directory))
             return 0
