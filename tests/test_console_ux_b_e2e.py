@@ -124,6 +124,36 @@ def test_ctrl_c_during_pull_keeps_partial_and_resume_continues(platform, tmp_pat
     os.unlink(remote)
 
 
+def test_ctrl_c_during_push_keeps_the_device_partial_and_resume_continues(platform,
+                                                                          tmp_path):
+    size = 256 * MIB
+    src = str(tmp_path / "up.bin")
+    digest = random_file(src, size)
+    remote = os.path.join(platform.files_dir, "ctrl-c-up.bin")
+    partial = os.path.join(platform.files_dir, part_name("ctrl-c-up.bin"))
+
+    def partial_grew(shown: str) -> bool:
+        return "%" in shown and os.path.exists(partial) and os.path.getsize(partial) > 8 * MIB
+
+    shown, status = in_pty(platform.console_argv("push", platform.ident, src, remote),
+                           partial_grew)
+    assert status == 130, shown[-2000:]
+    assert_clean(shown)
+    assert shown.strip().splitlines()[-1] == (
+        "remote-gevent-console push: interrupted; the device keeps the partial upload: run "
+        "the same command with --resume to continue"), shown[-500:]
+    kept = wait_for(lambda: os.path.exists(partial) and os.path.getsize(partial), WAIT,
+                    what="the device's partial")
+    assert not os.path.exists(remote)
+    done = console(platform, "push", "--resume", platform.ident, src, remote)
+    assert done.returncode == 0, done.stderr
+    assert sha256_file(remote) == digest and not os.path.exists(partial)
+    sent = re.match(r"^push: 1 file\(s\), (.+) in ", done.stderr)
+    assert sent and sent.group(1) != _human(size), done.stderr   # not from zero
+    assert 0 < kept < size
+    os.unlink(remote)
+
+
 @pytest.mark.parametrize("command", ["forward", "socks"])
 def test_ctrl_c_of_forward_and_socks_is_one_clean_line(platform, command):
     echo = EchoServer()
