@@ -190,6 +190,24 @@ def test_ctrl_c_of_forward_and_socks_is_one_clean_line(platform, command):
     assert banner in lines[0] and len(lines) == 2, lines
 
 
+def test_ctrl_c_while_waiting_for_the_device_is_one_line(platform):
+    """Any command (here ``sessions``, waiting for a device that does not answer: its
+    agent is stopped with SIGSTOP) ends on Ctrl-C with one line, exit 130."""
+    import signal
+
+    platform.agent_proc.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        shown, status = in_pty(platform.console_argv("sessions", platform.ident),
+                               lambda shown: time.monotonic() - t0 > 3.0)
+    finally:
+        platform.agent_proc.send_signal(signal.SIGCONT)
+    assert status == 130, shown
+    assert_clean(shown)
+    assert shown.replace("\r", "").strip() in ("^Cremote-gevent-console: interrupted",
+                                                "remote-gevent-console: interrupted"), shown
+
+
 # --------------------------------------------------------------------------- item 6
 
 

@@ -64,6 +64,7 @@ from remote_gevent.console.cli_base import (  # noqa: E402
     _ago,
     _cfg,
     _install_sigterm,
+    _on_signal,
     _run,
     _say,
     device_argument,
@@ -215,7 +216,6 @@ def master(ctx: click.Context, device: str, targets: List[str], persist: Optiona
     def body() -> int:
         import signal
 
-        import gevent
 
         from remote_gevent.console import master as cm
         from remote_gevent.console.config import EXIT_ERROR, ConsoleError
@@ -256,9 +256,8 @@ def master(ctx: click.Context, device: str, targets: List[str], persist: Optiona
             server.cleanup()
             report("ERR %d %s" % (exc.exit_code, exc.message))
             raise
-        gevent.signal_handler(signal.SIGTERM, server.stop, "SIGTERM")
-        gevent.signal_handler(signal.SIGHUP, server.stop, "SIGHUP")
-        gevent.signal_handler(signal.SIGINT, server.stop, "SIGINT")  # Ctrl-C: no traceback
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # replaces _run's SIGINT
+            _on_signal(sig, server.stop, signal.Signals(sig).name)
         _say("master of %s on %s (session %s, persist %s)" % (
             device, path, server.session.session_id,
             "%gs" % wait if wait > 0 else "until stopped"))

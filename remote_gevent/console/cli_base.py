@@ -8,7 +8,7 @@ in ``cli.py`` (sessions and transfers) and ``cli_keys.py`` (keys and devices).
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 import click
 
 
@@ -40,21 +40,40 @@ def _setup_logging(verbose: int) -> None:
     logs.setup_console(PROG, verbose)
 
 
-def _install_sigterm() -> None:
-    """SIGTERM and Ctrl-C (SIGINT): KeyboardInterrupt in the main greenlet.
+_SIGNAL_WATCHERS: Dict[int, Any] = {}
 
-    Python's own SIGINT handler raises KeyboardInterrupt in whichever greenlet happens
-    to run (often the tunnel's reader): gevent then prints that greenlet's traceback and
-    a bare "<timestamp> <Greenlet …> failed with KeyboardInterrupt" line, and the
-    command's cleanup (keeping a pull's partial) never sees it (issue 15).
+
+def _on_signal(sig: int, handler: Callable[..., Any], *args: Any) -> None:
+    """``gevent.signal_handler``, replacing this process's earlier one for ``sig``: two
+    watchers would both fire, and a second KeyboardInterrupt would land in the cleanup."""
+    import gevent
+
+    old = _SIGNAL_WATCHERS.pop(sig, None)
+    if old is not None:
+        old.cancel()
+    _SIGNAL_WATCHERS[sig] = gevent.signal_handler(sig, handler, *args)
+
+
+def _interrupt_main(*signals: int) -> None:
+    """``signals`` raise KeyboardInterrupt in the main greenlet (the command's body).
+
+    Python's own SIGINT handler raises it in whichever greenlet happens to run (often
+    the tunnel's reader): gevent then prints "KeyboardInterrupt" and a bare
+    "<timestamp>" line, and the command's cleanup (keeping a pull's partial) never sees
+    it (issue 15).
     """
-    import signal
-
     import gevent
 
     main = gevent.getcurrent()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(sig, gevent.kill, main, KeyboardInterrupt)
+    for sig in signals:
+        _on_signal(sig, gevent.kill, main, KeyboardInterrupt)
+
+
+def _install_sigterm() -> None:
+    """SIGTERM behaves like Ctrl-C: KeyboardInterrupt in the main greenlet."""
+    import signal
+
+    _interrupt_main(signal.SIGTERM, signal.SIGINT)
 
 
 def _run(fn: Callable[[], Optional[int]], interrupted_code: Optional[int] = None) -> None:
@@ -66,6 +85,9 @@ def _run(fn: Callable[[], Optional[int]], interrupted_code: Optional[int] = None
         ConsoleError,
     )
 
+    import signal
+
+    _interrupt_main(signal.SIGINT)  # every command: Ctrl-C is one line, never a traceback
     try:
         code = fn()
     except ConsoleError as exc:
