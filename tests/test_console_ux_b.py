@@ -319,3 +319,23 @@ def test_master_log_file_is_where_the_docs_say(tmp_path):
 def test_docs_say_what_the_programs_do():
     console_md = _console_md()
     assert "--quiet" in console_md and "pull DEVICE REMOTE LOCAL [--overwrite]" in console_md
+
+
+def test_next_step_hints(monkeypatch, tmp_path):
+    from remote_gevent.console.cli_base import _next_step
+    from remote_gevent.console.config import ConsoleError
+
+    monkeypatch.setenv("REMOTE_GEVENT_CONSOLE_CONFIG", str(tmp_path / "c.yaml"))
+    cases = [
+        (codes.EXIT_BROKER, "cannot connect to 127.0.0.1:5671: connection refused",
+         " (the broker: check amqp.urls in %s and that the broker runs)" % (tmp_path / "c.yaml")),
+        (codes.EXIT_BROKER, "127.0.0.1:5671: certificate verify failed: self-signed",
+         " (broker TLS: check amqp.ca_file and the host in amqp.urls in %s)"
+         % (tmp_path / "c.yaml")),
+        (codes.EXIT_RELAY, "cannot connect to 127.0.0.1:8443: timed out",
+         " (the relay: check relay and relay_ca_file in %s)" % (tmp_path / "c.yaml")),
+        (codes.EXIT_BROKER, "broker 127.0.0.1:5671: access refused", ""),  # says "broker"
+        (codes.EXIT_REFUSED, "device demo refused the session: x", ""),
+    ]
+    for exit_code, message, hint in cases:
+        assert _next_step(ConsoleError(message, exit_code)) == hint, message
