@@ -5,3 +5,7 @@ Kept free of imports on purpose: every entry point must be able to run
 """
 
 __version__ = "0.1.0"
+
+#: ``--version`` of every program (click's ``message``): ``remote-gevent 0.1.0``,
+#: ``remote-gevent-relay 0.1.0``, ``remote-gevent-console 0.1.0`` — one format.
+VERSION_MESSAGE = "%(prog)s %(version)s"

@@ -712,8 +712,15 @@ def test_real_agent_owner_only_and_sighup_revocation(rabbit, tmp_path):
         assert json.loads(theirs.stdout)["sessions"] == [], theirs.stdout
         assert a_sid not in theirs.stdout
 
-        closed = console_b("close", p.ident, a_sid)
-        assert closed.returncode == 0, closed.stderr
+        closed = console_b("close", p.ident, a_sid)  # B's console: not among B's sessions
+        assert closed.returncode == 1, closed.stderr
+        assert "no session %s on %s that you may close" % (a_sid, p.ident) in closed.stderr
+        # The agent's own check, for a console that sends B's signed close anyway:
+        from remote_gevent.console import config as console_config
+        from remote_gevent.console.control import ConsoleControl
+
+        with ConsoleControl(console_config.load(b_config)) as control:
+            control.close_session(p.ident, a_sid)
         deadline = time.monotonic() + WAIT
         while "not_session_owner" not in _read(p.agent_log):
             assert time.monotonic() < deadline, _read(p.agent_log)[-3000:]

@@ -345,7 +345,8 @@ def test_refusal_history_rows_only_for_trusted_fresh_requests(plat, echo, procs)
     assert len(first) == 1, new
     r = first[0]
     assert r["remote_ip"] == "" and float(r["duration_s"]) == 0.0
-    assert r["reason"] == "target_not_permitted: 10.255.255.1:22 not permitted", r
+    assert r["reason"] == ("target_not_permitted: 10.255.255.1:22 not permitted by the "
+                           "device's remote.allow"), r
     assert r["operator"] == op.key.fingerprint and r["targets"] == "10.255.255.1:22"
     assert r["bytes_in"] == r["bytes_out"] == "0"
     assert "10.255.255.2:22" in refused[1]["targets"]

@@ -21,7 +21,7 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence  # noqa: E402
 
-from remote_gevent import __version__  # noqa: E402
+from remote_gevent import VERSION_MESSAGE, __version__  # noqa: E402
 from remote_gevent.agent import config as config_mod  # noqa: E402
 from remote_gevent.agent import daemon  # noqa: E402
 from remote_gevent.crypto import identity  # noqa: E402
@@ -224,7 +224,8 @@ def command() -> "click.Group":
                   help="Log to this file instead of stderr/syslog.")
     @click.option("--log-level", default="INFO", show_default=True,
                   type=click.Choice(logs.LEVELS, case_sensitive=False))
-    @click.version_option(__version__, "--version", prog_name="remote-gevent")
+    @click.version_option(__version__, "--version", prog_name="remote-gevent",
+                          message=VERSION_MESSAGE)
     @click.pass_context
     def main(ctx: "click.Context", config_path: Optional[str], foreground: bool,
              pidfile: Optional[str], log_file: Optional[str], log_level: str) -> None:

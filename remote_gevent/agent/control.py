@@ -584,6 +584,10 @@ def _status_request_id(raw: bytes) -> Optional[str]:
 def _targets_text(detail: str) -> str:
     """``<targets> not permitted`` from check_session_request's detail (validated targets,
     not raw request text); '' if the detail has another shape."""
-    m = re.match(r"^session [0-9a-f]{32}: (.+) not permitted for SHA256:", detail or "")
-    return "%s not permitted" % m.group(1) if m else ""
+    m = re.match(r"^session [0-9a-f]{32}: (.+) not permitted for SHA256:\S+"
+                 r"(?: by (the device's remote\.allow|this operator's permitopen in the "
+                 r"device's authorized_keys))?$", detail or "")
+    if not m:
+        return ""
+    return "%s not permitted%s" % (m.group(1), " by " + m.group(2) if m.group(2) else "")
 

@@ -21,7 +21,7 @@ from remote_gevent.common import tls
 from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.agent.relay_accept import RelayNotAdmitted, admit_relay, admitted_relays
 from remote_gevent.agent.history import record_safely
-from remote_gevent.wire.codes import Reason
+from remote_gevent.wire.codes import RELAY_MISMATCH_TEXT, Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.common.sockets import close_quietly
 from remote_gevent.wire import rendezvous
@@ -68,7 +68,6 @@ RUNNING = "running"  # tunnel handshake and streams
 ENDED = "ended"
 
 
-
 _REFUSE_FOR_CLOSE = {
     CloseCode.QUEUE_TIMEOUT: Reason.QUEUE_TIMEOUT,
     CloseCode.SHUTDOWN: Reason.SHUTTING_DOWN,
@@ -82,17 +81,15 @@ _REFUSE_FOR_CLOSE = {
 REVOKED_TEXT = "operator key no longer trusted"
 
 
-
 class TargetNotPermitted(Exception):
     """Raised by ``on_open``: the mux turns ``.code`` / ``.reason`` into OPEN_FAIL."""
 
     code = Reason.TARGET_NOT_PERMITTED
 
-    def __init__(self, target: str) -> None:
-        self.reason = "%s not permitted" % envelope.short(target)
+    def __init__(self, target: str, rule: str = "") -> None:
+        self.reason = "%s not permitted%s" % (envelope.short(target),
+                                              " by " + rule if rule else "")
         super().__init__(self.reason)
-
-
 
 
 class OperatorRevoked(Exception):
@@ -100,7 +97,6 @@ class OperatorRevoked(Exception):
 
     code = CloseCode.REVOKED
     reason = REVOKED_TEXT
-
 
 
 Reply = Callable[[bytes], Any]
@@ -113,8 +109,6 @@ class _End(Exception):
         super().__init__("%s: %s" % (code, reason))
         self.code = code
         self.reason = reason
-
-
 
 
 def device_allow(cfg: Any) -> Tuple[str, ...]:
@@ -131,26 +125,9 @@ def device_allow(cfg: Any) -> Tuple[str, ...]:
     return allow
 
 
-
-
 def configured_relay(cfg: Any) -> Tuple[str, int]:
     """``(host, port)`` of the (first) relay configured for our server id."""
     return admitted_relays(cfg)[0]
-
-
-
-
-def _same_relay(named: str, configured: Tuple[str, int]) -> bool:
-    from remote_gevent.agent.config import Invalid, split_host_port
-
-    try:
-        host, port = split_host_port(named)
-    except Invalid:
-        return False
-    return host.lower().rstrip(".") == configured[0].lower().rstrip(".") \
-        and port == configured[1]
-
-
 
 
 class _Session:
@@ -179,8 +156,6 @@ class _Session:
     @property
     def targets(self) -> List[str]:
         return [str(t) for t in self.request.targets]
-
-
 
 
 def _returned(g: gevent.Greenlet) -> bool:
@@ -239,8 +214,8 @@ class SessionRun(ManagerState):
             relay_addr = admit_relay(cfg, req.relay)
         except RelayNotAdmitted as e:
             log.warning("session %s: refused: %s", s.id, e)
-            self._refuse(s, CloseCode.RELAY_REFUSED, "relay %s is not this device's relay"
-                         % envelope.short(req.relay, 80))
+            self._refuse(s, CloseCode.RELAY_REFUSED, "relay %s %s"
+                         % (envelope.short(req.relay, 80), RELAY_MISMATCH_TEXT))
         except (KeyError, ValueError) as e:
             self._refuse(s, CloseCode.RELAY_REFUSED, "no relay configured: %s" % e)
 
@@ -378,9 +353,14 @@ class SessionRun(ManagerState):
         if op is None:
             self._request_close(s, CloseCode.REVOKED, REVOKED_TEXT)
             raise OperatorRevoked()
-        if not s.request.permits(target) or not authkeys.permits(self._device_allow, target) \
-                or (op.permitopen and not authkeys.permits(op.permitopen, target)):
-            raise TargetNotPermitted(target)
+        # Name the rule that refused (issue 15), so the operator knows what to change.
+        if not s.request.permits(target):
+            raise TargetNotPermitted(target, "this session's targets (request it when "
+                                             "opening the session)")
+        if not authkeys.permits(self._device_allow, target):
+            raise TargetNotPermitted(target, "the device's remote.allow")
+        if op.permitopen and not authkeys.permits(op.permitopen, target):
+            raise TargetNotPermitted(target, "this operator's permitopen")
         if target in authkeys.VIRTUAL_TARGETS:
             return self._open_virtual(s, target)
         host, port = authkeys.Target.parse(target).address

@@ -98,3 +98,69 @@ def setup(level: str = "INFO", log_file: Optional[str] = None, foreground: bool 
     for noisy in ("amqp", "paramiko"):
         logging.getLogger(noisy).setLevel(max(root.level, logging.INFO))
     return handler
+
+
+class UserFacingFormatter(EscapingFormatter):
+    """``PROG: message`` — a log record shown to an operator as one plain line.
+
+    No level, logger name or traceback (issue 15: raw ``WARNING remote_gevent.mux …``
+    lines in the operator's terminal): those are for ``-v``."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__("%s: %%(message)s" % prog.replace("%", "%%"))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - stdlib name
+        text = super().formatMessage(record)
+        if record.levelno < logging.ERROR:
+            prefix, _, rest = text.partition(": ")
+            text = "%s: warning: %s" % (prefix, rest)
+        return text
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            text = super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+        return text + (" (run with -v for details)" if saved[0] else "")
+
+
+class _UserFacing(logging.Filter):
+    """ERROR and above from anywhere; warnings only from the tool's own modules (``own``,
+    a logger name prefix): the tunnel's and the libraries' warnings are for ``-v``."""
+
+    def __init__(self, own: str) -> None:
+        super().__init__()
+        self.own = own
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name == self.own \
+            or record.name.startswith(self.own + ".")
+
+
+def setup_console(prog: str, verbose: int, own: str = "remote_gevent.console"
+                  ) -> logging.Handler:
+    """Logging of a command-line tool run by a person (the console).
+
+    ``verbose`` 0: errors, and warnings of the ``own`` modules, as plain ``PROG: message``
+    / ``PROG: warning: message`` lines (what went wrong is otherwise said by the command
+    itself, once); 1: INFO, 2+: DEBUG, as log records (level and logger name)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if verbose <= 0:
+        handler.setFormatter(UserFacingFormatter(prog))
+        handler.addFilter(_UserFacing(own))
+        level = logging.WARNING
+    else:
+        handler.setFormatter(EscapingFormatter(
+            "%s: %%(levelname)s %%(name)s: %%(message)s" % prog.replace("%", "%%")))
+        level = logging.INFO if verbose == 1 else logging.DEBUG
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("amqp", "paramiko"):
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+    return handler

@@ -66,6 +66,7 @@ from remote_gevent.console.cli_base import (  # noqa: E402
     _cfg,
     _device_arg,
     _install_sigterm,
+    _on_signal,
     _run,
     _say,
     device_argument,
@@ -217,7 +218,6 @@ def master(ctx: click.Context, device: str, targets: List[str], persist: Optiona
     def body() -> int:
         import signal
 
-        import gevent
 
         from remote_gevent.console import master as cm
         from remote_gevent.console.config import EXIT_ERROR, ConsoleError
@@ -258,8 +258,8 @@ def master(ctx: click.Context, device: str, targets: List[str], persist: Optiona
             server.cleanup()
             report("ERR %d %s" % (exc.exit_code, exc.message))
             raise
-        gevent.signal_handler(signal.SIGTERM, server.stop, "SIGTERM")
-        gevent.signal_handler(signal.SIGHUP, server.stop, "SIGHUP")
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # replaces _run's SIGINT
+            _on_signal(sig, server.stop, signal.Signals(sig).name)
         _say("master of %s on %s (session %s, persist %s)" % (
             device, path, server.session.session_id,
             "%gs" % wait if wait > 0 else "until stopped"))
@@ -404,9 +404,20 @@ def close(ctx: click.Context, device: str, session_id: str) -> None:
                                  param_hint="SESSION_ID")
 
     def body() -> int:
+        from remote_gevent.console.config import EXIT_ERROR, ConsoleError
         from remote_gevent.console.control import ConsoleControl
 
         with ConsoleControl(_cfg(ctx)) as control:
+            # A close has no reply: ask the signed status first, so that a mistyped or
+            # finished session (or another operator's) is an error, not a silent 0.
+            status = control.status(device)
+            ours = [s["session_id"] for s in status["sessions"]]
+            listed_all = status["sessions_total"] <= len(ours)
+            if session_id not in ours and listed_all:
+                raise ConsoleError("no session %s on %s that you may close (open: %s; see "
+                                   "`sessions %s`)" % (session_id, device,
+                                                       ", ".join(ours) or "none", device),
+                                   EXIT_ERROR, "no_such_session")
             control.close_session(device, session_id)
         _say("close of session %s requested on %s (the device confirms with a session.close on "
              "remote.up: see `watch`)" % (session_id, device))
@@ -426,6 +437,10 @@ def _transfer(ctx: click.Context, device: str, run: Callable[[Callable[[], Any]]
         session.close("normal")
 
 
+quiet_option = click.option("-q", "--quiet", is_flag=True,
+                            help="No progress bar and no summary line (errors only).")
+
+
 @main.command()
 @device_argument
 @click.argument("local")
@@ -433,16 +448,18 @@ def _transfer(ctx: click.Context, device: str, run: Callable[[Callable[[], Any]]
 @click.option("--overwrite", is_flag=True, help="Replace an existing remote file.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted upload.")
 @click.option("-r", "recursive", is_flag=True, help="Copy a directory tree.")
+@quiet_option
 @click.pass_context
 def push(ctx: click.Context, device: str, local: str, remote: str, overwrite: bool,
-         resume: bool, recursive: bool) -> None:
+         resume: bool, recursive: bool, quiet: bool) -> None:
     """Upload LOCAL to the absolute path REMOTE on DEVICE (@transfer)."""
     def body() -> int:
         from remote_gevent.console.transfer import run_push
 
         _install_sigterm()
         return _transfer(ctx, device, lambda factory: run_push(
-            factory, local, remote, overwrite=overwrite, resume=resume, recursive=recursive))
+            factory, local, remote, overwrite=overwrite, resume=resume, recursive=recursive,
+            quiet=quiet))
 
     _run(body)
 
@@ -451,18 +468,21 @@ def push(ctx: click.Context, device: str, local: str, remote: str, overwrite: bo
 @device_argument
 @click.argument("remote")
 @click.argument("local")
+@click.option("--overwrite", is_flag=True, help="Replace an existing local file.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted download.")
 @click.option("-r", "recursive", is_flag=True, help="Copy a directory tree.")
+@quiet_option
 @click.pass_context
-def pull(ctx: click.Context, device: str, remote: str, local: str, resume: bool,
-         recursive: bool) -> None:
+def pull(ctx: click.Context, device: str, remote: str, local: str, overwrite: bool,
+         resume: bool, recursive: bool, quiet: bool) -> None:
     """Download the absolute path REMOTE on DEVICE to LOCAL (@transfer)."""
     def body() -> int:
         from remote_gevent.console.transfer import run_pull
 
         _install_sigterm()
         return _transfer(ctx, device, lambda factory: run_pull(
-            factory, remote, local, resume=resume, recursive=recursive))
+            factory, remote, local, resume=resume, recursive=recursive, overwrite=overwrite,
+            quiet=quiet))
 
     _run(body)
 

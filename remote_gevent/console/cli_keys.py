@@ -14,6 +14,7 @@ from remote_gevent.console.cli_base import (
     _cfg,
     _install_sigterm,
     _run,
+    _next_step,
     _say,
     device_argument,
     main,
@@ -67,9 +68,18 @@ def keygen(ctx: click.Context, path: Optional[str], comment: Optional[str], forc
 # ----------------------------------------------------------------------------- devices / watch
 
 
+def _mtime(path: str) -> Optional[float]:
+    import os
+
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
 
 
-def _print_devices(rows: List[dict], now: float) -> None:
+def _print_devices(rows: List[dict], now: float, stale: bool = False) -> None:
+    """The devices table; ``stale``: the broker was not read now, so every state is the
+    cached one and says so (issue 15: a device behind a dead broker showed "online")."""
     header = ("DEVICE", "STATE", "LAST ALIVE", "HEALTH", "SESSIONS", "VERSION", "KEY")
     table = [header]
     for r in rows:
@@ -78,7 +88,8 @@ def _print_devices(rows: List[dict], now: float) -> None:
             key += " KEY CHANGED WITHOUT VALID ROTATION"
         sessions = "-" if r["sessions_active"] is None else "%s/%s" % (r["sessions_active"],
                                                                         r["max_session"])
-        table.append((r["device"], r["state"], _ago(r["last_alive"], now),
+        table.append((r["device"], r["state"] + ("?" if stale else ""),
+                      _ago(r["last_alive"], now),
                       "-" if r["health_check"] is None else "%gs" % r["health_check"],
                       sessions, r["version"] or "-", key))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
@@ -110,13 +121,20 @@ def devices(ctx: click.Context, as_json: bool, cached: bool) -> None:
                     control.sync_status()
             except ConsoleError as exc:
                 failure = exc
-                _say("%s; showing the cached state" % exc.message)
+                _say("%s%s; showing the cached state" % (exc.message, _next_step(exc)))
         now = time.time()
         rows = summarize(DeviceStates(cfg.state_file), KnownDevices(cfg.known_devices), now)
+        stale = cached or failure is not None
+        if stale and rows:
+            saved = _mtime(cfg.state_file)
+            _say("stale: the broker was %s; states (marked ?) are %s" % (
+                "not asked (--cached)" if cached else "not reached",
+                "as of %s" % _ago(saved, now) if saved else "unknown (nothing cached yet)"))
         if as_json:
-            click.echo(json.dumps({"now": now, "devices": rows}, indent=1, sort_keys=True))
+            click.echo(json.dumps({"now": now, "devices": rows, "stale": stale}, indent=1,
+                                  sort_keys=True))
         elif rows:
-            _print_devices(rows, now)
+            _print_devices(rows, now, stale)
         else:
             _say("no device seen yet (devices announce themselves when their agent connects "
                  "and every health_check seconds)")

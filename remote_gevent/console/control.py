@@ -51,7 +51,7 @@ import gevent.queue
 
 from remote_gevent.wire import protocol
 from remote_gevent.wire import envelope
-
+from remote_gevent.wire.codes import refusal_exit
 from remote_gevent.common.amqplink import AmqpLink, LinkConfigError, LinkError, LoginRefused
 from remote_gevent.console.config import (
     EXIT_BROKER,
@@ -414,9 +414,10 @@ class ConsoleControl(StatusQueueMixin):
                     self.err.flush()
                     continue
                 code, reason = msg.body["code"], msg.body.get("reason", "")
-                raise ConsoleError("device %s refused the session: %s%s"
-                                   % (pending.device, code, " (%s)" % reason if reason else ""),
-                                   EXIT_REFUSED, code)
+                exit_code, hint = refusal_exit(code, reason)  # issue 15: relay mismatch → 12
+                raise ConsoleError("device %s refused the session: %s%s%s"
+                                   % (pending.device, code, " (%s)" % reason if reason else "",
+                                      hint), exit_code, code)
         finally:
             self._waiters.pop(sid, None)
 

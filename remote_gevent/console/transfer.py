@@ -8,7 +8,12 @@ on stderr and an exit code scripts can rely on (``EXIT_*``).
 Local writes on pull are as careful as the agent's: ``.<name>.rgpart`` next to the
 target, fsynced, sha256 checked against the agent's trailer, then renamed.  The
 partial is kept when the stream is lost, so ``resume=True`` continues it after the
-agent confirmed (prefix sha256) that it is a prefix of the same file.
+agent confirmed (prefix sha256) that it is a prefix of the same file; Ctrl-C / SIGTERM
+(KeyboardInterrupt in the main greenlet, cli_base) keeps it too. An existing local file
+is replaced only with ``overwrite``, as ``push`` does on the device.
+
+The stream itself and the one-request operations (stat, list, mkdir) are in
+:mod:`remote_gevent.console.transfer_conn`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import stat
 import sys
 import time
-from typing import IO, Any, Callable, Dict, List, Optional
+from typing import IO, Any, Callable, Dict, Optional
 
 import gevent
 import gevent.event
@@ -43,7 +48,6 @@ from remote_gevent.wire.transfer_lines import (
     SYMLINK_ESCAPE,
     TARGET_REFUSED,
     TOO_LARGE,
-    LineChannel,
     TransferError,
     dump_line,
     part_name,
@@ -52,6 +56,7 @@ from remote_gevent.wire.transfer_lines import (
 from remote_gevent.wire.codes import (
     EXIT_CONNECTION,
     EXIT_INTEGRITY,
+    EXIT_INTERRUPTED,
     EXIT_NO_SPACE,
     EXIT_OK,
     EXIT_REFUSED,
@@ -59,6 +64,13 @@ from remote_gevent.wire.codes import (
 )
 from remote_gevent.wire.codes import EXIT_ERROR as EXIT_OTHER
 
+from remote_gevent.console.transfer_conn import (  # noqa: F401 - re-exported
+    StreamFactory,
+    _Conn,
+    remote_list,
+    remote_mkdir,
+    remote_stat,
+)
 from remote_gevent.console.progress import (
     Progress,
     _NoProgress,
@@ -84,134 +96,15 @@ EXIT_OF = {
 }
 
 TRAILER_TIMEOUT = 600.0    # agent fsync + rename of a large file, after the last byte
-DRAIN_LIMIT = 64 * 1024    # bytes we read after a trailer while waiting for EOF
 MAX_PULL_DEPTH = 128       # directory levels a recursive pull descends
 LOCAL_PART_MODE = 0o600
 LOCAL_FILE_MODE = 0o644
 
-StreamFactory = Callable[[], Any]
 
 
 def exit_code(code: str) -> int:
     """The process exit status for a TransferError code (docs/transfer.md)."""
     return EXIT_OF.get(code, EXIT_OTHER)
-
-
-# --------------------------------------------------------------------------- progress
-
-
-# --------------------------------------------------------------------------- streams
-
-
-def _lost(e: BaseException) -> TransferError:
-    return TransferError(CONNECTION_LOST, "tunnel or stream lost: %s" % (e,))
-
-
-class _Conn:
-    """One ``@transfer`` stream with line framing; mux errors become TransferError."""
-
-    def __init__(self, stream_factory: StreamFactory) -> None:
-        from remote_gevent.wire import mux  # late: mux is heavy and not needed for exit codes
-        from remote_gevent.wire import mux_frames
-        self._mux = mux
-        try:
-            self.stream = stream_factory()
-        except mux_frames.StreamRefused as e:
-            raise TransferError(TARGET_REFUSED if e.code == "target_refused" else e.code,
-                                "@transfer refused by the device: %s" % (e.reason or e.code)) \
-                from None
-        except (mux_frames.MuxError, OSError) as e:
-            raise _lost(e) from None
-        self.ch = LineChannel(self._recv, self._send)
-
-    def _recv(self) -> bytes:
-        try:
-            return self.stream.recv()
-        except (self._mux.MuxError, OSError) as e:
-            raise _lost(e) from None
-
-    def _send(self, data: Any) -> None:
-        try:
-            self.stream.send(data)
-        except (self._mux.MuxError, OSError) as e:
-            raise _lost(e) from None
-
-    def request(self, header: Dict[str, Any], half_close: bool) -> Dict[str, Any]:
-        self._send(dump_line(header))
-        if half_close:
-            self.shutdown_write()
-        return self.answer("reply")
-
-    def answer(self, what: str) -> Dict[str, Any]:
-        obj = self.ch.read_json(what)
-        if obj is None:
-            raise TransferError(CONNECTION_LOST, "the device ended the stream before its %s"
-                                % what)
-        if obj.get("ok") is not True:
-            raise TransferError(str(obj.get("code") or "error"),
-                                str(obj.get("message") or "refused by the device"))
-        return obj
-
-    def shutdown_write(self) -> None:
-        try:
-            self.stream.shutdown_write()
-        except (self._mux.MuxError, OSError) as e:
-            raise _lost(e) from None
-
-    def close(self) -> None:
-        try:
-            self.stream.close()
-        except (self._mux.MuxError, OSError):
-            pass
-
-    def finish(self) -> None:
-        """After the final line: wait briefly for the agent's EOF, then close."""
-        try:
-            got = 0
-            while got < DRAIN_LIMIT:
-                data = self.ch.read_some(DRAIN_LIMIT)
-                if not data:
-                    break
-                got += len(data)
-        except TransferError:
-            pass
-        self.close()
-
-
-def remote_stat(stream_factory: StreamFactory, remote: str) -> Dict[str, Any]:
-    """``stat`` a remote path; raises TransferError (``not_found`` if missing)."""
-    conn = _Conn(stream_factory)
-    try:
-        return conn.request({"op": "stat", "path": remote}, half_close=True)
-    finally:
-        conn.finish()
-
-
-def remote_mkdir(stream_factory: StreamFactory, remote: str, parents: bool = True) -> bool:
-    conn = _Conn(stream_factory)
-    try:
-        return bool(conn.request({"op": "mkdir", "path": remote, "parents": parents},
-                                 half_close=True).get("created"))
-    finally:
-        conn.finish()
-
-
-def remote_list(stream_factory: StreamFactory, remote: str) -> list:
-    conn = _Conn(stream_factory)
-    try:
-        conn.request({"op": "list", "path": remote}, half_close=True)
-        entries: List[Dict[str, Any]] = []
-        while True:
-            obj = conn.ch.read_json("entry")
-            if obj is None:
-                raise TransferError(CONNECTION_LOST, "listing of %s cut short" % remote)
-            if obj.get("end"):
-                if obj.get("ok") is not True:
-                    raise TransferError(str(obj.get("code")), str(obj.get("message")))
-                return entries
-            entries.append(obj)
-    finally:
-        conn.finish()
 
 
 def _join(remote_dir: str, name: str) -> str:
@@ -372,12 +265,13 @@ def _put_data(conn: _Conn, fh: Any, remote: str, size: int, offset: int, h: Any,
 
 
 def pull(stream_factory: StreamFactory, remote: str, local: str, resume: bool = False,
-         recursive: bool = False, progress: Optional[Progress] = None) -> Dict[str, Any]:
+         recursive: bool = False, progress: Optional[Progress] = None,
+         overwrite: bool = False) -> Dict[str, Any]:
     """Fetch the device path ``remote`` into ``local``; return ``{"files", "bytes"}``.
 
     A file pulled onto an existing local directory lands inside it.  With
     ``recursive`` and a remote directory, ``local`` *is* the destination directory.
-    An existing local file is replaced atomically (like ``scp``).
+    An existing local file is refused unless ``overwrite`` (then replaced atomically).
     """
     progress = progress or _NoProgress()
     if not remote.startswith("/"):
@@ -386,18 +280,20 @@ def pull(stream_factory: StreamFactory, remote: str, local: str, resume: bool = 
     if recursive:
         info = remote_stat(stream_factory, remote)
         if info.get("type") == "dir":
-            _pull_tree(stream_factory, remote, local, resume, progress, summary)
+            _pull_tree(stream_factory, remote, local, resume, progress, summary,
+                       overwrite=overwrite)
             return summary
     target = local
     if os.path.isdir(local):
         target = os.path.join(local, os.path.basename(remote.rstrip("/")))
-    summary["bytes"] = get_file(stream_factory, remote, target, resume, progress)
+    summary["bytes"] = get_file(stream_factory, remote, target, resume, progress, overwrite)
     summary["files"] = 1
     return summary
 
 
 def _pull_tree(stream_factory: StreamFactory, remote: str, local: str, resume: bool,
-               progress: Progress, summary: Dict[str, Any], depth: int = 0) -> None:
+               progress: Progress, summary: Dict[str, Any], depth: int = 0,
+               overwrite: bool = False) -> None:
     # The device names the tree: one listing itself forever must not recurse us to death.
     if depth > MAX_PULL_DEPTH:
         raise TransferError(BAD_REQUEST, "%s: more than %d directory levels" % (remote,
@@ -412,21 +308,61 @@ def _pull_tree(stream_factory: StreamFactory, remote: str, local: str, resume: b
             raise TransferError(BAD_REQUEST, "device listed a bad name %r" % (name,))
         rpath, lpath = _join(remote, name), os.path.join(local, name)
         if entry.get("type") == "dir":
-            _pull_tree(stream_factory, rpath, lpath, resume, progress, summary, depth + 1)
+            _pull_tree(stream_factory, rpath, lpath, resume, progress, summary, depth + 1,
+                       overwrite)
         elif entry.get("type") == "file":
-            summary["bytes"] += get_file(stream_factory, rpath, lpath, resume, progress)
+            summary["bytes"] += get_file(stream_factory, rpath, lpath, resume, progress,
+                                         overwrite)
             summary["files"] += 1
         # symlinks and special files are not followed or copied
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during a download: the local partial was kept."""
+
+    def __init__(self, part: str, size: int) -> None:
+        super().__init__(part)
+        self.part = part
+        self.size = size
+
+
+def _exists_error(local: str) -> TransferError:
+    return TransferError(EXISTS, "%s already exists; use --overwrite to replace it" % local)
+
+
+def _install(part: str, local: str, overwrite: bool) -> None:
+    """Move the verified partial to ``local``: replace only when ``overwrite`` (like push),
+    else ``link`` + ``unlink`` so a file that appeared meanwhile is never clobbered."""
+    if overwrite:
+        os.replace(part, local)
+        return
+    try:
+        os.link(part, local)
+    except FileExistsError:
+        raise _exists_error(local) from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        if os.path.lexists(local):  # a file system without hard links: check, then rename
+            raise _exists_error(local) from None
+        os.rename(part, local)
+        return
+    os.unlink(part)
+
+
 def get_file(stream_factory: StreamFactory, remote: str, local: str, resume: bool = False,
-             progress: Optional[Progress] = None) -> int:
-    """Download one file atomically to ``local``; return the bytes received this run."""
+             progress: Optional[Progress] = None, overwrite: bool = False) -> int:
+    """Download one file atomically to ``local``; return the bytes received this run.
+
+    An existing ``local`` is refused (``exists``) unless ``overwrite``, as ``push`` does
+    on the device."""
     progress = progress or _NoProgress()
     local = os.path.abspath(local)
     ldir, name = os.path.split(local)
     if not name:
         raise TransferError(BAD_REQUEST, "%s: no file name" % local)
+    if not overwrite and os.path.lexists(local):
+        raise _exists_error(local)
     part = os.path.join(ldir, part_name(name))
     existed = os.path.lexists(part)
     try:
@@ -460,10 +396,15 @@ def get_file(stream_factory: StreamFactory, remote: str, local: str, resume: boo
                         progress.abort()
                         keep = e.code in (CONNECTION_LOST, INCOMPLETE)
                         raise
+                    except (KeyboardInterrupt, gevent.GreenletExit):
+                        # Ctrl-C / SIGTERM: what arrived is a verified-later prefix,
+                        # kept (flushed by the with block) so --resume continues it.
+                        keep = True
+                        raise Interrupted(part, fh.tell()) from None
                     fh.flush()
                     os.fsync(fh.fileno())
                     os.chmod(part, LOCAL_FILE_MODE)
-                    os.replace(part, local)
+                    _install(part, local, overwrite)
                     keep = True
                     fsutil.fsync_dir(ldir)
                     conn.finish()
@@ -510,16 +451,31 @@ def _get_data(conn: _Conn, fh: Any, remote: str, size: int, offset: int, h: Any,
 
 
 def _run(what: str, fn: Callable[[], Dict[str, Any]], progress: Progress,
-         err: IO[str]) -> int:
+         err: IO[str], quiet: bool = False) -> int:
+    """One line on failure or interruption; the one-line summary on success, also when
+    stderr is not a terminal (a script's log), unless ``quiet``."""
+    def say(text: str) -> None:
+        err.write("remote-gevent-console %s: %s\n" % (what, text))
+        err.flush()
+
     t0 = time.monotonic()
     try:
         summary = fn()
     except TransferError as e:
         progress.abort()
-        err.write("remote-gevent-console %s: %s: %s\n" % (what, e.code, e.message))
-        err.flush()
+        say("%s: %s" % (e.code, e.message))
         return exit_code(e.code)
-    if progress.enabled:
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (cli_base._install_sigterm)
+        progress.abort()
+        if isinstance(e, Interrupted):
+            kept = "the partial download %s (%s) is kept" % (e.part, _human(e.size))
+        elif what == "push":
+            kept = "the device keeps the partial upload"
+        else:
+            kept = "nothing was written"
+        say("interrupted; %s: run the same command with --resume to continue" % kept)
+        return EXIT_INTERRUPTED
+    if not quiet:
         dt = max(time.monotonic() - t0, 1e-6)
         err.write("%s: %d file(s), %s in %.1fs (%s/s)\n" % (
             what, summary["files"], _human(summary["bytes"]), dt, _human(summary["bytes"] / dt)))
@@ -529,21 +485,25 @@ def _run(what: str, fn: Callable[[], Dict[str, Any]], progress: Progress,
 
 def run_push(stream_factory: StreamFactory, local: str, remote: str, overwrite: bool = False,
              resume: bool = False, recursive: bool = False,
-             progress: Optional[Progress] = None, err: Optional[IO[str]] = None) -> int:
-    """``push`` for the CLI: returns the exit code, prints one line on failure."""
+             progress: Optional[Progress] = None, err: Optional[IO[str]] = None,
+             quiet: bool = False) -> int:
+    """``push`` for the CLI: returns the exit code, prints one line (summary or failure)."""
     err = err if err is not None else sys.stderr
-    progress = progress if progress is not None else Progress(out=err)
+    progress = progress if progress is not None else Progress(out=err, enabled=None
+                                                              if not quiet else False)
     return _run("push", lambda: push(stream_factory, local, remote, overwrite=overwrite,
                                      resume=resume, recursive=recursive, progress=progress),
-                progress, err)
+                progress, err, quiet)
 
 
 def run_pull(stream_factory: StreamFactory, remote: str, local: str, resume: bool = False,
              recursive: bool = False, progress: Optional[Progress] = None,
-             err: Optional[IO[str]] = None) -> int:
-    """``pull`` for the CLI: returns the exit code, prints one line on failure."""
+             err: Optional[IO[str]] = None, overwrite: bool = False, quiet: bool = False) -> int:
+    """``pull`` for the CLI: returns the exit code, prints one line (summary or failure)."""
     err = err if err is not None else sys.stderr
-    progress = progress if progress is not None else Progress(out=err)
+    progress = progress if progress is not None else Progress(out=err, enabled=None
+                                                              if not quiet else False)
     return _run("pull", lambda: pull(stream_factory, remote, local, resume=resume,
-                                     recursive=recursive, progress=progress),
-                progress, err)
+                                     recursive=recursive, progress=progress,
+                                     overwrite=overwrite),
+                progress, err, quiet)

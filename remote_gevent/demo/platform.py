@@ -46,7 +46,6 @@ import argparse
 import logging
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import subprocess
@@ -57,8 +56,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from remote_gevent.crypto import identity
-from remote_gevent.console.ssh_config import host_key_alias
 from remote_gevent.demo import rabbit as demo_rabbit
+from remote_gevent.demo.banner import ATTACHED_HINT, detached_banner
 from remote_gevent.demo.pki import CertificateAuthority
 
 from remote_gevent.demo.processes import (
@@ -214,7 +213,7 @@ class DemoPlatform:
             "relays": {SERVER_ID: self.relay_address},
             "relay_ca_file": self.ca.cert_file if self.ca else None,
             "transfer": {"roots": [{"path": self.files_dir, "mode": "rw"}],
-                         "max_size": "8G", "overwrite": False},
+                         "max_size": "8G", "overwrite": True},
         }
         amqp = {
             "urls": [self.broker_url],
@@ -456,38 +455,10 @@ class DemoPlatform:
             "-c", self.console_config] + list(args)
 
     def usage(self) -> str:
-        console = "remote-gevent-console"
-        if shutil.which(console) is None:
-            console = " ".join(shlex.quote(a) for a in entry_argv(
-                "remote-gevent-console", "remote_gevent.console.cli"))
-        c = "%s -c %s" % (console, shlex.quote(self.console_config))
-        proxy = lambda target: shlex.quote("%s stdio %%n %s" % (c, target))  # noqa: E731
-        pids = dict(self.pids())
-        lines = [
-            "remote-gevent demo platform is up in %s" % self.dir,
-            "  broker  %s  (private RabbitMQ node, logs in %s/rabbit/log)"
-            % (self.broker_url, self.dir),
-            "  relay   %s  (pid %s, log %s)" % (self.relay_address, pids.get("relay", "-"),
-                                                self.relay_log),
-            "  agent   device %r (pid %s, log %s, history %s)"
-            % (self.ident, pids.get("agent", "-"), self.agent_log, self.history_path),
-            "  files   %s (transfer root, read-write)" % self.files_dir,
-            "",
-            "Try (any user/password of this machine's sshd; the tunnel ends at 127.0.0.1):",
-            "  ssh -o HostKeyAlias=%s -o ProxyCommand=%s %s@%s" % (
-                host_key_alias(SERVER_ID, self.ident), proxy("127.0.0.1:22"),
-                os.environ.get("USER", "root"), self.ident),
-            "  %s forward %s -L 2222:127.0.0.1:22     # then: ssh -p 2222 127.0.0.1"
-            % (c, self.ident),
-            "  %s socks %s -D 1080                    # then: curl --socks5-hostname "
-            "127.0.0.1:1080 http://127.0.0.1:8000/" % (c, self.ident),
-            "  %s push %s ./some-file %s/some-file" % (c, self.ident, self.files_dir),
-            "  %s pull %s %s/some-file ./copy" % (c, self.ident, self.files_dir),
-            "  sftp -o HostKeyAlias=%s -o ProxyCommand=%s x@%s" % (
-                host_key_alias(SERVER_ID, self.ident, "@sftp"), proxy("@sftp"), self.ident),
-            "  %s sessions %s" % (c, self.ident),
-        ]
-        return "\n".join(lines)
+        """The start-up banner (:mod:`remote_gevent.demo.banner`)."""
+        from remote_gevent.demo.banner import usage
+
+        return usage(self)
 
 
 # --------------------------------------------------------------------------- the program
@@ -514,7 +485,8 @@ def run_attached(directory: str) -> int:
         say("demo: could not start: %s" % exc)
         return 1
     say(platform.usage())
-    say("\nCtrl-C (or scripts/demo --dir %s --stop) tears it all down." % directory)
+    say("\n%s (or scripts/demo --dir %s --stop) tears it all down." % (ATTACHED_HINT,
+                                                                      directory))
     try:
         while not stop.wait(1.0):
             for name, proc in (("agent", platform.agent_proc), ("relay", platform.relay_proc)):
@@ -529,6 +501,15 @@ def run_attached(directory: str) -> int:
     return 0
 
 
+def _log_since(path: str, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(64 * 1024).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def run_detached(directory: str) -> int:
     """Run the attached supervisor in the background; return once it is ready."""
     if _running_platform(directory):
@@ -539,6 +520,7 @@ def run_detached(directory: str) -> int:
     reap_previous(directory, say=print)
     log_path = os.path.join(directory, "demo.log")
     with open(log_path, "ab") as out:
+        logged_before = out.tell()  # an earlier run's banner is further up: not ours
         proc = subprocess.Popen(
             [sys.executable, "-m", "remote_gevent.demo.platform", "--dir", directory],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -549,11 +531,10 @@ def run_detached(directory: str) -> int:
             print("demo: the platform failed to start (exit %s); %s:\n%s"
                   % (proc.returncode, log_path, _tail(log_path)), file=sys.stderr)
             return 1
-        if dict(_read_pids(pids_file)).get("platform") == proc.pid:
-            platform = DemoPlatform(directory)
-            text = _tail(log_path, 8000)
-            start = text.rfind("remote-gevent demo platform is up")
-            print(text[start:] if start >= 0 else platform.usage())
+        # pids are written before the banner: wait for the whole banner of this run
+        banner = detached_banner(_log_since(log_path, logged_before))
+        if banner and dict(_read_pids(pids_file)).get("platform") == proc.pid:
+            print(banner)
             print("demo: running detached (pid %d, log %s); stop it with: scripts/demo "
                   "--dir %s --stop" % (proc.pid, log_path, directory))
             return 0

@@ -18,7 +18,7 @@ import click  # noqa: E402
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
-from remote_gevent import __version__  # noqa: E402
+from remote_gevent import VERSION_MESSAGE, __version__  # noqa: E402
 from remote_gevent.relay import server as relay  # noqa: E402
 from remote_gevent.common import tls  # noqa: E402
 from remote_gevent.common.addresses import (  # noqa: E402
@@ -179,7 +179,7 @@ def raise_fd_limit(wanted: int) -> None:
                    % relay.DEFAULT_HELLO_TIMEOUT)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-@click.version_option(__version__, prog_name="remote-gevent-relay")
+@click.version_option(__version__, prog_name="remote-gevent-relay", message=VERSION_MESSAGE)
 def main(listen: Optional[str], cert: Optional[str], key: Optional[str],
          config_path: Optional[str], max_pending_per_ip: Optional[int],
          hello_timeout: Optional[float], log_level: str) -> None:

@@ -99,6 +99,20 @@ EXIT_KEY = 11           # device key not pinned, changed without rotation, bad s
 EXIT_RELAY = 12         # relay unreachable, TLS failed, refused the pairing
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
+#: The fixed text of the agent's refusal of a session naming another relay than its own
+#: (sent as ``malformed``, a code every console knows); consoles map it to EXIT_RELAY.
+RELAY_MISMATCH_TEXT = "is not this device's relay"
+
+
+def refusal_exit(code: str, reason: str) -> tuple:
+    """(exit code, hint) for a ``session.refuse``: a relay mismatch is a relay problem
+    (exit 12, docs/console.md), the rest a refusal (exit 3)."""
+    if code == Reason.MALFORMED and RELAY_MISMATCH_TEXT in (reason or ""):
+        return EXIT_RELAY, ("; the console's `relay` key must name the relay in the "
+                            "device's remote.relays")
+    return EXIT_REFUSED, ""
+
+
 EXIT_NAMES = {
     EXIT_OK: "ok", EXIT_ERROR: "error", EXIT_USAGE: "usage", EXIT_REFUSED: "refused",
     EXIT_INTEGRITY: "integrity", EXIT_CONNECTION: "connection lost",

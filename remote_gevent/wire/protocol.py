@@ -263,8 +263,13 @@ def check_session_request(
     b = msg.body
     effective, refused = effective_targets(b["targets"], allow, op.permitopen)
     if refused:
-        raise Refused(Reason.TARGET_NOT_PERMITTED, "session %s: %s not permitted for %s"
-                      % (sid, ", ".join(str(t) for t in refused), op.fingerprint))
+        # Say which rule refused (issue 15): the device's allow-list, or the operator's
+        # permitopen (only when the allow-list alone would have let the target through).
+        by_device = effective_targets(refused, allow, ())[1]
+        rule = ("the device's remote.allow" if by_device
+                else "this operator's permitopen in the device's authorized_keys")
+        raise Refused(Reason.TARGET_NOT_PERMITTED, "session %s: %s not permitted for %s by %s"
+                      % (sid, ", ".join(str(t) for t in refused), op.fingerprint, rule))
     return SessionRequest(
         session_id=sid, operator=op, epk=base64.b64decode(b["epk"]),
         ticket=base64.b64decode(b["ticket"]), relay=b["relay"],

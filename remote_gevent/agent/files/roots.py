@@ -131,6 +131,13 @@ class Roots:
     def __bool__(self) -> bool:
         return bool(self.roots)
 
+    def describe(self, limit: int = 8) -> str:
+        """The roots for an error message: ``/srv/files (rw), /var/log (ro)`` (the first
+        ``limit``; the reply line is capped)."""
+        shown = ["%s (%s)" % (r.path, "rw" if r.writable else "ro") for r in self.roots[:limit]]
+        more = len(self.roots) - limit
+        return ", ".join(shown) + (" and %d more" % more if more > 0 else "")
+
     def check_path(self, remote_path: Any) -> str:
         """Type/shape checks; return the lexically normalised absolute path."""
         if not isinstance(remote_path, str) or not remote_path:
@@ -180,7 +187,8 @@ class Roots:
         norm = self.check_path(remote_path)
         found = self.root_of(norm)
         if found is None:
-            raise TransferError(OUTSIDE_ROOT, "%s is outside the transfer roots" % remote_path)
+            raise TransferError(OUTSIDE_ROOT, "%s is outside the transfer roots; allowed: %s"
+                                % (remote_path, self.describe()))
         root, rel = found
         lexical = root.real if not rel else root.real.rstrip("/") + "/" + rel
         real = os.path.realpath(lexical)
@@ -188,7 +196,10 @@ class Roots:
             raise TransferError(SYMLINK_ESCAPE, "%s leads out of its root through a symlink"
                                 % remote_path)
         if want_write and not root.writable:
-            raise TransferError(READ_ONLY, "%s is in a read-only root" % remote_path)
+            raise TransferError(READ_ONLY, "%s is in a read-only root (%s); writable: %s"
+                                % (remote_path, root.path,
+                                   ", ".join(r.path for r in self.roots if r.writable)
+                                   or "none"))
         parts = [p for p in real[len(root.real):].split("/") if p]
         return Resolved(root, parts)
 

@@ -195,9 +195,20 @@ class RootsSFTPServer(SFTPServerInterface):
 
     # -- path helpers ---------------------------------------------------------
 
+    def home(self) -> str:
+        """Where a relative path starts (sftp's first ``realpath .``): the first
+        writable root, else the only root, else the virtual ``/`` (issue 15: starting in
+        the read-only ``/`` made a plain ``put`` fail with "Permission denied")."""
+        writable = [r for r in self.roots.roots if r.writable]
+        if writable:
+            return writable[0].path
+        if len(self.roots.roots) == 1:
+            return self.roots.roots[0].path
+        return "/"
+
     def canonicalize(self, path: str) -> str:
         if not path.startswith("/"):
-            path = "/" + path
+            path = self.home().rstrip("/") + "/" + path
         return "/" + posixpath.normpath(path).lstrip("/")
 
     def _entry(self, path: str, want_write: bool) -> "_Entry":
