@@ -3,7 +3,6 @@
 Everything runs in-process on socketpairs / 127.0.0.1 with bounded waits.
 """
 
-from __future__ import annotations
 
 import contextlib
 import hashlib
