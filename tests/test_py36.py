@@ -1,6 +1,6 @@
 """The agent on the old Pythons of field gateways (issue 16): a real agent process under
 CPython 3.6 (and 3.7), the suite's private TLS RabbitMQ node, a relay process and
-``remote-gevent-console`` processes on the main Python.
+``remote-gevent-console`` processes (and the stock OpenSSH ``sftp``) on the main Python.
 
 The old interpreters come from ``REMOTE_GEVENT_TEST_PY36`` / ``REMOTE_GEVENT_TEST_PY37``:
 a ``python`` with the package's dependencies installed (``.ci/run`` makes these venvs
@@ -8,6 +8,8 @@ for its 3.6/3.7 tiers and exports the variables). Without one the tests skip, sa
 """
 
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 from typing import Dict, List
@@ -151,6 +153,24 @@ def test_agent_session_transfer_and_sigterm(version, rabbit, tmp_path, procs):
         assert done.returncode == 0, done.stderr.decode(errors="replace")
         assert sha256_file(remote) == digest
 
+        # The agent's SFTP server (paramiko 3.5 there) with the stock OpenSSH client:
+        # the pushed file read back, listed.
+        if shutil.which("sftp"):
+            back = str(tmp_path / "back.bin")
+            batch = tmp_path / "batch"
+            batch.write_text("cd %s\nls\nget upload.bin %s\n" % (p.files_dir, back))
+            proxy = " ".join(shlex.quote(a) for a in p.console_argv("stdio", "%n", "@sftp"))
+            done = subprocess.run(
+                ["sftp", "-F", "/dev/null", "-b", str(batch), "-o", "BatchMode=yes",
+                 "-o", "StrictHostKeyChecking=no",
+                 "-o", "UserKnownHostsFile=%s" % (tmp_path / "known_hosts"),
+                 "-o", "ProxyCommand=%s" % proxy, "x@%s" % p.ident],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120,
+                stdin=subprocess.DEVNULL)
+            assert done.returncode == 0, done.stdout.decode(errors="replace")
+            assert b"upload.bin" in done.stdout
+            assert sha256_file(back) == digest
+
         # SIGTERM with a session open: graceful exit, the session's row says shutdown.
         held = procs.start(p.console_argv("stdio", p.ident, "127.0.0.1:%d" % echo.port),
                            stdin=subprocess.PIPE)
@@ -161,6 +181,7 @@ def test_agent_session_transfer_and_sigterm(version, rabbit, tmp_path, procs):
         assert p.stop_agent(signal.SIGTERM) == 0
         rows = rows_with(p.history_path, "shutdown")
         assert len(rows) == 1, history.read(p.history_path)
+        assert rows[0]["targets"] == "127.0.0.1:%d" % echo.port
         status, _ = finish(held)
         assert status != 0
     finally:
