@@ -112,9 +112,11 @@ def rows_with(path: str, code: str) -> List[Dict[str, str]]:
 
 
 @pytest.mark.e2e
+@pytest.mark.broker  # the broker is asked for in the body: none boots for a skip
 @pytest.mark.parametrize("version", VERSIONS)
-def test_agent_session_transfer_and_sigterm(version, rabbit, tmp_path, procs):
+def test_agent_session_transfer_and_sigterm(version, request, tmp_path, procs):
     python = old_python(version)
+    rabbit = request.getfixturevalue("rabbit")
     p = make_platform(rabbit, str(tmp_path / "platform"), start_agent=False)
     p.start()
     echo = EchoServer()
