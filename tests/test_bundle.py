@@ -103,6 +103,12 @@ def test_bundle_for_python36_installs_offline_and_runs(tmp_path):
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60,
                            cwd=str(tmp_path))
     assert check.returncode == 0, check.stdout
+    console = subprocess.run([os.path.join(prefix, "bin", "remote-gevent-console"), "devices"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             timeout=60, cwd=str(tmp_path))
+    assert console.returncode == 1 and console.stderr.decode().splitlines() == [
+        "remote-gevent-console needs Python 3.8 or newer (this is 3.6); only the agent, "
+        "remote-gevent, runs on 3.6 and 3.7"], console.stderr
     where = subprocess.run(
         [os.path.join(prefix, "bin", "python"), "-c",
          "import sys, remote_gevent; print('%d.%d' % sys.version_info[:2]); "
