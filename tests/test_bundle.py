@@ -93,6 +93,11 @@ def test_bundle_for_python36_installs_offline_and_runs(tmp_path):
     unit = os.path.join(REPO, "scripts", "systemd", "remote-gevent.service")
     installed_unit = os.path.join(root, "etc", "systemd", "system", "remote-gevent.service")
     assert os.path.exists(installed_unit) == os.path.exists(unit)
+    if os.path.exists(unit):  # pointed at the venv's agent
+        with open(installed_unit) as f:
+            execs = [line for line in f if line.startswith("ExecStart")]
+        assert execs and all(" " in e and e.split("=", 1)[1].lstrip("-@!+:").startswith(
+            os.path.join(prefix, "bin", "remote-gevent ")) for e in execs), execs
 
     # The installed agent runs on 3.6, from the venv, not from this checkout.
     agent = os.path.join(prefix, "bin", "remote-gevent")
