@@ -88,3 +88,21 @@ def test_issued_key_is_private(pki):
     import stat
     _, server, _ = pki
     assert stat.S_IMODE(os.stat(server.key_file).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("name, why", [("relay.example.net", "host name mismatch"),
+                                       (None, "wrong CA")])
+def test_relay_dial_turns_a_failed_check_into_relay_error(pki, name, why):
+    """The agent's relay dial reports a certificate that does not verify as RelayError
+    ``tls`` on every Python: on 3.6 a host-name mismatch is a ValueError
+    (``ssl.CertificateError``) that escaped the dial and its session (issue 16)."""
+    from remote_gevent.wire import rendezvous
+
+    ca, server, other = pki
+    port, thread = _serve_once(tls.server_context(server.cert_file, server.key_file))
+    trusted = ca if name else other
+    with pytest.raises(rendezvous.RelayError) as info:
+        rendezvous.dial_relay("127.0.0.1", port, tls.client_context(trusted.cert_file),
+                              name or "localhost", "agent", "0" * 32, bytes(32), timeout=5)
+    assert info.value.code == "tls" and why in str(info.value), str(info.value)
+    thread.join(5)
