@@ -106,3 +106,19 @@ def test_relay_dial_turns_a_failed_check_into_relay_error(pki, name, why):
                               name or "localhost", "agent", "0" * 32, bytes(32), timeout=5)
     assert info.value.code == "tls" and why in str(info.value), str(info.value)
     thread.join(5)
+
+
+def test_amqp_link_turns_a_host_name_mismatch_into_tls_verify_error(pki):
+    """The AMQP link's TLS handshake (before any AMQP byte) against a certificate for
+    another name: TLSVerifyError naming the mismatch on every Python, not a ValueError
+    escaping the link on 3.6 (issue 16)."""
+    from remote_gevent.common.amqplink import AmqpLink, TLSVerifyError
+
+    ca, _, _ = pki
+    elsewhere = ca.issue("elsewhere", hosts=["broker.example.net"])
+    port, thread = _serve_once(tls.server_context(elsewhere.cert_file, elsewhere.key_file))
+    link = AmqpLink(["amqps://127.0.0.1:%d/" % port], "dev", "secret", ca_file=ca.cert_file,
+                    connect_timeout=5.0, reconnect_max_delay=1.0)
+    with pytest.raises(TLSVerifyError, match="host name mismatch"):
+        link.connect()
+    thread.join(5)
