@@ -6,12 +6,15 @@ monkey.patch_all()
 # ruff: noqa: E402  (imports must follow the monkey patch)
 import itertools
 import secrets
-from typing import Any, List, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, List, NamedTuple, Optional
 
 import pytest
 
-from remote_gevent.demo import rabbit as demo_rabbit
-from remote_gevent.demo.pki import CertificateAuthority
+if TYPE_CHECKING:
+    # The demo platform is Python 3.8+; the agent's tier of the suite runs on 3.6 and 3.7
+    # (issue 16), so the fixtures that need it import it when they run.
+    from remote_gevent.demo import rabbit as demo_rabbit
+    from remote_gevent.demo.pki import CertificateAuthority
 
 # A test that uses one of these fixtures needs RabbitMQ: marked ``broker`` so that
 # ``./scripts/test -m "not broker and not e2e"`` runs the fast tier without it.
@@ -47,7 +50,7 @@ class Operator(NamedTuple):
 class RabbitFixture:
     """The session's private TLS broker and provisioning helpers (unique names per call)."""
 
-    def __init__(self, node: demo_rabbit.RabbitNode, ca: CertificateAuthority,
+    def __init__(self, node: "demo_rabbit.RabbitNode", ca: "CertificateAuthority",
                  vhost: str = TEST_VHOST) -> None:
         self.node = node
         self.ca = ca
@@ -100,6 +103,8 @@ class RabbitFixture:
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory):
     """The suite's CA with a broker certificate for localhost and 127.0.0.1."""
+    from remote_gevent.demo.pki import CertificateAuthority
+
     ca = CertificateAuthority(str(tmp_path_factory.mktemp("pki")))
     return ca, ca.issue("broker", ["localhost", "127.0.0.1"])
 
@@ -107,6 +112,8 @@ def pki(tmp_path_factory):
 @pytest.fixture(scope="session")
 def rabbit(tmp_path_factory, pki):
     """One private TLS RabbitMQ node for the whole run (≈5 s to boot), torn down at the end."""
+    from remote_gevent.demo import rabbit as demo_rabbit
+
     if not demo_rabbit.available():
         pytest.skip("RabbitMQ is not installed (%s missing): the real-broker tests need it"
                     % demo_rabbit.RABBITMQ_SERVER)
@@ -125,6 +132,8 @@ def rabbit(tmp_path_factory, pki):
 @pytest.fixture
 def own_rabbit(tmp_path, pki):
     """A private TLS node of this test's own, for tests that restart the broker."""
+    from remote_gevent.demo import rabbit as demo_rabbit
+
     ca, broker = pki
     node = demo_rabbit.RabbitNode(str(tmp_path / "node"), ca_file=ca.cert_file,
                                   cert_file=broker.cert_file, key_file=broker.key_file)

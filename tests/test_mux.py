@@ -3,7 +3,6 @@
 Everything runs in-process on socketpairs / 127.0.0.1 with bounded waits.
 """
 
-from __future__ import annotations
 
 import contextlib
 import hashlib
@@ -30,7 +29,9 @@ from benchmarks import plain_frames
 from remote_gevent.crypto import tunnel_crypto
 
 SID = "0123456789abcdef0123456789abcdef"
-T = 10  # generous bound for every wait (seconds)
+# Generous bound for every wait (seconds); 3.6 and 3.7 (gevent 22.10) run the bulk tests
+# 2-3 times slower, so they get more (issue 16).
+T = 10 if sys.version_info >= (3, 8) else 25
 
 
 # ---------------------------------------------------------------- sealers

@@ -38,9 +38,14 @@ def format_address(host: str, port: int) -> str:
     return "%s:%d" % (host, port)
 
 
+def is_ascii(text: str) -> bool:
+    """``str.isascii()``, which Python 3.6 lacks (the agent runs there: issue 16)."""
+    return all(ord(char) < 128 for char in text)
+
+
 def _port(text: str, lowest: int) -> int:
     # isdigit() is also true for "²" and for 5000 digits, which int() refuses or chokes on.
-    if not (text.isascii() and text.isdigit() and len(text) <= 5) \
+    if not (is_ascii(text) and text.isdigit() and len(text) <= 5) \
             or not lowest <= int(text) < 65536:
         raise AddressError("expected a port %d-65535" % lowest)
     return int(text)

@@ -85,7 +85,7 @@ Callback = Callable[[amqp.Message], None]
 # channel errors — the channel is gone — and our own one-line errors).
 RECOVERABLE = tuple(set(amqp.Connection.recoverable_connection_errors) | {
     AMQPError, OSError, socket.timeout, ssl.SSLError, LinkError,
-})
+} | set(tls.HANDSHAKE_ERRORS))  # with 3.6's host-name CertificateError (a ValueError)
 
 
 class AmqpLink(TopologyMixin):

@@ -67,15 +67,24 @@ def _require_tls12(ctx: ssl.SSLContext) -> None:
         ctx.options |= ssl.OP_NO_SSLv3 | ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
 
 
-#: What a failed certificate check raises: its own class from Python 3.7, a plain
-#: SSLError (reason CERTIFICATE_VERIFY_FAILED) on 3.6.
+#: What a failed certificate check raises: its own class from Python 3.7; on 3.6 a plain
+#: SSLError (reason CERTIFICATE_VERIFY_FAILED) for the chain, and for the host name an
+#: ``ssl.CertificateError``, which is a ValueError there (Python checks the name itself
+#: after the handshake), not an OSError.
 _VERIFY_ERROR = getattr(ssl, "SSLCertVerificationError", None)
+
+#: Everything a TLS handshake can raise: catch this, not ``(ssl.SSLError, OSError)``, or a
+#: host name mismatch escapes as a ValueError on 3.6. (From 3.7 ``CertificateError`` is an
+#: alias of ``SSLCertVerificationError``, already an SSLError.)
+HANDSHAKE_ERRORS = (ssl.SSLError, OSError, ssl.CertificateError)
 
 
 def is_verify_error(exc: BaseException) -> bool:
     """True if ``exc`` says the peer's certificate or host name did not verify."""
     if _VERIFY_ERROR is not None:
         return isinstance(exc, _VERIFY_ERROR)
+    if isinstance(exc, ssl.CertificateError):
+        return True
     return isinstance(exc, ssl.SSLError) and \
         getattr(exc, "reason", None) == "CERTIFICATE_VERIFY_FAILED"
 

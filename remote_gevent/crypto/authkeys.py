@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from remote_gevent.common import fsutil
+from remote_gevent.common.addresses import is_ascii
 from remote_gevent.crypto.identity import (
     fingerprint_of,
     parse_ssh_ed25519_line,
@@ -136,7 +137,7 @@ def _norm_host(host: str, pattern: bool) -> str:
         return str(ipaddress.IPv4Address(host))
     except ValueError:
         pass
-    if not host.isascii():  # before lower(): e.g. U+212A KELVIN SIGN lowers to "k"
+    if not is_ascii(host):  # before lower(): e.g. U+212A KELVIN SIGN lowers to "k"
         raise TargetError("bad host %s" % _short(host))
     h = host.lower()
     if not _HOSTNAME_RE.match(h) or h.replace(".", "").isdigit():

@@ -5,8 +5,6 @@ server certificates for 127.0.0.1 / localhost so that TLS is verified exactly
 as in production (chain *and* host name), never switched off.
 """
 
-from __future__ import annotations
-
 import datetime
 import ipaddress
 import os

@@ -197,7 +197,7 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
         except socket.timeout:
             raise RelayError("timeout", "relay %s: no TLS handshake within %.1fs"
                              % (where, timeout)) from None
-        except (ssl.SSLError, OSError) as exc:
+        except tls.HANDSHAKE_ERRORS as exc:
             if tls.is_verify_error(exc):
                 raise RelayError("tls", "relay %s: %s" % (where, tls.describe_verify_error(exc))
                                  ) from None

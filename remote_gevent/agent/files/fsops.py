@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 import stat
-from typing import Any, Optional
+from typing import Any, List, Optional
 import gevent
 
 from remote_gevent.wire.transfer_lines import (
@@ -185,3 +185,32 @@ def lstat_in(dfd: int, name: str) -> Optional[os.stat_result]:
         return os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
         return None
+
+
+#: ``os.scandir`` takes a directory descriptor from Python 3.7 only.
+SCANDIR_TAKES_FD = os.scandir in os.supports_fd
+
+
+class FdDirEntry:
+    """What the sweep uses of an ``os.DirEntry`` (``name``, ``is_dir``), for an entry of a
+    directory open as ``dfd``: the Python 3.6 path of :func:`scan_dir`."""
+
+    __slots__ = ("name", "_dfd")
+
+    def __init__(self, dfd: int, name: str) -> None:
+        self.name = name
+        self._dfd = dfd
+
+    def is_dir(self, follow_symlinks: bool = True) -> bool:
+        st = os.stat(self.name, dir_fd=self._dfd, follow_symlinks=follow_symlinks)
+        return stat.S_ISDIR(st.st_mode)
+
+
+def scan_dir(dfd: int) -> List[Any]:
+    """The entries of the directory open as ``dfd`` (``os.DirEntry`` where Python can scan
+    a descriptor, else :class:`FdDirEntry`: names from ``listdir``, one ``lstat`` each
+    when asked)."""
+    if SCANDIR_TAKES_FD:
+        with os.scandir(dfd) as it:  # novermin - a descriptor: 3.7+, checked above
+            return list(it)
+    return [FdDirEntry(dfd, name) for name in os.listdir(dfd)]

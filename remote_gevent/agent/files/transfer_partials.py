@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional
 import gevent
 import gevent.lock
 
+from remote_gevent.agent.files import fsops
 from remote_gevent.common.logs import escape
 from remote_gevent.wire import transfer_lines as tl
 
@@ -119,8 +120,7 @@ class Ledger:
             except (tl.TransferError, OSError):
                 continue    # gone, or swapped for a symlink since it was listed: skip it
             try:
-                with os.scandir(dfd) as it:
-                    entries = list(it)
+                entries = fsops.scan_dir(dfd)  # os.scandir(fd) is 3.7+
                 for entry in entries:
                     visited += 1
                     if visited % YIELD_EVERY_ENTRIES == 0:
