@@ -100,6 +100,8 @@ def readme_commands() -> List[str]:
                 out[-1] += " " + line.strip()
             else:
                 out.append(line.strip())
+            if out[-1].endswith("\\"):  # a shell continuation: the next line joins it
+                out[-1] = out[-1][:-1].rstrip()
     return out
 
 
