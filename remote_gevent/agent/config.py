@@ -43,6 +43,7 @@ from remote_gevent.common.configschema import (
     v_matching,
     v_opt_existing_file,
     v_opt_size,
+    v_opt_path,
     v_path,
     v_size,
     v_token,
@@ -160,7 +161,12 @@ class RemoteConfig:
         "/var/lib/alemca/remote_history.csv", v_path, "path", "append-only CSV session history")
     authorized_keys: str = key(
         "/etc/alemca/remote_authorized_keys", v_path, "path",
-        "trusted operator keys (ssh-ed25519 lines, optional permitopen=)")
+        "trusted operator keys (ssh-ed25519 lines, optional permitopen=; cert-authority "
+        "lines for operator certificates)")
+    revoked_keys: Optional[str] = key(
+        None, v_opt_path, "path|null",
+        "revoked operator keys and certificates: an OpenSSH KRL (ssh-keygen -k) or a list "
+        "of public keys; re-read on change and SIGHUP; unreadable: nobody is trusted")
     allow: Tuple[str, ...] = key(
         ["127.0.0.1:22"], v_allow, "list of host:port",
         "targets this device may open; port * is a wildcard")

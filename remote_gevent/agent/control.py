@@ -50,6 +50,7 @@ from remote_gevent.wire.protocol import MsgType, ProtocolError, Refused
 from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.agent.tunnels import TunnelManager, device_allow
+from remote_gevent.agent.revocation import Revocation
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ class ControlPlane:
         self.counters: Dict[str, int] = collections.Counter()
         self._trusted = AuthorizedKeys(source=agent.cfg.remote.authorized_keys)
         self._trusted_stamp: Optional[Tuple[Any, ...]] = None
+        # remote.revoked_keys and the fleet revocation (issue 14)
+        self.revocation = Revocation(lambda: self.agent.cfg.remote.revoked_keys)
         ident = agent.get_identity()
         self._key_message = protocol.make_key_announcement(
             ident, agent.cfg.ident, agent.cfg.remote.server_id)
@@ -198,7 +201,8 @@ class ControlPlane:
         """
         path = self.agent.cfg.remote.authorized_keys
         stamp = trust_stamp(path)
-        if stamp != self._trusted_stamp or force:
+        revocations_changed = self.revocation.refresh(force)
+        if stamp != self._trusted_stamp or force or revocations_changed:
             self._trusted_stamp = stamp
             try:
                 self._trusted = AuthorizedKeys.load(path)
@@ -206,6 +210,7 @@ class ControlPlane:
             except AuthorizedKeysError as exc:
                 log.error("%s: no operator is trusted until this is fixed", exc)
                 self._trusted = AuthorizedKeys(source=path)
+            self._trusted = self.revocation.apply(self._trusted)
             if self.tunnels is not None:
                 self.tunnels.apply_trust(self._trusted)
         return self._trusted
@@ -471,7 +476,7 @@ class ControlPlane:
         msg = protocol.decode(raw)
         if msg.type != MsgType.SESSION_CLOSE:
             raise Refused(Reason.MALFORMED, "expected session.close, got %s" % msg.type)
-        op = envelope.verify_with_authorized(msg, self.trusted_keys())
+        op = envelope.verify_with_authorized(msg, self.trusted_keys(), self.agent.cfg.ident)
         sid = msg.body["session_id"]
         found = False
         owner = self.tunnels.operator_of(sid) if self.tunnels is not None else None

@@ -13,8 +13,10 @@ Restrictions: the operator's targets are the line's ``permitopen`` ∩ the certi
 an intersection, never a union; an empty intersection permits nothing and is refused.
 """
 
+import logging
 from typing import Any, List, Optional, Sequence, Tuple
 
+from remote_gevent.common.logs import escape
 from remote_gevent.crypto.authkeys import (
     AuthorizedKeys,
     OperatorKey,
@@ -31,6 +33,8 @@ from remote_gevent.crypto.sshcert import (
 )
 
 __all__ = ["authorize", "recheck", "intersect_permitopen"]
+
+log = logging.getLogger(__name__)
 
 
 def intersect_permitopen(line: Sequence[TargetPattern], cert: Optional[Sequence[TargetPattern]]
@@ -87,7 +91,10 @@ def authorize(trusted: AuthorizedKeys, cert_blob: bytes, signer: str, device: st
         raise CertError("unknown_ca", "certificate signed by CA %s, not a cert-authority "
                         "of this device" % ca_fp)
     check_certificate(cert, line.public_raw32, line.principals or (device,), now, skew)
-    return _operator(line, cert, trusted.revoked)
+    op = _operator(line, cert, trusted.revoked)
+    log.info("operator %s: certificate %s by CA %s (line %d), valid until %d", signer,
+             escape(cert.describe()), ca_fp, line.line_no, cert.valid_before)
+    return op
 
 
 def recheck(trusted: AuthorizedKeys, operator: "OperatorKey") -> "Optional[OperatorKey]":
