@@ -202,3 +202,11 @@ def test_parser_reads_what_ssh_keygen_prints(pki):
     assert sshcert.permit_open_of(cert) == ["127.0.0.1:22"]
     assert cert.valid_before - cert.valid_after > 3500
     assert sshcert.verify_signature(cert)
+
+
+def test_a_listed_plain_key_is_trusted_even_with_a_certificate(pki):
+    """As ssh offers both, OpenSSH accepts either: the plain line's grant applies."""
+    op = operator(pki.op, issue(pki.ca2, pki.op))  # a CA the device does not know
+    req = check(request(op)[1], trusted_with('permitopen="127.0.0.1:22" ' + pub_line(pki.op)))
+    assert req.operator.cert is None and [str(t) for t in req.operator.permitopen] == [
+        "127.0.0.1:22"]

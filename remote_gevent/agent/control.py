@@ -107,6 +107,13 @@ REFUSE_TEXT = {
     Reason.OPERATOR_RATE: "too many requests from this operator (remote.operator_rate); "
                           "retry in a minute",
     Reason.NOT_OWNER: "session belongs to another operator",
+    # operator certificates (issue 14); the detail (which field, how long ago) is logged
+    Reason.UNKNOWN_CA: "certificate not signed by a CA this device trusts",
+    Reason.CERT_INVALID: "certificate not usable here",
+    Reason.CERT_EXPIRED: "certificate expired",
+    Reason.CERT_NOT_YET_VALID: "certificate not yet valid (check clocks)",
+    Reason.PRINCIPAL: "certificate principal not accepted by this device",
+    Reason.REVOKED: "key or certificate revoked",
 }
 
 

@@ -59,6 +59,7 @@ from remote_gevent.console.config import (
     ConsoleConfig,
     ConsoleError,
 )
+from remote_gevent.console import certs
 from remote_gevent.console.known_devices import KnownDevices, KnownDevicesError, Pin
 
 from remote_gevent.console.device_states import (
@@ -396,9 +397,9 @@ class ConsoleControl:
                     self.err.flush()
                     continue
                 code, reason = msg.body["code"], msg.body.get("reason", "")
-                raise ConsoleError("device %s refused the session: %s%s"
-                                   % (pending.device, code, " (%s)" % reason if reason else ""),
-                                   EXIT_REFUSED, code)
+                raise ConsoleError("device %s refused the session: %s%s%s"
+                                   % (pending.device, code, " (%s)" % reason if reason else "",
+                                      certs.refusal_hint(code)), EXIT_REFUSED, code)
         finally:
             self._waiters.pop(sid, None)
 
@@ -527,12 +528,13 @@ def load_operator_key(cfg: ConsoleConfig) -> Any:
     from remote_gevent.crypto import identity
 
     try:
-        return identity.load(cfg.operator_key)
+        key = identity.load(cfg.operator_key)
     except identity.IdentityError as exc:
         hint = ""
         if not os.path.exists(cfg.operator_key):
             hint = " (create it with `remote-gevent-console keygen`)"
         raise ConsoleError("%s%s" % (exc, hint), EXIT_CONFIG, "operator_key") from None
+    return certs.attach_certificate(key, cfg)  # <key>-cert.pub or operator_cert (issue 14)
 
 
 def b64(data: bytes) -> str:

@@ -263,8 +263,15 @@ def operator_of(message: "Message", trusted: AuthorizedKeys, device: str,
                 now: float) -> OperatorKey:
     """The trusted operator who signed ``message`` (signature not yet checked): its plain
     key, or the key its ``cert`` certifies; Refused (``unknown_operator``, ``revoked``,
-    a certificate refusal) if none."""
+    a certificate refusal) if none.
+
+    A signer whose plain key ``authorized_keys`` trusts is that key's operator even when
+    it sends a certificate too (``ssh`` offers the certificate and the key, so OpenSSH
+    accepts either; the plain line grants no more than it already does)."""
     signer = message.signer or ""
+    plain = trusted.get(signer)
+    if plain is not None:
+        return plain
     if "cert" in message.body:
         try:
             return certauth.authorize(trusted, base64.b64decode(message.body["cert"]),
@@ -272,13 +279,10 @@ def operator_of(message: "Message", trusted: AuthorizedKeys, device: str,
         except CertError as exc:
             raise Refused(CERT_REFUSALS.get(exc.kind, Reason.CERT_INVALID),
                           "%s: %s" % (signer, exc)) from None
-    op = trusted.get(signer)
-    if op is None and trusted.listed(signer):
+    if trusted.listed(signer):
         raise Refused(Reason.REVOKED, "operator key %s is revoked" % signer)
-    if op is None:
-        raise Refused(Reason.UNKNOWN_OPERATOR, "operator %s not trusted (%s)"
-                      % (short(signer), trusted.source))
-    return op
+    raise Refused(Reason.UNKNOWN_OPERATOR, "operator %s not trusted (%s)"
+                  % (short(signer), trusted.source))
 
 
 def verify_with_authorized(message: "Message", trusted: AuthorizedKeys, device: str = "",
