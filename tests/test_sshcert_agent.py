@@ -34,6 +34,7 @@ def cert_platform(rabbit, device, operator, tmp_path):
     cfg_dict = json.loads(open(path).read())
     cfg_dict["remote"]["revoked_keys"] = str(revoked)
     cfg_dict["remote"]["queue_timeout"] = 30
+    cfg_dict["remote"]["fleet_revocation_path"] = str(tmp_path / "fleet_revocation.json")
     open(path, "w").write(json.dumps(cfg_dict))
     cfg = config_mod.load(path)
     key = cert_key(op, issue(ca, op, principals="fleet-a"))

@@ -167,6 +167,10 @@ class RemoteConfig:
         None, v_opt_path, "path|null",
         "revoked operator keys and certificates: an OpenSSH KRL (ssh-keygen -k) or a list "
         "of public keys; re-read on change and SIGHUP; unreadable: nobody is trusted")
+    fleet_revocation_path: str = key(
+        "/var/lib/alemca/remote_fleet_revocation.json", v_path, "path",
+        "where the last fleet-wide revocation received from the broker is kept (signed "
+        "by a cert-authority CA; applied again at start)")
     allow: Tuple[str, ...] = key(
         ["127.0.0.1:22"], v_allow, "list of host:port",
         "targets this device may open; port * is a wildcard")

@@ -51,6 +51,7 @@ from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.agent.tunnels import TunnelManager, device_allow
 from remote_gevent.agent.revocation import Revocation
+from remote_gevent.agent.fleet_revocation import FleetRevocation
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class ControlPlane:
         self._trusted_stamp: Optional[Tuple[Any, ...]] = None
         # remote.revoked_keys and the fleet revocation (issue 14)
         self.revocation = Revocation(lambda: self.agent.cfg.remote.revoked_keys)
+        self.fleet = FleetRevocation(self)
         ident = agent.get_identity()
         self._key_message = protocol.make_key_announcement(
             ident, agent.cfg.ident, agent.cfg.remote.server_id)
@@ -260,6 +262,7 @@ class ControlPlane:
                             % (self.queue, vhost, CMD_QUEUE_ARGS, exc)) from None
         for suffix in COMMANDS:
             link.bind(self.queue, EXCHANGE_DOWN, "%s.%s" % (self.topic, suffix))
+        self.fleet.setup(link)  # issue 14: the fleet revocation, before any request
         link.consume(self.queue, self._on_message, handles_problems=True)
         for raw in list(self._unsent_keys) or [self._key_message]:
             link.publish(EXCHANGE_UP, self.topic + ".key", raw, expiration=UP_EXPIRATION_MS)
