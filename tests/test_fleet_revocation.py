@@ -12,7 +12,13 @@ from remote_gevent.wire.codes import Reason
 
 from tests.sshcert_helpers import keygen, krl, new_key
 from tests.test_control import WAIT, Running, _next_close
-from tests.test_sshcert_agent import _send, cert_platform  # noqa: F401 - the fixture
+from tests.test_sshcert_agent import _send, running_cert_platform
+
+
+@pytest.fixture
+def cert_platform(rabbit, device, operator, tmp_path):
+    with running_cert_platform(rabbit, device, operator, tmp_path) as parts:
+        yield parts
 
 
 def signed_krl(tmp_path, signer, ca_pub, version, specs, name="fleet"):

@@ -1,6 +1,7 @@
 """Operator certificates and revocation against a real in-process agent on the private TLS
 broker (issue 14): certificates and KRLs from the real ``ssh-keygen``."""
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,12 @@ from tests.test_control import WAIT, Console, Running, _next_close, write_config
 
 @pytest.fixture
 def cert_platform(rabbit, device, operator, tmp_path):
+    with running_cert_platform(rabbit, device, operator, tmp_path) as parts:
+        yield parts
+
+
+@contextlib.contextmanager
+def running_cert_platform(rabbit, device, operator, tmp_path):
     """An agent trusting one CA (cert-authority line), with ``remote.revoked_keys``; one
     session slot taken, so an accepted request waits (and is revocable) for a while."""
     ca = new_key(tmp_path / "ca", comment="platform-ca")
