@@ -2,6 +2,7 @@
 CA, published once on ``remote.fleet``; a real in-process agent applies it within
 seconds when online, and before its first request when it comes back from offline."""
 
+import dataclasses
 import os
 import time
 
@@ -87,3 +88,17 @@ def test_offline_device_applies_it_before_its_first_request(cert_platform, tmp_p
     finally:
         third.stop()
     # the cert_platform fixture stops ``run`` again: already stopped, harmless
+
+
+def test_unwritable_store_applies_and_keeps_the_link(cert_platform, tmp_path, caplog):
+    run, console, device, ca, op, _ = cert_platform
+    caplog.set_level("INFO")
+    # frozen dataclasses: the agent's config replaced by a copy with an unwritable path
+    remote = dataclasses.replace(run.agent.cfg.remote,
+                                 fleet_revocation_path=str(tmp_path / "missing" / "f.json"))
+    run.agent.cfg = dataclasses.replace(run.agent.cfg, remote=remote)
+    publish(console, signed_krl(tmp_path, ca, ca + ".pub", 3, ["serial: 7"]))
+    wait_log(caplog, "fleet revocation applied but not stored")
+    _, reply = _send(console, device, console.key)
+    assert reply.body["code"] == Reason.REVOKED
+    assert "control link lost" not in caplog.text

@@ -108,3 +108,29 @@ def test_certificate_session_revoked_by_serial_then_near_expiry_warning(certp, e
     status, err = finish(proc)
     assert "operator certificate" in err and "expires in" in err, err
     assert "ask for a new one" in err, err
+
+
+def test_fleet_revocation_published_by_the_console_ends_the_session(certp, echo, procs,
+                                                                      tmp_path):
+    """`ssh-keygen -k -z` + `ssh-keygen -Y sign` by the CA, `revoke-fleet` by the console:
+    the device (provisioned as the demo does) ends the certificate's open session."""
+    p = certp
+    cert = _cert(p)
+    port = free_port()
+    console = procs.start(p.console_argv(
+        "forward", p.ident, "-L", "127.0.0.1:%d:127.0.0.1:%d" % (port, echo.port)))
+    wait_port(port, console)
+    conn = _echo_once(port)
+    ca = os.path.join(p.pki_dir, "operator_ca")
+    path = krl(tmp_path / "fleet.krl", ca + ".pub", specs=["serial: %d" % cert.serial])
+    keygen("-k", "-u", "-z", "1", "-f", path)
+    keygen("-Y", "sign", "-n", "remote-gevent-krl", "-f", ca, path)
+    status, err = finish(procs.start(p.console_argv("revoke-fleet", path)))
+    assert status == 0 and "published" in err, err
+    try:
+        row = wait_row(p, lambda r: r["close_code"] == "revoked", timeout=5)
+    except AssertionError:
+        with open(p.agent_log) as f:
+            raise AssertionError(f.read()[-3000:]) from None
+    assert row["cert_serial"] == str(cert.serial)
+    conn.close()

@@ -80,6 +80,16 @@ class FleetRevocation:
             log.warning("fleet revocation refused: %s", escape(str(exc)))
         link.ack(message)  # the queue only ever needs the latest one
 
+    def _store(self, raw: bytes) -> None:
+        """Keep it for the next start. A failure is logged, never raised: the revocation
+        applies now anyway, and an OSError in a consumer would cut the control link."""
+        path = self.control.agent.cfg.remote.fleet_revocation_path
+        try:
+            fsutil.write_atomic(path, raw, mode=0o600)
+        except OSError as exc:
+            log.error("fleet revocation applied but not stored in %s (%s): it will not "
+                      "survive a restart until the next publication", path, exc.strerror)
+
     def _load_stored(self) -> None:
         path = self.control.agent.cfg.remote.fleet_revocation_path
         if not os.path.exists(path):
@@ -114,8 +124,7 @@ class FleetRevocation:
         if krl == self.krl:
             return False
         if persist:
-            fsutil.write_atomic(self.control.agent.cfg.remote.fleet_revocation_path, raw,
-                                mode=0o600)
+            self._store(raw)
         self.version, self.krl = revoked.version, krl
         self.control.revocation.set_fleet(revoked)
         self.control.trusted_keys()  # applies it now: revoked sessions end

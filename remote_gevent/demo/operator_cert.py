@@ -53,6 +53,8 @@ def issue_demo_certificate(platform: Any) -> bool:
         _keygen("-k", "-f", revoked)
         os.chmod(revoked, 0o600)
     platform.remote_overrides.setdefault("revoked_keys", revoked)
+    platform.remote_overrides.setdefault(
+        "fleet_revocation_path", os.path.join(platform.agent_dir, "fleet_revocation.json"))
     return True
 
 
