@@ -102,3 +102,27 @@ def test_unwritable_store_applies_and_keeps_the_link(cert_platform, tmp_path, ca
     _, reply = _send(console, device, console.key)
     assert reply.body["code"] == Reason.REVOKED
     assert "control link lost" not in caplog.text
+
+
+def test_platform_without_remote_fleet_still_serves(rabbit, operator, tmp_path, monkeypatch,
+                                                    caplog):
+    """A device provisioned before issue 14 (no read on remote.fleet): logged, and the
+    control plane serves requests as before."""
+    from remote_gevent.demo import rabbit as demo_rabbit
+
+    new = demo_rabbit.device_permissions
+
+    def old_permissions(server_id, ident):
+        perms = new(server_id, ident)
+        perms["read"] = perms["read"].replace(r"remote\.fleet|", "")
+        perms["topic"] = [t for t in perms["topic"] if t["exchange"] != "remote.fleet"]
+        return perms
+
+    monkeypatch.setattr(demo_rabbit, "device_permissions", old_permissions)
+    device = rabbit.new_device()
+    caplog.set_level("INFO")
+    with running_cert_platform(rabbit, device, operator, tmp_path) as parts:
+        run, console, device, ca, op, _ = parts
+        assert "no fleet revocation on this platform" in caplog.text
+        _, reply = _send(console, device, console.key)
+        assert reply.type == protocol.MsgType.SESSION_QUEUED, reply.body

@@ -27,6 +27,8 @@ import logging
 import os
 from typing import Any, Optional
 
+from amqp.exceptions import AccessRefused, NotFound
+
 from remote_gevent.common import fsutil
 from remote_gevent.common.logs import escape
 from remote_gevent.crypto import sshsig
@@ -62,16 +64,34 @@ class FleetRevocation:
         if not self._stored_loaded:
             self._stored_loaded = True
             self._load_stored()
-        cfg = self.control.agent.cfg
-        link.declare_queue(self.queue, durable=True, arguments=QUEUE_ARGS,
-                           replace_mismatch=True)
-        link.bind(self.queue, fleet.FLEET_EXCHANGE, fleet.routing_key(cfg.remote.server_id))
+        if not self._bind(link):
+            return
         for _ in range(MAX_WAITING):
             message = link.get(self.queue)
             if message is None:
                 break
             self._on_message(link, message)
         link.consume(self.queue, lambda m: self._on_message(link, m))
+
+    def _bind(self, link: Any) -> bool:
+        """Declare and bind ``<topic>.fleet``; False (logged) on a platform that has no
+        ``remote.fleet`` or does not let the device read it: the control plane must go on
+        serving there (py-amqp reopens the channel the broker closed; its qos is restored)."""
+        cfg = self.control.agent.cfg
+        try:
+            link.declare_queue(self.queue, durable=True, arguments=QUEUE_ARGS,
+                               replace_mismatch=True)
+            link.bind(self.queue, fleet.FLEET_EXCHANGE,
+                      fleet.routing_key(cfg.remote.server_id))
+        except (NotFound, AccessRefused) as exc:
+            channel = link.channel
+            if channel is not None and link.prefetch:
+                channel.basic_qos(0, link.prefetch, False)
+            log.error("no fleet revocation on this platform (%s): provision the exchange "
+                      "%s and the device's read permission on it (docs/protocol.md)",
+                      escape(str(exc)), fleet.FLEET_EXCHANGE)
+            return False
+        return True
 
     def _on_message(self, link: Any, message: Any) -> None:
         try:
