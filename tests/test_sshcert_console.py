@@ -66,3 +66,24 @@ def test_refusal_hints():
                  Reason.CERT_INVALID, Reason.CERT_NOT_YET_VALID):
         assert certs.refusal_hint(code).startswith("; ")
     assert certs.refusal_hint(Reason.REPLAYED) == ""
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_demo_platform_issues_a_certificate_by_default(tmp_path, monkeypatch, plain):
+    from remote_gevent.demo import operator_cert
+    from remote_gevent.demo.platform import DemoPlatform
+
+    if plain:
+        monkeypatch.setenv(operator_cert.PLAIN_KEY_ENV, "1")
+    p = DemoPlatform(str(tmp_path / "demo")).prepare()
+    with open(p.authorized_keys) as f:
+        line = f.read()
+    cert_file = p.operator_key_path + "-cert.pub"
+    if plain:
+        assert line.startswith("ssh-ed25519 ") and not os.path.exists(cert_file)
+    else:
+        assert line.startswith('cert-authority,principals="demo-fleet" ssh-ed25519 ')
+        assert p.remote_overrides["revoked_keys"].endswith("agent/revoked_keys")
+        key = certs.attach_certificate(operator(p.operator_key_path),
+                                       _cfg(tmp_path, p.operator_key_path))
+        assert key.certificate is not None

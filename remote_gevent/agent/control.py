@@ -50,8 +50,7 @@ from remote_gevent.wire.protocol import MsgType, ProtocolError, Refused
 from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.agent.tunnels import TunnelManager, device_allow
-from remote_gevent.agent.revocation import Revocation
-from remote_gevent.agent.fleet_revocation import FleetRevocation
+from remote_gevent.agent.revocation import CERT_REFUSE_TEXT, Revocation
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +106,7 @@ REFUSE_TEXT = {
                            "(remote.max_session_per_operator); close one first",
     Reason.OPERATOR_RATE: "too many requests from this operator (remote.operator_rate); "
                           "retry in a minute",
-    Reason.NOT_OWNER: "session belongs to another operator",
-    # operator certificates (issue 14); the detail (which field, how long ago) is logged
-    Reason.UNKNOWN_CA: "certificate not signed by a CA this device trusts",
-    Reason.CERT_INVALID: "certificate not usable here",
-    Reason.CERT_EXPIRED: "certificate expired",
-    Reason.CERT_NOT_YET_VALID: "certificate not yet valid (check clocks)",
-    Reason.PRINCIPAL: "certificate principal not accepted by this device",
-    Reason.REVOKED: "key or certificate revoked",
+    Reason.NOT_OWNER: "session belongs to another operator", **CERT_REFUSE_TEXT,
 }
 
 
@@ -170,9 +162,7 @@ class ControlPlane:
         self.counters: Dict[str, int] = collections.Counter()
         self._trusted = AuthorizedKeys(source=agent.cfg.remote.authorized_keys)
         self._trusted_stamp: Optional[Tuple[Any, ...]] = None
-        # remote.revoked_keys and the fleet revocation (issue 14)
-        self.revocation = Revocation(lambda: self.agent.cfg.remote.revoked_keys)
-        self.fleet = FleetRevocation(self)
+        self.revocation = Revocation(self)  # revoked_keys + fleet revocation (issue 14)
         ident = agent.get_identity()
         self._key_message = protocol.make_key_announcement(
             ident, agent.cfg.ident, agent.cfg.remote.server_id)
@@ -210,8 +200,7 @@ class ControlPlane:
         """
         path = self.agent.cfg.remote.authorized_keys
         stamp = trust_stamp(path)
-        revocations_changed = self.revocation.refresh(force)
-        if stamp != self._trusted_stamp or force or revocations_changed:
+        if self.revocation.refresh(force) or stamp != self._trusted_stamp or force:
             self._trusted_stamp = stamp
             try:
                 self._trusted = AuthorizedKeys.load(path)
@@ -262,7 +251,7 @@ class ControlPlane:
                             % (self.queue, vhost, CMD_QUEUE_ARGS, exc)) from None
         for suffix in COMMANDS:
             link.bind(self.queue, EXCHANGE_DOWN, "%s.%s" % (self.topic, suffix))
-        self.fleet.setup(link)  # issue 14: the fleet revocation, before any request
+        self.revocation.fleet.setup(link)  # issue 14: before any request is read
         link.consume(self.queue, self._on_message, handles_problems=True)
         for raw in list(self._unsent_keys) or [self._key_message]:
             link.publish(EXCHANGE_UP, self.topic + ".key", raw, expiration=UP_EXPIRATION_MS)

@@ -12,8 +12,8 @@ Fail closed, as OpenSSH: a configured file that is missing, unsafe (group- or
 world-writable, like ``authorized_keys``), unreadable or not a valid KRL/key list trusts
 nobody until fixed (logged once per change).
 
-The fleet-wide revocation (:mod:`remote_gevent.agent.fleet_revocation`) is merged in by
-:meth:`Revocation.set_fleet`.
+The fleet-wide revocation (:mod:`remote_gevent.agent.fleet_revocation`, ``.fleet``) is
+merged in by :meth:`Revocation.set_fleet`.
 """
 
 import logging
@@ -21,14 +21,27 @@ import os
 import stat
 from typing import Any, Callable, Optional, Tuple
 
+from remote_gevent.agent.fleet_revocation import FleetRevocation
 from remote_gevent.common import fsutil
 from remote_gevent.crypto.authkeys import AuthorizedKeys, trust_stamp
 from remote_gevent.crypto.krl import MAX_REVOCATION_BYTES, KrlError, Revocations, \
     parse_revocations
+from remote_gevent.wire.codes import Reason
 
 log = logging.getLogger(__name__)
 
 _UNSAFE_MODE = stat.S_IWGRP | stat.S_IWOTH
+
+#: ``session.refuse`` texts of the certificate refusals (merged into control.REFUSE_TEXT):
+#: fixed phrases; the detail (which field, how long ago) is logged only.
+CERT_REFUSE_TEXT = {
+    Reason.UNKNOWN_CA: "certificate not signed by a CA this device trusts",
+    Reason.CERT_INVALID: "certificate not usable here",
+    Reason.CERT_EXPIRED: "certificate expired",
+    Reason.CERT_NOT_YET_VALID: "certificate not yet valid (check clocks)",
+    Reason.PRINCIPAL: "certificate principal not accepted by this device",
+    Reason.REVOKED: "key or certificate revoked",
+}
 
 
 def load_revocations(path: str) -> "Revocations":
@@ -52,8 +65,11 @@ def load_revocations(path: str) -> "Revocations":
 class Revocation:
     """What the device holds revoked now: the local file and the fleet revocation."""
 
-    def __init__(self, get_path: Callable[[], Optional[str]]) -> None:
-        self._get_path = get_path
+    def __init__(self, control: Any) -> None:
+        """``control``: the agent's ControlPlane (its config and its trusted keys)."""
+        self._get_path: Callable[[], Optional[str]] = \
+            lambda: control.agent.cfg.remote.revoked_keys
+        self.fleet = FleetRevocation(control)
         self._stamp: Optional[Tuple[Any, ...]] = None
         self._local: Optional[Revocations] = None
         self._fleet: Optional[Revocations] = None

@@ -9,7 +9,8 @@ stock ``ssh-keygen``, done for ``scripts/demo``.
   the key by the console as ``ssh`` finds it;
 - an empty KRL ``agent/revoked_keys`` (``remote.revoked_keys``) to revoke into.
 
-Without ``ssh-keygen`` on the machine the demo keeps the plain operator key (logged).
+Without ``ssh-keygen`` on the machine, or with ``REMOTE_GEVENT_DEMO_PLAIN_KEY=1`` in the
+environment, the demo keeps the plain operator key in ``authorized_keys``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 FLEET_PRINCIPAL = "demo-fleet"
 VALIDITY = "-5m:+12h"
 KEYGEN_TIMEOUT = 30.0
+PLAIN_KEY_ENV = "REMOTE_GEVENT_DEMO_PLAIN_KEY"
 
 
 def _keygen(*args: str) -> None:
@@ -35,7 +37,10 @@ def _keygen(*args: str) -> None:
 
 def issue_demo_certificate(platform: Any) -> bool:
     """Set ``platform`` (a prepared ``DemoPlatform``) up with a CA and an operator
-    certificate; False (plain key kept) when ``ssh-keygen`` is missing."""
+    certificate; False (plain key kept) when ``ssh-keygen`` is missing or the environment
+    asks for a plain key."""
+    if os.environ.get(PLAIN_KEY_ENV) == "1":
+        return False
     if shutil.which("ssh-keygen") is None:
         log.warning("ssh-keygen not found: the demo operator uses a plain key")
         return False

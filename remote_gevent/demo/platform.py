@@ -57,8 +57,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from remote_gevent.crypto import identity
-from remote_gevent.demo import rabbit as demo_rabbit
-from remote_gevent.demo import operator_cert as demo_cert
+from remote_gevent.demo import operator_cert as demo_cert, rabbit as demo_rabbit
 from remote_gevent.demo.pki import CertificateAuthority
 
 from remote_gevent.demo.processes import (
@@ -116,8 +115,7 @@ class DemoPlatform:
                  console: Optional[Dict[str, Any]] = None,
                  operator: str = DEFAULT_OPERATOR,
                  start_relay: bool = True, relay_port: Optional[int] = None,
-                 start_agent: bool = True, log_level: str = "INFO",
-                 operator_cert: bool = True) -> None:
+                 start_agent: bool = True, log_level: str = "INFO") -> None:
         self.dir = os.path.abspath(directory)
         self.ident = ident
         self.vhost = vhost
@@ -132,7 +130,6 @@ class DemoPlatform:
         self.relay_port = relay_port
         self.run_agent = start_agent
         self.log_level = log_level
-        self.operator_cert = operator_cert  # a CA + certificate (demo/operator_cert.py)
         self.token = secrets.token_urlsafe(18)
         self.operator_password = secrets.token_urlsafe(18)
         self.agent_proc: Optional[subprocess.Popen] = None
@@ -194,8 +191,7 @@ class DemoPlatform:
                                              replace=True)
         _write_text(self.authorized_keys,
                     operator_key.public_line("%s@demo-platform" % self.operator) + "\n", 0o600)
-        if self.operator_cert:  # the device then trusts the CA, not the key
-            demo_cert.issue_demo_certificate(self)
+        demo_cert.issue_demo_certificate(self)  # the device trusts a CA, not the key (#14)
         self._prepared = True
         return self
 
