@@ -133,3 +133,26 @@ def test_unreadable_revocation_file_trusts_nobody(cert_platform):
             break
         assert time.monotonic() < deadline
     assert reply.body["code"] == Reason.UNKNOWN_CA
+
+
+def test_certificate_operator_status_close_and_ca_removal(cert_platform, tmp_path):
+    """status.request and session.close carry the certificate too; removing the CA line
+    ends the certificate's sessions (live trust, as for a plain key)."""
+    run, console, device, ca, op, _ = cert_platform
+    sid, reply = _send(console, device, console.key)
+    assert reply.type == protocol.MsgType.SESSION_QUEUED
+    rid, raw = protocol.make_status_request(console.key, device.ident, device.server_id)
+    body = protocol.verify_status(console.send(raw, rid, kind="status"),
+                                  run.key.public_bytes, rid)
+    assert [s["session_id"] for s in body["sessions"]] == [sid]
+    console.send(protocol.make_session_close(console.key, sid, "closed_by_operator"), sid,
+                 kind="close", reply_to=False)
+    assert _next_close(console, sid).body["code"] == "closed_by_operator"
+    sid2, reply = _send(console, device, console.key)
+    assert reply.type == protocol.MsgType.SESSION_QUEUED
+    ak = tmp_path / "authorized_keys"
+    ak.write_text("# the CA is gone\n")
+    os.chmod(str(ak), 0o600)
+    assert _next_close(console, sid2).body["code"] == "revoked"
+    _, reply = _send(console, device, console.key)
+    assert reply.body["code"] == Reason.UNKNOWN_CA
