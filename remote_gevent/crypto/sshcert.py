@@ -23,7 +23,7 @@ intersected with the line's ``permitopen=``, never added to it.
 import base64
 import binascii
 import struct
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import nacl.exceptions
 import nacl.signing
@@ -115,9 +115,6 @@ class _Reader:
 
     def u64(self) -> int:
         return int(struct.unpack(">Q", self._take(8))[0])
-
-    def byte(self) -> int:
-        return self._take(1)[0]
 
     def string(self) -> bytes:
         return self._take(self.u32())
@@ -298,8 +295,3 @@ def permit_open_of(cert: "Certificate") -> Optional[List[str]]:
         raise CertError("invalid", "%s: empty target" % PERMIT_OPEN_EXTENSION)
     return items
 
-
-def summary(cert: "Certificate") -> Dict[str, object]:
-    """Fields worth logging and recording (no key material)."""
-    return {"key_id": cert.key_id, "serial": cert.serial,
-            "valid_before": cert.valid_before, "principals": list(cert.principals)}
