@@ -168,7 +168,8 @@ def test_options_before_rsa_key_skipped():
     'from="10.0.0.0/8" %s',  # would be ignored: fail closed
     'expiry-time="20200101" %s',
     'no-port-forwarding %s',
-    'cert-authority %s',
+    'principals="a" %s',  # principals only make sense with cert-authority
+    'cert-authority="x" %s',
 ])
 def test_bad_lines_skipped_others_kept(bad):
     raw, line = _key()

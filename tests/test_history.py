@@ -29,7 +29,7 @@ def test_header_and_rows(tmp_path):
     assert rows[1][:5] == ["2023-11-14T22:13:20.000+00:00", "a" * 32, "127.0.0.1", "1.500",
                            "normal"]
     assert rows[1][6] == "127.0.0.1:22 @sftp"
-    assert rows[1][-1] == 'said "bye", then left'
+    assert rows[1][history.COLUMNS.index("reason")] == 'said "bye", then left'
     assert [r["session_id"] for r in history.read(path)] == ["a" * 32, "b" * 32]
     assert oct(os.stat(path).st_mode & 0o777) == oct(history.FILE_MODE)
 

@@ -38,12 +38,12 @@ from remote_gevent.common.configschema import (
     read_document,
     split_host_port,
     unreadable,
-    v_opt_path,
     v_bool,
     v_int,
     v_matching,
     v_opt_existing_file,
     v_opt_size,
+    v_opt_path,
     v_path,
     v_size,
     v_token,
@@ -179,7 +179,16 @@ class RemoteConfig:
         "/var/lib/alemca/remote_history.csv", v_path, "path", "append-only CSV session history")
     authorized_keys: str = key(
         "/etc/alemca/remote_authorized_keys", v_path, "path",
-        "trusted operator keys (ssh-ed25519 lines, optional permitopen=)")
+        "trusted operator keys (ssh-ed25519 lines, optional permitopen=; cert-authority "
+        "lines for operator certificates)")
+    revoked_keys: Optional[str] = key(
+        None, v_opt_path, "path|null",
+        "revoked operator keys and certificates: an OpenSSH KRL (ssh-keygen -k) or a list "
+        "of public keys; re-read on change and SIGHUP; unreadable: nobody is trusted")
+    fleet_revocation_path: str = key(
+        "/var/lib/alemca/remote_fleet_revocation.json", v_path, "path",
+        "where the last fleet-wide revocation received from the broker is kept (signed "
+        "by a cert-authority CA; applied again at start)")
     allow: Tuple[str, ...] = key(
         ["127.0.0.1:22"], v_allow, "list of host:port",
         "targets this device may open; port * is a wildcard")

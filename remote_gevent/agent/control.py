@@ -58,6 +58,7 @@ from remote_gevent.common.broker_topology import (
     EXCHANGE_UP,
     command_queue,
 )
+from remote_gevent.agent.revocation import CERT_REFUSE_TEXT, Revocation
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ REFUSE_TEXT = {
                            "(remote.max_session_per_operator); close one first",
     Reason.OPERATOR_RATE: "too many requests from this operator (remote.operator_rate); "
                           "retry in a minute",
-    Reason.NOT_OWNER: "session belongs to another operator",
+    Reason.NOT_OWNER: "session belongs to another operator", **CERT_REFUSE_TEXT,
 }
 
 
@@ -154,6 +155,7 @@ class ControlPlane:
         self.counters: Dict[str, int] = collections.Counter()
         self._trusted = AuthorizedKeys(source=agent.cfg.remote.authorized_keys)
         self._trusted_stamp: Optional[Tuple[Any, ...]] = None
+        self.revocation = Revocation(self)  # revoked_keys + fleet revocation (issue 14)
         ident = agent.get_identity()
         self._key_message = protocol.make_key_announcement(
             ident, agent.cfg.ident, agent.cfg.remote.server_id)
@@ -191,7 +193,7 @@ class ControlPlane:
         """
         path = self.agent.cfg.remote.authorized_keys
         stamp = trust_stamp(path)
-        if stamp != self._trusted_stamp or force:
+        if self.revocation.refresh(force) or stamp != self._trusted_stamp or force:
             self._trusted_stamp = stamp
             try:
                 self._trusted = AuthorizedKeys.load(path)
@@ -199,6 +201,7 @@ class ControlPlane:
             except AuthorizedKeysError as exc:
                 log.error("%s: no operator is trusted until this is fixed", exc)
                 self._trusted = AuthorizedKeys(source=path)
+            self._trusted = self.revocation.apply(self._trusted)
             if self.tunnels is not None:
                 self.tunnels.apply_trust(self._trusted)
         return self._trusted
@@ -235,6 +238,7 @@ class ControlPlane:
         # first (a refused delete reopens the channel: no consumer may exist yet).
         drop_legacy_queue(link, self.topic)
         declare_command_queue(link, self.topic)
+        self.revocation.fleet.setup(link)  # issue 14: before any request is read
         link.consume(self.queue, self._on_message, handles_problems=True)
         for raw in list(self._unsent_keys) or [self._key_message]:
             link.publish(EXCHANGE_UP, self.topic + ".key", raw, expiration=UP_EXPIRATION_MS)
@@ -464,7 +468,7 @@ class ControlPlane:
         msg = protocol.decode(raw)
         if msg.type != MsgType.SESSION_CLOSE:
             raise Refused(Reason.MALFORMED, "expected session.close, got %s" % msg.type)
-        op = envelope.verify_with_authorized(msg, self.trusted_keys())
+        op = envelope.verify_with_authorized(msg, self.trusted_keys(), self.agent.cfg.ident)
         sid = msg.body["session_id"]
         found = False
         owner = self.tunnels.operator_of(sid) if self.tunnels is not None else None

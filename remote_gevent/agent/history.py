@@ -30,6 +30,9 @@ COLUMNS = (
     "bytes_out",  # bytes sent back to the operator
     "streams",
     "reason",
+    # Issue 14: an operator admitted by certificate (empty for a plain key).
+    "cert_key_id",
+    "cert_serial",
 )
 FILE_MODE = 0o640
 # A cell that starts with one of these is a formula to spreadsheet tools (CSV/formula
@@ -58,12 +61,13 @@ class History:
     def append(self, start: float, session_id: str, remote_ip: str, duration: float,
                close_code: str, operator: str = "", targets: Sequence[str] = (),
                bytes_in: int = 0, bytes_out: int = 0, streams: int = 0,
-               reason: str = "") -> None:
+               reason: str = "", cert_key_id: str = "", cert_serial: str = "") -> None:
         # Every text cell may carry a peer's words (a relay's answer, a reason): neutralised.
         row = [
             _iso(start), neutralise(session_id), neutralise(remote_ip), "%.3f" % duration,
             neutralise(close_code), neutralise(operator), neutralise(" ".join(targets)),
             str(bytes_in), str(bytes_out), str(streams), neutralise(reason[:200]),
+            neutralise(cert_key_id[:200]), neutralise(str(cert_serial)),
         ]
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow(row)
@@ -115,3 +119,11 @@ def record_safely(history: "Optional[History]", **fields: object) -> None:
         log.error("cannot append session %s to history %s: %s",
                   fields.get("session_id"), history.path, exc)
 
+
+
+def cert_fields(operator: object) -> dict:
+    """``cert_key_id`` and ``cert_serial`` of an operator admitted by certificate."""
+    cert = getattr(operator, "cert", None)
+    if cert is None:
+        return {}
+    return {"cert_key_id": cert.key_id, "cert_serial": str(cert.serial)}

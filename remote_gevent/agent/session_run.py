@@ -20,7 +20,7 @@ from remote_gevent.common.addresses import format_address
 from remote_gevent.common import tls
 from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.agent.relay_accept import RelayNotAdmitted, admit_relay, admitted_relays
-from remote_gevent.agent.history import record_safely
+from remote_gevent.agent.history import cert_fields, record_safely
 from remote_gevent.wire.codes import RELAY_MISMATCH_TEXT, Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.common.sockets import close_quietly
@@ -349,7 +349,7 @@ class SessionRun(ManagerState):
 
         Trust, the key's permitopen and the device allow-list are those in force now."""
         trusted = self._trusted_now()
-        op = s.request.operator if trusted is None else trusted.get(s.operator)
+        op = s.request.operator if trusted is None else trusted.current(s.request.operator)
         if op is None:
             self._request_close(s, CloseCode.REVOKED, REVOKED_TEXT)
             raise OperatorRevoked()
@@ -405,7 +405,8 @@ class SessionRun(ManagerState):
             self._history, start=s.since, session_id=s.id, remote_ip=s.remote_ip,
             duration=duration, close_code=code, operator=s.operator, targets=s.targets,
             bytes_in=t.bytes_in if t else 0, bytes_out=t.bytes_out if t else 0,
-            streams=t.streams_opened if t else 0, reason=reason)
+            streams=t.streams_opened if t else 0, reason=reason,
+            **cert_fields(s.request.operator))
         if self._sessions.get(s.id) is s:
             del self._sessions[s.id]
         try:

@@ -170,7 +170,7 @@ class TunnelManager(SessionRun):
         for s in list(self._sessions.values()):
             if s.state == ENDED or s.close_request is not None:
                 continue
-            if trusted.get(s.operator) is None:
+            if trusted.current(s.request.operator) is None:  # plain key or certificate
                 log.warning("session %s: operator %s is no longer trusted: revoked", s.id,
                             s.operator)
                 self._request_close(s, CloseCode.REVOKED, REVOKED_TEXT)

@@ -508,6 +508,12 @@ class AmqpLink(TopologyMixin):
                                          exclusive=exclusive, callback=deliver,
                                          nowait=not self._in_link_greenlet()) or tag
 
+    def get(self, queue: str) -> Optional[amqp.Message]:
+        """One message of ``queue`` (``basic.get``, manual ack) or None when it is empty:
+        for set-up code that must read a queue before it consumes another."""
+        with self.lock:
+            return self._channel_or_raise().basic_get(queue=queue, no_ack=False)
+
     def cancel(self, consumer_tag: str) -> None:
         with self.lock:
             self._channel_or_raise().basic_cancel(consumer_tag,

@@ -284,3 +284,39 @@ def pin(ctx: click.Context, device: str, key_line: Optional[str], fingerprint: O
             raise ConsoleError(str(exc), EXIT_CONFIG, "known_devices") from None
 
     _run(body)
+
+
+# ----------------------------------------------------------------------------- revocation
+
+
+@main.command("revoke-fleet")
+@click.argument("krl_file", metavar="KRL", type=click.Path(dir_okay=False))
+@click.option("--sig", "sig_file", metavar="PATH", default=None,
+              help="Its SSHSIG (default: KRL.sig, as `ssh-keygen -Y sign -n "
+                   "remote-gevent-krl -f CA KRL` writes it).")
+@click.pass_context
+def revoke_fleet(ctx: click.Context, krl_file: str, sig_file: Optional[str]) -> None:
+    """Publish a CA-signed KRL to every device of the server id (fleet-wide revocation:
+    applied by online devices at once, by offline ones when they reconnect)."""
+    def body() -> int:
+        from remote_gevent.console.config import EXIT_USAGE, ConsoleError
+        from remote_gevent.console.control import ConsoleControl
+        from remote_gevent.wire import fleet
+
+        cfg = _cfg(ctx)
+        sig_path = sig_file or krl_file + ".sig"
+        try:
+            with open(krl_file, "rb") as f:
+                krl = f.read(fleet.MAX_MESSAGE_BYTES + 1)
+            with open(sig_path, encoding="ascii") as f:
+                sig = f.read(4096)
+            raw = fleet.encode_revocation(cfg.server_id, krl, sig)
+        except (OSError, ValueError) as exc:
+            raise ConsoleError("revoke-fleet: %s" % exc, EXIT_USAGE) from None
+        with ConsoleControl(cfg) as control:
+            control.link.publish(fleet.FLEET_EXCHANGE, fleet.routing_key(cfg.server_id), raw)
+        _say("published %s (%d bytes, signed in %s) to every device of %s"
+             % (krl_file, len(krl), sig_path, cfg.server_id))
+        return 0
+
+    _run(body)

@@ -143,6 +143,10 @@ class ConsoleConfig:
     operator_key: str = key(
         "operator_ed25519", v_path, "path",
         "operator ED25519 key (made by `keygen`); relative to this file's directory")
+    operator_cert: Optional[str] = key(
+        None, v_opt_path, "path|null",
+        "OpenSSH certificate of the operator key (ssh-keygen -s); null: <operator_key>"
+        "-cert.pub when that file exists, as ssh does")
     known_devices: str = key(
         "known_devices", v_path, "path",
         "pinned device keys (like ssh known_hosts); relative to this file's directory")

@@ -63,6 +63,7 @@ from remote_gevent.console.config import (
     ConsoleConfig,
     ConsoleError,
 )
+from remote_gevent.console import certs
 from remote_gevent.console.known_devices import KnownDevices, KnownDevicesError, Pin
 from remote_gevent.console import presence
 from remote_gevent.console.status_queue import (  # noqa: F401 - DRAIN_*: re-exported
@@ -415,9 +416,9 @@ class ConsoleControl(StatusQueueMixin):
                     continue
                 code, reason = msg.body["code"], msg.body.get("reason", "")
                 exit_code, hint = refusal_exit(code, reason)  # issue 15: relay mismatch → 12
-                raise ConsoleError("device %s refused the session: %s%s%s"
+                raise ConsoleError("device %s refused the session: %s%s%s%s"
                                    % (pending.device, code, " (%s)" % reason if reason else "",
-                                      hint), exit_code, code)
+                                      hint, certs.refusal_hint(code)), exit_code, code)
         finally:
             self._waiters.pop(sid, None)
 
@@ -502,12 +503,13 @@ def load_operator_key(cfg: ConsoleConfig) -> Any:
     from remote_gevent.crypto import identity
 
     try:
-        return identity.load(cfg.operator_key)
+        key = identity.load(cfg.operator_key)
     except identity.IdentityError as exc:
         hint = ""
         if not os.path.exists(cfg.operator_key):
             hint = " (create it with `remote-gevent-console keygen`)"
         raise ConsoleError("%s%s" % (exc, hint), EXIT_CONFIG, "operator_key") from None
+    return certs.attach_certificate(key, cfg)  # <key>-cert.pub or operator_cert (issue 14)
 
 
 def b64(data: bytes) -> str:

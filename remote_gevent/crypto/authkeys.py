@@ -31,9 +31,12 @@ Accepted silently (no meaning for us, or implied): ``restrict``,
 ``verify-required``, ``permitlisten``.
 Fail closed (the line is skipped with a warning, because ignoring the option
 would grant more than the administrator wrote): ``no-port-forwarding`` (all
-we do is forwarding), ``from``, ``expiry-time``, ``command``, ``principals``,
-``cert-authority``.
+we do is forwarding), ``from``, ``expiry-time``, ``command``; ``principals``
+without ``cert-authority``.
 Anything else: warned about and ignored.
+
+``cert-authority``: the line is a CA whose user certificates are accepted
+(:mod:`remote_gevent.crypto.certauth`; ``principals=``, ``permitopen``, admin apply).
 
 ``remote-gevent-admin`` (no value) marks an administrator's key: it may list and close
 every operator's sessions (``status``, ``session.close``); without it an operator sees
@@ -54,8 +57,8 @@ import logging
 import os
 import re
 import stat
-from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from remote_gevent.common import fsutil
 from remote_gevent.common.addresses import is_ascii
@@ -95,8 +98,9 @@ _SILENT_OPTIONS = frozenset({
     "no-user-rc", "no-touch-required", "verify-required", "permitlisten",
 })
 _FAIL_CLOSED_OPTIONS = frozenset({
-    "no-port-forwarding", "from", "expiry-time", "command", "principals", "cert-authority",
+    "no-port-forwarding", "from", "expiry-time", "command",
 })
+_VALUED = frozenset({"principals", "permitopen"})
 _KEY_TYPE_RE = re.compile(
     r"^(ssh-ed25519|ssh-rsa|ssh-dss|ecdsa-sha2-nistp\d+|sk-[a-z0-9@.-]+|"
     r"[a-z0-9.-]+-cert-v01@openssh\.com|rsa-sha2-\d+)\Z"
@@ -337,6 +341,11 @@ class OperatorKey:
     permitopen: "Tuple[TargetPattern, ...]" = ()
     line_no: int = 0
     admin: bool = False  # ADMIN_OPTION: may list and close every operator's sessions
+    cert_authority: bool = False  # a CA line, never an operator key itself
+    principals: "Tuple[str, ...]" = ()  # the line's principals= (empty: the device ident)
+    #: An operator admitted by certificate: its sshcert.Certificate and the CA line's fp.
+    cert: Any = field(default=None, compare=False)
+    ca_fingerprint: str = ""
 
 
 def _split_options(text: str) -> Tuple[List[Tuple[str, Optional[str]]], str]:
@@ -401,11 +410,13 @@ class AuthorizedKeys:
         self.source = source
         self.warnings: List[str] = list(warnings or [])
         self._by_fp: Dict[str, OperatorKey] = {}
+        self._cas: Dict[str, OperatorKey] = {}
+        self.revoked: Any = None  # krl.Revocations in force (None: nothing revoked)
         for key in keys:
-            self._by_fp.setdefault(key.fingerprint, key)
+            (self._cas if key.cert_authority else self._by_fp).setdefault(key.fingerprint, key)
 
     def __len__(self) -> int:
-        return len(self._by_fp)
+        return len(self._by_fp) + 2 * len(self._cas)  # a CA: several operators (fairness)
 
     def __iter__(self) -> "Iterator[OperatorKey]":
         return iter(self._by_fp.values())
@@ -414,7 +425,31 @@ class AuthorizedKeys:
         return fingerprint in self._by_fp
 
     def get(self, fingerprint: str) -> "Optional[OperatorKey]":
-        return self._by_fp.get(fingerprint)
+        """The plain operator key with this fingerprint, unless revoked."""
+        key = self._by_fp.get(fingerprint)
+        if key is not None and self.revoked is not None \
+                and self.revoked.key_revoked(key.public_raw32):
+            return None
+        return key
+
+    def listed(self, fingerprint: str) -> bool:  # a plain key of the file, revoked or not
+        return fingerprint in self._by_fp
+
+    def authority(self, fingerprint: str) -> "Optional[OperatorKey]":  # a CA's line
+        return self._cas.get(fingerprint)
+
+    def current(self, operator: "OperatorKey") -> "Optional[OperatorKey]":
+        """``operator`` as trusted now (None: no longer): the live check of sessions."""
+        if operator.cert is None:
+            return self.get(operator.fingerprint)
+        from remote_gevent.crypto import certauth  # certauth imports this module
+        return certauth.recheck(self, operator)
+
+    def with_revocations(self, revoked: Any) -> "AuthorizedKeys":  # a krl.Revocations
+        out = AuthorizedKeys([*self._by_fp.values(), *self._cas.values()], self.source,
+                             self.warnings)
+        out.revoked = revoked
+        return out
 
     @classmethod
     def load(cls, path: str) -> "AuthorizedKeys":
@@ -526,18 +561,35 @@ def _parse_line(line: str, line_no: int, warn) -> "Optional[OperatorKey]":
         raise ValueError("ssh-ed25519 without key data")
     raw = parse_ssh_ed25519_blob(parts[1])
     comment = parts[2] if len(parts) > 2 else ""
+    permitopen, admin, ca, principals = _line_options(options, warn)
+    if principals and not ca:
+        raise ValueError("principals= is only meaningful with cert-authority")
+    return OperatorKey(raw, fingerprint_of(raw), comment, tuple(permitopen), line_no, admin,
+                       ca, principals)
+
+
+def _line_options(options: "List[Tuple[str, Optional[str]]]", warn
+                  ) -> "Tuple[List[TargetPattern], bool, bool, Tuple[str, ...]]":
+    """``(permitopen, admin, cert_authority, principals)`` of one line's options."""
     permitopen: List[TargetPattern] = []
-    admin = False
+    admin = ca = False
+    principals: Tuple[str, ...] = ()
     for name, value in options:
-        if name == ADMIN_OPTION:
-            if value is not None:
-                raise ValueError("%s takes no value" % ADMIN_OPTION)
+        flag = name in ("cert-authority", ADMIN_OPTION)
+        if flag and value is not None or not flag and name in _VALUED and value is None:
+            raise ValueError("option %s %s" % (name, "takes no value" if flag
+                                               else "needs a value"))
+        if name == "cert-authority":
+            ca = True
+        elif name == ADMIN_OPTION:
             admin = True
+        elif name == "principals":
+            principals = tuple(p.strip() for p in (value or "").split(",") if p.strip())
+            if not principals:
+                raise ValueError("principals= lists no principal")
         elif name == "permitopen":
-            if value is None:
-                raise ValueError("permitopen needs a value")
             # OpenSSH allows several comma-separated targets in one value.
-            for item in value.split(","):
+            for item in (value or "").split(","):
                 try:
                     permitopen.append(TargetPattern.parse(item.strip()))
                 except TargetError as exc:
@@ -546,4 +598,4 @@ def _parse_line(line: str, line_no: int, warn) -> "Optional[OperatorKey]":
             raise ValueError("option %s cannot be honoured by remote-gevent" % name)
         elif name not in _SILENT_OPTIONS:
             warn("unknown option %s ignored" % _short(name))
-    return OperatorKey(raw, fingerprint_of(raw), comment, tuple(permitopen), line_no, admin)
+    return permitopen, admin, ca, principals

@@ -114,6 +114,10 @@ def default_comment(ident: Optional[str]) -> str:
 class IdentityKey:
     """An ED25519 key pair (nacl ``SigningKey`` inside)."""
 
+    #: An operator key's OpenSSH certificate (wire blob of ``<key>-cert.pub``), sent
+    #: with each signed request when set (crypto/sshcert.py); None for a plain key.
+    certificate: Optional[bytes] = None
+
     def __init__(self, signing_key: nacl.signing.SigningKey, path: Optional[str] = None) -> None:
         self.signing_key = signing_key
         self.path = path

@@ -56,7 +56,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from remote_gevent.crypto import identity
-from remote_gevent.demo import rabbit as demo_rabbit
+from remote_gevent.demo import operator_cert as demo_cert, rabbit as demo_rabbit
 from remote_gevent.demo.banner import ATTACHED_HINT, detached_banner
 from remote_gevent.demo.pki import CertificateAuthority
 
@@ -197,6 +197,7 @@ class DemoPlatform:
                                              replace=True)
         _write_text(self.authorized_keys,
                     operator_key.public_line("%s@demo-platform" % self.operator) + "\n", 0o600)
+        demo_cert.issue_demo_certificate(self)  # the device trusts a CA, not the key (#14)
         self._prepared = True
         return self
 

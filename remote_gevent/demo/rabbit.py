@@ -67,7 +67,7 @@ POLL_INTERVAL = 0.1
 # remote.reply carries replies to consoles' server-named reply queues: devices may
 # publish there (to amq.gen-* keys only) and nowhere else by queue name. Giving devices
 # the default exchange instead would let one device fill another's command queue.
-EXCHANGES = ("remote.down", "remote.up", "remote.reply")
+EXCHANGES = ("remote.down", "remote.up", "remote.reply", "remote.fleet")
 #: Broker-wide cap on one message's body (``max_message_size``; RabbitMQ's default is
 #: 128 MiB). Every control message is at most 16 KiB (protocol.MAX_MESSAGE_BYTES): 256 KiB
 #: leaves 16x headroom (bodies still span frames at the default 128 KiB frame_max) and
@@ -138,11 +138,14 @@ def device_permissions(server_id: str, ident: str) -> Dict[str, Any]:
     return {
         "configure": r"^%s\." % t,
         "write": r"^(remote\.up|remote\.reply|%s\..*)$" % t,
-        "read": r"^(remote\.down|%s\..*)$" % t,
+        "read": r"^(remote\.down|remote\.fleet|%s\..*)$" % t,
         "topic": [
             {"exchange": "remote.up", "write": r"^%s\." % t, "read": "^$"},
             {"exchange": "remote.down", "write": "^$", "read": r"^%s\." % t},
             {"exchange": "remote.reply", "write": r"^amq\.gen-", "read": "^$"},
+            # the fleet revocation of its server id (agent/fleet_revocation.py)
+            {"exchange": "remote.fleet", "write": "^$",
+             "read": r"^%s\.revocation$" % _escape(server_id)},
         ],
     }
 
@@ -152,12 +155,16 @@ def operator_permissions(user: str) -> Dict[str, Any]:
     own = r"console\.%s\..*" % _escape(user)
     return {
         "configure": r"^(amq\.gen-.*|%s)$" % own,
-        "write": r"^(remote\.down|amq\.gen-.*|%s)$" % own,
+        "write": r"^(remote\.down|remote\.fleet|amq\.gen-.*|%s)$" % own,
         "read": r"^(remote\.up|remote\.reply|amq\.gen-.*|%s)$" % own,
         "topic": [
             {"exchange": "remote.down", "write": r"^remote\.", "read": "^$"},
             {"exchange": "remote.up", "write": "^$", "read": r"^remote\."},
             {"exchange": "remote.reply", "write": "^$", "read": r"^amq\.gen-"},
+            # Only CA-signed revocations are applied; still, give this to administrators
+            # only: a publication replaces the one waiting in offline devices' queues.
+            {"exchange": "remote.fleet", "write": r"^[A-Za-z0-9_-]+\.revocation$",
+             "read": "^$"},
         ],
     }
 

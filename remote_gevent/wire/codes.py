@@ -60,10 +60,20 @@ class Reason:
     OPERATOR_RATE = "operator_rate_limited"
     # A close of another operator's session by a key without the admin option.
     NOT_OWNER = "not_session_owner"
+    # Operator certificates (crypto/certauth.py): not signed by a CA of the device, not
+    # usable (bad signature, host certificate, critical option, other CA type...), out of
+    # its validity interval, no accepted principal; and a revoked key or certificate.
+    UNKNOWN_CA = "unknown_ca"
+    CERT_INVALID = "cert_invalid"
+    CERT_EXPIRED = "cert_expired"
+    CERT_NOT_YET_VALID = "cert_not_yet_valid"
+    PRINCIPAL = "principal_not_allowed"
+    REVOKED = "revoked"
     ALL = frozenset({
         BAD_SIGNATURE, UNKNOWN_OPERATOR, EXPIRED, REPLAYED, MALFORMED, TOO_LARGE, WRONG_DEVICE,
         TARGET_NOT_PERMITTED, QUEUE_TIMEOUT, SHUTTING_DOWN, RATE_LIMITED, OPERATOR_LIMIT,
-        OPERATOR_RATE, NOT_OWNER,
+        OPERATOR_RATE, NOT_OWNER, UNKNOWN_CA, CERT_INVALID, CERT_EXPIRED, CERT_NOT_YET_VALID,
+        PRINCIPAL, REVOKED,
     })
 
 

@@ -20,6 +20,7 @@ import base64
 import binascii
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -34,6 +35,8 @@ from remote_gevent.crypto.authkeys import (
     fingerprint_of,
     parse_ssh_ed25519_line,
 )
+from remote_gevent.crypto import certauth
+from remote_gevent.crypto.sshcert import MAX_CERT_BYTES, CertError
 from remote_gevent.wire.codes import CloseCode, Reason
 from remote_gevent.crypto.interfaces import Signer
 
@@ -247,12 +250,46 @@ def verify(message: "Message", public_raw32: bytes) -> bool:
     return True
 
 
-def verify_with_authorized(message: "Message", trusted: AuthorizedKeys) -> OperatorKey:
-    """Verify a console-signed message (e.g. ``session.close``) against the trusted keys."""
-    op = trusted.get(message.signer or "")
-    if op is None:
-        raise Refused(Reason.UNKNOWN_OPERATOR, "signer %s not in %s"
-                      % (short(message.signer), trusted.source))
+#: CertError.kind -> refusal reason
+CERT_REFUSALS = {
+    "invalid": Reason.CERT_INVALID, "unsupported_ca": Reason.CERT_INVALID,
+    "unknown_ca": Reason.UNKNOWN_CA, "expired": Reason.CERT_EXPIRED,
+    "not_yet_valid": Reason.CERT_NOT_YET_VALID, "principal": Reason.PRINCIPAL,
+    "revoked": Reason.REVOKED, "no_targets": Reason.TARGET_NOT_PERMITTED,
+}
+
+
+def operator_of(message: "Message", trusted: AuthorizedKeys, device: str,
+                now: float) -> OperatorKey:
+    """The trusted operator who signed ``message`` (signature not yet checked): its plain
+    key, or the key its ``cert`` certifies; Refused (``unknown_operator``, ``revoked``,
+    a certificate refusal) if none.
+
+    A signer whose plain key ``authorized_keys`` trusts is that key's operator even when
+    it sends a certificate too (``ssh`` offers the certificate and the key, so OpenSSH
+    accepts either; the plain line grants no more than it already does)."""
+    signer = message.signer or ""
+    plain = trusted.get(signer)
+    if plain is not None:
+        return plain
+    if "cert" in message.body:
+        try:
+            return certauth.authorize(trusted, base64.b64decode(message.body["cert"]),
+                                      signer, device, now, CLOCK_SKEW)
+        except CertError as exc:
+            raise Refused(CERT_REFUSALS.get(exc.kind, Reason.CERT_INVALID),
+                          "%s: %s" % (signer, exc)) from None
+    if trusted.listed(signer):
+        raise Refused(Reason.REVOKED, "operator key %s is revoked" % signer)
+    raise Refused(Reason.UNKNOWN_OPERATOR, "operator %s not trusted (%s)"
+                  % (short(signer), trusted.source))
+
+
+def verify_with_authorized(message: "Message", trusted: AuthorizedKeys, device: str = "",
+                           now: Optional[float] = None) -> OperatorKey:
+    """Verify a console-signed message (e.g. ``session.close``) against the trusted keys
+    (a certificate in the body is checked for ``device``)."""
+    op = operator_of(message, trusted, device, time.time() if now is None else now)
     try:
         verify(message, op.public_raw32)
     except ProtocolError as exc:
@@ -387,6 +424,19 @@ _fingerprint = _regex(_FP_RE, "expected an SHA256:... fingerprint")
 _ident = _regex(_IDENT_RE, "expected [A-Za-z0-9_-]{1,64}")
 _server_id = _regex(_SERVER_ID_RE, "expected [A-Za-z0-9_-]{1,32}")
 _epk = _b64(32)
+MAX_CERT_B64 = 4 * ((MAX_CERT_BYTES + 2) // 3)
+
+
+def _cert(where: str, name: str, value: Any) -> None:
+    """An OpenSSH certificate's base64 (parsed and verified later, by the agent)."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_CERT_B64:
+        raise _fail(where, name, "expected base64 of a certificate", value)
+    try:
+        base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise _fail(where, name, "invalid base64", value) from None
+
+
 _cipher = _one_of(_CIPHERS)
 _reason_text = _text(MAX_REASON_CHARS)
 
@@ -396,7 +446,7 @@ SCHEMAS: Dict[str, Tuple[Dict[str, Validator], Dict[str, Validator]]] = {
         "session_id": _session_id, "device": _ident, "server_id": _server_id,
         "operator": _fingerprint, "epk": _epk, "targets": _targets, "relay": _relay,
         "ticket": _b64(32), "iat": _int(), "exp": _int(), "cipher": _cipher,
-    }, {}),
+    }, {"cert": _cert}),
     MsgType.SESSION_QUEUED: ({"session_id": _session_id, "position": _int(0, 1000000)}, {}),
     MsgType.SESSION_ACCEPT: ({
         "session_id": _session_id, "epk": _epk, "console_epk": _epk, "cipher": _cipher,
@@ -408,7 +458,7 @@ SCHEMAS: Dict[str, Tuple[Dict[str, Validator], Dict[str, Validator]]] = {
     MsgType.SESSION_CLOSE: ({
         "session_id": _session_id, "code": _one_of(sorted(CloseCode.ALL)),
         "reason": _reason_text, "ts": _number,
-    }, {}),
+    }, {"cert": _cert}),
     MsgType.ALIVE: ({
         "ident": _ident, "server_id": _server_id, "version": _text(64, allow_empty=False),
         "uptime": _number, "sessions_active": _int(0, 1000000),
@@ -423,7 +473,7 @@ SCHEMAS: Dict[str, Tuple[Dict[str, Validator], Dict[str, Validator]]] = {
     MsgType.STATUS_REQUEST: ({
         "request_id": _session_id, "device": _ident, "server_id": _server_id,
         "operator": _fingerprint, "iat": _int(), "exp": _int(),
-    }, {}),
+    }, {"cert": _cert}),
     MsgType.STATUS: ({
         "request_id": _session_id, "ident": _ident, "server_id": _server_id,
         "fingerprint": _fingerprint, "version": _text(64, allow_empty=False),

@@ -63,6 +63,7 @@ from remote_gevent.wire.envelope import (
     b64e,
     decode,
     encode,
+    operator_of,
     public_raw_of,
     sign_with,
     signing_input,
@@ -133,6 +134,15 @@ class ReplayCache:
 # ---------------------------------------------------------------- session.request
 
 
+def _with_certificate(body: Dict[str, Any], signer: Signer) -> Dict[str, Any]:
+    """Attach the signer's OpenSSH certificate (its ``certificate`` attribute: the wire
+    blob, as the console loads it from ``<key>-cert.pub``), if it has one."""
+    cert = getattr(signer, "certificate", None)
+    if cert:
+        body["cert"] = b64e(bytes(cert))
+    return body
+
+
 def new_session_id() -> str:
     return os.urandom(16).hex()
 
@@ -165,7 +175,8 @@ def make_session_request(
         "targets": [str(t) for t in targets], "relay": str(relay), "ticket": b64e(ticket),
         "iat": iat, "exp": iat + int(ttl), "cipher": cipher,
     }
-    return sid, encode(MsgType.SESSION_REQUEST, body, operator_key)
+    return sid, encode(MsgType.SESSION_REQUEST, _with_certificate(body, operator_key),
+                       operator_key)
 
 
 @dataclass(frozen=True)
@@ -217,10 +228,10 @@ def _check_operator_request(msg: Any, msg_type: str, id_field: str, label: str,
     if b["device"] != device or b["server_id"] != server_id:
         raise Refused(Reason.WRONG_DEVICE, "%s %s is for %s/%s, we are %s/%s"
                       % (label, rid, b["server_id"], b["device"], server_id, device))
-    op = trusted.get(b["operator"])
-    if op is None:
-        raise Refused(Reason.UNKNOWN_OPERATOR, "%s %s: operator %s not trusted"
-                      % (label, rid, b["operator"]))
+    try:
+        op = operator_of(msg, trusted, device, now)
+    except Refused as exc:
+        raise Refused(exc.reason, "%s %s: %s" % (label, rid, exc.detail)) from None
     if not verify_raw(op.public_raw32, msg.signed_bytes(), msg.sig or b""):
         raise Refused(Reason.BAD_SIGNATURE, "%s %s: signature by %s does not verify"
                       % (label, rid, op.fingerprint))
@@ -339,7 +350,7 @@ def make_session_close(signer: Signer, session_id: str, code: str, reason: str =
                        ts: Optional[float] = None) -> bytes:
     body = {"session_id": session_id, "code": code, "reason": _clean(reason),
             "ts": int(time.time()) if ts is None else ts}
-    return encode(MsgType.SESSION_CLOSE, body, signer)
+    return encode(MsgType.SESSION_CLOSE, _with_certificate(body, signer), signer)
 
 
 def make_alive(identity: Signer, ident: str, server_id: str, version: str, uptime: float,
@@ -462,7 +473,8 @@ def make_status_request(operator_key: Signer, device: str, server_id: str,
     rid = request_id or new_session_id()
     body = {"request_id": rid, "device": device, "server_id": server_id,
             "operator": operator_key.fingerprint, "iat": iat, "exp": iat + int(ttl)}
-    return rid, encode(MsgType.STATUS_REQUEST, body, operator_key)
+    return rid, encode(MsgType.STATUS_REQUEST, _with_certificate(body, operator_key),
+                       operator_key)
 
 
 @dataclass(frozen=True)
