@@ -30,6 +30,10 @@ COLUMNS = (
     "bytes_out",  # bytes sent back to the operator
     "streams",
     "reason",
+    # Resume (issue 12), added last so older readers keep their columns: how often the
+    # session got its relay path back, and the seconds spent without one.
+    "resumes",
+    "resume_s",
 )
 FILE_MODE = 0o640
 # A cell that starts with one of these is a formula to spreadsheet tools (CSV/formula
@@ -58,12 +62,13 @@ class History:
     def append(self, start: float, session_id: str, remote_ip: str, duration: float,
                close_code: str, operator: str = "", targets: Sequence[str] = (),
                bytes_in: int = 0, bytes_out: int = 0, streams: int = 0,
-               reason: str = "") -> None:
+               reason: str = "", resumes: int = 0, resume_s: float = 0.0) -> None:
         # Every text cell may carry a peer's words (a relay's answer, a reason): neutralised.
         row = [
             _iso(start), neutralise(session_id), neutralise(remote_ip), "%.3f" % duration,
             neutralise(close_code), neutralise(operator), neutralise(" ".join(targets)),
             str(bytes_in), str(bytes_out), str(streams), neutralise(reason[:200]),
+            str(resumes), "%.3f" % resume_s,
         ]
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow(row)
@@ -102,6 +107,12 @@ def read(path: str) -> List[dict]:
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
+    for row in rows:
+        # A file begun before a column was added: its header is shorter than newer rows.
+        extra = row.pop(None, None)  # type: ignore[call-overload]
+        if extra:
+            missing = [c for c in COLUMNS if c not in row]
+            row.update(zip(missing, extra))
     return [row for row in rows if row.get("session_id")]
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 
@@ -224,7 +224,8 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
             raise _relay_error(exc) from None
         sock, peer_ip = dial.connected(offer.session_id)
         dial.handed_over()
-        session = _start_tunnel(cfg, device, offer, sock, peer_ip)
+        session = _start_tunnel(cfg, device, offer, sock, peer_ip,
+                                _redialer(cfg, ctx, pending), err)
         log.info("session %s: tunnel to %s up via %s (%s, agent at %s)", offer.session_id,
                  device, pending.relay, offer.cipher, peer_ip)
         return session
@@ -235,18 +236,53 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
             control.close()
 
 
+def _redialer(cfg: ConsoleConfig, ctx: Any, pending: Any) -> Callable[[float], Any]:
+    """Resume (issue 12): the relay again under the same session id and ticket."""
+    host, port = _split(pending.relay)
+
+    def redial(timeout: float) -> Any:
+        sock, _peer_ip = rendezvous.dial_relay(
+            host, port, ctx, host, "console", pending.session_id, pending.ticket,
+            timeout=cfg.relay_timeout,
+            pair_timeout=max(1.0, min(rendezvous.DEFAULT_PAIRING_TIMEOUT + cfg.relay_timeout,
+                                      timeout)))
+        return sock
+    return redial
+
+
+def _announcer(device: str, err: Any) -> Callable[[str, float], None]:
+    """One stderr line when the path is lost, one when it is back (``on_link``)."""
+    def on_link(state: str, seconds: float) -> None:
+        if state == "resuming":
+            err.write("remote-gevent-console: connection to %s lost; resuming...\n" % device)
+        else:
+            err.write("remote-gevent-console: connection to %s back after %.1f s\n"
+                      % (device, seconds))
+        err.flush()
+    return on_link
+
+
 def _start_tunnel(cfg: ConsoleConfig, device: str, offer: Any, sock: Any,
-                  peer_ip: str) -> ConsoleSession:
+                  peer_ip: str, redial: Optional[Callable[[float], Any]] = None,
+                  err: Any = None) -> ConsoleSession:
     """Run the tunnel on ``sock`` (which it owns from here on) until the agent's HELLO."""
     from remote_gevent.wire import mux
     from remote_gevent.wire import mux_frames
+    from remote_gevent.wire import resume
     from remote_gevent.crypto import tunnel_crypto
 
     tx, rx = tunnel_crypto.derive_keys("console", offer.console_pk, offer.console_sk,
                                        offer.agent_epk, offer.session_id)
     sealer, opener = tunnel_crypto.make_sealer_opener(tx, rx, offer.cipher)
+    settings = None
+    if redial is not None and cfg.resume_timeout > 0 and cfg.keepalive_interval > 0:
+        settings = resume.ResumeSettings(
+            offer.session_id, resume.ResumeKeys.from_session_keys(tx, rx), redial,
+            cfg.resume_timeout)
     tunnel = mux.Tunnel(sock, sealer, opener, role="console", name=offer.session_id,
-                        keepalive_interval=cfg.keepalive_interval)
+                        keepalive_interval=cfg.keepalive_interval, resume=settings)
+    if err is not None:
+        tunnel.on_link = _announcer(device, err)
     runner = gevent.spawn(tunnel.run)
     if not tunnel.wait_up(mux_frames.DEFAULT_HANDSHAKE_TIMEOUT + HANDSHAKE_SLACK):
         tunnel.close("error", "no HELLO from the agent")

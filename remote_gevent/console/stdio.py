@@ -184,6 +184,7 @@ def run_stdio(session: Any, target: str, stdin_fd: int = 0, stdout_fd: int = 1,
     except (mux_frames.MuxError, OSError) as exc:
         raise ConsoleError("cannot open a stream to %s: %s" % (target, exc), EXIT_CONNECTION,
                            "relay_lost") from None
+    session.tunnel.on_link = None  # stderr stays quiet under ssh (resume or not)
     with _NonBlocking(stdin_fd), _NonBlocking(stdout_fd):
         up = gevent.spawn(pump_stdin, stdin_fd, stream)
         watch = _StdoutWatch(stdout_fd, stream)

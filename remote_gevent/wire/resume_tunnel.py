@@ -111,7 +111,7 @@ class TunnelResume(TunnelState):
             return False
         silent = time.monotonic() - self.last_ack
         if silent > resume.dead_after(self.keepalive_interval):
-            log.warning("%s: nothing from the %s for %.1f s: path dead, resuming", self.name,
+            log.info("%s: nothing from the %s for %.1f s: path dead, resuming", self.name,
                         self.peer_role, silent)
             abort_quietly(self._sock)  # the reader fails and resumes
             return False
@@ -158,7 +158,7 @@ class TunnelResume(TunnelState):
             self._link_down = True
         started = time.monotonic()
         self.resuming = True
-        log.warning("%s: relay connection lost (%s); resuming (up to %.0f s)", self.name,
+        log.info("%s: relay connection lost (%s); resuming (up to %.0f s)", self.name,
                     why, cfg.timeout)
         self._announce("resuming", 0.0)
         backoff = resume.Backoff(started + cfg.timeout)
@@ -173,7 +173,7 @@ class TunnelResume(TunnelState):
         now = time.monotonic()
         self.last_ack = now
         self.last_activity += outage  # an outage is not the user's inactivity
-        log.warning("%s: resumed after %.1f s (resume #%d)", self.name, outage, self.resumes)
+        log.info("%s: resumed after %.1f s (resume #%d)", self.name, outage, self.resumes)
         self._announce("back", outage)
 
     def _try_rejoin(self, backoff: resume.Backoff) -> bool:

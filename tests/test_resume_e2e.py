@@ -1,0 +1,227 @@
+"""Resume with real processes (issue 12): relay, agent and console processes, a fault
+proxy of ours (tests/fault_proxy.py) in front of the relay that tells the agent's leg from
+the console's. A ``stdio`` console carries numbered lines to an echo target every 0.2 s;
+each fault must leave every line delivered exactly once, in order, one history row with
+a normal close and the resume counted in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from typing import List
+
+import gevent
+import pytest
+
+from echo_server import EchoServer
+from fault_proxy import FaultProxy
+from remote_gevent.demo import rabbit as demo_rabbit
+from test_e2e import (  # noqa: F401 - fixtures used by name
+    WAIT,
+    Procs,
+    finish,
+    history_rows,
+    make_platform,
+    procs,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+KEEPALIVE = 1  # both ends: a dead path is seen after 3 keepalives + 1 s
+LINE_PERIOD = 0.2
+
+
+@pytest.fixture(scope="module")
+def echo():
+    server = EchoServer()
+    yield server
+    server.stop()
+
+
+def _platform(rabbit, directory: str, resume_timeout: int = 120):
+    proxy = FaultProxy(("127.0.0.1", 0))
+    p = make_platform(rabbit, directory, start_relay=False, start_agent=False,
+                      relay_port=proxy.port,
+                      remote={"keepalive_interval": KEEPALIVE, "resume_timeout": resume_timeout},
+                      console={"keepalive_interval": KEEPALIVE, "resume_timeout": resume_timeout})
+    p.start()  # broker, provisioning, configs: the clients dial the proxy
+    p.relay_port = demo_rabbit.free_port("127.0.0.1")  # the relay listens behind it
+    proxy.upstream = ("127.0.0.1", p.relay_port)
+    p.start_relay()
+    p.start_agent()
+    assert p.agent_proc is not None
+    proxy.legs["agent"] = p.agent_proc.pid
+    return p, proxy
+
+
+@pytest.fixture(scope="module")
+def plat(rabbit, tmp_path_factory):
+    p, proxy = _platform(rabbit, str(tmp_path_factory.mktemp("resume")))
+    yield p, proxy
+    proxy.stop()
+    p.stop()
+
+
+class LineStream:
+    """A stdio console to the echo target: one numbered line every LINE_PERIOD."""
+
+    def __init__(self, procs: Procs, p, proxy: FaultProxy, echo: EchoServer) -> None:
+        self.proc = procs.start(p.console_argv("stdio", "--master", "no", p.ident,
+                                               "127.0.0.1:%d" % echo.port),
+                                stdin=subprocess.PIPE)
+        proxy.legs["console"] = self.proc.pid
+        self.sent = 0
+        self.received: List[bytes] = []
+        self._stop = False
+        self._writer = gevent.spawn(self._write)
+        self._reader = gevent.spawn(self._read)
+
+    def _write(self) -> None:
+        while not self._stop:
+            self.proc.stdin.write(b"line %05d\n" % self.sent)
+            self.proc.stdin.flush()
+            self.sent += 1
+            gevent.sleep(LINE_PERIOD)
+
+    def _read(self) -> None:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                return
+            self.received.append(line)
+
+    def wait_lines(self, n: int, timeout: float = WAIT) -> None:
+        wait_for(lambda: len(self.received) >= n, timeout=timeout,
+                 what="%d echoed lines (have %d)" % (n, len(self.received)))
+
+    def finish(self) -> None:
+        """Stop writing, wait for every line back, end the stream (stdin EOF)."""
+        self._stop = True
+        self._writer.join(5)
+        self.wait_lines(self.sent)
+        self.proc.stdin.close()
+        status = self.proc.wait(WAIT)
+        self._reader.join(5)
+        assert status == 0, self.proc.stderr.read()
+        expected = [b"line %05d\n" % i for i in range(self.sent)]
+        assert self.received == expected  # every line exactly once, in order
+
+
+def _row(p, before: int):
+    rows = wait_for(lambda: history_rows(p)[before:], timeout=WAIT, what="the history row")
+    time.sleep(0.3)
+    rows = history_rows(p)[before:]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+@pytest.mark.parametrize("leg", ["agent", "console"])
+def test_lines_survive_a_reset_of_one_leg(plat, echo, procs, leg):
+    p, proxy = plat
+    before = len(history_rows(p))
+    lines = LineStream(procs, p, proxy, echo)
+    lines.wait_lines(5)
+    assert proxy.reset(leg) >= 1
+    n = len(lines.received)
+    lines.wait_lines(n + 10)  # flowing again
+    lines.finish()
+    row = _row(p, before)
+    assert row["close_code"] == "normal", row
+    assert int(row["resumes"]) >= 1, row
+
+
+@pytest.mark.parametrize("leg", ["agent", "console"])
+def test_lines_survive_an_outage_of_one_leg(plat, echo, procs, leg):
+    """30 s (sockets open, nothing forwarded): both ends see the dead path (missed
+    keepalives), re-dial (the new dials of the cut leg hang too) and resume after it."""
+    p, proxy = plat
+    before = len(history_rows(p))
+    lines = LineStream(procs, p, proxy, echo)
+    lines.wait_lines(5)
+    proxy.outage(leg, float(os.environ.get("RG_TEST_OUTAGE", "30")))
+    n = len(lines.received)
+    lines.wait_lines(n + 10, timeout=60)
+    lines.finish()
+    row = _row(p, before)
+    assert row["close_code"] == "normal", row
+    assert int(row["resumes"]) >= 1 and float(row["resume_s"]) > 5, row
+
+
+def test_lines_survive_a_relay_sigkill_and_restart(plat, echo, procs):
+    p, proxy = plat
+    before = len(history_rows(p))
+    lines = LineStream(procs, p, proxy, echo)
+    lines.wait_lines(5)
+    p.stop_relay(signal.SIGKILL)
+    time.sleep(2)
+    p.start_relay()
+    n = len(lines.received)
+    lines.wait_lines(n + 10, timeout=60)
+    lines.finish()
+    row = _row(p, before)
+    assert row["close_code"] == "normal", row
+    assert int(row["resumes"]) >= 1, row
+
+
+def test_bulk_sha256_across_resets(plat, echo, procs, tmp_path):
+    """64 MiB up and echoed back while both legs are reset: the same sha256."""
+    p, proxy = plat
+    size = 64 << 20
+    src = tmp_path / "bulk.bin"
+    src.write_bytes(os.urandom(size))
+    want = hashlib.sha256(src.read_bytes()).hexdigest()
+    proc = procs.start(p.console_argv("stdio", "--master", "no", p.ident,
+                                      "127.0.0.1:%d" % echo.port), stdin=subprocess.PIPE)
+    proxy.legs["console"] = proc.pid
+    digest = hashlib.sha256()
+    got = [0]
+
+    def write() -> None:
+        with open(src, "rb") as f:
+            while True:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                proc.stdin.write(chunk)
+        proc.stdin.close()
+
+    def read() -> None:
+        while True:
+            chunk = proc.stdout.read1(1 << 16)
+            if not chunk:
+                return
+            digest.update(chunk)
+            got[0] += len(chunk)
+
+    g = [gevent.spawn(write), gevent.spawn(read)]
+    resets = 0
+    for leg in ("agent", "console", "agent"):
+        wait_for(lambda: got[0] > (resets + 1) * size // 5, timeout=60, what="progress")
+        resets += proxy.reset(leg) > 0
+    gevent.joinall(g, timeout=120, raise_error=True)
+    status, err = finish(proc)
+    assert status == 0, err
+    assert got[0] == size and digest.hexdigest() == want
+    assert resets == 3
+
+
+def test_no_path_within_resume_timeout_ends_link_lost(rabbit, tmp_path, echo, procs):
+    p, proxy = _platform(rabbit, str(tmp_path / "short"), resume_timeout=4)
+    try:
+        before = len(history_rows(p))
+        lines = LineStream(procs, p, proxy, echo)
+        lines.wait_lines(3)
+        p.stop_relay(signal.SIGKILL)  # and never back
+        row = _row(p, before)
+        assert row["close_code"] == "link_lost", row
+        assert float(row["resume_s"]) >= 3.5, row
+        status = lines.proc.wait(WAIT)
+        assert status != 0
+    finally:
+        proxy.stop()
+        p.stop()
