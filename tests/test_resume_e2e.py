@@ -47,7 +47,8 @@ def _platform(rabbit, directory: str, resume_timeout: int = 120):
     proxy = FaultProxy(("127.0.0.1", 0))
     p = make_platform(rabbit, directory, start_relay=False, start_agent=False,
                       relay_port=proxy.port,
-                      remote={"keepalive_interval": KEEPALIVE, "resume_timeout": resume_timeout},
+                      remote={"keepalive_interval": KEEPALIVE, "resume_timeout": resume_timeout,
+                              "ack_timeout": 3},
                       console={"keepalive_interval": KEEPALIVE, "resume_timeout": resume_timeout})
     p.start()  # broker, provisioning, configs: the clients dial the proxy
     p.relay_port = demo_rabbit.free_port("127.0.0.1")  # the relay listens behind it
@@ -70,10 +71,10 @@ def plat(rabbit, tmp_path_factory):
 class LineStream:
     """A stdio console to the echo target: one numbered line every LINE_PERIOD."""
 
-    def __init__(self, procs: Procs, p, proxy: FaultProxy, echo: EchoServer) -> None:
-        self.proc = procs.start(p.console_argv("stdio", "--master", "no", p.ident,
+    def __init__(self, runner: Procs, p, proxy: FaultProxy, echo: EchoServer) -> None:
+        self.proc = runner.start(p.console_argv("stdio", "--master", "no", p.ident,
                                                "127.0.0.1:%d" % echo.port),
-                                stdin=subprocess.PIPE)
+                                stdin=subprocess.PIPE, bufsize=0)
         proxy.legs["console"] = self.proc.pid
         self.sent = 0
         self.received: List[bytes] = []
@@ -83,14 +84,16 @@ class LineStream:
 
     def _write(self) -> None:
         while not self._stop:
-            self.proc.stdin.write(b"line %05d\n" % self.sent)
-            self.proc.stdin.flush()
+            try:
+                self.proc.stdin.write(b"line %05d\n" % self.sent)
+            except BrokenPipeError:  # the console ended (a test that expects it checks)
+                return
             self.sent += 1
             gevent.sleep(LINE_PERIOD)
 
     def _read(self) -> None:
         while True:
-            line = self.proc.stdout.readline()
+            line = self.proc.stdout.readline()  # (unbuffered: readline of a raw pipe)
             if not line:
                 return
             self.received.append(line)
@@ -121,7 +124,7 @@ def _row(p, before: int):
 
 
 @pytest.mark.parametrize("leg", ["agent", "console"])
-def test_lines_survive_a_reset_of_one_leg(plat, echo, procs, leg):
+def test_lines_survive_a_reset_of_one_leg(plat, echo, procs, leg):  # noqa: F811
     p, proxy = plat
     before = len(history_rows(p))
     lines = LineStream(procs, p, proxy, echo)
@@ -136,7 +139,7 @@ def test_lines_survive_a_reset_of_one_leg(plat, echo, procs, leg):
 
 
 @pytest.mark.parametrize("leg", ["agent", "console"])
-def test_lines_survive_an_outage_of_one_leg(plat, echo, procs, leg):
+def test_lines_survive_an_outage_of_one_leg(plat, echo, procs, leg):  # noqa: F811
     """30 s (sockets open, nothing forwarded): both ends see the dead path (missed
     keepalives), re-dial (the new dials of the cut leg hang too) and resume after it."""
     p, proxy = plat
@@ -152,7 +155,29 @@ def test_lines_survive_an_outage_of_one_leg(plat, echo, procs, leg):
     assert int(row["resumes"]) >= 1 and float(row["resume_s"]) > 5, row
 
 
-def test_lines_survive_a_relay_sigkill_and_restart(plat, echo, procs):
+def test_frozen_console_is_not_ack_lost_while_it_may_resume(plat, echo, procs):  # noqa: F811
+    """ack_timeout (3 s here) no longer ends a session whose peer is merely unreachable:
+    the agent sees the dead path, resumes and waits; the console, thawed after 10 s,
+    resumes too and nothing is lost."""
+    p, proxy = plat
+    before = len(history_rows(p))
+    lines = LineStream(procs, p, proxy, echo)
+    lines.wait_lines(5)
+    lines.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(10)
+        assert history_rows(p)[before:] == []  # not ended (it was ack_lost after 3 s)
+    finally:
+        lines.proc.send_signal(signal.SIGCONT)
+    n = len(lines.received)
+    lines.wait_lines(n + 10, timeout=60)
+    lines.finish()
+    row = _row(p, before)
+    assert row["close_code"] == "normal", row
+    assert int(row["resumes"]) >= 1, row
+
+
+def test_lines_survive_a_relay_sigkill_and_restart(plat, echo, procs):  # noqa: F811
     p, proxy = plat
     before = len(history_rows(p))
     lines = LineStream(procs, p, proxy, echo)
@@ -168,7 +193,7 @@ def test_lines_survive_a_relay_sigkill_and_restart(plat, echo, procs):
     assert int(row["resumes"]) >= 1, row
 
 
-def test_bulk_sha256_across_resets(plat, echo, procs, tmp_path):
+def test_bulk_sha256_across_resets(plat, echo, procs, tmp_path):  # noqa: F811
     """64 MiB up and echoed back while both legs are reset: the same sha256."""
     p, proxy = plat
     size = 64 << 20
@@ -200,8 +225,9 @@ def test_bulk_sha256_across_resets(plat, echo, procs, tmp_path):
 
     g = [gevent.spawn(write), gevent.spawn(read)]
     resets = 0
-    for leg in ("agent", "console", "agent"):
-        wait_for(lambda: got[0] > (resets + 1) * size // 5, timeout=60, what="progress")
+    for i, leg in enumerate(("agent", "console", "agent")):
+        mark = (i + 1) * size // 5
+        wait_for(lambda: got[0] > mark, timeout=60, what="progress")  # noqa: B023
         resets += proxy.reset(leg) > 0
     gevent.joinall(g, timeout=120, raise_error=True)
     status, err = finish(proc)
@@ -210,7 +236,7 @@ def test_bulk_sha256_across_resets(plat, echo, procs, tmp_path):
     assert resets == 3
 
 
-def test_no_path_within_resume_timeout_ends_link_lost(rabbit, tmp_path, echo, procs):
+def test_no_path_within_resume_timeout_ends_link_lost(rabbit, tmp_path, echo, procs):  # noqa: F811
     p, proxy = _platform(rabbit, str(tmp_path / "short"), resume_timeout=4)
     try:
         before = len(history_rows(p))
