@@ -284,3 +284,40 @@ def _start_plain(console, agent):
     assert console.wait_up(5) and agent.wait_up(5)
     assert not console.resume_enabled and console._resend is None
     return runners
+
+
+def test_resend_buffer_memory_interactive_and_bulk(echo, capsys):
+    """What resume costs in memory per session (docs/protocol.md §7.5, "Cost"): the peak
+    of the sealed bytes held for a resend, interactive (200 11-byte lines, 5 ms apart) and
+    bulk (16 MiB at 64 KiB writes) with the default 4 MiB bound."""
+    peaks = {}
+    for label, size, chunk, pause in (("interactive", 200 * 11, 11, 0.005),
+                                      ("bulk", 16 << 20, 1 << 16, 0.0)):
+        relay = FakeRelay()
+        console, agent = make_pair(relay, _connect(echo))
+        runners = _start(console, agent)
+        stream = console.open_stream("127.0.0.1:%d" % echo.port)
+        got = [0]
+
+        def reader(stream=stream, got=got, size=size) -> None:
+            while got[0] < size:
+                chunk_in = stream.recv()
+                if not chunk_in:
+                    return
+                got[0] += len(chunk_in)
+
+        r = gevent.spawn(reader)
+        data = os.urandom(chunk)
+        for _ in range(size // chunk):
+            stream.send(data)
+            if pause:
+                gevent.sleep(pause)
+        r.join(60)
+        assert got[0] == size
+        peaks[label] = max(console._resend.peak, agent._resend.peak)
+        _stop(console, agent, runners)
+    with capsys.disabled():
+        print("\nresend buffer peak per session: interactive %d B, bulk %d B (bound %d B)"
+              % (peaks["interactive"], peaks["bulk"], resume.DEFAULT_RESEND_BUFFER))
+    assert peaks["interactive"] < 4096
+    assert peaks["bulk"] <= resume.DEFAULT_RESEND_BUFFER + mux_frames.MAX_FRAME_LEN + 64
