@@ -251,3 +251,25 @@ def test_no_path_within_resume_timeout_ends_link_lost(rabbit, tmp_path, echo, pr
     finally:
         proxy.stop()
         p.stop()
+
+
+def test_console_closed_while_resuming_ends_the_session_at_once(plat, echo, procs):  # noqa: F811
+    """No path to send CLOSE on: the console tells the agent through the broker, which
+    ends the session now rather than after resume_timeout (120 s here)."""
+    p, proxy = plat
+    before = len(history_rows(p))
+    lines = LineStream(procs, p, proxy, echo)
+    lines.wait_lines(3)
+    p.stop_relay(signal.SIGKILL)
+    try:
+        time.sleep(3)  # both ends resuming (the relay's death reset both legs)
+        lines._stop = True
+        lines.proc.send_signal(signal.SIGTERM)
+        lines.proc.wait(WAIT)
+        started = time.monotonic()
+        row = _row(p, before)
+        assert time.monotonic() - started < 20
+        assert row["close_code"] == "closed_by_operator", row
+        assert float(row["resume_s"]) > 2, row
+    finally:
+        p.start_relay()

@@ -48,6 +48,18 @@ from remote_gevent.wire import rendezvous
 log = logging.getLogger(__name__)
 
 HANDSHAKE_SLACK = 2.0
+#: Longest wait to publish session.close when the tunnel has no path (resuming).
+CLOSE_VIA_BROKER_TIMEOUT = 10.0
+
+
+class _Quiet:
+    """A stderr that says nothing (closing through the broker is best effort)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 #: Close codes after which the console exits 0.
 CLEAN_CODES = ("normal", "closed_by_operator")
 
@@ -64,8 +76,10 @@ def close_exit_code(code: Optional[str]) -> int:
 class ConsoleSession:
     """An open tunnel to a device (console side)."""
 
-    def __init__(self, offer: Any, tunnel: Any, runner: gevent.Greenlet, peer_ip: str) -> None:
+    def __init__(self, offer: Any, tunnel: Any, runner: gevent.Greenlet, peer_ip: str,
+                 cfg: Optional[ConsoleConfig] = None) -> None:
         self.offer = offer
+        self._cfg = cfg
         self.session_id: str = offer.session_id
         self.device: str = offer.device
         self.tunnel = tunnel
@@ -89,7 +103,29 @@ class ConsoleSession:
         return self.tunnel.open_stream(target, timeout=timeout)
 
     def close(self, code: str = "closed_by_operator", reason: str = "") -> None:
+        resuming = self.tunnel.resuming  # no path: our CLOSE cannot reach the agent
         self.tunnel.close(code, reason or code)
+        if resuming:
+            self._close_via_broker(reason or code)
+
+    def _close_via_broker(self, reason: str) -> None:
+        """Resume (issue 12): tell the agent through the broker, else it would wait for
+        us until its resume_timeout (holding the slot). Best effort, bounded."""
+        from remote_gevent.console.control import ConsoleControl
+
+        if self._cfg is None:
+            return
+        control = None
+        try:
+            with gevent.Timeout(CLOSE_VIA_BROKER_TIMEOUT):
+                control = ConsoleControl(self._cfg, err=_Quiet()).start()
+                control.close_session(self.device, self.session_id, reason)
+        except (ConsoleError, gevent.Timeout, OSError) as exc:
+            log.info("session %s: close not sent through the broker: %s", self.session_id,
+                     exc)
+        finally:
+            if control is not None:
+                control.close()
 
     def wait(self, timeout: Optional[float] = None) -> Tuple[str, str]:
         """Block until the tunnel ends; ``(code, reason)``."""
@@ -290,7 +326,7 @@ def _start_tunnel(cfg: ConsoleConfig, device: str, offer: Any, sock: Any,
         exit_code = EXIT_KEY if code == "crypto_error" else EXIT_CONNECTION
         raise ConsoleError("session %s: tunnel to %s did not come up: %s (%s)"
                            % (offer.session_id, device, code, reason), exit_code, code)
-    return ConsoleSession(offer, tunnel, runner, peer_ip)
+    return ConsoleSession(offer, tunnel, runner, peer_ip, cfg)
 
 
 def _abandon(control: Any, device: str, session_id: str, reason: str) -> None:
