@@ -115,11 +115,14 @@ class LineStream:
         assert self.received == expected  # every line exactly once, in order
 
 
-def _row(p, before: int):
+def _row(p, before: int, fault: str = ""):
     rows = wait_for(lambda: history_rows(p)[before:], timeout=WAIT, what="the history row")
     time.sleep(0.3)
     rows = history_rows(p)[before:]
     assert len(rows) == 1, rows
+    if fault:  # the figures of the fault table (pytest -s)
+        print("\nFAULT %s: close %s, resumes %s, time resuming %s s"
+              % (fault, rows[0]["close_code"], rows[0]["resumes"], rows[0]["resume_s"]))
     return rows[0]
 
 
@@ -133,7 +136,7 @@ def test_lines_survive_a_reset_of_one_leg(plat, echo, procs, leg):  # noqa: F811
     n = len(lines.received)
     lines.wait_lines(n + 10)  # flowing again
     lines.finish()
-    row = _row(p, before)
+    row = _row(p, before, "reset of the %s leg" % leg)
     assert row["close_code"] == "normal", row
     assert int(row["resumes"]) >= 1, row
 
@@ -146,11 +149,12 @@ def test_lines_survive_an_outage_of_one_leg(plat, echo, procs, leg):  # noqa: F8
     before = len(history_rows(p))
     lines = LineStream(procs, p, proxy, echo)
     lines.wait_lines(5)
-    proxy.outage(leg, float(os.environ.get("RG_TEST_OUTAGE", "30")))
+    seconds = float(os.environ.get("RG_TEST_OUTAGE", "30"))  # 150: the long case
+    proxy.outage(leg, seconds)
     n = len(lines.received)
     lines.wait_lines(n + 10, timeout=60)
     lines.finish()
-    row = _row(p, before)
+    row = _row(p, before, "%.0f s outage of the %s leg" % (seconds, leg))
     assert row["close_code"] == "normal", row
     assert int(row["resumes"]) >= 1 and float(row["resume_s"]) > 5, row
 
@@ -172,7 +176,7 @@ def test_frozen_console_is_not_ack_lost_while_it_may_resume(plat, echo, procs): 
     n = len(lines.received)
     lines.wait_lines(n + 10, timeout=60)
     lines.finish()
-    row = _row(p, before)
+    row = _row(p, before, "console frozen (SIGSTOP) 10 s, ack_timeout 3 s")
     assert row["close_code"] == "normal", row
     assert int(row["resumes"]) >= 1, row
 
@@ -188,7 +192,7 @@ def test_lines_survive_a_relay_sigkill_and_restart(plat, echo, procs):  # noqa: 
     n = len(lines.received)
     lines.wait_lines(n + 10, timeout=60)
     lines.finish()
-    row = _row(p, before)
+    row = _row(p, before, "relay SIGKILL, restarted after 2 s")
     assert row["close_code"] == "normal", row
     assert int(row["resumes"]) >= 1, row
 
@@ -243,7 +247,7 @@ def test_no_path_within_resume_timeout_ends_link_lost(rabbit, tmp_path, echo, pr
         lines = LineStream(procs, p, proxy, echo)
         lines.wait_lines(3)
         p.stop_relay(signal.SIGKILL)  # and never back
-        row = _row(p, before)
+        row = _row(p, before, "relay gone for good, resume_timeout 4 s")
         assert row["close_code"] == "link_lost", row
         assert float(row["resume_s"]) >= 3.5, row
         status = lines.proc.wait(WAIT)
