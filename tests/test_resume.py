@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from typing import Any, List, Optional, Tuple
 
 import gevent
@@ -321,3 +322,27 @@ def test_resend_buffer_memory_interactive_and_bulk(echo, capsys):
               % (peaks["interactive"], peaks["bulk"], resume.DEFAULT_RESEND_BUFFER))
     assert peaks["interactive"] < 4096
     assert peaks["bulk"] <= resume.DEFAULT_RESEND_BUFFER + mux_frames.MAX_FRAME_LEN + 64
+
+
+def test_timeouts_while_resuming_and_idle_clock_after():
+    """ack_timeout/idle_timeout do not fire while the path is down (resume_timeout bounds
+    it), and the outage is not counted as the user's inactivity afterwards."""
+    relay = FakeRelay()
+    console, agent = make_pair(relay)
+    runners = _start(console, agent)
+    console.last_activity = agent.last_activity = time.monotonic()  # "last DATA": now
+    relay.down = True
+    abort_quietly(agent._sock)
+    gevent.sleep(1.5)
+    assert agent.resuming
+    assert agent.check_timeouts(idle_timeout=1.0, ack_timeout=1.0) is None
+    relay.down = False
+    with gevent.Timeout(10):
+        while agent.resuming or console.resuming:
+            gevent.sleep(0.05)
+    assert agent.resumes == 1 and agent.resume_time >= 1.4
+    # 1.5 s since the last DATA, all of it outage: not idle for 1 s
+    assert agent.check_timeouts(idle_timeout=1.0, ack_timeout=1.0) is None
+    gevent.sleep(1.1)
+    assert agent.check_timeouts(idle_timeout=1.0, ack_timeout=None) == "idle_timeout"
+    _stop(console, agent, runners)
