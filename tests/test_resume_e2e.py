@@ -43,7 +43,7 @@ def echo():
     server.stop()
 
 
-def _platform(rabbit, directory: str, resume_timeout: int = 120):
+def _platform(rabbit, directory: str, resume_timeout: int = 240):
     proxy = FaultProxy(("127.0.0.1", 0))
     p = make_platform(rabbit, directory, start_relay=False, start_agent=False,
                       relay_port=proxy.port,
@@ -259,7 +259,7 @@ def test_no_path_within_resume_timeout_ends_link_lost(rabbit, tmp_path, echo, pr
 
 def test_console_closed_while_resuming_ends_the_session_at_once(plat, echo, procs):  # noqa: F811
     """No path to send CLOSE on: the console tells the agent through the broker, which
-    ends the session now rather than after resume_timeout (120 s here)."""
+    ends the session now rather than after resume_timeout (240 s here)."""
     p, proxy = plat
     before = len(history_rows(p))
     lines = LineStream(procs, p, proxy, echo)
