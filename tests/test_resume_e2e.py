@@ -27,6 +27,7 @@ from test_e2e import (  # noqa: F401 - fixtures used by name
     history_rows,
     make_platform,
     procs,
+    sshd,
     wait_for,
 )
 
@@ -277,3 +278,57 @@ def test_console_closed_while_resuming_ends_the_session_at_once(plat, echo, proc
         assert float(row["resume_s"]) > 2, row
     finally:
         p.start_relay()
+
+
+def _children(pid: int) -> List[int]:
+    out: List[int] = []
+    try:
+        for task in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+class SshLines(LineStream):
+    """The issue's interactive case: stock ``ssh`` through a ``stdio`` ProxyCommand
+    running ``cat`` on the device's sshd, one numbered line every LINE_PERIOD."""
+
+    def __init__(self, runner: Procs, p, proxy: FaultProxy, sshd) -> None:  # noqa: F811
+        from test_e2e import proxy_command
+
+        command = proxy_command(p, "127.0.0.1:%d" % sshd.port)
+        self.proc = runner.start(sshd.ssh_argv(command, p.ident, "cat"),
+                                 stdin=subprocess.PIPE, bufsize=0)
+        # the console is ssh's ProxyCommand child (maybe behind a shell)
+        console = wait_for(lambda: [c for c in _children(self.proc.pid)
+                                    if b"stdio" in open("/proc/%d/cmdline" % c, "rb").read()
+                                    or _children(c)], what="ssh's ProxyCommand")[0]
+        grand = _children(console)
+        proxy.legs["console"] = grand[0] if grand else console
+        self.sent = 0
+        self.received = []
+        self._stop = False
+        self._writer = gevent.spawn(self._write)
+        self._reader = gevent.spawn(self._read)
+
+
+def test_ssh_cat_survives_resets_of_both_legs_and_a_relay_restart(plat, sshd, procs):  # noqa: F811
+    p, proxy = plat
+    before = len(history_rows(p))
+    lines = SshLines(procs, p, proxy, sshd)
+    lines.wait_lines(5)
+    for fault in ("agent", "console", "relay"):
+        if fault == "relay":
+            p.stop_relay(signal.SIGKILL)
+            time.sleep(1)
+            p.start_relay()
+        else:
+            assert proxy.reset(fault) >= 1, fault
+        n = len(lines.received)
+        lines.wait_lines(n + 5, timeout=60)
+    lines.finish()  # every line exactly once, in order; ssh exits 0 at cat's EOF
+    row = _row(p, before, "ssh cat: agent reset, console reset, relay restart")
+    assert row["close_code"] == "normal", row
+    assert int(row["resumes"]) >= 3, row
