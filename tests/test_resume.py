@@ -97,6 +97,7 @@ def _start(console, agent):
 
 def _stop(console, agent, runners):
     console.close("normal")
+    agent.close("normal")  # (its CLOSE may not get out under load: then the agent resumes)
     gevent.joinall(runners, timeout=5)
     assert all(r.ready() for r in runners)
 
