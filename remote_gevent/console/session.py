@@ -103,9 +103,11 @@ class ConsoleSession:
         return self.tunnel.open_stream(target, timeout=timeout)
 
     def close(self, code: str = "closed_by_operator", reason: str = "") -> None:
-        resuming = self.tunnel.resuming  # no path: our CLOSE cannot reach the agent
+        first = not self.tunnel.closed
         self.tunnel.close(code, reason or code)
-        if resuming:
+        if first and self.tunnel.resume_enabled and not self.tunnel.close_sent:
+            # No path (resuming) or no room: our CLOSE did not reach the agent, which
+            # would wait for us until its resume_timeout.
             self._close_via_broker(reason or code)
 
     def _close_via_broker(self, reason: str) -> None:

@@ -210,6 +210,7 @@ class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
         self.bytes_in = 0
         self.bytes_out = 0
         self.streams_opened = 0
+        self.close_sent = False  # our CLOSE went out (else a resuming peer waits for us)
         self._init_resume(resume)
 
     def __repr__(self) -> str:
@@ -348,6 +349,7 @@ class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
         try:
             with gevent.Timeout(CLOSE_SEND_TIMEOUT, False):
                 self._sock.sendall(self._sealer.seal(frame_pt))
+                self.close_sent = True
         except Exception as e:  # noqa: BLE001 - best effort, the socket is going away
             log.debug("%s: CLOSE not sent: %s", self.name, e)
         finally:
