@@ -514,9 +514,11 @@ def test_target_not_permitted_is_refused(platform, procs):
 
 @pytest.fixture(scope="module")
 def limited(rabbit, tmp_path_factory):
-    """max_session=2, short queue and ACK timeouts, 1 s keepalives on both sides."""
+    """max_session=2, short queue and ACK timeouts, 1 s keepalives on both sides; resume
+    off (resume_timeout 0: a lost path ends the session; test_resume_e2e.py has it on)."""
     p = make_platform(rabbit, str(tmp_path_factory.mktemp("limited")),
-                      remote={"max_session": 2, "queue_timeout": 4, "ack_timeout": 3},
+                      remote={"max_session": 2, "queue_timeout": 4, "ack_timeout": 3,
+                              "resume_timeout": 0},
                       console={"keepalive_interval": 1})
     p.start()
     yield p

@@ -30,8 +30,22 @@ def test_header_and_rows(tmp_path):
                            "normal"]
     assert rows[1][6] == "127.0.0.1:22 @sftp"
     assert rows[1][history.COLUMNS.index("reason")] == 'said "bye", then left'
+    assert rows[1][history.COLUMNS.index("resumes"):] == ["0", "0.000"]  # issue 12
     assert [r["session_id"] for r in history.read(path)] == ["a" * 32, "b" * 32]
     assert oct(os.stat(path).st_mode & 0o777) == oct(history.FILE_MODE)
+
+
+def test_resume_columns_and_a_file_with_the_older_header(tmp_path):
+    """Rows gain resumes/resume_s; a file begun before them still reads with names."""
+    path = str(tmp_path / "history.csv")
+    old_header = ",".join(history.COLUMNS[:-2])
+    with open(path, "w") as f:
+        f.write(old_header + "\n")
+    h = history.History(path)
+    _append(h, "c" * 32, resumes=3, resume_s=12.25)
+    row = history.read(path)[0]
+    assert row["resumes"] == "3" and row["resume_s"] == "12.250"
+    assert row["close_code"] == "normal" and None not in row
 
 
 def test_partial_last_line_does_not_swallow_next_row(tmp_path):

@@ -1126,3 +1126,28 @@ def test_cli_patches_gevent_before_anything_else():
 def relay_cli_path():
     import remote_gevent
     return os.path.join(os.path.dirname(remote_gevent.__file__), "relay", "cli.py")
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_a_resumed_pairing_supersedes_the_stale_one(make_relay, client_ctx, splice):
+    """Issue 12: both ends pair again under the same session id and ticket while the
+    relay still splices their old pairing (a path only they saw die). The new pair
+    forwards, the old one is ended, and the old one's end does not drop the new entry."""
+    server = make_relay(splice=splice)
+    sid, ticket = new_session()
+    (old_agent, _), (old_console, _) = pair(server, client_ctx, sid, ticket)
+    assert wait_until(lambda: server.paired == 1)
+    (agent, _), (console, _) = pair(server, client_ctx, sid, ticket)
+    old_console.settimeout(WAIT)
+    try:
+        assert old_console.recv(10) == b""  # the stale pairing was ended
+    except ConnectionResetError:
+        pass
+    assert wait_until(lambda: server.paired == 1)
+    agent.sendall(b"resumed")
+    console.settimeout(WAIT)
+    assert console.recv(100) == b"resumed"
+    assert server.paired == 1  # the old pairing's end left the new one in the table
+    for s in (agent, console, old_agent, old_console):
+        s.close()
+    assert wait_until(lambda: server.paired == 0)

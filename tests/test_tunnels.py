@@ -327,6 +327,11 @@ def test_session_carries_data_both_ways(make_env):
     assert info["id"] == c.session_id and info["remote_ip"] == "127.0.0.1"
     assert info["operator"] == env.operator_key.fingerprint
     assert info["bytes_in"] == len(payload) and info["bytes_out"] == len(payload)
+    assert info["state"] == "running"
+    agent_tunnel = env.manager._sessions[c.session_id].tunnel
+    agent_tunnel.resuming = True  # what a lost relay path looks like (issue 12)
+    assert env.manager.sessions()[0]["state"] == "resuming"
+    agent_tunnel.resuming = False
     tunnel.close(CloseCode.NORMAL, "done")
     assert c.result() == (CloseCode.NORMAL, "done")
     _assert_one_close(env, c.session_id, CloseCode.NORMAL)

@@ -205,6 +205,14 @@ class RemoteConfig:
         60, v_int(1), "int s", "close a session whose peer stopped acknowledging")
     keepalive_interval: int = key(
         15, v_int(1, 3600), "int s", "tunnel keepalive ping period")
+    resume_timeout: int = key(
+        600, v_int(0, 86400), "int s",
+        "how long a session waits for its relay path to come back (resume; both ends keep "
+        "streams and local sockets); then it ends link_lost. 0: no resume")
+    resend_buffer: int = key(
+        4 << 20, v_buffer_budget, "size",
+        "sealed frames a session keeps until the console acknowledges them, for a resume "
+        "(>= 1M); when full, local sockets are not read until acknowledgements free room")
     queue_timeout: int = key(
         60, v_int(1, 3600), "int s", "longest wait for a free session slot")
     max_streams_per_session: int = key(

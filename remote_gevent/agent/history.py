@@ -33,6 +33,10 @@ COLUMNS = (
     # Issue 14: an operator admitted by certificate (empty for a plain key).
     "cert_key_id",
     "cert_serial",
+    # Resume (issue 12), added last so older readers keep their columns: how often the
+    # session got its relay path back, and the seconds spent without one.
+    "resumes",
+    "resume_s",
 )
 FILE_MODE = 0o640
 # A cell that starts with one of these is a formula to spreadsheet tools (CSV/formula
@@ -61,13 +65,15 @@ class History:
     def append(self, start: float, session_id: str, remote_ip: str, duration: float,
                close_code: str, operator: str = "", targets: Sequence[str] = (),
                bytes_in: int = 0, bytes_out: int = 0, streams: int = 0,
-               reason: str = "", cert_key_id: str = "", cert_serial: str = "") -> None:
+               reason: str = "", cert_key_id: str = "", cert_serial: str = "",
+               resumes: int = 0, resume_s: float = 0.0) -> None:
         # Every text cell may carry a peer's words (a relay's answer, a reason): neutralised.
         row = [
             _iso(start), neutralise(session_id), neutralise(remote_ip), "%.3f" % duration,
             neutralise(close_code), neutralise(operator), neutralise(" ".join(targets)),
             str(bytes_in), str(bytes_out), str(streams), neutralise(reason[:200]),
             neutralise(cert_key_id[:200]), neutralise(str(cert_serial)),
+            str(resumes), "%.3f" % resume_s,
         ]
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow(row)
@@ -106,6 +112,12 @@ def read(path: str) -> List[dict]:
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
+    for row in rows:
+        # A file begun before a column was added: its header is shorter than newer rows.
+        extra = row.pop(None, None)  # type: ignore[call-overload]
+        if extra:
+            missing = [c for c in COLUMNS if c not in row]
+            row.update(zip(missing, extra))
     return [row for row in rows if row.get("session_id")]
 
 

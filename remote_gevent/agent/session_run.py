@@ -25,6 +25,7 @@ from remote_gevent.wire.codes import RELAY_MISMATCH_TEXT, Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.common.sockets import close_quietly
 from remote_gevent.wire import rendezvous
+from remote_gevent.wire import resume
 
 if TYPE_CHECKING:
     from remote_gevent.agent.config import AgentConfig
@@ -233,6 +234,8 @@ class SessionRun(ManagerState):
                          % type(e).__name__, Reason.MALFORMED)
         del sk
         sealer, opener = tunnel_crypto.make_sealer_opener(tx, rx, cipher)
+        resume_keys = resume.ResumeKeys.from_session_keys(tx, rx)
+        del tx, rx
         # Signed by the identity in force *now*: a rotation applies to new sessions.
         accept = protocol.make_session_accept(self._get_identity(), s.id, pk, req.epk, cipher)
         if not self._send_reply(s, accept, "accept"):
@@ -251,7 +254,10 @@ class SessionRun(ManagerState):
             sock, sealer, opener, "agent", on_open=lambda target: self._open_target(s, target),
             name="session %s" % s.id, keepalive_interval=float(cfg.remote.keepalive_interval),
             max_streams=cfg.remote.max_streams_per_session, agent_streams=self._agent_streams,
-            buffer_budget=cfg.remote.max_buffered_per_session)
+            buffer_budget=cfg.remote.max_buffered_per_session,
+            resume=resume.ResumeSettings(
+                s.id, resume_keys, lambda timeout: self._redial(s, relay_addr, timeout),
+                float(cfg.remote.resume_timeout), cfg.remote.resend_buffer))
         s.tunnel = tunnel
         s.state = RUNNING
         if s.close_request is not None:  # raced with the assignment above
@@ -342,6 +348,18 @@ class SessionRun(ManagerState):
             raise _End(CloseCode.RELAY_REFUSED, str(exc))
         raise _End(CloseCode.ERROR, "relay dial failed: %r" % (exc,))
 
+    def _redial(self, s: "_Session", addr: Tuple[str, int], timeout: float) -> Any:
+        """Resume (issue 12): the relay again, same session id and ticket; the socket.
+        Raises RelayError (the tunnel logs it and tries again with backoff)."""
+        host, port = addr
+        sock, peer_ip = rendezvous.dial_relay(
+            host, port, self._relay_ssl_context(), host, "agent", s.id, s.request.ticket,
+            RELAY_CONNECT_TIMEOUT, max(1.0, min(PAIRING_TIMEOUT, timeout)))
+        if peer_ip != s.remote_ip:
+            log.info("session %s: the console is now at %s (was %s)", s.id, peer_ip,
+                     s.remote_ip)
+        return sock
+
     # -- streams --------------------------------------------------------------------
 
     def _open_target(self, s: "_Session", target: str) -> Any:
@@ -406,6 +424,7 @@ class SessionRun(ManagerState):
             duration=duration, close_code=code, operator=s.operator, targets=s.targets,
             bytes_in=t.bytes_in if t else 0, bytes_out=t.bytes_out if t else 0,
             streams=t.streams_opened if t else 0, reason=reason,
+            resumes=t.resumes if t else 0, resume_s=t.resume_time if t else 0.0,
             **cert_fields(s.request.operator))
         if self._sessions.get(s.id) is s:
             del self._sessions[s.id]

@@ -204,7 +204,10 @@ class TunnelManager(SessionRun):
         for s in sorted(self._sessions.values(), key=lambda x: x.since):
             t = s.tunnel
             out.append({
-                "id": s.id, "since": s.since, "state": s.state, "operator": s.operator,
+                # "resuming": its relay path is down, both ends re-dialing (issue 12)
+                "id": s.id, "since": s.since,
+                "state": "resuming" if t is not None and t.resuming else s.state,
+                "operator": s.operator,
                 "targets": s.targets, "remote_ip": s.remote_ip,
                 "bytes_in": t.bytes_in if t else 0, "bytes_out": t.bytes_out if t else 0,
                 "streams": t.streams_opened if t else 0,

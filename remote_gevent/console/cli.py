@@ -287,7 +287,7 @@ def master(ctx: click.Context, device: str, targets: List[str], persist: Optiona
 def stdio(ctx: click.Context, device: str, target: str, master_mode: Optional[str]) -> None:
     """One stream on stdin/stdout (an ssh ProxyCommand: stdio %n 127.0.0.1:22)."""
     def body() -> int:
-        from remote_gevent.console.stdio import run_stdio
+        from remote_gevent.console.stdio import install_close_signals, run_stdio
 
         cfg = _cfg(ctx)
         mode = master_mode or "use"
@@ -298,7 +298,7 @@ def stdio(ctx: click.Context, device: str, target: str, master_mode: Optional[st
                                     cfg.path, DEFAULT_PERSIST)
             if code is not None:
                 return code
-        _install_sigterm()
+        install_close_signals()  # SIGHUP too: ssh's logout (issue 12)
         session = _open(ctx, device, [target])
         try:
             return run_stdio(session, target)

@@ -177,6 +177,10 @@ class ConsoleConfig:
         "aes256gcm", v_cipher, "str", "preferred AEAD (the agent falls back to xchacha20poly1305)")
     keepalive_interval: float = key(
         15.0, v_float(0, 3600), "float s", "tunnel keepalive ping period (0: off)")
+    resume_timeout: float = key(
+        600.0, v_float(0, 86400), "float s",
+        "how long a session waits for its relay path to come back (resume); then it ends "
+        "link_lost. 0: no resume (resume also needs keepalive_interval > 0)")
     control_socket_dir: Optional[str] = key(
         None, v_opt_path, "path|null",
         "directory (0700) of the session reuse sockets of `master` (docs/console.md); null: "

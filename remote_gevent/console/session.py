@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 
@@ -48,6 +48,18 @@ from remote_gevent.wire import rendezvous
 log = logging.getLogger(__name__)
 
 HANDSHAKE_SLACK = 2.0
+#: Longest wait to publish session.close when the tunnel has no path (resuming).
+CLOSE_VIA_BROKER_TIMEOUT = 10.0
+
+
+class _Quiet:
+    """A stderr that says nothing (closing through the broker is best effort)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 #: Close codes after which the console exits 0.
 CLEAN_CODES = ("normal", "closed_by_operator")
 
@@ -64,8 +76,10 @@ def close_exit_code(code: Optional[str]) -> int:
 class ConsoleSession:
     """An open tunnel to a device (console side)."""
 
-    def __init__(self, offer: Any, tunnel: Any, runner: gevent.Greenlet, peer_ip: str) -> None:
+    def __init__(self, offer: Any, tunnel: Any, runner: gevent.Greenlet, peer_ip: str,
+                 cfg: Optional[ConsoleConfig] = None) -> None:
         self.offer = offer
+        self._cfg = cfg
         self.session_id: str = offer.session_id
         self.device: str = offer.device
         self.tunnel = tunnel
@@ -89,7 +103,31 @@ class ConsoleSession:
         return self.tunnel.open_stream(target, timeout=timeout)
 
     def close(self, code: str = "closed_by_operator", reason: str = "") -> None:
+        first = not self.tunnel.closed
         self.tunnel.close(code, reason or code)
+        if first and self.tunnel.resume_enabled and not self.tunnel.close_sent:
+            # No path (resuming) or no room: our CLOSE did not reach the agent, which
+            # would wait for us until its resume_timeout.
+            self._close_via_broker(reason or code)
+
+    def _close_via_broker(self, reason: str) -> None:
+        """Resume (issue 12): tell the agent through the broker, else it would wait for
+        us until its resume_timeout (holding the slot). Best effort, bounded."""
+        from remote_gevent.console.control import ConsoleControl
+
+        if self._cfg is None:
+            return
+        control = None
+        try:
+            with gevent.Timeout(CLOSE_VIA_BROKER_TIMEOUT):
+                control = ConsoleControl(self._cfg, err=_Quiet()).start()
+                control.close_session(self.device, self.session_id, reason)
+        except (ConsoleError, gevent.Timeout, OSError) as exc:
+            log.info("session %s: close not sent through the broker: %s", self.session_id,
+                     exc)
+        finally:
+            if control is not None:
+                control.close()
 
     def wait(self, timeout: Optional[float] = None) -> Tuple[str, str]:
         """Block until the tunnel ends; ``(code, reason)``."""
@@ -224,7 +262,8 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
             raise _relay_error(exc) from None
         sock, peer_ip = dial.connected(offer.session_id)
         dial.handed_over()
-        session = _start_tunnel(cfg, device, offer, sock, peer_ip)
+        session = _start_tunnel(cfg, device, offer, sock, peer_ip,
+                                _redialer(cfg, ctx, pending), err)
         log.info("session %s: tunnel to %s up via %s (%s, agent at %s)", offer.session_id,
                  device, pending.relay, offer.cipher, peer_ip)
         return session
@@ -235,18 +274,53 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
             control.close()
 
 
+def _redialer(cfg: ConsoleConfig, ctx: Any, pending: Any) -> Callable[[float], Any]:
+    """Resume (issue 12): the relay again under the same session id and ticket."""
+    host, port = _split(pending.relay)
+
+    def redial(timeout: float) -> Any:
+        sock, _peer_ip = rendezvous.dial_relay(
+            host, port, ctx, host, "console", pending.session_id, pending.ticket,
+            timeout=cfg.relay_timeout,
+            pair_timeout=max(1.0, min(rendezvous.DEFAULT_PAIRING_TIMEOUT + cfg.relay_timeout,
+                                      timeout)))
+        return sock
+    return redial
+
+
+def _announcer(device: str, err: Any) -> Callable[[str, float], None]:
+    """One stderr line when the path is lost, one when it is back (``on_link``)."""
+    def on_link(state: str, seconds: float) -> None:
+        if state == "resuming":
+            err.write("remote-gevent-console: connection to %s lost; resuming...\n" % device)
+        else:
+            err.write("remote-gevent-console: connection to %s back after %.1f s\n"
+                      % (device, seconds))
+        err.flush()
+    return on_link
+
+
 def _start_tunnel(cfg: ConsoleConfig, device: str, offer: Any, sock: Any,
-                  peer_ip: str) -> ConsoleSession:
+                  peer_ip: str, redial: Optional[Callable[[float], Any]] = None,
+                  err: Any = None) -> ConsoleSession:
     """Run the tunnel on ``sock`` (which it owns from here on) until the agent's HELLO."""
     from remote_gevent.wire import mux
     from remote_gevent.wire import mux_frames
+    from remote_gevent.wire import resume
     from remote_gevent.crypto import tunnel_crypto
 
     tx, rx = tunnel_crypto.derive_keys("console", offer.console_pk, offer.console_sk,
                                        offer.agent_epk, offer.session_id)
     sealer, opener = tunnel_crypto.make_sealer_opener(tx, rx, offer.cipher)
+    settings = None
+    if redial is not None and cfg.resume_timeout > 0 and cfg.keepalive_interval > 0:
+        settings = resume.ResumeSettings(
+            offer.session_id, resume.ResumeKeys.from_session_keys(tx, rx), redial,
+            cfg.resume_timeout)
     tunnel = mux.Tunnel(sock, sealer, opener, role="console", name=offer.session_id,
-                        keepalive_interval=cfg.keepalive_interval)
+                        keepalive_interval=cfg.keepalive_interval, resume=settings)
+    if err is not None:
+        tunnel.on_link = _announcer(device, err)
     runner = gevent.spawn(tunnel.run)
     if not tunnel.wait_up(mux_frames.DEFAULT_HANDSHAKE_TIMEOUT + HANDSHAKE_SLACK):
         tunnel.close("error", "no HELLO from the agent")
@@ -254,7 +328,7 @@ def _start_tunnel(cfg: ConsoleConfig, device: str, offer: Any, sock: Any,
         exit_code = EXIT_KEY if code == "crypto_error" else EXIT_CONNECTION
         raise ConsoleError("session %s: tunnel to %s did not come up: %s (%s)"
                            % (offer.session_id, device, code, reason), exit_code, code)
-    return ConsoleSession(offer, tunnel, runner, peer_ip)
+    return ConsoleSession(offer, tunnel, runner, peer_ip, cfg)
 
 
 def _abandon(control: Any, device: str, session_id: str, reason: str) -> None:

@@ -255,7 +255,8 @@ class Forwarding:
     def _finish(self, session: PairedSession) -> None:
         if not session.outcome:
             session.outcome = "normal"
-        self._sessions.pop(session.session_id, None)
+        if self._sessions.get(session.session_id) is session:  # not a resumed successor
+            del self._sessions[session.session_id]
         close_quietly(session.agent.sock)
         close_quietly(session.console.sock)
         session.done.set()

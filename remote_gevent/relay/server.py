@@ -493,6 +493,7 @@ class Relay(Forwarding):
                 return
         agent, console = (conn, waiter) if hello.role == "agent" else (waiter, conn)
         session = PairedSession(sid, agent, console)
+        self._supersede(sid)
         self._sessions[sid] = session
         self._count("sessions")
         self._observe("paired", session)
@@ -502,6 +503,15 @@ class Relay(Forwarding):
         assert waiter.event is not None
         waiter.event.set()
         self._run_leg(session, conn)
+
+    def _supersede(self, sid: str) -> None:
+        """Both ends paired again under a session id still spliced here: they resumed
+        (issue 12) after losing a path this relay may not have noticed (a silent one).
+        Only the ticket's holders get this far, so the old pair is theirs: ended now."""
+        old = self._sessions.pop(sid, None)
+        if old is not None:
+            log.info("session %s: paired again (resumed); the previous pairing ends", sid)
+            self._abort(old, "superseded (the session resumed on a new pairing)")
 
     def _send_ok(self, conn: Conn, peer_ip: str) -> bool:
         try:

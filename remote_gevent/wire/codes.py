@@ -32,10 +32,12 @@ class CloseCode:
     # The operator's key left authorized_keys (or the file became unusable): its open and
     # waiting sessions end at once.
     REVOKED = "revoked"
+    # The relay path stayed down for remote.resume_timeout (issue 12: resume).
+    LINK_LOST = "link_lost"
     ALL = frozenset({
         NORMAL, CLOSED_BY_OPERATOR, CLOSED_BY_AGENT, IDLE_TIMEOUT, ACK_LOST, REFUSED,
         QUEUE_TIMEOUT, RELAY_LOST, RELAY_REFUSED, SHUTDOWN, CRYPTO_ERROR, PROTOCOL_ERROR,
-        TARGET_REFUSED, ERROR, REVOKED,
+        TARGET_REFUSED, ERROR, REVOKED, LINK_LOST,
     })
 
 

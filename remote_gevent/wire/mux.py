@@ -105,12 +105,14 @@ from remote_gevent.wire.mux_stream import (
 )
 from remote_gevent.wire.mux_receive import FrameReceiving
 from remote_gevent.wire.mux_splice import StreamSplicing
+from remote_gevent.wire.resume import ResumeSettings
+from remote_gevent.wire.resume_tunnel import TunnelResume
 from remote_gevent.crypto.interfaces import Opener, Sealer
 
 log = logging.getLogger(__name__)
 
 
-class Tunnel(FrameReceiving, StreamSplicing):
+class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
     """A multiplexed tunnel over one connected socket.
 
     ``role`` is ``"console"`` (opens streams) or ``"agent"`` (accepts them through
@@ -131,6 +133,9 @@ class Tunnel(FrameReceiving, StreamSplicing):
     ``buffer_budget``: real bytes this tunnel may hold queued for its local sockets
     (``rx_buffered``); a DATA frame over it resets its stream (None: no budget beyond
     the per-stream windows; the agent always passes one).
+
+    ``resume``: how to dial the relay again and prove the session keys (issue 12,
+    :mod:`remote_gevent.wire.resume_tunnel`); None: the tunnel ends with its connection.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class Tunnel(FrameReceiving, StreamSplicing):
         max_streams: int = mux_limits.DEFAULT_MAX_STREAMS_PER_SESSION,
         agent_streams: Optional[mux_limits.StreamCounter] = None,
         buffer_budget: Optional[int] = None,
+        resume: Optional[ResumeSettings] = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError("role must be 'console' or 'agent', not %r" % (role,))
@@ -204,6 +210,8 @@ class Tunnel(FrameReceiving, StreamSplicing):
         self.bytes_in = 0
         self.bytes_out = 0
         self.streams_opened = 0
+        self.close_sent = False  # our CLOSE went out (else a resuming peer waits for us)
+        self._init_resume(resume)
 
     def __repr__(self) -> str:
         return "<Tunnel %s %s%s>" % (self.name, self.role, " closed" if self.closed else "")
@@ -249,11 +257,12 @@ class Tunnel(FrameReceiving, StreamSplicing):
         ``now`` is a ``time.monotonic()`` value; a timeout of None or <= 0 is off.
         A lost peer (``ack_lost``) wins over an idle one.
         """
-        if self.closed:
+        if self.closed or self.resuming:  # resuming: resume_timeout bounds the wait
             return None
         if now is None:
             now = time.monotonic()
-        if ack_timeout and ack_timeout > 0 and now - self.last_ack > ack_timeout:
+        if ack_timeout and ack_timeout > 0 and now - self.last_ack > ack_timeout \
+                and not self.resume_enabled:  # a dead path resumes (the tunnel's own clock)
             return CloseCode.ACK_LOST
         if idle_timeout and idle_timeout > 0 and now - self.last_activity > idle_timeout:
             return CloseCode.IDLE_TIMEOUT
@@ -268,13 +277,15 @@ class Tunnel(FrameReceiving, StreamSplicing):
         try:
             if self.closed:
                 raise TunnelClosed("closed before run")
-            self._send_frame(HELLO, 0, dump_json({"role": self.role, "version": PROTOCOL_VERSION,
-                                              "window": self.recv_window}))
+            hello = {"role": self.role, "version": PROTOCOL_VERSION, "window": self.recv_window}
+            if self._resend is not None:
+                hello["resume"] = True
+            self._send_frame(HELLO, 0, dump_json(hello))
             self._hello_sent = True
             self._handshake()
             if self.keepalive_interval and self.keepalive_interval > 0:
                 self._group.spawn(self._keepalive)
-            self._read_loop()
+            self._read_until_end()
         except TunnelFailure as e:
             code, reason = e.code, e.reason
         except TunnelClosed as e:
@@ -302,8 +313,10 @@ class Tunnel(FrameReceiving, StreamSplicing):
         self._close_reason = reason
         log.debug("%s: closing: %s (%s)", self.name, code, reason)
         try:
-            if self._hello_sent and not self._closing_by_peer:
+            if self._hello_sent and not self._closing_by_peer and not self._link_down:
                 self._send_close_frame(code, reason)
+            if self._resend is not None:
+                self._resend.close()  # wakes DATA writers waiting for room
             for stream in list(self._streams.values()):
                 self._mark_reset(stream, "tunnel closed: %s" % code)
                 self._forget(stream)
@@ -336,6 +349,7 @@ class Tunnel(FrameReceiving, StreamSplicing):
         try:
             with gevent.Timeout(CLOSE_SEND_TIMEOUT, False):
                 self._sock.sendall(self._sealer.seal(frame_pt))
+                self.close_sent = True
         except Exception as e:  # noqa: BLE001 - best effort, the socket is going away
             log.debug("%s: CLOSE not sent: %s", self.name, e)
         finally:
@@ -391,14 +405,22 @@ class Tunnel(FrameReceiving, StreamSplicing):
             except Exception as e:  # noqa: BLE001 - any sealer failure ends the tunnel
                 gevent.spawn(self.close, CloseCode.CRYPTO_ERROR, "seal failed: %s" % e)
                 raise TunnelClosed("seal failed") from None
+            if self._resend is not None:  # kept, as sealed, until the peer ACKs it
+                self._resend.add(frame)
+                if self._link_down:
+                    return  # sent when the link is back
             try:
                 send_all(self._sock.send, frame)
             except OSError as e:
+                if self._link_failed_on_send():
+                    return  # in the resend buffer; the reader resumes
                 if self._close_code is None:
                     gevent.spawn(self.close, CloseCode.RELAY_LOST, "tunnel send: %s" % os_err(e))
                 raise TunnelClosed("tunnel send: %s" % os_err(e)) from None
 
     def _send_data_frame(self, stream: Stream, plaintext: Any, n: int) -> None:
+        if self._resend is not None:
+            self._resend.wait_room()  # full: stop reading local sockets, never drop
         stream._send_window -= n
         self._send_plain(plaintext)
         stream.bytes_out += n
@@ -479,7 +501,8 @@ class Tunnel(FrameReceiving, StreamSplicing):
     def _keepalive(self) -> None:
         while not self.closed:
             gevent.sleep(self.keepalive_interval)
-            self.ping()
+            if self._keepalive_tick():
+                self.ping()
 
     def ping(self) -> None:
         """Send one PING now (the keepalive greenlet does this every interval)."""

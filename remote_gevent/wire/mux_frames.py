@@ -27,11 +27,12 @@ RESET = 8
 PING = 9
 PONG = 10
 CLOSE = 11
+ACK = 12  # resume (issue 12): frames received so far, u64; only to a peer whose HELLO asks
 
 FRAME_NAMES = {
     HELLO: "HELLO", OPEN: "OPEN", OPEN_OK: "OPEN_OK", OPEN_FAIL: "OPEN_FAIL",
     DATA: "DATA", WINDOW: "WINDOW", EOF: "EOF", RESET: "RESET", PING: "PING",
-    PONG: "PONG", CLOSE: "CLOSE",
+    PONG: "PONG", CLOSE: "CLOSE", ACK: "ACK",
 }
 
 MAX_DATA = 65536                       # largest DATA payload

@@ -15,6 +15,7 @@ from remote_gevent.common.logs import escape
 from remote_gevent.wire.mux_limits import CHUNK_OVERHEAD
 from remote_gevent.wire.codes import CloseCode
 from remote_gevent.wire.mux_frames import (
+    ACK,
     CLOSE,
     CLOSE_CODES,
     DATA,
@@ -138,6 +139,7 @@ class FrameReceiving(TunnelState):
             raise protocol_error("peer window %s not in [%d, %d]"
                                   % (escape(repr(window), 60), MAX_DATA, MAX_WINDOW))
         self.peer_window = window
+        self._negotiate_resume(hello)
         self.last_ack = time.monotonic()
         self._up.set()
         self._ready.set()
@@ -155,6 +157,7 @@ class FrameReceiving(TunnelState):
             ftype, sid = HDR.unpack_from(pt)
             now = monotonic()
             self.last_ack = now
+            self._note_received()
             if ftype == DATA:
                 stream = self._peer_stream(sid, ftype)
                 if stream is None:
@@ -239,6 +242,8 @@ class FrameReceiving(TunnelState):
                     log.info("%s: peer closed the tunnel: %s (%s)", self.name, code, reason)
                 self._closing_by_peer = True
                 raise TunnelFailure(code, reason)
+            elif ftype == ACK:
+                self._on_ack(sid, pt)
             elif ftype == HELLO:
                 raise protocol_error("second HELLO")
             else:
