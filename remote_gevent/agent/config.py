@@ -56,8 +56,6 @@ IDENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 v_ident = v_matching(IDENT_RE, "expected 1 to 64 characters among A-Z a-z 0-9 _ -")
 
 
-
-
 def v_allow(value: Any, base: str) -> Tuple[str, ...]:
     if not isinstance(value, list):
         raise Invalid("expected a list of host:port (port may be *)")

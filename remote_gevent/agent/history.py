@@ -132,7 +132,6 @@ def record_safely(history: "Optional[History]", **fields: object) -> None:
                   fields.get("session_id"), history.path, exc)
 
 
-
 def cert_fields(operator: object) -> dict:
     """``cert_key_id`` and ``cert_serial`` of an operator admitted by certificate."""
     cert = getattr(operator, "cert", None)

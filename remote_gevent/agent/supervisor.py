@@ -37,7 +37,6 @@ FAILURE_WINDOW = 60.0
 KILL_TIMEOUT = 2.0  # seconds to wait for killed greenlets to unwind
 
 
-
 class Service:
     """Book-keeping for one supervised service."""
 

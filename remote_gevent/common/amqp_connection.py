@@ -26,25 +26,20 @@ class LinkError(Exception):
     """A one-line, credential-free reason why the link failed (safe to log)."""
 
 
-
 class LinkConfigError(LinkError):
     """Irrecoverable configuration problem (bad URL, unusable TLS files): not retried."""
-
 
 
 class TLSVerifyError(LinkError):
     """The broker's certificate was not trusted or does not match the host name."""
 
 
-
 class LoginRefused(LinkError):
     """The broker refused the login (wrong ident/token) or access to the vhost."""
 
 
-
 class NotConnected(LinkError):
     """The link is down (publish with ``wait=0``, or the wait ran out)."""
-
 
 
 def parse_url(url: str) -> BrokerURL:
@@ -57,7 +52,6 @@ def parse_url(url: str) -> BrokerURL:
     if not result.tls:
         log.warning("broker URL %s is NOT encrypted (plain amqp:// on loopback)", result)
     return result
-
 
 
 # --------------------------------------------------------------------------- py-amqp glue
@@ -74,7 +68,6 @@ class _VerifiedSSLTransport(SSLTransport):
         # _setup_transport() then sets connect_timeout and runs do_handshake().
         return self._rg_context.wrap_socket(
             sock, server_hostname=self._rg_server_hostname, do_handshake_on_connect=False)
-
 
 
 class _Connection(amqp.Connection):
@@ -96,11 +89,9 @@ class _Connection(amqp.Connection):
                                      socket_settings=socket_settings, **kwargs)
 
 
-
 def _reply_text(exc: AMQPError) -> str:
     text = getattr(exc, "reply_text", None) or getattr(exc, "message", None) or str(exc)
     return str(text).splitlines()[0] if text else exc.__class__.__name__
-
 
 
 def describe_error(exc: BaseException, url: Optional[BrokerURL] = None,

@@ -34,7 +34,6 @@ def _now() -> float:
     return time.time()
 
 
-
 def device_status(entry: Dict[str, Any], now: Optional[float] = None) -> str:
     """``online``, ``offline`` or ``stopped`` for one state entry.
 
@@ -59,14 +58,12 @@ def device_status(entry: Dict[str, Any], now: Optional[float] = None) -> str:
     return "online" if now - float(last) <= MISSED_INTERVALS * hc else "offline"
 
 
-
 def offline_at(entry: Dict[str, Any]) -> Optional[float]:
     last = entry.get("last_alive")
     if last is None or entry.get("event") == "stopping":
         return None
     return float(last) + MISSED_INTERVALS * float(entry.get("health_check")
                                                   or DEFAULT_HEALTH_CHECK)
-
 
 
 class DeviceStates:
@@ -135,7 +132,6 @@ class DeviceStates:
             os.close(lock_fd)
 
 
-
 @dataclass
 class DeviceEvent:
     """One thing learnt from the status queue (``watch`` prints these)."""
@@ -145,7 +141,6 @@ class DeviceEvent:
     text: str
     transition: Optional[str] = None   # new state when online/offline changed
     entry: Dict[str, Any] = field(default_factory=dict)
-
 
 
 def handle_up_message(known: KnownDevices, states: DeviceStates, server_id: str, raw: bytes,
@@ -233,7 +228,6 @@ def handle_up_message(known: KnownDevices, states: DeviceStates, server_id: str,
     return None
 
 
-
 def _health_check(properties: Dict[str, Any], body: Dict[str, Any],
                   before: Dict[str, Any]) -> float:
     """The device's own health_check: alive ``expiration`` = 2 × health_check (ms)."""
@@ -248,7 +242,6 @@ def _health_check(properties: Dict[str, Any], body: Dict[str, Any],
             and body["seq"] == prev_seq + 1 and 1 <= body["ts"] - prev_ts <= 86400:
         return float(body["ts"] - prev_ts)
     return float(before.get("health_check") or DEFAULT_HEALTH_CHECK)
-
 
 
 def summarize(states: DeviceStates, known: KnownDevices, now: Optional[float] = None

@@ -29,8 +29,6 @@ from remote_gevent.console.master import (
 )
 
 
-
-
 class Master:
     """Serve one :class:`~remote_gevent.console.session.ConsoleSession` on a Unix socket.
 
@@ -261,7 +259,6 @@ class Master:
             _send_quietly(conn, ("CLOSED %s %s\n" % (code, _one_line(reason))).encode())
 
 
-
 def _drain(conn: socket.socket) -> None:
     try:
         while conn.recv(CHUNK):
@@ -270,10 +267,8 @@ def _drain(conn: socket.socket) -> None:
         pass
 
 
-
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:400]
-
 
 
 def _send_quietly(conn: socket.socket, data: bytes) -> None:

@@ -8,11 +8,6 @@ import time
 from typing import IO, Optional
 
 
-
-
-
-
-
 PROGRESS_INTERVAL = 0.1    # seconds between redraws
 
 
@@ -24,13 +19,11 @@ def _human(n: float) -> str:
     return "%d" % n
 
 
-
 def _eta(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:
         return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
     return "%d:%02d" % (seconds // 60, seconds % 60)
-
 
 
 class Progress:
@@ -101,7 +94,6 @@ class Progress:
         self.last_draw = now
         self.out.write("\r" + self.line())
         self.out.flush()
-
 
 
 class _NoProgress(Progress):

@@ -223,8 +223,6 @@ class SocksServer:
         self.group.kill(block=False)
 
 
-
-
 def _reply_and_close(conn: Any, rep: int) -> None:
     try:
         send_reply(conn, rep)

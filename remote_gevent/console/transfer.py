@@ -101,7 +101,6 @@ LOCAL_PART_MODE = 0o600
 LOCAL_FILE_MODE = 0o644
 
 
-
 def exit_code(code: str) -> int:
     """The process exit status for a TransferError code (docs/transfer.md)."""
     return EXIT_OF.get(code, EXIT_OTHER)

@@ -13,11 +13,10 @@ A *target* is what one stream connects to: ``host:port`` (IPv6 in brackets:
 may also use ``*`` for the whole host and/or the whole port
 (``127.0.0.1:*``, ``*:22``, ``*:*``).
 
-Matching is textual on a normalized form (host names lowercased, IP
-addresses in their canonical form): no DNS resolution ever happens here, so
-``localhost:22`` and ``127.0.0.1:22`` are different targets. Virtual
-targets are matched only by the identical pattern: ``*:*`` never permits
-``@sftp`` or ``@transfer``; the device allow-list must name them.
+Matching is textual on a normalized form (host names lowercased, IP addresses
+canonical): no DNS resolution ever happens here, so ``localhost:22`` and
+``127.0.0.1:22`` differ. Virtual targets are matched only by the identical pattern:
+``*:*`` never permits ``@sftp`` or ``@transfer``; the device allow-list must name them.
 
 A stream is permitted iff its target matches the device allow-list AND the
 operator's permitopen (when the operator has one) AND the targets the

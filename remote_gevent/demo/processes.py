@@ -30,7 +30,6 @@ log = logging.getLogger("remote_gevent.demo.platform")
 PR_SET_PDEATHSIG = 1
 
 
-
 def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Child dies with us (SIGTERM) even if we are SIGKILLed: no stray agent or relay."""
     try:
@@ -38,7 +37,6 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child between f
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-
 
 
 def entry_argv(script: str, module: str) -> List[str]:
@@ -53,14 +51,12 @@ def entry_argv(script: str, module: str) -> List[str]:
     return [sys.executable, "-m", module]
 
 
-
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
-
 
 
 def _tail(path: str, size: int = 2000) -> str:
@@ -73,10 +69,8 @@ def _tail(path: str, size: int = 2000) -> str:
         return ""
 
 
-
 def _write_text(path: str, text: str, mode: int = 0o644) -> None:
     fsutil.write_atomic(path, text, mode)
-
 
 
 def _deep_merge(base: Dict[str, Any], extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -89,7 +83,6 @@ def _deep_merge(base: Dict[str, Any], extra: Optional[Dict[str, Any]]) -> Dict[s
     return out
 
 
-
 def _user_defs(vhost: str, user: str, password: str, perms: Dict[str, Any]
                ) -> Dict[str, List[Dict[str, Any]]]:
     return {
@@ -100,7 +93,6 @@ def _user_defs(vhost: str, user: str, password: str, perms: Dict[str, Any]
                          "write": perms["write"], "read": perms["read"]}],
         "topic_permissions": [dict(tp, user=user, vhost=vhost) for tp in perms["topic"]],
     }
-
 
 
 def _terminate(proc: Optional[subprocess.Popen], sig: int, timeout: float) -> Optional[int]:
@@ -124,11 +116,9 @@ def _terminate(proc: Optional[subprocess.Popen], sig: int, timeout: float) -> Op
     return proc.wait(10.0)
 
 
-
 def _read_pids(path: str) -> List[Tuple[str, int]]:
     """``(name, pid)`` of the pids file (see :func:`read_entries`)."""
     return [(name, pid) for name, pid, _ in read_entries(path)]
-
 
 
 def _alive(pid: int) -> bool:
@@ -144,7 +134,6 @@ def _alive(pid: int) -> bool:
         except PermissionError:
             return True
         return True
-
 
 
 def _ours(pid: int) -> bool:

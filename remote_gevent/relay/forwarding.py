@@ -24,13 +24,13 @@ from remote_gevent.wire.rendezvous import (
 )
 
 if TYPE_CHECKING:  # the server owns connections and sessions; annotations only
-    from remote_gevent.relay.server import Conn, PairedSession, RelaySettings
+    from remote_gevent.relay.server import Conn, PairedSession
+    from remote_gevent.relay.settings import RelaySettings
 
 # The relay logs as one component: "remote_gevent.relay.server" (filters and tests rely on it).
 log = logging.getLogger("remote_gevent.relay.server")
 
 SPARE_BUFFERS = 32
-
 
 
 class BufferPool:
@@ -59,8 +59,6 @@ class BufferPool:
             self.allocated -= 1
 
 
-
-
 def _tcp_abort(sock: socket.socket) -> None:
     """Shut down both ways at the TCP level; wakes every greenlet blocked on ``sock``."""
     for klass in type(sock).__mro__:
@@ -72,10 +70,6 @@ def _tcp_abort(sock: socket.socket) -> None:
             except OSError:
                 pass
             return
-
-
-
-
 
 
 def _describe(exc: BaseException) -> str:

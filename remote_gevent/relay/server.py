@@ -71,7 +71,7 @@ import os
 import socket
 import ssl
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -86,7 +86,7 @@ from remote_gevent.common import tls
 from remote_gevent.common.addresses import format_address
 from remote_gevent.common.sockets import close_quietly
 from remote_gevent.wire.rendezvous import (
-    DEFAULT_PAIRING_TIMEOUT,
+    DEFAULT_PAIRING_TIMEOUT as DEFAULT_PAIRING_TIMEOUT,  # re-exported (relay.cli)
     MAX_HELLO,
     PROTOCOL_VERSION,
     BadHello,
@@ -100,19 +100,22 @@ from remote_gevent.wire.rendezvous import (
 )
 
 from remote_gevent.relay.forwarding import BufferPool, Forwarding, _tcp_abort
+# The settings and their defaults live in relay/settings.py; re-exported for relay.cli and tests.
+from remote_gevent.relay.settings import (  # noqa: F401
+    DEFAULT_PORT as DEFAULT_PORT,
+    DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HELLO_TIMEOUT as DEFAULT_HELLO_TIMEOUT,
+    DEFAULT_MAX_PENDING as DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PAIRED as DEFAULT_MAX_PAIRED,
+    DEFAULT_MAX_PENDING_PER_IP as DEFAULT_MAX_PENDING_PER_IP,
+    DEFAULT_IDLE_TIMEOUT as DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_GRACE as DEFAULT_GRACE,
+    DEFAULT_BUFFER_SIZE as DEFAULT_BUFFER_SIZE,
+    RelaySettings as RelaySettings,
+)
 
 log = logging.getLogger(__name__)
 
-
-DEFAULT_PORT = 8443
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-DEFAULT_HELLO_TIMEOUT = 5.0
-DEFAULT_MAX_PENDING = 1000
-DEFAULT_MAX_PAIRED = 10000
-DEFAULT_MAX_PENDING_PER_IP = 50
-DEFAULT_IDLE_TIMEOUT = 7200.0
-DEFAULT_GRACE = 30.0
-DEFAULT_BUFFER_SIZE = 256 * 1024
 
 #: Connections that are only being told ``ERR busy`` (TLS handshake + one line); beyond this
 #: many at once, an over-limit connection is closed without TLS.
@@ -132,27 +135,6 @@ def splice_available() -> bool:
     Linux with Python >= 3.10; ``REMOTE_GEVENT_RELAY_SPLICE=0`` turns it off."""
     return splicer.SPLICE is not None \
         and os.environ.get("REMOTE_GEVENT_RELAY_SPLICE", "1") != "0"
-
-class RelaySettings(NamedTuple):
-    """Everything the relay needs; ``relay_cli`` builds it from flags and YAML."""
-
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    cert_file: Optional[str] = None
-    key_file: Optional[str] = None
-    pairing_timeout: float = DEFAULT_PAIRING_TIMEOUT
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    max_pending: int = DEFAULT_MAX_PENDING
-    max_paired: int = DEFAULT_MAX_PAIRED
-    max_pending_per_ip: int = DEFAULT_MAX_PENDING_PER_IP
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    grace: float = DEFAULT_GRACE
-    buffer_size: int = DEFAULT_BUFFER_SIZE
-    #: TLS handshake + hello of a new connection (and never longer than
-    #: ``handshake_timeout``); short, because a half-open connection holds a pending slot.
-    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
-    proxy_protocol: bool = False  # a PROXY v1/v2 header first (relay/proxy_protocol.py)
-
 
 # --------------------------------------------------------------------------- helpers
 

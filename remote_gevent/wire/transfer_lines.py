@@ -72,8 +72,6 @@ def is_part_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(PART_SUFFIX)
 
 
-
-
 class LineChannel:
     """Line + raw reads over something with ``recv``; sends with ``send_all``.
 

@@ -66,8 +66,6 @@ def os_error(e: OSError, shown: str) -> TransferError:
     return TransferError(IO_ERROR, "%s: %s" % (shown, e.strerror or e))
 
 
-
-
 def fsync_fd(fd: int) -> None:
     """fsync in gevent's threadpool: a large file's fsync would stall the hub."""
     gevent.get_hub().threadpool.apply(os.fsync, (fd,))
@@ -166,8 +164,6 @@ def file_type(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "symlink"
     return "other"
-
-
 
 
 def check_links(st: os.stat_result, shown: str, allowed: bool) -> None:

@@ -60,7 +60,6 @@ def stat_path(roots: Roots, path: Any) -> Dict[str, Any]:
             "writable": res.root.writable}
 
 
-
 def list_path(roots: Roots, path: Any) -> Iterator[Dict[str, Any]]:
     """Directory entries ``{"name", "type", "size", "mtime", "mode"}`` (partials hidden).
 
@@ -90,7 +89,6 @@ def list_path(roots: Roots, path: Any) -> Iterator[Dict[str, Any]]:
     finally:
         close_fd(dfd)
     return iter(out)
-
 
 
 def make_dirs(res: Resolved, parents: bool) -> bool:

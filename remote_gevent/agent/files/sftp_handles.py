@@ -58,10 +58,8 @@ def status_of(e: tl.TransferError) -> int:
     return STATUS_OF.get(e.code, SFTP_FAILURE)
 
 
-
 def _attrs(st: os.stat_result, name: str) -> SFTPAttributes:
     return SFTPAttributes.from_stat(st, name)
-
 
 
 def _apply_attrs(fd: int, attr: SFTPAttributes) -> None:
@@ -74,7 +72,6 @@ def _apply_attrs(fd: int, attr: SFTPAttributes) -> None:
         os.utime(fd, (attr.st_atime, attr.st_mtime))
     if attr.st_size is not None and attr.st_size != os.fstat(fd).st_size:
         raise tl.TransferError(tl.BAD_REQUEST, "truncate via setstat is not supported")
-
 
 
 class _ReadHandle(SFTPHandle):
@@ -113,7 +110,6 @@ class _ReadHandle(SFTPHandle):
         self.server.report({"op": "sftp_get", "path": self.path, "bytes": self.bytes,
                             "code": tl.RESULT_OK,
                             "duration": round(time.monotonic() - self.started, 3)})
-
 
 
 class _WriteHandle(SFTPHandle):
