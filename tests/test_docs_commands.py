@@ -59,6 +59,10 @@ NOT_RUN = {
                                                            "--listen form is run",
     'eval "$(remote-gevent-console completion': "shell set-up: "
                                                  "tests/test_console_ux_tools.py",
+    "scripts/bundle": "downloads wheels for another platform: tests/test_bundle.py",
+    "tar xzf remote-gevent-": "on the device: tests/test_bundle.py unpacks a bundle",
+    "sudo ./install.sh": "installs system-wide: tests/test_bundle.py runs it with --root",
+    "systemctl": "system service: tests/test_console_ux_tools.py runs the unit's commands",
 }
 
 READY = {"forward": "forwarding ", "socks": "SOCKS5 on ", "master": "master of ",

@@ -470,7 +470,7 @@ def test_codes_match_design():
     assert envelope.CloseCode.ALL == {
         "normal", "closed_by_operator", "closed_by_agent", "idle_timeout", "ack_lost", "refused",
         "queue_timeout", "relay_lost", "relay_refused", "shutdown", "crypto_error",
-        "protocol_error", "target_refused", "error", "revoked"}
+        "protocol_error", "target_refused", "error", "revoked", "link_lost"}
     assert {"bad_signature", "unknown_operator", "expired", "replayed", "malformed", "too_large",
             "wrong_device", "target_not_permitted", "queue_timeout",
             "shutting_down", "operator_limit", "operator_rate_limited",

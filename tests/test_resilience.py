@@ -35,6 +35,7 @@ from remote_gevent.crypto import identity
 from remote_gevent.wire import protocol
 from remote_gevent.crypto import tunnel_crypto as tc
 from remote_gevent.common.amqplink import AmqpLink
+from remote_gevent.demo import operator_cert as demo_cert
 from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.platform import DemoPlatform
 from remote_gevent.demo.processes import port_open
@@ -276,7 +277,13 @@ def plat(tmp_path_factory, echo):
                      remote={"max_session": 2, "queue_timeout": 30, "health_check": 1,
                              "keepalive_interval": 1},
                      amqp={"reconnect_max_delay": 2})
-    p.start()
+    # The Operator below signs with the plain operator key (it builds requests, replays
+    # and forgeries by hand), so the device must trust that key, not the demo's CA.
+    os.environ[demo_cert.PLAIN_KEY_ENV] = "1"
+    try:
+        p.start()
+    finally:
+        del os.environ[demo_cert.PLAIN_KEY_ENV]
     op = None
     try:
         op = Operator(p)

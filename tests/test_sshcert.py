@@ -212,13 +212,3 @@ def test_a_listed_plain_key_is_trusted_even_with_a_certificate(pki):
         "127.0.0.1:22"]
 
 
-def test_a_ca_counts_as_several_operators_for_fairness(pki):
-    """One certified operator must not hold every slot: a CA line is several operators."""
-    from types import SimpleNamespace
-
-    from remote_gevent.agent import fairness
-
-    cfg = SimpleNamespace(remote=SimpleNamespace(max_session_per_operator=0, max_session=10))
-    trusted = trusted_with("cert-authority " + pub_line(pki.ca))
-    assert fairness.operator_share(cfg, len(trusted)) == 5
-    assert fairness.operator_share(cfg, len(trusted_with(pub_line(pki.op)))) is None

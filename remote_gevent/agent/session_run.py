@@ -401,8 +401,21 @@ class SessionRun(ManagerState):
                      result.get("bytes"))
 
         # Raises TransferError (code target_refused) when transfer is disabled.
-        return dispatch.open_virtual_target(target, self._cfg.remote.transfer, self._get_identity,
-                                            on_result=on_result, log_ctx="session %s" % s.id)
+        return dispatch.open_virtual_target(
+            target, self._cfg.remote.transfer, self._get_identity, on_result=on_result,
+            log_ctx="session %s" % s.id, preempt=lambda: self._end_stale_sessions(s))
+
+    def _end_stale_sessions(self, s: "_Session") -> int:
+        """End the other sessions of ``s``'s operator whose relay path is down (resuming):
+        they hold what the operator now asks for again (an upload's partial file), and a
+        console that comes back for them would find the files it left in a new session."""
+        stale = [o for o in self._sessions.values() if o is not s and o.operator == s.operator
+                 and o.tunnel is not None and o.tunnel.resuming]
+        for o in stale:
+            log.info("session %s: ended: superseded by session %s of the same operator "
+                     "while its path was down", o.id, s.id)
+            self._request_close(o, CloseCode.LINK_LOST, "superseded by session %s" % s.id)
+        return len(stale)
 
     # -- the end --------------------------------------------------------------------
 

@@ -415,7 +415,7 @@ class AuthorizedKeys:
             (self._cas if key.cert_authority else self._by_fp).setdefault(key.fingerprint, key)
 
     def __len__(self) -> int:
-        return len(self._by_fp) + 2 * len(self._cas)  # a CA: several operators (fairness)
+        return len(self._by_fp) + len(self._cas)  # a CA line counts once (fairness share)
 
     def __iter__(self) -> "Iterator[OperatorKey]":
         return iter(self._by_fp.values())

@@ -4,6 +4,7 @@ The tunnel hands the agent's end of a socket pair to the server of the named tar
 (:mod:`transfer` or :mod:`sftp`), in a guarded greenlet.
 """
 
+import functools
 import logging
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
@@ -28,13 +29,15 @@ log = logging.getLogger(__name__)
 
 def open_virtual_target(target: str, transfer_cfg: "TransferConfig", identity: Any = None,
                         on_result: Optional[Callable[[Dict[str, Any]], None]] = None,
-                        log_ctx: str = "") -> socket.socket:
+                        log_ctx: str = "", preempt: Optional[Callable[[], int]] = None
+                        ) -> socket.socket:
     """Serve ``@transfer`` / ``@sftp`` in-process; return the socket for the mux to splice.
 
     ``transfer_cfg`` is the agent's ``remote.transfer`` section; ``identity`` the
     agent's ``IdentityKey`` (or a callable returning it, or a paramiko key) — the SFTP
     host key. Raises ``TransferError`` (code ``target_refused``) when transfers are
-    disabled or the target is unknown; mux turns it into OPEN_FAIL.
+    disabled or the target is unknown; mux turns it into OPEN_FAIL. ``preempt``: see
+    ``transfer._lock_partial``.
     """
     roots = Roots.from_config(transfer_cfg)
     if target not in VIRTUAL_TARGETS:
@@ -48,7 +51,8 @@ def open_virtual_target(target: str, transfer_cfg: "TransferConfig", identity: A
         host_key = sftp.host_key_of(identity() if callable(identity) else identity)
     ours, theirs = socket.socketpair()
     if target == VIRTUAL_TRANSFER:
-        gevent.spawn(_serve_guarded, serve_transfer_stream, ours, roots, log_ctx, on_result)
+        gevent.spawn(_serve_guarded, functools.partial(serve_transfer_stream, preempt=preempt),
+                     ours, roots, log_ctx, on_result)
     else:
         from remote_gevent.agent.files import sftp
         gevent.spawn(_serve_guarded, sftp.serve_sftp, ours, roots, log_ctx, on_result,

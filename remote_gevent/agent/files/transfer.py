@@ -107,6 +107,7 @@ log = logging.getLogger(__name__)
 HEADER_TIMEOUT = 30.0              # waiting for the console's header
 IDLE_TIMEOUT = 300.0               # no byte either way for this long: give up
 BUSY_WAIT = 5.0                    # wait this long for another stream's lock on a partial
+PREEMPT_WAIT = 15.0                # after ending a stale session: its stream lets go
 DRAIN_TIMEOUT = 10.0               # after an error reply, wait this long for the console's EOF
 QUIET_OPS = ("stat", "list")       # lookups, not transfers: not passed to on_result
 
@@ -136,9 +137,11 @@ def _sha(value: Any, key: str) -> Optional[str]:
 class _Session:
     """One ``@transfer`` stream being served (one operation)."""
 
-    def __init__(self, sock: Any, roots: Roots, log_ctx: str) -> None:
+    def __init__(self, sock: Any, roots: Roots, log_ctx: str,
+                 preempt: Optional[Callable[[], int]] = None) -> None:
         self.sock = sock
         self.roots = roots
+        self.preempt = preempt
         self.log_ctx = log_ctx or "transfer"
         self.ch = LineChannel(lambda: sock.recv(CHUNK), sock.sendall)
         self.replied = False
@@ -244,7 +247,7 @@ class _Session:
     def _resume_offset(self, pfd: int, res: Resolved, size: int, resume: bool) -> int:
         """Lock the partial file and say where this upload starts: its size when resuming
         a fresh partial no larger than the file, else 0 (the partial is emptied)."""
-        _lock_partial(pfd, res)
+        _lock_partial(pfd, res, self.preempt)
         st = os.fstat(pfd)
         ttl = self.roots.partial_ttl
         fresh = not partials.expired(st, ttl)
@@ -427,15 +430,25 @@ class _Abort(TransferError):
     """End the stream without a trailer (the promised bytes cannot be sent)."""
 
 
-def _lock_partial(pfd: int, res: Resolved) -> None:
+def _lock_partial(pfd: int, res: Resolved,
+                  preempt: Optional[Callable[[], int]] = None) -> None:
     """flock the partial file; wait a little, since the holder is often the previous
-    stream of the same upload, going away (a console restarting or resuming)."""
+    stream of the same upload, going away (a console restarting or resuming).
+
+    ``preempt`` (the session's): ends this operator's other sessions whose relay path is
+    down and returns how many. A console killed mid-upload leaves its session resuming
+    for ``resume_timeout`` with the partial locked; the same operator's new upload must
+    not be told "busy" for minutes (issue 12)."""
     deadline = time.monotonic() + BUSY_WAIT
     while True:
         try:
             fcntl.flock(pfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except OSError:
+            if preempt is not None:
+                if preempt():
+                    deadline = time.monotonic() + PREEMPT_WAIT
+                preempt = None
             if time.monotonic() >= deadline:
                 raise TransferError(BUSY, "another upload to %s is in progress"
                                     % res.path) from None
@@ -461,12 +474,12 @@ def _available(dfd: int) -> Optional[int]:
 
 def serve_transfer_stream(sock: Any, roots: Roots, log_ctx: str = "",
                           on_result: Optional[Callable[[Dict[str, Any]], None]] = None,
-                          ) -> Dict[str, Any]:
+                          preempt: Optional[Callable[[], int]] = None) -> Dict[str, Any]:
     """Serve one ``@transfer`` operation on ``sock`` (one end of a socketpair spliced
     by the mux), close it, and return (and pass to ``on_result``) the result:
     ``{"op", "path", "bytes", "code": "transfer_ok"|"transfer_<code>", "duration", …}``.
     """
-    s = _Session(sock, roots, log_ctx)
+    s = _Session(sock, roots, log_ctx, preempt)
     started = time.monotonic()
     abort = False
     try:
