@@ -637,6 +637,7 @@ class HookedRelay:
 
     def __init__(self, cert_file: str, key_file: str) -> None:
         from remote_gevent.relay import server as relay
+        from remote_gevent.relay.settings import RelaySettings
 
         outer = self
         self.captured = bytearray()
@@ -655,7 +656,7 @@ class HookedRelay:
                 outer.captured += data
                 return super()._send_chunk(d_sock, memoryview(data), src_role)
 
-        self.relay = _Relay(relay.RelaySettings(
+        self.relay = _Relay(RelaySettings(
             host="127.0.0.1", port=0, cert_file=cert_file, key_file=key_file,
             pairing_timeout=3.0, grace=0.5), splice=False)
         self.relay.start()
