@@ -181,6 +181,48 @@ def test_stock_sftp_put_get_ls(platform, tmp_path):
     assert not os.path.exists(os.path.join(root, "renamed.bin"))
 
 
+def test_stock_scp_sftp_mode_and_truncate(platform, tmp_path):
+    """``scp FILE DEVICE-sftp:`` (OpenSSH 9: SFTP mode) through the tunnel, over a longer
+    file (scp sets the size with fsetstat at the end) and back; then a setstat(size) by
+    path and on an open handle from paramiko's client through the same ProxyCommand."""
+    import shlex
+
+    import paramiko
+
+    proxy = " ".join(shlex.quote(a) for a in platform.console_argv("stdio", "%n", "@sftp"))
+    opts = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=%s" % (tmp_path / "known_hosts"),
+            "-o", "ProxyCommand=%s" % proxy]
+    src = str(tmp_path / "via-scp.bin")
+    digest = random_file(src, 1 * MIB + 5)
+    remote = os.path.join(platform.files_dir, "via-scp.bin")
+    with open(remote, "wb") as f:
+        f.write(b"old" * MIB)                            # 3 MiB: longer than src
+    back = str(tmp_path / "via-scp-back.bin")
+    for args in ([src, "x@%s:%s" % (platform.ident, remote)],
+                 ["x@%s:%s" % (platform.ident, remote), back]):
+        done = subprocess.run(["scp", "-s"] + opts + args, capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+    assert sha256_file(remote) == digest and sha256_file(back) == digest
+    sock = paramiko.ProxyCommand(proxy.replace("%n", platform.ident))
+    transport = paramiko.Transport(sock)
+    try:
+        transport.connect()
+        transport.auth_none("x")
+        client = paramiko.SFTPClient.from_transport(transport)
+        client.truncate(remote, 1000)                    # setstat(size) by path
+        assert os.path.getsize(remote) == 1000
+        with client.open(remote, "r+") as f:             # fsetstat(size) on a handle
+            f.truncate(10)
+        client.close()
+    finally:
+        transport.close()
+    with open(src, "rb") as f, open(remote, "rb") as g:
+        assert g.read() == f.read(10)
+    os.unlink(remote)
+
+
 def _log_since(path: str, offset: int) -> List[str]:
     with open(path, "rb") as f:
         f.seek(offset)
