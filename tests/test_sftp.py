@@ -380,6 +380,9 @@ def test_setstat_size_by_path_confined(tmp_path):
     srv, rw, ro, outside = direct(tmp_path, max_size=1024 * 1024)
     target = rw / "f.bin"
     target.write_bytes(b"0123456789")
+    assert srv.chattr(str(target), _size(4)) == SFTP_FAILURE  # overwrite off: as an update
+    assert target.read_bytes() == b"0123456789"
+    srv.roots.overwrite = True
     assert srv.chattr(str(target), _size(4)) == SFTP_OK
     assert target.read_bytes() == b"0123"
     assert srv.chattr(str(target), _size(1024 * 1024)) == SFTP_OK      # up to max_size

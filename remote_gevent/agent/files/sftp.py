@@ -443,12 +443,15 @@ class RootsSFTPServer(SFTPServerInterface):
             res = self.roots.resolve(self.canonicalize(path), want_write=True)
             if res.name is None:
                 raise tl.TransferError(tl.READ_ONLY, "%s is a transfer root" % res.path)
-            if attr is not None and attr.st_size is not None and tl.is_part_name(res.name):
+            sized = attr is not None and attr.st_size is not None
+            if sized and tl.is_part_name(res.name):
                 raise tl.TransferError(tl.BAD_REQUEST, "reserved name %s" % res.name)
+            if sized and not self.roots.overwrite:  # new content, as an open for update
+                raise tl.TransferError(tl.EXISTS, "%s already exists (a size changes it; "
+                                       "remote.transfer.overwrite is off)" % res.path)
             # A size needs a descriptor open for writing: the same confined open (no
             # symlink, regular file, no hard link unless allowed) as a read.
-            flags = os.O_WRONLY if attr is not None and attr.st_size is not None \
-                else os.O_RDONLY
+            flags = os.O_WRONLY if sized else os.O_RDONLY
             dfd = res.open_parent()
             try:
                 fd, _ = roots.open_regular(res, dfd, flags)
