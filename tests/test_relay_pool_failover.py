@@ -196,6 +196,12 @@ def test_dead_relays_sessions_resume_on_the_pool_and_new_ones_avoid_it(rabbit, t
         before = _pairings(survivors)
         err = _echo_once(procs, forced_argv)
         assert "relay %s is down" % dead in err and "trying relay %s" % alive in err, err
+        # The abandoned first request left no half session on the device: it ended
+        # (the agent's own dial failed too, or the console's session.close came first).
+        rows = wait_for(lambda: len(history_rows(p)) >= SESSIONS + 2 and history_rows(p),
+                        what="rows of the abandoned and the retried session")
+        assert sorted(r["close_code"] for r in rows[SESSIONS:]) in (
+            ["closed_by_operator", "normal"], ["normal", "relay_refused"]), rows[SESSIONS:]
         with open(state) as fh:
             down = json.load(fh)
         assert down[dead] > time.time() + 30
