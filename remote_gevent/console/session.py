@@ -279,7 +279,11 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
             err.write("remote-gevent-console: relay %s is down (%s); trying relay %s\n"
                       % (relay, exc.message, other))
             err.flush()
-            return _open_via(cfg, device, targets, control, err, ctx, other, pool.signed)
+            try:
+                return _open_via(cfg, device, targets, control, err, ctx, other, pool.signed)
+            except RelayDown as again:  # once only; remembered for the next command
+                pool.mark_down(other, again.message)
+                raise
     finally:
         if own:
             control.close()
