@@ -63,9 +63,13 @@ class RelayPool:
     def __init__(self, cfg: ConsoleConfig, rng: Optional[random.Random] = None,
                  clock: Optional[Callable[[], float]] = None) -> None:
         self.relays: Tuple[str, ...] = cfg.relay_pool
-        self.path = state_path(cfg)
+        self._cfg = cfg
         self._rng = rng or random.Random()
         self._clock = clock or time.time
+
+    @property
+    def path(self) -> str:
+        return state_path(self._cfg)
 
     @property
     def signed(self) -> Tuple[str, ...]:
