@@ -224,3 +224,35 @@ def test_dead_relays_sessions_resume_on_the_pool_and_new_ones_avoid_it(rabbit, t
         for r in relays:
             r.stop()
         echo.server.stop(timeout=1)
+
+
+def test_demo_runs_a_pool(rabbit, tmp_path, procs):  # noqa: F811
+    """``scripts/demo --relays 3``: three relay processes, the agent and the console
+    configured with the pool; sessions work, and go on working without a relay that was
+    SIGKILLed (by pid, from the platform's pids)."""
+    echo = HashingEcho()
+    p = make_platform(rabbit, str(tmp_path / "demo"), relays=3)
+    try:
+        p.start()
+        pids = dict(p.pids())
+        assert {"relay", "relay2", "relay3", "agent"} <= set(pids)
+        with open(p.console_config) as fh:
+            pool = yaml.safe_load(fh)["relay"]
+        with open(p.agent_config) as fh:
+            assert yaml.safe_load(fh)["remote"]["relays"]["fr04"] == pool
+        assert len(pool) == 3 and "relay   %s" % pool[2] in p.usage()
+        argv = p.console_argv("stdio", "--master", "no", p.ident, echo.target)
+        for _ in range(3):
+            _echo_once(procs, argv)
+        os.kill(pids["relay2"], 9)
+        for _ in range(3):
+            _echo_once(procs, argv)
+        from remote_gevent.demo.relays import relay_log
+
+        def ended() -> int:  # the survivors' "session … ended" lines
+            return sum(open(relay_log(p.dir, i)).read().count(" ended: ") for i in (0, 2))
+        wait_for(lambda: ended() >= 3, what="the sessions after the kill, on the survivors")
+    finally:
+        procs.close()
+        p.stop()
+        echo.server.stop(timeout=1)
