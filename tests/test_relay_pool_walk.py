@@ -74,6 +74,18 @@ def test_a_round_ends_at_the_reached_relay_without_a_peer():
     assert [c[0] for c in relays.calls] == [A, B]
 
 
+def test_a_busy_relay_is_passed_like_a_down_one():
+    relays = FakeRelays(peer_at=B)
+    real = relays.dial
+
+    def dial(host, port, wait):
+        if (host, port) == A:
+            relays.calls.append(((host, port), wait))
+            raise RelayError("busy", "relay a refused the agent: busy", remote=True)
+        return real(host, port, wait)
+    assert walk.dial_round([A, B], dial, remaining=100) == "sock@b.example"
+
+
 def test_a_round_with_every_relay_down_and_the_wait_bounded_by_the_deadline():
     relays = FakeRelays(down={A, B})
     with pytest.raises(RelayError) as info:

@@ -76,18 +76,19 @@ def dial_round(order: Sequence[Address], dial: Dial, remaining: float,
     pairing wait there of ``min(wait, remaining)``.
 
     Returns what ``dial`` returns. Raises the RelayError of that relay (no peer in time,
-    a refusal), or, when no relay of the order could be reached, a RelayError ``unreachable``
-    naming each one's failure."""
+    a refusal), or, when no relay of the order could be reached (or each one that could
+    answered ``ERR busy``), a RelayError ``unreachable`` naming each one's failure."""
     failures = []  # type: List[str]
     for host, port in order:
         try:
             return dial(host, port, max(1.0, min(wait, remaining)))
         except RelayError as exc:
-            if not is_down(exc):
+            # A relay at its limits (ERR busy) serves neither end: as good as down here.
+            if not (is_down(exc) or (exc.remote and exc.code == "busy")):
                 raise
             failures.append(str(exc))
             log.info("%s: %s; next relay of the pool", name, exc)
-    raise RelayError("unreachable", "no relay of the pool reachable: %s" % "; ".join(failures),
+    raise RelayError("unreachable", "no relay of the pool usable: %s" % "; ".join(failures),
                      reached=False)
 
 
