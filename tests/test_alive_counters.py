@@ -279,3 +279,15 @@ def test_hostile_state_file_figures_are_escaped_when_printed():
     assert "\x1b" not in text and "\x07" not in text
     assert text.startswith("sessions 2 (2 resuming: ")
     assert SID1 in text
+
+
+def test_devices_table_shows_resuming_sessions(capsys):
+    from remote_gevent.console.cli_keys import _print_devices
+
+    row = {"device": "fr04/demo", "state": "online", "last_alive": 1000.0,
+           "health_check": 600.0, "fingerprint": "SHA256:x", "pinned": True,
+           "version": "0.1.0", "sessions_active": 2, "max_session": 10,
+           "counters": dict(GOOD)}
+    _print_devices([row, dict(row, device="fr04/old", counters=None)], now=1001.0)
+    out = capsys.readouterr().out.splitlines()
+    assert "2/10 (1 resuming)" in out[1] and "resuming" not in out[2]

@@ -72,6 +72,7 @@ class AliveSender:
                 return
         if not self._started_sent:
             self._started_sent = True
+            self._poke.clear()  # "started" carries the figures of now
             self.send_alive("started", wait=EVENT_WAIT)
         last = time.monotonic()
         while not stop.is_set():
