@@ -217,7 +217,8 @@ def handle_up_message(known: KnownDevices, states: DeviceStates, server_id: str,
             verified=verified, counters=counters or None)
         notes = alive_view.resume_notes(old_counters if isinstance(old_counters, dict)
                                         else None, counters,
-                                        list(before.get("recent_closes") or []))
+                                        list(before.get("recent_closes") or [])
+                                        ) if counters else []  # an older agent tells nothing
         new_status = device_status(entry, now)
         text = "alive (%s) v%s, %d/%d sessions%s" % (
             body["event"], body["version"], body["sessions_active"], body["max_session"],
