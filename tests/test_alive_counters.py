@@ -231,6 +231,18 @@ def test_a_burst_of_pokes_costs_at_most_one_sessions_alive_per_second():
         g.join(3)
 
 
+def test_pokes_while_stopping_send_nothing_and_do_not_spin():
+    """Sessions that end while the agent stops poke the heartbeat: it must still yield
+    (a loop that never waits would freeze every greenlet of the agent)."""
+    s = _Sender()
+    s._stopping = True
+    s.poke_alive()
+    started = time.monotonic()
+    s._wait_or_poke(0.2, started)
+    assert time.monotonic() - started >= 0.15
+    assert s.link.sent == [] and not s._poke.is_set()
+
+
 # --------------------------------------------------------------------------- console side
 
 

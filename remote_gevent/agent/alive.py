@@ -90,13 +90,18 @@ class AliveSender:
                 self.send_alive("periodic")
 
     def _wait_or_poke(self, timeout: float, now: float) -> None:
-        """Wait up to ``timeout``; send a ``sessions`` alive if poked and allowed now."""
+        """Wait up to ``timeout``; send a ``sessions`` alive if poked and allowed now.
+        Always waits or sends: the heartbeat must never spin without yielding."""
         stop = self.agent.stop_event
+        if self._stopping:  # the stop hook sends "stopping", with the final figures
+            self._poke.clear()
+            stop.wait(timeout)
+            return
         allowed_at = self._last_sessions_alive + SESSIONS_ALIVE_INTERVAL
-        if self._poke.is_set() and now < allowed_at:
-            stop.wait(min(timeout, allowed_at - now))  # poked, but too soon after the last
-        elif not self._poke.is_set():
+        if not self._poke.is_set():
             gevent.wait([stop, self._poke], timeout=timeout, count=1)
+        elif now < allowed_at:  # poked, but too soon after the last one
+            stop.wait(min(timeout, allowed_at - now))
         if self._poke.is_set() and not stop.is_set() and not self._stopping \
                 and time.monotonic() >= allowed_at:
             self._poke.clear()
