@@ -186,7 +186,8 @@ def watch(ctx: click.Context) -> None:
         control = ConsoleControl(cfg, consume_status=True, on_event=on_event)
         for did, entry in sorted(control.states.devices.items()):
             printed[did] = device_status(entry)
-            summaries[did] = sessions_summary(entry)
+            # figures as of the last alive: stale, so not shown, for a device not online
+            summaries[did] = sessions_summary(entry) if printed[did] == "online" else ""
             click.echo("%s %s %s (last alive %s)%s" % (
                 stamp(), did, printed[did], _ago(entry.get("last_alive"), time.time()),
                 "  " + summaries[did] if summaries[did] else ""))
