@@ -210,6 +210,7 @@ def watch(ctx: click.Context) -> None:
                                    if limit else "%s %s %s" % (stamp(), did, state.upper()))
                         sys.stdout.flush()
                     printed[did] = state
+                control.flush_known()
                 control.states.flush()
         finally:
             control.close()
