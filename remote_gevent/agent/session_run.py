@@ -192,6 +192,8 @@ class ManagerState:
         def _trusted_now(self) -> Any: ...
         def _request_close(self, s: "_Session", code: str, reason: str) -> None: ...
         def _release_slot(self, s: "_Session") -> None: ...
+        def _on_link(self, s: "_Session", state: str) -> None: ...
+        def _note_ended(self, s: "_Session") -> None: ...
 
 
 class SessionRun(ManagerState):
@@ -265,6 +267,7 @@ class SessionRun(ManagerState):
                 s.id, resume_keys, self._redialer(s, relay_addr),
                 float(cfg.remote.resume_timeout), cfg.remote.resend_buffer))
         s.tunnel = tunnel
+        tunnel.on_link = lambda state, _seconds: self._on_link(s, state)  # alive at once
         s.state = RUNNING
         if s.close_request is not None:  # raced with the assignment above
             tunnel.close(*s.close_request)
@@ -463,3 +466,4 @@ class SessionRun(ManagerState):
             self._publish_close(s.id, code, reason)
         except Exception as e:  # noqa: BLE001 - the broker link's errors vary
             log.error("session %s: cannot publish close %s: %s", s.id, code, e)
+        self._note_ended(s)  # after the close: a console reads it before the next alive

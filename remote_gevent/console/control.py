@@ -178,6 +178,7 @@ class ConsoleControl(StatusQueueMixin):
         self.on_event = on_event
         self.err = err if err is not None else sys.stderr
         self.known = KnownDevices(cfg.known_devices)
+        self.known.batch_first_sight = True  # flushed after each drain and at close
         self.states = DeviceStates(cfg.state_file)
         self.reply_queue: Optional[str] = None
         self.status_queue = cfg.status_queue_name
@@ -248,6 +249,7 @@ class ConsoleControl(StatusQueueMixin):
         self._closing.set()
         if self._presence is not None:
             self._presence.kill(block=True, timeout=3.0)
+        self.flush_known()
         self.states.flush()
         self.link.stop()
         g = self._greenlet

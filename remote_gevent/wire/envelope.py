@@ -39,6 +39,7 @@ from remote_gevent.crypto import certauth
 from remote_gevent.crypto.sshcert import MAX_CERT_BYTES, CertError
 from remote_gevent.wire.codes import CloseCode, Reason
 from remote_gevent.crypto.interfaces import Signer
+from remote_gevent.wire import alive_counters
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024
@@ -71,7 +72,9 @@ class MsgType:
     })
 
 
-ALIVE_EVENTS = frozenset({"started", "periodic", "key_rotated", "stopping"})
+#: ``sessions``: sent at once (at most one a second) when a session starts or stops
+#: resuming, so that ``watch`` sees it without waiting for the next ``periodic``.
+ALIVE_EVENTS = frozenset({"started", "periodic", "key_rotated", "stopping", "sessions"})
 
 
 def short(value: Any, limit: int = 60) -> str:
@@ -454,6 +457,13 @@ def _cert(where: str, name: str, value: Any) -> None:
         raise _fail(where, name, "invalid base64", value) from None
 
 
+def _alive_counters(where: str, name: str, value: Any) -> None:
+    try:
+        alive_counters.check(value)
+    except ValueError as exc:
+        raise _fail(where, name, str(exc), value) from None
+
+
 _cipher = _one_of(_CIPHERS)
 _reason_text = _text(MAX_REASON_CHARS)
 
@@ -482,7 +492,7 @@ SCHEMAS: Dict[str, Tuple[Dict[str, Validator], Dict[str, Validator]]] = {
         "sessions_waiting": _int(0, 1000000), "max_session": _int(0, 1000000),
         "fingerprint": _fingerprint, "seq": _int(), "ts": _number,
         "event": _one_of(sorted(ALIVE_EVENTS)),
-    }, {}),
+    }, {"counters": _alive_counters}),
     MsgType.KEY: ({
         "ident": _ident, "server_id": _server_id, "pubkey": _pubkey_line,
         "fingerprint": _fingerprint, "ts": _number,

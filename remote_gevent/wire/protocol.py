@@ -360,7 +360,8 @@ def make_session_close(signer: Signer, session_id: str, code: str, reason: str =
 
 def make_alive(identity: Signer, ident: str, server_id: str, version: str, uptime: float,
                sessions_active: int, sessions_waiting: int, max_session: int, seq: int,
-               event: str = "periodic", ts: Optional[float] = None) -> bytes:
+               event: str = "periodic", ts: Optional[float] = None,
+               counters: Optional[Dict[str, Any]] = None) -> bytes:
     body = {
         "ident": ident, "server_id": server_id, "version": version,
         "uptime": round(float(uptime), 3), "sessions_active": sessions_active,
@@ -368,6 +369,8 @@ def make_alive(identity: Signer, ident: str, server_id: str, version: str, uptim
         "fingerprint": identity.fingerprint, "seq": seq,
         "ts": int(time.time()) if ts is None else ts, "event": event,
     }
+    if counters is not None:  # optional (wire/alive_counters.py)
+        body["counters"] = counters
     return encode(MsgType.ALIVE, body, identity)
 
 
