@@ -121,6 +121,7 @@ class PendingSession:
     console_sk: bytes = field(repr=False)
     pin: Pin = field(repr=False)
     replies: "gevent.queue.Queue[bytes]" = field(repr=False, default=None)  # type: ignore
+    relay_pool: Tuple[str, ...] = ()  # signed resume order (issue 13); () = none
 
 
 @dataclass
@@ -341,8 +342,10 @@ class ConsoleControl(StatusQueueMixin):
 
     # ------------------------------------------------------------------ sessions
     def start_request(self, device: str, targets: Sequence[str],
-                      relay: Optional[str] = None) -> PendingSession:
-        """Sign and publish a ``session.request``; return what the answer is matched to."""
+                      relay: Optional[str] = None,
+                      relay_pool: Sequence[str] = ()) -> PendingSession:
+        """Sign and publish a ``session.request``; return what the answer is matched to.
+        ``relay_pool``: where the session may resume (console/relay_pool.py)."""
         from remote_gevent.crypto import tunnel_crypto
 
         pin = self.require_pin(device)
@@ -352,12 +355,13 @@ class ConsoleControl(StatusQueueMixin):
         try:
             sid, raw = protocol.make_session_request(
                 self.operator_key, device, self.cfg.server_id, pk, list(targets), relay,
-                ticket, ttl=self.cfg.request_ttl, cipher=self.cfg.cipher)
+                ticket, ttl=self.cfg.request_ttl, cipher=self.cfg.cipher,
+                relay_pool=relay_pool)
         except (protocol.ProtocolError, ValueError) as exc:
             raise ConsoleError("cannot build the session request: %s" % exc, EXIT_CONFIG,
                                "malformed") from None
         pending = PendingSession(sid, device, self.cfg.server_id, tuple(targets), relay,
-                                 ticket, pk, sk, pin, gevent.queue.Queue())
+                                 ticket, pk, sk, pin, gevent.queue.Queue(), tuple(relay_pool))
         self._waiters[sid] = pending.replies
         self._publish(self.cfg.topic(device) + ".session", raw, correlation_id=sid,
                       reply_to=self.reply_queue, mandatory=True)

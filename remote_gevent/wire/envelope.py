@@ -393,6 +393,23 @@ def _relay(where: str, name: str, value: Any) -> None:
         raise _fail(where, name, "expected host:port", value)
 
 
+#: ``relay_pool`` of a session.request (docs/protocol.md §4): at most this many relays
+#: (the request stays small, a resume walk short), each host:port of at most 255 chars.
+MAX_RELAY_POOL = 8
+MAX_RELAY_CHARS = 255
+
+
+def _relay_pool(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_RELAY_POOL:
+        raise _fail(where, name, "expected a list of 1..%d relays" % MAX_RELAY_POOL,
+                    len(value) if isinstance(value, list) else value)
+    for item in value:
+        if not isinstance(item, str) or len(item) > MAX_RELAY_CHARS:
+            raise _fail(where, name, "expected host:port of at most %d chars"
+                        % MAX_RELAY_CHARS, item)
+        _relay(where, name, item)
+
+
 def _pubkey_line(where: str, name: str, value: Any) -> None:
     _text(512, allow_empty=False)(where, name, value)
     try:
@@ -456,7 +473,7 @@ SCHEMAS: Dict[str, Tuple[Dict[str, Validator], Dict[str, Validator]]] = {
         "session_id": _session_id, "device": _ident, "server_id": _server_id,
         "operator": _fingerprint, "epk": _epk, "targets": _targets, "relay": _relay,
         "ticket": _b64(32), "iat": _int(), "exp": _int(), "cipher": _cipher,
-    }, {"cert": _cert}),
+    }, {"cert": _cert, "relay_pool": _relay_pool}),
     MsgType.SESSION_QUEUED: ({"session_id": _session_id, "position": _int(0, 1000000)}, {}),
     MsgType.SESSION_ACCEPT: ({
         "session_id": _session_id, "epk": _epk, "console_epk": _epk, "cipher": _cipher,
