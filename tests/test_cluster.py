@@ -32,8 +32,8 @@ from remote_gevent.console.session import open_session
 from remote_gevent.crypto import identity
 from remote_gevent.demo import rabbit as demo_rabbit
 from remote_gevent.demo.rabbit_cluster import RabbitCluster
-from remote_gevent.relay import server as relay_mod
 from echo_server import echo
+from relay_helpers import start_relay
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -83,10 +83,7 @@ def test_node_loss_agent_node_and_legacy_queue_node(tmp_path, pki, cluster, capl
     topic = "remote.%s.%s" % (SID, ident)
 
     relay_cert = ca.issue("cluster-relay", ["127.0.0.1"])
-    relay = relay_mod.Relay(relay_mod.RelaySettings(
-        host="127.0.0.1", port=0, cert_file=relay_cert.cert_file,
-        key_file=relay_cert.key_file, pairing_timeout=10))
-    relay.start()
+    relay = start_relay(relay_cert)
     echo_server = StreamServer(("127.0.0.1", 0), echo)
     echo_server.start()
     target = "127.0.0.1:%d" % echo_server.address[1]

@@ -65,6 +65,10 @@ def _valid_messages():
     _, req = p.make_session_request(OP, DEVICE, SERVER, CONSOLE_EPK, ["127.0.0.1:22", "@sftp"],
                                     "relay.example:8443", p.new_ticket(), ttl=60, now=NOW,
                                     session_id=SID)
+    _, pooled = p.make_session_request(OP, DEVICE, SERVER, CONSOLE_EPK, ["127.0.0.1:22"],
+                                       "r1.example:8443", p.new_ticket(), ttl=60, now=NOW,
+                                       session_id=SID, relay_pool=["r1.example:8443",
+                                                                   "[2001:db8::1]:8443"])
     _, status_req = p.make_status_request(OP, DEVICE, SERVER, request_id=RID, now=NOW)
     accept = p.make_session_accept(DEV, SID, tc.kx_keypair()[0], CONSOLE_EPK, "aes256gcm")
     close = p.make_session_close(OP, SID, envelope.CloseCode.CLOSED_BY_OPERATOR, "bye", ts=NOW)
@@ -76,8 +80,9 @@ def _valid_messages():
     alive = p.make_alive(DEV, DEVICE, SERVER, "1.0", 3.0, 0, 0, 10, 7, ts=NOW)
     queued = p.make_session_queued(DEV, SID, 3)
     refuse = p.make_session_refuse(DEV, SID, Reason.EXPIRED, "late\n")
-    return {"request": req, "status_request": status_req, "accept": accept, "close": close,
-            "key": key, "status": status, "alive": alive, "queued": queued, "refuse": refuse}
+    return {"request": req, "pooled_request": pooled, "status_request": status_req,
+            "accept": accept, "close": close, "key": key, "status": status, "alive": alive,
+            "queued": queued, "refuse": refuse}
 
 
 VALID = _valid_messages()
@@ -218,11 +223,12 @@ def _mutate(raw: bytes, ops) -> bytes:
 def test_mutated_valid_messages(kind, ops):
     raw = _mutate(VALID[kind], ops)
     _every_reader(raw)
-    if kind == "request":
+    if kind in ("request", "pooled_request"):
         # A mutation the agent still accepts must not have changed what was signed.
         got = _outcome(_check, raw)
         if got is not None:
-            assert got.message.body == json.loads(VALID["request"])["body"]
+            assert got.message.body == json.loads(VALID[kind])["body"]
+            assert list(got.relay_pool) == got.message.body.get("relay_pool", [])
 
 
 @examples(100)

@@ -1,6 +1,7 @@
 """The agent's node-exporter textfile (issue 13): a real in-process agent on the private
 broker rewrites it at every alive; parsed with prometheus_client's parser; a refused
-request shows up by its code."""
+request shows up by its code — in the textfile and in the alive's ``counters`` alike
+(one source, agent/counters.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from remote_gevent.agent import config as config_mod
 from remote_gevent.agent.runtime import Agent
+from test_control import Console
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -42,6 +44,8 @@ def test_agent_writes_its_counters_for_node_exporter(rabbit, device, operator, t
                               "history_path": str(tmp_path / "history.csv"),
                               "authorized_keys": str(ak),
                               "relays": {device.server_id: "127.0.0.1:9"}}}, fh)
+    watcher = Console(rabbit.link(operator), device.topic, None, None)
+    watcher.start()  # its queue on remote.up collects the agent's alives from the start
     agent = Agent(config_mod.load(path), path)
     agent.stop_grace = 2.0
     greenlet = gevent.spawn(agent.run)
@@ -65,7 +69,15 @@ def test_agent_writes_its_counters_for_node_exporter(rabbit, device, operator, t
         assert samples(prom)[("remote_gevent_agent_alives_total",
                               frozenset({("result", "sent")}))] >= 2
         assert oct(os.stat(prom).st_mode & 0o777) == "0o644"  # node-exporter reads it
+        while True:  # the same figures travel in the alive
+            _, msg = watcher.up["alive"].get(timeout=max(0.1, deadline - time.monotonic()))
+            counters = msg.body["counters"]
+            if counters["refusals"].get("malformed") == 1:
+                break
+        assert counters["open"] == counters["resuming"] == counters["waiting"] == 0
+        assert counters["rss"] > 10 * 2 ** 20 and counters["resuming_ids"] == []
     finally:
+        watcher.stop()
         op.close()
         agent.request_stop()
         greenlet.join(15.0)

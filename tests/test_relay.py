@@ -934,7 +934,7 @@ class _ConsoleControl:
         self.relay_addr = relay_addr
         self.closed = []
 
-    def start_request(self, device, targets):
+    def start_request(self, device, targets, relay=None, relay_pool=()):
         import gevent.queue
         from remote_gevent.console.control import PendingSession
         sid, ticket = new_session()
@@ -975,16 +975,17 @@ def test_a_failed_pairing_on_the_console_prints_no_traceback_or_ticket(
     if failure == "ticket_mismatch":  # the id is known, the ticket is not: it waits there
         real_start = control.start_request
 
-        def start_request(device, targets):
+        def start_request(device, targets, *relays):
             nonlocal squatter
-            pending = real_start(device, targets)
+            pending = real_start(device, targets, *relays)
             squatter = gevent.spawn(rendezvous.dial_relay, *address, client_ctx, "127.0.0.1",
                                     "agent", pending.session_id, os.urandom(32),
                                     timeout=WAIT, pair_timeout=WAIT)
             assert wait_until(lambda: pending.session_id in server._waiting)
             return pending
         control.start_request = start_request
-    cfg = SimpleNamespace(relay_ca_file=pki["ca"].cert_file, relay_timeout=WAIT)
+    cfg = SimpleNamespace(relay_ca_file=pki["ca"].cert_file, relay_timeout=WAIT,
+                          relay_pool=("127.0.0.1:%d" % address[1],))
     try:
         with pytest.raises(ConsoleError) as err:
             open_session(cfg, "dev1", ["127.0.0.1:22"], control=control)

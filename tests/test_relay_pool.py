@@ -5,9 +5,8 @@ The relays sit behind Debian's haproxy (started by the test), which publishes ea
 relay on an address of its own (``send-proxy-v2``; the relays run with
 ``proxy_protocol``): consoles configured with different relays of the pool all reach
 the same device, 50 of 50 sessions pair and carry data. A request naming a relay the
-device does not list is refused (``relay_refused``). What is not built: a console that
-picks a live relay by itself, and resuming a dead relay's sessions elsewhere (resumable
-sessions).
+device does not list is refused (``relay_refused``). A console configured with the whole
+pool, and a relay's death: tests/test_relay_pool_failover.py.
 """
 
 from __future__ import annotations
@@ -30,10 +29,8 @@ from remote_gevent.console.control import ConsoleControl
 from remote_gevent.console.known_devices import KnownDevices
 from remote_gevent.console.session import open_session
 from remote_gevent.crypto import identity
-from remote_gevent.demo.rabbit import free_port
-from remote_gevent.relay import server as relay_mod
 from echo_server import echo
-from test_relay_pool_proxy import HAPROXY
+from relay_helpers import HAPROXY, Balancer, start_relay
 
 WAIT = 20.0
 SESSIONS = 50
@@ -70,37 +67,6 @@ def test_config_accepts_a_list_and_names_a_bad_item(tmp_path):
         load([])
 
 
-class Balancer:
-    """haproxy publishing each relay on its own port, with send-proxy-v2."""
-
-    def __init__(self, directory, relay_ports):
-        import subprocess
-
-        self.ports = [free_port() for _ in relay_ports]
-        lines = ["global", "    maxconn 500", "defaults", "    mode tcp",
-                 "    timeout connect 5s", "    timeout client 60s", "    timeout server 60s"]
-        for i, (front, back) in enumerate(zip(self.ports, relay_ports)):
-            lines += ["listen relay%d" % i, "    bind 127.0.0.1:%d" % front,
-                      "    server r%d 127.0.0.1:%d send-proxy-v2" % (i, back)]
-        cfg = os.path.join(directory, "haproxy.cfg")
-        with open(cfg, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen([HAPROXY, "-db", "-f", cfg],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + WAIT
-        import socket
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.ports[-1]), timeout=1).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None and time.monotonic() < deadline
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_fifty_sessions_pair_through_three_relays_behind_haproxy(rabbit, device, operator,
@@ -109,11 +75,7 @@ def test_fifty_sessions_pair_through_three_relays_behind_haproxy(rabbit, device,
         pytest.skip("haproxy is not installed (scripts/setup-deps installs it)")
     ca, _ = pki
     cert = ca.issue("pool-relay", ["127.0.0.1"])
-    relays = [relay_mod.Relay(relay_mod.RelaySettings(
-        host="127.0.0.1", port=0, cert_file=cert.cert_file, key_file=cert.key_file,
-        proxy_protocol=True, pairing_timeout=10)) for _ in range(4)]
-    for r in relays:
-        r.start()
+    relays = [start_relay(cert, proxy_protocol=True) for _ in range(4)]
     lb = Balancer(str(tmp_path), [r.address[1] for r in relays])
     pool = ["127.0.0.1:%d" % p for p in lb.ports[:3]]  # the 4th is not the device's
     echo_server = StreamServer(("127.0.0.1", 0), echo)

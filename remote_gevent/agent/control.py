@@ -8,10 +8,10 @@ logged in with the device's ``ident``/``token``. Two supervised services:
   them; a missing one is a one-line error naming it), declares ``<topic>.cmd``
   (arguments of docs/protocol.md §1), binds ``<topic>.session``/``.close``/``.status``,
   consumes it (prefetch 10) and publishes the ``key`` announcement.
-- ``heartbeat`` (:meth:`ControlPlane.heartbeat_loop`): ``alive`` with event ``started``
-  once the link is first up, then ``periodic`` every ``remote.health_check`` seconds
-  (read live, so SIGHUP changes the period); ``key_rotated`` and ``stopping`` are sent
-  by :meth:`on_key_rotated` and the agent's stop hook.
+- ``heartbeat`` (:meth:`ControlPlane.heartbeat_loop`, agent/alive.py): ``alive`` with
+  event ``started``, then ``periodic`` every ``remote.health_check`` seconds, ``sessions``
+  at once (rate-limited) when a session starts or stops resuming; ``key_rotated`` and
+  ``stopping`` are sent by :meth:`on_key_rotated` and the agent's stop hook.
 
 Consumer rules (docs/protocol.md §1, §4): a delivery is dispatched on its routing-key
 suffix after a size check (16 KiB, *before* any parsing). It is acked once handled and
@@ -33,12 +33,10 @@ import collections
 import json
 import logging
 import re
-import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import amqp
 import gevent
-import gevent.lock
 from amqp.exceptions import NotFound
 
 from remote_gevent.wire import protocol
@@ -51,7 +49,7 @@ from remote_gevent.wire.codes import Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.agent.tunnels import TunnelManager, device_allow
 from remote_gevent.agent.command_queue import declare_command_queue, drop_legacy_queue
-from remote_gevent.agent.metrics_textfile import write_textfile
+from remote_gevent.agent.alive import AliveSender
 from remote_gevent.common.broker_topology import (
     EXCHANGE_DOWN,
     EXCHANGE_REPLY,
@@ -66,9 +64,6 @@ PREFETCH = 10
 REPLY_EXPIRATION_MS = 60000
 UP_EXPIRATION_MS = 600000  # key, close
 REPLY_WAIT = 2.0  # s a reply from a session greenlet waits for a reconnecting link
-EVENT_WAIT = 2.0  # s the "started" alive waits for the link
-CONNECT_POLL = 1.0  # s slices of the heartbeat's wait for the first connection
-HEARTBEAT_SLICE = 1.0  # s: the heartbeat re-reads health_check at least this often
 RECENT_MAX = 1000  # submitted session ids remembered to drop broker redeliveries
 REPLY_TO_PREFIX = "amq.gen-"  # consoles' server-named reply queues (docs/protocol.md §1)
 #: Refusals of ``check_session_request`` that come *after* the signature, time window
@@ -132,7 +127,7 @@ def _body_bytes(message: amqp.Message) -> bytes:
     return bytes(body)
 
 
-class ControlPlane:
+class ControlPlane(AliveSender):
     """The agent's control plane (see the module docstring).
 
     ``agent`` provides ``cfg``, ``topic``, ``version``, ``uptime``, ``stop_event``,
@@ -160,9 +155,7 @@ class ControlPlane:
         self._key_message = protocol.make_key_announcement(
             ident, agent.cfg.ident, agent.cfg.remote.server_id)
         self._unsent_keys: List[bytes] = []  # rotations not yet written to a live link
-        self._seq = 0
-        self._alive_lock = gevent.lock.Semaphore()
-        self._started_sent = False
+        self._init_alive()
         self._stopping = False
         self._link_greenlet: Optional[gevent.Greenlet] = None
         self._recent: "collections.OrderedDict[str, None]" = collections.OrderedDict()
@@ -255,59 +248,11 @@ class ControlPlane:
             log.warning("control link lost (%d tunnel(s) open keep running, %d waiting)",
                         active, waiting)
 
-    def heartbeat_loop(self) -> None:
-        """Service body: ``started`` once the link is first up, then ``periodic``."""
-        stop = self.agent.stop_event
-        while not self.link.connected.is_set():
-            if stop.wait(CONNECT_POLL):
-                return
-        if not self._started_sent:
-            self._started_sent = True
-            self.send_alive("started", wait=EVENT_WAIT)
-        last = time.monotonic()
-        while not stop.is_set():
-            interval = float(self.agent.cfg.remote.health_check)
-            due = last + interval
-            delay = due - time.monotonic()
-            if delay > 0:
-                stop.wait(min(delay, HEARTBEAT_SLICE))
-                continue
-            # Keep the cadence (no drift), but never send a burst to catch up.
-            last = due if time.monotonic() - due < interval else time.monotonic()
-            if not self._stopping:  # the stop hook sends "stopping" itself
-                self.send_alive("periodic")
-
     def begin_stop(self) -> None:
         """From now on session requests are refused with ``shutting_down``."""
         self._stopping = True
 
     # ------------------------------------------------------------------ publishing
-    def send_alive(self, event: str, wait: float = 0.0) -> bool:
-        """Publish one signed ``alive``; False (logged) if the link is down."""
-        cfg = self.agent.cfg
-        with self._alive_lock:
-            self._seq += 1
-            active, waiting = self._stats()
-            raw = protocol.make_alive(
-                self.agent.get_identity(), cfg.ident, cfg.remote.server_id, self.agent.version,
-                self.agent.uptime, active, waiting, cfg.remote.max_session, self._seq,
-                event=event)
-            try:
-                self.link.publish(EXCHANGE_UP, self.topic + ".alive", raw, delivery_mode=1,
-                                  expiration=2 * cfg.remote.health_check * 1000, wait=wait)
-            except NotConnected as exc:
-                self.counters["alive_dropped"] += 1
-                log.debug("alive %d (%s) not sent: %s", self._seq, event, exc)
-                self._write_metrics()
-                return False
-            self.counters["alive_sent"] += 1
-            self._write_metrics()
-            return True
-
-    def _write_metrics(self) -> None:
-        """node-exporter textfile at every alive (issue 13; agent/metrics_textfile.py)."""
-        write_textfile(self.agent.cfg.remote.metrics_textfile, self)
-
     def publish_close(self, session_id: str, code: str, reason: str = "") -> None:
         """``session.close`` on ``remote.up`` ``<topic>.close`` (the tunnel manager's
         callback). Queued in the link's outbox while it is down; never raises."""

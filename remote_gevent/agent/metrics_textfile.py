@@ -7,11 +7,15 @@ atomically at every ``alive`` (``health_check`` s, and at start/stop/key rotatio
 the Prometheus text format, written by hand: the agent's import graph stays small and
 runs on Python 3.6.
 
-Metrics (prefix ``remote_gevent_agent_``): ``sessions{state}`` (active, waiting),
+The figures are the ones the ``alive`` carries in its ``counters``: both come from
+:func:`remote_gevent.agent.counters.gather` (one source). Metrics (prefix
+``remote_gevent_agent_``): ``sessions{state}`` (active — resuming ones included —,
+waiting), ``sessions_resuming``, ``resumes_total``, ``sessions_ended_total``,
 ``session_requests_total``, ``refusals_total{code}``, ``closes_total``,
 ``status_requests_total``, ``open_session_bytes{direction}`` (bytes of the sessions open
-now), ``amqp_connects_total``, ``alives_total{result}`` (sent, dropped),
-``uptime_seconds``, ``rss_bytes``. Never raises: a failure is logged once per change.
+now), ``ended_session_bytes_total{direction}``, ``amqp_connects_total``,
+``alives_total{result}`` (sent, dropped), ``uptime_seconds``, ``rss_bytes``. Never raises:
+a failure is logged once per change.
 """
 
 import logging
@@ -27,25 +31,13 @@ _LABEL_RE = re.compile(r"[^A-Za-z0-9_.:-]")
 _last_error = [""]
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def _label(value: str) -> str:
     return _LABEL_RE.sub("_", value)[:64]
 
 
-def render(counters: Dict[str, int], active: int, waiting: int,
-           sessions: List[Dict[str, Any]], uptime: float, rss: int) -> str:
-    """The textfile's content (Prometheus text exposition format 0.0.4)."""
+def render(snap: Dict[str, Any]) -> str:
+    """The textfile's content (Prometheus text exposition format 0.0.4) from a
+    :func:`~remote_gevent.agent.counters.gather` snapshot."""
     lines = []
 
     def metric(name: str, kind: str, doc: str, samples: List[Any]) -> None:
@@ -55,43 +47,44 @@ def render(counters: Dict[str, int], active: int, waiting: int,
             text = ",".join('%s="%s"' % (k, _label(v)) for k, v in labels)
             lines.append("%s%s%s %s" % (PREFIX, name, "{%s}" % text if text else "", value))
 
+    def one(name: str, kind: str, doc: str, key: str) -> None:
+        metric(name, kind, doc, [((), snap.get(key, 0))])
+
+    def two(name: str, kind: str, doc: str, label: str, keys: Dict[str, str]) -> None:
+        metric(name, kind, doc, [(((label, v),), snap.get(k, 0)) for v, k in keys.items()])
+
     metric("sessions", "gauge", "sessions by state",
-           [((("state", "active"),), active), ((("state", "waiting"),), waiting)])
-    metric("session_requests_total", "counter", "session requests accepted for admission",
-           [((), counters.get("sessions", 0))])
-    refusals = sorted((k.split(":", 1)[1], v) for k, v in counters.items()
-                      if k.startswith("refused:"))
+           [((("state", "active"),), snap["open"] + snap["resuming"]),
+            ((("state", "waiting"),), snap["waiting"])])
+    one("sessions_resuming", "gauge", "sessions whose relay path is down, resuming", "resuming")
+    one("resumes_total", "counter", "relay paths re-established (sessions open and ended)",
+        "resumes")
+    one("sessions_ended_total", "counter", "sessions ended since start", "ended")
+    one("session_requests_total", "counter", "session requests accepted for admission",
+        "requests")
     metric("refusals_total", "counter", "requests refused, by reason code",
-           [((("code", code),), v) for code, v in refusals])
-    metric("closes_total", "counter", "session.close requests handled",
-           [((), counters.get("closes", 0))])
-    metric("status_requests_total", "counter", "status requests answered",
-           [((), counters.get("status", 0))])
-    total_in = sum(int(s.get("bytes_in") or 0) for s in sessions)
-    total_out = sum(int(s.get("bytes_out") or 0) for s in sessions)
-    metric("open_session_bytes", "gauge", "bytes carried by the sessions open now",
-           [((("direction", "in"),), total_in), ((("direction", "out"),), total_out)])
-    metric("amqp_connects_total", "counter", "control-link connections established",
-           [((), counters.get("connects", 0))])
-    metric("alives_total", "counter", "alive messages, sent or dropped (link down)",
-           [((("result", "sent"),), counters.get("alive_sent", 0)),
-            ((("result", "dropped"),), counters.get("alive_dropped", 0))])
+           [((("code", code),), v) for code, v in sorted(snap["refusals"].items())])
+    one("closes_total", "counter", "session.close requests handled", "closes")
+    one("status_requests_total", "counter", "status requests answered", "status")
+    two("open_session_bytes", "gauge", "bytes carried by the sessions open now", "direction",
+        {"in": "bytes_in", "out": "bytes_out"})
+    two("ended_session_bytes_total", "counter", "bytes carried by the sessions ended",
+        "direction", {"in": "ended_bytes_in", "out": "ended_bytes_out"})
+    one("amqp_connects_total", "counter", "control-link connections established", "connects")
+    two("alives_total", "counter", "alive messages, sent or dropped (link down)", "result",
+        {"sent": "alive_sent", "dropped": "alive_dropped"})
     metric("uptime_seconds", "gauge", "seconds since the agent started",
-           [((), round(float(uptime), 3))])
-    metric("rss_bytes", "gauge", "resident memory of the agent process", [((), rss)])
+           [((), round(float(snap["uptime"]), 3))])
+    one("rss_bytes", "gauge", "resident memory of the agent process", "rss")
     return "\n".join(lines) + "\n"
 
 
-def write_textfile(path: Optional[str], control: Any) -> None:
-    """Rewrite ``path`` from the control plane's figures (no-op when ``path`` is None)."""
+def write_textfile(path: Optional[str], snap: Dict[str, Any]) -> None:
+    """Rewrite ``path`` from a snapshot (no-op when ``path`` is None)."""
     if not path:
         return
     try:
-        active, waiting = control._stats()
-        sessions = control.tunnels.sessions() if control.tunnels is not None else []
-        text = render(dict(control.counters), active, waiting, sessions,
-                      control.agent.uptime, rss_bytes())
-        write_atomic(path, text, 0o644)
+        write_atomic(path, render(snap), 0o644)
         _last_error[0] = ""
     except Exception as exc:  # noqa: BLE001 - metrics must never disturb the agent
         message = "%s: %s" % (type(exc).__name__, exc)

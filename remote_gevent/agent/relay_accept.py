@@ -10,9 +10,13 @@ server id and each console (or each request) can use any of them, while a reques
 never send the device to a relay its owner did not list.
 """
 
-from typing import Any, List, Tuple
+import logging
+from typing import Any, List, Sequence, Tuple
 
 from remote_gevent.common.addresses import AddressError, split_host_port
+from remote_gevent.wire.relay_pool import walk_order
+
+log = logging.getLogger("remote_gevent.agent.tunnels")
 
 
 class RelayNotAdmitted(ValueError):
@@ -48,3 +52,21 @@ def admit_relay(cfg: Any, named: str) -> Tuple[str, int]:
             return relay
     raise RelayNotAdmitted("relay %s is not one of this device's relays (%s)" % (
         named[:80], ", ".join("%s:%d" % r for r in admitted)))
+
+
+def resume_order(cfg: Any, session_relay: Tuple[str, int], pool: Sequence[str],
+                 name: str) -> List[Tuple[str, int]]:
+    """Where this session may resume (docs/protocol.md §7.5): the session's relay, then
+    the signed ``relay_pool`` entries this device admits, in the signed order. Entries
+    ``remote.relays`` does not list are skipped (logged once, here): a request can never
+    send the device to a relay its owner did not list, pool or not."""
+    admitted, skipped = [], []
+    for entry in pool:
+        try:
+            admitted.append(admit_relay(cfg, entry))
+        except (RelayNotAdmitted, KeyError):
+            skipped.append(entry[:80])
+    if skipped:
+        log.info("%s: relay_pool entries not in remote.relays, never dialled: %s", name,
+                 ", ".join(skipped))
+    return walk_order(session_relay, admitted)

@@ -194,6 +194,7 @@ class Agent:
                                                control.publish_close,
                                                trusted_keys=control.trusted_keys)
         control.tunnels = tunnels
+        tunnels.on_sessions_changed = control.poke_alive  # a "sessions" alive soon
         self.on_config_changed.append(lambda old, new: tunnels.apply_config(new))
         self.on_stopping.append(lambda: self._stop_control(control, tunnels))
         self.supervisor.add("control", control.run)

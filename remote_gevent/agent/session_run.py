@@ -19,11 +19,17 @@ from remote_gevent.wire import envelope
 from remote_gevent.common.addresses import format_address
 from remote_gevent.common import tls
 from remote_gevent.crypto import tunnel_crypto
-from remote_gevent.agent.relay_accept import RelayNotAdmitted, admit_relay, admitted_relays
+from remote_gevent.agent.relay_accept import (
+    RelayNotAdmitted,
+    admit_relay,
+    admitted_relays,
+    resume_order,
+)
 from remote_gevent.agent.history import cert_fields, record_safely
 from remote_gevent.wire.codes import RELAY_MISMATCH_TEXT, Reason
 from remote_gevent.wire.envelope import CloseCode
 from remote_gevent.common.sockets import close_quietly
+from remote_gevent.wire import relay_pool
 from remote_gevent.wire import rendezvous
 from remote_gevent.wire import resume
 
@@ -186,6 +192,8 @@ class ManagerState:
         def _trusted_now(self) -> Any: ...
         def _request_close(self, s: "_Session", code: str, reason: str) -> None: ...
         def _release_slot(self, s: "_Session") -> None: ...
+        def _on_link(self, s: "_Session", state: str) -> None: ...
+        def _note_ended(self, s: "_Session") -> None: ...
 
 
 class SessionRun(ManagerState):
@@ -256,9 +264,10 @@ class SessionRun(ManagerState):
             max_streams=cfg.remote.max_streams_per_session, agent_streams=self._agent_streams,
             buffer_budget=cfg.remote.max_buffered_per_session,
             resume=resume.ResumeSettings(
-                s.id, resume_keys, lambda timeout: self._redial(s, relay_addr, timeout),
+                s.id, resume_keys, self._redialer(s, relay_addr),
                 float(cfg.remote.resume_timeout), cfg.remote.resend_buffer))
         s.tunnel = tunnel
+        tunnel.on_link = lambda state, _seconds: self._on_link(s, state)  # alive at once
         s.state = RUNNING
         if s.close_request is not None:  # raced with the assignment above
             tunnel.close(*s.close_request)
@@ -348,13 +357,25 @@ class SessionRun(ManagerState):
             raise _End(CloseCode.RELAY_REFUSED, str(exc))
         raise _End(CloseCode.ERROR, "relay dial failed: %r" % (exc,))
 
-    def _redial(self, s: "_Session", addr: Tuple[str, int], timeout: float) -> Any:
-        """Resume (issue 12): the relay again, same session id and ticket; the socket.
+    def _redialer(self, s: "_Session", addr: Tuple[str, int]) -> Callable[[float], Any]:
+        """Resume (issue 12): ``redial(remaining)``. Without a signed ``relay_pool``, the
+        session's relay again; with one (issue 13), a round of the pool walk
+        (:mod:`wire.relay_pool`) over the relays this device admits."""
+        name = "session %s" % s.id
+        order = resume_order(self._cfg, addr, s.request.relay_pool, name)
+        if len(order) < 2:
+            return lambda timeout: self._redial(s, addr[0], addr[1],
+                                                max(1.0, min(PAIRING_TIMEOUT, timeout)))
+        return relay_pool.pool_redialer(
+            order, lambda host, port, wait: self._redial(s, host, port, wait), name)
+
+    def _redial(self, s: "_Session", host: str, port: int, pair_timeout: float) -> Any:
+        """The relay ``host:port`` again, same session id and ticket; the socket.
         Raises RelayError (the tunnel logs it and tries again with backoff)."""
-        host, port = addr
         sock, peer_ip = rendezvous.dial_relay(
             host, port, self._relay_ssl_context(), host, "agent", s.id, s.request.ticket,
-            RELAY_CONNECT_TIMEOUT, max(1.0, min(PAIRING_TIMEOUT, timeout)))
+            RELAY_CONNECT_TIMEOUT, pair_timeout)
+        log.info("session %s: paired again at relay %s", s.id, format_address(host, port))
         if peer_ip != s.remote_ip:
             log.info("session %s: the console is now at %s (was %s)", s.id, peer_ip,
                      s.remote_ip)
@@ -445,3 +466,4 @@ class SessionRun(ManagerState):
             self._publish_close(s.id, code, reason)
         except Exception as e:  # noqa: BLE001 - the broker link's errors vary
             log.error("session %s: cannot publish close %s: %s", s.id, code, e)
+        self._note_ended(s)  # after the close: a console reads it before the next alive

@@ -38,6 +38,7 @@ unreachable or not pairing in time → ``relay_refused``; pairing connection dro
 ``relay_lost``; queue → ``queue_timeout``; shutdown → ``shutdown``.
 """
 
+import collections
 import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -118,6 +119,11 @@ class TunnelManager(SessionRun):
         self._shutting_down = False
         # Streams of all tunnels together against remote.max_streams (mux_limits).
         self._agent_streams = mux_limits.StreamCounter(cfg.remote.max_streams)
+        #: ``()`` called when a session starts or stops resuming (the control plane
+        #: sends an ``alive`` then, rate-limited: agent/alive.py).
+        self.on_sessions_changed: Optional[Callable[[], Any]] = None
+        self._resuming: Dict[str, None] = {}  # ids whose path is down, as announced
+        self._ended: Dict[str, int] = collections.Counter()  # totals of ended sessions
 
     # ------------------------------------------------------------------ public API
 
@@ -213,6 +219,56 @@ class TunnelManager(SessionRun):
                 "streams": t.streams_opened if t else 0,
             })
         return out
+
+    def figures(self) -> Dict[str, Any]:
+        """Sessions by state, resuming ids (oldest first), resumes and bytes, for the
+        ``alive`` counters and the textfile (agent/counters.py). ``open`` + ``resuming``
+        = the ``active`` of :meth:`stats`."""
+        opened = resuming = b_in = b_out = 0
+        resumes = self._ended["resumes"]
+        ids: List[str] = []
+        for s in sorted(self._sessions.values(), key=lambda x: x.since):
+            if not s.admitted or s.state == ENDED:
+                continue
+            t = s.tunnel
+            if t is not None:
+                b_in, b_out, resumes = b_in + t.bytes_in, b_out + t.bytes_out, resumes + t.resumes
+                if t.resuming:
+                    resuming += 1
+                    ids.append(s.id)
+                    continue
+            opened += 1
+        return {"open": opened, "resuming": resuming, "waiting": len(self._waiting),
+                "resuming_ids": ids, "resumes": resumes, "bytes_in": b_in, "bytes_out": b_out,
+                "ended": self._ended["sessions"], "ended_bytes_in": self._ended["bytes_in"],
+                "ended_bytes_out": self._ended["bytes_out"]}
+
+    def _on_link(self, s: _Session, state: str) -> None:
+        """A tunnel's ``on_link``: its relay path is lost ("resuming") or back."""
+        if state == "resuming":
+            self._resuming[s.id] = None
+        else:
+            self._resuming.pop(s.id, None)
+        self._sessions_changed()
+
+    def _note_ended(self, s: _Session) -> None:
+        """Totals of ended sessions; a session that ends while resuming stops resuming."""
+        t = s.tunnel
+        self._ended["sessions"] += 1
+        if t is not None:
+            self._ended["bytes_in"] += t.bytes_in
+            self._ended["bytes_out"] += t.bytes_out
+            self._ended["resumes"] += t.resumes
+        if s.id in self._resuming:
+            del self._resuming[s.id]
+            self._sessions_changed()
+
+    def _sessions_changed(self) -> None:
+        if self.on_sessions_changed is not None:
+            try:
+                self.on_sessions_changed()
+            except Exception:  # noqa: BLE001 - a notification must not end a session
+                log.exception("on_sessions_changed failed")
 
     def record_refusal(self, session_id: str, operator: str, targets: Sequence[str],
                        refusal: str, text: str) -> None:

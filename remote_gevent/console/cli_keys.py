@@ -88,6 +88,9 @@ def _print_devices(rows: List[dict], now: float, stale: bool = False) -> None:
             key += " KEY CHANGED WITHOUT VALID ROTATION"
         sessions = "-" if r["sessions_active"] is None else "%s/%s" % (r["sessions_active"],
                                                                         r["max_session"])
+        resuming = (r.get("counters") or {}).get("resuming")
+        if type(resuming) is int and resuming > 0:
+            sessions += " (%d resuming)" % resuming
         table.append((r["device"], r["state"] + ("?" if stale else ""),
                       _ago(r["last_alive"], now),
                       "-" if r["health_check"] is None else "%gs" % r["health_check"],
@@ -152,11 +155,13 @@ def watch(ctx: click.Context) -> None:
 
         import gevent
 
+        from remote_gevent.console.alive_view import sessions_summary
         from remote_gevent.console.control import ConsoleControl
         from remote_gevent.console.device_states import DeviceEvent, device_status, offline_at
 
         cfg = _cfg(ctx)
         printed = {}
+        summaries: dict = {}  # device -> the sessions summary printed last
 
         def stamp() -> str:
             return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
@@ -169,13 +174,23 @@ def watch(ctx: click.Context) -> None:
                 click.echo("%s %s WARNING: %s" % (stamp(), ev.device, ev.text))
             elif ev.kind != "alive":
                 click.echo("%s %s %s" % (stamp(), ev.device, ev.text))
+            for note in ev.notes:  # a session started resuming / is back
+                click.echo("%s %s %s" % (stamp(), ev.device, note))
+            summary = sessions_summary(ev.entry) if ev.kind == "alive" else ""
+            if summary and summary != summaries.get(ev.device):
+                summaries[ev.device] = summary
+                click.echo("%s %s %s  %s" % (stamp(), ev.device,
+                                             device_status(ev.entry), summary))
             sys.stdout.flush()
 
         control = ConsoleControl(cfg, consume_status=True, on_event=on_event)
         for did, entry in sorted(control.states.devices.items()):
             printed[did] = device_status(entry)
-            click.echo("%s %s %s (last alive %s)" % (stamp(), did, printed[did],
-                                                     _ago(entry.get("last_alive"), time.time())))
+            # figures as of the last alive: stale, so not shown, for a device not online
+            summaries[did] = sessions_summary(entry) if printed[did] == "online" else ""
+            click.echo("%s %s %s (last alive %s)%s" % (
+                stamp(), did, printed[did], _ago(entry.get("last_alive"), time.time()),
+                "  " + summaries[did] if summaries[did] else ""))
         _install_sigterm()
         control.start()
         try:
@@ -195,6 +210,7 @@ def watch(ctx: click.Context) -> None:
                                    if limit else "%s %s %s" % (stamp(), did, state.upper()))
                         sys.stdout.flush()
                     printed[did] = state
+                control.flush_known()
                 control.states.flush()
         finally:
             control.close()

@@ -45,7 +45,7 @@ def check_config(ctx: click.Context) -> None:
         cfg.require_broker()
         click.echo("%s: ok (server_id %s, broker %s as %s, relay %s, operator key %s, "
                    "known devices %s)" % (cfg.path, cfg.server_id, ", ".join(cfg.amqp.urls),
-                                          cfg.user, cfg.relay_address, cfg.operator_key,
+                                          cfg.user, ", ".join(cfg.relay_pool), cfg.operator_key,
                                           cfg.known_devices))
         return 0
 

@@ -24,7 +24,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 from remote_gevent.common.configschema import (
     AmqpConfig,
@@ -99,14 +99,31 @@ class ConsoleError(Exception):
 v_user = v_matching(_USER_RE, "expected a broker user name (1-128 of A-Z a-z 0-9 _ . @ -)")
 
 
-def v_relay(value: Any, base: str) -> Optional[str]:
-    if value is None:
-        return None
+#: Relays in a console's pool: the bound of a signed ``relay_pool`` (docs/protocol.md §4).
+MAX_RELAYS = 8
+
+
+def _one_relay(value: Any, where: str = "") -> str:
     try:
+        if not isinstance(value, str) or len(value) > 255:
+            raise Invalid("too long")
         split_host_port(value)
     except Invalid:
-        raise Invalid("expected host:port (IPv6 as [addr]:port)") from None
+        raise Invalid("expected host:port (IPv6 as [addr]:port)", where, value,
+                      bool(where)) from None
     return value
+
+
+def v_relay(value: Any, base: str) -> Union[None, str, Tuple[str, ...]]:
+    """One relay (``host:port``) or a pool (a list of 1..8 of them, issue 13)."""
+    if value is None or isinstance(value, str):
+        return None if value is None else _one_relay(value)
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_RELAYS:
+        raise Invalid("expected host:port or a list of 1..%d of them" % MAX_RELAYS)
+    pool = tuple(_one_relay(item, "[%d]" % i) for i, item in enumerate(value))
+    if len({r.lower() for r in pool}) != len(pool):
+        raise Invalid("a relay is listed twice")
+    return pool
 
 
 v_queue = v_matching(_QUEUE_RE, "expected a queue name ([A-Za-z0-9_.:-]{1,200})")
@@ -153,8 +170,11 @@ class ConsoleConfig:
     state_file: str = key(
         "devices.json", v_path, "path",
         "last alive / fingerprint / health_check per device (devices, watch)")
-    relay: Optional[str] = key(
-        None, v_relay, "host:port|null", "relay (exit node); null: the server id's relay")
+    relay: Union[None, str, Tuple[str, ...]] = key(
+        None, v_relay, "host:port|list|null",
+        "relay (exit node), or a pool of up to 8: each session uses one picked at random "
+        "among those not seen down in the last 60 s, and resumes on another of the pool if "
+        "it dies (docs/operations.md, Relays); null: the server id's relay")
     relay_ca_file: Optional[str] = key(
         None, v_opt_existing_file, "path|null", "CA of the relay certificate; null: amqp.ca_file")
     status_queue: Optional[str] = key(
@@ -193,8 +213,16 @@ class ConsoleConfig:
             self.path, self.user, self.server_id)
 
     @property
+    def relay_pool(self) -> Tuple[str, ...]:
+        """The configured relays in their configured order (one, or a pool)."""
+        if isinstance(self.relay, tuple):
+            return self.relay
+        return (self.relay or DEFAULT_RELAYS[self.server_id],)
+
+    @property
     def relay_address(self) -> str:
-        return self.relay or DEFAULT_RELAYS[self.server_id]
+        """The first relay (``doctor``, the demo): sessions pick their own (relay_pool)."""
+        return self.relay_pool[0]
 
     @property
     def relay_host_port(self) -> Tuple[str, int]:

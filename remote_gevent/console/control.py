@@ -121,6 +121,7 @@ class PendingSession:
     console_sk: bytes = field(repr=False)
     pin: Pin = field(repr=False)
     replies: "gevent.queue.Queue[bytes]" = field(repr=False, default=None)  # type: ignore
+    relay_pool: Tuple[str, ...] = ()  # signed resume order (issue 13); () = none
 
 
 @dataclass
@@ -177,6 +178,7 @@ class ConsoleControl(StatusQueueMixin):
         self.on_event = on_event
         self.err = err if err is not None else sys.stderr
         self.known = KnownDevices(cfg.known_devices)
+        self.known.batch_first_sight = True  # flushed after each drain and at close
         self.states = DeviceStates(cfg.state_file)
         self.reply_queue: Optional[str] = None
         self.status_queue = cfg.status_queue_name
@@ -247,6 +249,7 @@ class ConsoleControl(StatusQueueMixin):
         self._closing.set()
         if self._presence is not None:
             self._presence.kill(block=True, timeout=3.0)
+        self.flush_known()
         self.states.flush()
         self.link.stop()
         g = self._greenlet
@@ -339,8 +342,10 @@ class ConsoleControl(StatusQueueMixin):
 
     # ------------------------------------------------------------------ sessions
     def start_request(self, device: str, targets: Sequence[str],
-                      relay: Optional[str] = None) -> PendingSession:
-        """Sign and publish a ``session.request``; return what the answer is matched to."""
+                      relay: Optional[str] = None,
+                      relay_pool: Sequence[str] = ()) -> PendingSession:
+        """Sign and publish a ``session.request``; return what the answer is matched to.
+        ``relay_pool``: where the session may resume (console/relay_pool.py)."""
         from remote_gevent.crypto import tunnel_crypto
 
         pin = self.require_pin(device)
@@ -350,12 +355,13 @@ class ConsoleControl(StatusQueueMixin):
         try:
             sid, raw = protocol.make_session_request(
                 self.operator_key, device, self.cfg.server_id, pk, list(targets), relay,
-                ticket, ttl=self.cfg.request_ttl, cipher=self.cfg.cipher)
+                ticket, ttl=self.cfg.request_ttl, cipher=self.cfg.cipher,
+                relay_pool=relay_pool)
         except (protocol.ProtocolError, ValueError) as exc:
             raise ConsoleError("cannot build the session request: %s" % exc, EXIT_CONFIG,
                                "malformed") from None
         pending = PendingSession(sid, device, self.cfg.server_id, tuple(targets), relay,
-                                 ticket, pk, sk, pin, gevent.queue.Queue())
+                                 ticket, pk, sk, pin, gevent.queue.Queue(), tuple(relay_pool))
         self._waiters[sid] = pending.replies
         self._publish(self.cfg.topic(device) + ".session", raw, correlation_id=sid,
                       reply_to=self.reply_queue, mandatory=True)

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional
 from remote_gevent.common import fsutil
 from remote_gevent.wire import protocol
 from remote_gevent.wire import envelope
+from remote_gevent.wire import alive_counters
+from remote_gevent.console import alive_view
 from remote_gevent.console.known_devices import KeyChanged, KnownDevices, KnownDevicesError
 
 log = logging.getLogger("remote_gevent.console.control")
@@ -141,6 +143,7 @@ class DeviceEvent:
     text: str
     transition: Optional[str] = None   # new state when online/offline changed
     entry: Dict[str, Any] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)  # sessions resuming / back (alive_view)
 
 
 def handle_up_message(known: KnownDevices, states: DeviceStates, server_id: str, raw: bytes,
@@ -204,23 +207,31 @@ def handle_up_message(known: KnownDevices, states: DeviceStates, server_id: str,
         ts = min(float(body["ts"]), now)
         if before.get("last_alive") is not None and ts < float(before["last_alive"]):
             return None  # older than what we know (another console drained a newer one)
+        old_counters = before.get("counters")
+        counters = alive_counters.known_only(body.get("counters"))  # None: an older agent
         entry = states.update(
             did, last_alive=ts, health_check=hc, fingerprint=body["fingerprint"],
             version=body["version"], event=body["event"], seq=body["seq"],
             uptime=body["uptime"], sessions_active=body["sessions_active"],
             sessions_waiting=body["sessions_waiting"], max_session=body["max_session"],
-            verified=verified)
+            verified=verified, counters=counters or None)
+        notes = alive_view.resume_notes(old_counters if isinstance(old_counters, dict)
+                                        else None, counters,
+                                        list(before.get("recent_closes") or [])
+                                        ) if counters else []  # an older agent tells nothing
         new_status = device_status(entry, now)
         text = "alive (%s) v%s, %d/%d sessions%s" % (
             body["event"], body["version"], body["sessions_active"], body["max_session"],
             "" if verified else ", UNVERIFIED: key not pinned")
         return DeviceEvent(did, "alive", text,
                            transition=new_status if new_status != old_status else None,
-                           entry=dict(entry))
+                           entry=dict(entry), notes=notes)
     if kind == "close" and msg.type == protocol.MsgType.SESSION_CLOSE:
         last_close = {"session_id": body["session_id"], "code": body["code"],
                       "reason": body["reason"], "ts": body["ts"], "verified": verified}
-        entry = states.update(did, last_close=last_close)
+        recent = [i for i in states.get(did).get("recent_closes") or [] if i != body["session_id"]]
+        entry = states.update(did, last_close=last_close, recent_closes=(
+            recent + [body["session_id"]])[-alive_view.RECENT_CLOSES:])
         return DeviceEvent(did, "close", "session %s closed: %s (%s)"
                            % (body["session_id"], body["code"], body["reason"]),
                            entry=dict(entry))
@@ -265,7 +276,9 @@ def summarize(states: DeviceStates, known: KnownDevices, now: Optional[float] = 
             "pinned": pin is not None,
             "version": entry.get("version"),
             "sessions_active": entry.get("sessions_active"),
+            "sessions_waiting": entry.get("sessions_waiting"),
             "max_session": entry.get("max_session"),
+            "counters": entry.get("counters"),  # the alive's (None: an older agent)
             "key_warning": entry.get("key_warning"),
             "last_close": entry.get("last_close"),
         }

@@ -89,11 +89,14 @@ def check_broker(cfg: ConsoleConfig) -> "tuple[Check, Any]":
                  % (urls, cfg.user)), control
 
 
-def check_relay(cfg: ConsoleConfig) -> Check:
+def check_relay(cfg: ConsoleConfig, address: Optional[str] = None) -> Check:
+    """One relay (``address``; default the first configured): reachable, TLS verified."""
     from remote_gevent.common import tls
+    from remote_gevent.common.configschema import split_host_port
 
-    host, port = cfg.relay_host_port
-    where = cfg.relay_address
+    where = address or cfg.relay_address
+    host, port = split_host_port(where)
+    assert port is not None
     fix_ca = ("set relay_ca_file (or amqp.ca_file) in %s to the CA that signed the relay's "
               "certificate" % cfg.path)
     try:
@@ -188,8 +191,9 @@ def run(cfg: ConsoleConfig, devices: Sequence[str], echo: Callable[[str], None],
     checks.append(broker)
     echo(broker.line())
     try:
-        checks.append(check_relay(cfg))
-        echo(checks[-1].line())
+        for relay in cfg.relay_pool:  # each relay of a pool (issue 13)
+            checks.append(check_relay(cfg, relay))
+            echo(checks[-1].line())
         if not devices and all_pinned is not None:
             devices = all_pinned()
         for check in check_devices(cfg, control, devices):

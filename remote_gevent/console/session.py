@@ -42,6 +42,7 @@ from remote_gevent.console.config import (
     ConsoleConfig,
     ConsoleError,
 )
+from remote_gevent.common.addresses import format_address
 from remote_gevent.common.sockets import close_quietly
 from remote_gevent.wire import rendezvous
 
@@ -159,13 +160,19 @@ def relay_context(ca_file: Optional[str]) -> Any:
     return ctx
 
 
-def _relay_error(exc: Any) -> ConsoleError:
-    return ConsoleError(str(exc), EXIT_RELAY, "relay_%s" % getattr(exc, "code", "error"))
+def _relay_error(exc: Any, relay: str = "") -> ConsoleError:
+    from remote_gevent.console.relay_pool import RelayDown, is_down
+
+    code = "relay_%s" % getattr(exc, "code", "error")
+    if is_down(exc):  # refused, unreachable, TLS: another relay of a pool may do
+        return RelayDown(str(exc), relay, code)
+    return ConsoleError(str(exc), EXIT_RELAY, code)
 
 
 def _retryable(exc: BaseException) -> bool:
-    """An early dial that only timed out waiting for the (queued) agent."""
-    return getattr(exc, "code", None) == "timeout"
+    """An early dial that only timed out waiting for the (queued) agent (not one that
+    could not even connect)."""
+    return getattr(exc, "code", None) == "timeout" and getattr(exc, "reached", True)
 
 
 class _RelayDial:
@@ -212,12 +219,12 @@ class _RelayDial:
         if failure is None:
             return self._greenlet.value
         if not _retryable(failure):
-            raise _relay_error(failure)
+            raise _relay_error(failure, self._pending.relay)
         log.info("session %s: early relay dial timed out (queued); dialing again", session_id)
         try:
             return self._dial()
         except rendezvous.RelayError as exc:
-            raise _relay_error(exc) from None
+            raise _relay_error(exc, self._pending.relay) from None
 
     def discard(self) -> None:
         """Stop a dial still under way and close what it connected (not handed over)."""
@@ -239,28 +246,68 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
     ``control``: a started :class:`ConsoleControl` to reuse (else one is made and
     closed once the tunnel is up: the tunnel does not need the broker). Raises
     :class:`ConsoleError` with the exit code for every expected failure.
+
+    With a pool of relays (issue 13, console/relay_pool.py) the relay is picked among
+    those not seen down; one that cannot be reached is remembered as down and the
+    session is requested once more, under a new session id, on another relay.
     """
     from remote_gevent.common import tls
     from remote_gevent.console.control import ConsoleControl
+    from remote_gevent.console.relay_pool import RelayDown, RelayPool
 
     err = err if err is not None else sys.stderr
     own = control is None
     if own:
         control = ConsoleControl(cfg, err=err).start()
-    dial: Optional[_RelayDial] = None
     try:
         try:
             ctx = relay_context(cfg.relay_ca_file)
         except tls.TLSConfigError as exc:
             raise ConsoleError("relay_ca_file: %s" % exc, EXIT_CONFIG, "config") from None
-        pending = control.start_request(device, targets)
+        pool = RelayPool(cfg)
+        relay = pool.pick()
+        assert relay is not None
+        try:
+            return _open_via(cfg, device, targets, control, err, ctx, relay, pool.signed)
+        except RelayDown as exc:
+            if not pool.signed:
+                raise  # a single relay: as before issue 13
+            pool.mark_down(relay, exc.message)
+            other = pool.pick(exclude=(relay,))
+            if other is None:
+                raise
+            err.write("remote-gevent-console: relay %s is down (%s); trying relay %s\n"
+                      % (relay, exc.message, other))
+            err.flush()
+            try:
+                return _open_via(cfg, device, targets, control, err, ctx, other, pool.signed)
+            except RelayDown as again:  # once only; remembered for the next command
+                pool.mark_down(other, again.message)
+                raise
+    finally:
+        if own:
+            control.close()
+
+
+def _open_via(cfg: ConsoleConfig, device: str, targets: Sequence[str], control: Any,
+              err: Any, ctx: Any, relay: str, relay_pool: Sequence[str]) -> ConsoleSession:
+    """One attempt of :func:`open_session` on ``relay``. A request that fails at the relay
+    is abandoned (``session.close``): the agent frees its slot instead of waiting at the
+    relay for a console that will not come."""
+    dial: Optional[_RelayDial] = None
+    try:
+        pending = control.start_request(device, targets, relay, relay_pool)
         dial = _RelayDial(cfg, ctx, pending)
         try:
             offer = control.wait_offer(pending)
         except rendezvous.RelayError as exc:
             _abandon(control, device, pending.session_id, "console could not reach the relay")
-            raise _relay_error(exc) from None
-        sock, peer_ip = dial.connected(offer.session_id)
+            raise _relay_error(exc, relay) from None
+        try:
+            sock, peer_ip = dial.connected(offer.session_id)
+        except ConsoleError:
+            _abandon(control, device, pending.session_id, "console could not reach the relay")
+            raise
         dial.handed_over()
         session = _start_tunnel(cfg, device, offer, sock, peer_ip,
                                 _redialer(cfg, ctx, pending), err)
@@ -270,22 +317,27 @@ def open_session(cfg: ConsoleConfig, device: str, targets: Sequence[str],
     finally:
         if dial is not None:
             dial.discard()
-        if own:
-            control.close()
 
 
 def _redialer(cfg: ConsoleConfig, ctx: Any, pending: Any) -> Callable[[float], Any]:
-    """Resume (issue 12): the relay again under the same session id and ticket."""
-    host, port = _split(pending.relay)
+    """Resume (issue 12): the relay again under the same session id and ticket; with a
+    signed ``relay_pool`` (issue 13), a round of the pool walk (wire/relay_pool.py)."""
+    from remote_gevent.wire import relay_pool as wire_pool
 
-    def redial(timeout: float) -> Any:
+    def dial(host: str, port: int, pair_timeout: float) -> Any:
         sock, _peer_ip = rendezvous.dial_relay(
             host, port, ctx, host, "console", pending.session_id, pending.ticket,
-            timeout=cfg.relay_timeout,
-            pair_timeout=max(1.0, min(rendezvous.DEFAULT_PAIRING_TIMEOUT + cfg.relay_timeout,
-                                      timeout)))
+            timeout=cfg.relay_timeout, pair_timeout=pair_timeout)
+        log.info("session %s: paired again at relay %s", pending.session_id,
+                 format_address(host, port))
         return sock
-    return redial
+
+    host, port = _split(pending.relay)
+    if pending.relay_pool:
+        order = wire_pool.walk_order((host, port), wire_pool.parse_pool(pending.relay_pool))
+        return wire_pool.pool_redialer(order, dial, "session %s" % pending.session_id)
+    return lambda timeout: dial(host, port, max(
+        1.0, min(rendezvous.DEFAULT_PAIRING_TIMEOUT + cfg.relay_timeout, timeout)))
 
 
 def _announcer(device: str, err: Any) -> Callable[[str, float], None]:

@@ -24,7 +24,7 @@ from remote_gevent.console.device_states import (
     DeviceStates,
     handle_up_message,
 )
-from remote_gevent.console.known_devices import KnownDevices
+from remote_gevent.console.known_devices import KnownDevices, KnownDevicesError
 
 log = logging.getLogger("remote_gevent.console.control")
 
@@ -143,8 +143,16 @@ class StatusQueueMixin:
                 presence.update_presence(self.cfg, self.states, self.known, probe)
             finally:
                 probe.close()
+        self.flush_known()
         self.states.flush()
         return self.status_handled - before
+
+    def flush_known(self) -> None:
+        """Write the first-sight pins staged while draining (one write for many)."""
+        try:
+            self.known.flush()
+        except KnownDevicesError as exc:
+            log.error("%s", exc)
 
     def _on_status(self, message: Any) -> None:
         try:

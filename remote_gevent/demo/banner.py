@@ -13,6 +13,7 @@ from typing import Any, List, Tuple
 
 from remote_gevent.console.ssh_config import host_key_alias
 from remote_gevent.demo.processes import entry_argv
+from remote_gevent.demo.relays import relay_log
 
 #: The demo's server id (the only one the agent supports).
 SERVER_ID = "fr04"
@@ -73,6 +74,11 @@ def usage(p: Any) -> str:
         "  broker  %s  (private RabbitMQ node, logs in %s/rabbit/log)" % (p.broker_url, p.dir),
         "  relay   %s  (pid %s, log %s)" % (p.relay_address, pids.get("relay", "-"),
                                             p.relay_log),
+    ] + [
+        "  relay   127.0.0.1:%d  (pid %s, log %s; pool, issue 13)"
+        % (port, pids.get("relay%d" % (i + 2), "-"), relay_log(p.dir, i + 1))
+        for i, port in enumerate(p.extra_relay_ports)
+    ] + [
         "  agent   device %r (pid %s, log %s, history %s)"
         % (p.ident, pids.get("agent", "-"), p.agent_log, p.history_path),
         "  files   %s (transfer root, read-write, --overwrite allowed)" % p.files_dir,

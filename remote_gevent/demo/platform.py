@@ -58,6 +58,7 @@ import yaml
 from remote_gevent.crypto import identity
 from remote_gevent.demo import operator_cert as demo_cert, rabbit as demo_rabbit
 from remote_gevent.demo.banner import ATTACHED_HINT, detached_banner
+from remote_gevent.demo.relays import relay_log, spawn_relay
 from remote_gevent.demo.pki import CertificateAuthority
 
 from remote_gevent.demo.processes import (
@@ -75,7 +76,6 @@ from remote_gevent.demo.processes import (
     _write_text,
     die_with_parent,
     entry_argv,
-    port_open,
 )
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class DemoPlatform:
                  operator: str = DEFAULT_OPERATOR,
                  start_relay: bool = True, relay_port: Optional[int] = None,
                  start_agent: bool = True, log_level: str = "INFO",
-                 watchdog: bool = False) -> None:
+                 watchdog: bool = False, relays: int = 1) -> None:
         self.dir = os.path.abspath(directory)
         self.use_watchdog = watchdog  # scripts/demo: a Watchdog ends our children if we die
         self.watchdog: Optional[Watchdog] = None
@@ -140,6 +140,9 @@ class DemoPlatform:
         self.operator_password = secrets.token_urlsafe(18)
         self.agent_proc: Optional[subprocess.Popen] = None
         self.relay_proc: Optional[subprocess.Popen] = None
+        self.relay_count = relays  # > 1: a pool (issue 13); the first is relay_proc
+        self.extra_relay_ports: List[int] = []
+        self.extra_relay_procs: List[subprocess.Popen] = []
         self._prepared = False
         # paths
         self.pki_dir = os.path.join(self.dir, "pki")
@@ -174,6 +177,13 @@ class DemoPlatform:
         assert self.relay_port is not None, "prepare() chooses the relay port"
         return "127.0.0.1:%d" % self.relay_port
 
+    @property
+    def relay_addresses(self) -> Any:
+        """The ``relay:`` / ``remote.relays`` value: one address, or the pool's list."""
+        if self.relay_count == 1:
+            return self.relay_address
+        return [self.relay_address] + ["127.0.0.1:%d" % p for p in self.extra_relay_ports]
+
     def prepare(self) -> "DemoPlatform":
         """Certificates, keys, ports and config files (no process started)."""
         if self._prepared:
@@ -185,6 +195,8 @@ class DemoPlatform:
         self.relay_cert = (relay.cert_file, relay.key_file)
         if self.relay_port is None:
             self.relay_port = demo_rabbit.free_port("127.0.0.1")
+        self.extra_relay_ports = [demo_rabbit.free_port("127.0.0.1")
+                                  for _ in range(self.relay_count - 1)]
         operator_key = identity.load_or_create(self.operator_key_path)
         _write_text(self.operator_key_path + ".pub",
                     operator_key.public_line("%s@demo-platform" % self.operator) + "\n")
@@ -211,7 +223,7 @@ class DemoPlatform:
             "history_path": self.history_path,
             "authorized_keys": self.authorized_keys,
             "allow": ["127.0.0.1:*"],
-            "relays": {SERVER_ID: self.relay_address},
+            "relays": {SERVER_ID: self.relay_addresses},
             "relay_ca_file": self.ca.cert_file if self.ca else None,
             "transfer": {"roots": [{"path": self.files_dir, "mode": "rw"}],
                          "max_size": "8G", "overwrite": True},
@@ -238,7 +250,7 @@ class DemoPlatform:
             "amqp": {"urls": [self.broker_url], "ca_file": self.broker_ca_file},
             "operator_key": self.operator_key_path,
             "known_devices": self.known_devices,
-            "relay": self.relay_address,
+            "relay": self.relay_addresses,
             "relay_ca_file": self.ca.cert_file if self.ca else None,
         }
         return _deep_merge(data, self.console_overrides)
@@ -300,21 +312,15 @@ class DemoPlatform:
 
     def start_relay(self, timeout: float = READY_TIMEOUT) -> None:
         """Start (or restart) the relay process on :attr:`relay_port`."""
-        assert self.relay_cert is not None
-        argv = entry_argv("remote-gevent-relay", "remote_gevent.relay.cli") + [
-            "--listen", self.relay_address, "--cert", self.relay_cert[0],
-            "--key", self.relay_cert[1]]
-        self.relay_proc = self._spawn(argv, self.relay_log)
-        deadline = time.monotonic() + timeout
-        assert self.relay_port is not None
-        while not port_open("127.0.0.1", self.relay_port):
-            if self.relay_proc.poll() is not None:
-                raise PlatformError("the relay exited with %s; see %s:\n%s" % (
-                    self.relay_proc.returncode, self.relay_log, _tail(self.relay_log)))
-            if time.monotonic() > deadline:
-                raise PlatformError("the relay did not listen on %s within %.0f s; see %s"
-                                    % (self.relay_address, timeout, self.relay_log))
-            time.sleep(POLL)
+        assert self.relay_cert is not None and self.relay_port is not None
+        self.relay_proc = spawn_relay(self._spawn, self.relay_port, self.relay_cert,
+                                      self.relay_log, timeout, PlatformError)
+
+    def start_extra_relays(self, timeout: float = READY_TIMEOUT) -> None:
+        """The other relays of a pool (``relays`` > 1), each on its port, with its log."""
+        self.extra_relay_procs = [
+            spawn_relay(self._spawn, port, self.relay_cert, relay_log(self.dir, i + 1),
+                        timeout, PlatformError) for i, port in enumerate(self.extra_relay_ports)]
 
     def stop_relay(self, sig: int = signal.SIGTERM, timeout: float = RELAY_STOP_TIMEOUT
                    ) -> Optional[int]:
@@ -388,6 +394,7 @@ class DemoPlatform:
             self.write_configs()
             if self.run_relay:
                 self.start_relay(timeout)
+                self.start_extra_relays(timeout)
                 self._track()
             if self.run_agent:
                 self.start_agent(timeout)
@@ -415,10 +422,16 @@ class DemoPlatform:
                 proc = getattr(node, attr, None)
                 if proc is not None:
                     out.append((name, proc.pid))
-        for name, proc in (("relay", self.relay_proc), ("agent", self.agent_proc)):
+        for name, proc in self._processes():
             if proc is not None:
                 out.append((name, proc.pid))
         return out
+
+    def _processes(self) -> List[Tuple[str, Optional[subprocess.Popen]]]:
+        """Relays (``relay``, ``relay2`` …) and the agent."""
+        return [("relay", self.relay_proc)] + [
+            ("relay%d" % (i + 2), proc) for i, proc in enumerate(self.extra_relay_procs)] + [
+            ("agent", self.agent_proc)]
 
     def write_pids(self) -> None:
         _write_text(self.pids_file, format_entries(self.pids()), 0o644)
@@ -427,6 +440,9 @@ class DemoPlatform:
         """Agent, then relay, then (our own) broker; each bounded, then killed."""
         self.stop_agent()
         self.stop_relay()
+        procs, self.extra_relay_procs = self.extra_relay_procs, []
+        for proc in procs:
+            _terminate(proc, signal.SIGTERM, RELAY_STOP_TIMEOUT)
         if self._own_node and self.node is not None:
             try:
                 self.node.stop()
@@ -465,7 +481,7 @@ class DemoPlatform:
 # --------------------------------------------------------------------------- the program
 
 
-def run_attached(directory: str) -> int:
+def run_attached(directory: str, relays: int = 1) -> int:
     """Bring the platform up, print how to use it, tear it down on SIGINT/SIGTERM."""
     import gevent
     import gevent.event
@@ -478,7 +494,7 @@ def run_attached(directory: str) -> int:
     stop = gevent.event.Event()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: terminal closed
         gevent.signal_handler(sig, stop.set)
-    platform = DemoPlatform(directory, watchdog=True)
+    platform = DemoPlatform(directory, watchdog=True, relays=relays)
     say("demo: starting in %s (broker boot takes a few seconds) …" % platform.dir)
     try:
         platform.start()
@@ -490,7 +506,7 @@ def run_attached(directory: str) -> int:
                                                                       directory))
     try:
         while not stop.wait(1.0):
-            for name, proc in (("agent", platform.agent_proc), ("relay", platform.relay_proc)):
+            for name, proc in platform._processes():
                 if proc is not None and proc.poll() is not None:
                     say("demo: the %s exited (%s); see its log. Stopping." % (
                         name, proc.returncode))
@@ -511,7 +527,7 @@ def _log_since(path: str, offset: int) -> str:
         return ""
 
 
-def run_detached(directory: str) -> int:
+def run_detached(directory: str, relays: int = 1) -> int:
     """Run the attached supervisor in the background; return once it is ready."""
     if _running_platform(directory):
         print("demo: a platform already runs in %s" % directory, file=sys.stderr)
@@ -523,7 +539,8 @@ def run_detached(directory: str) -> int:
     with open(log_path, "ab") as out:
         logged_before = out.tell()  # an earlier run's banner is further up: not ours
         proc = subprocess.Popen(
-            [sys.executable, "-m", "remote_gevent.demo.platform", "--dir", directory],
+            [sys.executable, "-m", "remote_gevent.demo.platform", "--dir", directory,
+             "--relays", str(relays)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
     deadline = time.monotonic() + DETACH_TIMEOUT
@@ -557,14 +574,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mode.add_argument("--detach", action="store_true",
                       help="return once the platform is ready (pids in DIR/pids)")
     mode.add_argument("--stop", action="store_true", help="tear a detached platform down")
+    parser.add_argument("--relays", type=int, default=1, choices=range(1, 9), metavar="N",
+                        help="run a pool of N relays (1-8, default 1; docs/demo.md)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     directory = os.path.abspath(args.dir)
     if args.stop:
         return stop_detached(directory)
     if args.detach:
-        return run_detached(directory)
-    return run_attached(directory)
+        return run_detached(directory, args.relays)
+    return run_attached(directory, args.relays)
 
 
 if __name__ == "__main__":

@@ -503,7 +503,10 @@ class RabbitNode:
             "topic_permissions": [], "parameters": [], "global_parameters": [],
             "policies": [], "queues": [], "exchanges": [], "bindings": []}
         body.update(definitions)
-        self.ctl("import_definitions", "--format", "json", input=json.dumps(body))
+        # Thousands of users (bench_fleet) take the node tens of seconds to hash and store.
+        users = len(body.get("users") or ())
+        self.ctl("import_definitions", "--format", "json", input=json.dumps(body),
+                 timeout=CTL_TIMEOUT + users / 25.0)
 
     def declare_platform(self, vhost: str = "/") -> None:
         """Create ``vhost`` and the durable topic exchanges ``remote.down``/``.up``/``.reply``."""

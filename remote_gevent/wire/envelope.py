@@ -39,6 +39,7 @@ from remote_gevent.crypto import certauth
 from remote_gevent.crypto.sshcert import MAX_CERT_BYTES, CertError
 from remote_gevent.wire.codes import CloseCode, Reason
 from remote_gevent.crypto.interfaces import Signer
+from remote_gevent.wire import alive_counters
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024
@@ -71,7 +72,9 @@ class MsgType:
     })
 
 
-ALIVE_EVENTS = frozenset({"started", "periodic", "key_rotated", "stopping"})
+#: ``sessions``: sent at once (at most one a second) when a session starts or stops
+#: resuming, so that ``watch`` sees it without waiting for the next ``periodic``.
+ALIVE_EVENTS = frozenset({"started", "periodic", "key_rotated", "stopping", "sessions"})
 
 
 def short(value: Any, limit: int = 60) -> str:
@@ -390,6 +393,23 @@ def _relay(where: str, name: str, value: Any) -> None:
         raise _fail(where, name, "expected host:port", value)
 
 
+#: ``relay_pool`` of a session.request (docs/protocol.md §4): at most this many relays
+#: (the request stays small, a resume walk short), each host:port of at most 255 chars.
+MAX_RELAY_POOL = 8
+MAX_RELAY_CHARS = 255
+
+
+def _relay_pool(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_RELAY_POOL:
+        raise _fail(where, name, "expected a list of 1..%d relays" % MAX_RELAY_POOL,
+                    len(value) if isinstance(value, list) else value)
+    for item in value:
+        if not isinstance(item, str) or len(item) > MAX_RELAY_CHARS:
+            raise _fail(where, name, "expected host:port of at most %d chars"
+                        % MAX_RELAY_CHARS, item)
+        _relay(where, name, item)
+
+
 def _pubkey_line(where: str, name: str, value: Any) -> None:
     _text(512, allow_empty=False)(where, name, value)
     try:
@@ -437,6 +457,13 @@ def _cert(where: str, name: str, value: Any) -> None:
         raise _fail(where, name, "invalid base64", value) from None
 
 
+def _alive_counters(where: str, name: str, value: Any) -> None:
+    try:
+        alive_counters.check(value)
+    except ValueError as exc:
+        raise _fail(where, name, str(exc), value) from None
+
+
 _cipher = _one_of(_CIPHERS)
 _reason_text = _text(MAX_REASON_CHARS)
 
@@ -446,7 +473,7 @@ SCHEMAS: Dict[str, Tuple[Dict[str, Validator], Dict[str, Validator]]] = {
         "session_id": _session_id, "device": _ident, "server_id": _server_id,
         "operator": _fingerprint, "epk": _epk, "targets": _targets, "relay": _relay,
         "ticket": _b64(32), "iat": _int(), "exp": _int(), "cipher": _cipher,
-    }, {"cert": _cert}),
+    }, {"cert": _cert, "relay_pool": _relay_pool}),
     MsgType.SESSION_QUEUED: ({"session_id": _session_id, "position": _int(0, 1000000)}, {}),
     MsgType.SESSION_ACCEPT: ({
         "session_id": _session_id, "epk": _epk, "console_epk": _epk, "cipher": _cipher,
@@ -465,7 +492,7 @@ SCHEMAS: Dict[str, Tuple[Dict[str, Validator], Dict[str, Validator]]] = {
         "sessions_waiting": _int(0, 1000000), "max_session": _int(0, 1000000),
         "fingerprint": _fingerprint, "seq": _int(), "ts": _number,
         "event": _one_of(sorted(ALIVE_EVENTS)),
-    }, {}),
+    }, {"counters": _alive_counters}),
     MsgType.KEY: ({
         "ident": _ident, "server_id": _server_id, "pubkey": _pubkey_line,
         "fingerprint": _fingerprint, "ts": _number,

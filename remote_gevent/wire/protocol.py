@@ -163,8 +163,10 @@ def make_session_request(
     cipher: str = "aes256gcm",
     session_id: Optional[str] = None,
     now: Optional[float] = None,
+    relay_pool: Sequence[str] = (),
 ) -> Tuple[str, bytes]:
-    """Build a signed ``session.request`` (console side); returns ``(session_id, raw)``."""
+    """Build a signed ``session.request`` (console side); returns ``(session_id, raw)``.
+    ``relay_pool``: where both ends may resume (issue 13); empty: not sent."""
     if not 1 <= ttl <= MAX_SESSION_LIFETIME:
         raise ValueError("ttl must be in [1, %d]" % MAX_SESSION_LIFETIME)
     iat = int(time.time() if now is None else now)
@@ -175,6 +177,8 @@ def make_session_request(
         "targets": [str(t) for t in targets], "relay": str(relay), "ticket": b64e(ticket),
         "iat": iat, "exp": iat + int(ttl), "cipher": cipher,
     }
+    if relay_pool:
+        body["relay_pool"] = [str(r) for r in relay_pool]
     return sid, encode(MsgType.SESSION_REQUEST, _with_certificate(body, operator_key),
                        operator_key)
 
@@ -194,6 +198,7 @@ class SessionRequest:
     exp: int
     cipher: str
     message: Message = field(repr=False, compare=False)
+    relay_pool: Tuple[str, ...] = ()  # signed resume order (issue 13); () = no pool
 
     def permits(self, target: Any) -> bool:
         """Per-stream check at OPEN time (e.g. each SOCKS CONNECT of a ``*:*`` session)."""
@@ -286,7 +291,7 @@ def check_session_request(
         ticket=base64.b64decode(b["ticket"]), relay=b["relay"],
         targets=tuple(TargetPattern.parse(t) for t in b["targets"]),
         effective=tuple(effective), iat=b["iat"], exp=b["exp"], cipher=b["cipher"],
-        message=msg,
+        message=msg, relay_pool=tuple(b.get("relay_pool", ())),
     )
 
 
@@ -355,7 +360,8 @@ def make_session_close(signer: Signer, session_id: str, code: str, reason: str =
 
 def make_alive(identity: Signer, ident: str, server_id: str, version: str, uptime: float,
                sessions_active: int, sessions_waiting: int, max_session: int, seq: int,
-               event: str = "periodic", ts: Optional[float] = None) -> bytes:
+               event: str = "periodic", ts: Optional[float] = None,
+               counters: Optional[Dict[str, Any]] = None) -> bytes:
     body = {
         "ident": ident, "server_id": server_id, "version": version,
         "uptime": round(float(uptime), 3), "sessions_active": sessions_active,
@@ -363,6 +369,8 @@ def make_alive(identity: Signer, ident: str, server_id: str, version: str, uptim
         "fingerprint": identity.fingerprint, "seq": seq,
         "ts": int(time.time()) if ts is None else ts, "event": event,
     }
+    if counters is not None:  # optional (wire/alive_counters.py)
+        body["counters"] = counters
     return encode(MsgType.ALIVE, body, identity)
 
 

@@ -58,12 +58,18 @@ class RelayError(Exception):
     ``ticket_mismatch``, ``duplicate``. Local codes (``remote`` False): ``unreachable``
     (TCP connect failed), ``timeout`` (no answer in time), ``tls`` (handshake or
     certificate verification failed), ``protocol`` (the relay answered nonsense or hung up).
+
+    ``reached`` is False when the failure came before the hello could be sent (TCP
+    connect or TLS handshake): the relay is down or unusable, not merely without a peer
+    (a relay pool skips it, issue 13).
     """
 
-    def __init__(self, code: str, message: str, remote: bool = False) -> None:
+    def __init__(self, code: str, message: str, remote: bool = False,
+                 reached: bool = True) -> None:
         super().__init__(message)
         self.code = code
         self.remote = remote
+        self.reached = reached
 
 
 def half_close(sock: socket.socket) -> None:
@@ -182,9 +188,10 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
         raw = socket.create_connection((host, port), timeout=timeout)
     except socket.timeout:
         raise RelayError("timeout", "relay %s: no TCP connection within %.1fs"
-                         % (where, timeout)) from None
+                         % (where, timeout), reached=False) from None
     except OSError as exc:
-        raise RelayError("unreachable", "relay %s unreachable: %s" % (where, exc)) from None
+        raise RelayError("unreachable", "relay %s unreachable: %s" % (where, exc),
+                         reached=False) from None
     sock = None
     handed_over = False
     try:
@@ -196,13 +203,13 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
             sock.do_handshake()
         except socket.timeout:
             raise RelayError("timeout", "relay %s: no TLS handshake within %.1fs"
-                             % (where, timeout)) from None
+                             % (where, timeout), reached=False) from None
         except tls.HANDSHAKE_ERRORS as exc:
             if tls.is_verify_error(exc):
-                raise RelayError("tls", "relay %s: %s" % (where, tls.describe_verify_error(exc))
-                                 ) from None
-            raise RelayError("tls", "relay %s: TLS handshake failed: %s" % (where, exc)
-                             ) from None
+                raise RelayError("tls", "relay %s: %s" % (where, tls.describe_verify_error(exc)),
+                                 reached=False) from None
+            raise RelayError("tls", "relay %s: TLS handshake failed: %s" % (where, exc),
+                             reached=False) from None
         try:
             sock.sendall(hello)
             line = _read_line(sock, time.monotonic() + pair_timeout)
