@@ -39,6 +39,7 @@ import gevent.server  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from remote_gevent.common.sockets import recv_exact  # noqa: E402
 from remote_gevent.wire import mux  # noqa: E402
 from remote_gevent.wire import mux_frames  # noqa: E402
 from benchmarks import plain_frames  # noqa: E402
@@ -111,20 +112,10 @@ def _sink_handler(sock, _addr):
         if op == b"U":
             sock.sendall(_Q.pack(_drain(sock)))
         elif op == b"D":
-            size = _Q.unpack(_recv_exact(sock, 8))[0]
+            size = _Q.unpack(recv_exact(sock, 8))[0]
             _pump_out(sock, size)
     finally:
         sock.close()
-
-
-def _recv_exact(sock, n):
-    buf = b""
-    while len(buf) < n:
-        d = sock.recv(n - len(buf))
-        if not d:
-            raise EOFError("short read")
-        buf += d
-    return buf
 
 
 def _transfer(client, direction, size):
@@ -134,7 +125,7 @@ def _transfer(client, direction, size):
         client.sendall(b"U")
         _pump_out(client, size)
         client.shutdown(socket.SHUT_WR)
-        got = _Q.unpack(_recv_exact(client, 8))[0]
+        got = _Q.unpack(recv_exact(client, 8))[0]
     else:
         client.sendall(b"D" + _Q.pack(size))
         got = _drain(client)

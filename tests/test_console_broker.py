@@ -19,6 +19,7 @@ from gevent.server import StreamServer
 from remote_gevent.agent import config as config_mod
 from remote_gevent.crypto import identity
 from remote_gevent.relay import server as relay_mod
+from remote_gevent.relay.settings import RelaySettings
 from remote_gevent.agent.runtime import Agent
 from remote_gevent.console import config as cconfig
 from remote_gevent.console.config import ConsoleError
@@ -35,7 +36,7 @@ WAIT = 20.0
 def relay_server(pki):
     ca, _ = pki
     cert = ca.issue("console-relay", ["127.0.0.1"])
-    r = relay_mod.Relay(relay_mod.RelaySettings(host="127.0.0.1", port=0,
+    r = relay_mod.Relay(RelaySettings(host="127.0.0.1", port=0,
                                                 cert_file=cert.cert_file,
                                                 key_file=cert.key_file, pairing_timeout=10))
     r.start()

@@ -13,7 +13,6 @@ import os
 import pty
 import re
 import select
-import shlex
 import subprocess
 import time
 from typing import Callable, List, Optional, Tuple
@@ -21,6 +20,7 @@ from typing import Callable, List, Optional, Tuple
 import pytest
 import yaml
 from echo_server import EchoServer
+from platform_helpers import console, sftp_batch
 from test_e2e import MIB, WAIT, free_port, make_platform, random_file, sha256_file, wait_for
 
 from remote_gevent.console.progress import _human
@@ -37,15 +37,6 @@ def platform(rabbit, tmp_path_factory):
     p.start()
     yield p
     p.stop()
-
-
-def console(p, *args: str, config: Optional[str] = None, cwd: Optional[str] = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-    argv = p.console_argv(*args)
-    if config is not None:
-        argv[argv.index(p.console_config)] = config
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, cwd=cwd)
 
 
 def in_pty(argv: List[str], interrupt_when: Callable[[str], bool],
@@ -241,15 +232,7 @@ def test_overwrite_works_in_the_demo_and_pull_refuses_like_push(platform, tmp_pa
 def test_stock_sftp_put_without_cd_lands_in_the_root(platform, tmp_path):
     src = tmp_path / "nocd.txt"
     src.write_text("no cd needed\n")
-    batch = tmp_path / "batch"
-    batch.write_text("pwd\nput %s\n" % src)
-    proxy = " ".join(shlex.quote(a) for a in platform.console_argv("stdio", "%n", "@sftp"))
-    done = subprocess.run(
-        ["sftp", "-F", "/dev/null", "-b", str(batch), "-o", "BatchMode=yes",
-         "-o", "StrictHostKeyChecking=no",
-         "-o", "UserKnownHostsFile=%s" % (tmp_path / "known_hosts"),
-         "-o", "ProxyCommand=%s" % proxy, "x@%s" % platform.ident],
-        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    done = sftp_batch(platform, tmp_path, ["pwd", "put %s" % src])
     assert done.returncode == 0, done.stderr + done.stdout
     assert "Remote working directory: %s" % platform.files_dir in done.stdout
     landed = os.path.join(platform.files_dir, "nocd.txt")

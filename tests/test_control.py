@@ -12,15 +12,12 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import time
 
 import gevent
 import gevent.lock
-import nacl.signing
 import pytest
-from gevent.event import AsyncResult
-from gevent.queue import Empty, Queue
+from gevent.queue import Empty
 
 from remote_gevent.agent import runtime as agent_mod
 from remote_gevent.crypto import authkeys
@@ -30,144 +27,10 @@ from remote_gevent.crypto import identity
 from remote_gevent.common import memory
 from remote_gevent.wire import protocol
 from remote_gevent.agent import config as config_mod
-from remote_gevent.crypto import tunnel_crypto as tc
-from remote_gevent.agent.runtime import Agent
 from remote_gevent.wire.codes import Reason
 
-WAIT = 10.0  # bound for anything that should take milliseconds
-CLI = [sys.executable, "-m", "remote_gevent.agent.cli"]
-
-
-class OperatorKey(identity.IdentityKey):
-    """An operator's key: the agent's own key type, plus its ``authorized_keys`` line."""
-
-    def __init__(self):
-        super().__init__(nacl.signing.SigningKey.generate())
-
-    def line(self, options=""):
-        return (options + " " if options else "") + authkeys.ssh_pubkey_line(self.public_bytes)
-
-
-def closed_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def write_config(tmp_path, device, ops, health_check=600, url=None, relay=None):
-    ak = tmp_path / "authorized_keys"
-    ak.write_text("".join(line + "\n" for line in ops))
-    os.chmod(str(ak), 0o600)
-    path = tmp_path / "config.yaml"
-    cfg = {
-        "ident": device.ident, "token": device.token,
-        "amqp": {"urls": [url or device.url], "ca_file": device.ca_file,
-                 "connect_timeout": 5, "reconnect_max_delay": 2, "heartbeat": 10},
-        "remote": {"enabled": True, "server_id": device.server_id,
-                   "health_check": health_check, "key_path": str(tmp_path / "id_ed25519"),
-                   "history_path": str(tmp_path / "history.csv"),
-                   "authorized_keys": str(ak), "allow": ["127.0.0.1:22"],
-                   "relays": {device.server_id: relay or "127.0.0.1:%d" % closed_port()},
-                   "queue_timeout": 5},
-    }
-    path.write_text(json.dumps(cfg))  # JSON is YAML
-    return str(path)
-
-
-class Console:
-    """Operator side: reply queue (by correlation id) and a watch queue on remote.up."""
-
-    def __init__(self, link, topic, key, relay):
-        self.link = link
-        self.topic = topic
-        self.key = key
-        self.relay = relay
-        self.reply_queue = None
-        self.pending = {}
-        self.up = {"alive": Queue(), "key": Queue(), "close": Queue()}
-        self.greenlet = None
-
-    def setup(self, link):
-        self.reply_queue = link.declare_queue("", durable=False, exclusive=True,
-                                              auto_delete=True)
-        link.bind(self.reply_queue, "remote.reply", self.reply_queue)
-        link.consume(self.reply_queue, self._on_reply, exclusive=True)
-        watch = link.declare_queue("", durable=False, exclusive=True, auto_delete=True)
-        for kind in self.up:
-            link.bind(watch, "remote.up", "%s.%s" % (self.topic, kind))
-        link.consume(watch, self._on_up, exclusive=True)
-
-    def _on_reply(self, msg):
-        self.link.ack(msg)
-        waiter = self.pending.pop(msg.properties.get("correlation_id"), None)
-        if waiter is not None:
-            waiter.set(msg.body)
-
-    def _on_up(self, msg):
-        self.link.ack(msg)
-        kind = msg.delivery_info["routing_key"].rsplit(".", 1)[1]
-        self.up[kind].put((time.monotonic(), protocol.decode(msg.body)))
-
-    def start(self):
-        self.greenlet = gevent.spawn(self.link.run, self.setup)
-        assert self.link.wait_connected(WAIT), self.link.last_error
-
-    def stop(self):
-        self.link.stop()
-        self.greenlet.join(5.0)
-
-    # -- requests
-    def request(self, device, targets=("127.0.0.1:22",), key=None, **kw):
-        epk, _ = tc.kx_keypair()
-        sid, raw = protocol.make_session_request(
-            key or self.key, kw.pop("ident", device.ident), kw.pop("server_id", device.server_id),
-            epk, list(targets), kw.pop("relay", self.relay), protocol.new_ticket(), **kw)
-        return sid, epk, raw
-
-    def send(self, raw, cid, kind="session", reply_to=True, timeout=WAIT, **props):
-        waiter = AsyncResult()
-        if reply_to:
-            self.pending[cid] = waiter
-        self.link.publish("remote.down", "%s.%s" % (self.topic, kind), raw, correlation_id=cid,
-                          reply_to=self.reply_queue if reply_to else None, expiration=60000,
-                          delivery_mode=1, **props)
-        if not reply_to:
-            return None
-        return protocol.decode(waiter.get(timeout=timeout))
-
-    def next_up(self, kind, timeout=WAIT):
-        return self.up[kind].get(timeout=timeout)
-
-
-class Running:
-    """An in-process Agent (real config file, real link) run in a greenlet."""
-
-    def __init__(self, path):
-        self.cfg = config_mod.load(path)
-        self.agent = Agent(self.cfg, path)
-        self.agent.stop_grace = 5.0
-        self.greenlet = gevent.spawn(self.agent.run)
-
-    @property
-    def key(self):
-        return self.agent.get_identity()
-
-    def wait_ready(self):
-        deadline = time.monotonic() + WAIT
-        while getattr(self.agent, "control", None) is None or \
-                not self.agent.control.link.connected.is_set():
-            assert time.monotonic() < deadline, "agent did not connect"
-            gevent.sleep(0.02)
-
-    def stop(self):
-        if not self.greenlet.dead:
-            self.agent.request_stop()
-            self.greenlet.join(15.0)
-        assert self.greenlet.dead, "agent did not stop"
-        return self.greenlet.value
-
+from tests.control_helpers import (CLI, WAIT, Console, OperatorKey, Running, next_close,
+                                   running_agent, write_config)
 
 @pytest.fixture
 def op_key():
@@ -180,17 +43,8 @@ def platform(rabbit, device, operator, op_key, tmp_path):
     limited = OperatorKey()
     path = write_config(tmp_path, device,
                         [op_key.line(), limited.line('permitopen="127.0.0.1:2222"')])
-    cfg = config_mod.load(path)
-    console = Console(rabbit.link(operator), device.topic, op_key,
-                      cfg.remote.relays[device.server_id])
-    console.start()
-    run = Running(path)
-    try:
-        run.wait_ready()
+    with running_agent(rabbit, device, operator, path, op_key) as (run, console):
         yield run, console, device
-    finally:
-        run.stop()
-        console.stop()
 
 
 @pytest.fixture
@@ -521,19 +375,9 @@ def three_operators(rabbit, device, operator, op_key, tmp_path):
     b_key, admin_key = OperatorKey(), OperatorKey()
     path = write_config(tmp_path, device, [op_key.line(), b_key.line(),
                                            admin_key.line("remote-gevent-admin")])
-    cfg = config_mod.load(path)
-    console = Console(rabbit.link(operator), device.topic, op_key,
-                      cfg.remote.relays[device.server_id])
-    console.start()
-    run = Running(path)
-    try:
-        run.wait_ready()
-        run.agent.tunnels._sem = gevent.lock.BoundedSemaphore(1)
-        run.agent.tunnels._sem.acquire()
+    with running_agent(rabbit, device, operator, path, op_key, hold_slot=True) \
+            as (run, console):
         yield run, console, device, b_key, admin_key
-    finally:
-        run.stop()
-        console.stop()
 
 
 def _queued(console, device, key=None):
@@ -548,14 +392,6 @@ def _status_ids(console, device, run, key):
     body = protocol.verify_status(console.send(raw, rid, kind="status"),
                                   run.key.public_bytes, rid)
     return {s["session_id"] for s in body["sessions"]}
-
-
-def _next_close(console, sid):
-    deadline = time.monotonic() + WAIT
-    while True:
-        _, close = console.next_up("close", timeout=max(0.1, deadline - time.monotonic()))
-        if close.body["session_id"] == sid:
-            return close
 
 
 def test_status_and_close_only_for_the_sessions_owner(three_operators, caplog):
@@ -578,7 +414,7 @@ def test_status_and_close_only_for_the_sessions_owner(three_operators, caplog):
     # The admin key may close it.
     console.send(protocol.make_session_close(admin_key, a_sid, "closed_by_operator"), a_sid,
                  kind="close", reply_to=False)
-    assert _next_close(console, a_sid).body["code"] == "closed_by_operator"
+    assert next_close(console, a_sid).body["code"] == "closed_by_operator"
     assert _status_ids(console, device, run, admin_key) == {b_sid}
 
 
@@ -591,7 +427,7 @@ def test_sighup_revokes_a_removed_operators_sessions(three_operators, tmp_path):
     ak.write_text(b_key.line() + "\n" + admin_key.line("remote-gevent-admin") + "\n")
     os.chmod(str(ak), 0o600)
     os.kill(os.getpid(), signal.SIGHUP)
-    close = _next_close(console, a_sid)
+    close = next_close(console, a_sid)
     assert close.body["code"] == "revoked"
     protocol.verify(close, run.key.public_bytes)
     rows = [r for r in history.read(run.cfg.remote.history_path) if r["session_id"] == a_sid]
@@ -612,7 +448,7 @@ def test_unsafe_authorized_keys_mode_trusts_nobody_logged_once(three_operators, 
         sid, _, raw = console.request(device)
         expect_refuse(console, raw, sid, Reason.UNKNOWN_OPERATOR)
     assert caplog.text.count("refusing a group- or world-writable file") == 1
-    assert _next_close(console, a_sid).body["code"] == "revoked"
+    assert next_close(console, a_sid).body["code"] == "revoked"
     os.chmod(str(ak), 0o600)
     _queued(console, device)  # trusted again once fixed
 

@@ -117,7 +117,12 @@ def test_sigkill_of_the_supervisor_leaves_nothing(tmp_path):
 @pytest.mark.slow
 def test_next_start_and_stop_end_a_dead_runs_processes(tmp_path):
     """Supervisor and watchdog both SIGKILLed: agent and relay follow (PDEATHSIG), the
-    broker and its epmd would stay; the next start ends them by their recorded pids."""
+    broker and its epmd would stay; the next start ends them by their recorded pids.
+
+    Also the plain life of a detached demo, on the second (healthy) run: ``--detach``
+    returns ready (pids written and alive, the files made, the lines to try printed), a
+    further ``--detach`` on the running DIR is refused, and ``--stop`` leaves no process
+    behind and removes the pids file (one demo run fewer than a test of its own)."""
     directory = str(tmp_path / "demo")
     up = demo(directory, "--detach")
     old = read_pids(directory)
@@ -133,11 +138,19 @@ def test_next_start_and_stop_end_a_dead_runs_processes(tmp_path):
         assert "rabbit (pid %d) still running: ending it" % old["rabbit"] in again.stdout
         gone(old, 10)
         new = read_pids(directory)
+        assert set(new) == {"platform"} | set(CHILDREN), new
         assert new["platform"] != old["platform"] and all(alive(p) for p in new.values())
+        assert "ProxyCommand=" in again.stdout and " forward demo -L " in again.stdout
+        for name in ("agent.yaml", "console.yaml", "operator_ed25519", "pki/ca.pem",
+                     "agent/authorized_keys"):
+            assert os.path.exists(os.path.join(directory, name)), name
+        third = demo(directory, "--detach", timeout=30)
+        assert third.returncode == 1 and "already runs" in third.stderr, third.stderr
     finally:
         down = demo(directory, "--stop", timeout=120)
     assert down.returncode == 0, down.stderr + down.stdout
     gone(dict(old, **{"new-" + n: p for n, p in new.items()}), 10)
+    assert not os.path.exists(os.path.join(directory, "pids"))
 
 
 @pytest.mark.e2e

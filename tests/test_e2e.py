@@ -304,49 +304,6 @@ def test_sshd_fixture_direct(sshd):
     assert done.stdout.strip() == b"direct-ok", done.stderr
 
 
-# --------------------------------------------------------------------------- scripts/demo
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def test_scripts_demo_detach_and_stop(tmp_path):
-    """``scripts/demo --detach`` returns ready (pids written, agent consuming); ``--stop``
-    leaves no process behind; a second ``--detach`` on a running DIR is refused."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "scripts", "demo")
-    directory = str(tmp_path / "demo")
-    env = dict(os.environ, PYTHON=sys.executable)
-    up = subprocess.run([script, "--dir", directory, "--detach"], capture_output=True,
-                        text=True, timeout=150, env=env, stdin=subprocess.DEVNULL)
-    pids: Dict[str, int] = {}
-    try:
-        assert up.returncode == 0, up.stderr + up.stdout
-        assert "ProxyCommand=" in up.stdout and " forward demo -L " in up.stdout
-        with open(os.path.join(directory, "pids")) as f:
-            pids = {name: int(pid) for name, pid, _ in (line.split() for line in f)}
-        assert set(pids) == {"platform", "watchdog", "rabbit", "epmd", "relay", "agent"}
-        assert all(_alive(pid) for pid in pids.values()), pids
-        for name in ("agent.yaml", "console.yaml", "operator_ed25519", "pki/ca.pem",
-                     "agent/authorized_keys"):
-            assert os.path.exists(os.path.join(directory, name)), name
-        again = subprocess.run([script, "--dir", directory, "--detach"], capture_output=True,
-                               text=True, timeout=30, env=env, stdin=subprocess.DEVNULL)
-        assert again.returncode == 1 and "already runs" in again.stderr
-    finally:
-        down = subprocess.run([script, "--dir", directory, "--stop"], capture_output=True,
-                              text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
-    assert down.returncode == 0, down.stderr + down.stdout
-    wait_for(lambda: not any(_alive(pid) for pid in pids.values()), 10,
-             what="every platform process to exit")
-    assert not os.path.exists(os.path.join(directory, "pids"))
-
-
 # --------------------------------------------------------------------------- console helpers
 
 
@@ -637,6 +594,7 @@ class HookedRelay:
 
     def __init__(self, cert_file: str, key_file: str) -> None:
         from remote_gevent.relay import server as relay
+        from remote_gevent.relay.settings import RelaySettings
 
         outer = self
         self.captured = bytearray()
@@ -655,7 +613,7 @@ class HookedRelay:
                 outer.captured += data
                 return super()._send_chunk(d_sock, memoryview(data), src_role)
 
-        self.relay = _Relay(relay.RelaySettings(
+        self.relay = _Relay(RelaySettings(
             host="127.0.0.1", port=0, cert_file=cert_file, key_file=key_file,
             pairing_timeout=3.0, grace=0.5), splice=False)
         self.relay.start()

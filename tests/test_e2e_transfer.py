@@ -15,6 +15,7 @@ import time
 from typing import List
 
 import pytest
+from platform_helpers import console, openssh_options, sftp_batch, sftp_proxy_command
 from test_e2e import MIB, WAIT, make_platform, random_file, sha256_file, wait_for
 
 from remote_gevent.wire.transfer_lines import part_name
@@ -30,11 +31,6 @@ def platform(rabbit, tmp_path_factory):
     p.start()
     yield p
     p.stop()
-
-
-def console(p, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(p.console_argv(*args), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def test_push_and_pull_1gib_sha256(platform, tmp_path):
@@ -151,14 +147,11 @@ def test_pull_killed_then_resumed(platform, tmp_path):
 
 
 def test_stock_sftp_put_get_ls(platform, tmp_path):
-    import shlex
-
     src = str(tmp_path / "via-sftp.bin")
     digest = random_file(src, 3 * MIB)
     back = str(tmp_path / "via-sftp-back.bin")
     root = platform.files_dir
-    batch = tmp_path / "batch"
-    batch.write_text("\n".join([
+    done = sftp_batch(platform, tmp_path, [
         "cd %s" % root,
         "put %s via-sftp.bin" % src,
         "ls -l",
@@ -166,19 +159,48 @@ def test_stock_sftp_put_get_ls(platform, tmp_path):
         "get renamed.bin %s" % back,
         "rm renamed.bin",
         "ls",
-        "",
-    ]))
-    proxy = " ".join(shlex.quote(a) for a in platform.console_argv("stdio", "%n", "@sftp"))
-    done = subprocess.run(
-        ["sftp", "-F", "/dev/null", "-b", str(batch), "-o", "BatchMode=yes",
-         "-o", "StrictHostKeyChecking=no",
-         "-o", "UserKnownHostsFile=%s" % (tmp_path / "known_hosts"),
-         "-o", "ProxyCommand=%s" % proxy, "x@%s" % platform.ident],
-        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    ])
     assert done.returncode == 0, done.stderr + done.stdout
     assert "via-sftp.bin" in done.stdout
     assert sha256_file(back) == digest
     assert not os.path.exists(os.path.join(root, "renamed.bin"))
+
+
+def test_stock_scp_sftp_mode_and_truncate(platform, tmp_path):
+    """``scp FILE DEVICE-sftp:`` (OpenSSH 9: SFTP mode) through the tunnel, over a longer
+    file (scp sets the size with fsetstat at the end) and back; then a setstat(size) by
+    path and on an open handle from paramiko's client through the same ProxyCommand."""
+    import paramiko
+
+    opts = openssh_options(platform, tmp_path)
+    src = str(tmp_path / "via-scp.bin")
+    digest = random_file(src, 1 * MIB + 5)
+    remote = os.path.join(platform.files_dir, "via-scp.bin")
+    with open(remote, "wb") as f:
+        f.write(b"old" * MIB)                            # 3 MiB: longer than src
+    back = str(tmp_path / "via-scp-back.bin")
+    for args in ([src, "x@%s:%s" % (platform.ident, remote)],
+                 ["x@%s:%s" % (platform.ident, remote), back]):
+        done = subprocess.run(["scp", "-s"] + opts + args, capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+    assert sha256_file(remote) == digest and sha256_file(back) == digest
+    sock = paramiko.ProxyCommand(sftp_proxy_command(platform).replace("%n", platform.ident))
+    transport = paramiko.Transport(sock)
+    try:
+        transport.connect()
+        transport.auth_none("x")
+        client = paramiko.SFTPClient.from_transport(transport)
+        client.truncate(remote, 1000)                    # setstat(size) by path
+        assert os.path.getsize(remote) == 1000
+        with client.open(remote, "r+") as f:             # fsetstat(size) on a handle
+            f.truncate(10)
+        client.close()
+    finally:
+        transport.close()
+    with open(src, "rb") as f, open(remote, "rb") as g:
+        assert g.read() == f.read(10)
+    os.unlink(remote)
 
 
 def _log_since(path: str, offset: int) -> List[str]:

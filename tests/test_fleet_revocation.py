@@ -12,7 +12,7 @@ from remote_gevent.wire import fleet, protocol
 from remote_gevent.wire.codes import Reason
 
 from tests.sshcert_helpers import keygen, krl, new_key
-from tests.test_control import WAIT, Running, _next_close
+from tests.control_helpers import WAIT, Running, next_close
 from tests.test_sshcert_agent import _send, running_cert_platform
 
 
@@ -55,7 +55,7 @@ def test_online_device_applies_it_within_seconds(cert_platform, tmp_path, caplog
     # Signed by the CA: the session ends within seconds.
     t0 = time.monotonic()
     publish(console, signed_krl(tmp_path, ca, ca + ".pub", 5, ["serial: 7"]))
-    assert _next_close(console, sid).body["code"] == "revoked"
+    assert next_close(console, sid).body["code"] == "revoked"
     assert time.monotonic() - t0 < 5
     _, reply = _send(console, device, console.key)
     assert reply.body["code"] == Reason.REVOKED

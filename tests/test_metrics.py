@@ -17,6 +17,7 @@ import pytest
 from remote_gevent.common import tls
 from remote_gevent.demo.pki import CertificateAuthority
 from remote_gevent.relay import server as relay
+from remote_gevent.relay.settings import RelaySettings
 from remote_gevent.wire import rendezvous
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -72,7 +73,7 @@ def one_session(server, ctx, payload: int, ticket_console=None):
 def test_metrics_endpoint_counts_pairings_bytes_refusals_endings(pki):
     ca, cert = pki
     ctx = tls.client_context(ca.cert_file)
-    server = relay.Relay(relay.RelaySettings(host="127.0.0.1", port=0,
+    server = relay.Relay(RelaySettings(host="127.0.0.1", port=0,
                                              cert_file=cert.cert_file,
                                              key_file=cert.key_file))
     server.start()

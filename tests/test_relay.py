@@ -24,6 +24,8 @@ import gevent
 import pytest
 
 from remote_gevent.relay import server as relay
+from remote_gevent.relay.settings import (DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_PENDING_PER_IP,
+                                         RelaySettings)
 from remote_gevent.relay import splicer
 from remote_gevent.common import tls
 from remote_gevent.demo.pki import CertificateAuthority
@@ -46,7 +48,7 @@ def make_relay(pki):
     started = []
 
     def factory(splice=None, **overrides):
-        settings = relay.RelaySettings(host="127.0.0.1", port=0,
+        settings = RelaySettings(host="127.0.0.1", port=0,
                                        cert_file=pki["cert"].cert_file,
                                        key_file=pki["cert"].key_file, **overrides)
         server = relay.Relay(settings, splice=splice)
@@ -565,12 +567,12 @@ def test_half_open_flood_from_one_ip_does_not_hold_its_sessions_out(make_relay, 
     """Issue 10 item 12: 55+ half-open connections from one address, then a legitimate
     agent + console from the same address pair at once (default limits)."""
     server = make_relay()
-    flood = half_open(server, client_ctx, relay.DEFAULT_MAX_PENDING_PER_IP + 10, kind)
+    flood = half_open(server, client_ctx, DEFAULT_MAX_PENDING_PER_IP + 10, kind)
     assert wait_until(lambda: server.stats().get("accepted", 0) >= len(flood))
-    assert wait_until(lambda: server.pending == relay.DEFAULT_MAX_PENDING_PER_IP)
+    assert wait_until(lambda: server.pending == DEFAULT_MAX_PENDING_PER_IP)
     assert timed_pair(server, client_ctx) < 2.0
     assert server.stats()["evicted"] >= 12  # 10 over the limit + the agent and console
-    assert server.pending <= relay.DEFAULT_MAX_PENDING_PER_IP
+    assert server.pending <= DEFAULT_MAX_PENDING_PER_IP
     for sock in flood:
         sock.close()
     assert wait_until(lambda: server.pending == 0)
@@ -1095,8 +1097,8 @@ def test_cli_hello_timeout_and_per_source_limit_from_yaml_and_flags(tmp_path):
                               {"max_pending_per_ip": 300, "hello_timeout": 1.0})
     assert settings.max_pending_per_ip == 300 and settings.hello_timeout == 1.0
     defaults = build_settings({}, None, "c", "k")
-    assert defaults.hello_timeout == relay.DEFAULT_HELLO_TIMEOUT == 5.0
-    assert defaults.max_pending_per_ip == relay.DEFAULT_MAX_PENDING_PER_IP == 50
+    assert defaults.hello_timeout == DEFAULT_HELLO_TIMEOUT == 5.0
+    assert defaults.max_pending_per_ip == DEFAULT_MAX_PENDING_PER_IP == 50
     result = subprocess.run([sys.executable, "-m", "remote_gevent.relay.cli", "--config",
                              str(conf), "--max-pending-per-ip", "0", "--hello-timeout", "-1"],
                             stderr=subprocess.PIPE, universal_newlines=True, timeout=WAIT)

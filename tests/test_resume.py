@@ -15,7 +15,7 @@ import gevent.event
 import gevent.socket
 import pytest
 
-from remote_gevent.common.sockets import abort_quietly
+from remote_gevent.common.sockets import abort_quietly, recv_exact
 from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.wire import mux, mux_frames, resume
 from echo_server import EchoServer
@@ -238,7 +238,7 @@ def test_hostile_resume_is_refused_with_crypto_error(attack):
 
 def _impersonate(sock: socket.socket, attack: str, keys: resume.ResumeKeys,
                  recorded: List[bytes]) -> None:
-    msg1 = resume._recv_exact(sock, resume.MSG1_LEN)
+    msg1 = recv_exact(sock, resume.MSG1_LEN)
     console_nonce = msg1[5:]
     nonce = os.urandom(resume.NONCE_BYTES)
     sock.sendall(resume.MAGIC1 + b"a" + nonce)

@@ -331,3 +331,97 @@ def test_sweep_spares_an_open_sftp_temp(tmp_path):
     assert h.close() == SFTP_OK
     assert (rw / "slow.bin").read_bytes() == b"s" * 10
     assert srv.open(str(rw / "nope"), os.O_RDONLY, SFTPAttributes()) == SFTP_NO_SUCH_FILE
+
+
+# ------------------------------------------------- scp (SFTP mode) and setstat(size)
+
+SCP = shutil.which("scp")
+needs_scp = pytest.mark.skipif(SCP is None, reason="OpenSSH scp client not installed")
+
+
+def run_scp(s, *args):
+    # -s: SFTP mode, OpenSSH 9's default, spelled out for older clients
+    return subprocess.run([SCP, "-s"] + ssh_opts(s.port) + list(args),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+@needs_scp
+def test_scp_sftp_mode_new_file_over_a_longer_one_and_times(server):
+    """scp in SFTP mode opens an existing file without O_TRUNC, writes, then sets the
+    size with fsetstat ("truncating at N") and needs the subsystem's exit status 0."""
+    s = server
+    s.roots.overwrite = True
+    small = s.local / "small.bin"
+    small.write_bytes(os.urandom(100 * 1024 + 3))
+    os.utime(str(small), (1500000000, 1500000000))
+    r = run_scp(s, str(small), "x@device:%s/new.bin" % s.rw)
+    assert r.returncode == 0, r.stderr
+    assert sha(s.rw / "new.bin") == sha(small)
+    (s.rw / "long.bin").write_bytes(b"L" * (300 * 1024))
+    r = run_scp(s, "-p", str(small), "x@device:%s/long.bin" % s.rw)
+    assert r.returncode == 0, r.stderr
+    assert (s.rw / "long.bin").read_bytes() == small.read_bytes()   # no old tail left
+    assert int(os.stat(str(s.rw / "long.bin")).st_mtime) == 1500000000  # -p
+    r = run_scp(s, "x@device:%s/long.bin" % s.rw, str(s.local / "back.bin"))
+    assert r.returncode == 0, r.stderr
+    assert sha(s.local / "back.bin") == sha(small)
+    r = run_scp(s, str(small), "x@device:%s/x.bin" % s.ro)
+    assert r.returncode != 0 and not (s.ro / "x.bin").exists()
+    assert leftovers(s.rw) == []
+
+
+def _size(n):
+    a = SFTPAttributes()
+    a.st_size = n
+    return a
+
+
+def test_setstat_size_by_path_confined(tmp_path):
+    srv, rw, ro, outside = direct(tmp_path, max_size=1024 * 1024)
+    target = rw / "f.bin"
+    target.write_bytes(b"0123456789")
+    assert srv.chattr(str(target), _size(4)) == SFTP_FAILURE  # overwrite off: as an update
+    assert target.read_bytes() == b"0123456789"
+    srv.roots.overwrite = True
+    assert srv.chattr(str(target), _size(4)) == SFTP_OK
+    assert target.read_bytes() == b"0123"
+    assert srv.chattr(str(target), _size(1024 * 1024)) == SFTP_OK      # up to max_size
+    assert target.stat().st_size == 1024 * 1024
+    assert srv.chattr(str(target), _size(1024 * 1024 + 1)) == SFTP_FAILURE
+    assert target.stat().st_size == 1024 * 1024
+    assert srv.chattr(str(target), _size(0)) == SFTP_OK and target.read_bytes() == b""
+    # read-only root, symlink out of the root, hard link, outside, not a file, reserved
+    assert srv.chattr(str(ro / "readme.txt"), _size(0)) == SFTP_PERMISSION_DENIED
+    os.symlink(str(outside / "secret"), str(rw / "link"))
+    assert srv.chattr(str(rw / "link"), _size(0)) == SFTP_PERMISSION_DENIED
+    os.link(str(outside / "secret"), str(rw / "hl"))
+    assert srv.chattr(str(rw / "hl"), _size(0)) == SFTP_PERMISSION_DENIED
+    assert srv.chattr(str(outside / "secret"), _size(0)) == SFTP_PERMISSION_DENIED
+    os.mkfifo(str(rw / "fifo"))
+    assert srv.chattr(str(rw / "fifo"), _size(0)) != SFTP_OK
+    (rw / ".f.bin.abcd.rgpart").write_bytes(b"partial")
+    assert srv.chattr(str(rw / ".f.bin.abcd.rgpart"), _size(0)) == SFTP_FAILURE
+    assert (rw / ".f.bin.abcd.rgpart").read_bytes() == b"partial"
+    assert (outside / "secret").read_bytes() == b"secret\n"
+    assert (ro / "readme.txt").read_bytes() == b"read only\n"
+    assert srv.chattr(str(rw / "missing"), _size(0)) == SFTP_NO_SUCH_FILE
+    assert not (rw / "missing").exists()
+
+
+def test_fsetstat_size_bounded_like_writes(tmp_path):
+    srv, rw, ro, outside = direct(tmp_path, max_size=1024 * 1024, partial_quota=1536 * 1024)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    h = srv.open(str(rw / "a.bin"), flags, SFTPAttributes())
+    assert h.write(0, b"x" * 1000) == SFTP_OK
+    assert h.chattr(_size(10)) == SFTP_OK                 # truncate the temp file
+    assert h.chattr(_size(1024 * 1024)) == SFTP_OK        # extend it, up to max_size
+    other = srv.open(str(rw / "b.bin"), flags, SFTPAttributes())
+    assert other.chattr(_size(600 * 1024)) == SFTP_FAILURE   # 1.6 MiB > partial_quota
+    assert other.close() == SFTP_FAILURE and not (rw / "b.bin").exists()
+    assert h.chattr(_size(20)) == SFTP_OK
+    assert h.close() == SFTP_OK
+    assert (rw / "a.bin").read_bytes() == b"x" * 10 + b"\0" * 10
+    h = srv.open(str(rw / "c.bin"), flags, SFTPAttributes())
+    assert h.chattr(_size(1024 * 1024 + 1)) == SFTP_FAILURE  # past max_size
+    assert h.close() == SFTP_FAILURE and not (rw / "c.bin").exists()
+    assert leftovers(rw) == []

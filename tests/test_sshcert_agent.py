@@ -7,18 +7,15 @@ import os
 import signal
 import time
 
-import gevent
-import gevent.lock
 import pytest
 
-from remote_gevent.agent import config as config_mod
 from remote_gevent.agent import history
 from remote_gevent.wire import protocol
 from remote_gevent.wire.codes import Reason
 
 from tests.sshcert_helpers import issue, krl, new_key, pub_line
 from tests.sshcert_helpers import operator as cert_key
-from tests.test_control import WAIT, Console, Running, _next_close, write_config
+from tests.control_helpers import WAIT, next_close, running_agent, write_config
 
 
 @pytest.fixture
@@ -43,20 +40,10 @@ def running_cert_platform(rabbit, device, operator, tmp_path):
     cfg_dict["remote"]["queue_timeout"] = 30
     cfg_dict["remote"]["fleet_revocation_path"] = str(tmp_path / "fleet_revocation.json")
     open(path, "w").write(json.dumps(cfg_dict))
-    cfg = config_mod.load(path)
     key = cert_key(op, issue(ca, op, principals="fleet-a"))
-    console = Console(rabbit.link(operator), device.topic, key,
-                      cfg.remote.relays[device.server_id])
-    console.start()
-    run = Running(path)
-    try:
-        run.wait_ready()
-        run.agent.tunnels._sem = gevent.lock.BoundedSemaphore(1)
-        run.agent.tunnels._sem.acquire()
+    with running_agent(rabbit, device, operator, path, key, hold_slot=True) \
+            as (run, console):
         yield run, console, device, ca, op, revoked
-    finally:
-        run.stop()
-        console.stop()
 
 
 def _send(console, device, key):
@@ -105,7 +92,7 @@ def test_krl_change_ends_the_open_session_and_refuses_the_next(cert_platform, tm
     os.replace(str(new), str(revoked))  # atomic, as an administrator should
     t0 = time.monotonic()
     os.kill(os.getpid(), signal.SIGHUP)
-    close = _next_close(console, sid)
+    close = next_close(console, sid)
     assert close.body["code"] == "revoked" and time.monotonic() - t0 < 5
     rows = [r for r in history.read(run.cfg.remote.history_path) if r["session_id"] == sid]
     assert [(r["close_code"], r["cert_key_id"], r["cert_serial"]) for r in rows] == [
@@ -119,7 +106,7 @@ def test_revocation_file_edit_applies_without_sighup(cert_platform):
     sid, reply = _send(console, device, console.key)
     assert reply.type == protocol.MsgType.SESSION_QUEUED
     revoked.write_text(pub_line(op) + "\n")  # a plain key list; the GC notices the mtime
-    close = _next_close(console, sid)
+    close = next_close(console, sid)
     assert close.body["code"] == "revoked"
 
 
@@ -147,12 +134,12 @@ def test_certificate_operator_status_close_and_ca_removal(cert_platform, tmp_pat
     assert [s["session_id"] for s in body["sessions"]] == [sid]
     console.send(protocol.make_session_close(console.key, sid, "closed_by_operator"), sid,
                  kind="close", reply_to=False)
-    assert _next_close(console, sid).body["code"] == "closed_by_operator"
+    assert next_close(console, sid).body["code"] == "closed_by_operator"
     sid2, reply = _send(console, device, console.key)
     assert reply.type == protocol.MsgType.SESSION_QUEUED
     ak = tmp_path / "authorized_keys"
     ak.write_text("# the CA is gone\n")
     os.chmod(str(ak), 0o600)
-    assert _next_close(console, sid2).body["code"] == "revoked"
+    assert next_close(console, sid2).body["code"] == "revoked"
     _, reply = _send(console, device, console.key)
     assert reply.body["code"] == Reason.UNKNOWN_CA

@@ -24,6 +24,7 @@ from remote_gevent.wire import mux
 from remote_gevent.wire import mux_frames
 from remote_gevent.wire import protocol
 from remote_gevent.relay import server as relay
+from remote_gevent.relay.settings import RelaySettings
 from remote_gevent.common import tls
 from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.agent import tunnels
@@ -52,7 +53,7 @@ def pki(tmp_path_factory):
 def _start_relay(pki, **settings: Any) -> relay.Relay:
     ca, cert = pki
     settings.setdefault("pairing_timeout", 10.0)
-    r = relay.Relay(relay.RelaySettings(host="127.0.0.1", port=0, cert_file=cert.cert_file,
+    r = relay.Relay(RelaySettings(host="127.0.0.1", port=0, cert_file=cert.cert_file,
                                         key_file=cert.key_file, grace=0.5, **settings))
     r.start()
     return r

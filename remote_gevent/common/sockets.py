@@ -1,8 +1,10 @@
-"""Socket helpers every role needs: closing without caring whether it is still open."""
+"""Socket helpers every role needs: closing without caring whether it is still open,
+reading exactly n bytes."""
 
 import socket
 import struct
-from typing import Any
+import time
+from typing import Any, Optional
 
 
 def close_quietly(sock: Any) -> None:
@@ -25,3 +27,27 @@ def abort_quietly(sock: Any) -> None:
     except (OSError, AttributeError, ValueError):
         pass
     close_quietly(sock)
+
+
+def recv_exact(sock: Any, n: int, deadline: Optional[float] = None) -> bytes:
+    """Read exactly ``n`` bytes from ``sock``.
+
+    Raises EOFError when the peer closes first (what was read is lost: every caller
+    treats a short header as a broken connection and says so in its own error type).
+    With ``deadline`` (a ``time.monotonic()`` instant) the socket's timeout is set to
+    the time left before each read and ``socket.timeout`` is raised once it has passed;
+    the caller restores the socket's timeout if it cares. Without, the socket's own
+    timeout (or an enclosing gevent.Timeout) bounds the reads.
+    """
+    data = b""
+    while len(data) < n:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out after %d of %d bytes" % (len(data), n))
+            sock.settimeout(remaining)
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("connection closed after %d of %d bytes" % (len(data), n))
+        data += chunk
+    return data

@@ -28,7 +28,7 @@ from remote_gevent.console.forward import (
     bound_address,
     make_target,
 )
-from remote_gevent.common.sockets import close_quietly
+from remote_gevent.common.sockets import close_quietly, recv_exact
 
 SOCKS_VERSION = 5
 METHOD_NO_AUTH = 0x00
@@ -64,16 +64,6 @@ class SocksError(Exception):
         self.reply = reply
 
 
-def recv_exact(sock: Any, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise SocksError("client closed the connection during the handshake")
-        data += chunk
-    return data
-
-
 def send_reply(sock: Any, rep: int) -> None:
     """Reply with BND.ADDR 0.0.0.0:0 (the agent's local address is not known here)."""
     sock.sendall(struct.pack("!BBBB4sH", SOCKS_VERSION, rep, 0, ATYP_IPV4, b"\0" * 4, 0))
@@ -86,6 +76,13 @@ def negotiate(sock: Any) -> str:
     (then raises SocksError). On success nothing is sent yet: the caller replies
     after the stream opened (:func:`send_reply`).
     """
+    try:
+        return _negotiate(sock)
+    except EOFError:
+        raise SocksError("client closed the connection during the handshake") from None
+
+
+def _negotiate(sock: Any) -> str:
     ver, nmethods = recv_exact(sock, 2)
     if ver != SOCKS_VERSION:
         raise SocksError("not SOCKS5 (version byte %d)" % ver)

@@ -20,6 +20,18 @@ import gevent.event  # noqa: E402
 
 from remote_gevent import VERSION_MESSAGE, __version__  # noqa: E402
 from remote_gevent.relay import server as relay  # noqa: E402
+from remote_gevent.relay.settings import (  # noqa: E402
+    DEFAULT_GRACE,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HELLO_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_PAIRED,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PENDING_PER_IP,
+    DEFAULT_PORT,
+    RelaySettings,
+)
+from remote_gevent.wire.rendezvous import DEFAULT_PAIRING_TIMEOUT  # noqa: E402
 from remote_gevent.common import tls  # noqa: E402
 from remote_gevent.common.addresses import (  # noqa: E402
     AddressError,
@@ -68,20 +80,20 @@ class RelayFileConfig:
     cert: Optional[str] = config_key(None, v_opt_path, "path", "PEM certificate chain (leaf first)")
     # (the key field's name shadows nothing: the declaring function is config_key)
     key: Optional[str] = config_key(None, v_opt_path, "path", "PEM private key of cert (0600)")
-    pairing_timeout: float = config_key(relay.DEFAULT_PAIRING_TIMEOUT, v_float(0.001), "float s",
+    pairing_timeout: float = config_key(DEFAULT_PAIRING_TIMEOUT, v_float(0.001), "float s",
                                  "longest wait of the first party for the second")
-    handshake_timeout: float = config_key(relay.DEFAULT_HANDSHAKE_TIMEOUT, v_float(0.001),
+    handshake_timeout: float = config_key(DEFAULT_HANDSHAKE_TIMEOUT, v_float(0.001),
                                    "float s", "TLS handshake and TLS shutdown bound")
-    hello_timeout: float = config_key(relay.DEFAULT_HELLO_TIMEOUT, v_float(0.001), "float s",
+    hello_timeout: float = config_key(DEFAULT_HELLO_TIMEOUT, v_float(0.001), "float s",
                                "TLS + hello of a new connection")
-    idle_timeout: float = config_key(relay.DEFAULT_IDLE_TIMEOUT, v_float(0.001), "float s",
+    idle_timeout: float = config_key(DEFAULT_IDLE_TIMEOUT, v_float(0.001), "float s",
                               "end a paired session without traffic for this long")
-    grace: float = config_key(relay.DEFAULT_GRACE, v_float(0.001), "float s",
+    grace: float = config_key(DEFAULT_GRACE, v_float(0.001), "float s",
                        "SIGTERM: how long paired sessions may drain")
-    max_pending: int = config_key(relay.DEFAULT_MAX_PENDING, v_int(1), "int",
+    max_pending: int = config_key(DEFAULT_MAX_PENDING, v_int(1), "int",
                            "connections not yet paired, in all")
-    max_paired: int = config_key(relay.DEFAULT_MAX_PAIRED, v_int(1), "int", "paired sessions")
-    max_pending_per_ip: int = config_key(relay.DEFAULT_MAX_PENDING_PER_IP, v_int(1), "int",
+    max_paired: int = config_key(DEFAULT_MAX_PAIRED, v_int(1), "int", "paired sessions")
+    max_pending_per_ip: int = config_key(DEFAULT_MAX_PENDING_PER_IP, v_int(1), "int",
                                   "connections not yet paired, per source address")
     proxy_protocol: bool = config_key(
         False, v_bool, "bool", "every connection starts with a PROXY v1/v2 header (the relay "
@@ -125,7 +137,7 @@ LIMIT_FLAGS = {"max_pending_per_ip": "--max-pending-per-ip", "hello_timeout": "-
 
 def build_settings(config: Dict[str, Any], listen: Optional[str], cert: Optional[str],
                    key: Optional[str], limits: Optional[Dict[str, Any]] = None
-                   ) -> relay.RelaySettings:
+                   ) -> RelaySettings:
     """``RelaySettings`` from the validated YAML ``config`` and the flags (which win)."""
     values = {k: v for k, v in config.items() if v is not None}
     flags = dict((limits or {}), listen=listen)
@@ -143,14 +155,14 @@ def build_settings(config: Dict[str, Any], listen: Optional[str], cert: Optional
         values["cert"] = cert
     if key is not None:
         values["key"] = key
-    host, port = values.pop("listen", ("0.0.0.0", relay.DEFAULT_PORT))
+    host, port = values.pop("listen", ("0.0.0.0", DEFAULT_PORT))
     cert_file = values.pop("cert", None)
     key_file = values.pop("key", None)
     if not cert_file or not key_file:
         raise ConfigError(["a certificate and a key are required (--cert/--key or cert:/key: "
                            "in the config file): the relay only speaks TLS"])
-    return relay.RelaySettings(host=host, port=port, cert_file=cert_file, key_file=key_file,
-                               **values)
+    return RelaySettings(host=host, port=port, cert_file=cert_file, key_file=key_file,
+                         **values)
 
 
 def raise_fd_limit(wanted: int) -> None:
@@ -173,10 +185,10 @@ def raise_fd_limit(wanted: int) -> None:
 @click.option("--max-pending-per-ip", type=int, default=None, metavar="N",
               help="Pending (not yet paired) connections per source IP; at the limit the "
                    "oldest one without a hello is evicted for a newcomer [default: %d]."
-                   % relay.DEFAULT_MAX_PENDING_PER_IP)
+                   % DEFAULT_MAX_PENDING_PER_IP)
 @click.option("--hello-timeout", type=float, default=None, metavar="SECONDS",
               help="Bound on TLS handshake + hello of a new connection [default: %g]."
-                   % relay.DEFAULT_HELLO_TIMEOUT)
+                   % DEFAULT_HELLO_TIMEOUT)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.version_option(__version__, prog_name="remote-gevent-relay", message=VERSION_MESSAGE)

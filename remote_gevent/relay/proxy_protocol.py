@@ -25,7 +25,7 @@ import struct
 import time
 from typing import Optional, Tuple
 
-from remote_gevent.common.sockets import close_quietly
+from remote_gevent.common.sockets import close_quietly, recv_exact
 
 log = logging.getLogger("remote_gevent.relay.server")
 
@@ -38,23 +38,6 @@ MAX_V2_BODY = 1024
 
 class ProxyHeaderError(ValueError):
     """The connection did not start with a usable PROXY header (message says why)."""
-
-
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
-    data = b""
-    while len(data) < n:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ProxyHeaderError("no complete PROXY header in time")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(n - len(data))
-        except socket.timeout:
-            raise ProxyHeaderError("no complete PROXY header in time") from None
-        if not chunk:
-            raise ProxyHeaderError("connection closed inside the PROXY header")
-        data += chunk
-    return data
 
 
 def _parse_v1(line: bytes) -> Optional[Tuple[str, int]]:
@@ -101,23 +84,27 @@ def read_header(sock: socket.socket, timeout: float) -> Optional[Tuple[str, int]
     deadline = time.monotonic() + timeout
     previous = sock.gettimeout()
     try:
-        first = _recv_exact(sock, 8, deadline)
+        first = recv_exact(sock, 8, deadline)
         if first == V2_SIGNATURE[:8]:
-            head = first + _recv_exact(sock, 8, deadline)
+            head = first + recv_exact(sock, 8, deadline)
             if head[:12] != V2_SIGNATURE:
                 raise ProxyHeaderError("bad PROXY v2 signature")
             length = struct.unpack(">H", head[14:16])[0]
             if length > MAX_V2_BODY:
                 raise ProxyHeaderError("PROXY v2 header of %d bytes refused" % length)
-            return _parse_v2(head, _recv_exact(sock, length, deadline))
+            return _parse_v2(head, recv_exact(sock, length, deadline))
         if not first.startswith(V1_PREFIX):
             raise ProxyHeaderError("connection does not start with a PROXY header")
         line = first
         while not line.endswith(b"\r\n"):
             if len(line) >= V1_MAX:
                 raise ProxyHeaderError("PROXY v1 line longer than %d bytes" % V1_MAX)
-            line += _recv_exact(sock, 1, deadline)
+            line += recv_exact(sock, 1, deadline)
         return _parse_v1(line)
+    except socket.timeout:
+        raise ProxyHeaderError("no complete PROXY header in time") from None
+    except EOFError:
+        raise ProxyHeaderError("connection closed inside the PROXY header") from None
     finally:
         sock.settimeout(previous)
 

@@ -86,7 +86,6 @@ from remote_gevent.common import tls
 from remote_gevent.common.addresses import format_address
 from remote_gevent.common.sockets import close_quietly
 from remote_gevent.wire.rendezvous import (
-    DEFAULT_PAIRING_TIMEOUT as DEFAULT_PAIRING_TIMEOUT,  # re-exported (relay.cli)
     MAX_HELLO,
     PROTOCOL_VERSION,
     BadHello,
@@ -100,19 +99,7 @@ from remote_gevent.wire.rendezvous import (
 )
 
 from remote_gevent.relay.forwarding import BufferPool, Forwarding, _tcp_abort
-# The settings and their defaults live in relay/settings.py; re-exported for relay.cli and tests.
-from remote_gevent.relay.settings import (  # noqa: F401
-    DEFAULT_PORT as DEFAULT_PORT,
-    DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_HELLO_TIMEOUT as DEFAULT_HELLO_TIMEOUT,
-    DEFAULT_MAX_PENDING as DEFAULT_MAX_PENDING,
-    DEFAULT_MAX_PAIRED as DEFAULT_MAX_PAIRED,
-    DEFAULT_MAX_PENDING_PER_IP as DEFAULT_MAX_PENDING_PER_IP,
-    DEFAULT_IDLE_TIMEOUT as DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_GRACE as DEFAULT_GRACE,
-    DEFAULT_BUFFER_SIZE as DEFAULT_BUFFER_SIZE,
-    RelaySettings as RelaySettings,
-)
+from remote_gevent.relay.settings import RelaySettings
 
 log = logging.getLogger(__name__)
 

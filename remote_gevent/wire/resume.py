@@ -41,6 +41,8 @@ import gevent.event
 import nacl.encoding
 import nacl.hash
 
+from remote_gevent.common.sockets import recv_exact
+
 #: Frames received between two ACKs at most (each DATA frame is at most 64 KiB).
 ACK_EVERY = 8
 #: Default bound of a session's resend buffer, bytes of sealed frames.
@@ -190,16 +192,6 @@ def _proof(key: bytes, session_id: str, role: str, peer_nonce: bytes, nonce: byt
                              encoder=nacl.encoding.RawEncoder)
 
 
-def _recv_exact(sock: Any, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ResumeLost("connection closed during the resume handshake")
-        data += chunk
-    return data
-
-
 def handshake(sock: Any, session_id: str, role: str, keys: ResumeKeys, received: int,
               timeout: float = HANDSHAKE_TIMEOUT, nonce: Optional[bytes] = None
               ) -> int:
@@ -210,15 +202,17 @@ def handshake(sock: Any, session_id: str, role: str, keys: ResumeKeys, received:
     try:
         with gevent.Timeout(timeout, socket.timeout("resume handshake timed out")):
             sock.sendall(MAGIC1 + _ROLE_BYTE[role] + nonce)
-            msg1 = _recv_exact(sock, MSG1_LEN)
+            msg1 = recv_exact(sock, MSG1_LEN)
             if msg1[:4] != MAGIC1 or msg1[4:5] != _ROLE_BYTE[peer_role]:
                 raise ResumeRefused("not a resume from the %s" % peer_role)
             peer_nonce = msg1[5:]
             sock.sendall(MAGIC2 + _U64.pack(received)
                          + _proof(keys.tx, session_id, role, peer_nonce, nonce, received))
-            msg2 = _recv_exact(sock, MSG2_LEN)
+            msg2 = recv_exact(sock, MSG2_LEN)
     except OSError as exc:  # socket.timeout included
         raise ResumeLost("resume handshake: %s" % (exc,)) from None
+    except EOFError:
+        raise ResumeLost("connection closed during the resume handshake") from None
     if msg2[:4] != MAGIC2:
         raise ResumeRefused("malformed resume proof")
     peer_received = _U64.unpack_from(msg2, 4)[0]

@@ -443,16 +443,40 @@ class RootsSFTPServer(SFTPServerInterface):
             res = self.roots.resolve(self.canonicalize(path), want_write=True)
             if res.name is None:
                 raise tl.TransferError(tl.READ_ONLY, "%s is a transfer root" % res.path)
+            sized = attr is not None and attr.st_size is not None
+            if sized and tl.is_part_name(res.name):
+                raise tl.TransferError(tl.BAD_REQUEST, "reserved name %s" % res.name)
+            if sized and not self.roots.overwrite:  # new content, as an open for update
+                raise tl.TransferError(tl.EXISTS, "%s already exists (a size changes it; "
+                                       "remote.transfer.overwrite is off)" % res.path)
+            # A size needs a descriptor open for writing: the same confined open (no
+            # symlink, regular file, no hard link unless allowed) as a read.
+            flags = os.O_WRONLY if sized else os.O_RDONLY
             dfd = res.open_parent()
             try:
-                fd, _ = roots.open_regular(res, dfd)
+                fd, _ = roots.open_regular(res, dfd, flags)
             finally:
                 os.close(dfd)
             try:
-                _apply_attrs(fd, attr)
+                _apply_attrs(fd, attr, res)
             finally:
                 os.close(fd)
         return self._namespace_op("setstat %s" % path, do)
+
+
+class _SFTPSubsystem(SFTPServer):
+    """paramiko's SFTP subsystem, ending like OpenSSH's sftp-server: with exit-status 0
+    before the channel closes. scp in SFTP mode (OpenSSH 9's default) checks its ssh's
+    exit status, and ssh without one exits 255: every ``scp FILE DEVICE-sftp:`` failed."""
+
+    def finish_subsystem(self) -> None:
+        channel = getattr(self, "sock", None)  # set by start_subsystem
+        if channel is not None:
+            try:
+                channel.send_exit_status(0)
+            except (EOFError, OSError, paramiko.SSHException):
+                pass  # the client is already gone: nobody to tell
+        super().finish_subsystem()
 
 
 def serve_sftp(sock: Any, roots: roots.Roots, host_key: Any, log_ctx: str = "",
@@ -463,7 +487,7 @@ def serve_sftp(sock: Any, roots: roots.Roots, host_key: Any, log_ctx: str = "",
     transport = paramiko.Transport(sock)
     try:
         transport.add_server_key(host_key_of(host_key))
-        transport.set_subsystem_handler("sftp", SFTPServer, RootsSFTPServer, roots, ctx,
+        transport.set_subsystem_handler("sftp", _SFTPSubsystem, RootsSFTPServer, roots, ctx,
                                         on_result)
         try:
             transport.start_server(server=_Server(ctx))

@@ -62,16 +62,35 @@ def _attrs(st: os.stat_result, name: str) -> SFTPAttributes:
     return SFTPAttributes.from_stat(st, name)
 
 
-def _apply_attrs(fd: int, attr: SFTPAttributes) -> None:
-    """chmod (permission bits only, never setuid/setgid) and times; no chown."""
+def _apply_attrs(fd: int, attr: SFTPAttributes, res: roots.Resolved) -> None:
+    """setstat of a file in place: size (``fd`` must be open for writing; at most the
+    root's max_size, as an upload), then permission bits (never setuid/setgid), then
+    times (last: a truncate would move mtime); no chown."""
     if attr is None:
         return
+    if attr.st_size is not None and attr.st_size != os.fstat(fd).st_size:
+        if attr.st_size > res.root.max_size:
+            raise tl.TransferError(tl.TOO_LARGE, "%s: a size of %d bytes is more than the "
+                                   "limit of %d" % (res.path, attr.st_size, res.root.max_size))
+        os.ftruncate(fd, attr.st_size)
     if attr.st_mode is not None:
         os.fchmod(fd, stat.S_IMODE(attr.st_mode) & 0o1777)
     if attr.st_atime is not None and attr.st_mtime is not None:
         os.utime(fd, (attr.st_atime, attr.st_mtime))
-    if attr.st_size is not None and attr.st_size != os.fstat(fd).st_size:
-        raise tl.TransferError(tl.BAD_REQUEST, "truncate via setstat is not supported")
+
+
+def _merge_attrs(old: Optional[SFTPAttributes], new: SFTPAttributes) -> SFTPAttributes:
+    """The mode and times to give a written file at close: each fsetstat overrides only
+    what it carries (scp's size-only fsetstat must not drop an earlier mode)."""
+    if old is None or new is None:
+        return new if new is not None else old
+    merged = SFTPAttributes()
+    merged.st_mode = new.st_mode if new.st_mode is not None else old.st_mode
+    if new.st_atime is not None and new.st_mtime is not None:
+        merged.st_atime, merged.st_mtime = new.st_atime, new.st_mtime
+    else:
+        merged.st_atime, merged.st_mtime = old.st_atime, old.st_mtime
+    return merged
 
 
 class _ReadHandle(SFTPHandle):
@@ -218,7 +237,32 @@ class _WriteHandle(SFTPHandle):
         return _attrs(os.fstat(self.fd), self.name)
 
     def chattr(self, attr: SFTPAttributes) -> int:
-        self.attr = attr
+        """fsetstat: the size now (OpenSSH's upload ends with one, ``truncating at N``,
+        as it opens an existing file without O_TRUNC), mode and times at close."""
+        if attr is not None and attr.st_size is not None:
+            code = self.resize(attr.st_size)
+            if code != SFTP_OK:
+                return code
+        self.attr = _merge_attrs(self.attr, attr)
+        return SFTP_OK
+
+    def resize(self, size: int) -> int:
+        """Truncate or extend the temp file to ``size`` bytes, bounded like writes (the
+        root's max_size, the partial quota)."""
+        if self.error is not None:
+            return status_of(self.error)
+        if size > self.cap:
+            return self._fail(tl.TransferError(tl.TOO_LARGE, "%s: a size of %d bytes is more "
+                                               "than %d" % (self.res.path, size, self.cap)))
+        try:
+            if size > self.size:
+                self.account(size)
+            os.ftruncate(self.fd, size)
+        except tl.TransferError as e:
+            return self._fail(e)
+        except OSError as e:
+            return self._fail(fsops.os_error(e, self.res.path))
+        self.size = size
         return SFTP_OK
 
     def close(self) -> int:
@@ -236,6 +280,9 @@ class _WriteHandle(SFTPHandle):
                 os.fchmod(self.fd, fsops.FILE_MODE)
                 if self.attr is not None and self.attr.st_mode is not None:
                     os.fchmod(self.fd, stat.S_IMODE(self.attr.st_mode) & 0o1777)
+                if self.attr is not None and self.attr.st_mtime is not None \
+                        and self.attr.st_atime is not None:  # scp -p, sftp put -p
+                    os.utime(self.fd, (self.attr.st_atime, self.attr.st_mtime))
                 fsops.fsync_fd(self.fd)
                 if self.server.roots.overwrite:
                     st = fsops.lstat_in(self.dfd, self.name)
