@@ -19,6 +19,7 @@ import yaml
 from remote_gevent.demo.processes import entry_argv
 from remote_gevent.demo.rabbit import free_port
 from remote_gevent.relay import server as relay_mod
+from remote_gevent.relay.settings import RelaySettings
 
 WAIT = 20.0
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists(
@@ -29,7 +30,7 @@ def start_relay(cert, proxy_protocol: bool = False, pairing_timeout: float = 10.
                 **settings) -> relay_mod.Relay:
     """An in-process relay on 127.0.0.1 (a free port), started; ``cert`` from the test
     CA (``ca.issue(name, ["127.0.0.1"])``). Stop it with ``relay.stop(grace=0)``."""
-    relay = relay_mod.Relay(relay_mod.RelaySettings(
+    relay = relay_mod.Relay(RelaySettings(
         host="127.0.0.1", port=0, cert_file=cert.cert_file, key_file=cert.key_file,
         proxy_protocol=proxy_protocol, pairing_timeout=pairing_timeout, **settings))
     relay.start()

@@ -14,7 +14,7 @@ import pytest
 
 from remote_gevent.agent import config as config_mod
 from remote_gevent.agent.runtime import Agent
-from test_control import Console
+from control_helpers import Console
 
 parser = pytest.importorskip("prometheus_client.parser")
 

@@ -25,6 +25,7 @@ from remote_gevent.demo.pki import CertificateAuthority
 from remote_gevent.demo.rabbit import free_port
 from remote_gevent.relay import proxy_protocol
 from remote_gevent.relay import server as relay
+from remote_gevent.relay.settings import RelaySettings
 from remote_gevent.wire import rendezvous
 
 WAIT = 20.0
@@ -141,7 +142,7 @@ def behind_haproxy(pki, tmp_path):
     if HAPROXY is None:
         pytest.skip("haproxy is not installed (scripts/setup-deps installs it)")
     _, cert = pki
-    server = relay.Relay(relay.RelaySettings(
+    server = relay.Relay(RelaySettings(
         host="127.0.0.1", port=0, cert_file=cert.cert_file, key_file=cert.key_file,
         proxy_protocol=True, max_pending_per_ip=1, pairing_timeout=10))
     server.start()
@@ -214,7 +215,7 @@ def test_per_source_cap_counts_the_real_source(behind_haproxy, pki, caplog):
 
 def test_connection_without_header_is_closed(pki, tmp_path):
     _, cert = pki
-    server = relay.Relay(relay.RelaySettings(
+    server = relay.Relay(RelaySettings(
         host="127.0.0.1", port=0, cert_file=cert.cert_file, key_file=cert.key_file,
         proxy_protocol=True, hello_timeout=1.0))
     server.start()
