@@ -81,6 +81,7 @@ from gevent.server import StreamServer
 
 from remote_gevent.relay import pending as relay_pending
 from remote_gevent.relay import proxy_protocol
+from remote_gevent.relay.routing import Router
 from remote_gevent.relay import splicer
 from remote_gevent.common import tls
 from remote_gevent.common.addresses import format_address
@@ -136,9 +137,6 @@ def splice_available() -> bool:
     return splicer.SPLICE is not None \
         and os.environ.get("REMOTE_GEVENT_RELAY_SPLICE", "1") != "0"
 
-# --------------------------------------------------------------------------- helpers
-
-
 # --------------------------------------------------------------------------- relay
 
 
@@ -146,7 +144,7 @@ class Conn:
     """One accepted connection from handshake to close."""
 
     __slots__ = ("sock", "ip", "hello", "early", "event", "peer", "failed", "pending",
-                 "claimed", "gone", "evicted", "since")
+                 "claimed", "gone", "evicted", "since", "via")
 
     def __init__(self, sock: socket.socket, ip: str) -> None:
         #: The TLS socket until the pair goes plain (``Forwarding._go_plain``), then the
@@ -163,6 +161,7 @@ class Conn:
         self.gone = False  # the client went away while waiting
         self.evicted = False  # closed half-open to make room for a newcomer
         self.since = time.monotonic()
+        self.via = ""  # a pool peer's address: forwarded to us, or by us (relay/routing.py)
 
 
 class PairedSession:
@@ -222,6 +221,7 @@ class Relay(Forwarding):
         self.observers: List[Callable[[str, PairedSession], None]] = []  # relay/metrics.py
         size = settings.max_pending + 2 * settings.max_paired + REJECT_SLOTS
         self._pool = gevent.pool.Pool(size)
+        self.router = Router(self) if settings.pool_peers else None  # route by session id
         self._server = StreamServer((settings.host, settings.port), self._handle,
                                     spawn=self._pool, backlog=1024)
 
@@ -243,6 +243,8 @@ class Relay(Forwarding):
     def start(self) -> None:
         self._server.start()
         self._sweeper = gevent.spawn(self._sweep_idle)
+        if self.router is not None:
+            self.router.start()
         log.info("relay listening on %s", format_address(*self.address))
 
     def stop(self, grace: Optional[float] = None) -> None:
@@ -251,6 +253,8 @@ class Relay(Forwarding):
             grace = self.settings.grace
         self._stopping = True
         self._server.close()
+        if self.router is not None:
+            self.router.stop()
         for conn in list(self._waiting.values()):
             conn.failed = "busy"
             if conn.event is not None:
@@ -407,7 +411,7 @@ class Relay(Forwarding):
             return
         try:
             line, rest = self._read_hello(sock, deadline)
-            hello = parse_hello(line)
+            hello = self.router.parse(conn, line) if self.router else parse_hello(line)
             if rest:
                 raise BadHello("%d byte(s) after the hello before OK (%s forbids them)"
                                 % (len(rest), PROTOCOL_VERSION))
@@ -420,7 +424,8 @@ class Relay(Forwarding):
             return
         conn.hello = hello
         self._table.authenticated(conn)
-        self._pair(conn)
+        if self.router is None or not self.router.forward(conn):
+            self._pair(conn)
 
     def _bad_hello(self, conn: Conn, exc: Exception, hello_timeout: float) -> None:
         """Refuse a connection whose hello failed (one log line, in ``_refuse``)."""
