@@ -29,6 +29,9 @@ from test_e2e import (  # noqa: F401 - fixtures used by name
     wait_for,
 )
 from test_relay_pool_failover import CHUNK, HashingEcho, _echo_once
+from remote_gevent.console import config as cconfig
+from remote_gevent.console.control import ConsoleControl
+from remote_gevent.console.session import open_session
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -37,6 +40,31 @@ SIZE = 4 << 20  # each way, per session
 PACE = 0.06  # seconds between two 64 KiB chunks: each transfer lasts ~4 s
 PAIRED = "remote_gevent_relay_paired"
 FORWARDED = "remote_gevent_relay_forwarded_legs_total"
+PAIRINGS = "remote_gevent_relay_pairings_total"
+SMALL = 50
+
+
+def _small_sessions(control, ident: str, target: str, n: int) -> int:
+    """``n`` sessions of an in-process console, one after the other: how many paired and
+    echoed 2000 bytes."""
+    ok = 0
+    for _ in range(n):
+        session = open_session(control.cfg, ident, [target], control=control)
+        try:
+            stream = session.open_stream(target)
+            payload = os.urandom(2000)
+            stream.send(payload)
+            stream.shutdown_write()
+            got = b""
+            while len(got) < len(payload):
+                chunk = stream.recv()
+                if not chunk:
+                    break
+                got += chunk
+            ok += got == payload
+        finally:
+            session.close()
+    return ok
 
 
 class Bulk:
@@ -98,7 +126,8 @@ def test_pool_behind_one_address_survives_a_relay_kill(rabbit, tmp_path, procs):
     resume = {"keepalive_interval": 1, "resume_timeout": 60}
     p = make_platform(rabbit, str(tmp_path / "plat"), start_relay=False, start_agent=False,
                       relay_port=lb_port,
-                      remote=dict(resume, relays={"fr04": pool}, max_session=20),
+                      remote=dict(resume, relays={"fr04": pool}, max_session=20,
+                                  operator_rate=0),
                       console=dict(resume, relay=pool))
     relays: List[RelayProcess] = []
     lb = None
@@ -122,6 +151,20 @@ def test_pool_behind_one_address_survives_a_relay_kill(rabbit, tmp_path, procs):
         p.start_agent()
         argv = p.console_argv("stdio", "--master", "no", p.ident, echo.target)
 
+        control = ConsoleControl(cconfig.load(p.console_config)).start()
+        try:
+            before = [r.metrics()[PAIRINGS] for r in relays]
+            paired_small = _small_sessions(control, p.ident, echo.target, SMALL)
+            owned = [r.metrics()[PAIRINGS] - b for r, b in zip(relays, before)]
+        finally:
+            control.close()
+        print("\nsmall sessions paired through the one address: %d/%d, owners %s"
+              % (paired_small, SMALL, owned))
+        assert paired_small == SMALL and sum(1 for n in owned if n) == 3
+        echo.done.clear()
+        base = len(wait_for(lambda: len(history_rows(p)) >= SMALL and history_rows(p),
+                            what="the small sessions' history rows"))
+
         bulks = [Bulk(procs, argv) for _ in range(SESSIONS)]
         wait_for(lambda: all(b.received >= 1 << 20 for b in bulks), timeout=90,
                  what="every bulk session flowing")
@@ -139,8 +182,8 @@ def test_pool_behind_one_address_survives_a_relay_kill(rabbit, tmp_path, procs):
         assert sorted(b.sent.hexdigest() for b in bulks) == sorted(d["rx"] for d in echo.done)
         assert sorted(b.got.hexdigest() for b in bulks) == sorted(d["tx"] for d in echo.done)
         assert all(d["n"] == SIZE for d in echo.done)
-        rows = wait_for(lambda: len(history_rows(p)) >= SESSIONS and history_rows(p),
-                        what="the history rows")
+        rows = wait_for(lambda: len(history_rows(p)) >= base + SESSIONS and history_rows(p),
+                        what="the history rows")[base:]
         assert [r["close_code"] for r in rows] == ["normal"] * SESSIONS, rows
         resumed = [r for r in rows if int(r["resumes"]) >= 1]
         print("resumed (session, resumes, seconds):",
@@ -150,8 +193,13 @@ def test_pool_behind_one_address_survives_a_relay_kill(rabbit, tmp_path, procs):
             wait_for(lambda r=r: _peer_up(r, ports[victim]) == 0, timeout=10,
                      what="the survivors seeing the dead peer down")
         # New sessions after the kill, through the same address: all pair.
-        for _ in range(SESSIONS):
+        for _ in range(2):
             _echo_once(procs, argv)
+        control = ConsoleControl(cconfig.load(p.console_config)).start()
+        try:
+            assert _small_sessions(control, p.ident, echo.target, 20) == 20
+        finally:
+            control.close()
         assert "Traceback" not in open(p.agent_log).read()
         for r in survivors:
             assert "Traceback" not in open(r.log).read()
