@@ -10,8 +10,8 @@ available. Errors are ``ERR <code>\\n`` then close: ``bad_hello`` (``ERR bad_hel
 when the version is not ours), ``timeout``, ``busy``, ``ticket_mismatch``, ``duplicate``.
 
 The relay never parses or logs payload (it is end-to-end encrypted anyway) and never logs a
-ticket. It is stateless apart from the in-memory pairing table, so any number of relays can
-run behind DNS or a load balancer.
+ticket. It is stateless apart from the in-memory pairing table; a pool behind one
+round-robin address routes each session to one owner relay (relay/routing.py).
 
 Why things are the way they are:
 
