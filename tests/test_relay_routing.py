@@ -234,3 +234,22 @@ def test_dial_relay_failure_is_a_relay_error_not_a_hang():
     with pytest.raises(RelayError):
         dial_relay("127.0.0.1", port, ssl.create_default_context(), None, "agent", _sid(1),
                    os.urandom(32), timeout=1.0)
+
+
+def test_relay_yaml_pool_keys(tmp_path):
+    """relay.yaml's pool keys reach the settings; a bad one is named with its file."""
+    from remote_gevent.relay import cli
+
+    secret = tmp_path / "s"
+    secret.write_text("x" * 32)
+    conf = tmp_path / "relay.yaml"
+    conf.write_text("pool_peers: ['127.0.0.1:1', '[::1]:2']\npool_self: 127.0.0.1:1\n"
+                    "pool_secret_file: s\npool_probe_interval: 0.5\n")
+    settings = cli.build_settings(cli.load_config(str(conf)), None, "c.pem", "k.pem")
+    assert settings.pool_peers == ("127.0.0.1:1", "[::1]:2")
+    assert settings.pool_self == "127.0.0.1:1" and settings.pool_probe_interval == 0.5
+    assert settings.pool_secret_file == str(secret)
+    conf.write_text("pool_peers: ['127.0.0.1:1', 'nope']\npool_self: 7\n")
+    with pytest.raises(ConfigError) as info:
+        cli.load_config(str(conf))
+    assert "pool_peers" in str(info.value) and "pool_self" in str(info.value)
