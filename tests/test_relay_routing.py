@@ -253,3 +253,16 @@ def test_relay_yaml_pool_keys(tmp_path):
     with pytest.raises(ConfigError) as info:
         cli.load_config(str(conf))
     assert "pool_peers" in str(info.value) and "pool_self" in str(info.value)
+
+
+def test_forwarded_hello_fuzz_raises_only_badhello():
+    import random
+
+    rng = random.Random(13)
+    secret = b"q" * 32
+    alphabet = b"RG2F agentconsole0123456789abcdef+/= .:\xff\x00\n"
+    for _ in range(3000):
+        n = rng.randrange(0, 300)
+        line = b"RG2F " + bytes(rng.choice(alphabet) for _ in range(n))
+        with pytest.raises(BadHello):
+            routing.parse_forwarded(line, secret)
