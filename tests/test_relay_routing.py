@@ -16,6 +16,7 @@ import hashlib
 import os
 import socket
 import ssl
+import time
 
 import gevent
 import pytest
@@ -96,7 +97,8 @@ def test_pool_config_problems_are_all_named(tmp_path):
 class Pool:
     """Three in-process relays with pool config behind one haproxy round-robin frontend."""
 
-    def __init__(self, tmp_path, pki, routing_on: bool = True, n: int = 3) -> None:
+    def __init__(self, tmp_path, pki, routing_on: bool = True, n: int = 3,
+                 pairing_timeout: float = 3.0) -> None:
         ca, _ = pki
         cert = ca.issue("pool-relay", ["127.0.0.1"])
         secret = tmp_path / "pool.secret"
@@ -111,7 +113,7 @@ class Pool:
                          pool_probe_interval=0.2) if routing_on else {}
             relay = relay_mod.Relay(relay_mod.RelaySettings(
                 host="127.0.0.1", port=port, cert_file=cert.cert_file, key_file=cert.key_file,
-                pairing_timeout=3.0, **extra))
+                pairing_timeout=pairing_timeout, **extra))
             relay.start()
             self.relays.append(relay)
         self.lb = RoundRobin(str(tmp_path), ports)
@@ -189,7 +191,7 @@ def test_fifty_of_fifty_sessions_pair_behind_one_round_robin_address(tmp_path, p
 def test_without_routing_round_robin_legs_do_not_meet(tmp_path, pki, need_haproxy):
     """The same set-up without pool config: what issue 13 reported (the test above
     fails without routing)."""
-    pool = Pool(tmp_path, pki, routing_on=False)
+    pool = Pool(tmp_path, pki, routing_on=False, pairing_timeout=1.0)
     try:
         jobs = [gevent.spawn(_one_session, pool, i) for i in range(6)]
         gevent.joinall(jobs, timeout=60)
@@ -209,8 +211,12 @@ def test_a_dead_owner_is_routed_around_and_strangers_cannot_forward(tmp_path, pk
         # its entry (dial failure: marked down at once); haproxy redispatches legs.
         results = [_one_session(pool, 100 + i) for i in range(12)]
         assert all(results), results
+        deadline = time.monotonic() + 5  # probes every 0.2 s: down after two misses
         for r in (pool.relays[0], pool.relays[2]):
-            assert r.router is not None and r.router.states()[victim_name] is False
+            assert r.router is not None
+            while r.router.states()[victim_name]:
+                assert time.monotonic() < deadline, "the dead peer is still believed up"
+                gevent.sleep(0.05)
         # A client (not a peer) sending a forwarded hello is refused bad_hello.
         hello = Hello("agent", _sid(7), os.urandom(32))
         line = routing.forwarded_line(b"k" * 32, hello,
