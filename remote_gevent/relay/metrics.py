@@ -19,7 +19,9 @@ What is served (all prefixed ``remote_gevent_relay_``):
 - ``forwarded_legs_total``, ``forwarded_in_legs_total``: legs sent to their session's
   owner in a pool routing by session id, legs received from pool peers;
   ``peer_up{peer}`` (gauge, with ``pool_peers`` only): 1 while this relay believes
-  that peer alive (relay/routing.py);
+  that peer alive (relay/routing.py). A forwarded leg is one of ``paired`` on its
+  entry relay while it is spliced, and its bytes and ending count there too; its
+  pairing counts on the owner only. The pool's liveness probes are ``accepted``;
 - ``handshake_seconds{role}`` (histogram): accept to ``OK`` (TLS handshake, hello, wait
   for the peer).
 
