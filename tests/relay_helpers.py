@@ -54,16 +54,19 @@ class RelayProcess:
     """``remote-gevent-relay`` as a process of its own, with a metrics listener."""
 
     def __init__(self, directory: str, name: str, cert_file: str, key_file: str,
-                 proxy_protocol: bool = False) -> None:
+                 proxy_protocol: bool = False, port: Optional[int] = None,
+                 extra: Optional[Dict[str, object]] = None) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.metrics_port = free_port()
         self.log = os.path.join(directory, "%s.log" % name)
         config = os.path.join(directory, "%s.yaml" % name)
+        doc = {"listen": "127.0.0.1:%d" % self.port, "cert": cert_file,
+               "key": key_file, "proxy_protocol": proxy_protocol,
+               "metrics_listen": "127.0.0.1:%d" % self.metrics_port}
+        doc.update(extra or {})
         with open(config, "w") as fh:
-            yaml.safe_dump({"listen": "127.0.0.1:%d" % self.port, "cert": cert_file,
-                            "key": key_file, "proxy_protocol": proxy_protocol,
-                            "metrics_listen": "127.0.0.1:%d" % self.metrics_port}, fh)
+            yaml.safe_dump(doc, fh)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 entry_argv("remote-gevent-relay", "remote_gevent.relay.cli")
@@ -120,6 +123,33 @@ class Balancer:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for port in self.ports:
             _wait_port(port, self.proc, "haproxy")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class RoundRobin:
+    """haproxy publishing several relays behind ONE address, ``balance roundrobin``
+    (optionally ``send-proxy-v2``)."""
+
+    def __init__(self, directory: str, relay_ports: Sequence[int], port: Optional[int] = None,
+                 send_proxy: bool = False) -> None:
+        assert HAPROXY is not None
+        self.port = port or free_port()
+        lines = ["global", "    maxconn 2000", "defaults", "    mode tcp",
+                 "    timeout connect 2s", "    timeout client 120s", "    timeout server 120s",
+                 "    option redispatch", "    retries 3",
+                 "listen pool", "    bind 127.0.0.1:%d" % self.port, "    balance roundrobin"]
+        for i, back in enumerate(relay_ports):
+            lines.append("    server r%d 127.0.0.1:%d%s" % (
+                i, back, " send-proxy-v2" if send_proxy else ""))
+        cfg = os.path.join(directory, "haproxy-rr.cfg")
+        with open(cfg, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen([HAPROXY, "-db", "-f", cfg],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port, self.proc, "haproxy")
 
     def stop(self) -> None:
         self.proc.terminate()

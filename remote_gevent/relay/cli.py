@@ -51,6 +51,7 @@ from remote_gevent.common.configschema import (  # noqa: E402
     v_int,
     v_opt_path,
 )
+from remote_gevent.relay.routing import peer_name  # noqa: E402
 
 log = logging.getLogger("remote_gevent.relay.server")
 
@@ -62,6 +63,26 @@ def v_listen(value: Any, base: str) -> Optional[Tuple[str, int]]:
         raise Invalid("expected HOST:PORT")
     try:
         return parse_listen(value)
+    except AddressError as exc:
+        raise Invalid(str(exc)) from None
+
+
+def v_peers(value: Any, base: str) -> Tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid("expected a list of host:port")
+    try:
+        return tuple(peer_name(v) for v in value)
+    except AddressError as exc:
+        raise Invalid(str(exc)) from None
+
+
+def v_peer(value: Any, base: str) -> Optional[str]:
+    if value is None:
+        return None
+    try:
+        return peer_name(value) if isinstance(value, str) else peer_name("")
     except AddressError as exc:
         raise Invalid(str(exc)) from None
 
@@ -102,6 +123,20 @@ class RelayFileConfig:
     metrics_listen: Optional[Tuple[str, int]] = config_key(
         None, v_listen, "host:port", "serve Prometheus metrics (/metrics, plain HTTP) here; "
         "unset: no metrics listener (needs the relay extra: prometheus_client)")
+    pool_peers: Tuple[str, ...] = config_key(
+        (), v_peers, "list of host:port", "every relay of the pool, by its direct address "
+        "(this one too, same spelling on every relay): sessions are routed to an owner "
+        "relay by session id, so the pool works behind one round-robin address")
+    pool_self: Optional[str] = config_key(None, v_peer, "host:port",
+                                          "this relay's own entry in pool_peers")
+    pool_secret_file: Optional[str] = config_key(
+        None, v_opt_path, "path", "the pool's shared secret (>= 16 bytes, same file on "
+        "every relay, 0600): authenticates forwarded hellos")
+    pool_ca_file: Optional[str] = config_key(
+        None, v_opt_path, "path", "CA that verifies the peers' certificates (unset: the "
+        "system's trust store)")
+    pool_probe_interval: float = config_key(1.0, v_float(0.05), "float s",
+                                            "liveness probe of each peer, this often")
 
 
 KEYS = tuple(f.name for f in declared_fields(RelayFileConfig))

@@ -16,6 +16,12 @@ What is served (all prefixed ``remote_gevent_relay_``):
   refused, shutdown);
 - ``bytes_total{direction}``: bytes forwarded by ended sessions (``agent_to_console``,
   ``console_to_agent``);
+- ``forwarded_legs_total``, ``forwarded_in_legs_total``: legs sent to their session's
+  owner in a pool routing by session id, legs received from pool peers;
+  ``peer_up{peer}`` (gauge, with ``pool_peers`` only): 1 while this relay believes
+  that peer alive (relay/routing.py). A forwarded leg is one of ``paired`` on its
+  entry relay while it is spliced, and its bytes and ending count there too; its
+  pairing counts on the owner only. The pool's liveness probes are ``accepted``;
 - ``handshake_seconds{role}`` (histogram): accept to ``OK`` (TLS handshake, hello, wait
   for the peer).
 
@@ -63,6 +69,19 @@ class _StateCollector(Collector):
             if key.startswith(REFUSED):
                 refusals.add_metric([key[len(REFUSED):]], value)
         yield refusals
+        yield CounterMetricFamily(PREFIX + "forwarded_legs", "legs this relay forwarded to "
+                                  "their session's owner in the pool",
+                                  value=stats.get("forwarded", 0))
+        yield CounterMetricFamily(PREFIX + "forwarded_in_legs", "legs pool peers forwarded "
+                                  "to this relay (it owns their session)",
+                                  value=stats.get("forwarded_in", 0))
+        router = getattr(self.relay, "router", None)
+        if router is not None:
+            peers = GaugeMetricFamily(PREFIX + "peer_up", "pool peer alive (1) or down (0) "
+                                      "as this relay sees it", labels=["peer"])
+            for peer, up in sorted(router.states().items()):
+                peers.add_metric([peer], 1 if up else 0)
+            yield peers
 
 
 class RelayMetrics:

@@ -10,8 +10,8 @@ available. Errors are ``ERR <code>\\n`` then close: ``bad_hello`` (``ERR bad_hel
 when the version is not ours), ``timeout``, ``busy``, ``ticket_mismatch``, ``duplicate``.
 
 The relay never parses or logs payload (it is end-to-end encrypted anyway) and never logs a
-ticket. It is stateless apart from the in-memory pairing table, so any number of relays can
-run behind DNS or a load balancer.
+ticket. It is stateless apart from the in-memory pairing table; a pool behind one
+round-robin address routes each session to one owner relay (relay/routing.py).
 
 Why things are the way they are:
 
@@ -81,6 +81,7 @@ from gevent.server import StreamServer
 
 from remote_gevent.relay import pending as relay_pending
 from remote_gevent.relay import proxy_protocol
+from remote_gevent.relay.routing import Router
 from remote_gevent.relay import splicer
 from remote_gevent.common import tls
 from remote_gevent.common.addresses import format_address
@@ -123,9 +124,6 @@ def splice_available() -> bool:
     return splicer.SPLICE is not None \
         and os.environ.get("REMOTE_GEVENT_RELAY_SPLICE", "1") != "0"
 
-# --------------------------------------------------------------------------- helpers
-
-
 # --------------------------------------------------------------------------- relay
 
 
@@ -133,7 +131,7 @@ class Conn:
     """One accepted connection from handshake to close."""
 
     __slots__ = ("sock", "ip", "hello", "early", "event", "peer", "failed", "pending",
-                 "claimed", "gone", "evicted", "since")
+                 "claimed", "gone", "evicted", "since", "via")
 
     def __init__(self, sock: socket.socket, ip: str) -> None:
         #: The TLS socket until the pair goes plain (``Forwarding._go_plain``), then the
@@ -150,6 +148,7 @@ class Conn:
         self.gone = False  # the client went away while waiting
         self.evicted = False  # closed half-open to make room for a newcomer
         self.since = time.monotonic()
+        self.via = ""  # a pool peer's address: forwarded to us, or by us (relay/routing.py)
 
 
 class PairedSession:
@@ -209,6 +208,7 @@ class Relay(Forwarding):
         self.observers: List[Callable[[str, PairedSession], None]] = []  # relay/metrics.py
         size = settings.max_pending + 2 * settings.max_paired + REJECT_SLOTS
         self._pool = gevent.pool.Pool(size)
+        self.router = Router(self) if settings.pool_peers else None  # route by session id
         self._server = StreamServer((settings.host, settings.port), self._handle,
                                     spawn=self._pool, backlog=1024)
 
@@ -230,6 +230,8 @@ class Relay(Forwarding):
     def start(self) -> None:
         self._server.start()
         self._sweeper = gevent.spawn(self._sweep_idle)
+        if self.router is not None:
+            self.router.start()
         log.info("relay listening on %s", format_address(*self.address))
 
     def stop(self, grace: Optional[float] = None) -> None:
@@ -238,6 +240,8 @@ class Relay(Forwarding):
             grace = self.settings.grace
         self._stopping = True
         self._server.close()
+        if self.router is not None:
+            self.router.stop()
         for conn in list(self._waiting.values()):
             conn.failed = "busy"
             if conn.event is not None:
@@ -394,7 +398,7 @@ class Relay(Forwarding):
             return
         try:
             line, rest = self._read_hello(sock, deadline)
-            hello = parse_hello(line)
+            hello = self.router.parse(conn, line) if self.router else parse_hello(line)
             if rest:
                 raise BadHello("%d byte(s) after the hello before OK (%s forbids them)"
                                 % (len(rest), PROTOCOL_VERSION))
@@ -407,7 +411,8 @@ class Relay(Forwarding):
             return
         conn.hello = hello
         self._table.authenticated(conn)
-        self._pair(conn)
+        if self.router is None or not self.router.forward(conn):
+            self._pair(conn)
 
     def _bad_hello(self, conn: Conn, exc: Exception, hello_timeout: float) -> None:
         """Refuse a connection whose hello failed (one log line, in ``_refuse``)."""

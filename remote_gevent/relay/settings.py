@@ -1,7 +1,7 @@
 """The relay's settings (``RelaySettings``) and their defaults: what ``relay.cli`` builds
 from flags and YAML and :class:`relay.server.Relay` runs with."""
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 from remote_gevent.wire.rendezvous import DEFAULT_PAIRING_TIMEOUT
 
@@ -35,3 +35,11 @@ class RelaySettings(NamedTuple):
     #: ``handshake_timeout``); short, because a half-open connection holds a pending slot.
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT
     proxy_protocol: bool = False  # a PROXY v1/v2 header first (relay/proxy_protocol.py)
+    #: A pool routing by session id (relay/routing.py): every relay's direct address,
+    #: this relay's own entry, the shared secret of forwarded hellos, the CA that verifies
+    #: peers (None: the system's), the probe period. No ``pool_peers``: no routing.
+    pool_peers: Tuple[str, ...] = ()
+    pool_self: Optional[str] = None
+    pool_secret_file: Optional[str] = None
+    pool_ca_file: Optional[str] = None
+    pool_probe_interval: float = 1.0
