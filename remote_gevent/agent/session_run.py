@@ -28,7 +28,7 @@ from remote_gevent.agent.relay_accept import (
 from remote_gevent.agent.history import cert_fields, record_safely
 from remote_gevent.wire.codes import RELAY_MISMATCH_TEXT, Reason
 from remote_gevent.wire.envelope import CloseCode
-from remote_gevent.common.sockets import close_quietly
+from remote_gevent.common.sockets import close_quietly, connect_tcp
 from remote_gevent.wire import relay_pool
 from remote_gevent.wire import rendezvous
 from remote_gevent.wire import resume
@@ -403,7 +403,7 @@ class SessionRun(ManagerState):
         if target in authkeys.VIRTUAL_TARGETS:
             return self._open_virtual(s, target)
         host, port = authkeys.Target.parse(target).address
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        sock = connect_tcp(host, port, CONNECT_TIMEOUT)
         try:
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
