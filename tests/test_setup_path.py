@@ -74,20 +74,20 @@ def test_history_without_gevent_hub_still_syncs(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
+def relay_pki(tmp_path_factory):
     base = tmp_path_factory.mktemp("setup-pki")
     ca = CertificateAuthority(str(base / "ca"))
     return {"ca": ca, "cert": ca.issue("relay", hosts=["localhost", "127.0.0.1"])}
 
 
 @pytest.fixture
-def relays(pki):
+def relays(relay_pki):
     started = []
 
     def start(port=0):
         settings = relay.RelaySettings(host="127.0.0.1", port=port,
-                                       cert_file=pki["cert"].cert_file,
-                                       key_file=pki["cert"].key_file)
+                                       cert_file=relay_pki["cert"].cert_file,
+                                       key_file=relay_pki["cert"].key_file)
         server = relay.Relay(settings)
         server.start()
         started.append(server)
@@ -129,31 +129,31 @@ def _pair(server, ctx, name="127.0.0.1"):
         s.close()
 
 
-def test_relay_dial_resumes_the_previous_tls_session(relays, pki, reused):
+def test_relay_dial_resumes_the_previous_tls_session(relays, relay_pki, reused):
     server = relays()
-    ctx = tls.client_context(pki["ca"].cert_file)
+    ctx = tls.client_context(relay_pki["ca"].cert_file)
     _pair(server, ctx)
     assert reused == [False, False]
     _pair(server, ctx)
     assert reused[2:] == [True, True]
 
 
-def test_no_resumption_across_names_or_contexts(relays, pki, reused):
+def test_no_resumption_across_names_or_contexts(relays, relay_pki, reused):
     server = relays()
-    ctx = tls.client_context(pki["ca"].cert_file)
+    ctx = tls.client_context(relay_pki["ca"].cert_file)
     _pair(server, ctx, name="127.0.0.1")
     _pair(server, ctx, name="localhost")  # verified for its own name: a full handshake
     assert reused == [False] * 4
-    _pair(server, tls.client_context(pki["ca"].cert_file))  # another context: full again
+    _pair(server, tls.client_context(relay_pki["ca"].cert_file))  # another context: full again
     assert reused == [False] * 6
 
 
-def test_unknown_session_falls_back_to_a_verified_handshake(relays, pki, reused):
+def test_unknown_session_falls_back_to_a_verified_handshake(relays, relay_pki, reused):
     """A relay restarted on the same port (new ticket keys) does not know the session:
     the handshake is a full one, the certificate verified again."""
     first = relays()
     port = first.address[1]
-    ctx = tls.client_context(pki["ca"].cert_file)
+    ctx = tls.client_context(relay_pki["ca"].cert_file)
     _pair(first, ctx)
     with gevent.Timeout(WAIT):
         first.stop(grace=0)
