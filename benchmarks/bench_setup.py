@@ -62,6 +62,41 @@ def percentile(values: Sequence[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (k - lo)
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far, in ns (schedstat: no 10 ms ticks)."""
+    total = 0
+    for task in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, task)) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just ended
+    return total
+
+
+def descendants(pid: int, name: str) -> List[int]:
+    """Pids of the processes called ``name`` under ``pid`` (the broker's ``beam.smp``)."""
+    parent: Dict[int, int] = {}
+    comm: Dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    data = f.read()
+            except OSError:
+                continue
+            comm[int(entry)] = data[data.index("(") + 1:data.rindex(")")]
+            parent[int(entry)] = int(data.rsplit(")", 1)[1].split()[1])
+    out = []
+    for p, c in comm.items():
+        q = p
+        while q in parent and q != pid and q > 1:
+            q = parent[q]
+        if q == pid and c == name:
+            out.append(p)
+    return out
+
+
 def _sitecustomize(directory: str) -> None:
     with open(os.path.join(directory, "sitecustomize.py"), "w") as f:
         f.write("import sys\nsys.path.insert(0, %r)\nimport setup_trace\nsetup_trace.install()\n"
@@ -100,7 +135,69 @@ def measure(cfg: Any, control: Any, device: str, target: str, runs: int,
             first.append((t2 - t0) * 1000.0)
     return {"runs": runs, "first_byte_p50": percentile(first, 50),
             "first_byte_p99": percentile(first, 99), "tunnel_up_p50": percentile(up, 50),
-            "tunnel_up_p99": percentile(up, 99), "first_byte_ms": first}
+            "tunnel_up_p99": percentile(up, 99), "first_byte_ms": first, "tunnel_up_ms": up}
+
+
+def serve(cfg: Any, control: Any, device: str, target: str, burst: int) -> None:
+    """``--serve``: one burst of set-ups per ``go`` line on stdin (the last timed: it
+    follows a set-up of its own, as in :func:`measure`), one JSON line back."""
+    from gevent.socket import wait_read
+
+    print("ready", flush=True)
+    while True:
+        wait_read(sys.stdin.fileno())
+        line = sys.stdin.readline().strip()
+        if line != "go":
+            return
+        r = measure(cfg, control, device, target, 1, warmup=burst - 1)
+        print(json.dumps({"first": r["first_byte_ms"][0], "up": r["tunnel_up_ms"][0]}),
+              flush=True)
+
+
+def compare(dirs: Sequence[str], rounds: int, burst: int) -> Dict[str, Any]:
+    """Two platforms, one per checkout in ``dirs``, taking turns set-up by set-up (the
+    order swapped every round), so that the machine's load hits both alike."""
+    children = []
+    try:
+        for d in dirs:
+            env = dict(os.environ, PYTHONPATH=d)
+            children.append(subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--serve", "--burst", str(burst)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True))
+        for child in children:
+            assert child.stdout is not None
+            for line in child.stdout:
+                if line.strip() == "ready":
+                    break
+            else:
+                raise RuntimeError("a --serve child ended before it was ready")
+        samples: List[List[float]] = [[] for _ in dirs]
+        for i in range(rounds):
+            order = range(len(dirs)) if i % 2 == 0 else reversed(range(len(dirs)))
+            for k in order:
+                child = children[k]
+                assert child.stdin is not None and child.stdout is not None
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                samples[k].append(json.loads(child.stdout.readline())["first"])
+    finally:
+        for child in children:
+            if child.stdin is not None:
+                child.stdin.close()
+        for child in children:
+            child.wait(60)
+    diffs = [b - a for a, b in zip(samples[0], samples[1])]
+    out = {"dirs": list(dirs), "rounds": rounds,
+           "p50": [percentile(x, 50) for x in samples],
+           "p99": [percentile(x, 99) for x in samples],
+           "paired_diff_p50": percentile(diffs, 50),
+           "second_faster": sum(1 for d in diffs if d < 0), "samples": samples}
+    for d, x in zip(dirs, samples):
+        print("%-40s first byte p50 %.2f ms p99 %.2f ms" % (d, percentile(x, 50),
+                                                            percentile(x, 99)))
+    print("paired difference (second - first) p50 %.2f ms; second faster in %d of %d rounds"
+          % (out["paired_diff_p50"], out["second_faster"], rounds))
+    return out
 
 
 def _intervals(rows: List[List[Any]]) -> List[Tuple[int, str, int, int]]:
@@ -158,7 +255,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--trace", action="store_true", help="per-step timeline")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--compare", nargs=2, metavar="CHECKOUT",
+                   help="two checkouts (PYTHONPATH of each), set-ups taken in turns")
+    p.add_argument("--rounds", type=int, default=60, help="--compare: set-ups of each")
+    p.add_argument("--burst", type=int, default=2,
+                   help="--compare: set-ups per turn, the last one timed (default 2)")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.compare:
+        out = compare(args.compare, args.rounds, args.burst)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
     workdir = tempfile.mkdtemp(prefix="rg-setup-")
     trace_path = os.path.join(workdir, "trace.txt")
     if args.trace:
@@ -175,7 +284,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from remote_gevent.console.control import ConsoleControl
     from remote_gevent.demo.platform import DemoPlatform
 
-    print("code under test: %s" % os.path.dirname(remote_gevent.__file__), flush=True)
+    print("code under test: %s" % os.path.dirname(remote_gevent.__file__),
+          file=sys.stderr if args.serve else sys.stdout, flush=True)
     platform = DemoPlatform(os.path.join(workdir, "platform"),
                             remote={"max_session": 100, "operator_rate": 0})
     banner = None
@@ -186,13 +296,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = cconfig.load(platform.console_config)
         control = ConsoleControl(cfg).start()
         gevent.sleep(1.0)  # let the agent's start-up work (alive, key, trim) settle
+        if args.serve:
+            serve(cfg, control, platform.ident, "127.0.0.1:%d" % port, args.burst)
+            return 0
+        assert platform.agent_proc is not None and platform.relay_proc is not None
+        pids = {"console": os.getpid(), "agent": platform.agent_proc.pid,
+                "relay": platform.relay_proc.pid}
+        for beam in descendants(os.getpid(), "beam.smp"):
+            pids["broker"] = beam
+        print("pids: %s" % json.dumps(pids), file=sys.stderr if args.serve else sys.stdout,
+              flush=True)
+        before = {k: cpu_ns(v) for k, v in pids.items()}
         result = measure(cfg, control, platform.ident, "127.0.0.1:%d" % port, args.runs)
+        result["cpu_ms_per_setup"] = {
+            k: (cpu_ns(v) - before[k]) / 1e6 / (args.runs + 3) for k, v in pids.items()}
         result["loadavg"] = os.getloadavg()[0]
         print("warm set-up, %d runs: first byte p50 %.2f ms p99 %.2f ms; tunnel up p50 %.2f "
               "ms p99 %.2f ms (load %.2f)" % (
                   result["runs"], result["first_byte_p50"], result["first_byte_p99"],
                   result["tunnel_up_p50"], result["tunnel_up_p99"], result["loadavg"]),
               flush=True)
+        print("CPU ms per set-up: %s" % ", ".join(
+            "%s %.2f" % kv for kv in result["cpu_ms_per_setup"].items()), flush=True)
         if args.trace:
             assert platform.agent_proc is not None and platform.relay_proc is not None
             roles = {os.getpid(): "console", platform.agent_proc.pid: "agent",
