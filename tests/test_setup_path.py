@@ -1,7 +1,5 @@
 """The session set-up path (issue 17): what was cut from it keeps every check.
 
-- the history's fsync no longer stops the agent's hub (a request arriving while a
-  session ends was not even read until the disk was done);
 - a relay dial resumes the TLS session of the previous one (no certificate signature and
   chain verification again), only for the same name, address and context, and falls back
   to a full, verified handshake when the relay does not know the session;
@@ -12,62 +10,16 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import gevent
-import gevent.monkey
 import pytest
 
-from remote_gevent.agent import history as history_mod
 from remote_gevent.common import sockets, tls
 from remote_gevent.demo.pki import CertificateAuthority
 from remote_gevent.relay import server as relay
 from remote_gevent.wire import rendezvous
 
 WAIT = 10.0
-
-
-def test_history_fsync_runs_outside_the_hub(tmp_path, monkeypatch):
-    """While one session's row is being fsynced, other greenlets keep running."""
-    real_sleep = gevent.monkey.get_original("time", "sleep")
-    real_fsync = os.fsync
-
-    def slow_fsync(fd):
-        real_sleep(0.3)  # blocks whichever OS thread calls it, as a slow disk does
-        real_fsync(fd)
-
-    monkeypatch.setattr(history_mod.os, "fsync", slow_fsync)
-    ticks = []
-
-    def ticker():
-        while True:
-            ticks.append(time.monotonic())
-            gevent.sleep(0.01)
-
-    t = gevent.spawn(ticker)
-    gevent.sleep(0)
-    try:
-        h = history_mod.History(str(tmp_path / "history.csv"))
-        before = len(ticks)
-        with gevent.Timeout(WAIT):
-            h.append(start=time.time(), session_id="a" * 32, remote_ip="127.0.0.1",
-                     duration=1.0, close_code="normal")
-        during = len(ticks) - before
-    finally:
-        t.kill()
-    assert during >= 5, "the hub stood still during the fsync (%d ticks)" % during
-    rows = history_mod.read(str(tmp_path / "history.csv"))
-    assert [r["session_id"] for r in rows] == ["a" * 32]
-
-
-def test_history_without_gevent_hub_still_syncs(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(history_mod, "_gevent_hub", lambda: None)
-    monkeypatch.setattr(history_mod.os, "fsync", lambda fd: calls.append(fd))
-    h = history_mod.History(str(tmp_path / "h.csv"))
-    h.append(start=time.time(), session_id="b" * 32, remote_ip="", duration=0.0,
-             close_code="normal")
-    assert len(calls) == 1
 
 
 # --------------------------------------------------------------------------- relay TLS

@@ -5,11 +5,6 @@ descriptor opened with ``O_APPEND``, then fsynced, so rows from concurrent sessi
 never interleave and a crash (even ``kill -9``) can at worst lose the row being
 written, never corrupt an earlier one. If a previous crash left a partial last line,
 the next row starts on a fresh line so it stays parseable.
-
-The fsync runs in gevent's thread pool: the ending session's greenlet waits for it, the
-rest of the agent does not. In the hub it stopped every other session and the control
-plane for as long as the disk took (1-5 ms on the benchmark VM, far more on an SD card):
-a request arriving meanwhile waited that long before it was even read (issue 17).
 """
 
 import csv
@@ -17,8 +12,7 @@ import datetime
 import io
 import logging
 import os
-import sys
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from remote_gevent.common.logs import escape
 
@@ -54,30 +48,6 @@ def neutralise(text: str) -> str:
     """A text cell that a spreadsheet shows as text: no formula, no control characters."""
     text = escape(text, limit=None)  # no line breaks or escape sequences in a cell
     return "'" + text if text.startswith(FORMULA_TRIGGERS) else text
-
-
-def _fsync_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_and_close(fd: int) -> None:
-    """fsync and close ``fd``, in gevent's thread pool when gevent is loaded (the agent).
-
-    The thread owns the descriptor: should the waiting greenlet be killed (shutdown),
-    the thread still closes it once the fsync is done, and nothing closes it under it."""
-    hub = _gevent_hub()
-    if hub is None:
-        _fsync_close(fd)
-    else:
-        hub.threadpool.apply(_fsync_close, (fd,))
-
-
-def _gevent_hub() -> Any:
-    gevent = sys.modules.get("gevent")
-    return None if gevent is None else gevent.get_hub()
 
 
 def _iso(ts: float) -> str:
@@ -126,10 +96,9 @@ class History:
             if written != len(data):  # disk full: say so, the row is incomplete
                 raise OSError("short write to %s (%d of %d bytes)" % (self.path, written,
                                                                       len(data)))
-        except BaseException:
+            os.fsync(fd)
+        finally:
             os.close(fd)
-            raise
-        _sync_and_close(fd)
 
     def _ends_with_newline(self, size: int) -> bool:
         with open(self.path, "rb") as f:
