@@ -46,8 +46,10 @@ POINTS: Dict[str, Sequence[str]] = {
     "remote_gevent.agent.control": ["ControlPlane._on_message", "ControlPlane._handle_session",
                                     "ControlPlane.trusted_keys"],
     "remote_gevent.agent.tunnels": ["TunnelManager.submit", "TunnelManager._admit"],
+    # _dial: before issue 17; _start_dial/_wait_dial after (a missing one is only noted)
     "remote_gevent.agent.session_run": ["SessionRun._session_main", "SessionRun._send_reply",
-                                        "SessionRun._dial", "SessionRun._open_target"],
+                                        "SessionRun._dial", "SessionRun._start_dial",
+                                        "SessionRun._wait_dial", "SessionRun._open_target"],
     "remote_gevent.relay.server": ["Relay._handle", "Relay._tls_accept", "Relay._read_hello",
                                    "Relay._pair", "Relay._send_ok", "Relay._wait_for_peer"],
     "remote_gevent.relay.forwarding": ["Forwarding._go_plain", "Forwarding._forward_in_thread"],
@@ -102,7 +104,8 @@ def _patch(module: Any) -> None:
                 break
         attr = parts[-1]
         if owner is None or attr not in vars(owner):
-            sys.stderr.write("setup_trace: %s.%s not found\n" % (module.__name__, name))
+            sys.stderr.write("setup_trace: %s.%s not in this checkout\n" % (module.__name__,
+                                                                            name))
             continue
         raw = vars(owner)[attr]
         label = "%s.%s" % (short, name)
