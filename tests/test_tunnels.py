@@ -28,6 +28,7 @@ from remote_gevent.relay.settings import RelaySettings
 from remote_gevent.common import tls
 from remote_gevent.crypto import tunnel_crypto
 from remote_gevent.agent import tunnels
+from remote_gevent.agent import session_run as tunnels_run
 from remote_gevent.crypto.authkeys import AuthorizedKeys
 from remote_gevent.demo.pki import CertificateAuthority
 from remote_gevent.crypto.identity import IdentityKey
@@ -812,3 +813,45 @@ def test_operator_rate_token_bucket():
     assert operator_share(C, 2) == 1
     R.max_session_per_operator = 3
     assert operator_share(C, 2) == 3
+
+
+# ---------------------------------------------------------------- set-up path (issue 17)
+
+
+def test_agent_dials_the_relay_before_it_publishes_the_accept(make_env, monkeypatch):
+    """The relay dial overlaps the keys, the signature and the publication of the accept."""
+    events = []
+    dial = rendezvous.dial_relay
+
+    def spy(*args, **kwargs):
+        events.append("dial")
+        return dial(*args, **kwargs)
+
+    monkeypatch.setattr(tunnels_run.rendezvous, "dial_relay", spy)
+    env = make_env()
+    c = env.console()
+    reply = c.reply
+    c.reply = lambda raw: (events.append("accept"), reply(raw))
+    c.submit()
+    tunnel = c.connect()  # and the session works as before
+    assert tunnel.is_up
+    assert events[:2] == ["dial", "accept"], events
+    c.close()
+
+
+def test_accept_not_sent_ends_the_early_dial(make_env):
+    """The accept could not be published: the relay connection already under way is
+    closed, the session ends ``error``, one close."""
+    env = make_env()
+    c: Console = env.console()
+
+    def broken_reply(raw):
+        raise OSError("broker link down")
+
+    c.reply = broken_reply
+    c.submit()
+    call = env.closes.wait_for(c.session_id, timeout=T)
+    assert call[1] == CloseCode.ERROR, call
+    with gevent.Timeout(T, AssertionError("the early dial is still at the relay")):
+        while env.relay.pending:
+            gevent.sleep(0.02)

@@ -28,7 +28,7 @@ from remote_gevent.agent.relay_accept import (
 from remote_gevent.agent.history import cert_fields, record_safely
 from remote_gevent.wire.codes import RELAY_MISMATCH_TEXT, Reason
 from remote_gevent.wire.envelope import CloseCode
-from remote_gevent.common.sockets import close_quietly
+from remote_gevent.common.sockets import close_quietly, connect_tcp
 from remote_gevent.wire import relay_pool
 from remote_gevent.wire import rendezvous
 from remote_gevent.wire import resume
@@ -232,27 +232,16 @@ class SessionRun(ManagerState):
         s.state = ADMITTED
         self._check_close(s)
 
-        # Keys: ephemeral, fresh per session; the secret never leaves this frame.
-        pk, sk = tunnel_crypto.kx_keypair()
-        cipher = tunnel_crypto.choose_cipher(req.cipher)
+        # The relay dial (TCP, TLS, hello, pairing: the longest step) starts now and runs
+        # while we make the keys and sign and publish the accept (issue 17): the relay
+        # holds us until the console, which dialled when it sent the request, is there.
+        dialer = self._start_dial(s, relay_addr)
         try:
-            tx, rx = tunnel_crypto.derive_keys("agent", pk, sk, req.epk, s.id)
-        except Exception as e:  # noqa: BLE001 - nacl CryptoError / ValueError: bad epk
-            self._refuse(s, CloseCode.CRYPTO_ERROR, "console key unusable (%s)"
-                         % type(e).__name__, Reason.MALFORMED)
-        del sk
-        sealer, opener = tunnel_crypto.make_sealer_opener(tx, rx, cipher)
-        resume_keys = resume.ResumeKeys.from_session_keys(tx, rx)
-        del tx, rx
-        # Signed by the identity in force *now*: a rotation applies to new sessions.
-        accept = protocol.make_session_accept(self._get_identity(), s.id, pk, req.epk, cipher)
-        if not self._send_reply(s, accept, "accept"):
-            raise _End(CloseCode.ERROR, "could not send session.accept")
-        log.info("session %s: accepted for %s (%s), targets %s", s.id, s.operator, cipher,
-                 " ".join(s.targets))
-        self._check_close(s)
-
-        sock = self._dial(s, relay_addr)
+            sealer, opener, resume_keys = self._accept(s)
+        except BaseException:
+            self._drop_dial(dialer)
+            raise
+        sock = self._wait_dial(s, dialer, relay_addr)
         try:
             self._check_close(s)
         except _End:
@@ -272,6 +261,31 @@ class SessionRun(ManagerState):
         if s.close_request is not None:  # raced with the assignment above
             tunnel.close(*s.close_request)
         return tunnel.run()
+
+    def _accept(self, s: "_Session") -> Tuple[Any, Any, Any]:
+        """Ephemeral keys, then the signed ``session.accept`` to the console; returns the
+        sealer, the opener and the resume keys (raises _End)."""
+        req = s.request
+        # Keys: ephemeral, fresh per session; the secret never leaves this frame.
+        pk, sk = tunnel_crypto.kx_keypair()
+        cipher = tunnel_crypto.choose_cipher(req.cipher)
+        try:
+            tx, rx = tunnel_crypto.derive_keys("agent", pk, sk, req.epk, s.id)
+        except Exception as e:  # noqa: BLE001 - nacl CryptoError / ValueError: bad epk
+            self._refuse(s, CloseCode.CRYPTO_ERROR, "console key unusable (%s)"
+                         % type(e).__name__, Reason.MALFORMED)
+        del sk
+        sealer, opener = tunnel_crypto.make_sealer_opener(tx, rx, cipher)
+        resume_keys = resume.ResumeKeys.from_session_keys(tx, rx)
+        del tx, rx
+        # Signed by the identity in force *now*: a rotation applies to new sessions.
+        accept = protocol.make_session_accept(self._get_identity(), s.id, pk, req.epk, cipher)
+        if not self._send_reply(s, accept, "accept"):
+            raise _End(CloseCode.ERROR, "could not send session.accept")
+        log.info("session %s: accepted for %s (%s), targets %s", s.id, s.operator, cipher,
+                 " ".join(s.targets))
+        self._check_close(s)
+        return sealer, opener, resume_keys
 
     def _check_close(self, s: "_Session") -> None:
         if s.close_request is not None:
@@ -310,12 +324,9 @@ class SessionRun(ManagerState):
             self._relay_context = tls.client_context(r.relay_ca_file or self._cfg.amqp.ca_file)
         return self._relay_context
 
-    def _dial(self, s: "_Session", addr: Tuple[str, int]) -> Any:
-        """TLS to the relay, hello, wait for the pairing; return the socket or raise _End."""
-        try:
-            ctx = self._relay_ssl_context()
-        except tls.TLSConfigError as e:
-            raise _End(CloseCode.RELAY_REFUSED, str(e)) from None
+    def _start_dial(self, s: "_Session", addr: Tuple[str, int]) -> gevent.Greenlet:
+        """Start TLS to the relay, hello and the wait for the pairing, in a greenlet whose
+        value is ``(socket, peer_ip)`` or the expected error (see :meth:`_wait_dial`)."""
         host, port = addr
         s.state = DIALING
         s.dial_started = time.monotonic()
@@ -327,12 +338,26 @@ class SessionRun(ManagerState):
             # expected failure is returned instead, so it prints nothing: _finish logs it
             # once, with the session id and the reason (issue 10, item 13).
             try:
+                ctx = self._relay_ssl_context()
                 return rendezvous.dial_relay(host, port, ctx, host, "agent", s.id, ticket,
-                                        RELAY_CONNECT_TIMEOUT, PAIRING_TIMEOUT)
-            except (rendezvous.RelayError, ValueError) as e:
+                                             RELAY_CONNECT_TIMEOUT, PAIRING_TIMEOUT)
+            except (rendezvous.RelayError, ValueError, tls.TLSConfigError) as e:
                 return e
 
         dialer = gevent.spawn(dial)
+        gevent.sleep(0)  # let it connect: the relay accepts while we sign the accept
+        return dialer
+
+    @staticmethod
+    def _drop_dial(dialer: gevent.Greenlet) -> None:
+        """The session ends before its tunnel: stop the dial, close what it connected."""
+        if not dialer.ready():
+            dialer.kill()  # dial_relay closes its sockets on the way out
+        if _returned(dialer):
+            close_quietly(dialer.value[0])
+
+    def _wait_dial(self, s: "_Session", dialer: gevent.Greenlet, addr: Tuple[str, int]) -> Any:
+        """The paired relay socket of :meth:`_start_dial`, or raise _End."""
         gevent.wait([dialer, s.wake], count=1)
         if not dialer.ready():
             dialer.kill()
@@ -342,12 +367,14 @@ class SessionRun(ManagerState):
                 close_quietly(sock)
                 raise _End(*s.close_request)
             s.remote_ip = str(peer_ip)
-            log.info("session %s: paired at relay %s with %s", s.id,
-                     format_address(host, port), peer_ip)
+            log.info("session %s: paired at relay %s with %s", s.id, format_address(*addr),
+                     peer_ip)
             return sock
         if s.close_request is not None:
             raise _End(*s.close_request)
         exc = dialer.value if dialer.successful() else dialer.exception
+        if isinstance(exc, tls.TLSConfigError):
+            raise _End(CloseCode.RELAY_REFUSED, str(exc))
         if isinstance(exc, rendezvous.RelayError):
             if exc.code == "protocol" and not exc.remote:
                 raise _End(CloseCode.RELAY_LOST, str(exc))
@@ -403,7 +430,7 @@ class SessionRun(ManagerState):
         if target in authkeys.VIRTUAL_TARGETS:
             return self._open_virtual(s, target)
         host, port = authkeys.Target.parse(target).address
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        sock = connect_tcp(host, port, CONNECT_TIMEOUT)
         try:
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

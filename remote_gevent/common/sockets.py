@@ -1,10 +1,34 @@
-"""Socket helpers every role needs: closing without caring whether it is still open,
-reading exactly n bytes."""
+"""Socket helpers every role needs: connecting, closing without caring whether it is
+still open, reading exactly n bytes."""
 
+import ipaddress
 import socket
 import struct
 import time
 from typing import Any, Optional
+
+
+def connect_tcp(host: str, port: int, timeout: Optional[float]) -> socket.socket:
+    """``socket.create_connection((host, port), timeout)``, minus the resolver for a
+    literal IP address (a target ``127.0.0.1:22``, a relay given by address).
+
+    gevent's ``create_connection`` asks ``getaddrinfo`` even for ``127.0.0.1``, and its
+    resolver runs that in a thread of its pool: two thread hand-offs (0.1-0.2 ms, more on a
+    busy machine) on the session set-up path for nothing (issue 17). A host name still
+    goes through ``create_connection`` (every address it resolves to, in turn)."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 \
+            else socket.AF_INET
+    except ValueError:
+        return socket.create_connection((host, port), timeout=timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def close_quietly(sock: Any) -> None:

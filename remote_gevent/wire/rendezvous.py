@@ -16,12 +16,12 @@ import re
 import socket
 import ssl
 import time
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 from remote_gevent.common import tls
 from remote_gevent.common.addresses import format_address
 from remote_gevent.common.logs import escape
-from remote_gevent.common.sockets import close_quietly
+from remote_gevent.common.sockets import close_quietly, connect_tcp
 
 PROTOCOL_VERSION = "RG2"
 ROLES = ("agent", "console")
@@ -185,7 +185,7 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
     if pair_timeout is None:
         pair_timeout = DEFAULT_PAIRING_TIMEOUT + timeout
     try:
-        raw = socket.create_connection((host, port), timeout=timeout)
+        raw = connect_tcp(host, port, timeout)
     except socket.timeout:
         raise RelayError("timeout", "relay %s: no TCP connection within %.1fs"
                          % (where, timeout), reached=False) from None
@@ -196,9 +196,11 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
     handed_over = False
     try:
         set_nodelay(raw)
+        name = server_hostname or host
         try:
-            sock = ssl_context.wrap_socket(raw, server_hostname=server_hostname or host,
-                                           do_handshake_on_connect=False)
+            sock = ssl_context.wrap_socket(raw, server_hostname=name,
+                                           do_handshake_on_connect=False,
+                                           session=_tls_session(ssl_context, name, host, port))
             sock.settimeout(timeout)
             sock.do_handshake()
         except socket.timeout:
@@ -222,6 +224,7 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
         parts = line.split(" ")
         if len(parts) == 2 and parts[0] == "OK" and parts[1]:
             peer_ip = parse_peer_ip(parts[1], where)
+            _keep_tls_session(ssl_context, name, host, port, sock)
             plain = _unwrap(sock, where, timeout)
             plain.settimeout(None)
             set_nodelay(plain)
@@ -241,6 +244,32 @@ def dial_relay(host: str, port: int, ssl_context: ssl.SSLContext,
         if not handed_over:
             close_quietly(sock)
             close_quietly(raw)  # no-op once wrap_socket has taken its descriptor over
+
+
+#: The TLS session of the last successful dial, by (server name, host, port), with the
+#: context it belongs to: the next dial there resumes it (TLS 1.3 PSK with a new ECDHE
+#: key; a ticket of TLS 1.2), which skips the relay's certificate signature and our
+#: chain and host name verification — done once, in the full handshake that made the
+#: session, for the same name and context. A session the relay no longer accepts (restart,
+#: another relay behind the name, expiry) costs nothing: the handshake is a full one.
+_TLS_SESSIONS: Dict[Tuple[str, str, int], Tuple[ssl.SSLContext, Any]] = {}
+_TLS_SESSIONS_MAX = 64  # relays one process dials (a pool is a few)
+
+
+def _tls_session(ctx: ssl.SSLContext, name: str, host: str, port: int) -> Any:
+    kept = _TLS_SESSIONS.get((name, host, port))
+    return kept[1] if kept is not None and kept[0] is ctx else None
+
+
+def _keep_tls_session(ctx: ssl.SSLContext, name: str, host: str, port: int,
+                      sock: ssl.SSLSocket) -> None:
+    """Remember ``sock``'s session (its TLS 1.3 ticket came before the relay's OK)."""
+    session = sock.session
+    if session is None:
+        return
+    if len(_TLS_SESSIONS) >= _TLS_SESSIONS_MAX:
+        _TLS_SESSIONS.clear()
+    _TLS_SESSIONS[(name, host, port)] = (ctx, session)
 
 
 def ok_line(peer_ip: str) -> bytes:
