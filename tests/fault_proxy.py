@@ -25,15 +25,17 @@ import gevent.server
 CHUNK = 65536
 
 
-def _socket_inode(port: int) -> Optional[str]:
-    """Inode of the 127.0.0.1 TCP socket whose local port is ``port`` (/proc/net/tcp)."""
-    want = "%04X" % port
+def _socket_inode(port: int, remote_port: int) -> Optional[str]:
+    """Inode of the 127.0.0.1 TCP socket from local ``port`` to ``remote_port``
+    (/proc/net/tcp). Both ports: Linux reuses an ephemeral port for connections to other
+    destinations, so the local port alone can name another process's socket."""
+    local_want = "0100007F:%04X" % port
+    remote_want = "0100007F:%04X" % remote_port
     with open("/proc/net/tcp") as f:
         next(f)
         for line in f:
             parts = line.split()
-            local = parts[1]
-            if local.endswith(":" + want) and local.startswith("0100007F"):
+            if parts[1] == local_want and parts[2] == remote_want and parts[9] != "0":
                 return parts[9]
     return None
 
@@ -95,7 +97,7 @@ class FaultProxy:
         return ev
 
     def _leg_of(self, port: int) -> str:
-        inode = _socket_inode(port)
+        inode = _socket_inode(port, self.port)
         if inode is not None:
             for leg, pid in self.legs.items():
                 if _pid_owns(pid, inode):
