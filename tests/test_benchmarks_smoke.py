@@ -89,7 +89,7 @@ def test_quick_suite_completes_with_every_section(tmp_path):
     assert {"agent_idle_mib", "sessions_10", "sessions_many", "relay"} <= set(results["memory"])
     assert {"refuse", "accept_close"} <= set(results["control_plane"])
     assert results["machine"]["cores"] >= 1 and results["machine"]["python"]
-    assert "| target (issue 6) |" in text
+    assert "| target (issues 6, 17) |" in text
     # everything torn down: nothing that ran from the suite's temporary directory is left
     assert not _children_named([str(tmp_path)]), "stray processes after the suite"
 
