@@ -1,23 +1,20 @@
-"""The benchmark suite: remote-gevent side by side with the OpenSSH reverse tunnel (issue 6).
+"""The benchmark suite: remote-gevent side by side with OpenSSH (issues 6 and 17).
 
-    python -m benchmarks.run                     # full suite (~8-10 min), table + JSON
-    python -m benchmarks.run --quick             # CI smoke (~1 min): tiny sizes, one run
-    python benchmarks/run.py --out results.json  # same thing, another JSON path
+    python -m benchmarks.run                     # full suite (~12 min), table + JSON
+    python -m benchmarks.run --quick             # CI smoke (~70 s): tiny sizes, one run
     python -m benchmarks.run --profile DIR       # also py-spy the throughput path
 
-Brings up on 127.0.0.1 only, in a temporary directory: the demo platform (private TLS
-RabbitMQ node, relay, agent for device ``demo``, console config), an ``sshd`` (one-hop
-``ssh -L``, fresh ``ssh … true``), a second "bastion" ``sshd`` (``ssh -R`` from the
-"device" + the operator's ``ssh -L`` through it), iperf3 servers, a banner server (sends
-one byte on connect) and an echo server. Measures:
+On 127.0.0.1 only, in a temporary directory: the demo platform (private TLS RabbitMQ
+node, relay, agent for device ``demo``), an ``sshd`` (one-hop ``ssh -L``, fresh
+``ssh … true``), a "bastion" ``sshd`` (the device's ``ssh -R`` + the operator's ``ssh -L``
+through it), iperf3 servers, a banner server and an echo server. Measures:
 
 1. throughput, one stream each way: direct, our tunnel (``forward -L``), ``ssh -L``,
    the OpenSSH reverse path, each OpenSSH path at the default cipher, aes128-gcm and the
    fastest cipher here (``suite_compare``); CPU s/GiB of every process on each path;
 2. aggregate throughput of 1, 8 and 64 streams in one session;
-3. session set-up p50/p99: warm (``open_session`` in this already-running console
-   process, request → first byte from the target) and cold (``stdio`` process launch →
-   first byte) next to a fresh ``ssh … true``;
+3. session set-up p50/p99: warm (``open_session`` in this running console process,
+   request → first byte) and cold (``stdio`` launch → first byte) next to ``ssh … true``;
 4. added latency: 1-byte round trips through ``forward`` and ``stdio`` vs direct;
 5. memory: agent RSS idle, with 10 and N open sessions, relay RSS with M paired sessions;
 6. control plane: session requests per second the agent refuses and accepts (+ close).
