@@ -64,8 +64,6 @@ from benchmarks.suite_common import (
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS_SCRIPT = os.path.join(HERE, "suite_targets.py")
-MIB = 1024 * 1024
-MB = 1000 * 1000
 
 #: name → (full, quick) defaults; every one can be overridden on the command line.
 PRESETS: Dict[str, Tuple[Any, Any]] = {
@@ -254,18 +252,9 @@ class Bench:
             gevent.sleep(1.0)
         raise RuntimeError("iperf3 to port %d failed: %s" % (port, last))
 
-    def throughput(self) -> None:
-        suite_compare.throughput(self)
-
-    def many_streams(self) -> None:
-        suite_compare.many_streams(self)
-
     # ------------------------------------------------------------------ 4: latency
     def rtt(self, port: int) -> Dict[str, float]:
         return suite_compare.rtt(self, port)
-
-    def latency(self) -> None:
-        suite_compare.latency(self)
 
     # ------------------------------------------------------------------ 3: session set-up
     def open_session(self, target: str) -> Any:
@@ -524,9 +513,9 @@ class Bench:
 # --------------------------------------------------------------------------- main
 
 SECTIONS: List[Tuple[str, str, Callable[[Bench], None]]] = [
-    ("throughput", "1. throughput, one stream each way", Bench.throughput),
-    ("many_streams", "2. many streams in one session", Bench.many_streams),
-    ("latency", "4. added latency (1-byte round trips)", Bench.latency),
+    ("throughput", "1. throughput, one stream each way", suite_compare.throughput),
+    ("many_streams", "2. many streams in one session", suite_compare.many_streams),
+    ("latency", "4. added latency (1-byte round trips)", suite_compare.latency),
     ("warm", "3a. warm session set-up", Bench.warm_setup),
     ("cold", "3b. cold session set-up", Bench.cold_setup),
     ("control_plane", "6. control plane", Bench.control_plane),
