@@ -24,6 +24,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.pool  # noqa: E402
@@ -325,3 +326,23 @@ if __name__ == "__main__":
         client_main(sys.argv[2:])
     else:
         main()
+
+
+def suite_section(bench: Any) -> None:
+    """``python -m benchmarks.run``'s relay memory section: RSS with paired idle sessions."""
+    from remote_gevent.demo.pki import CertificateAuthority
+
+    pairs = int(bench.opt("relay_pairs"))
+    ca = CertificateAuthority(os.path.join(bench.workdir, "relay-ca"))
+    cert = ca.issue("relay", hosts=["127.0.0.1", "localhost"])
+    work = os.path.join(bench.workdir, "relay-mem")
+    os.makedirs(work, exist_ok=True)
+    rp = RelayProcess(work, cert, pairs)
+    try:
+        res = idle_pairs(rp.port, ca.cert_file, pairs, rp.proc.pid)
+    finally:
+        rp.stop()
+    bench.results.setdefault("memory", {})["relay"] = res
+    bench.say("  relay RSS %.1f MiB empty, %.1f MiB with %d paired idle sessions (%.1f KiB each)"
+              % (res["rss_before_mib"], res["rss_after_traffic_mib"], pairs,
+                 res["per_session_kib"]))

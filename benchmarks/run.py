@@ -1,25 +1,22 @@
-"""The benchmark suite: remote-gevent side by side with the OpenSSH reverse tunnel (issue 6).
+"""The benchmark suite: remote-gevent side by side with OpenSSH (issues 6 and 17).
 
-    python -m benchmarks.run                     # full suite (~8-10 min), table + JSON
-    python -m benchmarks.run --quick             # CI smoke (~1 min): tiny sizes, one run
-    python benchmarks/run.py --out results.json  # same thing, another JSON path
+    python -m benchmarks.run                     # full suite (~12 min), table + JSON
+    python -m benchmarks.run --quick             # CI smoke (~70 s): tiny sizes, one run
     python -m benchmarks.run --profile DIR       # also py-spy the throughput path
 
-Brings up on 127.0.0.1 only, in a temporary directory: the demo platform (private TLS
-RabbitMQ node, relay, agent for device ``demo``, console config), an ``sshd`` (one-hop
-``ssh -L``, fresh ``ssh … true``), a second "bastion" ``sshd`` (``ssh -R`` from the
-"device" + the operator's ``ssh -L`` through it), iperf3 servers, a banner server (sends
-one byte on connect) and an echo server. Measures:
+On 127.0.0.1 only, in a temporary directory: the demo platform (private TLS RabbitMQ
+node, relay, agent for device ``demo``), an ``sshd`` (one-hop ``ssh -L``, fresh
+``ssh … true``), a "bastion" ``sshd`` (the device's ``ssh -R`` + the operator's ``ssh -L``
+through it), iperf3 servers, a banner server and an echo server. Measures:
 
 1. throughput, one stream each way: direct, our tunnel (``forward -L``), ``ssh -L``,
-   the OpenSSH reverse path; ratios ours / each;
+   the OpenSSH reverse path, each OpenSSH path at the default cipher, aes128-gcm and the
+   fastest cipher here (``suite_compare``); CPU s/GiB of every process on each path;
 2. aggregate throughput of 1, 8 and 64 streams in one session;
-3. session set-up p50/p99: warm (``open_session`` in this already-running console
-   process, request → first byte from the target) and cold (``stdio`` process launch →
-   first byte) next to a fresh ``ssh … true``;
-4. added latency: 1-byte round trips through an open tunnel vs direct;
-5. memory: agent RSS idle, with 10 and with N open sessions, relay RSS with M paired idle
-   sessions; per-session cost;
+3. session set-up p50/p99: warm (``open_session`` in this running console process,
+   request → first byte) and cold (``stdio`` launch → first byte) next to ``ssh … true``;
+4. added latency: 1-byte round trips through ``forward`` and ``stdio`` vs direct;
+5. memory: agent RSS idle, with 10 and N open sessions, relay RSS with M paired sessions;
 6. control plane: session requests per second the agent refuses and accepts (+ close).
 
 Every figure is a median over repeated runs; every run records the machine. Figures only,
@@ -50,14 +47,14 @@ if __package__ in (None, ""):  # run as ``python benchmarks/run.py``
 import gevent
 import gevent.pool
 
-from benchmarks import suite_ssh
+from benchmarks import suite_compare, suite_ssh
+from benchmarks.suite_report import _per_cpu, table
 from benchmarks.suite_common import (
     Procs,
     cpu_seconds,
     exit_on_sigterm,
     free_port,
     machine,
-    median,
     open_fds,
     percentile,
     raise_nofile,
@@ -67,8 +64,6 @@ from benchmarks.suite_common import (
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS_SCRIPT = os.path.join(HERE, "suite_targets.py")
-MIB = 1024 * 1024
-MB = 1000 * 1000
 
 #: name → (full, quick) defaults; every one can be overridden on the command line.
 PRESETS: Dict[str, Tuple[Any, Any]] = {
@@ -81,16 +76,6 @@ PRESETS: Dict[str, Tuple[Any, Any]] = {
     "relay_pairs": (5000, 100),
     "cp_requests": (400, 20),   # control-plane requests per kind
 }
-
-# Targets of issue 6 (medians, same machine, same run).
-TARGET_RATIO_REVERSE = 1.5
-TARGET_RATIO_SSH_L = 1.0
-TARGET_WARM_P50_MS = 10.0
-TARGET_COLD_VS_SSH = 1.0
-TARGET_ADDED_RTT_MS = 0.25
-TARGET_AGENT_IDLE_MIB = 40 * MB / MIB
-TARGET_PER_SESSION_KIB = 256.0
-TARGET_RELAY_MIB = 1024.0
 
 DEVICE_TIMEOUT = 60.0
 
@@ -112,6 +97,10 @@ class Bench:
         self.cfg: Any = None
         self.results: Dict[str, Any] = {}
         self.ports: Dict[str, int] = {}
+        #: path -> role -> (pid, with descendants): whose CPU time each path's runs read
+        self.cpu_groups: Dict[str, Dict[str, Tuple[int, bool]]] = {}
+        self.targets_script = TARGETS_SCRIPT
+        self.say = say
 
     def opt(self, name: str) -> Any:
         value = getattr(self.args, name)
@@ -133,7 +122,8 @@ class Bench:
         # first): the control sockets live in a short directory of their own.
         self.control_dir = tempfile.mkdtemp(prefix="rgb-", dir="/tmp")
         p = DemoPlatform(os.path.join(self.workdir, "platform"),
-                         remote={"max_session": max(sessions + 50, 100)},
+                         # the suite opens ~1500 sessions in minutes: no per-operator rate
+                         remote={"max_session": max(sessions + 50, 100), "operator_rate": 0},
                          console={"control_socket_dir": self.control_dir},
                          start_relay=False, relay_port=relay_port)
         p.prepare()
@@ -167,19 +157,19 @@ class Bench:
         key = suite_ssh.make_client_key(self.workdir)
         self.sshd = suite_ssh.Sshd(self.procs, self.workdir, key, "sshd")
         self.bastion = suite_ssh.Sshd(self.procs, self.workdir, key, "bastion")
-        self.ports["ssh_L"] = suite_ssh.local_forward(self.procs, self.sshd,
-                                                      self.ports["iperf_ssh_L"])
-        self.ports["ssh_reverse"] = suite_ssh.reverse_path(self.procs, self.bastion,
-                                                           self.ports["iperf_reverse"])
-        self.ports["echo_ssh_L"] = suite_ssh.local_forward(self.procs, self.sshd,
-                                                           self.ports["echo"])
-        self.ports["echo_ssh_reverse"] = suite_ssh.reverse_path(self.procs, self.bastion,
-                                                                self.ports["echo"])
+        # OpenSSH at its default cipher, at aes128-gcm and at its fastest here (probed)
+        say("probing OpenSSH's fastest cipher on this machine (ssh -L, 1 s each way)")
+        self.fastest_cipher, self.cipher_probe = suite_compare.probe_fastest(
+            self, self.ports["iperf_ssh_L"])
+        suite_compare.setup_openssh_paths(self, self.fastest_cipher)
         # our tunnel: one forward process, one session, two listeners
         self.ports["tunnel"] = free_port()
         self.ports["echo_tunnel"] = free_port()
         self.forward_proc = self._forward([(self.ports["tunnel"], self.ports["iperf_tunnel"]),
                                            (self.ports["echo_tunnel"], self.ports["echo"])])
+        self.cpu_groups["tunnel"] = {"agent": (self.agent_pid, False),
+                                     "console": (self.forward_proc.pid, False),
+                                     "relay": (self.relay_proc.pid, False)}
 
         # in-process console (warm set-up, memory, control plane)
         from remote_gevent.console import config as cconfig
@@ -236,7 +226,12 @@ class Bench:
     # ------------------------------------------------------------------ 1 + 2: throughput
     def iperf(self, port: int, reverse: bool = False, parallel: int = 1,
               seconds: Optional[int] = None) -> float:
-        """Gbit/s received (median-free: one run); one retry if iperf3 fails."""
+        """Gbit/s received (one run)."""
+        return self.iperf_run(port, reverse, parallel, seconds)[0]
+
+    def iperf_run(self, port: int, reverse: bool = False, parallel: int = 1,
+                  seconds: Optional[int] = None) -> Tuple[float, int]:
+        """Gbit/s and bytes received (one run); one retry if iperf3 fails."""
         seconds = int(seconds or self.opt("seconds"))
         argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"]
         if reverse:
@@ -251,80 +246,15 @@ class Bench:
             except ValueError:
                 data = {"error": done.stderr.decode("utf-8", "replace")[-300:]}
             if "error" not in data:
-                return data["end"]["sum_received"]["bits_per_second"] / 1e9
+                got = data["end"]["sum_received"]
+                return got["bits_per_second"] / 1e9, int(got["bytes"])
             last = data["error"]
             gevent.sleep(1.0)
         raise RuntimeError("iperf3 to port %d failed: %s" % (port, last))
 
-    def throughput(self) -> None:
-        paths = {"direct": "iperf_direct", "tunnel": "tunnel", "ssh_L": "ssh_L",
-                 "ssh_reverse": "ssh_reverse"}
-        samples: Dict[str, Dict[str, List[float]]] = {
-            d: {name: [] for name in paths} for d in ("up", "down")}
-        runs = int(self.opt("runs"))
-        for run in range(runs):
-            for name, port_key in paths.items():  # interleaved: drift hits every path
-                for direction in ("up", "down"):
-                    value = self.iperf(self.ports[port_key], reverse=direction == "down")
-                    samples[direction][name].append(value)
-                    say("  throughput run %d/%d %-11s %-4s %6.2f Gbit/s"
-                        % (run + 1, runs, name, direction, value))
-        out: Dict[str, Any] = {}
-        for direction, per in samples.items():
-            med = {name: median(v) for name, v in per.items()}
-            out[direction] = {
-                "gbit_s": med,
-                "runs": per,
-                "ratio_tunnel_vs": {name: med["tunnel"] / med[name] for name in paths
-                                    if name != "tunnel"},
-            }
-        out["seconds_per_run"] = int(self.opt("seconds"))
-        self.results["throughput"] = out
-
-    def many_streams(self) -> None:
-        counts = [int(c) for c in str(self.opt("streams")).split(",") if c.strip()]
-        runs = int(self.opt("runs"))
-        out: Dict[str, Any] = {"streams": counts, "tunnel_gbit_s": {}, "ssh_reverse_gbit_s": {}}
-        for n in counts:
-            for name, port_key, key in (("tunnel", "tunnel", "tunnel_gbit_s"),
-                                        ("ssh_reverse", "ssh_reverse", "ssh_reverse_gbit_s")):
-                values = [self.iperf(self.ports[port_key], parallel=n) for _ in range(runs)]
-                out[key][str(n)] = median(values)
-                say("  %2d streams %-11s %6.2f Gbit/s (median of %d)"
-                    % (n, name, median(values), runs))
-        self.results["many_streams"] = out
-
     # ------------------------------------------------------------------ 4: latency
     def rtt(self, port: int) -> Dict[str, float]:
-        rounds = int(self.opt("rtt_rounds"))
-        done = subprocess.run([sys.executable, TARGETS_SCRIPT, "rtt", str(port), str(rounds)],
-                              capture_output=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError("rtt client failed: %s" % done.stderr[-500:])
-        samples = json.loads(done.stdout)["samples_ms"]
-        samples = samples[min(50, len(samples) // 10):]  # warm-up
-        return {"p50": percentile(samples, 50), "p99": percentile(samples, 99)}
-
-    def latency(self) -> None:
-        paths = {"direct": "echo", "tunnel": "echo_tunnel", "ssh_L": "echo_ssh_L",
-                 "ssh_reverse": "echo_ssh_reverse"}
-        per: Dict[str, Dict[str, List[float]]] = {n: {"p50": [], "p99": []} for n in paths}
-        for _ in range(int(self.opt("runs"))):
-            for name, key in paths.items():
-                r = self.rtt(self.ports[key])
-                per[name]["p50"].append(r["p50"])
-                per[name]["p99"].append(r["p99"])
-        out: Dict[str, Any] = {name: {q: median(v) for q, v in qs.items()}
-                               for name, qs in per.items()}
-        for name in paths:
-            if name != "direct":
-                out[name]["added_p50"] = out[name]["p50"] - out["direct"]["p50"]
-                out[name]["added_p99"] = out[name]["p99"] - out["direct"]["p99"]
-        out["rounds"] = int(self.opt("rtt_rounds"))
-        self.results["latency_ms"] = out
-        for name in paths:
-            say("  rtt %-11s p50 %.3f ms  p99 %.3f ms" % (name, out[name]["p50"],
-                                                         out[name]["p99"]))
+        return suite_compare.rtt(self, port)
 
     # ------------------------------------------------------------------ 3: session set-up
     def open_session(self, target: str) -> Any:
@@ -570,215 +500,22 @@ class Bench:
 
     def relay_memory(self) -> None:
         from benchmarks import bench_relay
-        from remote_gevent.demo.pki import CertificateAuthority
 
-        pairs = int(self.opt("relay_pairs"))
-        ca = CertificateAuthority(os.path.join(self.workdir, "relay-ca"))
-        cert = ca.issue("relay", hosts=["127.0.0.1", "localhost"])
-        work = os.path.join(self.workdir, "relay-mem")
-        os.makedirs(work, exist_ok=True)
-        rp = bench_relay.RelayProcess(work, cert, pairs)
-        try:
-            res = bench_relay.idle_pairs(rp.port, ca.cert_file, pairs, rp.proc.pid)
-        finally:
-            rp.stop()
-        self.results.setdefault("memory", {})["relay"] = res
-        say("  relay RSS %.1f MiB empty, %.1f MiB with %d paired idle sessions (%.1f KiB each)"
-            % (res["rss_before_mib"], res["rss_after_traffic_mib"], pairs,
-               res["per_session_kib"]))
+        bench_relay.suite_section(self)
 
     # ------------------------------------------------------------------ profile
     def profile(self, directory: str) -> None:
         from benchmarks import suite_profile
 
-        os.makedirs(directory, exist_ok=True)
-        pids = {"agent": self.agent_pid, "relay": self.relay_proc.pid,
-                "console": self.forward_proc.pid}
-        seconds = max(4, int(self.opt("seconds")))
-        out: Dict[str, Any] = {}
-        for direction in ("up", "down"):
-            rec = suite_profile.start(pids, directory, direction, seconds)
-            gevent.sleep(0.5)
-            gbit = self.iperf(self.ports["tunnel"], reverse=direction == "down",
-                              seconds=seconds)
-            out[direction] = {"gbit_s_while_profiled": gbit,
-                              "processes": suite_profile.finish(rec)}
-        # The latency path too: where a 1-byte round trip spends its time in each process.
-        rec = suite_profile.start(pids, directory, "rtt", seconds)
-        gevent.sleep(0.5)
-        rtt: Dict[str, float] = {}
-        deadline = time.monotonic() + seconds - 1
-        while time.monotonic() < deadline:
-            rtt = self.rtt(self.ports["echo_tunnel"])
-        out["rtt"] = {"rtt_p50_ms_while_profiled": rtt.get("p50", float("nan")),
-                      "processes": suite_profile.finish(rec)}
-        self.results["profile"] = out
-        say(suite_profile.report(out))
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _verdict(ok: bool, miss: str) -> str:
-    return "met" if ok else "MISSED: %s" % miss
-
-
-def targets(r: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Each issue-6 target next to its figure: met, or missed by how much."""
-    rows: List[Dict[str, Any]] = []
-
-    def add(name: str, value: float, target: str, ok: bool, miss: str) -> None:
-        rows.append({"target": name, "value": value, "goal": target,
-                     "verdict": _verdict(ok, miss)})
-
-    tp = r.get("throughput")
-    if tp:
-        for d in ("up", "down"):
-            rev = tp[d]["ratio_tunnel_vs"]["ssh_reverse"]
-            add("throughput %s ours/OpenSSH reverse" % d, rev, ">= %.1fx" % TARGET_RATIO_REVERSE,
-                rev >= TARGET_RATIO_REVERSE, "%.0f%% short" % (100 * (1 - rev /
-                                                                   TARGET_RATIO_REVERSE)))
-            one = tp[d]["ratio_tunnel_vs"]["ssh_L"]
-            add("throughput %s ours/ssh -L" % d, one, ">= %.1fx" % TARGET_RATIO_SSH_L,
-                one >= TARGET_RATIO_SSH_L, "%.0f%% short" % (100 * (1 - one / TARGET_RATIO_SSH_L)))
-    setup = r.get("session_setup_ms", {})
-    if "warm" in setup:
-        w = setup["warm"]["first_byte_p50"]
-        add("warm session set-up p50 (ms)", w, "<= %.0f ms" % TARGET_WARM_P50_MS,
-            w <= TARGET_WARM_P50_MS, "%.1f ms over (%.1fx)" % (w - TARGET_WARM_P50_MS,
-                                                            w / TARGET_WARM_P50_MS))
-    if "cold" in setup:
-        c = setup["cold"]
-        ratio = c["stdio_first_byte_p50"] / c["ssh_true_p50"]
-        add("cold stdio (own session) p50 / fresh ssh p50", ratio,
-            "<= %.1fx" % TARGET_COLD_VS_SSH, ratio <= TARGET_COLD_VS_SSH,
-            "%.0f ms over ssh's %.0f ms" % (c["stdio_first_byte_p50"] - c["ssh_true_p50"],
-                                            c["ssh_true_p50"]))
-        if "stdio_via_master_p50" in c:
-            ratio = c["stdio_via_master_p50"] / c["ssh_true_p50"]
-            add("cold stdio via a running master p50 / fresh ssh p50", ratio,
-                "<= %.1fx" % TARGET_COLD_VS_SSH, ratio <= TARGET_COLD_VS_SSH,
-                "%.0f ms over ssh's %.0f ms" % (c["stdio_via_master_p50"] - c["ssh_true_p50"],
-                                                c["ssh_true_p50"]))
-    lat = r.get("latency_ms")
-    if lat:
-        a = lat["tunnel"]["added_p50"]
-        add("added RTT p50 (ms)", a, "<= %.2f ms" % TARGET_ADDED_RTT_MS,
-            a <= TARGET_ADDED_RTT_MS, "%.3f ms over" % (a - TARGET_ADDED_RTT_MS))
-    mem = r.get("memory", {})
-    if "agent_idle_mib" in mem:
-        i = mem["agent_idle_mib"]
-        add("agent RSS idle (MiB)", i, "<= 40 MB (%.1f MiB)" % TARGET_AGENT_IDLE_MIB,
-            i <= TARGET_AGENT_IDLE_MIB, "%.1f MiB over" % (i - TARGET_AGENT_IDLE_MIB))
-    if "sessions_many" in mem:
-        s = mem["sessions_many"]["per_session_kib"]
-        add("agent RSS per open session (KiB, %d sessions)" % mem["sessions_many"]["opened"],
-            s, "<= %.0f KiB" % TARGET_PER_SESSION_KIB, s <= TARGET_PER_SESSION_KIB,
-            "%.0f KiB over" % (s - TARGET_PER_SESSION_KIB))
-    if "relay" in mem:
-        m = mem["relay"]
-        n = m["pairs"]
-        # the target is for 5000 sessions: fewer (--quick) are extrapolated linearly
-        rel = m["rss_before_mib"] + m["per_session_kib"] * 5000 / 1024.0
-        name = "relay RSS with 5000 paired sessions (MiB%s)" % (
-            "" if n == 5000 else ", extrapolated from %d" % n)
-        if n == 5000:
-            rel = m["rss_after_traffic_mib"]
-        add(name, rel, "<= %.0f MiB" % TARGET_RELAY_MIB, rel <= TARGET_RELAY_MIB,
-            "%.0f MiB over" % (rel - TARGET_RELAY_MIB))
-    return rows
-
-
-def table(r: Dict[str, Any]) -> str:  # noqa: C901 - a report table: one branch per optional row
-    lines: List[str] = []
-
-    def row(section: str, metric: str, value: str) -> None:
-        lines.append("| %s | %s | %s |" % (section, metric, value))
-
-    lines.append("| section | figure | value |")
-    lines.append("|---|---|---|")
-    tp = r.get("throughput")
-    if tp:
-        for d in ("up", "down"):
-            g = tp[d]["gbit_s"]
-            for name in ("direct", "tunnel", "ssh_L", "ssh_reverse"):
-                row("1 throughput %s" % d, name, "%.2f Gbit/s" % g[name])
-            ratios = tp[d]["ratio_tunnel_vs"]
-            row("1 throughput %s" % d, "ratio ours/direct, /ssh -L, /reverse",
-                "%.2f / %.2f / %.2f" % (ratios["direct"], ratios["ssh_L"], ratios["ssh_reverse"]))
-    ms = r.get("many_streams")
-    if ms:
-        for n in ms["streams"]:
-            row("2 many streams", "%d streams, ours / OpenSSH reverse" % n, "%.2f / %.2f Gbit/s"
-                % (ms["tunnel_gbit_s"][str(n)], ms["ssh_reverse_gbit_s"][str(n)]))
-    setup = r.get("session_setup_ms", {})
-    if "warm" in setup:
-        w = setup["warm"]
-        row("3 session set-up", "warm, request → first byte p50 / p99 (%d runs)" % w["runs"],
-            "%.1f / %.1f ms" % (w["first_byte_p50"], w["first_byte_p99"]))
-        row("3 session set-up", "warm, request → tunnel up p50 / p99",
-            "%.1f / %.1f ms" % (w["tunnel_up_p50"], w["tunnel_up_p99"]))
-    if "cold" in setup:
-        c = setup["cold"]
-        row("3 session set-up", "cold `stdio` launch → first byte p50 / p99 (%d runs)"
-            % c["runs"], "%.0f / %.0f ms" % (c["stdio_first_byte_p50"],
-                                             c["stdio_first_byte_p99"]))
-        row("3 session set-up", "fresh `ssh … true` p50 / p99",
-            "%.0f / %.0f ms" % (c["ssh_true_p50"], c["ssh_true_p99"]))
-        row("3 session set-up", "`remote-gevent-console --version` p50 (start-up floor)",
-            "%.0f ms" % c["console_version_p50"])
-        if "stdio_via_master_p50" in c:
-            row("3 session set-up", "`stdio --master use` (running master) → first byte p50 / p99",
-                "%.0f / %.0f ms" % (c["stdio_via_master_p50"], c["stdio_via_master_p99"]))
-            row("3 session set-up", "`ssh … true` via a ControlMaster p50 / p99",
-                "%.0f / %.0f ms" % (c["ssh_true_via_controlmaster_p50"],
-                                    c["ssh_true_via_controlmaster_p99"]))
-    lat = r.get("latency_ms")
-    if lat:
-        for name in ("direct", "tunnel", "ssh_L", "ssh_reverse"):
-            extra = ""
-            if name != "direct":
-                extra = " (added %.3f / %.3f)" % (lat[name]["added_p50"], lat[name]["added_p99"])
-            row("4 1-byte RTT", "%s p50 / p99" % name,
-                "%.3f / %.3f ms%s" % (lat[name]["p50"], lat[name]["p99"], extra))
-    mem = r.get("memory", {})
-    if "agent_idle_mib" in mem:
-        row("5 memory", "agent RSS idle (fresh)", "%.1f MiB" % mem["agent_idle_mib"])
-    for key in ("sessions_10", "sessions_many"):
-        if key in mem:
-            m = mem[key]
-            row("5 memory", "agent RSS with %d open sessions" % m["opened"],
-                "%.1f MiB (from %.1f; %.1f KiB/session; %d fds)" % (
-                    m["agent_rss_mib"], m["agent_rss_before_mib"], m["per_session_kib"],
-                    m["agent_fds"]))
-    if "relay" in mem:
-        m = mem["relay"]
-        row("5 memory", "relay RSS with %d paired idle sessions" % m["pairs"],
-            "%.1f MiB (empty %.1f; %.1f KiB/session)" % (
-                m["rss_after_traffic_mib"], m["rss_before_mib"], m["per_session_kib"]))
-    cp = r.get("control_plane")
-    if cp:
-        for key, label in (("refuse", "refusals (target not permitted)"),
-                           ("accept_close", "accepts (+ close)")):
-            c = cp[key]
-            row("6 control plane", label, "%.0f req/s (%s per agent CPU-s; %s)"
-                % (c["per_s"], _per_cpu(c), ", ".join(
-                    "%s %d" % kv for kv in sorted(c["outcomes"].items()))))
-    out = "\n".join(lines)
-    rows = targets(r)
-    if rows:
-        out += "\n\n| target (issue 6) | figure | goal | verdict |\n|---|---|---|---|\n"
-        out += "\n".join("| %s | %.3g | %s | %s |" % (t["target"], t["value"], t["goal"],
-                                                     t["verdict"]) for t in rows)
-    return out
+        suite_profile.profile_paths(self, directory)
 
 
 # --------------------------------------------------------------------------- main
 
 SECTIONS: List[Tuple[str, str, Callable[[Bench], None]]] = [
-    ("throughput", "1. throughput, one stream each way", Bench.throughput),
-    ("many_streams", "2. many streams in one session", Bench.many_streams),
-    ("latency", "4. added latency (1-byte round trips)", Bench.latency),
+    ("throughput", "1. throughput, one stream each way", suite_compare.throughput),
+    ("many_streams", "2. many streams in one session", suite_compare.many_streams),
+    ("latency", "4. added latency (1-byte round trips)", suite_compare.latency),
     ("warm", "3a. warm session set-up", Bench.warm_setup),
     ("cold", "3b. cold session set-up", Bench.cold_setup),
     ("control_plane", "6. control plane", Bench.control_plane),
@@ -804,12 +541,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _per_cpu(figures: Dict[str, Any]) -> str:
-    """Requests per agent CPU-second, or n/a when the run was too short to measure CPU."""
-    value = figures.get("per_agent_cpu_s")
-    return "n/a" if value is None else "%.0f" % value
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
@@ -828,6 +559,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         results["machine"]["tunnel_cipher"] = tunnel_crypto.choose_cipher(bench.cfg.cipher)
         results["machine"]["ssh_cipher"] = bench.sshd.negotiated_cipher()
+        results["machine"]["ssh_fastest_cipher"] = bench.fastest_cipher
+        results["cipher_probe_gbit_s"] = bench.cipher_probe
         gevent.sleep(2.0)
         results.setdefault("memory", {})["agent_idle_mib"] = bench.agent_mem()[0]
         for key, title, fn in SECTIONS:

@@ -107,3 +107,35 @@ def report(result: Dict[str, Any]) -> str:
             for fn, pct in prof.get("self_pct", [])[:8]:
                 lines.append("      self %5.1f%%  %s" % (pct, fn))
     return "\n".join(lines)
+
+
+def profile_paths(bench: Any, directory: str) -> None:
+    """py-spy of agent, relay and console during a tunnel iperf3 run each way and 1-byte
+    round trips (``python -m benchmarks.run --profile DIR``)."""
+    import time
+
+    import gevent
+
+    os.makedirs(directory, exist_ok=True)
+    pids = {"agent": bench.agent_pid, "relay": bench.relay_proc.pid,
+            "console": bench.forward_proc.pid}
+    seconds = max(4, int(bench.opt("seconds")))
+    out: Dict[str, Any] = {}
+    for direction in ("up", "down"):
+        rec = start(pids, directory, direction, seconds)
+        gevent.sleep(0.5)
+        gbit = bench.iperf(bench.ports["tunnel"], reverse=direction == "down",
+                           seconds=seconds)
+        out[direction] = {"gbit_s_while_profiled": gbit,
+                          "processes": finish(rec)}
+    # The latency path too: where a 1-byte round trip spends its time in each process.
+    rec = start(pids, directory, "rtt", seconds)
+    gevent.sleep(0.5)
+    rtt: Dict[str, float] = {}
+    deadline = time.monotonic() + seconds - 1
+    while time.monotonic() < deadline:
+        rtt = bench.rtt(bench.ports["echo_tunnel"])
+    out["rtt"] = {"rtt_p50_ms_while_profiled": rtt.get("p50", float("nan")),
+                  "processes": finish(rec)}
+    bench.results["profile"] = out
+    bench.say(report(out))

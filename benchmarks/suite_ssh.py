@@ -9,14 +9,16 @@ temporary host key and one authorized client key, no PAM, no passwords. Two of t
   ``ssh -N -L LPORT:127.0.0.1:BPORT bastion``; bytes go operator ssh → bastion sshd →
   device ssh → service (two SSH encryptions, two sshd/ssh hops).
 
-Ciphers are OpenSSH's defaults (the cipher in use is recorded by ``negotiated_cipher``).
+Each forwarding client takes its own ``ssh`` options, so that one server serves paths
+with OpenSSH's default cipher (recorded by ``negotiated_cipher``) and with ``-c CIPHER``
+(``benchmarks/suite_compare.py`` probes which cipher is fastest on the machine).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 from benchmarks.suite_common import Procs, free_port, wait_port
 
@@ -91,18 +93,37 @@ class Sshd:
         return ssh_cipher(done.stderr.decode("utf-8", "replace"))
 
 
-def local_forward(procs: Procs, server: Sshd, target_port: int) -> int:
+def local_forward(procs: Procs, server: Sshd, target_port: int,
+                  options: Sequence[str] = ()) -> int:
     """``ssh -N -L LPORT:127.0.0.1:target_port`` to ``server``; returns LPORT once usable."""
+    return local_forward_proc(procs, server, target_port, options)[0]
+
+
+def local_forward_proc(procs: Procs, server: Sshd, target_port: int,
+                       options: Sequence[str] = ()) -> Tuple[int, subprocess.Popen]:
+    """Like :func:`local_forward`, and the ``ssh`` client process (for its CPU time)."""
     lport = free_port()
-    proc = procs.start(server.ssh_argv(["-N", "-L", "%d:127.0.0.1:%d" % (lport, target_port)]))
+    proc = procs.start(server.ssh_argv(list(options) + [
+        "-N", "-L", "%d:127.0.0.1:%d" % (lport, target_port)]))
     wait_port(lport, proc, what="ssh -L")
-    return lport
+    return lport, proc
 
 
-def reverse_path(procs: Procs, bastion: Sshd, service_port: int) -> int:
+def reverse_path(procs: Procs, bastion: Sshd, service_port: int,
+                 options: Sequence[str] = ()) -> int:
     """Device ``ssh -R`` to the bastion, operator ``ssh -L`` via it; the operator's port."""
+    return reverse_path_procs(procs, bastion, service_port, options)[0]
+
+
+def reverse_path_procs(procs: Procs, bastion: Sshd, service_port: int,
+                       options: Sequence[str] = ()
+                       ) -> Tuple[int, subprocess.Popen, subprocess.Popen]:
+    """Like :func:`reverse_path`, and the device's ``ssh -R`` and the operator's ``ssh -L``
+    processes (``options``, e.g. ``-c CIPHER``, apply to both legs)."""
     bport = free_port()
-    device = procs.start(bastion.ssh_argv(["-N", "-R", "%d:127.0.0.1:%d" % (bport, service_port)]))
+    device = procs.start(bastion.ssh_argv(list(options) + [
+        "-N", "-R", "%d:127.0.0.1:%d" % (bport, service_port)]))
     wait_port(bport, device, what="ssh -R on the bastion")
-    return local_forward(procs, bastion, bport)
+    lport, operator = local_forward_proc(procs, bastion, bport, options)
+    return lport, device, operator
 

@@ -6,6 +6,9 @@
     python benchmarks/suite_targets.py rtt PORT ROUNDS
                                                 # 1-byte request/response round trips;
                                                 # prints JSON {"samples_ms": [...]}
+    python benchmarks/suite_targets.py rtt-cmd ROUNDS ARGV...
+                                                # the same through a command's stdin and
+                                                # stdout (``stdio``, the ProxyCommand path)
 
 Threads, one per connection: the servers must never be the bottleneck of what we
 measure, and they stay out of the measured processes' CPU accounting.
@@ -14,11 +17,13 @@ measure, and they stay out of the measured processes' CPU accounting.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, List
 
 
 def _serve(handler: Callable[[socket.socket], None]) -> None:
@@ -71,6 +76,29 @@ def rtt(port: int, rounds: int) -> None:
     print(json.dumps({"samples_ms": samples}), flush=True)
 
 
+def rtt_cmd(rounds: int, argv: List[str]) -> None:
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    assert proc.stdin is not None and proc.stdout is not None
+    wfd, rfd = proc.stdin.fileno(), proc.stdout.fileno()
+    samples = []
+    clock = time.perf_counter
+    try:
+        for _ in range(rounds):
+            t0 = clock()
+            os.write(wfd, b"p")
+            if not os.read(rfd, 1):
+                raise SystemExit("the command closed its stdout (exit %s)" % proc.poll())
+            samples.append((clock() - t0) * 1000.0)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    print(json.dumps({"samples_ms": samples}), flush=True)
+
+
 def main() -> None:
     mode = sys.argv[1]
     if mode == "banner":
@@ -79,6 +107,8 @@ def main() -> None:
         _serve(echo)
     elif mode == "rtt":
         rtt(int(sys.argv[2]), int(sys.argv[3]))
+    elif mode == "rtt-cmd":
+        rtt_cmd(int(sys.argv[2]), sys.argv[3:])
     else:
         raise SystemExit("unknown mode %r" % mode)
 

@@ -74,15 +74,22 @@ def test_quick_suite_completes_with_every_section(tmp_path):
         values = list(_numbers(results[section]))
         assert values, section
         assert all(not math.isnan(v) for v in values), (section, results[section])
+    openssh = {k + v for k in ("ssh_L", "ssh_reverse") for v in ("", "_aes128gcm", "_fastest")}
     for direction in ("up", "down"):
-        assert set(results["throughput"][direction]["gbit_s"]) == {
-            "direct", "tunnel", "ssh_L", "ssh_reverse"}
+        tp = results["throughput"][direction]
+        assert set(tp["gbit_s"]) == {"direct", "tunnel"} | openssh
+        # CPU s/GiB of the agent next to sshd's, of the console next to ssh's (issue 17)
+        assert {"agent", "console", "relay"} <= set(tp["cpu_s_per_gib"]["tunnel"])
+        assert {"sshd", "ssh"} <= set(tp["cpu_s_per_gib"]["ssh_L_fastest"])
+    assert results["machine"]["ssh_fastest_cipher"] in results["cipher_probe_gbit_s"]
     assert set(results["many_streams"]["tunnel_gbit_s"]) == {"1", "8", "64"}
+    assert {"tunnel", "stdio", "stdio_via_master", "ssh_reverse_fastest"} <= set(
+        results["latency_ms"])
     assert {"warm", "cold"} <= set(results["session_setup_ms"])
     assert {"agent_idle_mib", "sessions_10", "sessions_many", "relay"} <= set(results["memory"])
     assert {"refuse", "accept_close"} <= set(results["control_plane"])
     assert results["machine"]["cores"] >= 1 and results["machine"]["python"]
-    assert "| target (issue 6) |" in text
+    assert "| target (issues 6, 17) |" in text
     # everything torn down: nothing that ran from the suite's temporary directory is left
     assert not _children_named([str(tmp_path)]), "stray processes after the suite"
 

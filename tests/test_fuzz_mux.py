@@ -131,8 +131,14 @@ class _Recorder(logging.Handler):
         self.errors = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.endswith("on_open(boom) failed"):
+            # The test's own callback bug ("boom"), logged with its traceback by design.
+            # Whether the stream is served before the peer's EOF closes the tunnel is
+            # scheduling (the reader waits in the hub after a short read), not an error.
+            return
         if record.levelno >= logging.ERROR or record.exc_info:
-            self.errors.append(record.getMessage())
+            self.errors.append(message)
 
 
 def _drive(role: str, first: bytes, body: bytes, ending: str, close_targets: bool):  # noqa: C901 - a test driver: one branch per fuzzed ending

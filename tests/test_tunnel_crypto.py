@@ -64,10 +64,54 @@ def _split(frame):
     return frame[:4], frame[4:]
 
 
-@pytest.fixture(params=_ciphers())
+def _libsodium(obj):
+    """The same sealer/opener with OpenSSL's AES-GCM switched off (libsodium's is used)."""
+    obj._gcm = None
+    return obj
+
+
+def _backends():
+    out = list(_ciphers())
+    if tc.AES256GCM in out:
+        out.append(tc.AES256GCM + "/libsodium")
+    return out
+
+
+@pytest.fixture(params=_backends())
 def channel(request):
+    """Every cipher, AES-256-GCM through OpenSSL (when usable) and through libsodium."""
     (ctx, _), (_, arx), _ = _pair()
-    return tc.FrameSealer(ctx, request.param), tc.FrameOpener(arx, request.param)
+    cipher, _, backend = request.param.partition("/")
+    sealer, opener = tc.FrameSealer(ctx, cipher), tc.FrameOpener(arx, cipher)
+    if backend == "libsodium":
+        _libsodium(sealer)
+        _libsodium(opener)
+    return sealer, opener
+
+
+@pytest.mark.skipif(tc.AES256GCM not in _ciphers(), reason="no AES-256-GCM here")
+def test_openssl_and_libsodium_aes256gcm_are_interchangeable():
+    """OpenSSL's AES-256-GCM (aead_openssl) writes the very frames libsodium writes: an
+    agent with one and a console with the other interoperate, frame by frame."""
+    if tc.aead_openssl.aes256gcm(bytes(32)) is None:
+        pytest.skip("cryptography without encrypt_into: libsodium only")
+    (ctx, _), (_, arx), _ = _pair()
+    fast = tc.FrameSealer(ctx, tc.AES256GCM)
+    slow = _libsodium(tc.FrameSealer(ctx, tc.AES256GCM))
+    assert fast._gcm is not None
+    o_fast = tc.FrameOpener(arx, tc.AES256GCM)
+    o_slow = _libsodium(tc.FrameOpener(arx, tc.AES256GCM))
+    for pt in (b"", b"x", os.urandom(tc.MAX_PLAINTEXT)):
+        a, b = fast.seal(pt), slow.seal(pt)
+        assert a == b  # same counter, key, nonce and AAD: identical wire bytes
+        assert o_slow.open(*_split(a)) == pt
+        assert o_fast.open(*_split(b)) == pt
+    bad = bytearray(fast.seal(b"tampered"))
+    bad[-1] ^= 1
+    with pytest.raises(tc.FrameAuthError):
+        o_fast.open(*_split(bad))
+    with pytest.raises(tc.FrameAuthError):  # and the opener stays dead
+        o_fast.open(*_split(slow.seal(b"next")))
 
 
 def test_round_trip_both_ciphers(channel):

@@ -18,11 +18,14 @@ The relay only ever sees the wire frames produced here. Each session:
 Wire frame: ``len:u32be | ciphertext``; the 4 length bytes are the AAD, so
 the length itself is authenticated.
 
-Performance: seal/open are one libsodium call each, writing straight into
-the output buffer (no intermediate ``bytes`` objects, no concatenation). We
-call libsodium through PyNaCl's cffi module (``nacl._sodium``) rather than
-its Python wrappers because those allocate a zeroed cffi buffer and then
-copy it into ``bytes``: about 30% slower for AES-256-GCM on 64 KiB frames.
+Performance: AES-256-GCM goes through OpenSSL when ``cryptography`` offers
+``encrypt_into`` (:mod:`aead_openssl`: same wire format, about 3x faster than
+libsodium's on the benchmark machine). Otherwise seal/open are one libsodium
+call each, writing straight into the output buffer (no intermediate ``bytes``
+objects, no concatenation). We call libsodium through PyNaCl's cffi module
+(``nacl._sodium``) rather than its Python wrappers because those allocate a
+zeroed cffi buffer and then copy it into ``bytes``: about 30% slower for
+AES-256-GCM on 64 KiB frames.
 """
 
 import struct
@@ -32,6 +35,8 @@ import nacl.bindings
 import nacl.encoding
 import nacl.hash
 from nacl._sodium import ffi, lib
+
+from remote_gevent.crypto import aead_openssl
 
 AES256GCM = "aes256gcm"
 XCHACHA20POLY1305 = "xchacha20poly1305"
@@ -201,7 +206,7 @@ class FrameSealer:
     order must equal the order on the wire).
     """
 
-    __slots__ = ("cipher", "_key", "_encrypt", "_pad", "_counter")
+    __slots__ = ("cipher", "_key", "_encrypt", "_pad", "_counter", "_gcm")
 
     def __init__(self, key: bytes, cipher: str) -> None:
         self._key = _check_key(key)
@@ -209,6 +214,8 @@ class FrameSealer:
         self.cipher = cipher
         self._pad = bytes(npub - 8)
         self._counter = 0
+        # OpenSSL's AES-256-GCM when usable (same wire format, ~3x faster here)
+        self._gcm = aead_openssl.aes256gcm(key) if cipher == AES256GCM else None
 
     @property
     def counter(self) -> int:
@@ -230,6 +237,12 @@ class FrameSealer:
         clen = n + TAG_BYTES
         out = bytearray(LEN_BYTES + clen)
         _LEN.pack_into(out, 0, clen)
+        gcm = self._gcm
+        if gcm is not None:
+            gcm.encrypt_into(_COUNTER.pack(counter) + self._pad, plaintext,
+                             _LEN.pack(clen), memoryview(out)[LEN_BYTES:])
+            self._counter = counter + 1
+            return out
         buf = ffi.from_buffer(out)
         rc = self._encrypt(
             buf + LEN_BYTES, ffi.NULL,
@@ -250,7 +263,7 @@ class FrameOpener:
     so nothing received after a bad frame can ever be delivered.
     """
 
-    __slots__ = ("cipher", "_key", "_decrypt", "_pad", "_counter", "_dead")
+    __slots__ = ("cipher", "_key", "_decrypt", "_pad", "_counter", "_dead", "_gcm")
 
     def __init__(self, key: bytes, cipher: str) -> None:
         self._key = _check_key(key)
@@ -259,6 +272,7 @@ class FrameOpener:
         self._pad = bytes(npub - 8)
         self._counter = 0
         self._dead = False
+        self._gcm = aead_openssl.aes256gcm(key) if cipher == AES256GCM else None
 
     @property
     def counter(self) -> int:
@@ -303,6 +317,16 @@ class FrameOpener:
         if counter > MAX_COUNTER:
             raise self._fail(FrameAuthError, "nonce counter exhausted")
         out = bytearray(clen - TAG_BYTES)
+        gcm = self._gcm
+        if gcm is not None:
+            try:
+                gcm.decrypt_into(_COUNTER.pack(counter) + self._pad, ciphertext,
+                                 len_prefix, out)
+            except aead_openssl.invalid_tag():
+                raise self._fail(FrameAuthError,
+                                 "frame %d failed authentication" % counter) from None
+            self._counter = counter + 1
+            return out
         rc = self._decrypt(
             ffi.from_buffer(out), ffi.NULL, ffi.NULL,
             ffi.from_buffer(ciphertext), clen,

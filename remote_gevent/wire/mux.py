@@ -200,6 +200,7 @@ class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
         self._rview = memoryview(self._rbuf)
         self._rstart = 0                 # unparsed bytes are _rbuf[_rstart:_rend]
         self._rend = 0
+        self._rdrained = False           # the last recv_into was short: wait before the next
 
         self.started: Optional[float] = None
         now = time.monotonic()

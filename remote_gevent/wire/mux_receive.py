@@ -3,6 +3,7 @@ HELLO, reading and opening frames, and dispatching each frame to its stream (wit
 receive budget and the known-code checks of docs/protocol.md, section 7)."""
 
 import logging
+import socket
 import time
 from typing import Any, Optional
 
@@ -77,14 +78,23 @@ class FrameReceiving(TunnelState):
             left = self._rend - self._rstart
             view[:left] = view[self._rstart:self._rend]
             self._rstart, self._rend = 0, left
-        recv_into = self._sock.recv_into
+        sock = self._sock
+        recv_into = sock.recv_into
+        # A short read means the kernel had no more: the next recv would fail with
+        # EAGAIN before gevent waits, so wait for readability first (one system call
+        # less per wake-up; a plain gevent socket only — TLS may hold buffered bytes).
+        wait = getattr(sock, "_wait", None) if type(sock) is socket.socket else None
         while self._rend - self._rstart < need:
-            k = recv_into(view[self._rend:], RECV_BUFFER - self._rend)
+            if self._rdrained and wait is not None:
+                wait(sock._read_event)
+            space = RECV_BUFFER - self._rend
+            k = recv_into(view[self._rend:], space)
             if not k:
                 if self._close_code is None:
                     raise TunnelFailure(CloseCode.RELAY_LOST,
                                          "tunnel socket closed without CLOSE")
                 raise TunnelClosed("closed")
+            self._rdrained = k < space
             self._rend += k
 
     def _read_frame(self) -> Any:

@@ -86,18 +86,26 @@ class StreamSplicing(TunnelState):
         buf: Optional[bytearray] = None
         view: Any = None
         recv_into = getattr(sock, "recv_into", None)
+        # After a short read the socket is (nearly always) drained: wait for readability
+        # in the hub straight away instead of trying one more read that fails with
+        # EAGAIN (one system call and a buffer round trip less per interactive message).
+        wait_readable = getattr(sock, "_wait", None) if plain else None
+        drained = False
         try:
             while True:
-                if buf is not None and plain and stream._send_window <= 0:
+                if buf is not None and plain and (drained or stream._send_window <= 0):
                     pool.give(buf)
                     buf = view = None
                 allowed = stream._wait_window()
                 want = allowed if allowed < MAX_DATA else MAX_DATA
                 try:
                     if buf is None:
-                        if plain and sock.recv_into(self._peek, 1, socket.MSG_PEEK) == 0:
+                        if drained and wait_readable is not None:
+                            wait_readable(sock._read_event)
+                        elif plain and sock.recv_into(self._peek, 1, socket.MSG_PEEK) == 0:
                             stream.shutdown_write()
                             return
+                        drained = False
                         buf = pool.take()
                         view = memoryview(buf)
                         HDR.pack_into(buf, 0, DATA, stream.id)
@@ -108,6 +116,7 @@ class StreamSplicing(TunnelState):
                             pool.give(buf)
                             buf = view = None
                             continue
+                        drained = n < want
                     elif recv_into is not None:
                         n = recv_into(view[HEADER_LEN:HEADER_LEN + want], want)
                     else:

@@ -59,6 +59,7 @@ class TunnelState:
     _rview: memoryview
     _rstart: int
     _rend: int
+    _rdrained: bool
 
     if TYPE_CHECKING:
         @property
