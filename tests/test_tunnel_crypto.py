@@ -1,6 +1,8 @@
 
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -90,9 +92,11 @@ def channel(request):
 
 
 @pytest.mark.skipif(tc.AES256GCM not in _ciphers(), reason="no AES-256-GCM here")
-def test_openssl_and_libsodium_aes256gcm_are_interchangeable():
+def test_openssl_and_libsodium_aes256gcm_are_interchangeable(monkeypatch):
     """OpenSSL's AES-256-GCM (aead_openssl) writes the very frames libsodium writes: an
     agent with one and a console with the other interoperate, frame by frame."""
+    monkeypatch.delenv(tc.aead_openssl.ENV, raising=False)
+    tc.aead_openssl.use_backend("openssl")
     if tc.aead_openssl.aes256gcm(bytes(32)) is None:
         pytest.skip("cryptography without encrypt_into: libsodium only")
     (ctx, _), (_, arx), _ = _pair()
@@ -112,6 +116,29 @@ def test_openssl_and_libsodium_aes256gcm_are_interchangeable():
         o_fast.open(*_split(bad))
     with pytest.raises(tc.FrameAuthError):  # and the opener stays dead
         o_fast.open(*_split(slow.seal(b"next")))
+    tc.aead_openssl.use_backend("libsodium")
+
+
+def test_the_agent_keeps_libsodium_unless_told_and_the_console_uses_openssl(monkeypatch):
+    """The default library per role (memory on the device, CPU on the console)."""
+    monkeypatch.delenv(tc.aead_openssl.ENV, raising=False)
+    tc.aead_openssl.use_backend("libsodium")  # the agent's default (module default)
+    assert tc.aead_openssl.aes256gcm(bytes(32)) is None
+    monkeypatch.setenv(tc.aead_openssl.ENV, "openssl")
+    tc.aead_openssl.use_backend("libsodium")  # the environment wins
+    openssl_here = tc.aead_openssl.aes256gcm(bytes(32)) is not None
+    monkeypatch.delenv(tc.aead_openssl.ENV)
+    tc.aead_openssl.use_backend("libsodium")
+    with pytest.raises(ValueError):
+        tc.aead_openssl.use_backend("rot13")
+    code = ("import remote_gevent.console.cli\n"
+            "from remote_gevent.crypto import aead_openssl as a\n"
+            "print(a.aes256gcm(bytes(32)) is not None)\n")
+    env = {k: v for k, v in os.environ.items() if k != tc.aead_openssl.ENV}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(openssl_here)
 
 
 def test_round_trip_both_ciphers(channel):

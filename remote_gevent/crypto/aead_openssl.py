@@ -12,24 +12,41 @@ Only ``cryptography`` with ``encrypt_into``/``decrypt_into`` (no intermediate
 ``bytes``, the frame is written in place) is used; older ones (Python 3.6 devices:
 cryptography < 41) and any import failure fall back to libsodium.  Imported on the
 first AES-GCM tunnel only, never at agent start: the import costs about 6 MiB of RSS,
-which an idle agent does not pay.  ``REMOTE_GEVENT_AEAD=libsodium`` in the environment
-keeps libsodium (memory-tight devices; before/after measurements).
+which an idle agent does not pay.
+
+Which library, when ``REMOTE_GEVENT_AEAD`` (``openssl`` | ``libsodium``) does not say:
+libsodium in the agent — the import's 6 MiB would put an agent with one session at
+44 MiB, over the 40 MB goal of issue 6, and field gateways are short of memory — and
+OpenSSL in the console (``console.cli`` calls :func:`use_backend`), where memory is
+plentiful and the CPU per byte is what counts. A device with a weak CPU and memory to
+spare sets ``REMOTE_GEVENT_AEAD=openssl`` for its agent (docs/performance.md).
 """
 
 import os
 from typing import Any, Optional
 
 ENV = "REMOTE_GEVENT_AEAD"
+BACKENDS = ("openssl", "libsodium")
+
+_default_backend = "libsodium"
 
 _checked = False
 _aesgcm: Any = None  # the AESGCM class, or None (unusable here)
 _invalid_tag: Any = None
 
 
+def use_backend(name: str) -> None:
+    """The library used when ``REMOTE_GEVENT_AEAD`` is unset (before the first tunnel)."""
+    global _default_backend, _checked, _aesgcm
+    if name not in BACKENDS:
+        raise ValueError("AEAD backend must be one of %s" % ", ".join(BACKENDS))
+    _default_backend, _checked, _aesgcm = name, False, None
+
+
 def _load() -> None:
     global _checked, _aesgcm, _invalid_tag
     _checked = True
-    if os.environ.get(ENV, "").strip().lower() == "libsodium":
+    if (os.environ.get(ENV, "").strip().lower() or _default_backend) != "openssl":
         return
     try:
         from cryptography.exceptions import InvalidTag
