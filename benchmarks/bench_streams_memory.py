@@ -184,10 +184,19 @@ def measure(p: Any, streams: int, settle: float, workdir: str) -> Dict[str, Any]
                    sample)
         gevent.sleep(args.settle)
         rss2 = rss_kib(agent)
-        refused = 0
-        with open(os.path.join(workdir, "console.log"), "rb") as f:
-            lines = f.read().decode("utf-8", "replace").splitlines()
-        refusals = [line for line in lines if "refused" in line]
+
+        def console_refusals() -> List[str]:
+            with open(os.path.join(workdir, "console.log"), "rb") as f:
+                lines = f.read().decode("utf-8", "replace").splitlines()
+            return [line for line in lines if "refused" in line]
+
+        # The console writes its last refusal lines when it gets to them (a loaded
+        # machine): wait a bounded while for one per connection that did not open.
+        deadline = time.monotonic() + 10.0
+        refusals = console_refusals()
+        while len(refusals) < args.streams - held and time.monotonic() < deadline:
+            gevent.sleep(SAMPLE)
+            refusals = console_refusals()
         refused = len(refusals)
         result = {
             "streams": args.streams, "held": held, "refused_in_console_log": refused,
