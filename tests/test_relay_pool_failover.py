@@ -78,22 +78,25 @@ class HashingEcho:
 
 
 class Bulk:
-    """A stdio console carrying SIZE random bytes to the echo target and back, paced."""
+    """A stdio console carrying ``size`` random bytes to the echo target and back, one
+    CHUNK every ``pace`` seconds (tests/test_relay_routing_e2e.py uses it too)."""
 
-    def __init__(self, runner, argv: List[str]) -> None:
+    def __init__(self, runner, argv: List[str], size: int = SIZE, pace: float = PACE) -> None:
+        self.size, self.pace = size, pace
         self.proc = runner.start(argv, stdin=subprocess.PIPE)
         self.sent, self.got = hashlib.sha256(), hashlib.sha256()
         self.received = 0
         self._g = [gevent.spawn(self._write), gevent.spawn(self._read)]
 
     def _write(self) -> None:
-        left = SIZE
+        left = self.size
         while left:
             chunk = os.urandom(min(CHUNK, left))
             self.proc.stdin.write(chunk)
+            self.proc.stdin.flush()
             self.sent.update(chunk)
             left -= len(chunk)
-            gevent.sleep(PACE)
+            gevent.sleep(self.pace)
         self.proc.stdin.close()
 
     def _read(self) -> None:
@@ -108,7 +111,7 @@ class Bulk:
         gevent.joinall(self._g, timeout=180, raise_error=True)
         _, err = self.proc.communicate(timeout=60)
         assert self.proc.returncode == 0, err
-        assert self.received == SIZE
+        assert self.received == self.size
         assert self.got.hexdigest() == self.sent.hexdigest()
         return err.decode("utf-8", "replace")
 

@@ -12,12 +12,9 @@ pair; the survivors report the dead peer down in their metrics.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
 from typing import List
 
-import gevent
 import pytest
 
 from relay_helpers import HAPROXY, RelayProcess, RoundRobin
@@ -28,7 +25,7 @@ from test_e2e import (  # noqa: F401 - fixtures used by name
     procs,
     wait_for,
 )
-from test_relay_pool_failover import CHUNK, HashingEcho, _echo_once
+from test_relay_pool_failover import Bulk, HashingEcho, _echo_once
 from remote_gevent.console import config as cconfig
 from remote_gevent.console.control import ConsoleControl
 from remote_gevent.console.session import open_session
@@ -65,42 +62,6 @@ def _small_sessions(control, ident: str, target: str, n: int) -> int:
         finally:
             session.close()
     return ok
-
-
-class Bulk:
-    """A stdio console carrying SIZE random bytes to the echo target and back, paced."""
-
-    def __init__(self, runner, argv: List[str]) -> None:
-        self.proc = runner.start(argv, stdin=subprocess.PIPE)
-        self.sent, self.got = hashlib.sha256(), hashlib.sha256()
-        self.received = 0
-        self._g = [gevent.spawn(self._write), gevent.spawn(self._read)]
-
-    def _write(self) -> None:
-        left = SIZE
-        while left:
-            chunk = os.urandom(min(CHUNK, left))
-            self.proc.stdin.write(chunk)
-            self.proc.stdin.flush()
-            self.sent.update(chunk)
-            left -= len(chunk)
-            gevent.sleep(PACE)
-        self.proc.stdin.close()
-
-    def _read(self) -> None:
-        while True:
-            chunk = self.proc.stdout.read1(CHUNK)
-            if not chunk:
-                return
-            self.got.update(chunk)
-            self.received += len(chunk)
-
-    def finish(self) -> None:
-        gevent.joinall(self._g, timeout=120, raise_error=True)
-        _, err = self.proc.communicate(timeout=60)
-        assert self.proc.returncode == 0, err
-        assert self.received == SIZE
-        assert self.got.hexdigest() == self.sent.hexdigest()
 
 
 def _peer_up(relay: RelayProcess, port: int) -> float:
@@ -165,7 +126,7 @@ def test_pool_behind_one_address_survives_a_relay_kill(rabbit, tmp_path, procs):
         base = len(wait_for(lambda: len(history_rows(p)) >= SMALL and history_rows(p),
                             what="the small sessions' history rows"))
 
-        bulks = [Bulk(procs, argv) for _ in range(SESSIONS)]
+        bulks = [Bulk(procs, argv, SIZE, PACE) for _ in range(SESSIONS)]
         wait_for(lambda: all(b.received >= 1 << 20 for b in bulks), timeout=90,
                  what="every bulk session flowing")
         paired = [r.metrics()[PAIRED] for r in relays]
