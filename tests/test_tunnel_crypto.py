@@ -131,6 +131,8 @@ def test_the_agent_keeps_libsodium_unless_told_and_the_console_uses_openssl(monk
     tc.aead_openssl.use_backend("libsodium")
     with pytest.raises(ValueError):
         tc.aead_openssl.use_backend("rot13")
+    if sys.version_info < (3, 8):
+        return  # the console needs Python 3.8 (the agent's tiers run this file on 3.6/3.7)
     code = ("import remote_gevent.console.cli\n"
             "from remote_gevent.crypto import aead_openssl as a\n"
             "print(a.aes256gcm(bytes(32)) is not None)\n")
