@@ -304,14 +304,20 @@ def test_close_of_an_unknown_session_fails(platform):
 
 
 def test_close_of_an_open_session_still_works(platform):
+    def session_ids() -> List[str]:
+        done = console(platform, "sessions", "--json", platform.ident)
+        return [s["session_id"] for s in json.loads(done.stdout)["sessions"]]
+
+    # The platform is shared: an earlier test's session may still be listed (e.g. one
+    # resuming on the agent after its console was interrupted): close the master's own.
+    earlier = set(session_ids())
     proc = subprocess.Popen(platform.console_argv("master", platform.ident, "--persist", "0"),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         def session_id() -> Optional[str]:
-            done = console(platform, "sessions", "--json", platform.ident)
-            ids = [s["session_id"] for s in json.loads(done.stdout)["sessions"]]
-            return ids[0] if ids else None
+            new = [sid for sid in session_ids() if sid not in earlier]
+            return new[0] if new else None
 
         sid = wait_for(session_id, WAIT, interval=0.5, what="the master's session")
         done = console(platform, "close", platform.ident, sid)
