@@ -193,9 +193,11 @@ def test_without_routing_round_robin_legs_do_not_meet(tmp_path, pki, need_haprox
     fails without routing)."""
     pool = Pool(tmp_path, pki, routing_on=False, pairing_timeout=1.0)
     try:
-        jobs = [gevent.spawn(_one_session, pool, i) for i in range(6)]
-        gevent.joinall(jobs, timeout=60)
-        assert sum(bool(j.value) for j in jobs) < 6
+        # One session at a time: its two legs are consecutive round-robin picks, so they
+        # land on different relays (six concurrent sessions interleave their legs and can,
+        # by chance, all meet: CI saw 6 of 6 once).
+        paired = [bool(_one_session(pool, i)) for i in range(6)]
+        assert sum(paired) < 6, paired
     finally:
         pool.close()
 
