@@ -131,3 +131,62 @@ def test_formula_and_control_characters_are_neutralised(tmp_path):
     assert second["reason"] == "\\x0dcr"
     with open(path) as f:
         assert len(f.read().splitlines()) == 3  # header + 2 rows, nothing forged
+
+
+# Issue 17: the fsync is grouped and runs off the hub; the write is not.
+
+
+def test_append_writes_at_once_and_fsyncs_later_off_the_hub(tmp_path, monkeypatch):
+    """A row is in the file (the kernel) when append returns, with no fsync in the
+    caller; one fsync for every row of the round follows, in a thread pool worker."""
+    import threading
+
+    real_fsync = os.fsync
+    synced = []  # (thread id, fd)
+
+    def spy(fd):
+        synced.append(threading.get_ident())
+        real_fsync(fd)
+
+    monkeypatch.setattr(history.os, "fsync", spy)
+    path = str(tmp_path / "history.csv")
+    h = history.History(path, sync_delay=0.2)
+    for i in range(5):
+        _append(h, "%032x" % i)
+        assert [r["session_id"] for r in history.read(path)][-1] == "%032x" % i
+    assert synced == [] and h.pending == 1
+    with gevent.Timeout(30):
+        while h.pending:
+            gevent.sleep(0.05)
+    assert len(synced) == 1 and synced[0] != threading.get_ident()
+    _append(h, "e" * 32)  # a later row starts the next round
+    with gevent.Timeout(30):
+        while h.pending:
+            gevent.sleep(0.05)
+    assert len(synced) == 2
+
+
+def test_flush_fsyncs_pending_rows_now(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+    synced = []
+    monkeypatch.setattr(history.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    path = str(tmp_path / "history.csv")
+    h = history.History(path, sync_delay=3600)
+    _append(h, "a" * 32)
+    _append(h, "b" * 32)
+    assert h.pending == 1 and synced == []
+    h.flush()
+    assert h.pending == 0 and len(synced) == 1
+    h.flush()  # nothing left: no fsync
+    assert len(synced) == 1
+    assert [r["session_id"] for r in history.read(path)] == ["a" * 32, "b" * 32]
+
+
+def test_sync_delay_zero_fsyncs_each_row_in_append(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+    synced = []
+    monkeypatch.setattr(history.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    h = history.History(str(tmp_path / "history.csv"), sync_delay=0)
+    _append(h, "a" * 32)
+    _append(h, "b" * 32)
+    assert len(synced) == 2 and h.pending == 0

@@ -598,6 +598,7 @@ def test_shutdown_closes_everything(make_env):
     assert refuse.body["code"] == Reason.SHUTTING_DOWN
     _assert_one_close(env, c3.session_id, CloseCode.SHUTDOWN)
     assert len(env.rows()) == 3
+    assert env.history.pending == 0  # the stop fsynced every row (grouped fsync: issue 17)
     # After shutdown, new requests are refused too (and still leave a row).
     c4 = env.console().submit()
     assert c4.wait_reply(protocol.MsgType.SESSION_REFUSE).body["code"] == Reason.SHUTTING_DOWN

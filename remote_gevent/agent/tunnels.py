@@ -348,7 +348,8 @@ class TunnelManager(SessionRun):
 
     def shutdown(self, grace: float) -> bool:
         """Refuse waiters (``shutting_down``), close every tunnel (``shutdown``) and wait
-        up to ``grace`` s for the sessions to end and write their rows.
+        up to ``grace`` s for the sessions to end and write their rows, then fsync the
+        history (its rows are otherwise synced in grouped rounds: agent/history.py).
 
         New submissions are refused from now on. Returns True if all ended in time
         (the stragglers are then killed; their rows are still written).
@@ -362,6 +363,11 @@ class TunnelManager(SessionRun):
             log.warning("%d session(s) still ending after %.1f s: killing them",
                         len(self._group), grace)
             self._group.kill(timeout=SHUTDOWN_KILL_TIMEOUT)
+        if self._history is not None:
+            try:
+                self._history.flush()
+            except Exception:  # noqa: BLE001 - the stop must go on (flush logs OSError)
+                log.exception("history flush failed")
         return bool(done)
 
     # ------------------------------------------------------------------ internals
