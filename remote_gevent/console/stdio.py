@@ -2,9 +2,10 @@
 
     ssh -o ProxyCommand='remote-gevent-console stdio %n 127.0.0.1:22' user@DEVICE
 
-stdin and stdout are switched to non-blocking mode and read/written with
-``gevent.os.nb_read`` / ``nb_write`` (they wait on the hub when the pipe is empty/full,
-so both directions and the tunnel's own greenlets run concurrently); the original flags
+stdin and stdout are switched to non-blocking mode; stdin is read through one io
+watcher for the session (:class:`_Reader`), stdout written with ``gevent.os.nb_write``
+(both wait on the hub when the pipe is empty/full, so both directions and the tunnel's
+own greenlets run concurrently); the original flags
 are restored at the end (a terminal must not stay non-blocking). Regular files never
 block and work too.
 
@@ -26,6 +27,7 @@ import fcntl
 import os
 import select
 import signal
+import stat
 import sys
 from typing import Any, Optional
 
@@ -121,15 +123,57 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+class _Reader:
+    """Non-blocking reads of one descriptor with one io watcher for its whole life.
+
+    ``gevent.os.nb_read`` makes a watcher per call (registered and dropped in the
+    event loop each time) and, for an interactive byte, first tries a read that fails
+    with EAGAIN. Here, after a read shorter than asked (a pipe or tty is then nearly
+    always drained), we wait for readability first: per keystroke one wake-up and one
+    ``read`` (issue 17, the added round trip through ``stdio``). A regular file is read
+    straight on (it never blocks; epoll cannot watch it)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        try:
+            self._pollable = not stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            self._pollable = False
+        self._watcher: Any = None
+        self._drained = False
+
+    def read(self, n: int) -> bytes:
+        while True:
+            if self._drained and self._pollable:
+                self._wait()
+            try:
+                data = os.read(self.fd, n)
+            except BlockingIOError:
+                self._drained = True
+                continue
+            self._drained = 0 < len(data) < n
+            return data
+
+    def _wait(self) -> None:
+        hub = gevent.get_hub()
+        if self._watcher is None:
+            self._watcher = hub.loop.io(self.fd, 1)
+        hub.wait(self._watcher)
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+
+
 def pump_stdin(fd: int, stream: Any) -> None:
     """stdin → stream, then the stream's EOF (half-close)."""
-    from gevent import os as gos
-
     from remote_gevent.wire import mux_frames
 
+    reader = _Reader(fd)
     try:
         while True:
-            data = gos.nb_read(fd, CHUNK)
+            data = reader.read(CHUNK)
             if not data:
                 stream.shutdown_write()
                 return
@@ -141,6 +185,8 @@ def pump_stdin(fd: int, stream: Any) -> None:
             stream.close()
         except (mux_frames.MuxError, OSError):
             pass
+    finally:
+        reader.close()
 
 
 def _pump_stdout(session: Any, target: str, stream: Any, fd: int, watch: _StdoutWatch,
