@@ -190,3 +190,20 @@ def test_sync_delay_zero_fsyncs_each_row_in_append(tmp_path, monkeypatch):
     _append(h, "a" * 32)
     _append(h, "b" * 32)
     assert len(synced) == 2 and h.pending == 0
+
+
+def test_a_failing_fsync_is_logged_not_raised(tmp_path, monkeypatch, caplog):
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+
+    path = str(tmp_path / "history.csv")
+    h = history.History(path, sync_delay=0.05)
+    monkeypatch.setattr(history.os, "fsync", broken)
+    _append(h, "a" * 32)
+    with gevent.Timeout(30):
+        while h.pending:
+            gevent.sleep(0.02)
+    _append(h, "b" * 32)
+    h.flush()
+    assert caplog.text.count("cannot fsync history") == 2
+    assert [r["session_id"] for r in history.read(path)] == ["a" * 32, "b" * 32]

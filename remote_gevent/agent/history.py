@@ -176,10 +176,13 @@ class History:
     def _sync_fd(self, fd: int, fsync: Callable[[int], Any]) -> None:
         try:
             fsync(fd)
-        except OSError as exc:
+        except OSError as exc:  # the rows stay in the kernel's cache: say so, go on
             log.error("cannot fsync history %s: %s", self.path, exc)
         finally:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     @property
     def pending(self) -> int:
