@@ -148,8 +148,8 @@ class _Reader:
                 self._wait()
             try:
                 data = os.read(self.fd, n)
-            except BlockingIOError:
-                self._drained = True
+            except BlockingIOError:  # whatever fstat said: wait, never spin
+                self._wait()
                 continue
             self._drained = 0 < len(data) < n
             return data
