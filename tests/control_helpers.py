@@ -22,7 +22,8 @@ from remote_gevent.crypto import identity
 from remote_gevent.crypto import tunnel_crypto as tc
 from remote_gevent.wire import protocol
 
-WAIT = 10.0  # bound for anything that should take milliseconds
+WAIT = 30.0  # bound for anything that should take milliseconds (broker round trips and TLS
+#              take seconds on a loaded CI box)
 CLI = [sys.executable, "-m", "remote_gevent.agent.cli"]
 
 
