@@ -482,6 +482,11 @@ def limited(rabbit, tmp_path_factory):
     p.stop()
 
 
+def agent_log(p: DemoPlatform) -> str:
+    with open(p.agent_log, "rb") as f:
+        return f.read().decode("utf-8", "replace")
+
+
 def session_rows(p: DemoPlatform, before: int, code: str) -> List[Dict[str, str]]:
     return [r for r in new_rows(p, before) if r["close_code"] == code]
 
@@ -495,8 +500,12 @@ def test_max_session_queues_then_starts_then_times_out(limited, sshd, procs):
     ssh_banner(second)
     before = len(history_rows(p))
     # a third request is queued (told so), and starts as soon as one tunnel closes
+    queued = agent_log(p).count(": queued at position ")
     third = stdio(procs, p, target)
-    time.sleep(1.5)
+    # close the first as soon as the third is queued: its queue_timeout (4 s) runs from
+    # there, so a fixed pause (a slow process start on a loaded box) would eat into it
+    wait_for(lambda: agent_log(p).count(": queued at position ") > queued,
+             what="the third request queued by the agent")
     assert third.poll() is None
     first.send_signal(signal.SIGTERM)
     finish(first)
