@@ -624,7 +624,9 @@ class HookedRelay:
 
         self.relay = _Relay(RelaySettings(
             host="127.0.0.1", port=0, cert_file=cert_file, key_file=key_file,
-            pairing_timeout=3.0, grace=0.5), splice=False)
+            # pairing_timeout: how long one leg waits for the other (agent accept, or the
+            # console's redial after a broker hop): seconds on a loaded CI box
+            pairing_timeout=6.0, grace=0.5), splice=False)  # < the 8 s pair_timeout below
         self.relay.start()
         self.port = self.relay.address[1]
 
