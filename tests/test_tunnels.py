@@ -670,10 +670,7 @@ def test_shrinking_max_session_applies_as_sessions_end(make_env):
     c3.wait_reply(protocol.MsgType.SESSION_QUEUED)
     c1.tunnel.close(CloseCode.NORMAL, "")
     _assert_one_close(env, c1.session_id, CloseCode.NORMAL)
-    # c1's slot is released (asynchronously), but c2 still runs: one session is the new
-    # cap, so c3 keeps waiting
-    _wait(lambda: env.manager.stats()[0] == 1, what="c1's slot released")
-    gevent.sleep(0.3)
+    gevent.sleep(0.3)  # c2 still runs: one session is the new cap, c3 keeps waiting
     assert env.manager.stats() == (1, 1)
     c2.tunnel.close(CloseCode.NORMAL, "")
     c3.connect()
