@@ -22,7 +22,8 @@ from remote_gevent.crypto import identity
 from remote_gevent.crypto import tunnel_crypto as tc
 from remote_gevent.wire import protocol
 
-WAIT = 10.0  # bound for anything that should take milliseconds
+WAIT = 30.0  # bound for anything that should take milliseconds (broker round trips and TLS
+#              take seconds on a loaded CI box)
 CLI = [sys.executable, "-m", "remote_gevent.agent.cli"]
 
 
@@ -58,7 +59,9 @@ def write_config(tmp_path, device, ops, health_check=600, url=None, relay=None):
                    "history_path": str(tmp_path / "history.csv"),
                    "authorized_keys": str(ak), "allow": ["127.0.0.1:22"],
                    "relays": {device.server_id: relay or "127.0.0.1:%d" % closed_port()},
-                   "queue_timeout": 5},
+                   # queued sessions must outlive the test's broker round trips
+                   # (revocation, status, close), seconds on a loaded CI box
+                   "queue_timeout": 30},
     }
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return str(path)

@@ -42,3 +42,27 @@ def sftp_batch(p, tmp_path, lines: List[str], timeout: float = 120
                           + ["x@%s" % p.ident],
                           capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
+
+
+def status_queue_consumers(p) -> int:
+    """Consumers on the operator's status queue of platform ``p`` (0 while it does not
+    exist): a ``watch`` consuming it collects every announcement from then on."""
+    from amqp.exceptions import NotFound
+
+    from remote_gevent.common.amqplink import AmqpLink, LinkError
+    from remote_gevent.console import config as console_config
+
+    name = console_config.load(p.console_config).status_queue_name
+    link = AmqpLink([p.broker_url], p.node.admin_user, p.node.admin_password,
+                    ca_file=p.broker_ca_file, connect_timeout=5.0, heartbeat=0, prefetch=0)
+    try:
+        link.connect()
+    except LinkError:
+        return 0
+    try:
+        try:
+            return int(link.channel.queue_declare(name, passive=True).consumer_count)
+        except NotFound:
+            return 0
+    finally:
+        link.close()

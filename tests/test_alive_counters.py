@@ -217,14 +217,21 @@ def test_a_burst_of_pokes_costs_at_most_one_sessions_alive_per_second():
         first = s.link.sent[1][0] - start
         assert first < 0.5, first  # at once, not at the next health_check (600 s)
         for _ in range(100):  # 100 sessions starting to resume over 2.5 s
+            last_poke = time.monotonic()
             s.poke_alive()
             gevent.sleep(0.025)
-        gevent.sleep(1.2)  # the last poke's alive is due within a second
+        # the burst's end is reported too: the last poke's alive is due within a second
+        # (waited for, bounded: a loaded machine stretches the burst and the wait)
+        while not any(body["event"] == "sessions" and at >= last_poke
+                      for at, body in s.link.sent):
+            assert time.monotonic() < last_poke + 10, s.link.sent
+            gevent.sleep(0.05)
         sessions = [at for at, body in s.link.sent if body["event"] == "sessions"]
-        assert 2 <= len(sessions) <= 5, len(sessions)
+        burst = last_poke - start  # 2.5 s, longer on a loaded machine
+        assert 2 <= len(sessions) <= 3 + burst / alive_mod.SESSIONS_ALIVE_INTERVAL, (
+            len(sessions), burst)
         gaps = [b - a for a, b in zip(sessions, sessions[1:])]
         assert min(gaps) >= alive_mod.SESSIONS_ALIVE_INTERVAL - 0.05, gaps
-        assert s.link.sent[-1][0] > start + 2.5  # the burst's end was reported too
         assert all("counters" in body for _, body in s.link.sent)
     finally:
         s.agent.stop_event.set()

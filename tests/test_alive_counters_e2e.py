@@ -17,9 +17,10 @@ import pytest
 
 from echo_server import EchoServer
 from fault_proxy import FaultProxy
+from platform_helpers import status_queue_consumers
 from remote_gevent.demo import rabbit as demo_rabbit
 from test_cluster_presence import Lines
-from test_e2e import WAIT, make_platform, procs  # noqa: F401 - fixture used by name
+from test_e2e import WAIT, make_platform, procs, wait_for  # noqa: F401 - fixture used by name
 from test_resume_e2e import KEEPALIVE, LineStream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -60,7 +61,11 @@ def test_watch_shows_a_session_resuming_and_back_and_devices_has_counters(
         watch = subprocess.Popen(p.console_argv("watch"), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, env=env)
         out = Lines(watch)
-        time.sleep(3.0)  # watch is up (its status queue collects the agent's announcements)
+        # watch is up once it consumes its status queue (which collects the agent's
+        # announcements from then on); its start-up takes seconds on a loaded box
+        wait_for(lambda: watch.poll() is not None or status_queue_consumers(p) > 0,
+                 WAIT, what="watch to consume its status queue")
+        assert watch.poll() is None, "\n".join(t for _, t in out.lines)
         p.start_relay()
         p.start_agent()
         device = "fr04/%s" % p.ident

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from test_e2e import make_platform
+from platform_helpers import status_queue_consumers
+from test_e2e import WAIT, make_platform, wait_for
 
 HEARTBEAT = 10  # s, the console's AMQP heartbeat: watch probes every 5 s
 
@@ -57,7 +58,11 @@ def test_sigkilled_agent_shows_offline_in_watch_within_two_heartbeats(rabbit, tm
         watch = subprocess.Popen(p.console_argv("watch"), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, env=env)
         out = Lines(watch)
-        time.sleep(3.0)  # watch is up (its status queue collects the agent's announcements)
+        # watch is up once it consumes its status queue (which collects the agent's
+        # announcements from then on); its start-up takes seconds on a loaded box
+        wait_for(lambda: watch.poll() is not None or status_queue_consumers(p) > 0,
+                 WAIT, what="watch to consume its status queue")
+        assert watch.poll() is None, "\n".join(t for _, t in out.lines)
         p.start_agent()
         device = "fr04/%s" % p.ident
         out.wait_for("%s ONLINE" % device, 30)

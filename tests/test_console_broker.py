@@ -204,7 +204,7 @@ def test_offline_device_fails_fast_not_connected(platform):
     assert info.value.exit_code == cconfig.EXIT_OFFLINE
     assert info.value.code == status_info.value.code == "not_connected"
     assert "not connected" in info.value.message
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 15  # fast: not the 30 s reply_timeout (loaded CI box)
 
 
 def test_wrong_password_is_exit_9(platform):

@@ -262,7 +262,7 @@ def test_persist_timeout_ends_master_and_removes_socket(platform, ctl_dir, echo,
     assert done.stdout == Echo.GREETING + b"x"
     started = time.monotonic()
     assert m.wait(WAIT) == 0
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 20  # --persist 1, not the default 600 s (loaded box)
     assert "persist" in m.stderr.read().decode()
     assert not os.path.exists(sock_path(platform, ctl_dir))
 

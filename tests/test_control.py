@@ -227,13 +227,18 @@ def test_heartbeat_cadence_and_content(rabbit, device, operator, op_key, tmp_pat
         t0, first = console.next_up("alive")
         assert first.body["event"] == "started"
         got = []
-        while time.monotonic() - t0 < 3.5:
+        # three periodic alives, 1 s apart by the agent's own clock (``ts``, whole
+        # seconds): the broker's delivery on a loaded machine may lag, so wait for them
+        # (bounded) rather than for 3.5 s of arrivals
+        while len([m for _, m in got if m.body["event"] == "periodic"]) < 3 \
+                and time.monotonic() - t0 < 20:
             try:
                 got.append(console.next_up("alive", timeout=0.2))
             except Empty:
                 pass
         periodic = [m for _, m in got if m.body["event"] == "periodic"]
         assert len(periodic) >= 3, [m.body for _, m in got]
+        assert periodic[2].body["ts"] - first.body["ts"] <= 4, [m.body for _, m in got]
         seqs = [first.body["seq"]] + [m.body["seq"] for _, m in got]
         assert seqs == list(range(1, len(seqs) + 1))
         b = periodic[-1].body
@@ -248,10 +253,17 @@ def test_heartbeat_cadence_and_content(rabbit, device, operator, op_key, tmp_pat
     finally:
         assert run.stop() == 0
         # stopping alive sent before the link went away
+        # (waited for, bounded: the broker's delivery on a loaded box may take seconds)
         events = []
-        try:
+        deadline = time.monotonic() + WAIT
+        while "stopping" not in events:
+            try:
+                events.append(console.next_up("alive", timeout=0.2)[1].body["event"])
+            except Empty:
+                assert time.monotonic() < deadline, events
+        try:  # and nothing after it
             while True:
-                events.append(console.next_up("alive", timeout=2.0)[1].body["event"])
+                events.append(console.next_up("alive", timeout=1.0)[1].body["event"])
         except Empty:
             pass
         assert events[-1:] == ["stopping"], events
@@ -573,7 +585,7 @@ def test_real_agent_owner_only_and_sighup_revocation(rabbit, tmp_path):
         revoked_s = time.monotonic() - t0
         print("\nrevocation: SIGHUP -> history row %.2f s" % revoked_s)
         assert row["close_code"] == "revoked", row
-        assert revoked_s < 5, revoked_s
+        assert revoked_s < 15, revoked_s  # at once (not at a later check), on a loaded box
         # The next stream gets nowhere: no echo through the (now closed) session.
         try:
             got = _echo_through(lport, b"after\n", timeout=5)

@@ -213,6 +213,14 @@ class Runner:
 
     def open_session(self) -> str:
         """A master holding a session (its id); it ends when the session is closed."""
+        def session_ids() -> List[str]:
+            done = subprocess.run(self.p.console_argv("sessions", "--json", self.p.ident),
+                                  capture_output=True, text=True, timeout=WAIT, env=self.env)
+            return [s["session_id"] for s in json.loads(done.stdout)["sessions"]]
+
+        # An earlier line's session may still be listed (e.g. one resuming on the agent
+        # after its console was stopped): the master's own is the new one.
+        earlier = set(session_ids())
         proc = subprocess.Popen(self.p.console_argv("master", self.p.ident, "--persist", "0"),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True,
@@ -220,10 +228,8 @@ class Runner:
         self.background = proc
 
         def listed() -> Optional[str]:
-            done = subprocess.run(self.p.console_argv("sessions", "--json", self.p.ident),
-                                  capture_output=True, text=True, timeout=WAIT, env=self.env)
-            ids = [s["session_id"] for s in json.loads(done.stdout)["sessions"]]
-            return ids[0] if ids else None
+            new = [sid for sid in session_ids() if sid not in earlier]
+            return new[0] if new else None
 
         return wait_for(listed, WAIT, interval=0.3, what="the master's session")
 

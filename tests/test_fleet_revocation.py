@@ -56,7 +56,7 @@ def test_online_device_applies_it_within_seconds(cert_platform, tmp_path, caplog
     t0 = time.monotonic()
     publish(console, signed_krl(tmp_path, ca, ca + ".pub", 5, ["serial: 7"]))
     assert next_close(console, sid).body["code"] == "revoked"
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 15  # two broker hops; seconds on a loaded CI box
     _, reply = _send(console, device, console.key)
     assert reply.body["code"] == Reason.REVOKED
     # An older list cannot lift it.

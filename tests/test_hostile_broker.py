@@ -193,7 +193,7 @@ def test_poison_messages_refused_once_same_agent_open_tunnel_never_stalls(hostil
                  what="the broker to refuse a 1 MiB message")
         assert "larger than configured max size %d" % MAX_MESSAGE_SIZE in caplog.text
         for name, _key, _body, _props, expect in cases:
-            wait_for(lambda text=expect: text in read_log(log_path), 10.0,
+            wait_for(lambda text=expect: text in read_log(log_path), WAIT,
                      what="refusal of %s (%r) in the agent log" % (name, expect))
         refused_in = time.monotonic() - started
 
@@ -202,7 +202,7 @@ def test_poison_messages_refused_once_same_agent_open_tunnel_never_stalls(hostil
         proc = stdio(procs, p, "127.0.0.1:%d" % echo.port)
         proc.stdin.write(b"new session\n")
         proc.stdin.flush()
-        assert read_exactly(proc.stdout, 12, 10.0) == b"new session\n"
+        assert read_exactly(proc.stdout, 12, WAIT) == b"new session\n"
         new_session = time.monotonic() - t0
         proc.stdin.close()
         finish(proc)

@@ -93,7 +93,8 @@ def test_krl_change_ends_the_open_session_and_refuses_the_next(cert_platform, tm
     t0 = time.monotonic()
     os.kill(os.getpid(), signal.SIGHUP)
     close = next_close(console, sid)
-    assert close.body["code"] == "revoked" and time.monotonic() - t0 < 5
+    # at once, not at a later check (15 s: a broker round trip on a loaded CI box)
+    assert close.body["code"] == "revoked" and time.monotonic() - t0 < 15
     rows = [r for r in history.read(run.cfg.remote.history_path) if r["session_id"] == sid]
     assert [(r["close_code"], r["cert_key_id"], r["cert_serial"]) for r in rows] == [
         ("revoked", "alice", "7")]

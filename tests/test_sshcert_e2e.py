@@ -80,10 +80,10 @@ def test_certificate_session_revoked_by_serial_then_near_expiry_warning(certp, e
     krl(os.path.join(p.agent_dir, "revoked_keys"), ca_pub,
         specs=["serial: %d" % cert.serial], update=True)
     os.kill(p.agent_proc.pid, signal.SIGHUP)
-    row = wait_row(p, lambda r: r["close_code"] == "revoked", timeout=5)
+    row = wait_row(p, lambda r: r["close_code"] == "revoked", timeout=WAIT)
     assert (row["cert_key_id"], row["cert_serial"]) == (
         "%s@demo-platform" % p.operator, str(cert.serial))
-    conn.settimeout(5)
+    conn.settimeout(WAIT)
     try:
         assert conn.recv(64) == b""
     except ConnectionResetError:
@@ -128,7 +128,7 @@ def test_fleet_revocation_published_by_the_console_ends_the_session(certp, echo,
     status, err = finish(procs.start(p.console_argv("revoke-fleet", path)))
     assert status == 0 and "published" in err, err
     try:
-        row = wait_row(p, lambda r: r["close_code"] == "revoked", timeout=5)
+        row = wait_row(p, lambda r: r["close_code"] == "revoked", timeout=WAIT)
     except AssertionError:
         with open(p.agent_log) as f:
             raise AssertionError(f.read()[-3000:]) from None
