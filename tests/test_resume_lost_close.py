@@ -14,15 +14,28 @@ real processes (relay, agent, console interrupted during a bulk transfer) for th
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import time
 from typing import Any, Tuple
 
 import gevent
 import gevent.monkey
 import gevent.socket
+import pytest
 
 from remote_gevent.wire import resume_tunnel
+from test_e2e import (  # noqa: F401 - fixtures used by name
+    WAIT,
+    history_rows,
+    make_platform,
+    procs,
+    wait_for,
+)
 from test_resume import FakeRelay, _start, make_pair
 
 _os_close = gevent.monkey.get_original("os", "close")
@@ -144,3 +157,128 @@ def test_shut_down_under_reader_wakes_a_waiting_reader_with_eof():
     finally:
         a.close()
         b.close()
+
+
+# --------------------------------------------------------------------------- real processes
+
+BULK_SERVER = """
+import socket, socketserver
+class Bulk(socketserver.BaseRequestHandler):
+    def handle(self):
+        block = b"x" * 65536
+        try:
+            while True:
+                self.request.sendall(block)
+        except OSError:
+            return
+server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Bulk)
+server.daemon_threads = True
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+#: How long the agent may take to end the interrupted session (the resume timeout is 600 s).
+PROMPT = 20.0
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def bulk_port():
+    """A device-side service that writes as fast as it can to whoever connects."""
+    proc = subprocess.Popen([sys.executable, "-c", BULK_SERVER], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        yield int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def plat(rabbit, tmp_path_factory):
+    """One session at a time, resume on with a long timeout on both ends (a session the
+    agent wrongly keeps resuming would hold the only slot for 10 minutes)."""
+    p = make_platform(rabbit, str(tmp_path_factory.mktemp("lost-close")),
+                      remote={"max_session": 1, "queue_timeout": 5, "resume_timeout": 600},
+                      console={"keepalive_interval": 1, "resume_timeout": 600})
+    p.start()
+    yield p
+    p.stop()
+
+
+class Download:
+    """``console stdio`` from the bulk service, its output read (and dropped) at once."""
+
+    def __init__(self, runner: Any, p: Any, port: int) -> None:
+        self.proc = runner.start(p.console_argv("stdio", "--master", "no", p.ident,
+                                               "127.0.0.1:%d" % port), bufsize=0)
+        self.received = 0
+        self._reader = gevent.spawn(self._read)
+
+    def _read(self) -> None:
+        while True:
+            chunk = self.proc.stdout.read(1 << 20)
+            if not chunk:
+                return
+            self.received += len(chunk)
+
+    def flowing(self, n: int) -> None:
+        wait_for(lambda: self.received >= n, what="%d bytes downloaded" % n)
+
+    def interrupt(self, sig: int = signal.SIGINT) -> None:
+        """The operator's Ctrl-C; the console must exit (its output ends first)."""
+        self.proc.send_signal(sig)
+        self._reader.join(WAIT)
+        assert self._reader.ready(), "the console's output did not end"
+        self.proc.wait(WAIT)
+
+
+def _log_since(path: str, offset: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", "replace")
+
+
+#: What the agent logs when it read its relay connection to the end and found no CLOSE.
+NO_CLOSE_FROM_RELAY = "tunnel socket closed without CLOSE); resuming"
+
+
+@pytest.mark.e2e
+def test_interrupted_download_ends_promptly_and_frees_the_slot(plat, bulk_port, procs):  # noqa: F811
+    """Ctrl-C on a console that is downloading: its CLOSE, then a reset (data unread). The
+    agent's session must end within seconds with the console's close code, not resume for
+    the resume timeout holding the only ``max_session`` slot. A few rounds: which of the
+    agent's writer (reset) and reader (CLOSE) runs first is a race the writer often wins.
+
+    The relay has the same defect on its side (a failed write to the console ends both
+    directions before the console's queued CLOSE is forwarded: relay/splicer.py): then
+    the agent reads its connection to the end without a CLOSE and rightly resumes. Until
+    the relay is fixed that outcome is an expected failure (xfail), told apart by the
+    agent's log; the agent's own lost CLOSE (EBADF under its reader) fails the test."""
+    p = plat
+    for _round in range(ROUNDS):
+        before = len(history_rows(p))
+        log_offset = os.path.getsize(p.agent_log)
+        download = Download(procs, p, bulk_port)
+        download.flowing(32 << 20)  # at full speed now
+        download.interrupt()
+        t0 = time.monotonic()
+        try:
+            rows = wait_for(lambda before=before: history_rows(p)[before:],
+                            timeout=PROMPT, what="the interrupted session's history row")
+        except AssertionError:
+            agent_log = _log_since(p.agent_log, log_offset)
+            if NO_CLOSE_FROM_RELAY in agent_log:
+                pytest.xfail("the relay dropped the console's CLOSE (relay defect)")
+            raise AssertionError("the agent did not end the session within %.0f s: %s"
+                                 % (PROMPT, agent_log[-3000:])) from None
+        assert len(rows) == 1, rows
+        assert rows[0]["close_code"] == "normal", rows[0]  # stdio's Ctrl-C: normal
+        assert rows[0]["resumes"] in ("", "0"), rows[0]
+        print("round %d: %s %.1f s after the console's exit"
+              % (_round, rows[0]["close_code"], time.monotonic() - t0))
+    # the only slot is free: one more session starts at once (queued for at most 5 s)
+    download = Download(procs, p, bulk_port)
+    download.flowing(1 << 20)
+    download.interrupt(signal.SIGTERM)
