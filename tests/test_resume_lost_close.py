@@ -54,13 +54,13 @@ class TcpRelay(FakeRelay):
         return a, b
 
 
-def _close_and_reset(console: Any) -> None:
-    """The interrupted console, without yielding to the hub (so that the agent's reader
-    cannot run): its CLOSE goes out, then its socket closes at once with a reset (SO_LINGER
-    0, as when data is left unread)."""
-    console._send_close_frame("closed_by_operator", "interrupted")
-    assert console.close_sent
-    _reset_now(console._sock)
+def _close_and_reset(closer: Any) -> None:
+    """The interrupted end, without yielding to the hub (so that the other end's reader
+    cannot run): its CLOSE goes out, then its socket closes at once with a reset
+    (SO_LINGER 0, as when data is left unread)."""
+    closer._send_close_frame("closed_by_operator", "interrupted")
+    assert closer.close_sent
+    _reset_now(closer._sock)
 
 
 def _reset_now(sock: socket.socket) -> None:
@@ -70,31 +70,36 @@ def _reset_now(sock: socket.socket) -> None:
     _os_close(sock.detach())
 
 
-def _send_until_it_fails(agent: Any) -> None:
-    """An agent writer before its reader ran: PINGs (never blocking) until the reset has
-    come back and a send fails: the frame stays buffered for a resume."""
+def _send_until_it_fails(tunnel: Any) -> None:
+    """A writer before the reader ran: PINGs (never blocking) until the reset has come
+    back and a send fails: the frame stays buffered for a resume."""
     for _ in range(10000):
-        agent.ping()
-        if agent._link_down:
+        tunnel.ping()
+        if tunnel._link_down:
             return
     raise AssertionError("no send failed")
 
 
-def test_close_queued_behind_a_reset_ends_the_session():
-    """The agent's send fails on the reset before its reader has run: the CLOSE already in
-    its socket must still end the session. No relay to resume on: without the fix the
-    agent resumes for the whole resume timeout (60 s here), then ends ``link_lost``."""
+@pytest.mark.parametrize("sender", ["agent", "console"])
+def test_close_queued_behind_a_reset_ends_the_session(sender):
+    """One end's send fails on the reset before its reader has run: the CLOSE already in
+    its socket must still end the session. The agent downloading to an interrupted
+    console, or the console uploading (``push``) to an agent that ends the session. No
+    relay to resume on: without the fix the sender resumes for the whole resume timeout
+    (60 s here), then ends ``link_lost``."""
     relay = TcpRelay()
     console, agent = make_pair(relay, timeout=60.0)
     runners = _start(console, agent)
-    relay.down = True  # no path to resume on: only the queued CLOSE can end the agent
-    _close_and_reset(console)
-    _send_until_it_fails(agent)
-    with gevent.Timeout(10, AssertionError("the agent did not read the queued CLOSE")):
-        code, reason = runners[1].get()
+    relay.down = True  # no path to resume on: only the queued CLOSE can end the sender
+    tunnel, closer, runner = (agent, console, runners[1]) if sender == "agent" else \
+        (console, agent, runners[0])
+    _close_and_reset(closer)
+    _send_until_it_fails(tunnel)
+    with gevent.Timeout(10, AssertionError("the %s did not read the queued CLOSE" % sender)):
+        code, reason = runner.get()
     assert (code, reason) == ("closed_by_operator", "interrupted")
-    assert agent.resumes == 0 and not agent.resuming
-    console.close("normal")
+    assert tunnel.resumes == 0 and not tunnel.resuming
+    closer.close("normal")
     gevent.joinall(runners, timeout=5)
 
 
