@@ -10,7 +10,10 @@ possession, swaps the socket in and sends again what the peer did not get. Local
 and streams never notice, apart from the pause.
 """
 
+import _socket
 import logging
+import os
+import socket
 import time
 from typing import Any, Callable, List, Optional
 
@@ -35,6 +38,41 @@ log = logging.getLogger("remote_gevent.wire.mux")
 #: ``on_link(state, seconds)``: "resuming" (seconds 0) when the path is lost, "back"
 #: (seconds: the outage) when it is up again.
 OnLink = Callable[[str, float], None]
+
+
+def shut_down_under_reader(sock: Any) -> None:
+    """End ``sock``'s connection both ways (``SHUT_RDWR``) but keep its descriptor, so
+    that the reader greenlet still reads what is already queued, then EOF.
+
+    Closing (``abort_quietly``) would drop that: the reader's next read fails with EBADF.
+    gevent's own ``socket.shutdown`` would too: it throws EBADF into the greenlet waiting
+    to read. So the shutdown goes to the kernel through a duplicate of the descriptor (a
+    shutdown acts on the connection, not on one descriptor); the kernel wakes the reader.
+    A reset connection answers ENOTCONN, and is already shut down: fine. Anything but a
+    plain socket is aborted as before."""
+    try:
+        fd = sock.fileno()
+    except (OSError, AttributeError, ValueError):
+        fd = -2
+    if fd == -1:
+        return  # closed already: nobody can read it
+    try:
+        dup = os.dup(fd)
+    except (OSError, TypeError):
+        abort_quietly(sock)
+        return
+    try:
+        twin = _socket.socket(sock.family, sock.type, sock.proto, dup)
+    except (OSError, AttributeError, ValueError):
+        os.close(dup)
+        abort_quietly(sock)
+        return
+    try:
+        twin.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # ENOTCONN: reset by the peer, the kernel shut it down already
+    finally:
+        twin.close()
 
 
 class TunnelResume(TunnelState):
@@ -126,11 +164,17 @@ class TunnelResume(TunnelState):
 
     def _link_failed_on_send(self) -> bool:
         """A send failed (write lock held): True if the frame is safe in the buffer and
-        the reader will resume; False: the tunnel ends as before."""
+        the reader will resume; False: the tunnel ends as before.
+
+        The socket is shut down, not closed: what the peer sent before the failure may
+        still be in its receive queue, above all its CLOSE (a console interrupted during
+        a download closes with our data unread: its kernel, then the relay's, answer our
+        next segment with a reset). The reader reads that out, then EOF: a CLOSE ends
+        the session as the peer said, no CLOSE resumes (issue 12, "lost CLOSE")."""
         if not self._can_resume():
             return False
         self._link_down = True
-        abort_quietly(self._sock)
+        shut_down_under_reader(self._sock)
         return True
 
     def _read_until_end(self) -> None:
@@ -256,7 +300,7 @@ class TunnelResume(TunnelState):
         except OSError as exc:
             log.info("%s: resend failed: %s", self.name, os_err(exc))
             self._link_down = True  # frames stay buffered; the reader resumes again
-            abort_quietly(sock)
+            shut_down_under_reader(sock)  # (the reader reads what the peer sent first)
         finally:
             self._wlock.release()
 
