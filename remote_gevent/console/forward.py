@@ -23,7 +23,12 @@ import gevent.pool
 from remote_gevent.common.addresses import format_address
 
 DEFAULT_BIND = "127.0.0.1"
-LISTEN_BACKLOG = 128
+# Accept queue of the console's listeners (``forward -L``, ``socks -D``): a browser or a
+# parallel job opens connections in bursts, and a console busy sealing a bulk stream
+# accepts late; with 128 a burst of 200 overflowed it and the kernel dropped connections
+# the clients believed open (nstat TcpExtListenOverflows). The kernel caps it at
+# net.core.somaxconn (4096 on current kernels).
+LISTEN_BACKLOG = 1024
 ACCEPT_RETRY = 0.1  # s after a failed accept (e.g. EMFILE): neither spin nor stall
 
 
