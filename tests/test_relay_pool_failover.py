@@ -230,11 +230,11 @@ def test_dead_relays_sessions_resume_on_the_pool_and_new_ones_avoid_it(rabbit, t
 
 
 def test_demo_runs_a_pool(rabbit, tmp_path, procs):  # noqa: F811
-    """``scripts/demo --relays 3``: three relay processes, the agent and the console
-    configured with the pool; sessions work, and go on working without a relay that was
-    SIGKILLed (by pid, from the platform's pids)."""
+    """``scripts/demo --relays 3 --relay-mode listed``: three relay processes, the agent
+    and the console configured with the pool; sessions work, and go on working without a
+    relay that was SIGKILLed (by pid, from the platform's pids)."""
     echo = HashingEcho()
-    p = make_platform(rabbit, str(tmp_path / "demo"), relays=3)
+    p = make_platform(rabbit, str(tmp_path / "demo"), relays=3, relay_mode="listed")
     try:
         p.start()
         pids = dict(p.pids())

@@ -16,9 +16,11 @@ import os
 from typing import List
 
 import pytest
+import yaml
 
 from relay_helpers import HAPROXY, RelayProcess, RoundRobin
 from remote_gevent.demo.rabbit import free_port
+from remote_gevent.demo.relays import relay_log
 from test_e2e import (  # noqa: F401 - fixtures used by name
     history_rows,
     make_platform,
@@ -39,6 +41,7 @@ PAIRED = "remote_gevent_relay_paired"
 FORWARDED = "remote_gevent_relay_forwarded_legs_total"
 PAIRINGS = "remote_gevent_relay_pairings_total"
 SMALL = 50
+DEMO_SESSIONS = 6
 
 
 def _small_sessions(control, ident: str, target: str, n: int) -> int:
@@ -171,4 +174,38 @@ def test_pool_behind_one_address_survives_a_relay_kill(rabbit, tmp_path, procs):
             lb.stop()
         for r in relays:
             r.stop()
+        echo.server.stop(timeout=1)
+
+
+def test_demo_routes_a_pool_behind_one_address(rabbit, tmp_path):  # noqa: F811
+    """``scripts/demo --relays 3`` (routed, the default): three relays routing by session
+    id behind the demo's round-robin forwarder; agent and console know its one address
+    only. Every session pairs and echoes; the round robin split legs over relays, which
+    forwarded them to their session's owner."""
+    echo = HashingEcho()
+    p = make_platform(rabbit, str(tmp_path / "demo"), relays=3)
+    try:
+        p.start()
+        pids = dict(p.pids())
+        assert {"relay", "relay2", "relay3", "balancer", "agent"} <= set(pids)
+        with open(p.console_config) as fh:
+            assert yaml.safe_load(fh)["relay"] == p.relay_address
+        with open(p.agent_config) as fh:
+            assert yaml.safe_load(fh)["remote"]["relays"]["fr04"] == p.relay_address
+        assert p.relay_address not in ["127.0.0.1:%d" % port for port in p.pool_ports]
+        assert "round robin over 3 relays" in p.usage()
+        control = ConsoleControl(cconfig.load(p.console_config)).start()
+        try:
+            assert _small_sessions(control, p.ident, echo.target, DEMO_SESSIONS) \
+                == DEMO_SESSIONS
+        finally:
+            control.close()
+        logs = [open(relay_log(p.dir, i)).read() for i in range(3)]
+        forwarded = [text.count("forwarded to its owner") for text in logs]
+        print("\nlegs forwarded to their owner, per relay: %s" % forwarded)
+        assert sum(forwarded) >= 1  # the legs met through routing, not by luck
+        for text in logs:
+            assert "Traceback" not in text
+    finally:
+        p.stop()
         echo.server.stop(timeout=1)
