@@ -16,8 +16,8 @@ import pytest
 
 from remote_gevent.common import sockets, tls
 from remote_gevent.demo.pki import CertificateAuthority
-from remote_gevent.relay import server as relay
 from remote_gevent.wire import rendezvous
+from relay_helpers import relay_factory
 
 WAIT = 10.0
 
@@ -34,21 +34,9 @@ def relay_pki(tmp_path_factory):
 
 @pytest.fixture
 def relays(relay_pki):
-    started = []
-
-    def start(port=0):
-        settings = relay.RelaySettings(host="127.0.0.1", port=port,
-                                       cert_file=relay_pki["cert"].cert_file,
-                                       key_file=relay_pki["cert"].key_file)
-        server = relay.Relay(settings)
-        server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        with gevent.Timeout(WAIT):
-            server.stop(grace=0)
+    """``relays(port=0)``: a started relay, stopped after the test."""
+    with relay_factory(relay_pki["cert"], WAIT) as factory:
+        yield factory
 
 
 @pytest.fixture
