@@ -58,8 +58,7 @@ import yaml
 from remote_gevent.crypto import identity
 from remote_gevent.demo import operator_cert as demo_cert, rabbit as demo_rabbit
 from remote_gevent.demo.banner import ATTACHED_HINT, detached_banner
-from remote_gevent.demo.relays import (
-    MODES, relay_log, spawn_balancer, spawn_relay, write_pool_configs)
+from remote_gevent.demo.relays import MODES, RelayPool, spawn_relay, write_pool_configs
 from remote_gevent.demo.pki import CertificateAuthority
 
 from remote_gevent.demo.processes import (
@@ -98,7 +97,7 @@ class PlatformError(RuntimeError):
     """The platform could not be brought up (message says which piece and where its log is)."""
 
 
-class DemoPlatform:
+class DemoPlatform(RelayPool):
     """Build, start and stop one local platform in ``directory``.
 
     ``rabbit``: an already running :class:`~remote_gevent.demo.rabbit.RabbitNode` to use
@@ -184,13 +183,6 @@ class DemoPlatform:
     def relay_address(self) -> str:
         assert self.relay_port is not None, "prepare() chooses the relay port"
         return "127.0.0.1:%d" % self.relay_port
-
-    @property
-    def relay_addresses(self) -> Any:
-        """The ``relay:`` / ``remote.relays`` value: one address, or the pool's list."""
-        if self.relay_count == 1 or self.routed:
-            return self.relay_address
-        return [self.relay_address] + ["127.0.0.1:%d" % p for p in self.extra_relay_ports]
 
     def prepare(self) -> "DemoPlatform":
         """Certificates, keys, ports and config files (no process started)."""
@@ -331,21 +323,6 @@ class DemoPlatform:
                                       timeout, PlatformError,
                                       self.pool_configs[0] if self.routed else None)
 
-    def start_extra_relays(self, timeout: float = READY_TIMEOUT) -> None:
-        """The other relays of a pool (``relays`` > 1), each on its port, with its log;
-        routed, then the round-robin forwarder on :attr:`relay_port` in front of them."""
-        configs: List[Optional[str]] = list(self.pool_configs[1:]) or [None] * len(
-            self.extra_relay_ports)
-        self.extra_relay_procs = [
-            spawn_relay(self._spawn, port, self.relay_cert, relay_log(self.dir, i + 1),
-                        timeout, PlatformError, config)
-            for i, (port, config) in enumerate(zip(self.extra_relay_ports, configs))]
-        if self.routed:
-            assert self.relay_port is not None
-            self.balancer_proc = spawn_balancer(
-                self._spawn, self.relay_port, self.pool_ports,
-                os.path.join(self.dir, "balancer.log"), timeout, PlatformError)
-
     def stop_relay(self, sig: int = signal.SIGTERM, timeout: float = RELAY_STOP_TIMEOUT
                    ) -> Optional[int]:
         proc, self.relay_proc = self.relay_proc, None
@@ -418,7 +395,7 @@ class DemoPlatform:
             self.write_configs()
             if self.run_relay:
                 self.start_relay(timeout)
-                self.start_extra_relays(timeout)
+                self.start_extra_relays(timeout, PlatformError)
                 self._track()
             if self.run_agent:
                 self.start_agent(timeout)
@@ -465,11 +442,7 @@ class DemoPlatform:
         """Agent, then relay, then (our own) broker; each bounded, then killed."""
         self.stop_agent()
         self.stop_relay()
-        procs: List[Optional[subprocess.Popen]] = [self.balancer_proc]
-        procs += self.extra_relay_procs
-        self.extra_relay_procs, self.balancer_proc = [], None
-        for proc in procs:
-            _terminate(proc, signal.SIGTERM, RELAY_STOP_TIMEOUT)
+        self.stop_pool(RELAY_STOP_TIMEOUT)
         if self._own_node and self.node is not None:
             try:
                 self.node.stop()

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import yaml
 
-from remote_gevent.demo.processes import _tail, entry_argv, port_open
+from remote_gevent.demo.processes import _tail, _terminate, entry_argv, port_open
 
 POLL = 0.1
 MODES = ("routed", "listed")
@@ -87,3 +88,57 @@ def _wait_listening(proc: subprocess.Popen, what: str, port: int, log_path: str,
                         % (what, port, timeout, log_path))
         time.sleep(POLL)
     return proc
+
+
+class RelayPool:
+    """The pool part of :class:`~remote_gevent.demo.platform.DemoPlatform`: what agent
+    and console are told, the relays after the first, and the forwarder when routed."""
+
+    dir: str
+    relay_port: Optional[int]
+    relay_cert: Optional[Tuple[str, str]]
+    relay_count: int
+    routed: bool
+    pool_ports: List[int]
+    pool_configs: List[str]
+    extra_relay_ports: List[int]
+    extra_relay_procs: List[subprocess.Popen]
+    balancer_proc: Optional[subprocess.Popen]
+
+    def _spawn(self, argv: Sequence[str], log_path: str) -> subprocess.Popen:
+        raise NotImplementedError  # the platform's
+
+    @property
+    def relay_address(self) -> str:
+        raise NotImplementedError  # the platform's
+
+    @property
+    def relay_addresses(self) -> Any:
+        """The ``relay:`` / ``remote.relays`` value: one address (a single relay, or the
+        forwarder of a routed pool), or the listed pool's addresses."""
+        if self.relay_count == 1 or self.routed:
+            return self.relay_address
+        return [self.relay_address] + ["127.0.0.1:%d" % p for p in self.extra_relay_ports]
+
+    def start_extra_relays(self, timeout: float, error: Callable[[str], Exception]) -> None:
+        """The other relays of a pool (``relays`` > 1), each on its port, with its log;
+        routed, then the round-robin forwarder on :attr:`relay_port` in front of them."""
+        assert self.relay_cert is not None and self.relay_port is not None
+        configs: List[Optional[str]] = list(self.pool_configs[1:]) or [None] * len(
+            self.extra_relay_ports)
+        self.extra_relay_procs = [
+            spawn_relay(self._spawn, port, self.relay_cert, relay_log(self.dir, i + 1),
+                        timeout, error, config)
+            for i, (port, config) in enumerate(zip(self.extra_relay_ports, configs))]
+        if self.routed:
+            self.balancer_proc = spawn_balancer(
+                self._spawn, self.relay_port, self.pool_ports,
+                os.path.join(self.dir, "balancer.log"), timeout, error)
+
+    def stop_pool(self, timeout: float) -> None:
+        """The forwarder, then the relays after the first (each bounded, then killed)."""
+        procs: List[Optional[subprocess.Popen]] = [self.balancer_proc]
+        procs += self.extra_relay_procs
+        self.extra_relay_procs, self.balancer_proc = [], None
+        for proc in procs:
+            _terminate(proc, signal.SIGTERM, timeout)
