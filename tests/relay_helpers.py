@@ -25,6 +25,7 @@ import yaml
 from gevent.server import StreamServer
 
 from remote_gevent.console.session import open_session
+from remote_gevent.demo.pki import CertificateAuthority
 from remote_gevent.demo.processes import entry_argv
 from remote_gevent.demo.rabbit import free_port
 from remote_gevent.relay import server as relay_mod
@@ -36,6 +37,13 @@ HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists(
 CHUNK = 1 << 16  # the pool tests' read and write size
 PAIRINGS = "remote_gevent_relay_pairings_total"
 PAIRED = "remote_gevent_relay_paired"
+
+
+def relay_pki(base) -> Dict[str, Any]:
+    """A test CA in ``base``/ca and the relay certificate it issues for localhost and
+    127.0.0.1: ``{"ca": ..., "cert": ...}``."""
+    ca = CertificateAuthority(str(base / "ca"))
+    return {"ca": ca, "cert": ca.issue("relay", hosts=["localhost", "127.0.0.1"])}
 
 
 def need_haproxy() -> None:

@@ -27,7 +27,7 @@ from remote_gevent.relay import server as relay
 from remote_gevent.relay.settings import (DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_PENDING_PER_IP)
 from remote_gevent.relay import splicer
 from remote_gevent.common import tls
-from relay_helpers import relay_factory
+from relay_helpers import relay_factory, relay_pki
 from remote_gevent.demo.pki import CertificateAuthority
 from remote_gevent.wire import rendezvous
 
@@ -37,10 +37,7 @@ WAIT = 10.0  # seconds: bound for anything that should happen "soon"
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     base = tmp_path_factory.mktemp("relay-pki")
-    ca = CertificateAuthority(str(base / "ca"))
-    other = CertificateAuthority(str(base / "other"))
-    return {"ca": ca, "cert": ca.issue("relay", hosts=["localhost", "127.0.0.1"]),
-            "other": other}
+    return dict(relay_pki(base), other=CertificateAuthority(str(base / "other")))
 
 
 @pytest.fixture
