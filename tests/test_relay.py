@@ -24,10 +24,10 @@ import gevent
 import pytest
 
 from remote_gevent.relay import server as relay
-from remote_gevent.relay.settings import (DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_PENDING_PER_IP,
-                                         RelaySettings)
+from remote_gevent.relay.settings import (DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_PENDING_PER_IP)
 from remote_gevent.relay import splicer
 from remote_gevent.common import tls
+from relay_helpers import relay_factory, relay_pki
 from remote_gevent.demo.pki import CertificateAuthority
 from remote_gevent.wire import rendezvous
 
@@ -37,29 +37,14 @@ WAIT = 10.0  # seconds: bound for anything that should happen "soon"
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     base = tmp_path_factory.mktemp("relay-pki")
-    ca = CertificateAuthority(str(base / "ca"))
-    other = CertificateAuthority(str(base / "other"))
-    return {"ca": ca, "cert": ca.issue("relay", hosts=["localhost", "127.0.0.1"]),
-            "other": other}
+    return dict(relay_pki(base), other=CertificateAuthority(str(base / "other")))
 
 
 @pytest.fixture
 def make_relay(pki):
-    started = []
-
-    def factory(splice=None, **overrides):
-        settings = RelaySettings(host="127.0.0.1", port=0,
-                                       cert_file=pki["cert"].cert_file,
-                                       key_file=pki["cert"].key_file, **overrides)
-        server = relay.Relay(settings, splice=splice)
-        server.start()
-        started.append(server)
-        return server
-
-    yield factory
-    for server in started:
-        with gevent.Timeout(WAIT):
-            server.stop(grace=0)
+    """``make_relay(splice=None, **settings)``: a started relay, stopped after the test."""
+    with relay_factory(pki["cert"], WAIT) as factory:
+        yield factory
 
 
 @pytest.fixture

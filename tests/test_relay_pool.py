@@ -30,7 +30,7 @@ from remote_gevent.console.known_devices import KnownDevices
 from remote_gevent.console.session import open_session
 from remote_gevent.crypto import identity
 from echo_server import echo
-from relay_helpers import HAPROXY, Balancer, start_relay
+from relay_helpers import Balancer, echo_session, need_haproxy, start_relay
 
 WAIT = 20.0
 SESSIONS = 50
@@ -71,8 +71,7 @@ def test_config_accepts_a_list_and_names_a_bad_item(tmp_path):
 @pytest.mark.e2e
 def test_fifty_sessions_pair_through_three_relays_behind_haproxy(rabbit, device, operator,
                                                                   pki, tmp_path):
-    if HAPROXY is None:
-        pytest.skip("haproxy is not installed (scripts/setup-deps installs it)")
+    need_haproxy()
     ca, _ = pki
     cert = ca.issue("pool-relay", ["127.0.0.1"])
     relays = [start_relay(cert, proxy_protocol=True) for _ in range(4)]
@@ -122,22 +121,8 @@ def test_fifty_sessions_pair_through_three_relays_behind_haproxy(rabbit, device,
         KnownDevices(str(tmp_path / "known")).pin(device.server_id, device.ident,
                                                   agent.get_identity().public_bytes)
         controls = [console(addr) for addr in pool]
-        paired = 0
-        for i in range(SESSIONS):
-            control = controls[i % 3]
-            session = open_session(control.cfg, device.ident, [target], control=control)
-            stream = session.open_stream(target)
-            payload = os.urandom(2000)
-            stream.send(payload)
-            stream.shutdown_write()
-            got = b""
-            while len(got) < len(payload):
-                chunk = stream.recv()
-                if not chunk:
-                    break
-                got += chunk
-            session.close()
-            paired += got == payload
+        paired = sum(echo_session(controls[i % 3], device.ident, target)
+                     for i in range(SESSIONS))
         assert paired == SESSIONS
         counts = [r.counters["sessions"] for r in relays]
         print("pairings per relay:", counts)

@@ -16,20 +16,25 @@ all succeed without trying it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import socket
-import subprocess
 import time
-from typing import Dict, List
+from typing import List
 
-import gevent
 import pytest
 import yaml
-from gevent.server import StreamServer
 
-from relay_helpers import HAPROXY, Balancer, RelayProcess
+from relay_helpers import (
+    PAIRED,
+    PAIRINGS,
+    Balancer,
+    Bulk,
+    HashingEcho,
+    RelayProcess,
+    echo_once,
+    need_haproxy,
+    pool_platform,
+)
 from remote_gevent.console.relay_pool import STATE_NAME
 from remote_gevent.demo.rabbit import free_port
 from test_e2e import (  # noqa: F401 - fixtures used by name
@@ -43,87 +48,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SESSIONS = 6
 SIZE = 32 << 20  # each way, per session
-CHUNK = 1 << 16
-PACE = 0.02  # seconds between two chunks of a writer: each transfer lasts ~10 s
-PAIRINGS = "remote_gevent_relay_pairings_total"
-PAIRED = "remote_gevent_relay_paired"
-
-
-class HashingEcho:
-    """Echoes every connection, with the sha256 of what it received and what it sent."""
-
-    def __init__(self) -> None:
-        self.done: List[Dict[str, object]] = []
-        self.server = StreamServer(("127.0.0.1", 0), self._handle)
-        self.server.start()
-        self.target = "127.0.0.1:%d" % self.server.address[1]
-
-    def _handle(self, sock: socket.socket, _addr) -> None:
-        rx, tx, n = hashlib.sha256(), hashlib.sha256(), 0
-        try:
-            while True:
-                data = sock.recv(CHUNK)
-                if not data:
-                    break
-                rx.update(data)
-                n += len(data)
-                sock.sendall(data)
-                tx.update(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        finally:
-            self.done.append({"rx": rx.hexdigest(), "tx": tx.hexdigest(), "n": n})
-            sock.close()
-
-
-class Bulk:
-    """A stdio console carrying ``size`` random bytes to the echo target and back, one
-    CHUNK every ``pace`` seconds (tests/test_relay_routing_e2e.py uses it too)."""
-
-    def __init__(self, runner, argv: List[str], size: int = SIZE, pace: float = PACE) -> None:
-        self.size, self.pace = size, pace
-        self.proc = runner.start(argv, stdin=subprocess.PIPE)
-        self.sent, self.got = hashlib.sha256(), hashlib.sha256()
-        self.received = 0
-        self._g = [gevent.spawn(self._write), gevent.spawn(self._read)]
-
-    def _write(self) -> None:
-        left = self.size
-        while left:
-            chunk = os.urandom(min(CHUNK, left))
-            self.proc.stdin.write(chunk)
-            self.proc.stdin.flush()
-            self.sent.update(chunk)
-            left -= len(chunk)
-            gevent.sleep(self.pace)
-        self.proc.stdin.close()
-
-    def _read(self) -> None:
-        while True:
-            chunk = self.proc.stdout.read1(CHUNK)
-            if not chunk:
-                return
-            self.got.update(chunk)
-            self.received += len(chunk)
-
-    def finish(self) -> str:
-        gevent.joinall(self._g, timeout=180, raise_error=True)
-        _, err = self.proc.communicate(timeout=60)
-        assert self.proc.returncode == 0, err
-        assert self.received == self.size
-        assert self.got.hexdigest() == self.sent.hexdigest()
-        return err.decode("utf-8", "replace")
-
-
-def _echo_once(runner, argv: List[str]) -> str:
-    """A short session: 200 kB there and back; its stderr."""
-    payload = os.urandom(200000)
-    proc = runner.start(argv, stdin=subprocess.PIPE)
-    out, err = proc.communicate(payload, timeout=90)
-    text = err.decode("utf-8", "replace")
-    assert proc.returncode == 0 and out == payload, text
-    return text
+PACE = 0.02  # seconds between two 64 KiB chunks of a writer: each transfer lasts ~10 s
 
 
 def _pairings(relays) -> List[float]:
@@ -132,15 +57,10 @@ def _pairings(relays) -> List[float]:
 
 def test_dead_relays_sessions_resume_on_the_pool_and_new_ones_avoid_it(rabbit, tmp_path,
                                                                        procs):  # noqa: F811
-    if HAPROXY is None:
-        pytest.skip("haproxy is not installed (scripts/setup-deps installs it)")
+    need_haproxy()
     fronts = [free_port() for _ in range(3)]
     pool = ["127.0.0.1:%d" % port for port in fronts]
-    resume = {"keepalive_interval": 1, "resume_timeout": 120}
-    p = make_platform(rabbit, str(tmp_path / "plat"), start_relay=False, start_agent=False,
-                      relay_port=fronts[0],
-                      remote=dict(resume, relays={"fr04": pool}, max_session=20),
-                      console=dict(resume, relay=pool))
+    p = pool_platform(rabbit, str(tmp_path / "plat"), pool, 120)
     relays: List[RelayProcess] = []
     lb = None
     echo = HashingEcho()
@@ -153,7 +73,7 @@ def test_dead_relays_sessions_resume_on_the_pool_and_new_ones_avoid_it(rabbit, t
         p.start_agent()
         argv = p.console_argv("stdio", "--master", "no", p.ident, echo.target)
 
-        bulks = [Bulk(procs, argv) for _ in range(SESSIONS)]
+        bulks = [Bulk(procs, argv, SIZE, PACE) for _ in range(SESSIONS)]
         wait_for(lambda: all(b.received >= 2 << 20 for b in bulks), timeout=90,
                  what="every bulk session flowing")
         paired = [r.metrics()[PAIRED] for r in relays]
@@ -197,7 +117,7 @@ def test_dead_relays_sessions_resume_on_the_pool_and_new_ones_avoid_it(rabbit, t
         forced_argv = list(argv)
         forced_argv[forced_argv.index(p.console_config)] = forced
         before = _pairings(survivors)
-        err = _echo_once(procs, forced_argv)
+        err = echo_once(procs, forced_argv)
         assert "relay %s is down" % dead in err and "trying relay %s" % alive in err, err
         # The abandoned first request left no half session on the device: it ended
         # (the agent's own dial failed too, or the console's session.close came first).
@@ -212,7 +132,7 @@ def test_dead_relays_sessions_resume_on_the_pool_and_new_ones_avoid_it(rabbit, t
             json.dump({dead: down[dead]}, fh)
         # New sessions with the whole pool: all succeed, none tries the dead relay.
         for _ in range(SESSIONS):
-            err = _echo_once(procs, argv)
+            err = echo_once(procs, argv)
             assert "is down" not in err, err
         moved = [a - b for a, b in zip(_pairings(survivors), before)]
         print("new sessions per surviving relay:", moved)
@@ -230,11 +150,11 @@ def test_dead_relays_sessions_resume_on_the_pool_and_new_ones_avoid_it(rabbit, t
 
 
 def test_demo_runs_a_pool(rabbit, tmp_path, procs):  # noqa: F811
-    """``scripts/demo --relays 3``: three relay processes, the agent and the console
-    configured with the pool; sessions work, and go on working without a relay that was
-    SIGKILLed (by pid, from the platform's pids)."""
+    """``scripts/demo --relays 3 --relay-mode listed``: three relay processes, the agent
+    and the console configured with the pool; sessions work, and go on working without a
+    relay that was SIGKILLed (by pid, from the platform's pids)."""
     echo = HashingEcho()
-    p = make_platform(rabbit, str(tmp_path / "demo"), relays=3)
+    p = make_platform(rabbit, str(tmp_path / "demo"), relays=3, relay_mode="listed")
     try:
         p.start()
         pids = dict(p.pids())
@@ -246,10 +166,10 @@ def test_demo_runs_a_pool(rabbit, tmp_path, procs):  # noqa: F811
         assert len(pool) == 3 and "relay   %s" % pool[2] in p.usage()
         argv = p.console_argv("stdio", "--master", "no", p.ident, echo.target)
         for _ in range(3):
-            _echo_once(procs, argv)
+            echo_once(procs, argv)
         os.kill(pids["relay2"], 9)
         for _ in range(3):
-            _echo_once(procs, argv)
+            echo_once(procs, argv)
         from remote_gevent.demo.relays import relay_log
 
         def ended() -> int:  # the survivors' "session … ended" lines

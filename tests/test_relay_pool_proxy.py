@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import struct
-import subprocess
 import time
 
 import gevent
@@ -27,10 +25,9 @@ from remote_gevent.relay import proxy_protocol
 from remote_gevent.relay import server as relay
 from remote_gevent.relay.settings import RelaySettings
 from remote_gevent.wire import rendezvous
+from relay_helpers import Haproxy, need_haproxy, new_relay
 
 WAIT = 20.0
-HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists(
-    "/usr/sbin/haproxy") else None)
 
 
 def _pair_with(data: bytes):
@@ -90,63 +87,26 @@ def pki(tmp_path_factory):
     return ca, ca.issue("relay", hosts=["127.0.0.1"])
 
 
-class Haproxy:
+class Proxies(Haproxy):
     """haproxy in the foreground: frontend ``v2`` (send-proxy-v2) and ``v1`` (send-proxy)
     to one relay port."""
 
     def __init__(self, directory: str, relay_port: int) -> None:
         self.v2, self.v1 = free_port(), free_port()
-        cfg = os.path.join(directory, "haproxy.cfg")
-        with open(cfg, "w") as f:
-            f.write("""global
-    maxconn 200
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend fe_v2
-    bind 127.0.0.1:%d
-    default_backend be_v2
-frontend fe_v1
-    bind 127.0.0.1:%d
-    default_backend be_v1
-backend be_v2
-    server relay 127.0.0.1:%d send-proxy-v2
-backend be_v1
-    server relay 127.0.0.1:%d send-proxy
-""" % (self.v2, self.v1, relay_port, relay_port))
-        self.proc = subprocess.Popen([HAPROXY, "-db", "-f", cfg], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + WAIT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.v2), timeout=1).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None, "haproxy exited"
-                assert time.monotonic() < deadline, "haproxy did not listen"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        super().__init__(directory, "haproxy", self.DEFAULTS + [
+            "frontend fe_v2", "    bind 127.0.0.1:%d" % self.v2, "    default_backend be_v2",
+            "frontend fe_v1", "    bind 127.0.0.1:%d" % self.v1, "    default_backend be_v1",
+            "backend be_v2", "    server relay 127.0.0.1:%d send-proxy-v2" % relay_port,
+            "backend be_v1", "    server relay 127.0.0.1:%d send-proxy" % relay_port,
+        ], [self.v2], maxconn=200)
 
 
 @pytest.fixture
 def behind_haproxy(pki, tmp_path):
-    if HAPROXY is None:
-        pytest.skip("haproxy is not installed (scripts/setup-deps installs it)")
+    need_haproxy()
     _, cert = pki
-    server = relay.Relay(RelaySettings(
-        host="127.0.0.1", port=0, cert_file=cert.cert_file, key_file=cert.key_file,
-        proxy_protocol=True, max_pending_per_ip=1, pairing_timeout=10))
-    server.start()
-    lb = Haproxy(str(tmp_path), server.address[1])
+    server = new_relay(cert, proxy_protocol=True, max_pending_per_ip=1, pairing_timeout=10)
+    lb = Proxies(str(tmp_path), server.address[1])
     try:
         yield server, lb
     finally:

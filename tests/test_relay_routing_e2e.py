@@ -16,52 +16,45 @@ import os
 from typing import List
 
 import pytest
+import yaml
 
-from relay_helpers import HAPROXY, RelayProcess, RoundRobin
+from relay_helpers import (
+    PAIRED,
+    PAIRINGS,
+    Bulk,
+    HashingEcho,
+    RelayProcess,
+    RoundRobin,
+    echo_once,
+    echo_session,
+    need_haproxy,
+    pool_platform,
+)
+from remote_gevent.console import config as cconfig
+from remote_gevent.console.control import ConsoleControl
 from remote_gevent.demo.rabbit import free_port
+from remote_gevent.demo.relays import relay_log
 from test_e2e import (  # noqa: F401 - fixtures used by name
     history_rows,
     make_platform,
     procs,
     wait_for,
 )
-from test_relay_pool_failover import Bulk, HashingEcho, _echo_once
-from remote_gevent.console import config as cconfig
-from remote_gevent.console.control import ConsoleControl
-from remote_gevent.console.session import open_session
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SESSIONS = 6
 SIZE = 4 << 20  # each way, per session
 PACE = 0.06  # seconds between two 64 KiB chunks: each transfer lasts ~4 s
-PAIRED = "remote_gevent_relay_paired"
 FORWARDED = "remote_gevent_relay_forwarded_legs_total"
-PAIRINGS = "remote_gevent_relay_pairings_total"
 SMALL = 50
+DEMO_SESSIONS = 6
 
 
 def _small_sessions(control, ident: str, target: str, n: int) -> int:
     """``n`` sessions of an in-process console, one after the other: how many paired and
     echoed 2000 bytes."""
-    ok = 0
-    for _ in range(n):
-        session = open_session(control.cfg, ident, [target], control=control)
-        try:
-            stream = session.open_stream(target)
-            payload = os.urandom(2000)
-            stream.send(payload)
-            stream.shutdown_write()
-            got = b""
-            while len(got) < len(payload):
-                chunk = stream.recv()
-                if not chunk:
-                    break
-                got += chunk
-            ok += got == payload
-        finally:
-            session.close()
-    return ok
+    return sum(echo_session(control, ident, target) for _ in range(n))
 
 
 def _peer_up(relay: RelayProcess, port: int) -> float:
@@ -80,16 +73,10 @@ def _peer_up(relay: RelayProcess, port: int) -> float:
 
 
 def test_pool_behind_one_address_survives_a_relay_kill(rabbit, tmp_path, procs):  # noqa: F811
-    if HAPROXY is None:
-        pytest.skip("haproxy is not installed (scripts/setup-deps installs it)")
+    need_haproxy()
     lb_port = free_port()
     pool = ["127.0.0.1:%d" % lb_port]  # the only relay address anyone knows
-    resume = {"keepalive_interval": 1, "resume_timeout": 60}
-    p = make_platform(rabbit, str(tmp_path / "plat"), start_relay=False, start_agent=False,
-                      relay_port=lb_port,
-                      remote=dict(resume, relays={"fr04": pool}, max_session=20,
-                                  operator_rate=0),
-                      console=dict(resume, relay=pool))
+    p = pool_platform(rabbit, str(tmp_path / "plat"), pool, 60, operator_rate=0)
     relays: List[RelayProcess] = []
     lb = None
     echo = HashingEcho()
@@ -155,7 +142,7 @@ def test_pool_behind_one_address_survives_a_relay_kill(rabbit, tmp_path, procs):
                      what="the survivors seeing the dead peer down")
         # New sessions after the kill, through the same address: all pair.
         for _ in range(2):
-            _echo_once(procs, argv)
+            echo_once(procs, argv)
         control = ConsoleControl(cconfig.load(p.console_config)).start()
         try:
             assert _small_sessions(control, p.ident, echo.target, 20) == 20
@@ -171,4 +158,38 @@ def test_pool_behind_one_address_survives_a_relay_kill(rabbit, tmp_path, procs):
             lb.stop()
         for r in relays:
             r.stop()
+        echo.server.stop(timeout=1)
+
+
+def test_demo_routes_a_pool_behind_one_address(rabbit, tmp_path):  # noqa: F811
+    """``scripts/demo --relays 3`` (routed, the default): three relays routing by session
+    id behind the demo's round-robin forwarder; agent and console know its one address
+    only. Every session pairs and echoes; the round robin split legs over relays, which
+    forwarded them to their session's owner."""
+    echo = HashingEcho()
+    p = make_platform(rabbit, str(tmp_path / "demo"), relays=3)
+    try:
+        p.start()
+        pids = dict(p.pids())
+        assert {"relay", "relay2", "relay3", "balancer", "agent"} <= set(pids)
+        with open(p.console_config) as fh:
+            assert yaml.safe_load(fh)["relay"] == p.relay_address
+        with open(p.agent_config) as fh:
+            assert yaml.safe_load(fh)["remote"]["relays"]["fr04"] == p.relay_address
+        assert p.relay_address not in ["127.0.0.1:%d" % port for port in p.pool_ports]
+        assert "round robin over 3 relays" in p.usage()
+        control = ConsoleControl(cconfig.load(p.console_config)).start()
+        try:
+            assert _small_sessions(control, p.ident, echo.target, DEMO_SESSIONS) \
+                == DEMO_SESSIONS
+        finally:
+            control.close()
+        logs = [open(relay_log(p.dir, i)).read() for i in range(3)]
+        forwarded = [text.count("forwarded to its owner") for text in logs]
+        print("\nlegs forwarded to their owner, per relay: %s" % forwarded)
+        assert sum(forwarded) >= 1  # the legs met through routing, not by luck
+        for text in logs:
+            assert "Traceback" not in text
+    finally:
+        p.stop()
         echo.server.stop(timeout=1)

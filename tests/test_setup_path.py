@@ -15,9 +15,8 @@ import gevent
 import pytest
 
 from remote_gevent.common import sockets, tls
-from remote_gevent.demo.pki import CertificateAuthority
-from remote_gevent.relay import server as relay
 from remote_gevent.wire import rendezvous
+from relay_helpers import relay_factory, relay_pki
 
 WAIT = 10.0
 
@@ -26,29 +25,15 @@ WAIT = 10.0
 
 
 @pytest.fixture(scope="module")
-def relay_pki(tmp_path_factory):
-    base = tmp_path_factory.mktemp("setup-pki")
-    ca = CertificateAuthority(str(base / "ca"))
-    return {"ca": ca, "cert": ca.issue("relay", hosts=["localhost", "127.0.0.1"])}
+def setup_pki(tmp_path_factory):
+    return relay_pki(tmp_path_factory.mktemp("setup-pki"))
 
 
 @pytest.fixture
-def relays(relay_pki):
-    started = []
-
-    def start(port=0):
-        settings = relay.RelaySettings(host="127.0.0.1", port=port,
-                                       cert_file=relay_pki["cert"].cert_file,
-                                       key_file=relay_pki["cert"].key_file)
-        server = relay.Relay(settings)
-        server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        with gevent.Timeout(WAIT):
-            server.stop(grace=0)
+def relays(setup_pki):
+    """``relays(port=0)``: a started relay, stopped after the test."""
+    with relay_factory(setup_pki["cert"], WAIT) as factory:
+        yield factory
 
 
 @pytest.fixture
@@ -81,31 +66,31 @@ def _pair(server, ctx, name="127.0.0.1"):
         s.close()
 
 
-def test_relay_dial_resumes_the_previous_tls_session(relays, relay_pki, reused):
+def test_relay_dial_resumes_the_previous_tls_session(relays, setup_pki, reused):
     server = relays()
-    ctx = tls.client_context(relay_pki["ca"].cert_file)
+    ctx = tls.client_context(setup_pki["ca"].cert_file)
     _pair(server, ctx)
     assert reused == [False, False]
     _pair(server, ctx)
     assert reused[2:] == [True, True]
 
 
-def test_no_resumption_across_names_or_contexts(relays, relay_pki, reused):
+def test_no_resumption_across_names_or_contexts(relays, setup_pki, reused):
     server = relays()
-    ctx = tls.client_context(relay_pki["ca"].cert_file)
+    ctx = tls.client_context(setup_pki["ca"].cert_file)
     _pair(server, ctx, name="127.0.0.1")
     _pair(server, ctx, name="localhost")  # verified for its own name: a full handshake
     assert reused == [False] * 4
-    _pair(server, tls.client_context(relay_pki["ca"].cert_file))  # another context: full again
+    _pair(server, tls.client_context(setup_pki["ca"].cert_file))  # another context: full again
     assert reused == [False] * 6
 
 
-def test_unknown_session_falls_back_to_a_verified_handshake(relays, relay_pki, reused):
+def test_unknown_session_falls_back_to_a_verified_handshake(relays, setup_pki, reused):
     """A relay restarted on the same port (new ticket keys) does not know the session:
     the handshake is a full one, the certificate verified again."""
     first = relays()
     port = first.address[1]
-    ctx = tls.client_context(relay_pki["ca"].cert_file)
+    ctx = tls.client_context(setup_pki["ca"].cert_file)
     _pair(first, ctx)
     with gevent.Timeout(WAIT):
         first.stop(grace=0)

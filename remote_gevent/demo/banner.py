@@ -72,9 +72,16 @@ def usage(p: Any) -> str:
     lines = [
         "%s %s" % (BANNER_START, p.dir),
         "  broker  %s  (private RabbitMQ node, logs in %s/rabbit/log)" % (p.broker_url, p.dir),
+    ] + ([
+        "  relays  %s  (round robin over %d relays routing by session id, pid %s, log %s)"
+        % (p.relay_address, p.relay_count, pids.get("balancer", "-"),
+           os.path.join(p.dir, "balancer.log")),
+        "  relay   127.0.0.1:%d  (pid %s, log %s; pool, issue 13)"
+        % (p.pool_ports[0], pids.get("relay", "-"), p.relay_log),
+    ] if p.routed else [
         "  relay   %s  (pid %s, log %s)" % (p.relay_address, pids.get("relay", "-"),
                                             p.relay_log),
-    ] + [
+    ]) + [
         "  relay   127.0.0.1:%d  (pid %s, log %s; pool, issue 13)"
         % (port, pids.get("relay%d" % (i + 2), "-"), relay_log(p.dir, i + 1))
         for i, port in enumerate(p.extra_relay_ports)

@@ -58,7 +58,7 @@ import yaml
 from remote_gevent.crypto import identity
 from remote_gevent.demo import operator_cert as demo_cert, rabbit as demo_rabbit
 from remote_gevent.demo.banner import ATTACHED_HINT, detached_banner
-from remote_gevent.demo.relays import relay_log, spawn_relay
+from remote_gevent.demo.relays import MODES, RelayPool, spawn_relay, write_pool_configs
 from remote_gevent.demo.pki import CertificateAuthority
 
 from remote_gevent.demo.processes import (
@@ -97,7 +97,7 @@ class PlatformError(RuntimeError):
     """The platform could not be brought up (message says which piece and where its log is)."""
 
 
-class DemoPlatform:
+class DemoPlatform(RelayPool):
     """Build, start and stop one local platform in ``directory``.
 
     ``rabbit``: an already running :class:`~remote_gevent.demo.rabbit.RabbitNode` to use
@@ -119,7 +119,8 @@ class DemoPlatform:
                  operator: str = DEFAULT_OPERATOR,
                  start_relay: bool = True, relay_port: Optional[int] = None,
                  start_agent: bool = True, log_level: str = "INFO",
-                 watchdog: bool = False, relays: int = 1) -> None:
+                 watchdog: bool = False, relays: int = 1,
+                 relay_mode: str = "routed") -> None:
         self.dir = os.path.abspath(directory)
         self.use_watchdog = watchdog  # scripts/demo: a Watchdog ends our children if we die
         self.watchdog: Optional[Watchdog] = None
@@ -143,6 +144,12 @@ class DemoPlatform:
         self.relay_count = relays  # > 1: a pool (issue 13); the first is relay_proc
         self.extra_relay_ports: List[int] = []
         self.extra_relay_procs: List[subprocess.Popen] = []
+        # routed (demo/relays.py): relay_port is the round-robin forwarder's, the relays
+        # listen on pool_ports (the first is relay_proc's) and route by session id.
+        self.routed = relays > 1 and relay_mode == "routed"
+        self.pool_ports: List[int] = []
+        self.pool_configs: List[str] = []
+        self.balancer_proc: Optional[subprocess.Popen] = None
         self._prepared = False
         # paths
         self.pki_dir = os.path.join(self.dir, "pki")
@@ -177,13 +184,6 @@ class DemoPlatform:
         assert self.relay_port is not None, "prepare() chooses the relay port"
         return "127.0.0.1:%d" % self.relay_port
 
-    @property
-    def relay_addresses(self) -> Any:
-        """The ``relay:`` / ``remote.relays`` value: one address, or the pool's list."""
-        if self.relay_count == 1:
-            return self.relay_address
-        return [self.relay_address] + ["127.0.0.1:%d" % p for p in self.extra_relay_ports]
-
     def prepare(self) -> "DemoPlatform":
         """Certificates, keys, ports and config files (no process started)."""
         if self._prepared:
@@ -197,6 +197,10 @@ class DemoPlatform:
             self.relay_port = demo_rabbit.free_port("127.0.0.1")
         self.extra_relay_ports = [demo_rabbit.free_port("127.0.0.1")
                                   for _ in range(self.relay_count - 1)]
+        if self.routed:
+            self.pool_ports = [demo_rabbit.free_port("127.0.0.1")] + self.extra_relay_ports
+            self.pool_configs = write_pool_configs(self.dir, self.pool_ports,
+                                                   self.ca.cert_file)
         operator_key = identity.load_or_create(self.operator_key_path)
         _write_text(self.operator_key_path + ".pub",
                     operator_key.public_line("%s@demo-platform" % self.operator) + "\n")
@@ -311,16 +315,13 @@ class DemoPlatform:
             out.close()
 
     def start_relay(self, timeout: float = READY_TIMEOUT) -> None:
-        """Start (or restart) the relay process on :attr:`relay_port`."""
+        """Start (or restart) the relay process on :attr:`relay_port` (routed: the first
+        relay of the pool, on its own port behind the forwarder)."""
         assert self.relay_cert is not None and self.relay_port is not None
-        self.relay_proc = spawn_relay(self._spawn, self.relay_port, self.relay_cert,
-                                      self.relay_log, timeout, PlatformError)
-
-    def start_extra_relays(self, timeout: float = READY_TIMEOUT) -> None:
-        """The other relays of a pool (``relays`` > 1), each on its port, with its log."""
-        self.extra_relay_procs = [
-            spawn_relay(self._spawn, port, self.relay_cert, relay_log(self.dir, i + 1),
-                        timeout, PlatformError) for i, port in enumerate(self.extra_relay_ports)]
+        port = self.pool_ports[0] if self.routed else self.relay_port
+        self.relay_proc = spawn_relay(self._spawn, port, self.relay_cert, self.relay_log,
+                                      timeout, PlatformError,
+                                      self.pool_configs[0] if self.routed else None)
 
     def stop_relay(self, sig: int = signal.SIGTERM, timeout: float = RELAY_STOP_TIMEOUT
                    ) -> Optional[int]:
@@ -394,7 +395,7 @@ class DemoPlatform:
             self.write_configs()
             if self.run_relay:
                 self.start_relay(timeout)
-                self.start_extra_relays(timeout)
+                self.start_extra_relays(timeout, PlatformError)
                 self._track()
             if self.run_agent:
                 self.start_agent(timeout)
@@ -428,8 +429,9 @@ class DemoPlatform:
         return out
 
     def _processes(self) -> List[Tuple[str, Optional[subprocess.Popen]]]:
-        """Relays (``relay``, ``relay2`` …) and the agent."""
-        return [("relay", self.relay_proc)] + [
+        """Relays (``relay``, ``relay2`` …), the round-robin forwarder and the agent."""
+        balancer = [("balancer", self.balancer_proc)] if self.routed else []
+        return [("relay", self.relay_proc)] + balancer + [
             ("relay%d" % (i + 2), proc) for i, proc in enumerate(self.extra_relay_procs)] + [
             ("agent", self.agent_proc)]
 
@@ -440,9 +442,7 @@ class DemoPlatform:
         """Agent, then relay, then (our own) broker; each bounded, then killed."""
         self.stop_agent()
         self.stop_relay()
-        procs, self.extra_relay_procs = self.extra_relay_procs, []
-        for proc in procs:
-            _terminate(proc, signal.SIGTERM, RELAY_STOP_TIMEOUT)
+        self.stop_pool(RELAY_STOP_TIMEOUT)
         if self._own_node and self.node is not None:
             try:
                 self.node.stop()
@@ -481,7 +481,7 @@ class DemoPlatform:
 # --------------------------------------------------------------------------- the program
 
 
-def run_attached(directory: str, relays: int = 1) -> int:
+def run_attached(directory: str, relays: int = 1, relay_mode: str = "routed") -> int:
     """Bring the platform up, print how to use it, tear it down on SIGINT/SIGTERM."""
     import gevent
     import gevent.event
@@ -494,7 +494,7 @@ def run_attached(directory: str, relays: int = 1) -> int:
     stop = gevent.event.Event()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: terminal closed
         gevent.signal_handler(sig, stop.set)
-    platform = DemoPlatform(directory, watchdog=True, relays=relays)
+    platform = DemoPlatform(directory, watchdog=True, relays=relays, relay_mode=relay_mode)
     say("demo: starting in %s (broker boot takes a few seconds) …" % platform.dir)
     try:
         platform.start()
@@ -527,7 +527,7 @@ def _log_since(path: str, offset: int) -> str:
         return ""
 
 
-def run_detached(directory: str, relays: int = 1) -> int:
+def run_detached(directory: str, relays: int = 1, relay_mode: str = "routed") -> int:
     """Run the attached supervisor in the background; return once it is ready."""
     if _running_platform(directory):
         print("demo: a platform already runs in %s" % directory, file=sys.stderr)
@@ -540,7 +540,7 @@ def run_detached(directory: str, relays: int = 1) -> int:
         logged_before = out.tell()  # an earlier run's banner is further up: not ours
         proc = subprocess.Popen(
             [sys.executable, "-m", "remote_gevent.demo.platform", "--dir", directory,
-             "--relays", str(relays)],
+             "--relays", str(relays), "--relay-mode", relay_mode],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
     deadline = time.monotonic() + DETACH_TIMEOUT
@@ -576,14 +576,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mode.add_argument("--stop", action="store_true", help="tear a detached platform down")
     parser.add_argument("--relays", type=int, default=1, choices=range(1, 9), metavar="N",
                         help="run a pool of N relays (1-8, default 1; docs/demo.md)")
+    parser.add_argument("--relay-mode", choices=MODES, default="routed",
+                        help="a pool's relays: routed by session id behind ONE round-robin "
+                             "address (default), or listed one by one to agent and console")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     directory = os.path.abspath(args.dir)
     if args.stop:
         return stop_detached(directory)
     if args.detach:
-        return run_detached(directory, args.relays)
-    return run_attached(directory, args.relays)
+        return run_detached(directory, args.relays, args.relay_mode)
+    return run_attached(directory, args.relays, args.relay_mode)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ from remote_gevent.wire.rendezvous import (
 )
 
 if TYPE_CHECKING:
-    from remote_gevent.relay.server import Conn, Relay
+    from remote_gevent.relay.server import Conn, PairedSession, Relay
 
 log = logging.getLogger("remote_gevent.relay.server")
 
@@ -350,7 +350,7 @@ class Router:
         return True
 
     def _splice(self, conn: "Conn", target: str, sock: ssl.SSLSocket, peer_ip: str) -> None:
-        from remote_gevent.relay.server import Conn, PairedSession
+        from remote_gevent.relay.server import Conn
 
         relay = self.relay
         hello = conn.hello
@@ -365,14 +365,10 @@ class Router:
         if not relay._send_ok(conn, peer_ip):
             close_quietly(sock)
             return
-        agent, console = (conn, far) if hello.role == "agent" else (far, conn)
-        session = PairedSession(key, agent, console)
-        relay._supersede(key)
-        relay._sessions[key] = session
-        relay._count("forwarded")
-        conn.peer = far.peer = session
-        relay._leave_pending(conn)
-        log.info("session %s: %s from %s forwarded to its owner %s", hello.session_id,
-                 hello.role, conn.ip, target)
-        relay._pool.spawn(relay._run_leg, session, far)
-        relay._run_leg(session, conn)
+
+        def start_far(session: "PairedSession") -> None:
+            log.info("session %s: %s from %s forwarded to its owner %s", hello.session_id,
+                     hello.role, conn.ip, target)
+            relay._pool.spawn(relay._run_leg, session, far)
+
+        relay._register_pair(key, conn, far, "forwarded", start_far)

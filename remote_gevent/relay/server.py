@@ -465,17 +465,33 @@ class Relay(Forwarding):
                 waiter.event.set()
             if conn.failed:
                 return
-        agent, console = (conn, waiter) if hello.role == "agent" else (waiter, conn)
-        session = PairedSession(sid, agent, console)
-        self._supersede(sid)
-        self._sessions[sid] = session
-        self._count("sessions")
-        self._observe("paired", session)
+        assert waiter.event is not None
+        wake = waiter.event
+        self._register_pair(sid, conn, waiter, "sessions", lambda session: wake.set(),
+                            observed=True)
+
+    def _register_pair(self, key: str, conn: Conn, other: Conn, counter: str,
+                       start_other: Callable[[PairedSession], None],
+                       observed: bool = False) -> None:
+        """The one pairing of ``conn`` (this greenlet's leg) with ``other``, local or
+        forwarded (relay/routing.py): a new :class:`PairedSession` under ``key`` ends any
+        older pairing there, is counted under ``counter`` (``sessions`` for a pairing here,
+        ``forwarded`` for a leg sent to its owner) and shown to the observers if
+        ``observed`` (not a forwarded leg: its owner observes the pairing), leaves
+        pending; then ``start_other`` gets the other leg running and this greenlet runs
+        ``conn``'s."""
+        assert conn.hello is not None
+        agent, console = (conn, other) if conn.hello.role == "agent" else (other, conn)
+        session = PairedSession(key, agent, console)
+        self._supersede(key)
+        self._sessions[key] = session
+        self._count(counter)
+        if observed:
+            self._observe("paired", session)
         for c in (agent, console):
             c.peer = session
             self._leave_pending(c)
-        assert waiter.event is not None
-        waiter.event.set()
+        start_other(session)
         self._run_leg(session, conn)
 
     def _supersede(self, sid: str) -> None:
