@@ -16,11 +16,13 @@ import re
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
 
 import gevent
+import gevent.event
 import pytest
 
 from remote_gevent.relay import server as relay
@@ -190,6 +192,63 @@ def test_half_close_keeps_the_other_direction_flowing(make_relay, client_ctx, sp
     with gevent.Timeout(WAIT):
         total, digest = receive_all(agent)
     assert (total, digest) == (size, sender.get(timeout=WAIT))
+    assert wait_until(lambda: server.paired == 0)
+
+
+@pytest.mark.parametrize("splice", FORWARDING)
+def test_bytes_queued_before_a_reset_still_reach_the_other_side(make_relay, client_ctx,
+                                                                 splice):
+    """Issue 12's lost CLOSE at the relay: the agent streams to a console that stopped
+    reading (an interrupted ``pull``); the console sends its last bytes (a tunnel CLOSE)
+    and resets.  The relay's write toward the console fails first; before, that ended the
+    whole pair and the console's last bytes, still queued on the relay's socket, never
+    reached the agent, which then took the session for a lost link and kept it resuming.
+    Now only the direction toward the console ends; the agent gets every byte the console
+    sent, in order, then the end of the stream."""
+    server = make_relay(splice=splice)
+    (agent, _), (console, _) = pair(server, client_ctx)
+    console.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stop = gevent.event.Event()
+
+    def agent_sends():  # the device keeps sending until its link breaks
+        block = b"d" * 65536
+        try:
+            while not stop.is_set():
+                agent.sendall(block)
+        except OSError:
+            pass
+
+    received = bytearray()
+
+    def agent_reads():  # the agent's reader, always reading, as the real one
+        try:
+            while True:
+                chunk = agent.recv(65536)
+                if not chunk:
+                    return "eof"
+                received.extend(chunk)
+        except OSError as exc:
+            return "error: %s" % exc
+
+    sender = gevent.spawn(agent_sends)
+    reader = gevent.spawn(agent_reads)
+    # The direction toward the console fills up: the relay holds bytes it cannot write.
+    assert wait_until(lambda: server.paired == 1)
+    gevent.sleep(0.5)  # lets the agent's bulk fill every buffer up to the relay
+    last = b"first words " + os.urandom(8).hex().encode() + b" CLOSE"
+    console.sendall(last)
+    console.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    os.close(console.detach())  # unread data + linger 0: the kernel answers with a RST
+    try:
+        with gevent.Timeout(WAIT):
+            while bytes(received) != last and reader.ready() is False:
+                gevent.sleep(0.02)
+            reader.join(WAIT)
+    finally:
+        stop.set()
+        sender.kill()
+        reader.kill()
+    assert bytes(received) == last
     assert wait_until(lambda: server.paired == 0)
 
 

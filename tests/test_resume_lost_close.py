@@ -245,10 +245,6 @@ def _log_since(path: str, offset: int) -> str:
         return f.read().decode("utf-8", "replace")
 
 
-#: What the agent logs when it read its relay connection to the end and found no CLOSE.
-NO_CLOSE_FROM_RELAY = "tunnel socket closed without CLOSE); resuming"
-
-
 @pytest.mark.e2e
 def test_interrupted_download_ends_promptly_and_frees_the_slot(plat, bulk_port, procs):  # noqa: F811
     """Ctrl-C on a console that is downloading: its CLOSE, then a reset (data unread). The
@@ -256,11 +252,10 @@ def test_interrupted_download_ends_promptly_and_frees_the_slot(plat, bulk_port, 
     the resume timeout holding the only ``max_session`` slot. A few rounds: which of the
     agent's writer (reset) and reader (CLOSE) runs first is a race the writer often wins.
 
-    The relay has the same defect on its side (a failed write to the console ends both
-    directions before the console's queued CLOSE is forwarded: relay/splicer.py): then
-    the agent reads its connection to the end without a CLOSE and rightly resumes. Until
-    the relay is fixed that outcome is an expected failure (xfail), told apart by the
-    agent's log; the agent's own lost CLOSE (EBADF under its reader) fails the test."""
+    The relay had the same defect on its side (a failed write to the console ended both
+    directions before the console's queued CLOSE was forwarded: relay/splicer.py); now
+    the relay moves the CLOSE on first (tests/test_relay.py
+    ``test_bytes_queued_before_a_reset_still_reach_the_other_side``)."""
     p = plat
     for _round in range(ROUNDS):
         before = len(history_rows(p))
@@ -274,8 +269,6 @@ def test_interrupted_download_ends_promptly_and_frees_the_slot(plat, bulk_port, 
                             timeout=PROMPT, what="the interrupted session's history row")
         except AssertionError:
             agent_log = _log_since(p.agent_log, log_offset)
-            if NO_CLOSE_FROM_RELAY in agent_log:
-                pytest.xfail("the relay dropped the console's CLOSE (relay defect)")
             raise AssertionError("the agent did not end the session within %.0f s: %s"
                                  % (PROMPT, agent_log[-3000:])) from None
         assert len(rows) == 1, rows

@@ -33,6 +33,14 @@ log = logging.getLogger("remote_gevent.relay.server")
 SPARE_BUFFERS = 32
 
 
+class _DeliveryFailed(Exception):
+    """The copy loop could not write into its destination (that side reset or is gone)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class BufferPool:
     """Large forwarding buffers lent to whichever direction is moving data right now.
 
@@ -105,6 +113,15 @@ class Forwarding:
                     self._forward_in_thread(session, conn)  # may set session.copy
                 if session.copy or not self.splice:
                     self._pump(session, conn, dst, src_role)
+        except _DeliveryFailed as exc:
+            # Only this direction ends: the failed side may still have bytes queued for
+            # the other one (a tunnel CLOSE sent just before its reset), which the other
+            # leg moves on until it meets the error or EOF (splicer._write_failed).
+            if isinstance(exc.error, socket.timeout):
+                self._abort(session, "timeout (peer stopped reading)")
+            elif not session.write_error:
+                dst_role = "console" if src_role == "agent" else "agent"
+                session.write_error = "%s side: %s" % (dst_role, _describe(exc.error))
         except socket.timeout:
             self._abort(session, "timeout (peer stopped reading)")
         except (ssl.SSLError, OSError) as exc:
@@ -190,6 +207,8 @@ class Forwarding:
             session.copy = True
         elif pair.error and not session.outcome:
             self._abort(session, "error (%s)" % pair.error)
+        elif pair.write_error and not session.write_error:
+            session.write_error = pair.write_error  # ends as an error, closed gently
 
     def _pump(self, session: PairedSession, src: Conn, dst: Conn, src_role: str) -> None:
         """One direction in greenlets (no splice): wait holding nothing, then copy what is
@@ -228,7 +247,10 @@ class Forwarding:
                 return False
             if not n:
                 return True
-            self._send_chunk(d_sock, memoryview(buf)[:n], src_role)
+            try:
+                self._send_chunk(d_sock, memoryview(buf)[:n], src_role)
+            except OSError as exc:
+                raise _DeliveryFailed(exc) from exc
         finally:
             self.buffers.release(buf)
         session.bytes[src_role] += n
@@ -248,7 +270,8 @@ class Forwarding:
 
     def _finish(self, session: PairedSession) -> None:
         if not session.outcome:
-            session.outcome = "normal"
+            session.outcome = ("error (%s)" % session.write_error if session.write_error
+                               else "normal")
         if self._sessions.get(session.session_id) is session:  # not a resumed successor
             del self._sessions[session.session_id]
         close_quietly(session.agent.sock)

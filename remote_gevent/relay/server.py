@@ -154,7 +154,7 @@ class Conn:
 class PairedSession:
     __slots__ = ("session_id", "agent", "console", "started", "last_activity", "bytes",
                  "outcome", "running", "done", "unwrapped", "plain", "pair", "forwarded",
-                 "copy")
+                 "copy", "write_error")
 
     def __init__(self, session_id: str, agent: Conn, console: Conn) -> None:
         self.session_id = session_id
@@ -169,6 +169,7 @@ class PairedSession:
         self.pair: Optional[splicer.Pair] = None  # forwarded by the splice thread
         self.forwarded = gevent.event.Event()  # the splice thread let go of the sockets
         self.copy = False  # forward in greenlets (copy loop), not in the splice thread
+        self.write_error = ""  # a direction could not deliver (forwarding._DeliveryFailed)
         self.unwrapped = 0  # legs whose TLS is shut down
         self.plain = gevent.event.Event()  # both legs plain (or the session failed)
 

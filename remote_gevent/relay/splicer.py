@@ -137,6 +137,10 @@ class Pair:
         self.ba = _Direction(fd_b, fd_a, name_b)
         self.last_activity = time.monotonic()
         self.error = ""           # why forwarding failed ("" = both directions saw EOF)
+        # A direction could not deliver (its destination failed) and the pair ended once
+        # the other direction had moved what that side sent before (``_write_failed``):
+        # the gevent side records it as an error but closes gently (no abort).
+        self.write_error = ""
         self.nosplice = False     # splice refused these descriptors (EINVAL) before any byte
         self.on_done = on_done    # called in the hub once the thread let go of the fds
 
@@ -293,6 +297,12 @@ class SplicePlane:
                         pair.nosplice = True
                         self._finish(pair, "splice refused: %s" % exc)
                         return
+                    if pair.write_error:
+                        # d's source is the side that failed (its reset, now met by the
+                        # read too): everything it sent before has been moved on, so
+                        # end d like an EOF and let the healthy side read it all.
+                        self._eof(pair, d)
+                        return
                     self._finish(pair, "%s side: %s" % (d.name, _describe(exc)))
                     return
                 if not n:
@@ -313,8 +323,7 @@ class SplicePlane:
                     self._flush(pair, d)  # marks the direction blocked (or finishes it)
                     return
                 except OSError as exc:
-                    other = pair.ba if d is pair.ab else pair.ab
-                    self._finish(pair, "%s side: %s" % (other.name, _describe(exc)))
+                    self._write_failed(pair, d, exc)
                     return
                 if n < size:
                     break  # the socket is drained for now (epoll is level-triggered)
@@ -342,8 +351,7 @@ class SplicePlane:
                     raise OSError(errno.EPIPE, "splice to the peer wrote nothing")
                 d.pending -= k
         except OSError as exc:
-            other = pair.ba if d is pair.ab else pair.ab
-            self._finish(pair, "%s side: %s" % (other.name, _describe(exc)))
+            self._write_failed(pair, d, exc)
             return False
         if d.blocked:
             d.blocked = False
@@ -354,6 +362,30 @@ class SplicePlane:
             self.pipes.release(*d.pipe)  # empty again: back to the pool
             d.pipe = None
         return True
+
+    def _write_failed(self, pair: Pair, d: _Direction, exc: OSError) -> None:
+        """Writing ``d``'s bytes into its destination failed: that side reset or is gone.
+
+        Those bytes can never be delivered, but the failed side may have sent bytes of its
+        own before it went away, still queued on its socket: typically a tunnel CLOSE
+        followed by a reset (an operator's Ctrl-C while the device was still sending).
+        Finishing the pair here would drop that CLOSE, and the far end would take the
+        session for a lost link and keep it resuming. So only ``d`` ends (its pipe is
+        discarded, its source no longer read); the other direction moves what is queued
+        until it meets the error or EOF, which then finishes the pair."""
+        other = pair.ba if d is pair.ab else pair.ab
+        if not pair.write_error:
+            pair.write_error = "%s side: %s" % (other.name, _describe(exc))
+        d.eof = True
+        if d.pipe is not None:
+            self.pipes.release(*d.pipe, clean=False)
+            d.pipe = None
+        d.pending = 0
+        d.blocked = False
+        self._set_mask(d.src, self._masks[d.src] & ~_EPOLLIN)
+        self._set_mask(d.dst, self._masks[d.dst] & ~_EPOLLOUT)
+        if other.eof:
+            self._finish(pair, "")
 
     def _eof(self, pair: Pair, d: _Direction) -> None:
         d.eof = True
