@@ -181,6 +181,13 @@ def test_full_frames_are_reused_only_once_nobody_holds_them(channel):
     assert [bytes(v) for v in views] == snapshot  # frames behind live views untouched
     if hasattr(sys, "getrefcount"):  # CPython: the dropped frames come back
         assert reused >= 2 * tc.SPARE_FRAMES
+    # A small frame long after the last full one (an idle session's PING): spares dropped.
+    assert sealer._spares
+    assert opener.open(*_split(sealer.seal(b"ping"))) == b"ping"
+    assert sealer._spares  # not yet idle
+    sealer._last_full -= tc.SPARE_IDLE_SECONDS + 1
+    assert opener.open(*_split(sealer.seal(b"ping"))) == b"ping"
+    assert not sealer._spares
 
 
 def test_open_accepts_memoryview(channel):

@@ -31,6 +31,7 @@ AES-256-GCM on 64 KiB frames.
 import collections
 import struct
 import sys
+import time
 from typing import Deque, Optional, Tuple
 
 import nacl.bindings
@@ -55,8 +56,12 @@ MAX_PLAINTEXT = MAX_PAYLOAD + FRAME_HEADER_BYTES
 MAX_CIPHERTEXT = MAX_PLAINTEXT + TAG_BYTES  # largest legal value of ``len``
 LEN_BYTES = 4
 
-# Full-size frames a sealer keeps for reuse (see FrameSealer._new_frame): 16 x 64 KiB.
-SPARE_FRAMES = 16
+# Full-size frames a sealer keeps for reuse (see FrameSealer._new_frame): 80 x 64 KiB, more
+# than the default resend buffer (4 MiB) holds, so the oldest is normally acknowledged.
+SPARE_FRAMES = 80
+# The spares are dropped when a small frame is sealed this long after the last full one
+# (a keepalive PING at the latest): an idle session does not keep them.
+SPARE_IDLE_SECONDS = 5.0
 _FULL_FRAME = LEN_BYTES + MAX_CIPHERTEXT
 # CPython: a spare frame is free again when only the spare list (and getrefcount's own
 # argument) refers to it. Elsewhere (no getrefcount) frames are never reused.
@@ -215,7 +220,8 @@ class FrameSealer:
     order must equal the order on the wire).
     """
 
-    __slots__ = ("cipher", "_key", "_encrypt", "_pad", "_counter", "_gcm", "_spares")
+    __slots__ = ("cipher", "_key", "_encrypt", "_pad", "_counter", "_gcm", "_spares",
+                 "_last_full")
 
     def __init__(self, key: bytes, cipher: str) -> None:
         self._key = _check_key(key)
@@ -226,6 +232,7 @@ class FrameSealer:
         # OpenSSL's AES-256-GCM when usable (same wire format, ~3x faster here)
         self._gcm = aead_openssl.aes256gcm(key) if cipher == AES256GCM else None
         self._spares: Deque[bytearray] = collections.deque()
+        self._last_full = 0.0  # time.monotonic() of the last full-size frame
 
     @property
     def counter(self) -> int:
@@ -245,7 +252,12 @@ class FrameSealer:
         if counter > MAX_COUNTER:
             raise CounterExhausted("nonce counter exhausted")
         clen = n + TAG_BYTES
-        out = self._new_frame() if clen == MAX_CIPHERTEXT else bytearray(LEN_BYTES + clen)
+        if clen == MAX_CIPHERTEXT:
+            out = self._new_frame()
+        else:
+            out = bytearray(LEN_BYTES + clen)
+            if self._spares and time.monotonic() - self._last_full > SPARE_IDLE_SECONDS:
+                self._spares.clear()
         _LEN.pack_into(out, 0, clen)
         gcm = self._gcm
         if gcm is not None:
@@ -277,7 +289,10 @@ class FrameSealer:
         bulk profiles (docs/performance.md, issue 17). A reused frame is overwritten
         completely (length prefix + ciphertext) and is only reused when unreferenced,
         so no frame still held for a resend can change. Cost: up to SPARE_FRAMES x
-        64 KiB kept per sealer that has sent bulk data."""
+        64 KiB (5 MiB) per sealer while it sends bulk data, dropped SPARE_IDLE_SECONDS
+        after (SPARE_FRAMES = 16 left 5.5 % of the samples in fresh allocations: in bulk
+        the resend buffer holds more than 16 unacknowledged frames)."""
+        self._last_full = time.monotonic()
         spares = self._spares
         if spares and _refcount is not None and _refcount(spares[0]) == 2:
             out = spares.popleft()  # the deque's reference + getrefcount's argument
