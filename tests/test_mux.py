@@ -1102,6 +1102,33 @@ def test_reset_reason_is_escaped_in_the_log(caplog, echo_server):
     g.get(timeout=T)
 
 
+def test_control_replies_queued_together_go_out_in_one_send(monkeypatch):
+    """Replies the reader queues in one pass (here PONGs to PINGs that arrived in one read;
+    in bulk transfers an ACK and a WINDOW) are sealed in order and sent with one system
+    call, not one each (issue 17: each small send also wakes the relay and the peer)."""
+    sends = []
+    real_send_all = mux.send_all
+
+    def counting_send_all(send, data):
+        sends.append(len(data))
+        real_send_all(send, data)
+
+    monkeypatch.setattr(mux, "send_all", counting_send_all)
+    tun, peer, g = _raw_against("agent", on_open=_connect_local, kind="plain")
+    peer.hello()
+    peer.recv_until(mux_frames.HELLO)
+    before = len(sends)
+    pings = b"".join(peer.sealer.seal(struct.pack(">BI", mux_frames.PING, 0)
+                                      + struct.pack(">Q", seq)) for seq in range(1, 6))
+    peer.sock.sendall(pings)
+    with gevent.Timeout(T):
+        got = [peer.recv_until(mux_frames.PONG)[2] for _ in range(5)]
+    assert got == [struct.pack(">Q", seq) for seq in range(1, 6)]  # all, in order
+    assert 1 <= len(sends) - before <= 2, sends[before:]  # one send (two if split)
+    tun.close()
+    g.get(timeout=T)
+
+
 def test_peer_that_never_reads_cannot_pile_up_replies():
     """PINGs from a peer that never reads: the PONGs waiting to be sent are bounded (the
     reader stops reading), not one parked greenlet per PING."""

@@ -154,6 +154,42 @@ def test_round_trip_both_ciphers(channel):
     assert sealer.counter == opener.counter == 3
 
 
+def test_full_frames_are_reused_only_once_nobody_holds_them(channel):
+    """Full-size frames come from a small spare list (no heap trim per ACK batch); a frame
+    still held (e.g. in the resend buffer, or a memoryview of it) is never overwritten,
+    and every frame, reused or not, opens to its own plaintext."""
+    sealer, opener = channel
+    held = []
+    for i in range(3 * tc.SPARE_FRAMES):
+        pt = bytes([i]) * tc.MAX_PLAINTEXT
+        held.append((pt, sealer.seal(pt), bytes(sealer.seal(b"short"))))
+    assert len({id(frame) for _, frame, _ in held}) == len(held)  # all held: all distinct
+    views = [memoryview(frame) for _, frame, _ in held[-4:]]
+    for pt, frame, short in held:
+        assert opener.open(*_split(frame)) == pt
+        assert opener.open(*_split(short)) == b"short"
+    snapshot = [bytes(v) for v in views]
+    held = None
+    reused = 0
+    for i in range(3 * tc.SPARE_FRAMES):
+        pt = bytes([200 + i % 50]) * tc.MAX_PLAINTEXT
+        oldest = id(sealer._spares[0])  # its id only: a reference would pin it
+        frame = sealer.seal(pt)
+        reused += id(frame) == oldest
+        assert opener.open(*_split(frame)) == pt
+        frame = None
+    assert [bytes(v) for v in views] == snapshot  # frames behind live views untouched
+    if hasattr(sys, "getrefcount"):  # CPython: the dropped frames come back
+        assert reused >= 2 * tc.SPARE_FRAMES
+    # A small frame long after the last full one (an idle session's PING): spares dropped.
+    assert sealer._spares
+    assert opener.open(*_split(sealer.seal(b"ping"))) == b"ping"
+    assert sealer._spares  # not yet idle
+    sealer._last_full -= tc.SPARE_IDLE_SECONDS + 1
+    assert opener.open(*_split(sealer.seal(b"ping"))) == b"ping"
+    assert not sealer._spares
+
+
 def test_open_accepts_memoryview(channel):
     sealer, opener = channel
     frame = sealer.seal(bytearray(b"abc"))

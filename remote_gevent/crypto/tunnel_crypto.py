@@ -28,8 +28,11 @@ zeroed cffi buffer and then copy it into ``bytes``: about 30% slower for
 AES-256-GCM on 64 KiB frames.
 """
 
+import collections
 import struct
-from typing import Optional, Tuple
+import sys
+import time
+from typing import Deque, Optional, Tuple
 
 import nacl.bindings
 import nacl.encoding
@@ -52,6 +55,17 @@ MAX_PAYLOAD = 65536
 MAX_PLAINTEXT = MAX_PAYLOAD + FRAME_HEADER_BYTES
 MAX_CIPHERTEXT = MAX_PLAINTEXT + TAG_BYTES  # largest legal value of ``len``
 LEN_BYTES = 4
+
+# Full-size frames a sealer keeps for reuse (see FrameSealer._new_frame): 80 x 64 KiB, more
+# than the default resend buffer (4 MiB) holds, so the oldest is normally acknowledged.
+SPARE_FRAMES = 80
+# The spares are dropped when a small frame is sealed this long after the last full one
+# (a keepalive PING at the latest): an idle session does not keep them.
+SPARE_IDLE_SECONDS = 5.0
+_FULL_FRAME = LEN_BYTES + MAX_CIPHERTEXT
+# CPython: a spare frame is free again when only the spare list (and getrefcount's own
+# argument) refers to it. Elsewhere (no getrefcount) frames are never reused.
+_refcount = getattr(sys, "getrefcount", None)
 
 # Largest counter value ever used; the next frame is refused rather than
 # wrapping the nonce around (nonce reuse would be catastrophic for both
@@ -206,7 +220,8 @@ class FrameSealer:
     order must equal the order on the wire).
     """
 
-    __slots__ = ("cipher", "_key", "_encrypt", "_pad", "_counter", "_gcm")
+    __slots__ = ("cipher", "_key", "_encrypt", "_pad", "_counter", "_gcm", "_spares",
+                 "_last_full")
 
     def __init__(self, key: bytes, cipher: str) -> None:
         self._key = _check_key(key)
@@ -216,6 +231,8 @@ class FrameSealer:
         self._counter = 0
         # OpenSSL's AES-256-GCM when usable (same wire format, ~3x faster here)
         self._gcm = aead_openssl.aes256gcm(key) if cipher == AES256GCM else None
+        self._spares: Deque[bytearray] = collections.deque()
+        self._last_full = 0.0  # time.monotonic() of the last full-size frame
 
     @property
     def counter(self) -> int:
@@ -235,7 +252,12 @@ class FrameSealer:
         if counter > MAX_COUNTER:
             raise CounterExhausted("nonce counter exhausted")
         clen = n + TAG_BYTES
-        out = bytearray(LEN_BYTES + clen)
+        if clen == MAX_CIPHERTEXT:
+            out = self._new_frame()
+        else:
+            out = bytearray(LEN_BYTES + clen)
+            if self._spares and time.monotonic() - self._last_full > SPARE_IDLE_SECONDS:
+                self._spares.clear()
         _LEN.pack_into(out, 0, clen)
         gcm = self._gcm
         if gcm is not None:
@@ -253,6 +275,32 @@ class FrameSealer:
         if rc != 0:  # pragma: no cover - libsodium encrypt does not fail
             raise FrameError("encryption failed")
         self._counter = counter + 1
+        return out
+
+    def _new_frame(self) -> bytearray:
+        """A full-size output frame: the oldest of the last SPARE_FRAMES full frames this
+        sealer made if nothing else refers to it any more (sent, and dropped from the
+        tunnel's resend buffer once acknowledged), else a new one.
+
+        Why: bulk frames are acknowledged (resume) in batches of 8 or more, so 0.5 MiB
+        or more of 64 KiB frames is freed at once; glibc then hands the top of the heap
+        back to the kernel (trim threshold 128 KiB) and the next frames fault their pages
+        in again: 0.3-0.45 s/GiB in a micro-benchmark, 10-12 % of the sender's CPU in the
+        bulk profiles (docs/performance.md, issue 17). A reused frame is overwritten
+        completely (length prefix + ciphertext) and is only reused when unreferenced,
+        so no frame still held for a resend can change. Cost: up to SPARE_FRAMES x
+        64 KiB (5 MiB) per sealer while it sends bulk data, dropped SPARE_IDLE_SECONDS
+        after (SPARE_FRAMES = 16 left 5.5 % of the samples in fresh allocations: in bulk
+        the resend buffer holds more than 16 unacknowledged frames)."""
+        self._last_full = time.monotonic()
+        spares = self._spares
+        if spares and _refcount is not None and _refcount(spares[0]) == 2:
+            out = spares.popleft()  # the deque's reference + getrefcount's argument
+        else:
+            out = bytearray(_FULL_FRAME)
+            if len(spares) >= SPARE_FRAMES:
+                spares.popleft()  # still in use elsewhere: let it go
+        spares.append(out)
         return out
 
 

@@ -55,7 +55,7 @@ The tunnel does not enforce idle / ACK timeouts itself; the agent's GC greenlet 
 
 import logging
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -176,6 +176,8 @@ class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
         self._pool = mux_limits.BufferPool(HEADER_LEN + MAX_DATA)
         self._peek = bytearray(1)        # MSG_PEEK target of idle streams (content unused)
         self._async_pending = 0          # control frames queued by _send_async
+        self._async_frames: List[Any] = []  # their plaintexts, sent by one flusher
+        self._async_flushing = False     # the flusher greenlet is running
         self._async_drained = gevent.event.Event()
         self._async_drained.set()
         set_sockopts(sock, buffers=False)
@@ -434,22 +436,69 @@ class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
     def _send_async(self, ftype: int, sid: int, payload: bytes) -> None:
         """Send from the reader without blocking it (see module docstring).
 
+        Queued, and sent by one flusher greenlet: the control frames queued while it
+        waits for its turn (typically an ACK and a WINDOW after the same DATA frame) are
+        sealed one by one and go out in one ``send`` — one system call, one wake-up of
+        the relay and of the peer instead of one each (docs/performance.md, issue 17).
         Counted: the reader stops reading while more than ASYNC_PENDING_MAX are queued
         (``_wait_async_drained``), so a peer that sends but never reads cannot make us
         hold replies without bound."""
-        def send() -> None:
-            try:
-                self._send_frame(ftype, sid, payload)
-            except TunnelClosed:
-                pass
-            finally:
-                self._async_pending -= 1
-                if self._async_pending <= mux_limits.ASYNC_PENDING_MAX // 2:
-                    self._async_drained.set()
+        self._async_frames.append(HDR.pack(ftype, sid) + payload)
         self._async_pending += 1
         if self._async_pending > mux_limits.ASYNC_PENDING_MAX:
             self._async_drained.clear()
-        self._group.spawn(send)
+        if not self._async_flushing:
+            self._async_flushing = True
+            self._group.spawn(self._flush_async)
+
+    def _flush_async(self) -> None:
+        try:
+            while self._async_frames:
+                batch, self._async_frames = self._async_frames, []
+                try:
+                    self._send_plains(batch)
+                except TunnelClosed:
+                    self._async_frames = []
+                    self._async_pending = 0
+                    self._async_drained.set()
+                    return
+                self._async_pending -= len(batch)
+                if self._async_pending <= mux_limits.ASYNC_PENDING_MAX // 2:
+                    self._async_drained.set()
+        finally:
+            self._async_flushing = False
+
+    def _send_plains(self, plaintexts: List[Any]) -> None:
+        """Seal ``plaintexts`` in order and send them with one ``send`` (small frames:
+        the copy of the join costs less than a system call each)."""
+        if len(plaintexts) == 1:
+            self._send_plain(plaintexts[0])
+            return
+        if self._close_code is not None:
+            raise TunnelClosed("tunnel closed: %s" % self._close_code)
+        with self._wlock:
+            if self._close_code is not None:
+                raise TunnelClosed("tunnel closed: %s" % self._close_code)
+            frames = []
+            for plaintext in plaintexts:
+                try:
+                    frame = self._sealer.seal(plaintext)
+                except Exception as e:  # noqa: BLE001 - any sealer failure ends the tunnel
+                    gevent.spawn(self.close, CloseCode.CRYPTO_ERROR, "seal failed: %s" % e)
+                    raise TunnelClosed("seal failed") from None
+                if self._resend is not None:  # kept, as sealed, until the peer ACKs it
+                    self._resend.add(frame)
+                frames.append(frame)
+            if self._resend is not None and self._link_down:
+                return  # sent when the link is back
+            try:
+                send_all(self._sock.send, b"".join(frames))
+            except OSError as e:
+                if self._link_failed_on_send():
+                    return  # in the resend buffer; the reader resumes
+                if self._close_code is None:
+                    gevent.spawn(self.close, CloseCode.RELAY_LOST, "tunnel send: %s" % os_err(e))
+                raise TunnelClosed("tunnel send: %s" % os_err(e)) from None
 
     def _wait_async_drained(self) -> None:
         """Reader: pause while too many control frames wait to be sent (back-pressure
