@@ -28,7 +28,8 @@ import gevent.monkey
 import gevent.socket
 import pytest
 
-from remote_gevent.wire import resume_tunnel
+from remote_gevent.crypto import tunnel_crypto
+from remote_gevent.wire import mux, mux_frames, resume_tunnel
 from test_e2e import (  # noqa: F401 - fixtures used by name
     WAIT,
     history_rows,
@@ -36,7 +37,7 @@ from test_e2e import (  # noqa: F401 - fixtures used by name
     procs,
     wait_for,
 )
-from test_resume import FakeRelay, _start, make_pair
+from test_resume import FakeRelay, _start, _start_plain, make_pair
 
 _os_close = gevent.monkey.get_original("os", "close")
 
@@ -100,6 +101,38 @@ def test_close_queued_behind_a_reset_ends_the_session(sender):
     assert (code, reason) == ("closed_by_operator", "interrupted")
     assert tunnel.resumes == 0 and not tunnel.resuming
     closer.close("normal")
+    gevent.joinall(runners, timeout=5)
+
+
+@pytest.mark.parametrize("sender", ["agent", "console"])
+def test_close_queued_behind_a_reset_ends_a_session_without_resume(sender):
+    """The same race with resume off (``resume_timeout: 0``, or a peer without resume):
+    the failed send used to close the socket under the reader, the queued CLOSE was lost
+    and the history said ``relay_lost`` instead of the peer's code."""
+    relay = TcpRelay()
+    a, b = relay.pair()
+    cpk, csk = tunnel_crypto.kx_keypair()
+    apk, ask = tunnel_crypto.kx_keypair()
+    sid = "ab" * 16
+    ctx, crx = tunnel_crypto.derive_keys("console", cpk, csk, apk, sid)
+    atx, arx = tunnel_crypto.derive_keys("agent", apk, ask, cpk, sid)
+    cipher = tunnel_crypto.XCHACHA20POLY1305
+    console = mux.Tunnel(a, *tunnel_crypto.make_sealer_opener(ctx, crx, cipher), "console")
+    agent = mux.Tunnel(b, *tunnel_crypto.make_sealer_opener(atx, arx, cipher), "agent")
+    runners = _start_plain(console, agent)
+    tunnel, closer, runner = (agent, console, runners[1]) if sender == "agent" else \
+        (console, agent, runners[0])
+    _close_and_reset(closer)
+    for _ in range(10000):  # a writer before the reader ran, until a send fails
+        try:
+            tunnel._send_frame(mux_frames.PING, 0, b"\0" * 8)
+        except mux.TunnelClosed:
+            break
+    else:
+        raise AssertionError("no send failed")
+    with gevent.Timeout(10, AssertionError("the %s did not end" % sender)):
+        code, reason = runner.get()
+    assert (code, reason) == ("closed_by_operator", "interrupted")
     gevent.joinall(runners, timeout=5)
 
 

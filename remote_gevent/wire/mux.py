@@ -106,10 +106,14 @@ from remote_gevent.wire.mux_stream import (
 from remote_gevent.wire.mux_receive import FrameReceiving
 from remote_gevent.wire.mux_splice import StreamSplicing
 from remote_gevent.wire.resume import ResumeSettings
-from remote_gevent.wire.resume_tunnel import TunnelResume
+from remote_gevent.wire.resume_tunnel import TunnelResume, shut_down_under_reader
 from remote_gevent.crypto.interfaces import Opener, Sealer
 
 log = logging.getLogger(__name__)
+
+#: Seconds the reader has, after a send failed on a session that cannot resume, to read
+#: what the peer sent before the failure (its CLOSE) before the session ends relay_lost.
+SEND_FAILURE_GRACE = 2.0
 
 
 class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
@@ -417,9 +421,20 @@ class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
             except OSError as e:
                 if self._link_failed_on_send():
                     return  # in the resend buffer; the reader resumes
-                if self._close_code is None:
-                    gevent.spawn(self.close, CloseCode.RELAY_LOST, "tunnel send: %s" % os_err(e))
+                self._link_lost_on_send(e)
                 raise TunnelClosed("tunnel send: %s" % os_err(e)) from None
+
+    def _link_lost_on_send(self, e: OSError) -> None:
+        """A send failed and the session cannot resume: it ends ``relay_lost`` unless the
+        peer's CLOSE is already queued on the socket (a peer that closed with our data
+        unread resets the link right after its CLOSE). So the socket is shut down under
+        the reader, which reads that CLOSE (the session ends as the peer said) or EOF
+        (``relay_lost``); the close below only backs it up should the reader be stuck."""
+        if self._close_code is not None:
+            return
+        shut_down_under_reader(self._sock)
+        gevent.spawn_later(SEND_FAILURE_GRACE, self.close, CloseCode.RELAY_LOST,
+                           "tunnel send: %s" % os_err(e))
 
     def _send_data_frame(self, stream: Stream, plaintext: Any, n: int) -> None:
         if self._resend is not None:
@@ -496,8 +511,7 @@ class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
             except OSError as e:
                 if self._link_failed_on_send():
                     return  # in the resend buffer; the reader resumes
-                if self._close_code is None:
-                    gevent.spawn(self.close, CloseCode.RELAY_LOST, "tunnel send: %s" % os_err(e))
+                self._link_lost_on_send(e)
                 raise TunnelClosed("tunnel send: %s" % os_err(e)) from None
 
     def _wait_async_drained(self) -> None:
