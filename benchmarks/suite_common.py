@@ -26,9 +26,10 @@ WAIT = 30.0
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 outside the ephemeral range (see demo.rabbit.free_port)."""
+    from remote_gevent.demo.rabbit import free_port as pick
+
+    return pick("127.0.0.1")
 
 
 def port_open(port: int, timeout: float = 0.3) -> bool:

@@ -18,7 +18,6 @@ import os
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,9 +42,10 @@ WAIT = 30.0  # upper bound for any single wait
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 outside the ephemeral range (see demo.rabbit.free_port)."""
+    from remote_gevent.demo.rabbit import free_port as pick
+
+    return pick("127.0.0.1")
 
 
 def wait_for(predicate, timeout: float = WAIT, interval: float = 0.05, what: str = "condition"):

@@ -101,14 +101,31 @@ def _epmd_binary() -> Optional[str]:
     return None
 
 
-def free_port(host: str = "127.0.0.1", below: int = 65536) -> int:
-    """A currently free TCP port on ``host`` strictly below ``below``."""
+#: Where free ports are picked: above the well-known and registered ports most services
+#: use, below the kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768 by
+#: default), so that no outgoing connection can be given the port between our check and
+#: the bind of the process it is for (the suite opens thousands of connections while it
+#: starts brokers, relays and agents on ports picked this way).
+PORT_FLOOR = 20000
+
+
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+    return low if low > PORT_FLOOR + 1000 else 65536  # a range starting low: no gap
+
+
+def free_port(host: str = "127.0.0.1", below: int = 0) -> int:
+    """A TCP port free on ``host`` now, picked at random in ``[PORT_FLOOR, below)``
+    (``below`` 0: the start of the ephemeral range, see ``PORT_FLOOR``)."""
+    limit = _ephemeral_floor()
+    below = min(below, limit) if below else limit
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            if below >= 65536:
-                s.bind((host, 0))
-                return s.getsockname()[1]
-            port = 20000 + secrets.randbelow(below - 20000)
+            port = PORT_FLOOR + secrets.randbelow(below - PORT_FLOOR)
             try:
                 s.bind((host, port))
             except OSError:
