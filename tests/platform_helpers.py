@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import subprocess
-from typing import List, Optional
+import sys
+from typing import Iterator, List, Optional
 
 
 def console(p, *args: str, config: Optional[str] = None, cwd: Optional[str] = None,
@@ -66,3 +68,20 @@ def status_queue_consumers(p) -> int:
             return 0
     finally:
         link.close()
+
+
+@contextlib.contextmanager
+def script_server(source: str) -> Iterator[int]:
+    """Run ``source`` (a Python script that prints its listening port, then serves) in
+    its own process: a device-side service free of the suite's gevent patching. Yields
+    the port; the process is killed at the end."""
+    proc = subprocess.Popen([sys.executable, "-c", source], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -18,8 +18,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from typing import Any, Tuple
 
@@ -37,6 +35,7 @@ from test_e2e import (  # noqa: F401 - fixtures used by name
     procs,
     wait_for,
 )
+from platform_helpers import script_server
 from test_resume import FakeRelay, _start, _start_plain, make_pair
 
 _os_close = gevent.monkey.get_original("os", "close")
@@ -223,14 +222,8 @@ ROUNDS = 3
 @pytest.fixture(scope="module")
 def bulk_port():
     """A device-side service that writes as fast as it can to whoever connects."""
-    proc = subprocess.Popen([sys.executable, "-c", BULK_SERVER], stdout=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    try:
-        yield int(proc.stdout.readline())
-    finally:
-        proc.kill()
-        proc.wait(10)
-        proc.stdout.close()
+    with script_server(BULK_SERVER) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from typing import Dict, List
 
 import pytest
 
+from platform_helpers import script_server
 from test_e2e import (  # noqa: F401 - fixtures used by name
     Procs,
     WAIT,
@@ -90,14 +90,8 @@ server.serve_forever()
 
 @pytest.fixture(scope="module")
 def echo_port():
-    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    try:
-        yield int(proc.stdout.readline())
-    finally:
-        proc.kill()
-        proc.wait(10)
-        proc.stdout.close()
+    with script_server(ECHO_SERVER) as port:
+        yield port
 
 
 def test_closed_stdout_ends_stdio_with_normal_close(plat, echo_port, procs: Procs):  # noqa: F811 (fixtures)

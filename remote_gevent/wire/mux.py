@@ -55,7 +55,7 @@ The tunnel does not enforce idle / ACK timeouts itself; the agent's GC greenlet 
 
 import logging
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 import gevent.event
@@ -399,30 +399,42 @@ class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
         self._send_plain(HDR.pack(ftype, sid) + payload)
 
     def _send_plain(self, plaintext: Any) -> None:
-        # Sealing and sending under one lock keeps frames in counter order.  A
-        # single writer greenlet with a bounded queue was measured slower: two
-        # more switches per frame and nothing to coalesce at 64 KiB frames.
+        self._send_plains((plaintext,))
+
+    def _send_plains(self, plaintexts: Sequence[Any]) -> None:
+        """Seal ``plaintexts`` in order and send them with one ``send`` (several small
+        frames: the copy of the join costs less than a system call each).
+
+        Sealing and sending under one lock keeps frames in counter order.  A single
+        writer greenlet with a bounded queue was measured slower for DATA: two more
+        switches per frame and nothing to coalesce at 64 KiB frames."""
         if self._close_code is not None:
             raise TunnelClosed("tunnel closed: %s" % self._close_code)
         with self._wlock:
             if self._close_code is not None:
                 raise TunnelClosed("tunnel closed: %s" % self._close_code)
+            frames = [self._seal_kept(plaintext) for plaintext in plaintexts]
+            if self._resend is not None and self._link_down:
+                return  # in the resend buffer: sent when the link is back
             try:
-                frame = self._sealer.seal(plaintext)
-            except Exception as e:  # noqa: BLE001 - any sealer failure ends the tunnel
-                gevent.spawn(self.close, CloseCode.CRYPTO_ERROR, "seal failed: %s" % e)
-                raise TunnelClosed("seal failed") from None
-            if self._resend is not None:  # kept, as sealed, until the peer ACKs it
-                self._resend.add(frame)
-                if self._link_down:
-                    return  # sent when the link is back
-            try:
-                send_all(self._sock.send, frame)
+                send_all(self._sock.send, frames[0] if len(frames) == 1 else b"".join(frames))
             except OSError as e:
                 if self._link_failed_on_send():
                     return  # in the resend buffer; the reader resumes
                 self._link_lost_on_send(e)
                 raise TunnelClosed("tunnel send: %s" % os_err(e)) from None
+
+    def _seal_kept(self, plaintext: Any) -> Any:
+        """Seal one frame (write lock held); with resume on it is kept, as sealed, until
+        the peer ACKs it."""
+        try:
+            frame = self._sealer.seal(plaintext)
+        except Exception as e:  # noqa: BLE001 - any sealer failure ends the tunnel
+            gevent.spawn(self.close, CloseCode.CRYPTO_ERROR, "seal failed: %s" % e)
+            raise TunnelClosed("seal failed") from None
+        if self._resend is not None:
+            self._resend.add(frame)
+        return frame
 
     def _link_lost_on_send(self, e: OSError) -> None:
         """A send failed and the session cannot resume: it ends ``relay_lost`` unless the
@@ -482,37 +494,6 @@ class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
                     self._async_drained.set()
         finally:
             self._async_flushing = False
-
-    def _send_plains(self, plaintexts: List[Any]) -> None:
-        """Seal ``plaintexts`` in order and send them with one ``send`` (small frames:
-        the copy of the join costs less than a system call each)."""
-        if len(plaintexts) == 1:
-            self._send_plain(plaintexts[0])
-            return
-        if self._close_code is not None:
-            raise TunnelClosed("tunnel closed: %s" % self._close_code)
-        with self._wlock:
-            if self._close_code is not None:
-                raise TunnelClosed("tunnel closed: %s" % self._close_code)
-            frames = []
-            for plaintext in plaintexts:
-                try:
-                    frame = self._sealer.seal(plaintext)
-                except Exception as e:  # noqa: BLE001 - any sealer failure ends the tunnel
-                    gevent.spawn(self.close, CloseCode.CRYPTO_ERROR, "seal failed: %s" % e)
-                    raise TunnelClosed("seal failed") from None
-                if self._resend is not None:  # kept, as sealed, until the peer ACKs it
-                    self._resend.add(frame)
-                frames.append(frame)
-            if self._resend is not None and self._link_down:
-                return  # sent when the link is back
-            try:
-                send_all(self._sock.send, b"".join(frames))
-            except OSError as e:
-                if self._link_failed_on_send():
-                    return  # in the resend buffer; the reader resumes
-                self._link_lost_on_send(e)
-                raise TunnelClosed("tunnel send: %s" % os_err(e)) from None
 
     def _wait_async_drained(self) -> None:
         """Reader: pause while too many control frames wait to be sent (back-pressure
