@@ -107,6 +107,11 @@ def _epmd_binary() -> Optional[str]:
 #: the bind of the process it is for (the suite opens thousands of connections while it
 #: starts brokers, relays and agents on ports picked this way).
 PORT_FLOOR = 20000
+#: Picks are also reserved for a while across processes (the suite and the old-Python
+#: tiers run side by side in CI): another picker on this machine skips a port picked in
+#: the last ``PORT_RESERVATION`` seconds, which is the time it takes to bind it.
+PORT_RESERVATION = 120.0
+PORT_RESERVATIONS = os.path.join("/tmp", "remote-gevent-ports-%d" % os.getuid())
 
 
 def _ephemeral_floor() -> int:
@@ -118,9 +123,28 @@ def _ephemeral_floor() -> int:
     return low if low > PORT_FLOOR + 1000 else 65536  # a range starting low: no gap
 
 
+def _reserve(port: int) -> bool:
+    """True if ``port`` was not picked by anyone in the last PORT_RESERVATION seconds
+    (it is now ours); a missing or unwritable directory reserves nothing."""
+    try:
+        os.makedirs(PORT_RESERVATIONS, mode=0o700, exist_ok=True)
+        path = os.path.join(PORT_RESERVATIONS, str(port))
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return True
+        except FileExistsError:
+            if time.time() - os.stat(path).st_mtime < PORT_RESERVATION:
+                return False
+            os.utime(path)  # an old pick: ours now
+            return True
+    except OSError:
+        return True
+
+
 def free_port(host: str = "127.0.0.1", below: int = 0) -> int:
     """A TCP port free on ``host`` now, picked at random in ``[PORT_FLOOR, below)``
-    (``below`` 0: the start of the ephemeral range, see ``PORT_FLOOR``)."""
+    (``below`` 0: the start of the ephemeral range, see ``PORT_FLOOR``) and reserved
+    against other pickers on this machine for ``PORT_RESERVATION`` seconds."""
     limit = _ephemeral_floor()
     below = min(below, limit) if below else limit
     for _ in range(200):
@@ -130,6 +154,7 @@ def free_port(host: str = "127.0.0.1", below: int = 0) -> int:
                 s.bind((host, port))
             except OSError:
                 continue
+        if _reserve(port):
             return port
     raise RabbitError("no free port found on %s" % host)
 
