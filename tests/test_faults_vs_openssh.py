@@ -15,6 +15,7 @@ printed at the end. (What must hold for ours is proven by tests/test_resume_e2e.
 """
 
 import os
+import shutil
 import signal
 import socket
 import time
@@ -35,6 +36,8 @@ pytestmark = [
     pytest.mark.e2e, pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("RG_COMPARE_OPENSSH") != "1",
                        reason="a 4-minute measurement: RG_COMPARE_OPENSSH=1 runs it"),
+    pytest.mark.skipif(shutil.which("autossh") is None,
+                       reason="the OpenSSH side needs autossh (apt-get install autossh)"),
 ]
 
 OUTAGE = 30.0
