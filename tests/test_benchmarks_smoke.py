@@ -111,3 +111,19 @@ def test_bench_hop_prints_every_hop_kind():
         if kind != "direct":
             assert "proxy CPU" in line, line
     assert not _children_named(["bench_hop.py --proxy"])
+
+
+def test_bench_floor_prints_every_mode():
+    """``benchmarks/bench_floor.py`` with a few MiB: one line per mode with its CPU figure
+    (never a speed), and no forwarder or source child left running."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_floor.py"),
+                           "--mib", "8", "--runs", "1"],
+                          cwd=ROOT, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    text = (done.stdout + done.stderr).decode("utf-8", "replace")
+    assert done.returncode == 0, text[-4000:]
+    lines = {line.split()[0]: line for line in done.stdout.decode().splitlines()[1:]}
+    assert set(lines) == {"copy", "seal-libsodium", "seal-openssl", "open-libsodium",
+                          "open-openssl"}, text
+    for line in lines.values():
+        assert math.isfinite(float(line.split()[1])), line
+    assert not _children_named(["bench_floor.py --role"])
