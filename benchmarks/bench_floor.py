@@ -31,8 +31,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Dict, List
+from typing import Any, Dict, List, Sequence
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -165,6 +166,33 @@ def _one_run(mode: str, total: int, workdir: str) -> Dict[str, float]:
             "total": (figures["user"] + figures["system"]) / gib}
 
 
+def floor_figures(mib: int, runs: int, modes: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Per mode: the median user, system and total CPU s/GiB of ``runs`` runs, and each
+    run's total (``runs``)."""
+    total = max(1, mib * (1 << 20) // CHUNK) * CHUNK
+    figures: Dict[str, Dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-floor-") as workdir:
+        for mode in modes:
+            if mode not in MODES:
+                raise ValueError("unknown mode %r (one of %s)" % (mode, ", ".join(MODES)))
+            done = [_one_run(mode, total, workdir) for _ in range(runs)]
+            med: Dict[str, Any] = {k: statistics.median(r[k] for r in done)
+                                   for k in ("user", "system", "total")}
+            med["runs"] = [r["total"] for r in done]
+            figures[mode] = med
+    return figures
+
+
+def suite_section(bench: Any) -> None:
+    """Section 7 of ``python -m benchmarks.run``: the floor, in the same run as the
+    agent's and sshd's CPU per GiB of section 1 (1 GiB per run; --quick 32 MiB)."""
+    figures = floor_figures(32 if bench.quick else 1024, int(bench.opt("runs")), MODES)
+    bench.results["cpu_floor_s_per_gib"] = {m: round(f["total"], 3)
+                                            for m, f in figures.items()}
+    for mode, f in figures.items():
+        bench.say("  floor %-15s %.3f s/GiB" % (mode, f["total"]))
+
+
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=2048, help="MiB per run (default 2048)")
@@ -182,18 +210,12 @@ def main(argv: List[str]) -> int:
     if args.role == "source":
         _source(args.port, args.mode, args.bytes)
         return 0
-    import tempfile
-
-    total = max(1, args.mib * (1 << 20) // CHUNK) * CHUNK
-    print("forwarder CPU s/GiB, median of %d runs of %.0f MiB (user + system)"
-          % (args.runs, total / (1 << 20)))
-    with tempfile.TemporaryDirectory(prefix="bench-floor-") as workdir:
-        for mode in args.modes.split(","):
-            runs = [_one_run(mode, total, workdir) for _ in range(args.runs)]
-            med = {k: statistics.median(r[k] for r in runs) for k in ("user", "system", "total")}
-            print("%-15s %.3f s/GiB  (user %.3f, system %.3f; runs %s)"
-                  % (mode, med["total"], med["user"], med["system"],
-                     ", ".join("%.3f" % r["total"] for r in runs)))
+    print("forwarder CPU s/GiB, median of %d runs of %d MiB (user + system)"
+          % (args.runs, args.mib))
+    for mode, med in floor_figures(args.mib, args.runs, args.modes.split(",")).items():
+        print("%-15s %.3f s/GiB  (user %.3f, system %.3f; runs %s)"
+              % (mode, med["total"], med["user"], med["system"],
+                 ", ".join("%.3f" % t for t in med["runs"])))
     return 0
 
 

@@ -18,6 +18,7 @@ through it), iperf3 servers, a banner server and an echo server. Measures:
 4. added latency: 1-byte round trips through ``forward`` and ``stdio`` vs direct;
 5. memory: agent RSS idle, with 10 and N open sessions, relay RSS with M paired sessions;
 6. control plane: session requests per second the agent refuses and accepts (+ close).
+7. CPU floor: a bare forwarder's read + AEAD + write per GiB (``bench_floor``).
 
 Every figure is a median over repeated runs; every run records the machine. Figures only,
 no assertions: a CI smoke may run ``--quick``, never assert on speed. Everything started
@@ -47,7 +48,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/run.py``
 import gevent
 import gevent.pool
 
-from benchmarks import suite_compare, suite_ssh
+from benchmarks import bench_floor, suite_compare, suite_ssh
 from benchmarks.suite_report import _per_cpu, table
 from benchmarks.suite_common import (
     Procs,
@@ -521,6 +522,7 @@ SECTIONS: List[Tuple[str, str, Callable[[Bench], None]]] = [
     ("control_plane", "6. control plane", Bench.control_plane),
     ("memory", "5. memory: agent with open sessions", Bench.memory),
     ("relay_memory", "5. memory: relay with paired idle sessions", Bench.relay_memory),
+    ("floor", "7. CPU floor: a bare forwarder's read, AEAD and write", bench_floor.suite_section),
 ]
 
 

@@ -30,6 +30,20 @@ def _verdict(ok: bool, miss: str) -> str:
     return "met" if ok else "MISSED: %s" % miss
 
 
+def _floor_note(r: Dict[str, Any], direction: str, sshd: float) -> str:
+    """What a bare forwarder pays for the agent's work in ``direction`` (section 7):
+    up the agent opens frames, down it seals them."""
+    floor = r.get("cpu_floor_s_per_gib")
+    if not floor:
+        return ""
+    verb = "open" if direction == "up" else "seal"
+    return ("; a bare forwarder pays %s (copy only %.2f = %.2fx sshd)" % (
+        ", ".join("%.2f with %s %s (%.2fx)" % (floor["%s-%s" % (verb, lib)], verb, lib,
+                                                floor["%s-%s" % (verb, lib)] / sshd)
+                  for lib in ("libsodium", "openssl")),
+        floor["copy"], floor["copy"] / sshd))
+
+
 def targets(r: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Each issue-6/17 target next to its figure: met, or missed by how much."""
     rows: List[Dict[str, Any]] = []
@@ -57,7 +71,8 @@ def targets(r: Dict[str, Any]) -> List[Dict[str, Any]]:
                 ratio = agent / sshd
                 add("agent CPU/GiB / sshd's (ssh -L fastest), %s" % d, ratio,
                     "<= %.1fx" % TARGET_AGENT_CPU_VS_SSHD, ratio <= TARGET_AGENT_CPU_VS_SSHD,
-                    "%.2f s/GiB against sshd's %.2f" % (agent, sshd))
+                    "%.2f s/GiB against sshd's %.2f%s" % (agent, sshd,
+                                                         _floor_note(r, d, sshd)))
     setup = r.get("session_setup_ms", {})
     if "warm" in setup:
         w = setup["warm"]["first_byte_p50"]
@@ -198,6 +213,12 @@ def table(r: Dict[str, Any]) -> str:  # noqa: C901 - a report table: one branch 
         row("5 memory", "relay RSS with %d paired idle sessions" % m["pairs"],
             "%.1f MiB (empty %.1f; %.1f KiB/session)" % (
                 m["rss_after_traffic_mib"], m["rss_before_mib"], m["per_session_kib"]))
+    floor = r.get("cpu_floor_s_per_gib")
+    if floor:
+        row("7 CPU floor", "bare forwarder s/GiB: copy; seal, open with libsodium; "
+            "with OpenSSL", "%.2f; %.2f, %.2f; %.2f, %.2f" % (
+                floor["copy"], floor["seal-libsodium"], floor["open-libsodium"],
+                floor["seal-openssl"], floor["open-openssl"]))
     cp = r.get("control_plane")
     if cp:
         for key, label in (("refuse", "refusals (target not permitted)"),

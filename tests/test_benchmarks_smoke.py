@@ -88,6 +88,10 @@ def test_quick_suite_completes_with_every_section(tmp_path):
     assert {"warm", "cold"} <= set(results["session_setup_ms"])
     assert {"agent_idle_mib", "sessions_10", "sessions_many", "relay"} <= set(results["memory"])
     assert {"refuse", "accept_close"} <= set(results["control_plane"])
+    # section 7: the bare forwarder's floor, every mode, in the same run (issue 17)
+    assert set(results["cpu_floor_s_per_gib"]) == {
+        "copy", "seal-libsodium", "seal-openssl", "open-libsodium", "open-openssl"}
+    assert "| 7 CPU floor |" in text and "a bare forwarder pays" in text
     assert results["machine"]["cores"] >= 1 and results["machine"]["python"]
     assert "| target (issues 6, 17) |" in text
     # everything torn down: nothing that ran from the suite's temporary directory is left
