@@ -545,6 +545,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.profile and not shutil.which("py-spy"):  # say so before bringing anything up
+        say("--profile needs py-spy on the PATH (pip install py-spy)")
+        return 2
     exit_on_sigterm()
     only = set(args.only.split(",")) if args.only else None
     started = time.monotonic()
