@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -98,16 +98,22 @@ def test_quick_suite_completes_with_every_section(tmp_path):
     assert not _children_named([str(tmp_path)]), "stray processes after the suite"
 
 
+def _script_lines(script: str, *args: str) -> Tuple[str, Dict[str, str]]:
+    """Run ``benchmarks/<script>``; its whole output, and its figure lines (after the
+    heading line) by their first word. Fails the test if the script fails."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script)]
+                          + list(args), cwd=ROOT, capture_output=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    text = (done.stdout + done.stderr).decode("utf-8", "replace")
+    assert done.returncode == 0, text[-4000:]
+    return text, {line.split()[0]: line for line in done.stdout.decode().splitlines()[1:]}
+
+
 @pytest.mark.skipif(not hasattr(os, "splice"), reason="the splice hops need Python 3.10+")
 def test_bench_hop_prints_every_hop_kind():
     """``benchmarks/bench_hop.py`` with a handful of round trips: one line per proxy kind,
     each with its figures, and no proxy child left running."""
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_hop.py"),
-                           "--rounds", "50", "--runs", "1"],
-                          cwd=ROOT, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
-    text = (done.stdout + done.stderr).decode("utf-8", "replace")
-    assert done.returncode == 0, text[-4000:]
-    lines = {line.split()[0]: line for line in done.stdout.decode().splitlines()[1:]}
+    text, lines = _script_lines("bench_hop.py", "--rounds", "50", "--runs", "1")
     assert set(lines) == {"direct", "greenlet-splice", "thread-splice", "greenlet-copy",
                           "thread-copy"}, text
     for kind, line in lines.items():
@@ -120,12 +126,7 @@ def test_bench_hop_prints_every_hop_kind():
 def test_bench_floor_prints_every_mode():
     """``benchmarks/bench_floor.py`` with a few MiB: one line per mode with its CPU figure
     (never a speed), and no forwarder or source child left running."""
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_floor.py"),
-                           "--mib", "8", "--runs", "1"],
-                          cwd=ROOT, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
-    text = (done.stdout + done.stderr).decode("utf-8", "replace")
-    assert done.returncode == 0, text[-4000:]
-    lines = {line.split()[0]: line for line in done.stdout.decode().splitlines()[1:]}
+    text, lines = _script_lines("bench_floor.py", "--mib", "8", "--runs", "1")
     assert set(lines) == {"copy", "seal-libsodium", "seal-openssl", "open-libsodium",
                           "open-openssl"}, text
     for line in lines.values():
