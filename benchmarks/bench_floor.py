@@ -31,8 +31,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from typing import Any, Dict, List, Sequence
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -44,6 +42,7 @@ MODES = ("copy", "seal-libsodium", "seal-openssl", "open-libsodium", "open-opens
 CHUNK = tunnel_crypto.MAX_PLAINTEXT  # the largest plaintext a frame carries
 KEY = bytes(range(32))  # a benchmark key: nothing secret travels here
 GIB = 1 << 30
+SINK_IDLE_SECONDS = 60.0
 
 
 def _use(mode: str) -> None:
@@ -59,7 +58,11 @@ def _listener() -> socket.socket:
 
 
 def _sink(listener: socket.socket) -> None:
+    """Read the forwarder's output to its end; 60 s without a connection or a byte (a
+    child that died or hangs) raises instead of waiting for ever."""
+    listener.settimeout(SINK_IDLE_SECONDS)
     conn, _ = listener.accept()
+    conn.settimeout(SINK_IDLE_SECONDS)
     view = memoryview(bytearray(1 << 20))
     while conn.recv_into(view):
         pass
@@ -103,12 +106,12 @@ def _open_loop(src: socket.socket, dst: socket.socket) -> int:
             start = 0
 
 
-def _forward(listen_port_file: str, sink_port: int, mode: str) -> None:
-    """The measured process: one stream, then its CPU figures as JSON on stdout."""
+def _forward(sink_port: int, mode: str) -> None:
+    """The measured process: its port on the first line of stdout (as bench_hop's proxy
+    children), then one stream, then its CPU figures as JSON on the second line."""
     _use(mode)
     listener = _listener()
-    with open(listen_port_file, "w") as f:
-        f.write(str(listener.getsockname()[1]))
+    print(listener.getsockname()[1], flush=True)
     src, _ = listener.accept()
     dst = socket.create_connection(("127.0.0.1", sink_port))
     before = os.times()
@@ -131,24 +134,18 @@ def _forward(listen_port_file: str, sink_port: int, mode: str) -> None:
                       "system": after.system - before.system}))
 
 
-def _one_run(mode: str, total: int, workdir: str) -> Dict[str, float]:
+def _one_run(mode: str, total: int) -> Dict[str, float]:
     sink = _listener()
-    sink_port = sink.getsockname()[1]
-    port_file = os.path.join(workdir, "forwarder.port")
-    if os.path.exists(port_file):
-        os.unlink(port_file)
     me = os.path.abspath(__file__)
     forwarder = subprocess.Popen([sys.executable, me, "--role", "forward", "--mode", mode,
-                                  "--port-file", port_file, "--port", str(sink_port)],
+                                  "--port", str(sink.getsockname()[1])],
                                  stdout=subprocess.PIPE)
     source = None
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(port_file) or not open(port_file).read():
-            if time.monotonic() > deadline or forwarder.poll() is not None:
-                raise RuntimeError("the forwarder did not start")
-            time.sleep(0.01)
-        port = int(open(port_file).read())
+        line = forwarder.stdout.readline()  # type: ignore[union-attr] - stdout=PIPE
+        if not line.strip():  # it exited before listening: its stderr says why
+            raise RuntimeError("the forwarder did not start")
+        port = int(line)
         source = subprocess.Popen([sys.executable, me, "--role", "source", "--mode", mode,
                                    "--port", str(port), "--bytes", str(total)])
         _sink(sink)
@@ -171,15 +168,14 @@ def floor_figures(mib: int, runs: int, modes: Sequence[str]) -> Dict[str, Dict[s
     run's total (``runs``)."""
     total = max(1, mib * (1 << 20) // CHUNK) * CHUNK
     figures: Dict[str, Dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-floor-") as workdir:
-        for mode in modes:
-            if mode not in MODES:
-                raise ValueError("unknown mode %r (one of %s)" % (mode, ", ".join(MODES)))
-            done = [_one_run(mode, total, workdir) for _ in range(runs)]
-            med: Dict[str, Any] = {k: statistics.median(r[k] for r in done)
-                                   for k in ("user", "system", "total")}
-            med["runs"] = [r["total"] for r in done]
-            figures[mode] = med
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError("unknown mode %r (one of %s)" % (mode, ", ".join(MODES)))
+        done = [_one_run(mode, total) for _ in range(runs)]
+        med: Dict[str, Any] = {k: statistics.median(r[k] for r in done)
+                               for k in ("user", "system", "total")}
+        med["runs"] = [r["total"] for r in done]
+        figures[mode] = med
     return figures
 
 
@@ -201,11 +197,10 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--role", choices=("forward", "source"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--port-file", help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "forward":
-        _forward(args.port_file, args.port, args.mode)
+        _forward(args.port, args.mode)
         return 0
     if args.role == "source":
         _source(args.port, args.mode, args.bytes)
