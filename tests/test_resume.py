@@ -350,3 +350,61 @@ def test_timeouts_while_resuming_and_idle_clock_after():
     gevent.sleep(1.1)
     assert agent.check_timeouts(idle_timeout=1.0, ack_timeout=None) == "idle_timeout"
     _stop(console, agent, runners)
+
+
+class _SendLog:
+    """Stands between a tunnel and its socket and sealer: records, for each ``send``
+    on the socket, the frame types sealed since the previous one (what that system call
+    carried)."""
+
+    def __init__(self, tunnel: mux.Tunnel) -> None:
+        self.sends: List[List[int]] = []
+        self._pending: List[int] = []
+        self._sock, self._sealer = tunnel._sock, tunnel._sealer
+        log = self
+
+        class Sealer:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(log._sealer, name)
+
+            def seal(self, plaintext: Any) -> Any:
+                log._pending.append(bytes(plaintext[:1])[0])
+                return log._sealer.seal(plaintext)
+
+        class Sock:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(log._sock, name)
+
+            def send(self, data: Any) -> int:
+                log.sends.append(log._pending)
+                log._pending = []
+                return log._sock.send(data)
+
+        tunnel._sock, tunnel._sealer = Sock(), Sealer()
+
+
+def test_interactive_acks_ride_with_data_frames(echo):
+    """1-byte round trips: the resume ACKs go out in the same ``send`` as a DATA frame
+    (no ACK alone on the wire: that would cost a relay move and a wake-up of the peer per
+    ACK), and they still come often enough to keep the peer's resend buffer small."""
+    relay = FakeRelay()
+    console, agent = make_pair(relay, _connect(echo))
+    for tunnel in (console, agent):
+        tunnel.keepalive_interval = 60.0  # no keepalive-tick ACK during the test
+    sent = {"console": _SendLog(console), "agent": _SendLog(agent)}
+    runners = _start(console, agent)
+    stream = console.open_stream("127.0.0.1:%d" % echo.port)
+    rounds = 64
+    with gevent.Timeout(20):
+        for i in range(rounds):
+            stream.send(bytes([i]))
+            assert stream.recv() == bytes([i])
+    for role, log in sent.items():
+        acks = [batch for batch in log.sends if mux_frames.ACK in batch]
+        alone = [batch for batch in acks if set(batch) == {mux_frames.ACK}]
+        assert alone == [], (role, log.sends)
+        assert len(acks) >= rounds // resume.ACK_PIGGYBACK - 2, (role, log.sends)
+    # acknowledged: neither end holds more than the last few frames for a resend
+    assert len(console._resend) <= resume.ACK_PIGGYBACK + 2
+    assert len(agent._resend) <= resume.ACK_PIGGYBACK + 2
+    _stop(console, agent, runners)

@@ -413,6 +413,7 @@ class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
         with self._wlock:
             if self._close_code is not None:
                 raise TunnelClosed("tunnel closed: %s" % self._close_code)
+            plaintexts = self._piggyback_ack(plaintexts)
             frames = [self._seal_kept(plaintext) for plaintext in plaintexts]
             if self._resend is not None and self._link_down:
                 return  # in the resend buffer: sent when the link is back

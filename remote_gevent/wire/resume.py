@@ -2,7 +2,8 @@
 
 Each direction's frame counter (the AEAD nonce) is already a sequence number. A sender
 keeps every frame it sealed, as sealed, in a :class:`ResendBuffer` until the peer
-acknowledges it (ACK frames, every :data:`ACK_EVERY` frames and at each keepalive).
+acknowledges it (ACK frames: with the next frames sent once :data:`ACK_PIGGYBACK` are
+unacknowledged, alone every :data:`ACK_EVERY` frames, and at each keepalive).
 When the relay connection fails (reset, end of stream without CLOSE, or a dead path:
 no frame for :func:`dead_after`), both ends keep their streams and local sockets, dial the
 relay again under the same session id and ticket (the relay pairs them as it did the
@@ -43,8 +44,15 @@ import nacl.hash
 
 from remote_gevent.common.sockets import recv_exact
 
-#: Frames received between two ACKs at most (each DATA frame is at most 64 KiB).
+#: Frames received between two ACKs at most (each DATA frame is at most 64 KiB): the
+#: reader sends a standalone ACK when this many are unacknowledged.
 ACK_EVERY = 8
+#: Frames received after which an ACK rides along with the next frames we send anyway
+#: (DATA, WINDOW...) in the same ``send``: no frame of its own on the wire, no extra
+#: wake-up of the relay and the peer. Interactive traffic (one frame each way per round
+#: trip) is then acknowledged every ACK_PIGGYBACK round trips without a standalone ACK;
+#: one-way bulk still gets its standalone ACK every ACK_EVERY frames.
+ACK_PIGGYBACK = 4
 #: Default bound of a session's resend buffer, bytes of sealed frames.
 DEFAULT_RESEND_BUFFER = 4 << 20
 #: How long one resume handshake may take on a connected socket.
