@@ -15,7 +15,9 @@ through it), iperf3 servers, a banner server and an echo server. Measures:
 2. aggregate throughput of 1, 8 and 64 streams in one session;
 3. session set-up p50/p99: warm (``open_session`` in this running console process,
    request → first byte) and cold (``stdio`` launch → first byte) next to ``ssh … true``;
-4. added latency: 1-byte round trips through ``forward`` and ``stdio`` vs direct;
+4. added latency: 1-byte round trips through ``forward`` and ``stdio`` vs direct and every
+   OpenSSH path, with the CPU each process spends per round trip, and the floor: the same
+   three-process chain with the least work per message (``bench_rtt_floor``);
 5. memory: agent RSS idle, with 10 and N open sessions, relay RSS with M paired sessions;
 6. control plane: session requests per second the agent refuses and accepts (+ close).
 7. CPU floor: a bare forwarder's read + AEAD + write per GiB (``bench_floor``).
@@ -48,7 +50,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/run.py``
 import gevent
 import gevent.pool
 
-from benchmarks import bench_floor, suite_compare, suite_ssh
+from benchmarks import bench_floor, bench_rtt_floor, suite_compare, suite_ssh
 from benchmarks.suite_report import _per_cpu, table
 from benchmarks.suite_common import (
     Procs,
@@ -171,6 +173,14 @@ class Bench:
         self.cpu_groups["tunnel"] = {"agent": (self.agent_pid, False),
                                      "console": (self.forward_proc.pid, False),
                                      "relay": (self.relay_proc.pid, False)}
+        self.cpu_groups["echo_tunnel"] = self.cpu_groups["tunnel"]  # the same processes
+        # the floor under the added round trip: the same chain with the least work per
+        # message, gevent hops and thread hops (benchmarks/bench_rtt_floor.py)
+        for style in bench_rtt_floor.STYLES:
+            name = "echo_floor_chain_" + style
+            self.ports[name], hops = bench_rtt_floor.start_chain(
+                self.procs.start, self.ports["echo"], style)
+            self.cpu_groups[name] = {role: (proc.pid, False) for role, proc in hops.items()}
 
         # in-process console (warm set-up, memory, control plane)
         from remote_gevent.console import config as cconfig

@@ -38,6 +38,8 @@ VARIANTS = ("", "_aes128gcm", "_fastest")
 TUNNEL_ROLES = ("agent", "console", "relay")
 SSH_L_ROLES = ("sshd", "ssh")
 REVERSE_ROLES = ("device_ssh_R", "bastion_sshd", "operator_ssh")
+#: the floor chains of the latency section (benchmarks/bench_rtt_floor.py)
+FLOOR_STYLES = ("gevent", "thread")
 
 
 def ssh_ciphers() -> List[str]:
@@ -136,7 +138,9 @@ def setup_openssh_paths(bench: Any, fastest: str) -> None:
                 for prefix in ("", "echo_"):
                     bench.ports[prefix + kind + variant] = bench.ports[prefix + kind +
                                                                        "_aes128gcm"]
-                bench.cpu_groups[kind + variant] = bench.cpu_groups[kind + "_aes128gcm"]
+                for prefix in ("", "echo_"):
+                    bench.cpu_groups[prefix + kind + variant] = bench.cpu_groups[
+                        prefix + kind + "_aes128gcm"]
             continue
         opts = cipher_options(variant, fastest)
         port, ssh = suite_ssh.local_forward_proc(bench.procs, bench.sshd,
@@ -150,10 +154,17 @@ def setup_openssh_paths(bench: Any, fastest: str) -> None:
         bench.cpu_groups["ssh_reverse" + variant] = {
             "device_ssh_R": (device.pid, False), "bastion_sshd": (bench.bastion.proc.pid, True),
             "operator_ssh": (operator.pid, False)}
-        bench.ports["echo_ssh_L" + variant] = suite_ssh.local_forward(
-            bench.procs, bench.sshd, bench.ports["echo"], opts)
-        bench.ports["echo_ssh_reverse" + variant] = suite_ssh.reverse_path(
+        port, ssh = suite_ssh.local_forward_proc(bench.procs, bench.sshd,
+                                                 bench.ports["echo"], opts)
+        bench.ports["echo_ssh_L" + variant] = port
+        bench.cpu_groups["echo_ssh_L" + variant] = {"sshd": (bench.sshd.proc.pid, True),
+                                                    "ssh": (ssh.pid, False)}
+        port, device, operator = suite_ssh.reverse_path_procs(
             bench.procs, bench.bastion, bench.ports["echo"], opts)
+        bench.ports["echo_ssh_reverse" + variant] = port
+        bench.cpu_groups["echo_ssh_reverse" + variant] = {
+            "device_ssh_R": (device.pid, False), "bastion_sshd": (bench.bastion.proc.pid, True),
+            "operator_ssh": (operator.pid, False)}
 
 
 def throughput_paths() -> List[str]:
@@ -236,12 +247,48 @@ def rtt(bench: Any, port: int) -> Dict[str, float]:
                                     str(rounds)], capture_output=True, timeout=300), "rtt")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy so far (/proc/stat: all but
+    idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def rtt_with_cpu(bench: Any, port: int, groups: Dict[str, Tuple[int, bool]]
+                 ) -> Dict[str, Any]:
+    """:func:`rtt`, and the CPU microseconds each process of the path spent per round
+    trip (``cpu_us``), and the whole machine's (``machine_us``: the client and the echo
+    server too, the same on every path; and whatever else ran). On a 2-core machine the
+    round trip is a chain of wake-ups, one process after the other: its latency follows
+    what each hop costs in CPU (docs/performance.md)."""
+    meter = CpuMeter(groups)
+    meter.start()
+    busy = machine_busy_seconds()
+    r: Dict[str, Any] = dict(rtt(bench, port))
+    busy = machine_busy_seconds() - busy
+    rounds = int(bench.opt("rtt_rounds"))
+    r["cpu_us"] = {role: s / rounds * 1e6 for role, s in meter.stop().items()}
+    r["machine_us"] = busy / rounds * 1e6
+    return r
+
+
 def rtt_cmd(bench: Any, argv: Sequence[str]) -> Dict[str, float]:
     """1-byte round trips through a ``stdio`` console's stdin/stdout (ProxyCommand path)."""
     rounds = int(bench.opt("rtt_rounds"))
     done = subprocess.run([sys.executable, bench.targets_script, "rtt-cmd", str(rounds)]
                           + list(argv), capture_output=True, timeout=300)
     return _samples(done, "rtt-cmd")
+
+
+def _rtt_path(bench: Any, how: Any) -> Dict[str, Any]:
+    """One latency run of a path: a port name (TCP round trips, with the CPU of the
+    path's processes when known) or a console command line (``stdio``)."""
+    if not isinstance(how, str):
+        return rtt_cmd(bench, how)
+    if how in bench.cpu_groups:
+        return rtt_with_cpu(bench, bench.ports[how], bench.cpu_groups[how])
+    return bench.rtt(bench.ports[how])
 
 
 def latency(bench: Any) -> None:
@@ -256,25 +303,32 @@ def latency(bench: Any) -> None:
     for kind in ("ssh_L", "ssh_reverse"):
         for v in VARIANTS:
             paths[kind + v] = "echo_" + kind + v
+    for style in FLOOR_STYLES:
+        if "echo_floor_chain_" + style in bench.ports:
+            paths["floor_chain_" + style] = "echo_floor_chain_" + style
     per: Dict[str, Dict[str, List[float]]] = {n: {"p50": [], "p99": []} for n in paths}
+    cpu: Dict[str, Dict[str, List[float]]] = {}
     master = bench._console_master()
     try:
         for _ in range(int(bench.opt("runs"))):
             done: Dict[Any, Dict[str, float]] = {}
             for name, how in paths.items():
                 key = bench.ports[how] if isinstance(how, str) else name
-                if key in done:  # the same path under another name: measured once
-                    r = done[key]
-                elif isinstance(how, str):
-                    r = done[key] = bench.rtt(bench.ports[how])
-                else:
-                    r = done[key] = rtt_cmd(bench, how)
+                if key not in done:  # the same path under another name: measured once
+                    done[key] = _rtt_path(bench, how)
+                r = done[key]
                 per[name]["p50"].append(r["p50"])
                 per[name]["p99"].append(r["p99"])
+                if "cpu_us" in r:
+                    roles = cpu.setdefault(name, {})
+                    for role, us in list(r["cpu_us"].items()) + [("machine", r["machine_us"])]:
+                        roles.setdefault(role, []).append(us)
     finally:
         bench.procs.stop(master)
     out: Dict[str, Any] = {name: {q: median(v) for q, v in qs.items()}
                            for name, qs in per.items()}
+    for name, roles in cpu.items():
+        out[name]["cpu_us_per_rt"] = {role: median(v) for role, v in roles.items()}
     for name in paths:
         if name != "direct":
             out[name]["added_p50"] = out[name]["p50"] - out["direct"]["p50"]
@@ -282,5 +336,8 @@ def latency(bench: Any) -> None:
     out["rounds"] = int(bench.opt("rtt_rounds"))
     bench.results["latency_ms"] = out
     for name in paths:
-        bench.say("  rtt %-21s p50 %.3f ms  p99 %.3f ms" % (name, out[name]["p50"],
-                                                           out[name]["p99"]))
+        per_rt = out[name].get("cpu_us_per_rt", {})
+        bench.say("  rtt %-21s p50 %.3f ms  p99 %.3f ms%s" % (
+            name, out[name]["p50"], out[name]["p99"],
+            "  CPU us per round trip: " + ", ".join("%s %.0f" % kv for kv in per_rt.items())
+            if per_rt else ""))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from benchmarks.suite_compare import VARIANTS
+from benchmarks.suite_compare import FLOOR_STYLES, VARIANTS
 
 MIB = 1024 * 1024
 MB = 1000 * 1000
@@ -42,6 +42,16 @@ def _floor_note(r: Dict[str, Any], direction: str, sshd: float) -> str:
                                                 floor["%s-%s" % (verb, lib)] / sshd)
                   for lib in ("libsodium", "openssl")),
         floor["copy"], floor["copy"] / sshd))
+
+
+def _rtt_floor_note(lat: Dict[str, Any], ref: float) -> str:
+    """What the same chain adds with the least work per message (section 4's floor)."""
+    floors = [(style, lat["floor_chain_" + style]["added_p50"]) for style in FLOOR_STYLES
+              if "floor_chain_" + style in lat]
+    if not floors:
+        return ""
+    return "; the same chain with bare hops adds %s" % ", ".join(
+        "%.3f ms with %s hops (%.2fx)" % (a, style, a / ref) for style, a in floors)
 
 
 def targets(r: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -102,7 +112,7 @@ def targets(r: Dict[str, Any]) -> List[Dict[str, Any]]:
             a = lat[name]["added_p50"]
             add("added RTT p50 %s / OpenSSH reverse (fastest)" % label, a / ref,
                 "<= %.1fx" % TARGET_RTT_VS_REVERSE, a <= ref * TARGET_RTT_VS_REVERSE,
-                "%.3f ms against %.3f ms" % (a, ref))
+                "%.3f ms against %.3f ms%s" % (a, ref, _rtt_floor_note(lat, ref)))
     mem = r.get("memory", {})
     if "agent_idle_mib" in mem:
         i = mem["agent_idle_mib"]
@@ -189,7 +199,8 @@ def table(r: Dict[str, Any]) -> str:  # noqa: C901 - a report table: one branch 
     lat = r.get("latency_ms")
     if lat:
         names = ["direct", "tunnel", "stdio", "stdio_via_master"] + [
-            k + v for k in ("ssh_L", "ssh_reverse") for v in VARIANTS]
+            k + v for k in ("ssh_L", "ssh_reverse") for v in VARIANTS] + [
+            "floor_chain_" + style for style in FLOOR_STYLES]
         for name in names:
             if name not in lat:
                 continue
@@ -198,6 +209,15 @@ def table(r: Dict[str, Any]) -> str:  # noqa: C901 - a report table: one branch 
                 extra = " (added %.3f / %.3f)" % (lat[name]["added_p50"], lat[name]["added_p99"])
             row("4 1-byte RTT", "%s p50 / p99" % _label(name, r),
                 "%.3f / %.3f ms%s" % (lat[name]["p50"], lat[name]["p99"], extra))
+        for name in ["tunnel", "ssh_L_fastest", "ssh_reverse_fastest"] + [
+                "floor_chain_" + style for style in FLOOR_STYLES]:
+            per_rt = dict(lat.get(name, {}).get("cpu_us_per_rt", {}))
+            if per_rt:
+                machine = per_rt.pop("machine", float("nan"))
+                row("4 1-byte RTT", "%s CPU us per round trip" % _label(name, r),
+                    "%s = %.0f (whole machine %.0f)" % (
+                        " + ".join("%s %.0f" % kv for kv in per_rt.items()),
+                        sum(per_rt.values()), machine))
     mem = r.get("memory", {})
     if "agent_idle_mib" in mem:
         row("5 memory", "agent RSS idle (fresh)", "%.1f MiB" % mem["agent_idle_mib"])
@@ -251,6 +271,9 @@ def _label(name: str, r: Dict[str, Any]) -> str:
         return "ours (stdio, own session)"
     if name == "stdio_via_master":
         return "ours (stdio via master)"
+    if name.startswith("floor_chain_"):
+        return "floor: the same chain, %s hops doing only frame + AEAD" % name[len(
+            "floor_chain_"):]
     return name
 
 

@@ -83,8 +83,15 @@ def test_quick_suite_completes_with_every_section(tmp_path):
         assert {"sshd", "ssh"} <= set(tp["cpu_s_per_gib"]["ssh_L_fastest"])
     assert results["machine"]["ssh_fastest_cipher"] in results["cipher_probe_gbit_s"]
     assert set(results["many_streams"]["tunnel_gbit_s"]) == {"1", "8", "64"}
-    assert {"tunnel", "stdio", "stdio_via_master", "ssh_reverse_fastest"} <= set(
-        results["latency_ms"])
+    latency = results["latency_ms"]
+    assert {"tunnel", "stdio", "stdio_via_master", "ssh_reverse_fastest",
+            "floor_chain_gevent", "floor_chain_thread"} <= set(latency)
+    # CPU per round trip of every process on our path, OpenSSH's and the floor chains
+    assert {"agent", "console", "relay", "machine"} <= set(latency["tunnel"]["cpu_us_per_rt"])
+    assert {"device_ssh_R", "bastion_sshd", "operator_ssh"} <= set(
+        latency["ssh_reverse_fastest"]["cpu_us_per_rt"])
+    assert {"agent_like", "relay_like", "console_like"} <= set(
+        latency["floor_chain_gevent"]["cpu_us_per_rt"])
     assert {"warm", "cold"} <= set(results["session_setup_ms"])
     assert {"agent_idle_mib", "sessions_10", "sessions_many", "relay"} <= set(results["memory"])
     assert {"refuse", "accept_close"} <= set(results["control_plane"])
@@ -121,6 +128,21 @@ def test_bench_hop_prints_every_hop_kind():
         if kind != "direct":
             assert "proxy CPU" in line, line
     assert not _children_named(["bench_hop.py --proxy"])
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="the relay hop needs Python 3.10+")
+def test_bench_rtt_floor_prints_both_chains():
+    """``benchmarks/bench_rtt_floor.py`` with a handful of round trips: direct and both
+    chains (gevent and thread hops), each chain with the CPU of its three hops, and every
+    hop process gone afterwards."""
+    text, lines = _script_lines("bench_rtt_floor.py", "--rounds", "50", "--runs", "1")
+    assert set(lines) == {"direct", "chain-gevent", "chain-thread"}, text
+    for name, line in lines.items():
+        assert "p50" in line and "added" in line, line
+        if name != "direct":
+            for role in ("agent_like", "relay_like", "console_like"):
+                assert role in line, line
+    assert not _children_named(["bench_rtt_floor.py --hop"])
 
 
 def test_bench_floor_prints_every_mode():
