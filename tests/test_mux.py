@@ -1107,13 +1107,13 @@ def test_control_replies_queued_together_go_out_in_one_send(monkeypatch):
     in bulk transfers an ACK and a WINDOW) are sealed in order and sent with one system
     call, not one each (issue 17: each small send also wakes the relay and the peer)."""
     sends = []
-    real_send_all = mux.send_all
+    real_send_frames = mux.send_frames
 
-    def counting_send_all(send, data):
+    def counting_send_frames(sock, data):
         sends.append(len(data))
-        real_send_all(send, data)
+        real_send_frames(sock, data)
 
-    monkeypatch.setattr(mux, "send_all", counting_send_all)
+    monkeypatch.setattr(mux, "send_frames", counting_send_frames)
     tun, peer, g = _raw_against("agent", on_open=_connect_local, kind="plain")
     peer.hello()
     peer.recv_until(mux_frames.HELLO)
@@ -1179,3 +1179,28 @@ def test_agent_process_refuses_streams_over_the_cap_and_gives_memory_back(rabbit
     assert "%d stream(s) refused" % (n - 256) in agent_log
     assert r["peak_kib"] - r["baseline_kib"] < 32 * 1024
     assert r["settled_kib"] - r["baseline_kib"] < 12 * 1024
+
+
+def test_send_frames_delivers_everything_when_the_kernel_takes_part():
+    """``mux_io.send_frames`` tries the C socket first; when the kernel takes only part
+    (a full send buffer), gevent's send finishes it, waiting in the hub: 8 MiB through a
+    socketpair read in small pieces arrive whole and in order."""
+    a, b = gevent.socket.socketpair()
+    data = os.urandom(8 << 20)
+    got = bytearray()
+
+    def reader() -> None:
+        while len(got) < len(data):
+            chunk = b.recv(4096)
+            if not chunk:
+                return
+            got.extend(chunk)
+            gevent.sleep(0)
+
+    r = gevent.spawn(reader)
+    with gevent.Timeout(T):
+        mux_io.send_frames(a, data)
+        r.join()
+    assert bytes(got) == data
+    a.close()
+    b.close()

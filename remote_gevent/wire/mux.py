@@ -97,7 +97,7 @@ from remote_gevent.wire.mux_frames import (
 )
 from remote_gevent.wire.mux_io import (
     os_err,
-    send_all,
+    send_frames,
     set_sockopts,
 )
 from remote_gevent.wire.mux_stream import (
@@ -418,7 +418,7 @@ class Tunnel(FrameReceiving, StreamSplicing, TunnelResume):
             if self._resend is not None and self._link_down:
                 return  # in the resend buffer: sent when the link is back
             try:
-                send_all(self._sock.send, frames[0] if len(frames) == 1 else b"".join(frames))
+                send_frames(self._sock, frames[0] if len(frames) == 1 else b"".join(frames))
             except OSError as e:
                 if self._link_failed_on_send():
                     return  # in the resend buffer; the reader resumes
