@@ -151,14 +151,19 @@ def _copy(src, dst) -> None:  # noqa: ANN001
 
 # ---------------------------------------------------------------- main
 
+def round_trip_args(doc: str) -> argparse.Namespace:
+    """``--rounds`` and ``--runs`` of a round-trip benchmark (this one, bench_rtt_floor)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5000)
+    ap.add_argument("--runs", type=int, default=3)
+    return ap.parse_args()
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--proxy":
         _proxy(sys.argv[2], int(sys.argv[3]))
         return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5000)
-    ap.add_argument("--runs", type=int, default=3)
-    args = ap.parse_args()
+    args = round_trip_args(__doc__)
     sys.path.insert(0, ROOT)
     from benchmarks.suite_common import cpu_seconds  # here: the proxy child patches first
     kinds = [k for k in KINDS if "splice" not in k or hasattr(os, "splice")]

@@ -30,7 +30,6 @@ OpenSSH's paths. The relay hop needs ``os.splice`` (Linux, Python 3.10+).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -206,14 +205,12 @@ def main() -> None:
         _hop(sys.argv[2], sys.argv[3], int(sys.argv[4]), bytes.fromhex(sys.argv[5]),
              bytes.fromhex(sys.argv[6]))
         return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5000)
-    ap.add_argument("--runs", type=int, default=3)
-    args = ap.parse_args()
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.dirname(HERE))
     import bench_hop
     from benchmarks.suite_common import cpu_seconds
+
+    args = bench_hop.round_trip_args(__doc__)
 
     echo_port = bench_hop._echo_server()
     chains: Dict[str, Tuple[int, Dict[str, subprocess.Popen]]] = {}

@@ -143,28 +143,22 @@ def setup_openssh_paths(bench: Any, fastest: str) -> None:
                         prefix + kind + "_aes128gcm"]
             continue
         opts = cipher_options(variant, fastest)
-        port, ssh = suite_ssh.local_forward_proc(bench.procs, bench.sshd,
-                                                 bench.ports["iperf_ssh_L"], opts)
-        bench.ports["ssh_L" + variant] = port
-        bench.cpu_groups["ssh_L" + variant] = {"sshd": (bench.sshd.proc.pid, True),
-                                               "ssh": (ssh.pid, False)}
-        port, device, operator = suite_ssh.reverse_path_procs(
-            bench.procs, bench.bastion, bench.ports["iperf_reverse"], opts)
-        bench.ports["ssh_reverse" + variant] = port
-        bench.cpu_groups["ssh_reverse" + variant] = {
-            "device_ssh_R": (device.pid, False), "bastion_sshd": (bench.bastion.proc.pid, True),
-            "operator_ssh": (operator.pid, False)}
-        port, ssh = suite_ssh.local_forward_proc(bench.procs, bench.sshd,
-                                                 bench.ports["echo"], opts)
-        bench.ports["echo_ssh_L" + variant] = port
-        bench.cpu_groups["echo_ssh_L" + variant] = {"sshd": (bench.sshd.proc.pid, True),
-                                                    "ssh": (ssh.pid, False)}
-        port, device, operator = suite_ssh.reverse_path_procs(
-            bench.procs, bench.bastion, bench.ports["echo"], opts)
-        bench.ports["echo_ssh_reverse" + variant] = port
-        bench.cpu_groups["echo_ssh_reverse" + variant] = {
-            "device_ssh_R": (device.pid, False), "bastion_sshd": (bench.bastion.proc.pid, True),
-            "operator_ssh": (operator.pid, False)}
+        # the iperf3 paths (throughput) and the echo paths (latency), each with its
+        # processes for the CPU figures
+        for prefix, l_target, r_target in (("", "iperf_ssh_L", "iperf_reverse"),
+                                           ("echo_", "echo", "echo")):
+            port, ssh = suite_ssh.local_forward_proc(bench.procs, bench.sshd,
+                                                     bench.ports[l_target], opts)
+            bench.ports[prefix + "ssh_L" + variant] = port
+            bench.cpu_groups[prefix + "ssh_L" + variant] = {
+                "sshd": (bench.sshd.proc.pid, True), "ssh": (ssh.pid, False)}
+            port, device, operator = suite_ssh.reverse_path_procs(
+                bench.procs, bench.bastion, bench.ports[r_target], opts)
+            bench.ports[prefix + "ssh_reverse" + variant] = port
+            bench.cpu_groups[prefix + "ssh_reverse" + variant] = {
+                "device_ssh_R": (device.pid, False),
+                "bastion_sshd": (bench.bastion.proc.pid, True),
+                "operator_ssh": (operator.pid, False)}
 
 
 def throughput_paths() -> List[str]:
