@@ -8,8 +8,28 @@ import sys
 import time
 
 import gevent
+import pytest
 
 from remote_gevent.agent import history
+
+
+@pytest.fixture(autouse=True)
+def _histories_flushed_at_the_end(monkeypatch):
+    """Every History a test makes is flushed when the test ends. Its grouped fsync runs
+    up to SYNC_DELAY (1 s) later: left alone it could land in a later test that replaced
+    ``os.fsync`` and be counted there (seen on a slow machine: 6 fsyncs where 2 were
+    expected)."""
+    made = []
+    real_init = history.History.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(history.History, "__init__", init)
+    yield
+    for h in made:
+        h.flush()
 
 
 def _append(h, sid, **kw):
@@ -94,10 +114,19 @@ def test_kill_9_never_corrupts_earlier_rows(tmp_path):
                                  duration=0.0, close_code="shutdown")
     rows = history.read(path)
     assert len(rows) > 50
-    for i, row in enumerate(rows[:-1]):
+    *earlier, cut, last = rows
+    for i, row in enumerate(earlier):
         assert row["session_id"] == "%032x" % i
         assert row["reason"] == "r" * 100
-    assert rows[-1]["session_id"] == "f" * 32 and rows[-1]["close_code"] == "shutdown"
+    # The row being written when the kill came may be cut short (the kernel can stop a
+    # write to a file between two pages on SIGKILL): it is the only one, and the next
+    # row still starts on a line of its own.
+    if cut["reason"] != "r" * 100:
+        assert cut["session_id"] is None or ("%032x" % len(earlier)).startswith(
+            cut["session_id"])
+    else:
+        assert cut["session_id"] == "%032x" % len(earlier)
+    assert last["session_id"] == "f" * 32 and last["close_code"] == "shutdown"
 
 
 def test_record_safely_logs_instead_of_raising(tmp_path, caplog):
