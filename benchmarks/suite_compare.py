@@ -21,7 +21,7 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Sequence, Tuple
 
-from benchmarks import suite_ssh
+from benchmarks import bench_rtt_floor, suite_ssh
 from benchmarks.suite_common import cpu_seconds, median, percentile
 
 GIB = float(1 << 30)
@@ -39,7 +39,7 @@ TUNNEL_ROLES = ("agent", "console", "relay")
 SSH_L_ROLES = ("sshd", "ssh")
 REVERSE_ROLES = ("device_ssh_R", "bastion_sshd", "operator_ssh")
 #: the floor chains of the latency section (benchmarks/bench_rtt_floor.py)
-FLOOR_STYLES = ("gevent", "thread")
+FLOOR_STYLES = bench_rtt_floor.STYLES
 
 
 def ssh_ciphers() -> List[str]:
